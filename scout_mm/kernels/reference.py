@@ -1,0 +1,155 @@
+"""Plain-PyTorch references for every kernel op. They define the semantics the Triton kernels must match,
+and they are what runs on CPU. They are still written to scale: attention never builds a (seq x seq)
+mask for long sequences, and the MoE computes only routed (token, expert) pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Query rows per block on the masked (padded / offset) attention path: bounds the mask to
+# (batch, block, keys) instead of (batch, seq, seq).
+_QUERY_BLOCK = 1024
+
+
+def attention(
+    q: torch.Tensor,  # (batch, n_heads, q_len, head_dim)
+    k: torch.Tensor,  # (batch, n_kv_heads, kv_len, head_dim)
+    v: torch.Tensor,  # (batch, n_kv_heads, kv_len, head_dim)
+    *,
+    scale: float,
+    chunk_size: int | None = None,
+    q_start: int = 0,
+    kv_start: torch.Tensor | None = None,
+    q_scale: torch.Tensor | None = None,
+) -> torch.Tensor:  # (batch, n_heads, q_len, head_dim)
+    """Causal attention, optionally chunked-local, with grouped-query heads.
+
+    Query ``i`` sits at sequence index ``q_start + i`` of the key sequence (``q_start = kv_len - q_len``
+    when earlier keys come from a cache). ``kv_start[b]`` is the index of sequence ``b``'s first real token:
+    keys before it are left padding and never attended to, and positions (hence chunk boundaries) count
+    from it, as HF does for left-padded batches. With ``chunk_size`` a query sees only earlier keys whose
+    position lies in the same ``chunk_size``-aligned chunk. ``q_scale`` (batch, q_len) multiplies the
+    queries (NoPE temperature tuning) before the softmax scale. Padding query rows return finite garbage.
+    """
+    batch, n_heads, q_len, _ = q.shape
+    kv_len = k.shape[2]
+    if n_heads % k.shape[1]:
+        raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={k.shape[1]}")
+    if q_start + q_len > kv_len:
+        raise ValueError(f"q_start={q_start} + q_len={q_len} exceeds kv_len={kv_len}")
+    if q_scale is not None:
+        q = (q * q_scale[:, None, :, None]).to(q.dtype)
+    gqa = k.shape[1] != n_heads
+    if kv_start is None and q_start == 0 and q_len == kv_len:
+        if chunk_size is None or chunk_size >= q_len:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        return _chunked_by_reshape(q, k, v, scale, chunk_size, gqa)
+    return _blockwise_masked(q, k, v, scale, chunk_size, q_start, kv_start, gqa)
+
+
+def _chunked_by_reshape(q, k, v, scale, chunk_size, gqa):
+    """Chunked-local attention as plain causal attention over (batch * n_chunks) short sequences."""
+    batch, n_heads, seq, head_dim = q.shape
+    n_chunks = -(-seq // chunk_size)
+    pad = n_chunks * chunk_size - seq
+
+    def fold(x):  # (batch, h, seq, d) -> (batch * n_chunks, h, chunk, d)
+        # Padding goes at the end, so under the causal mask no real query ever sees a padded key.
+        x = F.pad(x, (0, 0, 0, pad))
+        h = x.shape[1]
+        return x.view(batch, h, n_chunks, chunk_size, head_dim).transpose(1, 2).reshape(-1, h, chunk_size, head_dim)
+
+    out = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), is_causal=True, scale=scale, enable_gqa=gqa)
+    out = out.view(batch, n_chunks, n_heads, chunk_size, head_dim).transpose(1, 2)
+    return out.reshape(batch, n_heads, n_chunks * chunk_size, head_dim)[:, :, :seq]
+
+
+def _blockwise_masked(q, k, v, scale, chunk_size, q_start, kv_start, gqa):
+    batch, n_heads, q_len, head_dim = q.shape
+    kv_len = k.shape[2]
+    device = q.device
+    if kv_start is None:
+        kv_start = torch.zeros(batch, dtype=torch.long, device=device)
+    kv_start = kv_start.to(device=device, dtype=torch.long)
+    block = min(_QUERY_BLOCK, chunk_size or _QUERY_BLOCK)
+    outputs = []
+    for i0 in range(0, q_len, block):
+        i1 = min(i0 + block, q_len)
+        q_idx = torch.arange(q_start + i0, q_start + i1, device=device)  # (block,)
+        hi = q_start + i1  # causal: no key past the last query of the block
+        lo = 0
+        if chunk_size is not None:
+            # Earliest key any query of the block can see: the start of its chunk, over the batch.
+            first_pos = (q_start + i0 - kv_start).clamp(min=0)
+            lo = int((kv_start + first_pos // chunk_size * chunk_size).min())
+        k_idx = torch.arange(lo, hi, device=device)  # (keys,)
+        allowed = k_idx[None, None, :] <= q_idx[None, :, None]  # (1, block, keys)
+        allowed = allowed & (k_idx[None, None, :] >= kv_start[:, None, None])
+        if chunk_size is not None:
+            q_chunk = (q_idx[None, :] - kv_start[:, None]).div(chunk_size, rounding_mode="floor")
+            k_chunk = (k_idx[None, :] - kv_start[:, None]).div(chunk_size, rounding_mode="floor")
+            allowed = allowed & (q_chunk[:, :, None] == k_chunk[:, None, :])
+        # A padding query has nothing to see; let it see itself so its (ignored) row stays finite.
+        allowed = allowed | (k_idx[None, None, :] == q_idx[None, :, None])
+        outputs.append(
+            F.scaled_dot_product_attention(
+                q[:, :, i0:i1],
+                k[:, :, lo:hi],
+                v[:, :, lo:hi],
+                attn_mask=allowed[:, None],
+                scale=scale,
+                enable_gqa=gqa,
+            )
+        )
+    return torch.cat(outputs, dim=2)
+
+
+def moe_experts(
+    hidden: torch.Tensor,  # (tokens, hidden)
+    topk_weights: torch.Tensor,  # (tokens, top_k) routing weights (sigmoid of the chosen router logits)
+    topk_ids: torch.Tensor,  # (tokens, top_k) expert index per slot
+    gate_up_proj: torch.Tensor,  # (n_experts, hidden, 2 * inter): [gate | up] along the last dim
+    down_proj: torch.Tensor,  # (n_experts, inter, hidden)
+) -> torch.Tensor:  # (tokens, hidden)
+    """Sum over slots of ``expert[id](hidden * weight)``: the routing weight scales the expert INPUT
+    (Llama 4), experts are SwiGLU ``down(silu(gate) * up)``. Only routed (token, slot) rows are computed:
+    rows are sorted by expert, run as one grouped GEMM (``torch._grouped_mm`` on CUDA) or a loop over
+    experts, and un-permuted back; the per-token sum runs in a fixed order (deterministic).
+    """
+    tokens, hidden_size = hidden.shape
+    top_k = topk_ids.shape[1]
+    n_experts = gate_up_proj.shape[0]
+    flat_ids = topk_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)  # (tokens * top_k,) rows grouped by expert
+    token_of_row = order // top_k
+    rows = hidden[token_of_row] * topk_weights.reshape(-1)[order, None].to(hidden.dtype)
+    counts = torch.bincount(flat_ids, minlength=n_experts)
+    if _grouped_mm_ok(rows, gate_up_proj, down_proj):
+        offsets = counts.cumsum(0).to(torch.int32)
+        gate_up = torch._grouped_mm(rows, gate_up_proj, offs=offsets)
+        gate, up = gate_up.chunk(2, dim=-1)
+        expert_out = torch._grouped_mm(F.silu(gate) * up, down_proj, offs=offsets)
+    else:
+        pieces = []
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                gate, up = (rows[start : start + n] @ gate_up_proj[e]).chunk(2, dim=-1)
+                pieces.append((F.silu(gate) * up) @ down_proj[e])
+            start += n
+        expert_out = torch.cat(pieces) if pieces else rows.new_zeros(0, hidden_size)
+    unsorted = torch.empty_like(expert_out)
+    unsorted[order] = expert_out
+    return unsorted.view(tokens, top_k, hidden_size).sum(dim=1)
+
+
+def _grouped_mm_ok(rows, gate_up_proj, down_proj) -> bool:
+    return (
+        hasattr(torch, "_grouped_mm")
+        and rows.is_cuda
+        and rows.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(rows.device) >= (9, 0)
+        and all(d % 16 == 0 for d in (*gate_up_proj.shape[1:], down_proj.shape[1]))
+    )
