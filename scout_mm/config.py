@@ -114,7 +114,9 @@ class TextConfig:
     def eos_token_ids(self) -> list[int]:
         if self.eos_token_id is None:
             return []
-        return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+        return (
+            list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+        )
 
 
 @dataclass
@@ -146,7 +148,9 @@ class VisionConfig:
 
     def validate(self) -> None:
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+            raise ValueError(
+                f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"vision hidden_size={self.hidden_size} not divisible by num_attention_heads="

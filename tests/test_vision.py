@@ -1,27 +1,16 @@
 """Vision tower vs HF ``Llama4VisionModel`` / ``Llama4MultiModalProjector`` on small random configs."""
 
 import random
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
+import transformers.models.llama4.modeling_llama4 as hf_llama4
 
 from scout_mm.config import VisionConfig
 from scout_mm.vision.encoder import VisionEncoder, VisionProjector, pixel_shuffle
 from scout_mm.vision.rope import rope_angles
-
-try:
-    import torchvision  # noqa: F401
-except Exception:
-    # A torchvision wheel built for another torch (e.g. a CUDA wheel beside CPU torch) raises on import, and
-    # transformers imports it whenever it is installed. The vision model does not need it: hide it.
-    for name in [n for n in sys.modules if n.startswith("torchvision")]:
-        del sys.modules[name]
-    sys.modules["torchvision"] = None
-
-transformers = pytest.importorskip("transformers")
-hf_llama4 = pytest.importorskip("transformers.models.llama4.modeling_llama4")
 
 CONFIGS = {
     "h64_s56": dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, image_size=56, out=32),

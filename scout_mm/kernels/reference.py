@@ -59,9 +59,15 @@ def _chunked_by_reshape(q, k, v, scale, chunk_size, gqa):
         # Padding goes at the end, so under the causal mask no real query ever sees a padded key.
         x = F.pad(x, (0, 0, 0, pad))
         h = x.shape[1]
-        return x.view(batch, h, n_chunks, chunk_size, head_dim).transpose(1, 2).reshape(-1, h, chunk_size, head_dim)
+        return (
+            x.view(batch, h, n_chunks, chunk_size, head_dim)
+            .transpose(1, 2)
+            .reshape(-1, h, chunk_size, head_dim)
+        )
 
-    out = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), is_causal=True, scale=scale, enable_gqa=gqa)
+    out = F.scaled_dot_product_attention(
+        fold(q), fold(k), fold(v), is_causal=True, scale=scale, enable_gqa=gqa
+    )
     out = out.view(batch, n_chunks, n_heads, chunk_size, head_dim).transpose(1, 2)
     return out.reshape(batch, n_heads, n_chunks * chunk_size, head_dim)[:, :, :seq]
 

@@ -1,0 +1,229 @@
+"""Safetensors checkpoint I/O in the HF Llama 4 layout (sharded, with an index), never pickle.
+
+Loading builds the model on the meta device and assigns tensors one at a time, straight from the
+memory-mapped shards to their final device and dtype, so peak host memory stays around one copy of the
+weights. Saving writes into a temporary folder beside the target and renames it into place, so a crash
+never leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from scout_mm.config import ScoutConfig
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_TEXT_ONLY_PREFIX = "language_model."  # HF Llama4ForCausalLM keys lack it
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_embedding.freqs_ci")  # old non-persistent buffers
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not match its config."""
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The safetensors files of a checkpoint folder, from its index when there is one."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
+    index = os.path.join(path, INDEX_NAME)
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
+        if missing:
+            raise CheckpointError(f"{index} names shard files that are missing: {missing}")
+        return [os.path.join(path, f) for f in files]
+    single = os.path.join(path, SINGLE_NAME)
+    if os.path.exists(single):
+        return [single]
+    if any(name.endswith((".bin", ".pt", ".pth")) for name in os.listdir(path)):
+        raise CheckpointError(f"{path} holds pickle weights only; convert them to safetensors first")
+    raise CheckpointError(f"no {SINGLE_NAME} or {INDEX_NAME} in {path}")
+
+
+def iter_checkpoint(path: str) -> Iterator[tuple[str, str, callable]]:
+    """Yield (file, key, load) for every tensor; ``load()`` reads that one tensor from the mmapped shard."""
+    for file in checkpoint_files(path):
+        try:
+            handle = safe_open(file, framework="pt", device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read {file}: corrupt or not a safetensors file ({e})") from e
+        with handle:
+            for key in handle.keys():
+
+                def load(key=key, handle=handle, file=file):
+                    try:
+                        return handle.get_tensor(key)
+                    except (SafetensorError, OSError) as e:
+                        raise CheckpointError(f"cannot read tensor {key!r} from {file}: {e}") from e
+
+                yield file, key, load
+
+
+def load_pretrained(cls, path, dtype=None, device="cpu"):
+    path = os.fspath(path)
+    config = ScoutConfig.from_hf(path)
+    with torch.device("meta"):
+        model = cls(config)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    text_only = config.vision is None
+    skip_shared = not config.text.use_shared_expert
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    total = sum(1 for _ in _param_names(model))
+    for file, key, load in tqdm(
+        iter_checkpoint(path), total=total, desc="loading", unit="tensor", leave=False
+    ):
+        name = _TEXT_ONLY_PREFIX + key if text_only and not key.startswith(_TEXT_ONLY_PREFIX) else key
+        if name.endswith(_IGNORED_SUFFIXES) or (skip_shared and ".shared_expert." in name):
+            continue
+        if name not in params:
+            unexpected.append(key)
+            continue
+        target = params[name]
+        tensor = load()
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, but the config "
+                f"expects {tuple(target.shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected floating point")
+        tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        _assign(model, name, tensor)
+        loaded.add(name)
+    if unexpected:
+        raise CheckpointError(
+            f"{path}: {len(unexpected)} tensors match no parameter of the config, e.g. {unexpected[:5]}"
+        )
+    missing = [n for n in _param_names(model) if n not in loaded]
+    if missing:
+        raise CheckpointError(
+            f"{path}: {len(missing)} parameters missing from the checkpoint, e.g. {missing[:5]}"
+        )
+    if config.tie_word_embeddings:
+        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    return model.eval()
+
+
+def _param_names(model) -> list[str]:
+    """Parameter names a checkpoint must provide (a tied LM head comes with the embedding)."""
+    names = [n for n, _ in model.named_parameters()]
+    if model.config.tie_word_embeddings:
+        names = [n for n in names if n != "language_model.lm_head.weight"]
+    return names
+
+
+def _assign(model, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = getattr(module, attr)
+    module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = size.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * units[unit])
+    return int(s)
+
+
+def hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """The state dict under HF key names, with zero shared-expert weights when the model has none."""
+    config = model.config
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if config.tie_word_embeddings and name == "language_model.lm_head.weight":
+            continue
+        state[name] = tensor
+    if not config.text.use_shared_expert:
+        # HF always has a shared expert; all-zero weights make its output exactly zero.
+        t, dtype = config.text, model.dtype
+        for i in config.text.moe_layers:
+            prefix = f"language_model.model.layers.{i}.feed_forward.shared_expert."
+            state[prefix + "gate_proj.weight"] = torch.zeros(t.intermediate_size, t.hidden_size, dtype=dtype)
+            state[prefix + "up_proj.weight"] = torch.zeros(t.intermediate_size, t.hidden_size, dtype=dtype)
+            state[prefix + "down_proj.weight"] = torch.zeros(t.hidden_size, t.intermediate_size, dtype=dtype)
+    if config.vision is None:  # HF Llama4ForCausalLM layout
+        state = {k.removeprefix(_TEXT_ONLY_PREFIX): v for k, v in state.items()}
+    return state
+
+
+def save_pretrained(model, path, max_shard_size: int | str = "5GB") -> None:
+    path = os.path.abspath(os.fspath(path))
+    limit = _parse_size(max_shard_size)
+    state = hf_state_dict(model)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    try:
+        hf_config = model.config.to_hf()
+        hf_config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+        if model.config.vision is None:
+            hf_config["architectures"] = ["Llama4ForCausalLM"]
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2, sort_keys=True)
+        weight_map = {}
+        n = len(shards)
+        for i, shard in enumerate(tqdm(shards, desc="saving", unit="shard", leave=False)):
+            name = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in shard.items()}
+            save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        if n > 1:
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            with open(os.path.join(tmp, INDEX_NAME), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    """Move a finished folder into place; an existing checkpoint there is replaced only after success."""
+    if not os.path.exists(dst):
+        os.rename(src, dst)
+        return
+    # Keep what else lives in the folder (tokenizer, processor config); drop the old weights.
+    for name in os.listdir(dst):
+        stale = name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json"))
+        if not stale and not os.path.exists(os.path.join(src, name)):
+            source = os.path.join(dst, name)
+            copy = shutil.copytree if os.path.isdir(source) else shutil.copy2
+            copy(source, os.path.join(src, name))
+    backup = dst + ".old-" + os.path.basename(src)
+    os.rename(dst, backup)
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        os.rename(backup, dst)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)

@@ -1,0 +1,400 @@
+"""The Scout model: iRoPE text decoder with MoE feed-forwards, and the early-fusion vision+text wrapper.
+
+Module and parameter names mirror HF ``Llama4ForConditionalGeneration`` so that a state dict maps onto
+an HF checkpoint key for key. The math is plain PyTorch; attention and the routed experts go through
+``scout_mm.kernels`` (one dispatch point: Triton on GPU, references elsewhere).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scout_mm import kernels
+from scout_mm.config import ScoutConfig, TextConfig
+from scout_mm.moe import MoE, SwiGLU, load_balancing_loss
+
+
+@dataclass
+class ScoutOutput:
+    logits: torch.Tensor  # (batch, seq or logits_to_keep, vocab)
+    loss: torch.Tensor | None = None  # next-token cross-entropy over labels != -100
+    aux_loss: torch.Tensor | None = None  # mean MoE load-balancing loss over MoE layers (1.0 = balanced)
+    image_hidden_states: torch.Tensor | None = None  # (n_tiles, tokens_per_tile, vision_output_dim)
+    cache: object | None = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _rms(x, self.eps) * self.weight
+
+
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32 and cast back before the weight, as HF does.
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+def rope_inv_freq(cfg: TextConfig, device=None) -> torch.Tensor:
+    """Inverse RoPE frequencies (head_dim // 2,), with llama3-style scaling when configured."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    scaling = cfg.rope_scaling
+    if not scaling or scaling.get("rope_type", "llama3") == "default":
+        return inv_freq
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are slowed down by `factor`, short ones kept; in between, a smooth blend.
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    if high != low:
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        scaled = torch.where(medium, blended, scaled)
+    return scaled
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) — the complex form Llama 4 uses, not the half-split form.
+
+    x (batch, seq, heads, head_dim); cos/sin (batch, seq, head_dim // 2) in fp32.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    real, imag = xf[..., 0], xf[..., 1]
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    out = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.use_rope = cfg.uses_rope(layer_idx)
+        # iRoPE: RoPE layers attend within their chunk; NoPE layers attend to everything before them.
+        self.chunk_size = cfg.attention_chunk_size if self.use_rope else None
+        self.qk_norm_eps = cfg.rms_norm_eps if (cfg.use_qk_norm and self.use_rope) else None
+        self.temperature = None
+        if cfg.attn_temperature_tuning and not self.use_rope:
+            self.temperature = (float(cfg.floor_scale), float(cfg.attn_scale))
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
+
+    def forward(self, x, rope, positions, kv_start):
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.qk_norm_eps is not None:
+            q, k = _rms(q, self.qk_norm_eps), _rms(k, self.qk_norm_eps)
+        q_scale = None
+        if self.temperature is not None:
+            floor_scale, attn_scale = self.temperature
+            q_scale = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+        out = kernels.attention(
+            q.transpose(1, 2),  # (batch, heads, seq, head_dim)
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            scale=self.head_dim**-0.5,
+            chunk_size=self.chunk_size,
+            kv_start=kv_start,
+            q_scale=q_scale,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        if self.is_moe:
+            self.feed_forward = MoE(
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                cfg.num_local_experts,
+                cfg.num_experts_per_tok,
+                shared_expert=cfg.use_shared_expert,
+            )
+        else:
+            self.feed_forward = SwiGLU(cfg.hidden_size, cfg.intermediate_size_mlp)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, rope, positions, kv_start):
+        """Returns the new hidden states and, for MoE layers, (topk_ids, router_logits)."""
+        x = x + self.self_attn(self.input_layernorm(x), rope, positions, kv_start)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            out, topk_ids, router_logits = self.feed_forward(h)
+            return x + out, (topk_ids, router_logits)
+        return x + self.feed_forward(h), None
+
+
+class TextModel(nn.Module):
+    """Embedding, decoder layers and final norm (HF ``Llama4TextModel``)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, inputs_embeds, positions, kv_start, token_mask=None, with_aux_loss=False):
+        """inputs_embeds (batch, seq, hidden), positions (batch, seq) -> (hidden, aux_loss or None)."""
+        # Inverse frequencies are a few dozen numbers: computing them here avoids a buffer that would
+        # have to be rebuilt after meta-device initialisation.
+        angles = positions[..., None].float() * rope_inv_freq(self.config, positions.device)
+        rope = (torch.cos(angles), torch.sin(angles))  # each (batch, seq, head_dim // 2)
+        x = inputs_embeds
+        aux_losses = []
+        for layer in self.layers:
+            x, routing = layer(x, rope, positions, kv_start)
+            if routing is not None and with_aux_loss:
+                aux_losses.append(load_balancing_loss(routing[1], routing[0], token_mask))
+        aux = torch.stack(aux_losses).mean() if aux_losses else None
+        return self.norm(x), aux
+
+
+class ScoutForCausalLM(nn.Module):
+    """Text decoder + LM head (HF ``Llama4ForCausalLM``)."""
+
+    def __init__(self, cfg: TextConfig, tie_word_embeddings: bool = False):
+        super().__init__()
+        self.model = TextModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+
+class ScoutForConditionalGeneration(nn.Module):
+    """Early-fusion vision+text MoE model (HF ``Llama4ForConditionalGeneration``).
+
+    Image features replace the ``<|patch|>`` token embeddings in place, so the decoder sees a single
+    interleaved sequence. With ``config.vision = None`` this is a text-only model.
+    """
+
+    def __init__(self, config: ScoutConfig):
+        super().__init__()
+        self.config = config
+        if config.vision is not None:
+            from scout_mm.vision.encoder import VisionEncoder, VisionProjector
+
+            self.vision_model = VisionEncoder(config.vision)
+            self.multi_modal_projector = VisionProjector(config.text.hidden_size, config.vision)
+        else:
+            self.vision_model = None
+            self.multi_modal_projector = None
+        self.language_model = ScoutForCausalLM(config.text, config.tie_word_embeddings)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Random init (uses the global RNG): normal(0, initializer_range) for matrices, ones for norms."""
+        std = self.config.text.initializer_range
+        for name, p in self.language_model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+        if self.vision_model is not None:
+            self.vision_model.init_weights()
+            self.multi_modal_projector.init_weights(std)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.model.embed_tokens
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,  # (batch, seq)
+        pixel_values: torch.Tensor | None = None,  # (n_tiles, 3, tile, tile), all images' tiles in order
+        attention_mask: torch.Tensor | None = None,  # (batch, seq) 1 = token, 0 = left/right padding
+        position_ids: torch.Tensor | None = None,  # (batch, seq)
+        labels: torch.Tensor | None = None,  # (batch, seq), -100 = ignored
+        inputs_embeds: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        with_aux_loss: bool | None = None,
+    ) -> ScoutOutput:
+        """Logits for every position (or the last ``logits_to_keep``), plus the LM loss when ``labels`` are
+        given and the MoE load-balancing loss when training or ``with_aux_loss`` is set.
+
+        Padding must be left or right padding (no holes). Positions count from each sequence's first
+        real token, so a left-padded row gives the same logits as the unpadded sequence.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        text_cfg = self.config.text
+        if inputs_embeds is None:
+            _check_token_ids(input_ids, text_cfg.vocab_size)
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        batch, seq, _ = inputs_embeds.shape
+        if seq > text_cfg.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {seq} exceeds the model maximum "
+                f"max_position_embeddings={text_cfg.max_position_embeddings}"
+            )
+        image_features = None
+        if pixel_values is not None:
+            if input_ids is None:
+                raise ValueError("pixel_values need input_ids to locate the image tokens")
+            image_features = self.get_image_features(pixel_values)
+            inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image_features)
+
+        kv_start, token_mask = _padding_layout(attention_mask, batch, seq, inputs_embeds.device)
+        if position_ids is None:
+            index = torch.arange(seq, device=inputs_embeds.device)
+            position_ids = (index[None, :] - kv_start[:, None]).clamp(min=0)
+        if with_aux_loss is None:
+            with_aux_loss = self.training or labels is not None
+        hidden, aux_loss = self.language_model.model(
+            inputs_embeds,
+            position_ids,
+            kv_start if attention_mask is not None else None,
+            token_mask=token_mask.reshape(-1) if token_mask is not None else None,
+            with_aux_loss=with_aux_loss,
+        )
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.language_model.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            if logits_to_keep:
+                raise ValueError("labels need logits for every position; drop logits_to_keep")
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(),
+                labels[:, 1:].flatten().to(logits.device),
+                ignore_index=-100,
+            )
+        return ScoutOutput(logits=logits, loss=loss, aux_loss=aux_loss, image_hidden_states=image_features)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n_tiles, 3, tile, tile) -> (n_tiles, tokens_per_tile, vision_output_dim)."""
+        vcfg = self.config.vision
+        if self.vision_model is None:
+            raise ValueError("pixel_values given, but this is a text-only model (config.vision is None)")
+        expected = (vcfg.num_channels, vcfg.image_size, vcfg.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values shape {tuple(pixel_values.shape)}; expected (n_tiles, {', '.join(map(str, expected))})"
+            )
+        return self.vision_model(pixel_values)
+
+    def _merge_image_features(self, input_ids, inputs_embeds, image_features):
+        projected = self.multi_modal_projector(image_features.flatten(0, 1))  # (n_image_tokens, hidden)
+        image_mask = input_ids == self.config.image_token_index
+        n_tokens = int(image_mask.sum())
+        if n_tokens != projected.shape[0]:
+            n_tiles = image_features.shape[0]
+            raise ValueError(
+                f"input_ids hold {n_tokens} image tokens (id {self.config.image_token_index}) but pixel_values "
+                f"give {n_tiles} tiles x {image_features.shape[1]} = {projected.shape[0]} image features"
+            )
+        projected = projected.to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_mask[..., None], projected)
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+    ) -> ScoutForConditionalGeneration:
+        """Load our checkpoints or HF Llama 4 ones (conditional-generation or text-only layouts)."""
+        from scout_mm.checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+        """Write ``config.json`` + safetensors in the HF layout (``transformers`` loads it)."""
+        from scout_mm.checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size)
+
+
+def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids shape {tuple(input_ids.shape)}; expected (batch, seq)")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(
+            f"input_ids hold ids in [{int(input_ids.min())}, {int(input_ids.max())}]; vocab_size={vocab_size}"
+        )
+
+
+def _padding_layout(attention_mask, batch, seq, device):
+    """(kv_start, token_mask) from a 0/1 mask: kv_start[b] = count of left-padding tokens of row b."""
+    if attention_mask is None:
+        return torch.zeros(batch, dtype=torch.long, device=device), None
+    if tuple(attention_mask.shape) != (batch, seq):
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)}; expected {(batch, seq)}")
+    mask = attention_mask.to(device=device).bool()
+    n_real = mask.sum(-1)
+    kv_start = (~mask).long().cumprod(-1).sum(-1)  # leading zeros
+    index = torch.arange(seq, device=device)
+    contiguous = (index[None] >= kv_start[:, None]) & (index[None] < (kv_start + n_real)[:, None])
+    if not torch.equal(contiguous, mask):
+        raise ValueError("attention_mask must be left or right padding (ones contiguous in each row)")
+    return kv_start, mask
+
+
+def count_parameters(model_or_config: nn.Module | ScoutConfig) -> dict[str, int]:
+    """Total and active parameter counts; works on the meta device (no memory).
+
+    Active = what one token touches: everything except the input embedding, with routed experts counted
+    at top_k / n_experts (the vision tower counts, as image tokens go through it). A tied LM head counts once.
+    """
+    if isinstance(model_or_config, ScoutConfig):
+        with torch.device("meta"):
+            model = ScoutForConditionalGeneration(model_or_config)
+    else:
+        model = model_or_config
+    text = model.config.text
+    routed_share = text.num_experts_per_tok / text.num_local_experts
+    counts = {"total": 0, "active": 0, "routed_experts": 0, "vision": 0, "embedding": 0}
+    for name, p in model.named_parameters():  # tied parameters are yielded once
+        n = p.numel()
+        counts["total"] += n
+        if name.endswith("embed_tokens.weight"):
+            counts["embedding"] += n
+            if model.config.tie_word_embeddings:
+                counts["active"] += n  # it is also the LM head
+            continue
+        if ".experts." in name:
+            counts["routed_experts"] += n
+            counts["active"] += round(n * routed_share)
+            continue
+        if name.startswith(("vision_model.", "multi_modal_projector.")):
+            counts["vision"] += n
+        counts["active"] += n
+    return counts

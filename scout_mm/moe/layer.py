@@ -1,0 +1,65 @@
+"""Feed-forward blocks: the SwiGLU MLP (dense layers and the shared expert) and the MoE block."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scout_mm import kernels
+from scout_mm.moe.router import Router
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``; parameter names follow HF ``Llama4TextMLP``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """Stacked routed-expert weights in the HF Llama 4 layout."""
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, hidden_size, 2 * intermediate_size))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))
+
+    def forward(self, hidden, topk_weights, topk_ids):
+        return kernels.moe_experts(hidden, topk_weights, topk_ids, self.gate_up_proj, self.down_proj)
+
+
+class MoE(nn.Module):
+    """Routed experts (top-k, sigmoid weights on the expert input) plus an optional shared expert.
+
+    forward returns ``(out, topk_ids, router_logits)`` so the caller can compute the aux loss without this
+    module keeping state between calls.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        n_experts: int,
+        top_k: int,
+        shared_expert: bool = True,
+    ):
+        super().__init__()
+        self.router = Router(hidden_size, n_experts, top_k)
+        self.experts = Experts(n_experts, hidden_size, intermediate_size)
+        self.shared_expert = SwiGLU(hidden_size, intermediate_size) if shared_expert else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        hidden = x.reshape(-1, shape[-1])  # (tokens, hidden)
+        topk_weights, topk_ids, router_logits = self.router(hidden)
+        out = self.experts(hidden, topk_weights, topk_ids)
+        if self.shared_expert is not None:
+            out = self.shared_expert(hidden) + out
+        return out.view(shape), topk_ids, router_logits
