@@ -74,7 +74,6 @@ def _chunked_by_reshape(q, k, v, scale, chunk_size, gqa):
 
 def _blockwise_masked(q, k, v, scale, chunk_size, q_start, kv_start, gqa):
     batch, n_heads, q_len, head_dim = q.shape
-    kv_len = k.shape[2]
     device = q.device
     if kv_start is None:
         kv_start = torch.zeros(batch, dtype=torch.long, device=device)
