@@ -1,0 +1,218 @@
+"""Checkpoint round trips with HF transformers, sharding, and clear errors for bad checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from scout_mm.checkpoint import CheckpointError
+from scout_mm.model import ScoutForConditionalGeneration
+from tests.helpers import hf_model, max_rel_err, tiny_config
+
+TOL = 1e-5
+
+
+def _inputs(cfg, with_image):
+    ids = torch.randint(3, cfg.image_token_index - 5, (2, 21))
+    if not with_image:
+        return dict(input_ids=ids)
+    n = cfg.vision.tokens_per_tile
+    ids[0, 2 : 2 + n] = cfg.image_token_index
+    size = cfg.vision.image_size
+    return dict(input_ids=ids, pixel_values=torch.randn(1, 3, size, size))
+
+
+def _same_logits(a, b, inputs):
+    with torch.no_grad():
+        return max_rel_err(a(**inputs).logits, b(**inputs).logits)
+
+
+@pytest.mark.parametrize("vision", [True, False], ids=["conditional_generation", "causal_lm"])
+@pytest.mark.parametrize("shard", ["5GB", "40KB"], ids=["single_file", "sharded"])
+def test_hf_save_then_our_load(tmp_path, vision, shard):
+    cfg = tiny_config(vision=vision)
+    hf = hf_model(cfg)
+    hf.save_pretrained(tmp_path, max_shard_size=shard)
+    if shard == "40KB":
+        assert (tmp_path / "model.safetensors.index.json").exists()
+    ours = ScoutForConditionalGeneration.from_pretrained(tmp_path)
+    assert _same_logits(ours, hf, _inputs(cfg, vision)) < TOL
+
+
+@pytest.mark.parametrize("vision", [True, False], ids=["conditional_generation", "causal_lm"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_expert", "no_shared_expert"])
+def test_our_save_then_hf_load(tmp_path, vision, shared):
+    from transformers import Llama4ForCausalLM, Llama4ForConditionalGeneration
+
+    cfg = tiny_config(vision=vision, use_shared_expert=shared, num_experts_per_tok=1 if shared else 2)
+    ours = ScoutForConditionalGeneration(cfg).eval()
+    ours.save_pretrained(tmp_path / "ckpt", max_shard_size="60KB")
+    assert (tmp_path / "ckpt" / "model.safetensors.index.json").exists()
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # temp folder renamed away
+    hf_cls = Llama4ForConditionalGeneration if vision else Llama4ForCausalLM
+    hf = hf_cls.from_pretrained(tmp_path / "ckpt", attn_implementation="eager").float().eval()
+    assert _same_logits(ours, hf, _inputs(cfg, vision)) < TOL
+    again = ScoutForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
+    assert dataclasses.replace(again.config.text, hf_extra={}) == dataclasses.replace(
+        ours.config.text, hf_extra={}
+    )
+    assert _same_logits(ours, again, _inputs(cfg, vision)) == 0.0
+
+
+def test_load_with_dtype(tmp_path):
+    cfg = tiny_config(vision=True)
+    ScoutForConditionalGeneration(cfg).save_pretrained(tmp_path / "m")
+    model = ScoutForConditionalGeneration.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in model.parameters())
+    with torch.no_grad():
+        model(**_inputs(cfg, True))
+
+
+def test_save_replaces_weights_but_keeps_other_files(tmp_path):
+    cfg = tiny_config(vision=False)
+    target = tmp_path / "m"
+    ScoutForConditionalGeneration(cfg).save_pretrained(target, max_shard_size="30KB")
+    (target / "tokenizer.json").write_text("{}")
+    second = ScoutForConditionalGeneration(cfg).eval()
+    second.save_pretrained(target)  # now one file: the old shards and index must go
+    assert sorted(os.listdir(target)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    loaded = ScoutForConditionalGeneration.from_pretrained(target)
+    assert _same_logits(second, loaded, _inputs(cfg, False)) == 0.0
+
+
+def test_failed_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    import scout_mm.checkpoint as ckpt
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        ScoutForConditionalGeneration(tiny_config(vision=False)).save_pretrained(tmp_path / "m")
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------- bad checkpoints
+@pytest.fixture
+def saved(tmp_path):
+    cfg = tiny_config(vision=False)
+    ScoutForConditionalGeneration(cfg).save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_missing_folder_or_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ScoutForConditionalGeneration.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        ScoutForConditionalGeneration.from_pretrained(tmp_path / "nope")
+
+
+def test_missing_weights(saved):
+    os.remove(saved / "model.safetensors")
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        ScoutForConditionalGeneration.from_pretrained(saved)
+
+
+def test_corrupt_file(saved):
+    (saved / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        ScoutForConditionalGeneration.from_pretrained(saved)
+
+
+def test_shape_mismatch_names_tensor_and_shapes(saved):
+    state = load_file(saved / "model.safetensors")
+    key = "model.layers.1.self_attn.q_proj.weight"
+    state[key] = torch.zeros(3, 5)
+    save_file(state, saved / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"q_proj.weight.*\(3, 5\).*\(64, 64\)"):
+        ScoutForConditionalGeneration.from_pretrained(saved)
+
+
+def test_missing_and_unexpected_tensors(saved):
+    state = load_file(saved / "model.safetensors")
+    del state["model.norm.weight"]
+    save_file(state, saved / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="missing.*model.norm.weight"):
+        ScoutForConditionalGeneration.from_pretrained(saved)
+    state["model.norm.weight"] = torch.ones(64)
+    state["model.layers.9.mlp.weight"] = torch.ones(2)
+    save_file(state, saved / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="layers.9.mlp.weight"):
+        ScoutForConditionalGeneration.from_pretrained(saved)
+
+
+def test_config_mismatch_is_named(saved):
+    config = json.loads((saved / "config.json").read_text())
+    config["num_local_experts"] = 8
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="experts"):
+        ScoutForConditionalGeneration.from_pretrained(saved)
+
+
+def test_index_naming_missing_shard(tmp_path):
+    ScoutForConditionalGeneration(tiny_config(vision=False)).save_pretrained(
+        tmp_path / "m", max_shard_size="40KB"
+    )
+    shards = sorted(p for p in os.listdir(tmp_path / "m") if p.startswith("model-"))
+    os.remove(tmp_path / "m" / shards[-1])
+    with pytest.raises(CheckpointError, match="missing"):
+        ScoutForConditionalGeneration.from_pretrained(tmp_path / "m")
+
+
+def test_pickle_only_checkpoint_is_refused(saved):
+    os.remove(saved / "model.safetensors")
+    (saved / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match="pickle"):
+        ScoutForConditionalGeneration.from_pretrained(saved)
+
+
+def test_invalid_config_json(saved):
+    (saved / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ScoutForConditionalGeneration.from_pretrained(saved)
+
+
+# ---------------------------------------------------------------------------------------- memory
+def test_peak_host_memory_is_about_one_copy(tmp_path):
+    """Loading a ~200 MB sharded checkpoint raises peak RSS by well under two copies of the weights."""
+    cfg = tiny_config(vision=False, hidden_size=512, intermediate_size=512, num_local_experts=16, head_dim=64,
+                      num_attention_heads=8, num_key_value_heads=2, vocab_size=4096)  # fmt: skip
+    model = ScoutForConditionalGeneration(cfg)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(tmp_path / "m", max_shard_size="40MB")
+    del model
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from scout_mm.model import ScoutForConditionalGeneration
+
+        def status(field):
+            for line in open("/proc/self/status"):
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+
+        # Warm up first (library code pages count as RSS), then reset the peak-RSS mark (VmHWM).
+        from scout_mm.config import ScoutConfig
+        with torch.device("meta"):
+            ScoutForConditionalGeneration(ScoutConfig.from_hf({str(tmp_path / "m")!r}))
+        torch.randn(64, 64).sum()
+        open("/proc/self/clear_refs", "w").write("5")
+        before = status("VmRSS")
+        model = ScoutForConditionalGeneration.from_pretrained({str(tmp_path / "m")!r})
+        assert sum(float(p.float().sum()) for p in model.parameters()) == sum(float(p.float().sum()) for p in model.parameters())
+        print(status("VmHWM") - before)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    growth = int(out.stdout.strip().splitlines()[-1])
+    print(f"weights {size / 1e6:.0f} MB, peak RSS growth {growth / 1e6:.0f} MB")
+    assert size * 0.9 < growth < 1.5 * size
