@@ -195,10 +195,7 @@ class ScoutConfig:
         """Named presets: ``tiny``, ``small``, ``scout-17b-16e``. Keyword args override text fields."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
-        cfg = PRESETS[name]()
-        if text_overrides:
-            cfg.text = dataclasses.replace(cfg.text, **text_overrides)
-        return cfg
+        return PRESETS[name](**text_overrides)
 
     # ------------------------------------------------------------------ HF conversion
     @classmethod
@@ -283,13 +280,16 @@ def _text_from_hf(d: dict) -> TextConfig:
     if rope_theta is not None:
         kwargs["rope_theta"] = rope_theta
     kwargs["rope_scaling"] = rope_scaling
-    if "layer_types" in d:
-        layer_types = d.pop("layer_types")
-        derived = ["chunked_attention" if r else "full_attention" for r in kwargs.get("no_rope_layers") or []]
-        if kwargs.get("no_rope_layers") is None or layer_types != derived:
-            d["layer_types"] = layer_types  # keep it if it says something no_rope_layers does not
-    kwargs.setdefault("use_shared_expert", True)
-    return TextConfig(**kwargs, hf_extra=d)
+    text = TextConfig(**kwargs, hf_extra=d)
+    layer_types = d.get("layer_types")  # kept in hf_extra for the round trip; must agree with no_rope_layers
+    if layer_types is not None:
+        derived = ["chunked_attention" if r else "full_attention" for r in text.no_rope_layers]
+        if list(layer_types) != derived[: len(layer_types)]:
+            raise ValueError(
+                f"layer_types {layer_types} disagree with no_rope_layers {text.no_rope_layers}: RoPE layers "
+                "must use chunked attention and NoPE layers full attention"
+            )
+    return text
 
 
 def _text_to_hf(t: TextConfig) -> dict:
@@ -337,13 +337,13 @@ def _vision_to_hf(v: VisionConfig) -> dict:
 def _small_vocab_text(**kw) -> TextConfig:
     """Text config for presets that use the package's own 8192-entry tokenizer."""
     o = SMALL_SPECIAL_OFFSET
-    return TextConfig(
+    ids = dict(
         vocab_size=SMALL_VOCAB_SIZE,
         bos_token_id=o + BOS_REL,
         eos_token_id=[o + EOS_REL, o + EOM_REL, o + EOT_REL],
         pad_token_id=o + PAD_REL,
-        **kw,
     )
+    return TextConfig(**{**ids, **kw})
 
 
 def _small_vocab_scout(text: TextConfig, vision: VisionConfig) -> ScoutConfig:
@@ -357,10 +357,10 @@ def _small_vocab_scout(text: TextConfig, vision: VisionConfig) -> ScoutConfig:
     )
 
 
-def _tiny() -> ScoutConfig:
-    text = _small_vocab_text(
+def _tiny(**overrides) -> ScoutConfig:
+    base = dict(
         hidden_size=256,
-        intermediate_size=256,
+        intermediate_size=128,
         intermediate_size_mlp=512,
         num_hidden_layers=4,
         num_attention_heads=4,
@@ -374,6 +374,7 @@ def _tiny() -> ScoutConfig:
         floor_scale=128,
         router_aux_loss_coef=0.01,
     )
+    text = _small_vocab_text(**{**base, **overrides})
     vision = VisionConfig(
         hidden_size=128,
         num_hidden_layers=2,
@@ -388,8 +389,8 @@ def _tiny() -> ScoutConfig:
     return _small_vocab_scout(text, vision)
 
 
-def _small() -> ScoutConfig:
-    text = _small_vocab_text(
+def _small(**overrides) -> ScoutConfig:
+    base = dict(
         hidden_size=1024,
         intermediate_size=1024,
         intermediate_size_mlp=2048,
@@ -405,6 +406,7 @@ def _small() -> ScoutConfig:
         floor_scale=2048,
         router_aux_loss_coef=0.01,
     )
+    text = _small_vocab_text(**{**base, **overrides})
     vision = VisionConfig(
         hidden_size=512,
         num_hidden_layers=8,
@@ -418,19 +420,16 @@ def _small() -> ScoutConfig:
     return _small_vocab_scout(text, vision)
 
 
-def _scout_17b_16e() -> ScoutConfig:
+def _scout_17b_16e(**overrides) -> ScoutConfig:
     """Exactly HF meta-llama/Llama-4-Scout-17B-16E."""
-    text = TextConfig(
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 16.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 1.0,
-            "original_max_position_embeddings": 8192,
-        },
-        attn_temperature_tuning=True,
-    )
-    return ScoutConfig(text=text, vision=VisionConfig())
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 16.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+    }
+    return ScoutConfig(text=TextConfig(**{"rope_scaling": scaling, **overrides}), vision=VisionConfig())
 
 
 PRESETS = {"tiny": _tiny, "small": _small, "scout-17b-16e": _scout_17b_16e}

@@ -1,0 +1,211 @@
+"""Presets, HF config.json conversion and parameter counting."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from scout_mm.config import ScoutConfig, TextConfig, VisionConfig
+from scout_mm.model import count_parameters
+
+# The layout of meta-llama/Llama-4-Scout-17B-16E's config.json (legacy rope spelling, HF-only keys).
+SCOUT_HF_CONFIG = {
+    "architectures": ["Llama4ForConditionalGeneration"],
+    "boi_token_index": 200080,
+    "eoi_token_index": 200081,
+    "image_token_index": 200092,
+    "model_type": "llama4",
+    "text_config": {
+        "_attn_implementation_autoset": True,
+        "attention_bias": False,
+        "attention_chunk_size": 8192,
+        "attention_dropout": 0.0,
+        "attn_scale": 0.1,
+        "attn_temperature_tuning": 4,
+        "bos_token_id": 200000,
+        "cache_implementation": "hybrid",
+        "eos_token_id": [200001, 200007, 200008],
+        "floor_scale": 8192,
+        "for_llm_compressor": False,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "hidden_size": 5120,
+        "initializer_range": 0.02,
+        "interleave_moe_layer_step": 1,
+        "intermediate_size": 8192,
+        "intermediate_size_mlp": 16384,
+        "max_position_embeddings": 10485760,
+        "model_type": "llama4_text",
+        "moe_layers": list(range(48)),
+        "no_rope_layers": [int((i + 1) % 4 != 0) for i in range(48)],
+        "num_attention_heads": 40,
+        "num_experts_per_tok": 1,
+        "num_hidden_layers": 48,
+        "num_key_value_heads": 8,
+        "num_local_experts": 16,
+        "output_router_logits": False,
+        "pad_token_id": 200018,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {
+            "factor": 16.0,
+            "high_freq_factor": 1.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "rope_theta": 500000.0,
+        "router_aux_loss_coef": 0.001,
+        "router_jitter_noise": 0.0,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "use_qk_norm": True,
+        "vocab_size": 202048,
+    },
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.51.0.dev0",
+    "vision_config": {
+        "_attn_implementation_autoset": True,
+        "attention_dropout": 0.0,
+        "hidden_act": "gelu",
+        "hidden_size": 1408,
+        "image_size": 336,
+        "initializer_range": 0.02,
+        "intermediate_size": 5632,
+        "model_type": "llama4_vision_model",
+        "multi_modal_projector_bias": False,
+        "norm_eps": 1e-05,
+        "num_attention_heads": 16,
+        "num_channels": 3,
+        "num_hidden_layers": 34,
+        "patch_size": 14,
+        "pixel_shuffle_ratio": 0.5,
+        "projector_dropout": 0.0,
+        "projector_input_dim": 4096,
+        "projector_output_dim": 4096,
+        "rope_theta": 10000,
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "default",
+        "vision_output_dim": 4096,
+    },
+}
+
+
+def _without(d: dict, *keys) -> dict:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+def test_scout_hf_config_round_trips_losslessly():
+    cfg = ScoutConfig.from_hf(copy.deepcopy(SCOUT_HF_CONFIG))
+    out = cfg.to_hf()
+    # Everything HF had comes back with the same value; the only additions are fields the input left at
+    # their defaults, and our use_shared_expert.
+    text_in, text_out = SCOUT_HF_CONFIG["text_config"], out["text_config"]
+    assert {k: text_out[k] for k in text_in} == text_in
+    assert set(text_out) - set(text_in) == {
+        "use_shared_expert",
+        "no_rope_layer_interval",
+        "tie_word_embeddings",
+    }
+    assert out["vision_config"] == SCOUT_HF_CONFIG["vision_config"]
+    assert _without(out, "text_config", "vision_config") == _without(
+        SCOUT_HF_CONFIG, "text_config", "vision_config"
+    )
+    assert json.loads(json.dumps(out)) == out  # JSON-serialisable
+
+
+def test_scout_preset_is_exactly_the_hf_model():
+    preset = ScoutConfig.from_preset("scout-17b-16e")
+    hf = ScoutConfig.from_hf(copy.deepcopy(SCOUT_HF_CONFIG))
+    fields = [f for f in TextConfig.__dataclass_fields__ if f not in ("hf_extra", "attn_temperature_tuning")]
+    for f in fields:
+        assert getattr(preset.text, f) == getattr(hf.text, f), f
+    assert bool(preset.text.attn_temperature_tuning) == bool(hf.text.attn_temperature_tuning)
+    for f in VisionConfig.__dataclass_fields__:
+        if f != "hf_extra":
+            assert getattr(preset.vision, f) == getattr(hf.vision, f), f
+    assert (preset.boi_token_index, preset.eoi_token_index, preset.image_token_index) == (
+        200080,
+        200081,
+        200092,
+    )
+
+
+def test_transformers_v5_config_dict_round_trips():
+    from transformers import Llama4Config
+
+    for name in ("tiny", "scout-17b-16e"):
+        hf_dict = Llama4Config(**ScoutConfig.from_preset(name).to_hf()).to_dict()
+        cfg = ScoutConfig.from_hf(copy.deepcopy(hf_dict))
+        assert cfg.to_hf() == hf_dict
+        assert cfg.text == ScoutConfig.from_preset(name).text.__class__(
+            **{**ScoutConfig.from_preset(name).text.__dict__, "hf_extra": cfg.text.hf_extra}
+        )
+
+
+def test_text_only_config_from_causal_lm():
+    text = copy.deepcopy(SCOUT_HF_CONFIG["text_config"])
+    cfg = ScoutConfig.from_hf(text)
+    assert cfg.vision is None
+    assert cfg.text.num_hidden_layers == 48
+    out = cfg.to_hf()
+    assert {k: out[k] for k in text} == text
+
+
+def test_config_file_path(tmp_path):
+    ScoutConfig.from_preset("tiny").save(tmp_path)
+    assert ScoutConfig.from_hf(tmp_path).text == ScoutConfig.from_hf(tmp_path / "config.json").text
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"model_type": "llama"}, "model_type='llama'"),
+        (
+            {"model_type": "llama4", "text_config": {"num_attention_heads": 6, "num_key_value_heads": 4}},
+            "multiple",
+        ),
+    ],
+)
+def test_bad_hf_configs(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ScoutConfig.from_hf(bad)
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match=r"unknown preset 'huge'.*scout-17b-16e.*small.*tiny"):
+        ScoutConfig.from_preset("huge")
+
+
+def test_invalid_values_are_rejected():
+    with pytest.raises(ValueError, match="num_experts_per_tok=3"):
+        TextConfig(num_local_experts=2, num_experts_per_tok=3)
+    with pytest.raises(ValueError, match="patch_size"):
+        VisionConfig(image_size=100, patch_size=14)
+    with pytest.raises(ValueError, match="intermediate_size"):
+        VisionConfig(hidden_size=64, num_attention_heads=4, intermediate_size=100)
+
+
+def test_presets():
+    tiny = ScoutConfig.from_preset("tiny")
+    assert (tiny.text.num_local_experts, tiny.text.num_experts_per_tok) == (16, 2)
+    assert not all(tiny.text.no_rope_layers)  # iRoPE: at least one NoPE layer
+    assert tiny.vision is not None
+    small_total = count_parameters(ScoutConfig.from_preset("small"))["total"]
+    assert 0.5e9 <= small_total <= 1.5e9
+    assert count_parameters(tiny)["total"] < 15e6  # the embedded default ships in bf16 within ~30 MB
+
+
+def test_scout_parameter_counts_on_meta_device():
+    counts = count_parameters(ScoutConfig.from_preset("scout-17b-16e"))
+    print({k: f"{v / 1e9:.3f}B" for k, v in counts.items()})
+    assert abs(counts["total"] / 108.6e9 - 1) < 0.01
+    assert abs(counts["active"] / 17.0e9 - 1) < 0.01
+
+
+def test_overrides():
+    cfg = ScoutConfig.from_preset("tiny", num_hidden_layers=8)
+    assert cfg.text.num_hidden_layers == 8
+    assert len(cfg.text.no_rope_layers) >= 8
