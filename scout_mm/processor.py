@@ -1,0 +1,468 @@
+"""Tokenizer + Llama 4 chat format + image placeholders -> model inputs.
+
+Text is tokenized with a ``tokenizers`` ``tokenizer.json`` (the package's own 8192-entry tokenizer or a real
+Llama 4 one). In user text a single ``<|image|>`` marks where an image goes; the processor expands it into the
+Llama 4 layout (as HF ``Llama4Processor`` does)::
+
+    <|image_start|> [tile rows: (<|patch|>*T <|tile_x_separator|>)... <|patch|>*T <|tile_y_separator|>]
+                    <|image|> <|patch|>*T <|image_end|>
+
+with ``T`` tokens per tile; the bracketed local tiles appear only when the image uses more than one tile.
+``pixel_values`` holds each image's local tiles then its global tile, in the same order as the ``<|patch|>``
+runs, so the model can overwrite the ``<|patch|>`` embeddings with image features in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from scout_mm.vision.preprocess import ImageInput, ImageProcessor, flatten_images
+
+BUILTIN = "builtin"
+BUILTIN_TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
+IMAGE_PLACEHOLDER = "<|image|>"
+
+
+def llama4_special_tokens(count: int = 256) -> list[str]:
+    """The first ``count`` Llama 4 special tokens in id order (Llama 4 id 200000 + r is entry r)."""
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
+    names += ["<|header_start|>", "<|header_end|>", "<|eom|>", "<|eot|>", "<|step|>"]
+    names += [f"<|text_post_train_reserved_special_token_{i}|>" for i in range(6)]
+    names += ["<|python_start|>", "<|python_end|>", "<|finetune_right_pad|>"]
+    names += [f"<|text_post_train_reserved_special_token_{i}|>" for i in range(8, 69)]
+    names += ["<|image_start|>", "<|image_end|>", "<|vision_reserved_special_token_0|>"]
+    names += ["<|vision_reserved_special_token_1|>", "<|tile_x_separator|>", "<|tile_y_separator|>"]
+    names += [f"<|vision_reserved_special_token_{i}|>" for i in range(2, 6)]
+    names += ["<|image|>", "<|vision_reserved_special_token_6|>", "<|patch|>"]
+    names += [f"<|vision_reserved_special_token_{i}|>" for i in range(7, 1048)]
+    names += [f"<|reasoning_reserved_special_token_{i}|>" for i in range(8)]
+    names += ["<|reasoning_thinking_start|>", "<|reasoning_thinking_end|>"]
+    names += [f"<|reserved_special_token_{i}|>" for i in range(2048 - len(names))]
+    if not 0 < count <= len(names):
+        raise ValueError(f"count={count}; expected 1..{len(names)}")
+    return names[:count]
+
+
+_ROLES = {  # attribute -> token name
+    "bos": "<|begin_of_text|>",
+    "eos": "<|end_of_text|>",
+    "eom": "<|eom|>",
+    "eot": "<|eot|>",
+    "pad": "<|finetune_right_pad|>",
+    "header_start": "<|header_start|>",
+    "header_end": "<|header_end|>",
+    "boi": "<|image_start|>",
+    "eoi": "<|image_end|>",
+    "tile_x": "<|tile_x_separator|>",
+    "tile_y": "<|tile_y_separator|>",
+    "image": IMAGE_PLACEHOLDER,
+    "patch": "<|patch|>",
+}
+
+
+class BatchInputs(dict):
+    """``dict`` of model inputs with ``.to(device)``, so ``model(**inputs.to("cuda"))`` works."""
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> BatchInputs:
+        """Move tensors to ``device``; ``dtype`` applies to floating tensors (``pixel_values``) only."""
+        moved = {}
+        for key, value in self.items():
+            if isinstance(value, torch.Tensor):
+                value = (
+                    value.to(device, dtype)
+                    if dtype is not None and value.is_floating_point()
+                    else value.to(device)
+                )
+            moved[key] = value
+        return BatchInputs(moved)
+
+
+class Processor:
+    """Tokenizer, Llama 4 chat template and image preprocessing behind one HF-like interface."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        image_processor: ImageProcessor | None = None,
+        *,
+        patch_size: int = 14,
+        pixel_shuffle_ratio: float = 0.5,
+        padding_side: str = "left",
+    ):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.patch_size = patch_size
+        self.pixel_shuffle_ratio = pixel_shuffle_ratio
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side={padding_side!r}; expected 'left' or 'right'")
+        self.padding_side = padding_side
+        missing = [name for name in _ROLES.values() if tokenizer.token_to_id(name) is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks the Llama 4 special tokens {missing}")
+        self.special_ids = {role: tokenizer.token_to_id(name) for role, name in _ROLES.items()}
+        if image_processor is not None and image_processor.tile_size % patch_size:
+            raise ValueError(
+                f"tile_size={image_processor.tile_size} is not a multiple of patch_size={patch_size}"
+            )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike = BUILTIN, **overrides) -> Processor:
+        """Load from a folder holding ``tokenizer.json`` (HF Llama 4 or ``save_pretrained`` layout).
+
+        ``path="builtin"`` loads the package's own 8192-id tokenizer. Tile size, tile budget, mean/std and
+        resample come from ``preprocessor_config.json`` (or an ``image_processor`` entry of
+        ``processor_config.json``), patch size and pixel shuffle ratio from ``processor_config.json``; keyword
+        arguments override them: ``tile_size``, ``max_patches``, ``patch_size``, ``pixel_shuffle_ratio``,
+        ``padding_side`` and the other :class:`ImageProcessor` fields.
+        """
+        folder = BUILTIN_TOKENIZER_DIR if os.fspath(path) == BUILTIN else Path(path)
+        tokenizer_file = folder if folder.is_file() else folder / "tokenizer.json"
+        folder = tokenizer_file.parent
+        if not tokenizer_file.is_file():
+            raise FileNotFoundError(f"no tokenizer.json at {tokenizer_file}")
+        processor_cfg = _read_json(folder / "processor_config.json")
+        image_cfg = _read_json(folder / "preprocessor_config.json") or processor_cfg.get(
+            "image_processor", {}
+        )
+        text_options = {}
+        for key in ("patch_size", "pixel_shuffle_ratio", "padding_side"):
+            value = overrides.pop(key, processor_cfg.get(key))
+            if value is not None:
+                text_options[key] = value
+        image_processor = ImageProcessor.from_hf(image_cfg, **overrides)
+        return cls(Tokenizer.from_file(str(tokenizer_file)), image_processor, **text_options)
+
+    @classmethod
+    def from_config(cls, config, tokenizer_path: str | os.PathLike = BUILTIN, **overrides) -> Processor:
+        """A processor whose tiles, patch size and special-token ids agree with a ``ScoutConfig``.
+
+        Raises ``ValueError`` when the tokenizer's special-token ids differ from the config's.
+        """
+        vision = config.vision
+        if vision is not None:
+            overrides.setdefault("tile_size", vision.image_size)
+            overrides.setdefault("patch_size", vision.patch_size)
+            overrides.setdefault("pixel_shuffle_ratio", vision.pixel_shuffle_ratio)
+        processor = cls.from_pretrained(tokenizer_path, **overrides)
+        if vision is None:
+            processor.image_processor = None
+        expected = {
+            "image_token_index": (config.image_token_index, processor.image_token_id),
+            "boi_token_index": (config.boi_token_index, processor.boi_token_id),
+            "eoi_token_index": (config.eoi_token_index, processor.eoi_token_id),
+            "text.bos_token_id": (config.text.bos_token_id, processor.bos_token_id),
+            "text.pad_token_id": (config.text.pad_token_id, processor.pad_token_id),
+        }
+        bad = {name: pair for name, pair in expected.items() if pair[0] is not None and pair[0] != pair[1]}
+        if bad:
+            details = ", ".join(f"{name}={cfg} but tokenizer has {tok}" for name, (cfg, tok) in bad.items())
+            raise ValueError(f"config and tokenizer disagree: {details}")
+        if processor.vocab_size > config.text.vocab_size:
+            raise ValueError(
+                f"tokenizer has {processor.vocab_size} ids; config.text.vocab_size={config.text.vocab_size}"
+            )
+        if vision is not None and processor.tokens_per_tile != vision.tokens_per_tile:
+            raise ValueError(
+                f"{processor.tokens_per_tile} tokens per tile; config says {vision.tokens_per_tile}"
+            )
+        return processor
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write ``tokenizer.json``, ``tokenizer_config.json``, ``processor_config.json`` and (with an image
+        processor) ``preprocessor_config.json`` in the layout HF uses for Llama 4."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(str(folder / "tokenizer.json"))
+        tokenizer_cfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": _ROLES["bos"],
+            "eos_token": _ROLES["eot"],  # instruct convention: a turn ends with <|eot|>
+            "pad_token": _ROLES["pad"],
+            "padding_side": self.padding_side,
+            "model_input_names": ["input_ids", "attention_mask"],
+        }
+        processor_cfg = {
+            "processor_class": "Llama4Processor",
+            "patch_size": self.patch_size,
+            "pixel_shuffle_ratio": self.pixel_shuffle_ratio,
+            "padding_side": self.padding_side,
+            "fake_image_token": IMAGE_PLACEHOLDER,
+            "image_token": IMAGE_PLACEHOLDER,
+        }
+        files = {"tokenizer_config.json": tokenizer_cfg, "processor_config.json": processor_cfg}
+        if self.image_processor is not None:
+            # transformers 5 reads the nested copy, 4.x and original Llama 4 checkpoints the separate file.
+            processor_cfg["image_processor"] = files["preprocessor_config.json"] = (
+                self.image_processor.to_hf()
+            )
+        for name, content in files.items():
+            with open(folder / name, "w") as f:
+                json.dump(content, f, indent=2)
+
+    # ------------------------------------------------------------------ special tokens
+    bos_token_id = property(lambda self: self.special_ids["bos"], doc="``<|begin_of_text|>``")
+    eos_token_id = property(lambda self: self.special_ids["eos"], doc="``<|end_of_text|>``")
+    eom_token_id = property(lambda self: self.special_ids["eom"], doc="``<|eom|>`` (end of message)")
+    eot_token_id = property(lambda self: self.special_ids["eot"], doc="``<|eot|>`` (end of turn)")
+    pad_token_id = property(lambda self: self.special_ids["pad"], doc="``<|finetune_right_pad|>``")
+    boi_token_id = property(lambda self: self.special_ids["boi"], doc="``<|image_start|>``")
+    eoi_token_id = property(lambda self: self.special_ids["eoi"], doc="``<|image_end|>``")
+    image_token_id = property(
+        lambda self: self.special_ids["patch"], doc="``<|patch|>``: replaced by features"
+    )
+    image_placeholder_id = property(lambda self: self.special_ids["image"], doc="``<|image|>``")
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Generation stops on any of these: end of text, end of message, end of turn."""
+        return [self.eos_token_id, self.eom_token_id, self.eot_token_id]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """``<|patch|>`` tokens per tile after pixel shuffle (144 for 336-px tiles, patch 14, ratio 0.5)."""
+        if self.image_processor is None:
+            raise ValueError("this processor has no image processor (text-only config)")
+        grid = self.image_processor.tile_size // self.patch_size
+        return grid * grid // int(round(1 / self.pixel_shuffle_ratio**2))
+
+    # ------------------------------------------------------------------ text
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text`` (``<|begin_of_text|>`` first when ``add_special_tokens``); placeholders stay
+        single ``<|image|>`` tokens: use ``__call__`` to expand them."""
+        if not isinstance(text, str):
+            raise TypeError(f"text is {type(text).__name__}; expected str")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        """Text of ``ids`` (a list or a 1-D tensor)."""
+        if isinstance(ids, torch.Tensor):
+            if ids.ndim != 1:
+                raise ValueError(f"ids tensor of shape {tuple(ids.shape)}; expected 1-D (use batch_decode)")
+            ids = ids.tolist()
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(
+        self, sequences: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = False
+    ):
+        """Texts of several id sequences (a list of lists or a 2-D tensor)."""
+        if isinstance(sequences, torch.Tensor):
+            sequences = sequences.tolist()
+        return self.tokenizer.decode_batch(
+            [list(s) for s in sequences], skip_special_tokens=skip_special_tokens
+        )
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        images: Sequence[ImageInput] | None = None,
+        **call_kwargs,
+    ) -> str | list[str] | BatchInputs:
+        """Render messages in the Llama 4 chat format (a batch when given a list of conversations).
+
+        A message is ``{"role": ..., "content": str | [{"type": "text", "text": ...}, {"type": "image"}]}``;
+        image parts become ``<|image|>`` placeholders. With ``tokenize=True`` returns ``self(prompt, images)``,
+        where ``images`` defaults to the ``"image"`` (or ``"path"``/``"url"``) values of the image parts.
+        """
+        batched = bool(messages) and not isinstance(messages[0], Mapping)
+        conversations = messages if batched else [messages]
+        prompts = [_render_chat(c, add_generation_prompt) for c in conversations]
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        if images is None:
+            found = [
+                part.get("image", part.get("path", part.get("url")))
+                for conversation in conversations
+                for message in conversation
+                if not isinstance(message.get("content"), str)
+                for part in message["content"]
+                if part.get("type") == "image"
+            ]
+            images = found if found and all(img is not None for img in found) else None
+        return self(prompts if batched else prompts[0], images=images, **call_kwargs)
+
+    # ------------------------------------------------------------------ text + images -> model inputs
+    def image_token_ids(self, grid: tuple[int, int]) -> list[int]:
+        """The token ids one image expands to, given its ``(rows, cols)`` tile grid."""
+        ids = self.special_ids
+        patches = [ids["patch"]] * self.tokens_per_tile
+        layout = [ids["boi"]]
+        rows, cols = grid
+        if rows * cols > 1:
+            for _ in range(rows):
+                for col in range(cols):
+                    layout += patches + ([ids["tile_x"]] if col < cols - 1 else [ids["tile_y"]])
+        return layout + [ids["image"]] + patches + [ids["eoi"]]
+
+    def __call__(
+        self,
+        text: str | Sequence[str] | None = None,
+        images: ImageInput | Sequence[ImageInput] | Sequence[Sequence[ImageInput]] | None = None,
+        *,
+        return_tensors: str | None = "pt",
+        padding: bool | str = True,
+        padding_side: str | None = None,
+        max_length: int | None = None,
+        add_special_tokens: bool = True,
+    ) -> BatchInputs:
+        """Tokenize ``text`` (one string or a batch) and preprocess ``images`` into model inputs.
+
+        Each ``<|image|>`` in the text takes the next image (images are matched in order across the batch; a
+        list of lists is flattened) and is expanded into that image's token layout. ``add_special_tokens``
+        prepends ``<|begin_of_text|>`` unless the text already starts with it (as chat prompts do).
+        ``padding``: True/"longest" pads to the longest sequence, "max_length" to ``max_length``, False pads
+        nothing (then ``return_tensors="pt"`` needs equal lengths). Pads with ``<|finetune_right_pad|>`` on
+        ``padding_side`` (default: the processor's, "left" as HF Llama 4 uses for generation).
+
+        Returns ``input_ids`` and ``attention_mask`` (``(batch, seq)`` long tensors, or lists when
+        ``return_tensors`` is None) and, with images, ``pixel_values`` ``(total_tiles, 3, tile, tile)`` float32.
+        """
+        texts = _as_text_batch(text)
+        flat_images = flatten_images(images)
+        counts = [t.count(IMAGE_PLACEHOLDER) for t in texts]
+        if sum(counts) != len(flat_images):
+            raise ValueError(
+                f"the text has {sum(counts)} {IMAGE_PLACEHOLDER} placeholders (per sample: {counts}) but "
+                f"{len(flat_images)} images were given; expected one image per placeholder"
+            )
+        out = BatchInputs()
+        layouts: list[list[int]] = []
+        if flat_images:
+            if self.image_processor is None:
+                raise ValueError("images given to a text-only processor (its config has no vision part)")
+            out["pixel_values"], grids = self.image_processor(flat_images)
+            layouts = [self.image_token_ids(grid) for grid in grids]
+        sequences = []
+        next_image = 0
+        for i, sample in enumerate(texts):
+            pieces = sample.split(IMAGE_PLACEHOLDER)
+            # Plain encode per piece: encode_batch's thread pool breaks in forked DataLoader workers.
+            encoded = [self.tokenizer.encode(piece, add_special_tokens=False).ids for piece in pieces]
+            ids = encoded[0]
+            for piece_ids in encoded[1:]:
+                ids += layouts[next_image] + piece_ids
+                next_image += 1
+            if add_special_tokens and ids[:1] != [self.bos_token_id]:
+                ids.insert(0, self.bos_token_id)
+            if not ids:
+                raise ValueError(f"text {i} is empty and add_special_tokens=False: nothing to tokenize")
+            sequences.append(ids)
+        input_ids, attention_mask = self._pad(
+            sequences, padding, padding_side or self.padding_side, max_length
+        )
+        if return_tensors == "pt":
+            if len({len(s) for s in input_ids}) > 1:
+                raise ValueError("sequences differ in length; pass padding=True to return tensors")
+            input_ids, attention_mask = torch.tensor(input_ids), torch.tensor(attention_mask)
+        elif return_tensors is not None:
+            raise ValueError(f"return_tensors={return_tensors!r}; expected 'pt' or None")
+        return BatchInputs(input_ids=input_ids, attention_mask=attention_mask, **out)
+
+    def _pad(self, sequences: list[list[int]], padding: bool | str, side: str, max_length: int | None):
+        if padding not in (True, False, "longest", "max_length", "do_not_pad"):
+            raise ValueError(f"padding={padding!r}; expected True, False, 'longest' or 'max_length'")
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side={side!r}; expected 'left' or 'right'")
+        if padding in (False, "do_not_pad"):
+            return sequences, [[1] * len(ids) for ids in sequences]
+        longest = max(len(ids) for ids in sequences)
+        if padding == "max_length":
+            if max_length is None:
+                raise ValueError("padding='max_length' needs max_length")
+            if max_length < longest:
+                raise ValueError(
+                    f"max_length={max_length} but a sequence has {longest} tokens (no truncation)"
+                )
+            longest = max_length
+        padded, masks = [], []
+        for ids in sequences:
+            fill = [self.pad_token_id] * (longest - len(ids))
+            mask, no_mask = [1] * len(ids), [0] * len(fill)
+            padded.append(fill + ids if side == "left" else ids + fill)
+            masks.append(no_mask + mask if side == "left" else mask + no_mask)
+        return padded, masks
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def _as_text_batch(text) -> list[str]:
+    if text is None:
+        raise ValueError(f"text is required; put {IMAGE_PLACEHOLDER} in it where each image goes")
+    if isinstance(text, str):
+        return [text]
+    if not isinstance(text, Sequence) or not all(isinstance(t, str) for t in text):
+        raise TypeError(f"text is {type(text).__name__}; expected a string or a list of strings")
+    if len(text) == 0:
+        raise ValueError("text is an empty list; expected at least one string")
+    return list(text)
+
+
+def _render_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> str:
+    """The Llama 4 chat format, as HF's Llama 4 chat template renders it (without tool definitions)."""
+    if not isinstance(messages, Sequence) or len(messages) == 0:
+        raise ValueError("messages is empty; expected a list of {'role': ..., 'content': ...} dicts")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise ValueError(f"message {i} is {message!r}; expected a dict with 'role' and 'content'")
+        if "tool_calls" in message:
+            raise ValueError(f"message {i}: tool_calls are not supported by this chat template")
+    out = [_ROLES["bos"]]
+    if messages[0]["role"] == "system":
+        # The system prompt is trimmed; the other messages are not (matches the reference template).
+        system = _render_content(messages[0]["content"], 0, allow_images=False).strip()
+        out.append(f"<|header_start|>system<|header_end|>\n\n{system}<|eot|>")
+    first = 1 if messages[0]["role"] == "system" else 0
+    for i, message in enumerate(messages[first:], start=first):
+        role = message["role"]
+        if role in ("tool", "ipython"):
+            content = message["content"]
+            body = content if isinstance(content, (int, float)) else json.dumps(content, ensure_ascii=False)
+            out.append(f"<|header_start|>ipython<|header_end|>\n\n{body}<|eot|>")
+        else:
+            out.append(
+                f"<|header_start|>{role}<|header_end|>\n\n{_render_content(message['content'], i)}<|eot|>"
+            )
+    if add_generation_prompt:
+        out.append("<|header_start|>assistant<|header_end|>\n\n")
+    return "".join(out)
+
+
+def _render_content(content, index: int, allow_images: bool = True) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, Sequence):
+        raise TypeError(
+            f"message {index}: content is {type(content).__name__}; expected str or a list of parts"
+        )
+    rendered = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "text":
+            rendered.append(part["text"])
+        elif kind == "image" and allow_images:
+            rendered.append(IMAGE_PLACEHOLDER)
+        else:
+            expected = "'text' or 'image'" if allow_images else "'text' (no images in a system message)"
+            raise ValueError(f"message {index}: content part {part!r}; expected type {expected}")
+    return "".join(rendered)
