@@ -42,4 +42,8 @@ def attention(q, k, v, *, scale, chunk_size=None, q_start=0, kv_start=None, q_sc
 
 def moe_experts(hidden, topk_weights, topk_ids, gate_up_proj, down_proj):
     """Routed SwiGLU experts. See :func:`scout_mm.kernels.reference.moe_experts`."""
+    if use_triton(hidden):
+        from scout_mm.kernels import moe  # imported on first use: CPU-only installs never load Triton
+
+        return moe.moe_experts(hidden, topk_weights, topk_ids, gate_up_proj, down_proj)
     return reference.moe_experts(hidden, topk_weights, topk_ids, gate_up_proj, down_proj)
