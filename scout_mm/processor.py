@@ -72,16 +72,13 @@ class BatchInputs(dict):
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> BatchInputs:
         """Move tensors to ``device``; ``dtype`` applies to floating tensors (``pixel_values``) only."""
-        moved = {}
-        for key, value in self.items():
-            if isinstance(value, torch.Tensor):
-                value = (
-                    value.to(device, dtype)
-                    if dtype is not None and value.is_floating_point()
-                    else value.to(device)
-                )
-            moved[key] = value
-        return BatchInputs(moved)
+
+        def move(value):
+            if not isinstance(value, torch.Tensor):
+                return value
+            return value.to(device, dtype if value.is_floating_point() else None)
+
+        return BatchInputs({key: move(value) for key, value in self.items()})
 
 
 class Processor:
@@ -154,17 +151,20 @@ class Processor:
         processor = cls.from_pretrained(tokenizer_path, **overrides)
         if vision is None:
             processor.image_processor = None
-        expected = {
-            "image_token_index": (config.image_token_index, processor.image_token_id),
-            "boi_token_index": (config.boi_token_index, processor.boi_token_id),
-            "eoi_token_index": (config.eoi_token_index, processor.eoi_token_id),
-            "text.bos_token_id": (config.text.bos_token_id, processor.bos_token_id),
-            "text.pad_token_id": (config.text.pad_token_id, processor.pad_token_id),
-        }
-        bad = {name: pair for name, pair in expected.items() if pair[0] is not None and pair[0] != pair[1]}
+        checks = [
+            ("image_token_index", config.image_token_index, processor.image_token_id),
+            ("boi_token_index", config.boi_token_index, processor.boi_token_id),
+            ("eoi_token_index", config.eoi_token_index, processor.eoi_token_id),
+            ("text.bos_token_id", config.text.bos_token_id, processor.bos_token_id),
+            ("text.pad_token_id", config.text.pad_token_id, processor.pad_token_id),
+        ]
+        bad = [
+            f"{name}={want} but the tokenizer has {got}"
+            for name, want, got in checks
+            if want not in (None, got)
+        ]
         if bad:
-            details = ", ".join(f"{name}={cfg} but tokenizer has {tok}" for name, (cfg, tok) in bad.items())
-            raise ValueError(f"config and tokenizer disagree: {details}")
+            raise ValueError(f"config and tokenizer disagree: {', '.join(bad)}")
         if processor.vocab_size > config.text.vocab_size:
             raise ValueError(
                 f"tokenizer has {processor.vocab_size} ids; config.text.vocab_size={config.text.vocab_size}"
@@ -187,7 +187,6 @@ class Processor:
             "eos_token": _ROLES["eot"],  # instruct convention: a turn ends with <|eot|>
             "pad_token": _ROLES["pad"],
             "padding_side": self.padding_side,
-            "model_input_names": ["input_ids", "attention_mask"],
         }
         processor_cfg = {
             "processor_class": "Llama4Processor",
@@ -215,9 +214,7 @@ class Processor:
     pad_token_id = property(lambda self: self.special_ids["pad"], doc="``<|finetune_right_pad|>``")
     boi_token_id = property(lambda self: self.special_ids["boi"], doc="``<|image_start|>``")
     eoi_token_id = property(lambda self: self.special_ids["eoi"], doc="``<|image_end|>``")
-    image_token_id = property(
-        lambda self: self.special_ids["patch"], doc="``<|patch|>``: replaced by features"
-    )
+    image_token_id = property(lambda self: self.special_ids["patch"], doc="``<|patch|>`` (image features)")
     image_placeholder_id = property(lambda self: self.special_ids["image"], doc="``<|image|>``")
 
     @property
@@ -243,7 +240,9 @@ class Processor:
         single ``<|image|>`` tokens: use ``__call__`` to expand them."""
         if not isinstance(text, str):
             raise TypeError(f"text is {type(text).__name__}; expected str")
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        # BOS is added here, not by the tokenizer.json post-processor, so every tokenizer file behaves alike.
+        return [self.bos_token_id] + ids if add_special_tokens and ids[:1] != [self.bos_token_id] else ids
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` (a list or a 1-D tensor)."""
@@ -277,7 +276,7 @@ class Processor:
         image parts become ``<|image|>`` placeholders. With ``tokenize=True`` returns ``self(prompt, images)``,
         where ``images`` defaults to the ``"image"`` (or ``"path"``/``"url"``) values of the image parts.
         """
-        batched = bool(messages) and not isinstance(messages[0], Mapping)
+        batched = isinstance(messages, Sequence) and bool(messages) and not isinstance(messages[0], Mapping)
         conversations = messages if batched else [messages]
         prompts = [_render_chat(c, add_generation_prompt) for c in conversations]
         if not tokenize:
@@ -330,6 +329,13 @@ class Processor:
         Returns ``input_ids`` and ``attention_mask`` (``(batch, seq)`` long tensors, or lists when
         ``return_tensors`` is None) and, with images, ``pixel_values`` ``(total_tiles, 3, tile, tile)`` float32.
         """
+        side = padding_side or self.padding_side
+        if padding not in (True, False, "longest", "max_length", "do_not_pad"):
+            raise ValueError(f"padding={padding!r}; expected True, False, 'longest' or 'max_length'")
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side={side!r}; expected 'left' or 'right'")
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"return_tensors={return_tensors!r}; expected 'pt' or None")
         texts = _as_text_batch(text)
         flat_images = flatten_images(images)
         counts = [t.count(IMAGE_PLACEHOLDER) for t in texts]
@@ -338,62 +344,52 @@ class Processor:
                 f"the text has {sum(counts)} {IMAGE_PLACEHOLDER} placeholders (per sample: {counts}) but "
                 f"{len(flat_images)} images were given; expected one image per placeholder"
             )
-        out = BatchInputs()
-        layouts: list[list[int]] = []
+        pixel_values, layouts = None, []
         if flat_images:
             if self.image_processor is None:
                 raise ValueError("images given to a text-only processor (its config has no vision part)")
-            out["pixel_values"], grids = self.image_processor(flat_images)
+            pixel_values, grids = self.image_processor(flat_images)
             layouts = [self.image_token_ids(grid) for grid in grids]
         sequences = []
-        next_image = 0
         for i, sample in enumerate(texts):
-            pieces = sample.split(IMAGE_PLACEHOLDER)
             # Plain encode per piece: encode_batch's thread pool breaks in forked DataLoader workers.
-            encoded = [self.tokenizer.encode(piece, add_special_tokens=False).ids for piece in pieces]
-            ids = encoded[0]
-            for piece_ids in encoded[1:]:
-                ids += layouts[next_image] + piece_ids
-                next_image += 1
+            pieces = [
+                self.encode(piece, add_special_tokens=False) for piece in sample.split(IMAGE_PLACEHOLDER)
+            ]
+            ids = pieces[0]
+            for piece in pieces[1:]:
+                ids += layouts.pop(0) + piece
             if add_special_tokens and ids[:1] != [self.bos_token_id]:
                 ids.insert(0, self.bos_token_id)
             if not ids:
                 raise ValueError(f"text {i} is empty and add_special_tokens=False: nothing to tokenize")
             sequences.append(ids)
-        input_ids, attention_mask = self._pad(
-            sequences, padding, padding_side or self.padding_side, max_length
-        )
-        if return_tensors == "pt":
-            if len({len(s) for s in input_ids}) > 1:
-                raise ValueError("sequences differ in length; pass padding=True to return tensors")
-            input_ids, attention_mask = torch.tensor(input_ids), torch.tensor(attention_mask)
-        elif return_tensors is not None:
-            raise ValueError(f"return_tensors={return_tensors!r}; expected 'pt' or None")
-        return BatchInputs(input_ids=input_ids, attention_mask=attention_mask, **out)
-
-    def _pad(self, sequences: list[list[int]], padding: bool | str, side: str, max_length: int | None):
-        if padding not in (True, False, "longest", "max_length", "do_not_pad"):
-            raise ValueError(f"padding={padding!r}; expected True, False, 'longest' or 'max_length'")
-        if side not in ("left", "right"):
-            raise ValueError(f"padding_side={side!r}; expected 'left' or 'right'")
-        if padding in (False, "do_not_pad"):
-            return sequences, [[1] * len(ids) for ids in sequences]
         longest = max(len(ids) for ids in sequences)
         if padding == "max_length":
-            if max_length is None:
-                raise ValueError("padding='max_length' needs max_length")
-            if max_length < longest:
+            if max_length is None or max_length < longest:
                 raise ValueError(
-                    f"max_length={max_length} but a sequence has {longest} tokens (no truncation)"
+                    f"max_length={max_length} with padding='max_length'; a text has {longest} tokens"
                 )
             longest = max_length
-        padded, masks = [], []
+        elif padding in (False, "do_not_pad"):
+            longest = 0
+        input_ids, attention_mask = [], []
         for ids in sequences:
-            fill = [self.pad_token_id] * (longest - len(ids))
-            mask, no_mask = [1] * len(ids), [0] * len(fill)
-            padded.append(fill + ids if side == "left" else ids + fill)
-            masks.append(no_mask + mask if side == "left" else mask + no_mask)
-        return padded, masks
+            pad_ids, pad_mask, mask = (
+                [self.pad_token_id] * (longest - len(ids)),
+                [0] * (longest - len(ids)),
+                [1] * len(ids),
+            )
+            input_ids.append(pad_ids + ids if side == "left" else ids + pad_ids)
+            attention_mask.append(pad_mask + mask if side == "left" else mask + pad_mask)
+        if return_tensors == "pt":
+            if len({len(ids) for ids in input_ids}) > 1:
+                raise ValueError("sequences differ in length; pass padding=True to return tensors")
+            input_ids, attention_mask = torch.tensor(input_ids), torch.tensor(attention_mask)
+        out = BatchInputs(input_ids=input_ids, attention_mask=attention_mask)
+        if pixel_values is not None:
+            out["pixel_values"] = pixel_values
+        return out
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -421,7 +417,9 @@ def _as_text_batch(text) -> list[str]:
 def _render_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> str:
     """The Llama 4 chat format, as HF's Llama 4 chat template renders it (without tool definitions)."""
     if not isinstance(messages, Sequence) or len(messages) == 0:
-        raise ValueError("messages is empty; expected a list of {'role': ..., 'content': ...} dicts")
+        raise ValueError(
+            f"messages is {messages!r}; expected a non-empty list of {{'role', 'content'}} dicts"
+        )
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             raise ValueError(f"message {i} is {message!r}; expected a dict with 'role' and 'content'")

@@ -365,8 +365,10 @@ def test_bad_images(builtin, tmp_path):
 
 
 def test_bad_chat_messages(builtin):
-    with pytest.raises(ValueError, match="messages is empty"):
+    with pytest.raises(ValueError, match="messages is \\[\\]; expected a non-empty list"):
         builtin.apply_chat_template([])
+    with pytest.raises(ValueError, match="messages is {'role'"):
+        builtin.apply_chat_template({"role": "user", "content": "hi"})
     with pytest.raises(ValueError, match="expected a dict with 'role' and 'content'"):
         builtin.apply_chat_template([{"content": "hi"}])
     with pytest.raises(ValueError, match="'audio'"):

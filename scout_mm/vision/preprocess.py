@@ -149,8 +149,10 @@ def flatten_images(images: ImageInput | Sequence | None) -> list:
         return [images]  # PIL images and arrays are not Sequences; bad types are reported per image later
     flat = []
     for item in images:
-        nested = isinstance(item, Sequence) and not isinstance(item, (str, os.PathLike, torch.Tensor))
-        flat.extend(item) if nested else flat.append(item)
+        if isinstance(item, Sequence) and not isinstance(item, (str, os.PathLike, torch.Tensor)):
+            flat.extend(item)
+        else:
+            flat.append(item)
     return flat
 
 
