@@ -12,9 +12,8 @@ from PIL import Image
 
 from scout_mm.config import SMALL_SPECIAL_OFFSET, SMALL_VOCAB_SIZE, ScoutConfig
 from scout_mm.processor import BUILTIN_TOKENIZER_DIR, Processor, llama4_special_tokens
-from scout_mm.vision.preprocess import ImageProcessor, tv_functional
+from scout_mm.vision.preprocess import ImageProcessor
 
-tv_functional()  # makes torchvision importable for transformers on CPU-only torch (see its docstring)
 transformers = pytest.importorskip("transformers")
 
 TOKENIZER_FILE = str(BUILTIN_TOKENIZER_DIR / "tokenizer.json")

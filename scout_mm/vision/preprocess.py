@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -25,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as tvF
 
 ImageInput = Image.Image | str | os.PathLike | torch.Tensor | np.ndarray
 
@@ -32,35 +33,6 @@ ImageInput = Image.Image | str | os.PathLike | torch.Tensor | np.ndarray
 RESAMPLE_CODES = {0: "nearest-exact", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 # 16-bit and float PIL images have no agreed 8-bit scaling; refuse them rather than guess.
 _REJECTED_PIL_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
-
-
-@functools.cache
-def tv_functional():
-    """``torchvision.transforms.v2.functional``, importable even when torchvision's compiled ops are not.
-
-    A torchvision wheel built for another torch (the CUDA wheel beside CPU-only torch on the CPU CI image)
-    cannot load its C++ ops, and its import then dies registering fake kernels for ``torchvision::nms`` and
-    ``qnms``. The transforms used here are pure PyTorch, so declare those two schemas and import again;
-    calling the detection ops would still fail loudly.
-    """
-    if "torchvision" in sys.modules and sys.modules["torchvision"] is None:
-        del sys.modules["torchvision"]  # hidden by an earlier caller after the same failure: retry for real
-    try:
-        from torchvision.transforms.v2 import functional
-
-        return functional
-    except RuntimeError as e:
-        if "torchvision::" not in str(e):
-            raise
-    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-        del sys.modules[name]  # drop the half-initialised package before importing it again
-    library = torch.library.Library("torchvision", "FRAGMENT")
-    for op in ("nms", "qnms"):
-        library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    tv_functional.library = library  # a Library object unregisters its definitions when collected
-    from torchvision.transforms.v2 import functional
-
-    return functional
 
 
 def to_rgb_uint8(image: ImageInput, index: int = 0) -> torch.Tensor:
@@ -130,7 +102,6 @@ def _tensor_to_rgb(image: torch.Tensor, index: int) -> torch.Tensor:
         image = image.permute(2, 0, 1)
     if image.shape[-1] == 0 or image.shape[-2] == 0:
         raise ValueError(f"image {index}: empty image of shape {tuple(image.shape)}")
-    tvF = tv_functional()
     if image.shape[0] == 1:
         image = image.expand(3, -1, -1)
     elif image.shape[0] == 4:
@@ -248,14 +219,13 @@ class ImageProcessor:
     @property
     def interpolation(self):
         name = RESAMPLE_CODES.get(self.resample, self.resample)
-        return tv_functional().InterpolationMode(name)
+        return InterpolationMode(name)
 
     def preprocess(self, image: ImageInput, index: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
         """One image -> (tiles ``(n_tiles, 3, tile, tile)`` float32, ``(rows, cols)`` of the local grid).
 
         ``n_tiles`` is ``rows * cols``, plus one global tile when ``rows * cols > 1``.
         """
-        tvF = tv_functional()
         pixels = to_rgb_uint8(image, index)  # (3, H, W) uint8
         height, width = pixels.shape[-2:]
         tile = self.tile_size
@@ -283,7 +253,6 @@ class ImageProcessor:
         return torch.cat([tiles for tiles, _ in results]), [grid for _, grid in results]
 
     def _normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        tvF = tv_functional()
         mean, std = list(self.image_mean), list(self.image_std)
         if self.do_rescale and self.do_normalize:
             # The reference rescales and normalises in bfloat16; doing the same keeps pixel values identical.
