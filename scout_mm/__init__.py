@@ -11,6 +11,7 @@ __all__ = [
     "ScoutForConditionalGeneration",
     "Processor",
     "count_parameters",
+    "generate",
 ]
 
 
@@ -20,6 +21,10 @@ def __getattr__(name):
         from scout_mm import model
 
         return getattr(model, name)
+    if name == "generate":
+        from scout_mm.generation import generate
+
+        return generate
     if name == "Processor":
         from scout_mm.processor import Processor
 

@@ -81,6 +81,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.n_heads = cfg.num_attention_heads
         self.n_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
@@ -97,7 +98,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
 
-    def forward(self, x, rope, positions, kv_start):
+    def forward(self, x, rope, positions, kv_start, cache=None):
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
@@ -110,15 +111,33 @@ class Attention(nn.Module):
         if self.temperature is not None:
             floor_scale, attn_scale = self.temperature
             q_scale = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
-        out = kernels.attention(
-            q.transpose(1, 2),  # (batch, heads, seq, head_dim)
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            scale=self.head_dim**-0.5,
-            chunk_size=self.chunk_size,
-            kv_start=kv_start,
-            q_scale=q_scale,
-        )
+        q = q.transpose(1, 2)  # (batch, heads, seq, head_dim)
+        scale = self.head_dim**-0.5
+        if cache is None:
+            out = kernels.attention(
+                q,
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                scale=scale,
+                chunk_size=self.chunk_size,
+                kv_start=kv_start,
+                q_scale=q_scale,
+            )
+        else:
+            # The cache hands back only keys this layer may see: its chunk (ring layers) or everything.
+            view = cache.update(self.layer_idx, k, v, positions)
+            if view.kv_lens is not None:
+                out, _ = kernels.decode_attention(
+                    q,
+                    view.k,
+                    view.v,
+                    scale=scale,
+                    kv_lens=view.kv_lens,
+                    block_table=view.block_table,
+                    q_scale=q_scale,
+                )
+            else:
+                out = kernels.attention(q, view.k, view.v, scale=scale, q_start=view.q_start, q_scale=q_scale)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -140,9 +159,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rope, positions, kv_start):
+    def forward(self, x, rope, positions, kv_start, cache=None):
         """Returns the new hidden states and, for MoE layers, (topk_ids, router_logits)."""
-        x = x + self.self_attn(self.input_layernorm(x), rope, positions, kv_start)
+        x = x + self.self_attn(self.input_layernorm(x), rope, positions, kv_start, cache)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             out, topk_ids, router_logits = self.feed_forward(h)
@@ -160,7 +179,7 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, inputs_embeds, positions, kv_start, token_mask=None, with_aux_loss=False):
+    def forward(self, inputs_embeds, positions, kv_start, token_mask=None, with_aux_loss=False, cache=None):
         """inputs_embeds (batch, seq, hidden), positions (batch, seq) -> (hidden, aux_loss or None)."""
         # Inverse frequencies are a few dozen numbers: computing them here avoids a buffer that would
         # have to be rebuilt after meta-device initialisation.
@@ -169,7 +188,7 @@ class TextModel(nn.Module):
         x = inputs_embeds
         aux_losses = []
         for layer in self.layers:
-            x, routing = layer(x, rope, positions, kv_start)
+            x, routing = layer(x, rope, positions, kv_start, cache)
             if routing is not None and with_aux_loss:
                 aux_losses.append(load_balancing_loss(routing[1], routing[0], token_mask))
         aux = torch.stack(aux_losses).mean() if aux_losses else None
@@ -245,31 +264,32 @@ class ScoutForConditionalGeneration(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         with_aux_loss: bool | None = None,
+        cache=None,
     ) -> ScoutOutput:
         """Logits for every position (or the last ``logits_to_keep``), plus the LM loss when ``labels`` are
         given and the MoE load-balancing loss when training or ``with_aux_loss`` is set.
 
         Padding must be left or right padding (no holes). Positions count from each sequence's first
-        real token, so a left-padded row gives the same logits as the unpadded sequence.
+        real token, so a left-padded row gives the same logits as the unpadded sequence. ``cache`` (a
+        :class:`scout_mm.cache.KVCache`) is driven by :mod:`scout_mm.generation`, which supplies positions.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        text_cfg = self.config.text
+        image_features = None
         if inputs_embeds is None:
-            _check_token_ids(input_ids, text_cfg.vocab_size)
-            inputs_embeds = self.get_input_embeddings()(input_ids)
+            # Decode steps (cache given) skip validation: it syncs with the host, and a sampled token may be
+            # the image token id.
+            inputs_embeds, image_features = self.embed_inputs(input_ids, pixel_values, validate=cache is None)
+        elif pixel_values is not None:
+            raise ValueError("pixel_values need input_ids to locate the image tokens")
         batch, seq, _ = inputs_embeds.shape
-        if seq > text_cfg.max_position_embeddings:
+        if cache is None and seq > self.config.text.max_position_embeddings:
             raise ValueError(
                 f"sequence length {seq} exceeds the model maximum "
-                f"max_position_embeddings={text_cfg.max_position_embeddings}"
+                f"max_position_embeddings={self.config.text.max_position_embeddings}"
             )
-        image_features = None
-        if pixel_values is not None:
-            if input_ids is None:
-                raise ValueError("pixel_values need input_ids to locate the image tokens")
-            image_features = self.get_image_features(pixel_values)
-            inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image_features)
+        if cache is not None and position_ids is None:
+            raise ValueError("a cached forward needs position_ids (see scout_mm.generation)")
 
         kv_start, token_mask = _padding_layout(attention_mask, batch, seq, inputs_embeds.device)
         if position_ids is None:
@@ -283,6 +303,7 @@ class ScoutForConditionalGeneration(nn.Module):
             kv_start if attention_mask is not None else None,
             token_mask=token_mask.reshape(-1) if token_mask is not None else None,
             with_aux_loss=with_aux_loss,
+            cache=cache,
         )
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -296,7 +317,28 @@ class ScoutForConditionalGeneration(nn.Module):
                 labels[:, 1:].flatten().to(logits.device),
                 ignore_index=-100,
             )
-        return ScoutOutput(logits=logits, loss=loss, aux_loss=aux_loss, image_hidden_states=image_features)
+        return ScoutOutput(
+            logits=logits, loss=loss, aux_loss=aux_loss, image_hidden_states=image_features, cache=cache
+        )
+
+    def embed_inputs(
+        self, input_ids, pixel_values=None, validate: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token embeddings with image features in place of the image tokens (early fusion).
+
+        Returns (inputs_embeds (batch, seq, hidden), image features or None)."""
+        if validate:
+            _check_token_ids(input_ids, self.config.text.vocab_size)
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            if not validate or self.config.vision is None:
+                return inputs_embeds, None
+            if bool((input_ids == self.config.image_token_index).any()):
+                n = int((input_ids == self.config.image_token_index).sum())
+                raise ValueError(f"input_ids hold {n} image tokens but no pixel_values were given")
+            return inputs_embeds, None
+        image_features = self.get_image_features(pixel_values)
+        return self._merge_image_features(input_ids, inputs_embeds, image_features), image_features
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(n_tiles, 3, tile, tile) -> (n_tiles, tokens_per_tile, vision_output_dim)."""
@@ -322,6 +364,15 @@ class ScoutForConditionalGeneration(nn.Module):
             )
         projected = projected.to(inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(image_mask[..., None], projected)
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, **kwargs) -> torch.Tensor:
+        """HF-style ``generate``: token ids (prompt as given, then new tokens). Keyword arguments are those of
+        :func:`scout_mm.generation.generate_ids` (max_new_tokens, do_sample, temperature, top_k, top_p,
+        min_p, repetition_penalty, eos_token_id, stop_strings, seed, streamer, ...)."""
+        from scout_mm.generation import generate_ids
+
+        return generate_ids(self, input_ids, pixel_values, attention_mask, **kwargs).sequences
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

@@ -276,6 +276,8 @@ def test_image_token_count_mismatch_is_rejected():
     size = cfg.vision.image_size
     with pytest.raises(ValueError, match="image tokens"):
         model(ids, pixel_values=torch.randn(3, 3, size, size))
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(ids)
     with pytest.raises(ValueError, match="pixel_values shape"):
         model(ids, pixel_values=torch.randn(2, 3, size + 14, size + 14))
 

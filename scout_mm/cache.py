@@ -1,0 +1,178 @@
+"""KV caches built for iRoPE.
+
+- Chunked (RoPE) layers only ever attend within their current ``attention_chunk_size`` chunk, so they keep
+  a ring of exactly one chunk per sequence, ``(batch, chunk, n_kv_heads, head_dim)``: position ``p`` lives
+  in slot ``p % chunk``. Chunks are aligned to positions, so the keys a token can see are always the
+  prefix ``[0, p % chunk]`` of its ring. This memory does not grow with the prompt.
+- Global (NoPE) layers keep every position in a shared pool of fixed-size blocks
+  ``(n_blocks, block_size, n_kv_heads, head_dim)`` with a block table per sequence, so later work can
+  add FP8 blocks, CPU offload and top-k block selection without changing this interface. The pool is
+  preallocated for what :meth:`KVCache.reserve` asks and grows when a reservation does not fit.
+
+Positions are per sequence (no padding inside the cache): a batch of prompts of different lengths is
+prefilled sequence by sequence, then decoded together, each sequence at its own position.
+
+Attention asks the cache for its keys and values through :meth:`KVCache.update` and never touches the
+storage itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scout_mm.config import TextConfig
+
+
+@dataclass
+class KVView:
+    """What attention needs to attend over the cache after writing the new keys.
+
+    Prefill (one sequence, ``q_len`` new tokens): ``k``/``v`` (1, n_kv_heads, q_start + q_len, head_dim),
+    all visible causally, the new queries at key index ``q_start``. Decode: ``k``/``v`` in the
+    :func:`scout_mm.kernels.decode_attention` layout (contiguous ring view or paged pool) with
+    ``kv_lens`` (and ``block_table`` when paged).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    q_start: int = 0
+    kv_lens: torch.Tensor | None = None
+    block_table: torch.Tensor | None = None
+
+
+class KVCache:
+    def __init__(
+        self,
+        config: TextConfig,
+        batch_size: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        block_size: int = 256,
+        initial_blocks: int = 0,
+    ):
+        self.batch_size = batch_size
+        self.block_size = block_size
+        self.chunk_size = config.attention_chunk_size
+        shape = (config.num_key_value_heads, config.head_dim)
+        self.device, self.dtype = torch.device(device), dtype
+        # Ring layers: RoPE layers when attention is chunked. Without a chunk size every layer is global.
+        self.ring_layers = [
+            i for i in range(config.num_hidden_layers) if self.chunk_size is not None and config.uses_rope(i)
+        ]
+        self._ring: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i in self.ring_layers:
+            ring = (batch_size, self.chunk_size, *shape)
+            self._ring[i] = (
+                torch.zeros(ring, device=device, dtype=dtype),
+                torch.zeros(ring, device=device, dtype=dtype),
+            )
+        self.global_layers = [i for i in range(config.num_hidden_layers) if i not in self._ring]
+        self._pool: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i in self.global_layers:
+            pool = (initial_blocks, block_size, *shape)
+            self._pool[i] = (
+                torch.zeros(pool, device=device, dtype=dtype),
+                torch.zeros(pool, device=device, dtype=dtype),
+            )
+        self.block_table = torch.zeros(batch_size, 0, dtype=torch.int32, device=device)
+        self._n_blocks = [0] * batch_size  # blocks owned per sequence
+        self._free: list[int] = list(range(initial_blocks))
+        self.seq_lens = torch.zeros(batch_size, dtype=torch.long, device=device)  # next position per sequence
+        self._prefill_seq: int | None = None
+        self._prefill_start = 0
+
+    # ------------------------------------------------------------------ memory management
+    def reserve(self, seq: int, n_tokens: int) -> None:
+        """Make sure sequence ``seq`` has global-layer blocks for positions ``[0, n_tokens)``."""
+        need = -(-n_tokens // self.block_size) - self._n_blocks[seq]
+        if need <= 0 or not self.global_layers:
+            return
+        if len(self._free) < need:
+            self._grow(need - len(self._free))
+        blocks = [self._free.pop(0) for _ in range(need)]
+        start, end = self._n_blocks[seq], self._n_blocks[seq] + need
+        if end > self.block_table.shape[1]:
+            pad = torch.zeros(
+                self.batch_size, end - self.block_table.shape[1], dtype=torch.int32, device=self.device
+            )
+            self.block_table = torch.cat([self.block_table, pad], dim=1)
+        self.block_table[seq, start:end] = torch.tensor(blocks, dtype=torch.int32, device=self.device)
+        self._n_blocks[seq] = end
+
+    def _grow(self, n_blocks: int) -> None:
+        old = next(iter(self._pool.values()))[0].shape[0]
+        for i, (k, v) in self._pool.items():
+            extra = torch.zeros((n_blocks, *k.shape[1:]), device=k.device, dtype=k.dtype)
+            self._pool[i] = (torch.cat([k, extra]), torch.cat([v, extra.clone()]))
+        self._free.extend(range(old, old + n_blocks))
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held by ring (chunked) layers and by global layers' block pools."""
+        ring = sum(k.numel() * k.element_size() * 2 for k, _ in self._ring.values())
+        pool = sum(k.numel() * k.element_size() * 2 for k, _ in self._pool.values())
+        return {"ring": ring, "global": pool}
+
+    # ------------------------------------------------------------------ modes
+    def begin_prefill(self, seq: int, start: int) -> None:
+        """The next :meth:`update` calls write sequence ``seq``'s positions from ``start`` on.
+
+        A prefill piece must not cross a chunk boundary (``generation.prefill`` cuts pieces that way), so a
+        ring layer sees only keys of the piece's own chunk.
+        """
+        self._prefill_seq, self._prefill_start = seq, start
+
+    def end_prefill(self, seq: int, length: int) -> None:
+        self.seq_lens[seq] = length
+        self._prefill_seq = None
+
+    # ------------------------------------------------------------------ attention interface
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> KVView:
+        """Store the new keys/values of ``layer`` and return what to attend over.
+
+        k, v: (batch, q_len, n_kv_heads, head_dim); positions: (batch, q_len) of the new tokens.
+        """
+        if self._prefill_seq is not None:
+            return self._update_prefill(layer, k, v)
+        return self._update_decode(layer, k, v, positions)
+
+    def _update_prefill(self, layer, k, v) -> KVView:
+        seq, start, q_len = self._prefill_seq, self._prefill_start, k.shape[1]
+        if layer in self._ring:
+            ring_k, ring_v = self._ring[layer]
+            offset = start % self.chunk_size
+            if offset + q_len > self.chunk_size:
+                raise ValueError(f"prefill piece [{start}, {start + q_len}) crosses a chunk boundary")
+            ring_k[seq, offset : offset + q_len] = k[0]
+            ring_v[seq, offset : offset + q_len] = v[0]
+            keys, values = ring_k[seq : seq + 1, : offset + q_len], ring_v[seq : seq + 1, : offset + q_len]
+            return KVView(keys.transpose(1, 2), values.transpose(1, 2), q_start=offset)
+        pool_k, pool_v = self._pool[layer]
+        index = torch.arange(start, start + q_len, device=k.device)
+        blocks = self.block_table[seq, index // self.block_size].long()
+        pool_k[blocks, index % self.block_size] = k[0]
+        pool_v[blocks, index % self.block_size] = v[0]
+        n_blocks = -(-(start + q_len) // self.block_size)
+        table = self.block_table[seq, :n_blocks].long()
+        keys = pool_k[table].flatten(0, 1)[: start + q_len]  # (start + q_len, n_kv_heads, head_dim)
+        values = pool_v[table].flatten(0, 1)[: start + q_len]
+        return KVView(keys.transpose(0, 1)[None], values.transpose(0, 1)[None], q_start=start)
+
+    def _update_decode(self, layer, k, v, positions) -> KVView:
+        # One new token per sequence at its own position: graph-friendly (no host sync, fixed shapes).
+        rows = torch.arange(self.batch_size, device=k.device)
+        pos = positions[:, -1]
+        if k.shape[1] != 1:
+            raise ValueError(f"decode writes one token per sequence; got {k.shape[1]}")
+        if layer in self._ring:
+            ring_k, ring_v = self._ring[layer]
+            slot = pos % self.chunk_size
+            ring_k[rows, slot] = k[:, 0]
+            ring_v[rows, slot] = v[:, 0]
+            return KVView(ring_k.transpose(1, 2), ring_v.transpose(1, 2), kv_lens=(slot + 1).to(torch.int32))
+        pool_k, pool_v = self._pool[layer]
+        blocks = self.block_table[rows, pos // self.block_size].long()
+        pool_k[blocks, pos % self.block_size] = k[:, 0]
+        pool_v[blocks, pos % self.block_size] = v[:, 0]
+        return KVView(pool_k, pool_v, kv_lens=(pos + 1).to(torch.int32), block_table=self.block_table)

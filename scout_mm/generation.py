@@ -1,0 +1,415 @@
+"""Generation: chunked prefill, a decode step, sampling, stopping and streaming.
+
+A batch of prompts (left- or right-padded, as HF takes them) is prefilled sequence by sequence in pieces
+that never cross an attention chunk — so no long x long matrix exists and activation memory is bounded by
+the piece — then decoded together, each sequence at its own position. :func:`decode_one_token` has fixed
+shapes and no host synchronisation so it can be compiled / CUDA-graphed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from scout_mm.cache import KVCache
+
+DEFAULT_PREFILL_PIECE = 8192
+
+
+@dataclass
+class SamplingParams:
+    """HF-compatible sampling settings; :meth:`validate` names any value out of range."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    def validate(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}; expected an int >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature}; expected > 0")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k={self.top_k!r}; expected an int >= 1 or None")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}; expected 0 < top_p <= 1")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p={self.min_p}; expected 0 <= min_p <= 1")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty}; expected > 0")
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  # (batch, prompt_len + new), HF layout: prompt as given, then new tokens / pad
+    prompt_tokens: int = 0  # real (unpadded) prompt tokens over the batch
+    new_tokens: int = 0  # generated tokens over the batch, up to and including each stop
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    finished: list[bool] = field(default_factory=list)
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.new_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+# ---------------------------------------------------------------------------------------------- steps
+def prefill(model, cache: KVCache, seq: int, inputs_embeds: torch.Tensor, piece: int) -> torch.Tensor:
+    """Run one sequence's prompt embeddings (1, length, hidden) through the model into row ``seq`` of the
+    cache, in pieces of at most ``piece`` tokens cut at chunk boundaries. Returns the last logits (vocab,)."""
+    length = inputs_embeds.shape[1]
+    chunk = cache.chunk_size or length
+    cache.reserve(seq, length)
+    start = 0
+    logits = None
+    while start < length:
+        end = min(start + piece, (start // chunk + 1) * chunk, length)
+        positions = torch.arange(start, end, device=inputs_embeds.device)[None]
+        cache.begin_prefill(seq, start)
+        logits = model(
+            inputs_embeds=inputs_embeds[:, start:end], position_ids=positions, cache=cache, logits_to_keep=1
+        ).logits
+        start = end
+    cache.end_prefill(seq, length)
+    return logits[0, -1]
+
+
+def decode_one_token(model, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """tokens, positions (batch, 1) -> next-token logits (batch, vocab)."""
+    return model(input_ids=tokens, position_ids=positions, cache=cache, logits_to_keep=1).logits[:, -1]
+
+
+def process_logits(
+    logits: torch.Tensor, history: torch.Tensor, params: SamplingParams
+) -> torch.Tensor:  # (batch, vocab) fp32
+    """HF's order: repetition penalty, then (when sampling) temperature, top-k, top-p, min-p."""
+    scores = logits.float()
+    if params.repetition_penalty != 1.0:
+        seen = torch.gather(scores, 1, history)
+        seen = torch.where(seen < 0, seen * params.repetition_penalty, seen / params.repetition_penalty)
+        scores = scores.scatter(1, history, seen)
+    if not params.do_sample:
+        return scores
+    scores = scores / params.temperature
+    if params.top_k is not None:
+        kth = torch.topk(scores, min(params.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p is not None and params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - params.top_p
+        drop[:, -1] = False  # always keep the most likely token
+        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    if params.min_p is not None and params.min_p > 0:
+        probs = scores.softmax(-1)
+        threshold = params.min_p * probs.max(-1, keepdim=True).values
+        scores = scores.masked_fill(probs < threshold, float("-inf"))
+    return scores
+
+
+def sample(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    if not params.do_sample:
+        return scores.argmax(-1)
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def generate_steps(
+    model,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    params: SamplingParams | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    stop_strings: str | Sequence[str] | None = None,
+    tokenizer=None,
+    seed: int | None = None,
+    prefill_piece: int | None = None,
+    truncate: bool = False,
+    stats: GenerateOutput | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(tokens (batch,), active (batch,) bool)`` after each decoding step (the first comes from
+    prefill). Sequences stop at an EOS token or a stop string; ``active`` is False from the step after."""
+    params = params or SamplingParams()
+    params.validate()
+    config = model.config.text
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids shape {tuple(input_ids.shape)}; expected (batch, prompt_len > 0)")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}"
+        )
+    device = model.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device).bool()
+    lengths = attention_mask.sum(-1).tolist()
+    if min(lengths) == 0:
+        raise ValueError(f"prompt {lengths.index(0)} is empty (no tokens under attention_mask)")
+    longest = max(lengths)
+    limit = config.max_position_embeddings
+    if longest + params.max_new_tokens > limit:
+        if not truncate or longest >= limit:
+            raise ValueError(
+                f"prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds the model "
+                f"maximum of {limit} positions"
+                + ("" if truncate else " (pass truncate=True to generate fewer)")
+            )
+        params = SamplingParams(**{**params.__dict__, "max_new_tokens": limit - longest})
+    eos = torch.tensor(_as_list(eos_token_id, config.eos_token_ids), device=device, dtype=torch.long)
+    stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer (pass tokenizer=processor)")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    batch = input_ids.shape[0]
+    cache = KVCache(config, batch, device, model.dtype)
+    piece = min(prefill_piece or DEFAULT_PREFILL_PIECE, config.attention_chunk_size or DEFAULT_PREFILL_PIECE)
+    _sync(device)
+    start = time.perf_counter()
+    embeds, _ = model.embed_inputs(input_ids, pixel_values)
+    first_logits = []
+    for b in range(batch):
+        cache.reserve(b, lengths[b] + params.max_new_tokens)
+        row = embeds[b : b + 1, attention_mask[b]]  # the real tokens, whichever side the padding is on
+        first_logits.append(prefill(model, cache, b, row, piece))
+    logits = torch.stack(first_logits)
+    _sync(device)
+    if stats is not None:
+        stats.prompt_tokens = sum(lengths)
+        stats.prefill_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+
+    history = input_ids  # for the repetition penalty, as HF: the padded prompt + generated tokens
+    positions = torch.tensor(lengths, device=device)[:, None]
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    texts = [[] for _ in range(batch)] if stop_strings else None
+    for step in range(params.max_new_tokens):
+        tokens = sample(process_logits(logits, history, params), params, generator)
+        history = torch.cat([history, tokens[:, None]], dim=1)
+        if stats is not None:
+            stats.new_tokens += int(active.sum())
+        stopped = torch.isin(tokens, eos)
+        if texts is not None:
+            stopped |= _hit_stop_string(texts, tokens, stop_strings, tokenizer, device)
+        yield tokens, active.clone()
+        active &= ~stopped
+        if step == params.max_new_tokens - 1 or not bool(active.any()):
+            break
+        logits = decode_one_token(model, tokens[:, None], positions, cache)
+        positions = positions + 1
+    _sync(device)
+    if stats is not None:
+        stats.decode_seconds = time.perf_counter() - start
+        stats.finished = (~active).tolist()
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    stop_strings: str | Sequence[str] | None = None,
+    tokenizer=None,
+    seed: int | None = None,
+    streamer=None,
+    prefill_piece: int | None = None,
+    truncate: bool = False,
+) -> GenerateOutput:
+    """HF-compatible generation; returns the sequences (prompt as given + new tokens, ``pad_token_id`` after
+    a sequence stops) with token counts and prefill/decode timings. ``streamer`` gets HF's
+    ``put(tokens)`` / ``end()`` calls."""
+    params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
+    if pad_token_id is None:
+        pad_token_id = model.config.text.pad_token_id if model.config.text.pad_token_id is not None else 0
+    stats = GenerateOutput(sequences=input_ids)
+    new = []
+    steps = generate_steps(
+        model, input_ids, pixel_values, attention_mask, params, eos_token_id, stop_strings, tokenizer, seed,
+        prefill_piece, truncate, stats,
+    )  # fmt: skip
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    for tokens, active in steps:
+        tokens = torch.where(active, tokens, pad_token_id)
+        new.append(tokens)
+        if streamer is not None:
+            streamer.put(tokens.cpu())
+    if streamer is not None:
+        streamer.end()
+    stats.sequences = torch.cat([input_ids.to(new[0].device), torch.stack(new, dim=1)], dim=1)
+    return stats
+
+
+class TextDelta:
+    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 characters and
+    merged tokens until their text is stable (decoding the whole tail each time, as HF's streamers do)."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
+        if text.endswith("\ufffd"):
+            return ""  # a multi-byte character split across tokens: wait for the rest
+        piece, self.emitted = text[self.emitted :], len(text)
+        return piece
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
+        piece, self.emitted = text[self.emitted :], len(text)
+        return piece
+
+
+def _hit_stop_string(texts, tokens, stop_strings, tokenizer, device) -> torch.Tensor:
+    longest = max(len(s) for s in stop_strings)
+    hits = []
+    for b, token in enumerate(tokens.tolist()):
+        texts[b].append(token)
+        # The last few tokens always hold the last `longest` characters (a token decodes to >= 0 chars,
+        # so 2 * longest + 4 tokens is generous) — no need to re-decode the whole output each step.
+        tail = tokenizer.decode(texts[b][-(2 * longest + 4) :])
+        hits.append(any(s in tail for s in stop_strings))
+    return torch.tensor(hits, device=device)
+
+
+def _as_list(value, default) -> list[int]:
+    if value is None:
+        return list(default)
+    return [value] if isinstance(value, int) else list(value)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------- text API
+def generate(
+    model,
+    processor,
+    prompt: str | Sequence[dict] | Sequence[str],
+    images=None,
+    *,
+    stream: bool = False,
+    **sampling,
+):
+    """Answer a prompt: returns the generated text, or (``stream=True``) an iterator of text pieces.
+
+    ``prompt`` is the user's text (images go before it unless it holds ``<|image|>`` placeholders), a list
+    of chat messages (``{"role", "content"}``; image parts take ``images`` in order or carry their own), or
+    a list of user texts for a batch (then returns a list of texts; streaming needs a single prompt).
+    ``images``: PIL images or paths. ``sampling``: the keyword arguments of :func:`generate_ids`.
+    """
+    batched = isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(p, str) for p in prompt)
+    if isinstance(prompt, str) and not prompt.strip():
+        raise ValueError("empty prompt")
+    if batched:
+        if stream:
+            raise ValueError("stream=True takes a single prompt, not a batch")
+        images_per_prompt = images if images is not None else [None] * len(prompt)
+        if len(images_per_prompt) != len(prompt):
+            raise ValueError(f"{len(prompt)} prompts but {len(images_per_prompt)} image lists")
+        chats = [_as_messages(p, imgs) for p, imgs in zip(prompt, images_per_prompt, strict=True)]
+        flat_images = [img for imgs in images_per_prompt for img in _as_image_list(imgs)] or None
+    else:
+        chats = [_as_messages(prompt, images)]
+        flat_images = _as_image_list(images) or None
+    texts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in chats]
+    if flat_images is None:
+        found = [part.get("image") for c in chats for m in c if isinstance(m.get("content"), list)
+                 for part in m["content"] if part.get("type") == "image"]  # fmt: skip
+        flat_images = [img for img in found if img is not None] or None
+    inputs = processor(texts, images=flat_images, padding_side="left")
+    sampling.setdefault("tokenizer", processor)
+    if "eos_token_id" not in sampling:
+        sampling["eos_token_id"] = processor.stop_token_ids
+    kwargs = dict(
+        input_ids=inputs["input_ids"],
+        pixel_values=inputs.get("pixel_values"),
+        attention_mask=inputs["attention_mask"],
+    )
+    if stream:
+        return _stream_text(model, processor, kwargs, sampling)
+    with torch.no_grad():
+        out = generate_ids(model, **kwargs, **sampling)
+    prompt_len = inputs["input_ids"].shape[1]
+    answers = []
+    for row in out.sequences[:, prompt_len:].tolist():
+        answers.append(processor.decode(_until_stop(row, sampling["eos_token_id"]), skip_special_tokens=True))
+    return answers if batched else answers[0]
+
+
+def _stream_text(model, processor, kwargs, sampling) -> Iterator[str]:
+    names = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+    params = SamplingParams(**{k: sampling.pop(k) for k in names if k in sampling})
+    sampling.pop("pad_token_id", None)
+    if sampling.pop("streamer", None) is not None:
+        raise ValueError("stream=True and streamer= are two ways to stream; pass one")
+    delta = TextDelta(processor)
+    stops = set(sampling["eos_token_id"])
+    with torch.no_grad():
+        for tokens, active in generate_steps(model, **kwargs, params=params, **sampling):
+            token = int(tokens[0])
+            if not bool(active[0]) or token in stops:
+                break
+            piece = delta.push(token)
+            if piece:
+                yield piece
+    rest = delta.flush()
+    if rest:
+        yield rest
+
+
+def _until_stop(ids: list[int], stops) -> list[int]:
+    stops = {stops} if isinstance(stops, int) else set(stops)
+    for i, token in enumerate(ids):
+        if token in stops:
+            return ids[:i]
+    return ids
+
+
+def _as_image_list(images) -> list:
+    if images is None:
+        return []
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def _as_messages(prompt, images) -> list[dict]:
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError("empty prompt")
+        parts = []
+        if "<|image|>" not in prompt:
+            parts = [{"type": "image"} for _ in _as_image_list(images)]
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
+    if not prompt:
+        raise ValueError("empty message list")
+    return list(prompt)

@@ -1,0 +1,265 @@
+"""Generation: cached decoding vs full recomputation, HF greedy parity, batching, cache memory, sampling
+processors vs HF's, streaming, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scout_mm.cache import KVCache
+from scout_mm.generation import SamplingParams, generate_ids, process_logits
+from scout_mm.model import ScoutForConditionalGeneration
+from tests.helpers import hf_model, ours_from_hf, tiny_config
+
+CONFIGS = {
+    "top1_shared_chunk8": dict(),
+    "top2_chunk5_nope3": dict(
+        num_experts_per_tok=2, use_shared_expert=False, attention_chunk_size=5, no_rope_layer_interval=3
+    ),  # fmt: skip
+    "no_chunking": dict(attention_chunk_size=None, num_experts_per_tok=2),
+}
+
+
+def _prompt(cfg, length, image_tiles=0):
+    ids = torch.randint(3, cfg.image_token_index - 5, (1, length))
+    if not image_tiles:
+        return ids, None
+    n = image_tiles * cfg.vision.tokens_per_tile
+    ids = torch.cat([ids[:, :2], torch.full((1, n), cfg.image_token_index), ids[:, 2:]], dim=1)
+    size = cfg.vision.image_size
+    return ids, torch.randn(image_tiles, 3, size, size)
+
+
+def _full_recompute(model, ids, pixel_values, steps):
+    seq = ids
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = model(seq, pixel_values=pixel_values).logits[:, -1].argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("image_tiles", [0, 2], ids=["text", "image"])
+def test_cached_greedy_equals_full_recomputation(name, image_tiles):
+    cfg = tiny_config(vision=True, **CONFIGS[name])
+    model = ScoutForConditionalGeneration(cfg).eval()
+    ids, pixels = _prompt(cfg, 19, image_tiles)
+    steps = 37  # prompt + output cross the 5/8-token chunks many times
+    expected = _full_recompute(model, ids, pixels, steps)
+    for piece in (None, 3):  # whole chunks, and pieces that end mid-chunk
+        got = model.generate(
+            ids, pixel_values=pixels, max_new_tokens=steps, eos_token_id=[], prefill_piece=piece
+        )
+        assert torch.equal(got, expected), (name, piece)
+
+
+@pytest.mark.parametrize("name", ["top1_shared_chunk8", "top2_chunk5_nope3"])
+@pytest.mark.parametrize("image_tiles", [0, 1], ids=["text", "image"])
+def test_greedy_matches_hf_generate(name, image_tiles):
+    cfg = tiny_config(vision=True, **CONFIGS[name])
+    hf = hf_model(cfg)
+    ours = ours_from_hf(cfg, hf)
+    ids, pixels = _prompt(cfg, 23, image_tiles)
+    extra = {} if pixels is None else {"pixel_values": pixels}
+    ours_ids = ours.generate(ids, max_new_tokens=30, eos_token_id=[], **extra)
+    hf_ids = hf.generate(input_ids=ids, max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0,
+                         **extra)  # fmt: skip
+    assert torch.equal(ours_ids, hf_ids)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_batched_generation_equals_one_by_one(side):
+    cfg = tiny_config(vision=True, num_experts_per_tok=2)
+    model = ScoutForConditionalGeneration(cfg).eval()
+    prompts = [_prompt(cfg, n)[0][0] for n in (7, 19, 12)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        where = slice(width - len(p), width) if side == "left" else slice(0, len(p))
+        ids[b, where], mask[b, where] = p, 1
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=17, eos_token_id=[])
+    for b, p in enumerate(prompts):
+        alone = model.generate(p[None], max_new_tokens=17, eos_token_id=[])
+        assert torch.equal(batched[b, width:], alone[0, len(p) :])
+
+
+def test_per_sequence_stopping_pads_after_eos():
+    cfg = tiny_config(vision=False)
+    model = ScoutForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 290, (2, 9))
+    free = model.generate(ids, max_new_tokens=12, eos_token_id=[])
+    eos = int(free[0, 9 + 3])  # make row 0's 4th generated token the EOS
+    out = generate_ids(model, ids, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    row = out.sequences[0, 9:].tolist()
+    stop = row.index(eos)
+    assert stop <= 3 and all(t == 0 for t in row[stop + 1 :])
+    assert out.finished[0]
+
+
+def test_ring_cache_memory_is_constant_and_global_memory_linear():
+    cfg = tiny_config(vision=False, attention_chunk_size=8, no_rope_layer_interval=2)
+    sizes = {}
+    for length in (16, 256, 1024):
+        cache = KVCache(cfg.text, batch_size=1, device="cpu", dtype=torch.float32, block_size=16)
+        cache.reserve(0, length)
+        sizes[length] = cache.memory_bytes()
+    assert sizes[16]["ring"] == sizes[256]["ring"] == sizes[1024]["ring"] > 0
+    per_token = sizes[1024]["global"] / 1024
+    assert sizes[256]["global"] == per_token * 256
+    assert per_token == 2 * 2 * cfg.text.num_key_value_heads * cfg.text.head_dim * 4  # 2 layers, k+v, fp32
+
+
+def test_prefill_pieces_never_exceed_a_chunk(monkeypatch):
+    cfg = tiny_config(vision=False, attention_chunk_size=8)
+    model = ScoutForConditionalGeneration(cfg).eval()
+    seen = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        if kwargs.get("inputs_embeds") is not None:
+            seen.append(kwargs["inputs_embeds"].shape[1])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    model.generate(torch.randint(3, 290, (1, 45)), max_new_tokens=2, eos_token_id=[], prefill_piece=6)
+    assert sum(seen) == 45 and max(seen) <= 6
+
+
+# ------------------------------------------------------------------------------------------- sampling
+def _hf_processed(logits, history, **kw):
+    from transformers.generation import logits_process as lp
+
+    procs = []
+    if kw.get("repetition_penalty", 1.0) != 1.0:
+        procs.append(lp.RepetitionPenaltyLogitsProcessor(kw["repetition_penalty"]))
+    procs.append(lp.TemperatureLogitsWarper(kw["temperature"]))
+    if kw.get("top_k"):
+        procs.append(lp.TopKLogitsWarper(kw["top_k"]))
+    if kw.get("top_p"):
+        procs.append(lp.TopPLogitsWarper(kw["top_p"]))
+    if kw.get("min_p"):
+        procs.append(lp.MinPLogitsWarper(kw["min_p"]))
+    scores = logits.clone()
+    for p in procs:
+        scores = p(history, scores)
+    return scores
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=0.7, top_k=5),
+        dict(temperature=1.3, top_p=0.8),
+        dict(temperature=1.0, min_p=0.1, repetition_penalty=1.3),
+        dict(temperature=0.9, top_k=40, top_p=0.9, min_p=0.02, repetition_penalty=0.8),
+    ],
+)
+def test_logit_processing_matches_hf(kw):
+    logits = torch.randn(3, 97) * 3
+    history = torch.randint(0, 97, (3, 11))
+    ours = process_logits(logits, history, SamplingParams(do_sample=True, **kw))
+    theirs = _hf_processed(logits, history, **kw)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    finite = ~torch.isinf(ours)
+    assert torch.allclose(ours[finite], theirs[finite], atol=1e-5)
+
+
+def test_sampling_is_deterministic_with_a_seed_and_top_k_1_is_greedy():
+    cfg = tiny_config(vision=False)
+    model = ScoutForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 290, (2, 9))
+    a = model.generate(ids, max_new_tokens=10, do_sample=True, temperature=1.5, seed=7, eos_token_id=[])
+    b = model.generate(ids, max_new_tokens=10, do_sample=True, temperature=1.5, seed=7, eos_token_id=[])
+    c = model.generate(ids, max_new_tokens=10, do_sample=True, temperature=1.5, seed=8, eos_token_id=[])
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    greedy = model.generate(ids, max_new_tokens=10, eos_token_id=[])
+    assert torch.equal(
+        model.generate(ids, max_new_tokens=10, do_sample=True, top_k=1, seed=3, eos_token_id=[]), greedy
+    )
+
+
+# ------------------------------------------------------------------------------------------- text API
+@pytest.fixture(scope="module")
+def tiny_model_and_processor():
+    from scout_mm import Processor, ScoutConfig
+
+    torch.manual_seed(0)
+    cfg = ScoutConfig.from_preset("tiny", num_hidden_layers=2)
+    return ScoutForConditionalGeneration(cfg).eval(), Processor.from_config(cfg)
+
+
+def test_streaming_yields_the_same_text(tiny_model_and_processor):
+    from PIL import Image
+
+    import scout_mm
+
+    model, processor = tiny_model_and_processor
+    image = Image.new("RGB", (200, 150), (200, 30, 30))
+    kw = dict(max_new_tokens=24, do_sample=True, temperature=2.0, seed=1)
+    text = scout_mm.generate(model, processor, "Describe the image.", images=[image], **kw)
+    pieces = list(
+        scout_mm.generate(model, processor, "Describe the image.", images=[image], stream=True, **kw)
+    )
+    assert len(pieces) > 1 and "".join(pieces) == text
+
+
+def test_batch_of_text_prompts(tiny_model_and_processor):
+    import scout_mm
+
+    model, processor = tiny_model_and_processor
+    answers = scout_mm.generate(
+        model, processor, ["Hello there", "What colour is the sky?"], max_new_tokens=5
+    )
+    single = scout_mm.generate(model, processor, "What colour is the sky?", max_new_tokens=5)
+    assert len(answers) == 2 and answers[1] == single
+
+
+def test_stop_strings_stop_generation(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    ids = processor("Some prompt text")["input_ids"]
+    free = generate_ids(model, ids, max_new_tokens=20, eos_token_id=[], do_sample=True, seed=2).sequences
+    text = processor.decode(free[0, ids.shape[1] :].tolist())
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop.strip(), "random output too short for this test"
+    out = generate_ids(model, ids, max_new_tokens=20, eos_token_id=[], do_sample=True, seed=2, stop_strings=[stop],
+                       tokenizer=processor)  # fmt: skip
+    assert out.finished[0] and out.new_tokens < 20
+    assert stop in processor.decode(out.sequences[0, ids.shape[1] :].tolist())
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def test_bad_generation_inputs():
+    cfg = tiny_config(vision=False)  # max_position_embeddings=512
+    model = ScoutForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 290, (1, 500))
+    with pytest.raises(ValueError, match="exceeds the model maximum of 512"):
+        model.generate(ids, max_new_tokens=20)
+    assert model.generate(ids, max_new_tokens=20, truncate=True, eos_token_id=[]).shape[1] == 512
+    short = ids[:, :5]
+    for bad, match in [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(do_sample=True, temperature=0.0), "temperature"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=0), "top_k"),
+        (dict(min_p=-0.1), "min_p"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(stop_strings=["x"]), "tokenizer"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            model.generate(short, **bad)
+    with pytest.raises(ValueError, match="empty"):
+        model.generate(short, attention_mask=torch.zeros_like(short))
+
+
+def test_bad_text_api_inputs(tiny_model_and_processor):
+    import scout_mm
+
+    model, processor = tiny_model_and_processor
+    with pytest.raises(ValueError, match="empty prompt"):
+        scout_mm.generate(model, processor, "   ")
+    with pytest.raises((ValueError, FileNotFoundError)):
+        scout_mm.generate(model, processor, "Look", images=["/no/such/image.png"])
+    with pytest.raises(TypeError):
+        scout_mm.generate(model, processor, "Look", images=[42])
