@@ -319,6 +319,7 @@ def generate(
     images=None,
     *,
     stream: bool = False,
+    stats: GenerateOutput | None = None,
     **sampling,
 ):
     """Answer a prompt: returns the generated text, or (``stream=True``) an iterator of text pieces.
@@ -327,6 +328,7 @@ def generate(
     of chat messages (``{"role", "content"}``; image parts take ``images`` in order or carry their own), or
     a list of user texts for a batch (then returns a list of texts; streaming needs a single prompt).
     ``images``: PIL images or paths. ``sampling``: the keyword arguments of :func:`generate_ids`.
+    ``stats``: a :class:`GenerateOutput` to fill with token counts and prefill/decode timings.
     """
     batched = isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(p, str) for p in prompt)
     if isinstance(prompt, str) and not prompt.strip():
@@ -357,9 +359,11 @@ def generate(
         attention_mask=inputs["attention_mask"],
     )
     if stream:
-        return _stream_text(model, processor, kwargs, sampling)
+        return _stream_text(model, processor, kwargs, sampling, stats)
     with torch.no_grad():
         out = generate_ids(model, **kwargs, **sampling)
+    if stats is not None:
+        stats.__dict__.update(out.__dict__)
     prompt_len = inputs["input_ids"].shape[1]
     answers = []
     for row in out.sequences[:, prompt_len:].tolist():
@@ -367,7 +371,7 @@ def generate(
     return answers if batched else answers[0]
 
 
-def _stream_text(model, processor, kwargs, sampling) -> Iterator[str]:
+def _stream_text(model, processor, kwargs, sampling, stats) -> Iterator[str]:
     names = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
     params = SamplingParams(**{k: sampling.pop(k) for k in names if k in sampling})
     sampling.pop("pad_token_id", None)
@@ -376,7 +380,7 @@ def _stream_text(model, processor, kwargs, sampling) -> Iterator[str]:
     delta = TextDelta(processor)
     stops = set(sampling["eos_token_id"])
     with torch.no_grad():
-        for tokens, active in generate_steps(model, **kwargs, params=params, **sampling):
+        for tokens, active in generate_steps(model, **kwargs, params=params, stats=stats, **sampling):
             token = int(tokens[0])
             if not bool(active[0]) or token in stops:
                 break

@@ -263,3 +263,23 @@ def test_bad_text_api_inputs(tiny_model_and_processor):
         scout_mm.generate(model, processor, "Look", images=["/no/such/image.png"])
     with pytest.raises(TypeError):
         scout_mm.generate(model, processor, "Look", images=[42])
+
+
+def test_cli_demo_prints_answer_and_speed():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "scripts/generate.py", "--demo", "--max-new-tokens", "4", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    assert "RANDOM weights" in out.stderr
+    assert "prefill" in out.stderr and "tok/s" in out.stderr
+
+
+def test_cli_rejects_missing_model():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "scripts/generate.py"], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "--model" in out.stderr

@@ -1,0 +1,95 @@
+"""Answer an image+text prompt with a scout_mm / HF Llama 4 checkpoint and report tokens/s.
+
+    python scripts/generate.py --model PATH --image a.png [--image b.png] --prompt "..." \
+        [--max-new-tokens N] [--temperature T] [--stream] [--device cuda] [--dtype bfloat16]
+    python scripts/generate.py --demo     # the tiny preset with RANDOM weights on the built-in example image
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.resources import files
+
+import torch
+
+import scout_mm
+from scout_mm import Processor, ScoutConfig, ScoutForConditionalGeneration
+from scout_mm.generation import GenerateOutput
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXAMPLE_IMAGE = str(files("scout_mm") / "assets" / "example.png")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", help="checkpoint folder (config.json, safetensors, tokenizer.json)")
+    parser.add_argument(
+        "--demo", action="store_true", help="built-in tiny model (random weights) + example image"
+    )
+    parser.add_argument("--image", action="append", default=[], help="image path; repeat for several images")
+    parser.add_argument("--prompt", default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPU")
+    args = parser.parse_args()
+    if not args.demo and not args.model:
+        parser.error("pass --model PATH, or --demo for the built-in tiny model")
+    dtype = (
+        DTYPES[args.dtype]
+        if args.dtype
+        else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    )
+
+    if args.demo:
+        torch.manual_seed(args.seed)
+        config = ScoutConfig.from_preset("tiny")
+        model = ScoutForConditionalGeneration(config).to(device=args.device, dtype=dtype).eval()
+        processor = Processor.from_config(config)
+        images = args.image or [EXAMPLE_IMAGE]
+        prompt = args.prompt or "What shapes are in the image?"
+        print(
+            "demo: tiny preset with RANDOM weights — the answer is noise until a trained model ships",
+            file=sys.stderr,
+        )
+    else:
+        model = ScoutForConditionalGeneration.from_pretrained(args.model, dtype=dtype, device=args.device)
+        processor = Processor.from_config(model.config, tokenizer_path=args.model)
+        images = args.image
+        if not args.prompt:
+            parser.error("--prompt is required with --model")
+        prompt = args.prompt
+
+    sampling = dict(max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.temperature > 0:
+        sampling.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+    stats = _run(model, processor, prompt, images, args.stream, sampling)
+    print(
+        f"\n[prefill {stats.prompt_tokens} tokens at {stats.prefill_tokens_per_second:.0f} tok/s, "
+        f"decode {stats.new_tokens} tokens at {stats.decode_tokens_per_second:.1f} tok/s, {args.device} {dtype}]",
+        file=sys.stderr,
+    )
+
+
+def _run(model, processor, prompt, images, stream: bool, sampling: dict) -> GenerateOutput:
+    """Print the answer (streamed or whole) and return the counts and timings of that run."""
+    stats = GenerateOutput(sequences=torch.empty(0))
+    if stream:
+        for piece in scout_mm.generate(
+            model, processor, prompt, images=images, stream=True, stats=stats, **sampling
+        ):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(scout_mm.generate(model, processor, prompt, images=images, stats=stats, **sampling))
+    return stats
+
+
+if __name__ == "__main__":
+    main()
