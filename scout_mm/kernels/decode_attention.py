@@ -1,0 +1,284 @@
+"""Decode attention: a few new query tokens against the KV cache, split-K (flash-decoding), GQA-packed.
+
+KV cache layouts (the kernel reads either in place; only the last dim must be contiguous):
+- contiguous: k, v (batch, n_kv_heads, capacity, head_dim), as :func:`scout_mm.kernels.attention` takes
+  them (a (batch, capacity, n_kv_heads, head_dim) buffer transposed to that view needs no copy).
+- paged: k, v (n_blocks, block_size, n_kv_heads, head_dim), a shared block pool, with
+  ``block_table`` (batch, max_blocks) int32: logical block ``j`` of sequence ``b`` (its keys
+  ``[j * block_size, (j + 1) * block_size)``) lives in pool block ``block_table[b, j]``.
+  Any block_size works (it need not match the kernel's tile).
+
+``kv_lens`` (batch,) int32 holds each sequence's number of cached keys, the new tokens included (None: all
+of the contiguous capacity). The ``q_len`` queries are the sequence's last positions: query ``j`` sits at
+key index ``kv_lens[b] - q_len + j`` and sees keys ``[kv_start[b], that index]`` (causal among the new
+tokens; ``kv_start`` skips left padding, or keys outside a local window).
+
+Split-K: the keys of each (sequence, kv head) are cut into ``n_splits`` equal ranges, one program each, so
+that one long sequence still fills the GPU. A program takes all ``group * q_len`` query rows of its kv head
+as the rows of one matmul, so each K/V byte is read once for the whole group. Each split writes its
+normalised partial output and log-sum-exp; :func:`merge_states` combines them. The same merge combines
+attention over disjoint key sets computed any other way (sparse blocks, offloaded blocks, a local window).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, BlockTable, KVLens, KVStart, PartOut, PartLse,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,  # paged: (block, head, slot)
+    stride_table, n_kv_heads, n_rows, capacity, split_len, block_size, qk_scale,
+    GROUP: tl.constexpr, Q_LEN: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGED: tl.constexpr, HAS_LENS: tl.constexpr, HAS_KV_START: tl.constexpr,
+):  # fmt: skip
+    split = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = pid // n_kv_heads
+    kv_h = pid % n_kv_heads
+    b64 = b.to(tl.int64)
+    r = tl.arange(0, BLOCK_M)
+    head = kv_h * GROUP + r // Q_LEN
+    qi = r % Q_LEN
+    row_ok = r < GROUP * Q_LEN
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b64 * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qm + dims[None, :],
+                mask=row_ok[:, None], other=0.0)  # fmt: skip
+
+    kv_len = capacity
+    if HAS_LENS:
+        kv_len = tl.load(KVLens + b)
+    kv0 = 0
+    if HAS_KV_START:
+        kv0 = tl.load(KVStart + b)
+    t = kv_len - Q_LEN + qi  # key index of each query row
+    split_lo = split * split_len
+    lo = split_lo + tl.maximum(kv0 - split_lo, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(split_lo + split_len, kv_len)
+
+    if not PAGED:
+        K += b64 * stride_kb + kv_h * stride_kh
+        V += b64 * stride_vb + kv_h * stride_vh
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < hi
+        if PAGED:
+            block = tl.load(BlockTable + b64 * stride_table + cols // block_size, mask=col_ok, other=0)
+            slot = cols % block_size
+            k_off = block.to(tl.int64) * stride_kb + slot * stride_kn + kv_h * stride_kh
+            v_off = block.to(tl.int64) * stride_vb + slot * stride_vn + kv_h * stride_vh
+        else:
+            k_off = cols * stride_kn
+            v_off = cols * stride_vn
+        k = tl.load(K + k_off[:, None] + dims[None, :], mask=col_ok[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        visible = (cols[None, :] <= t[:, None]) & (cols[None, :] >= kv0) & col_ok[None, :]
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + v_off[:, None] + dims[None, :], mask=col_ok[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
+    # Partial rows are laid out (split, batch, n_heads, q_len): the rows of the final output, per split.
+    row = (split * n_rows + (b64 * n_kv_heads * GROUP + head) * Q_LEN + qi).to(tl.int64)
+    tl.store(PartOut + row[:, None] * HEAD_DIM + dims[None, :], acc / l_safe[:, None], mask=row_ok[:, None])
+    tl.store(PartLse + row, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(
+    PartOut, PartLse, Out, Lse, n_parts, n_rows,
+    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, STORE_LSE: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    parts = tl.arange(0, BLOCK_P)
+    part_ok = parts < n_parts
+    dims = tl.arange(0, HEAD_DIM)
+    lse = tl.load(PartLse + parts * n_rows + row, mask=part_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every part empty: weights 0, output 0, LSE -inf
+    w = tl.exp(lse - m)
+    total = tl.sum(w, 0)
+    o = tl.load(PartOut + (parts[:, None] * n_rows + row) * HEAD_DIM + dims[None, :], mask=part_ok[:, None],
+                other=0.0)  # fmt: skip
+    out = tl.sum(o.to(tl.float32) * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(Out + row * HEAD_DIM + dims, out.to(Out.dtype.element_ty))
+    if STORE_LSE:
+        tl.store(Lse + row, tl.where(total == 0.0, float("-inf"), m + tl.log(total)))
+
+
+def merge_states(
+    outs: torch.Tensor,  # (n_parts, *rows, head_dim): each part's normalised attention output
+    lses: torch.Tensor,  # (n_parts, *rows) natural-log LSE; -inf marks a part with no visible key
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (*rows, head_dim), (*rows,) fp32
+    """Combine attention over disjoint key sets: softmax-weight each part by ``exp(lse)``. Rows whose
+    parts are all empty get output 0 and LSE -inf."""
+    out_dtype = out_dtype or outs.dtype
+    n_parts, head_dim = outs.shape[0], outs.shape[-1]
+    rows = outs.shape[1:-1]
+    if not (outs.is_cuda or _interpreting()) or head_dim & (head_dim - 1) or head_dim < 16:
+        lse = torch.logsumexp(lses.float(), dim=0)
+        weight = torch.exp(lses.float() - torch.where(lse.isinf(), 0.0, lse)).nan_to_num(0.0)
+        out = (weight[..., None] * outs.float()).sum(0)
+        return out.to(out_dtype), lse
+    outs = outs.reshape(n_parts, -1, head_dim).contiguous()
+    lses = lses.reshape(n_parts, -1).float().contiguous()
+    n_rows = outs.shape[1]
+    out = torch.empty(n_rows, head_dim, device=outs.device, dtype=out_dtype)
+    lse = torch.empty(n_rows, device=outs.device, dtype=torch.float32)
+    _merge_kernel[(n_rows,)](
+        outs, lses, out, lse, n_parts, n_rows,
+        HEAD_DIM=head_dim, BLOCK_P=triton.next_power_of_2(n_parts), STORE_LSE=True,
+    )  # fmt: skip
+    return out.view(*rows, head_dim), lse.view(rows)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Launch parameters on CUDA: (BLOCK_N, num_warps, num_stages) per layout, and split-K programs per SM (so
+# one sequence still fills the GPU). Picked on an H100 as the best worst case over 128K and 1M keys
+# (bench_attention.py --tune-decode; bench/results/attention_h100*.md).
+_CUDA_CONFIG = {"contiguous": (128, 4, 3), "paged": (32, 4, 3)}
+_PROGRAMS_PER_SM_BY_LAYOUT = {"contiguous": 4, "paged": 4}
+_INTERPRET_CONFIG = (16, 4, 1)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _n_splits(batch: int, n_kv_heads: int, capacity: int, layout: str, device: torch.device) -> int:
+    # Enough programs to give every SM its share, but no split shorter than 512 keys.
+    want = max(1, -(-_PROGRAMS_PER_SM_BY_LAYOUT[layout] * _sm_count(device) // (batch * n_kv_heads)))
+    return max(1, min(want, capacity // 512))
+
+
+def decode_attention(
+    q: torch.Tensor,  # (batch, n_heads, q_len, head_dim)
+    k: torch.Tensor,  # contiguous (batch, n_kv_heads, capacity, head_dim) | paged (n_blocks, block_size, n_kv_heads, head_dim)
+    v: torch.Tensor,  # same layout as k
+    *,
+    scale: float,
+    kv_lens: torch.Tensor | None = None,  # (batch,) int32
+    block_table: torch.Tensor | None = None,  # (batch, max_blocks) int32: paged layout
+    kv_start: torch.Tensor | None = None,  # (batch,) int32
+    q_scale: torch.Tensor | None = None,  # (batch, q_len)
+    n_splits: int | None = None,
+    config: tuple[int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (batch, n_heads, q_len, head_dim), (batch, n_heads, q_len) fp32 LSE
+    """Split-K flash-decoding over a contiguous or paged KV cache (layouts in the module docstring).
+    Returns the output and the natural-log LSE of each query row, for :func:`merge_states`."""
+    batch, n_heads, q_len, head_dim = q.shape
+    paged = block_table is not None
+    if paged:
+        block_size, n_kv_heads = k.shape[1], k.shape[2]
+        capacity = block_table.shape[1] * block_size
+        strides_k = (k.stride(0), k.stride(2), k.stride(1))  # (block, head, slot)
+        strides_v = (v.stride(0), v.stride(2), v.stride(1))
+        if kv_lens is None:
+            raise ValueError("a paged cache needs kv_lens")
+    else:
+        n_kv_heads, capacity = k.shape[1], k.shape[2]
+        block_size = 1
+        strides_k = (k.stride(0), k.stride(1), k.stride(2))
+        strides_v = (v.stride(0), v.stride(1), v.stride(2))
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("k and v need a contiguous last dim")
+    group = n_heads // n_kv_heads
+    if q_scale is not None:
+        q = (q * q_scale[:, None, :, None].to(q.dtype)).to(q.dtype)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    layout = "paged" if paged else "contiguous"
+    block_n, num_warps, num_stages = config or (_CUDA_CONFIG[layout] if q.is_cuda else _INTERPRET_CONFIG)
+    n_splits = n_splits or _n_splits(batch, n_kv_heads, capacity, layout, q.device)
+    split_len = triton.cdiv(triton.cdiv(capacity, n_splits), block_n) * block_n
+    n_splits = triton.cdiv(capacity, split_len)
+    n_rows = batch * n_heads * q_len
+    part_out = torch.empty(n_splits, n_rows, head_dim, device=q.device, dtype=torch.float32)
+    part_lse = torch.empty(n_splits, n_rows, device=q.device, dtype=torch.float32)
+    dummy = part_lse
+    lens = kv_lens.to(device=q.device, dtype=torch.int32) if kv_lens is not None else dummy
+    starts = kv_start.to(device=q.device, dtype=torch.int32) if kv_start is not None else dummy
+    table = block_table.to(device=q.device, dtype=torch.int32) if paged else dummy
+    _decode_split_kernel[(n_splits, batch * n_kv_heads)](
+        q, k, v, table, lens, starts, part_out, part_lse,
+        q.stride(0), q.stride(1), q.stride(2), *strides_k, *strides_v,
+        table.stride(0) if paged else 0, n_kv_heads, n_rows, capacity, split_len, block_size, scale * _LOG2E,
+        GROUP=group, Q_LEN=q_len, BLOCK_M=max(16, triton.next_power_of_2(group * q_len)), HEAD_DIM=head_dim,
+        BLOCK_N=block_n, PAGED=paged, HAS_LENS=kv_lens is not None, HAS_KV_START=kv_start is not None,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    out, lse = merge_states(part_out, part_lse, out_dtype=q.dtype)
+    return out.view(batch, n_heads, q_len, head_dim), lse.view(batch, n_heads, q_len)
+
+
+def decode_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    kv_lens: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    kv_start: torch.Tensor | None = None,
+    q_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch :func:`decode_attention`: gathers the paged blocks, then a masked softmax in fp32."""
+    batch, n_heads, q_len, head_dim = q.shape
+    if block_table is not None:
+        # (batch, max_blocks, block_size, n_kv_heads, d) -> (batch, n_kv_heads, capacity, d)
+        k = k[block_table.long()].flatten(1, 2).transpose(1, 2)
+        v = v[block_table.long()].flatten(1, 2).transpose(1, 2)
+    capacity = k.shape[2]
+    if q_scale is not None:
+        q = (q * q_scale[:, None, :, None].to(q.dtype)).to(q.dtype)
+    lens = kv_lens.long() if kv_lens is not None else torch.full((batch,), capacity, device=q.device)
+    starts = (
+        kv_start.long() if kv_start is not None else torch.zeros(batch, dtype=torch.long, device=q.device)
+    )
+    group = n_heads // k.shape[1]
+    keys = torch.arange(capacity, device=q.device)
+    t = lens[:, None] - q_len + torch.arange(q_len, device=q.device)  # (batch, q_len)
+    visible = (keys[None, None, :] <= t[:, :, None]) & (keys[None, None, :] >= starts[:, None, None])
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), kf) * scale
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - torch.where(lse.isinf(), 0.0, lse)[..., None])
+    out = torch.einsum("bhqk,bhkd->bhqd", probs, vf)
+    return out.to(q.dtype), lse
+
+
+def decode_sdpa(q, k, v, *, scale):
+    """Decode of one token over a full contiguous cache through PyTorch SDPA, GQA folded into the query
+    length (no repeated K/V): the case where SDPA's semantics fit (no lengths, no padding, q_len 1)."""
+    batch, n_heads, q_len, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    folded = q.reshape(batch, n_kv_heads, (n_heads // n_kv_heads) * q_len, head_dim)
+    out = F.scaled_dot_product_attention(folded, k, v, scale=scale)
+    return out.view(batch, n_heads, q_len, head_dim)
