@@ -90,6 +90,35 @@ def decode_one_token(model, tokens: torch.Tensor, positions: torch.Tensor, cache
     return model(input_ids=tokens, position_ids=positions, cache=cache, logits_to_keep=1).logits[:, -1]
 
 
+class GraphedDecode:
+    """:func:`decode_one_token` captured once as a CUDA graph and replayed each step: one launch instead of
+    hundreds of small kernel launches from Python, which dominate batch-1 decode. The cache's storage is
+    preallocated (``KVCache.reserve``), so every replay reads and writes the same addresses."""
+
+    def __init__(self, model, cache: KVCache, batch: int, device: torch.device):
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.graph = torch.cuda.CUDAGraph()
+        self.cache = cache
+        # Warm-up on a side stream (Triton compiles, allocator pools settle), as capture requires. The
+        # warm-up writes into cache slot 0 of position 0's ring/blocks... so do it on a scratch cache.
+        scratch = cache.scratch_copy()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                decode_one_token(model, self.tokens, self.positions, scratch)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        with torch.cuda.graph(self.graph):
+            self.logits = decode_one_token(model, self.tokens, self.positions, cache)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        return self.logits
+
+
 def process_logits(
     logits: torch.Tensor, history: torch.Tensor, params: SamplingParams
 ) -> torch.Tensor:  # (batch, vocab) fp32
@@ -138,6 +167,7 @@ def generate_steps(
     prefill_piece: int | None = None,
     truncate: bool = False,
     stats: GenerateOutput | None = None,
+    cuda_graph: bool = True,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(tokens (batch,), active (batch,) bool)`` after each decoding step (the first comes from
     prefill). Sequences stop at an EOS token or a stop string; ``active`` is False from the step after."""
@@ -197,6 +227,7 @@ def generate_steps(
     positions = torch.tensor(lengths, device=device)[:, None]
     active = torch.ones(batch, dtype=torch.bool, device=device)
     texts = [[] for _ in range(batch)] if stop_strings else None
+    step_fn = lambda tokens, positions: decode_one_token(model, tokens, positions, cache)  # noqa: E731
     for step in range(params.max_new_tokens):
         tokens = sample(process_logits(logits, history, params), params, generator)
         history = torch.cat([history, tokens[:, None]], dim=1)
@@ -209,7 +240,9 @@ def generate_steps(
         active &= ~stopped
         if step == params.max_new_tokens - 1 or not bool(active.any()):
             break
-        logits = decode_one_token(model, tokens[:, None], positions, cache)
+        if step == 0 and cuda_graph and device.type == "cuda":
+            step_fn = GraphedDecode(model, cache, batch, device)
+        logits = step_fn(tokens[:, None], positions)
         positions = positions + 1
     _sync(device)
     if stats is not None:
@@ -239,10 +272,12 @@ def generate_ids(
     streamer=None,
     prefill_piece: int | None = None,
     truncate: bool = False,
+    cuda_graph: bool = True,
 ) -> GenerateOutput:
     """HF-compatible generation; returns the sequences (prompt as given + new tokens, ``pad_token_id`` after
     a sequence stops) with token counts and prefill/decode timings. ``streamer`` gets HF's
-    ``put(tokens)`` / ``end()`` calls."""
+    ``put(tokens)`` / ``end()`` calls. On CUDA the decode step runs as a captured CUDA graph unless
+    ``cuda_graph=False``."""
     params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
     if pad_token_id is None:
         pad_token_id = model.config.text.pad_token_id if model.config.text.pad_token_id is not None else 0
@@ -250,7 +285,7 @@ def generate_ids(
     new = []
     steps = generate_steps(
         model, input_ids, pixel_values, attention_mask, params, eos_token_id, stop_strings, tokenizer, seed,
-        prefill_piece, truncate, stats,
+        prefill_piece, truncate, stats, cuda_graph,
     )  # fmt: skip
     if streamer is not None:
         streamer.put(input_ids.cpu())

@@ -312,11 +312,12 @@ class ScoutForConditionalGeneration(nn.Module):
         if labels is not None:
             if logits_to_keep:
                 raise ValueError("labels need logits for every position; drop logits_to_keep")
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(),
-                labels[:, 1:].flatten().to(logits.device),
-                ignore_index=-100,
-            )
+            targets = labels[:, 1:].to(logits.device)
+            if token_mask is not None:
+                # Predictions from or of padding positions carry no meaning (a padding row's attention
+                # output is unspecified): leave them out even when labels were not masked there.
+                targets = targets.masked_fill(~(token_mask[:, :-1] & token_mask[:, 1:]), -100)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return ScoutOutput(
             logits=logits, loss=loss, aux_loss=aux_loss, image_hidden_states=image_features, cache=cache
         )

@@ -155,6 +155,18 @@ def test_loss_matches_hf_and_ignores_masked_labels():
     assert abs(float(nll[valid].mean()) - float(a.loss)) < 1e-5
 
 
+def test_loss_ignores_padding_positions_even_with_unmasked_labels():
+    cfg = tiny_config(vision=False)
+    model = ScoutForConditionalGeneration(cfg).eval()
+    ids = _ids(cfg, 1, 12)
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    with torch.no_grad():
+        alone = model(ids, labels=ids).loss
+        left = model(padded, attention_mask=mask, labels=padded).loss  # labels not masked on purpose
+    assert abs(float(alone) - float(left)) < 1e-5
+
+
 def test_aux_loss_is_one_for_uniform_router():
     cfg = tiny_config(vision=False, num_experts_per_tok=2)
     model = ScoutForConditionalGeneration(cfg)
