@@ -76,3 +76,27 @@ def test_training_step_on_gpu_reduces_loss(kernels, monkeypatch):
         opt.zero_grad()
         losses.append(float(out.loss))
     assert losses[-1] < losses[0] - 1.0
+
+
+@pytest.mark.parametrize("kernels", ["reference", "auto"])
+def test_graphed_decode_matches_eager_decode(kernels, monkeypatch):
+    monkeypatch.setenv("SCOUT_MM_KERNELS", kernels)
+    cfg = tiny_config(
+        vision=False, num_experts_per_tok=2, hidden_size=128, head_dim=32, max_position_embeddings=4096
+    )
+    model = ScoutForConditionalGeneration(cfg).cuda().to(torch.bfloat16).eval()
+    ids = torch.randint(3, 290, (3, 50), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :17] = 0
+    graphed = model.generate(ids, attention_mask=mask, max_new_tokens=40, eos_token_id=[], cuda_graph=True)
+    eager = model.generate(ids, attention_mask=mask, max_new_tokens=40, eos_token_id=[], cuda_graph=False)
+    assert torch.equal(graphed, eager)
+
+
+def test_gpu_generation_matches_cpu_fp32_first_tokens():
+    cfg = tiny_config(vision=True, num_experts_per_tok=2)
+    model = ScoutForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 290, (1, 30))
+    cpu = model.generate(ids, max_new_tokens=20, eos_token_id=[])
+    gpu = model.cuda().generate(ids.cuda(), max_new_tokens=20, eos_token_id=[])
+    assert torch.equal(cpu, gpu.cpu())
