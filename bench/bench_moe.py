@@ -1,7 +1,7 @@
 """Fused Triton MoE vs its anchors at Scout shapes, in one process, on one GPU.
 
-    python bench/bench_moe.py                      # forward + forward/backward table, markdown to stdout
-    python bench/bench_moe.py --tune --out r.md    # first sweep the kernel configs, bench with the winners
+    PYTHONPATH=. python bench/bench_moe.py                      # markdown tables to stdout
+    PYTHONPATH=. python bench/bench_moe.py --tune --out r.md    # sweep kernel configs first, bench the winners
 
 Anchors: the ``torch._grouped_mm`` pipeline (``scout_mm.kernels.reference.moe_experts`` on CUDA: sort,
 gather, grouped_mm, SwiGLU, grouped_mm, un-permute, slot sum), a per-expert loop, and HF ``Llama4TextMoe``
@@ -360,7 +360,8 @@ def main():
         emit("| tokens (top-2) | kernel | ms | TFLOPS | config |")
         emit("|---|---|---|---|---|")
         for tokens, kernel, ms, tflops, cfg in kernel_report:
-            emit(f"| {tokens} | {kernel} | {ms:.3f} | {tflops:.0f} | `{json.dumps(cfg)}` |")
+            rate = "-" if kernel == "route" else f"{tflops:.0f}"
+            emit(f"| {tokens} | {kernel} | {ms:.3f} | {rate} | `{json.dumps(cfg)}` |")
     else:
         emit("- configs: recorded in scout_mm/kernels/moe_configs.py")
     emit()

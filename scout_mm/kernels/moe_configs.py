@@ -30,51 +30,53 @@ def _wgrad(block_p, block_q, block_r, warps, stages, group_m=8):
     }
 
 
-# (upper bound on rows per expert, configs); the last bucket has no bound. Swept on an H100 80GB HBM3,
-# 2026-11-23 (bench/results/moe_h100.md): representative tokens at top-2 / 16 experts are 1, 512, 4096, 16384.
+# (upper bound on rows per expert, configs); the last bucket has no bound. Swept on an H100 80GB HBM3 on
+# 2026-11-23, in the run that produced bench/results/moe_h100.md, at 1, 512, 4096 and 16384 tokens (top-2,
+# 16 experts). The first bucket is decode: memory bound, each touched expert weight read once by a few deeply
+# pipelined programs per expert.
 TUNED = [
     (
-        8,  # decode: memory bound; each touched expert weight read once by few, deeply pipelined programs
+        8,
         {
             "route_block": 16,
-            "gate_up": _cfg(16, 128, 128, 4, 4, 1),
+            "gate_up": _cfg(16, 128, 64, 4, 6, 1),
             "down": _cfg(16, 128, 128, 4, 4, 1),
             "down_bwd": _cfg(16, 64, 128, 4, 4, 1),
             "dx": _cfg(16, 64, 128, 4, 4, 1),
-            "wgrad": _wgrad(64, 128, 16, 4, 3),
+            "wgrad": _wgrad(64, 128, 16, 4, 3, 8),
         },
     ),
     (
         96,
         {
             "route_block": 64,
-            "gate_up": _cfg(64, 128, 64, 4, 4),
-            "down": _cfg(64, 256, 64, 8, 3),
-            "down_bwd": _cfg(64, 64, 64, 4, 4),
-            "dx": _cfg(64, 256, 64, 8, 3),
-            "wgrad": _wgrad(128, 128, 32, 4, 4),
+            "gate_up": _cfg(64, 128, 64, 4, 4, 8),
+            "down": _cfg(64, 256, 64, 8, 4, 8),
+            "down_bwd": _cfg(64, 64, 64, 4, 4, 8),
+            "dx": _cfg(64, 256, 64, 8, 3, 8),
+            "wgrad": _wgrad(128, 128, 64, 4, 4, 8),
         },
     ),
     (
         768,
         {
             "route_block": 128,
-            "gate_up": _cfg(128, 128, 64, 8, 4),
-            "down": _cfg(128, 256, 64, 8, 3),
-            "down_bwd": _cfg(128, 128, 64, 8, 4),
-            "dx": _cfg(128, 256, 64, 8, 3),
-            "wgrad": _wgrad(128, 128, 64, 4, 4),
+            "gate_up": _cfg(128, 128, 64, 8, 4, 8),
+            "down": _cfg(128, 256, 64, 8, 4, 8),
+            "down_bwd": _cfg(128, 128, 64, 8, 5, 8),
+            "dx": _cfg(128, 256, 64, 8, 3, 8),
+            "wgrad": _wgrad(128, 128, 64, 4, 4, 8),
         },
     ),
     (
         None,
         {
             "route_block": 128,
-            "gate_up": _cfg(128, 128, 64, 8, 4),
-            "down": _cfg(128, 128, 64, 8, 4),
-            "down_bwd": _cfg(128, 128, 64, 8, 4),
-            "dx": _cfg(128, 256, 64, 8, 3),
-            "wgrad": _wgrad(128, 128, 64, 4, 4),
+            "gate_up": _cfg(128, 128, 64, 8, 4, 16),
+            "down": _cfg(128, 256, 64, 8, 4, 8),
+            "down_bwd": _cfg(128, 128, 64, 8, 5, 8),
+            "dx": _cfg(128, 256, 64, 8, 3, 8),
+            "wgrad": _wgrad(128, 128, 64, 4, 4, 8),
         },
     ),
 ]
