@@ -108,17 +108,6 @@ class KVCache:
             self._pool[i] = (torch.cat([k, extra]), torch.cat([v, extra.clone()]))
         self._free.extend(range(old, old + n_blocks))
 
-    def scratch_copy(self) -> KVCache:
-        """A cache with the same layout and block table but its own (zeroed) storage: a place to run a step
-        without touching this cache's contents (CUDA-graph warm-up)."""
-        other = object.__new__(KVCache)
-        other.__dict__.update(self.__dict__)
-        other._ring = {i: (torch.zeros_like(k), torch.zeros_like(v)) for i, (k, v) in self._ring.items()}
-        other._pool = {i: (torch.zeros_like(k), torch.zeros_like(v)) for i, (k, v) in self._pool.items()}
-        other.block_table, other.seq_lens = self.block_table.clone(), self.seq_lens.clone()
-        other._free, other._n_blocks = list(self._free), list(self._n_blocks)
-        return other
-
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held by ring (chunked) layers and by global layers' block pools."""
         ring = sum(k.numel() * k.element_size() * 2 for k, _ in self._ring.values())

@@ -9,6 +9,7 @@ shapes and no host synchronisation so it can be compiled / CUDA-graphed.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -95,22 +96,35 @@ class GraphedDecode:
     hundreds of small kernel launches from Python, which dominate batch-1 decode. The cache's storage is
     preallocated (``KVCache.reserve``), so every replay reads and writes the same addresses."""
 
-    def __init__(self, model, cache: KVCache, batch: int, device: torch.device):
-        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    def __init__(self, model, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor):
+        device = tokens.device
+        self.tokens, self.positions = tokens.clone(), positions.clone()
         self.graph = torch.cuda.CUDAGraph()
-        self.cache = cache
-        # Warm-up on a side stream (Triton compiles, allocator pools settle), as capture requires. The
-        # warm-up writes into cache slot 0 of position 0's ring/blocks... so do it on a scratch cache.
-        scratch = cache.scratch_copy()
+        # Capture needs a warm-up on a side stream (Triton compiles, the allocator settles). It runs the real
+        # first step: it writes the same keys/values at the same positions as the first replay will.
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                decode_one_token(model, self.tokens, self.positions, scratch)
+                decode_one_token(model, self.tokens, self.positions, cache)
         torch.cuda.current_stream(device).wait_stream(stream)
         with torch.cuda.graph(self.graph):
             self.logits = decode_one_token(model, self.tokens, self.positions, cache)
+
+    @classmethod
+    def try_capture(
+        cls, model, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor
+    ) -> GraphedDecode | None:
+        """The graphed step, or None (with a warning) when some op of the step cannot be captured — e.g. a
+        reference path that synchronises with the host. Generation then runs the step eagerly."""
+        try:
+            return cls(model, cache, tokens, positions)
+        except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
+            torch.cuda.synchronize(tokens.device)
+            warnings.warn(
+                f"decode step not CUDA-graphed ({type(e).__name__}: {e}); running it eagerly", stacklevel=3
+            )
+            return None
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)
@@ -241,7 +255,7 @@ def generate_steps(
         if step == params.max_new_tokens - 1 or not bool(active.any()):
             break
         if step == 0 and cuda_graph and device.type == "cuda":
-            step_fn = GraphedDecode(model, cache, batch, device)
+            step_fn = GraphedDecode.try_capture(model, cache, tokens[:, None], positions) or step_fn
         logits = step_fn(tokens[:, None], positions)
         positions = positions + 1
     _sync(device)

@@ -55,7 +55,7 @@ def test_model_bf16_close_to_fp32_with_images(kernels, monkeypatch):
         ref = model(ids, pixel_values=pixels).logits
         bf16 = model.to(torch.bfloat16)(ids, pixel_values=pixels).logits
     assert torch.isfinite(bf16).all()
-    assert max_rel_err(bf16.float(), ref) < 5e-2
+    assert max_rel_err(bf16.float(), ref) < 1e-1  # 4 layers + vision tower of bf16 rounding
     # The argmax agrees almost everywhere (bf16 may flip near-ties).
     assert (bf16.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
 

@@ -130,7 +130,9 @@ def moe_experts(
     order = torch.argsort(flat_ids, stable=True)  # (tokens * top_k,) rows grouped by expert
     token_of_row = order // top_k
     rows = hidden[token_of_row] * topk_weights.reshape(-1)[order, None].to(hidden.dtype)
-    counts = torch.bincount(flat_ids, minlength=n_experts)
+    # scatter_add rather than bincount: bincount syncs with the host on CUDA, which breaks CUDA graphs.
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat_ids.device)
+    counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
     if _grouped_mm_ok(rows, gate_up_proj, down_proj):
         offsets = counts.cumsum(0).to(torch.int32)
         gate_up = torch._grouped_mm(rows, gate_up_proj, offs=offsets)
