@@ -21,10 +21,10 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from scout_mm.kernels import attention as dispatch_attention
-from scout_mm.kernels.attention import _SDPA_BACKEND, _backward, _forward, attention, prefer_sdpa
-from scout_mm.kernels.decode_attention import decode_attention, decode_sdpa
+from scout_mm.kernels.flash_attention import _SDPA_BACKEND, _backward, _forward, attention, prefer_sdpa
+from scout_mm.kernels.flash_decode import decode_attention, decode_sdpa
 
-_decode_module = sys.modules["scout_mm.kernels.decode_attention"]
+_decode_module = sys.modules["scout_mm.kernels.flash_decode"]
 
 N_HEADS, N_KV_HEADS, HEAD_DIM = 40, 8, 128
 SCALE = HEAD_DIM**-0.5
@@ -445,7 +445,7 @@ def write_markdown(path, rows, cases, command, elapsed):
 
 def dispatch_choice(case: str) -> str:
     if case.startswith("decode"):
-        return "Triton split-K (`scout_mm.kernels.decode_attention`)"
+        return "Triton split-K (`scout_mm.kernels.flash_decode`)"
     chunk = int(case.split()[1]) if case.startswith("chunked") else None
     seq = 1024 * int(case.split()[-1][:-1])
     q = torch.empty(1, N_HEADS, seq, HEAD_DIM, device="meta", requires_grad="bwd" in case)

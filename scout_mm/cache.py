@@ -31,7 +31,7 @@ class KVView:
 
     Prefill (one sequence, ``q_len`` new tokens): ``k``/``v`` (1, n_kv_heads, q_start + q_len, head_dim),
     all visible causally, the new queries at key index ``q_start``. Decode: ``k``/``v`` in the
-    :func:`scout_mm.kernels.decode_attention` layout (contiguous ring view or paged pool) with
+    :func:`scout_mm.kernels.flash_decode` layout (contiguous ring view or paged pool) with
     ``kv_lens`` (and ``block_table`` when paged).
     """
 

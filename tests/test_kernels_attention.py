@@ -42,7 +42,7 @@ def _real_rows(batch, q_len, q_start, kv_start):  # (batch, 1, q_len, 1): not a 
 def _check_attention(batch, n_heads, n_kv_heads, q_len, kv_len, head_dim, *, chunk_size=None, q_start=None,
                      pad=None, temperature=False, backward=False, dtype=torch.float32):  # fmt: skip
     from scout_mm.kernels import reference
-    from scout_mm.kernels.attention import attention_with_lse
+    from scout_mm.kernels.flash_attention import attention_with_lse
 
     q_start = kv_len - q_len if q_start is None else q_start
     q, k, v = _inputs(batch, n_heads, n_kv_heads, q_len, kv_len, head_dim, dtype)
@@ -85,7 +85,8 @@ def _check_attention(batch, n_heads, n_kv_heads, q_len, kv_len, head_dim, *, chu
 
 def _check_decode(batch, n_heads, n_kv_heads, q_len, capacity, head_dim, *, paged_block=None, lens=None,
                   starts=None, temperature=False):  # fmt: skip
-    from scout_mm.kernels.decode_attention import decode_attention, decode_reference
+    from scout_mm.kernels.flash_decode import decode_attention
+    from scout_mm.kernels.reference import decode_attention as decode_reference
 
     q = torch.randn(batch, n_heads, q_len, head_dim)
     kv_lens = torch.tensor(lens, dtype=torch.int32) if lens is not None else None
@@ -108,7 +109,7 @@ def _check_decode(batch, n_heads, n_kv_heads, q_len, capacity, head_dim, *, page
 
 
 def _check_merge():
-    from scout_mm.kernels.decode_attention import merge_states
+    from scout_mm.kernels.flash_decode import merge_states
 
     rows, n_keys, head_dim = 6, 40, 16
     scores = torch.randn(rows, n_keys) * 3
@@ -127,7 +128,7 @@ def _check_merge():
 
 def _check_dispatch():
     import scout_mm.kernels as kernels
-    from scout_mm.kernels.attention import attention as flash
+    from scout_mm.kernels.flash_attention import attention as flash
 
     q, k, v = _inputs(1, 4, 2, 20, 20, 16)
     kw = dict(scale=0.25, chunk_size=8)
@@ -239,7 +240,7 @@ def test_dispatch_reference_on_cpu(monkeypatch):
 
 
 def test_prefer_sdpa_only_where_its_semantics_fit():
-    from scout_mm.kernels.attention import _SDPA_BACKEND, prefer_sdpa
+    from scout_mm.kernels.flash_attention import _SDPA_BACKEND, prefer_sdpa
 
     q = torch.empty(1, 8, 64, 16, device="meta")
     k = torch.empty(1, 2, 64, 16, device="meta")
@@ -259,7 +260,7 @@ BF16_TOL = 1e-2
 def _gpu_case(q_len, *, chunk_size=None, pad=None, temperature=False, backward=False, dtype=torch.bfloat16,
               head_dim=128, n_heads=40, n_kv_heads=8, batch=1, q_start=None, kv_len=None):  # fmt: skip
     from scout_mm.kernels import reference
-    from scout_mm.kernels.attention import attention
+    from scout_mm.kernels.flash_attention import attention
 
     kv_len = kv_len or q_len
     q_start = kv_len - q_len if q_start is None else q_start
@@ -316,7 +317,8 @@ def test_gpu_fp16_head_dim_64():
 @gpu
 @pytest.mark.parametrize("paged_block", [None, 64])
 def test_gpu_decode(paged_block):
-    from scout_mm.kernels.decode_attention import decode_attention, decode_reference
+    from scout_mm.kernels.flash_decode import decode_attention
+    from scout_mm.kernels.reference import decode_attention as decode_reference
 
     batch, n_heads, n_kv_heads, head_dim, capacity = 2, 40, 8, 128, 70000
     dev = "cuda"

@@ -11,11 +11,11 @@ import os
 
 import torch
 
-# The attention submodules share their names with the dispatch functions below, which rebind those names:
-# they are imported here first, and elsewhere as ``from scout_mm.kernels.attention import ...``.
-from scout_mm.kernels import attention as _flash
-from scout_mm.kernels import decode_attention as _decode
 from scout_mm.kernels import reference
+
+# Triton modules (flash_attention, flash_decode, moe) are imported on first use, so that CPU-only installs
+# without Triton still import the package and run the references.
+_HALF = (torch.float16, torch.bfloat16)
 
 _BACKENDS = ("auto", "triton", "reference")
 
@@ -41,31 +41,38 @@ def attention(q, k, v, *, scale, chunk_size=None, q_start=0, kv_start=None, q_sc
     """Causal / chunked-local attention with GQA. See :func:`scout_mm.kernels.reference.attention`.
 
     On CUDA: the Triton kernel, or PyTorch SDPA for the cases where its semantics fit and it measured faster
-    (:func:`scout_mm.kernels.attention.prefer_sdpa`)."""
+    (:func:`scout_mm.kernels.flash_attention.prefer_sdpa`)."""
     kwargs = dict(scale=scale, chunk_size=chunk_size, q_start=q_start, kv_start=kv_start, q_scale=q_scale)
-    if use_triton(q) and _flash.supports(q, k, v):
-        sdpa_backend = (
-            _flash.prefer_sdpa(q, k, chunk_size, q_start, kv_start) if backend() == "auto" else None
-        )
-        if sdpa_backend is not None:
-            return _flash.sdpa_attention(q, k, v, sdpa_backend=sdpa_backend, **kwargs)
-        return _flash.attention(q, k, v, **kwargs)
+    if use_triton(q):
+        from scout_mm.kernels import flash_attention as flash
+
+        if flash.supports(q, k, v):
+            sdpa_backend = (
+                flash.prefer_sdpa(q, k, chunk_size, q_start, kv_start) if backend() == "auto" else None
+            )
+            if sdpa_backend is not None:
+                return flash.sdpa_attention(q, k, v, sdpa_backend=sdpa_backend, **kwargs)
+            return flash.attention(q, k, v, **kwargs)
     return reference.attention(q, k, v, **kwargs)
 
 
 def decode_attention(q, k, v, *, scale, kv_lens=None, block_table=None, kv_start=None, q_scale=None):
     """Few-token attention over a contiguous or paged KV cache; returns (out, lse). See
-    :func:`scout_mm.kernels.decode_attention.decode_attention` for the layouts."""
+    :func:`scout_mm.kernels.flash_decode.decode_attention` for the layouts."""
     kwargs = dict(scale=scale, kv_lens=kv_lens, block_table=block_table, kv_start=kv_start, q_scale=q_scale)
     if use_triton(q):
-        return _decode.decode_attention(q, k, v, **kwargs)
-    return _decode.decode_reference(q, k, v, **kwargs)
+        from scout_mm.kernels import flash_decode
+
+        return flash_decode.decode_attention(q, k, v, **kwargs)
+    return reference.decode_attention(q, k, v, **kwargs)
 
 
 def moe_experts(hidden, topk_weights, topk_ids, gate_up_proj, down_proj):
-    """Routed SwiGLU experts. See :func:`scout_mm.kernels.reference.moe_experts`."""
-    if use_triton(hidden):
-        from scout_mm.kernels import moe  # imported on first use: CPU-only installs never load Triton
+    """Routed SwiGLU experts. See :func:`scout_mm.kernels.reference.moe_experts`.
+
+    ``auto`` runs the Triton kernels for bf16/fp16 on CUDA (their tuned tiles assume 2-byte elements)."""
+    if use_triton(hidden) and (backend() == "triton" or hidden.dtype in _HALF):
+        from scout_mm.kernels import moe
 
         return moe.moe_experts(hidden, topk_weights, topk_ids, gate_up_proj, down_proj)
     return reference.moe_experts(hidden, topk_weights, topk_ids, gate_up_proj, down_proj)

@@ -160,3 +160,41 @@ def _grouped_mm_ok(rows, gate_up_proj, down_proj) -> bool:
         and torch.cuda.get_device_capability(rows.device) >= (9, 0)
         and all(d % 16 == 0 for d in (*gate_up_proj.shape[1:], down_proj.shape[1]))
     )
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    kv_lens: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    kv_start: torch.Tensor | None = None,
+    q_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch reference of :func:`scout_mm.kernels.flash_decode.decode_attention` (layouts there): gathers the paged blocks, then a masked softmax in fp32."""
+    batch, n_heads, q_len, head_dim = q.shape
+    if block_table is not None:
+        # (batch, max_blocks, block_size, n_kv_heads, d) -> (batch, n_kv_heads, capacity, d)
+        k = k[block_table.long()].flatten(1, 2).transpose(1, 2)
+        v = v[block_table.long()].flatten(1, 2).transpose(1, 2)
+    capacity = k.shape[2]
+    if q_scale is not None:
+        q = (q * q_scale[:, None, :, None].to(q.dtype)).to(q.dtype)
+    lens = kv_lens.long() if kv_lens is not None else torch.full((batch,), capacity, device=q.device)
+    starts = (
+        kv_start.long() if kv_start is not None else torch.zeros(batch, dtype=torch.long, device=q.device)
+    )
+    group = n_heads // k.shape[1]
+    keys = torch.arange(capacity, device=q.device)
+    t = lens[:, None] - q_len + torch.arange(q_len, device=q.device)  # (batch, q_len)
+    visible = (keys[None, None, :] <= t[:, :, None]) & (keys[None, None, :] >= starts[:, None, None])
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), kf) * scale
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - torch.where(lse.isinf(), 0.0, lse)[..., None])
+    out = torch.einsum("bhqk,bhkd->bhqd", probs, vf)
+    return out.to(q.dtype), lse

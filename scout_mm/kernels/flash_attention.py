@@ -522,7 +522,7 @@ def attention_with_lse(
     q_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (batch, n_heads, q_len, head_dim), (batch, n_heads, q_len) fp32
     """:func:`attention` plus the natural-log log-sum-exp of each row's scaled scores (-inf for padding
-    rows), for merging with attention over other keys (:func:`scout_mm.kernels.decode_attention.merge_states`).
+    rows), for merging with attention over other keys (:func:`scout_mm.kernels.flash_decode.merge_states`).
     Differentiable in q, k, v through the output; the LSE carries no gradient."""
     q, k, v, chunk_size, kv_start, q_scale = _prepare(q, k, v, chunk_size, q_start, kv_start, q_scale)
     return _FlashAttention.apply(q, k, v, float(scale), chunk_size, int(q_start), kv_start, q_scale)

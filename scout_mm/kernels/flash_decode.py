@@ -1,7 +1,7 @@
 """Decode attention: a few new query tokens against the KV cache, split-K (flash-decoding), GQA-packed.
 
 KV cache layouts (the kernel reads either in place; only the last dim must be contiguous):
-- contiguous: k, v (batch, n_kv_heads, capacity, head_dim), as :func:`scout_mm.kernels.attention` takes
+- contiguous: k, v (batch, n_kv_heads, capacity, head_dim), as :func:`scout_mm.kernels.attention` (dispatch) takes
   them (a (batch, capacity, n_kv_heads, head_dim) buffer transposed to that view needs no copy).
 - paged: k, v (n_blocks, block_size, n_kv_heads, head_dim), a shared block pool, with
   ``block_table`` (batch, max_blocks) int32: logical block ``j`` of sequence ``b`` (its keys
@@ -234,44 +234,6 @@ def decode_attention(
     )  # fmt: skip
     out, lse = merge_states(part_out, part_lse, out_dtype=q.dtype)
     return out.view(batch, n_heads, q_len, head_dim), lse.view(batch, n_heads, q_len)
-
-
-def decode_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float,
-    kv_lens: torch.Tensor | None = None,
-    block_table: torch.Tensor | None = None,
-    kv_start: torch.Tensor | None = None,
-    q_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch :func:`decode_attention`: gathers the paged blocks, then a masked softmax in fp32."""
-    batch, n_heads, q_len, head_dim = q.shape
-    if block_table is not None:
-        # (batch, max_blocks, block_size, n_kv_heads, d) -> (batch, n_kv_heads, capacity, d)
-        k = k[block_table.long()].flatten(1, 2).transpose(1, 2)
-        v = v[block_table.long()].flatten(1, 2).transpose(1, 2)
-    capacity = k.shape[2]
-    if q_scale is not None:
-        q = (q * q_scale[:, None, :, None].to(q.dtype)).to(q.dtype)
-    lens = kv_lens.long() if kv_lens is not None else torch.full((batch,), capacity, device=q.device)
-    starts = (
-        kv_start.long() if kv_start is not None else torch.zeros(batch, dtype=torch.long, device=q.device)
-    )
-    group = n_heads // k.shape[1]
-    keys = torch.arange(capacity, device=q.device)
-    t = lens[:, None] - q_len + torch.arange(q_len, device=q.device)  # (batch, q_len)
-    visible = (keys[None, None, :] <= t[:, :, None]) & (keys[None, None, :] >= starts[:, None, None])
-    kf = k.float().repeat_interleave(group, dim=1)
-    vf = v.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), kf) * scale
-    scores = scores.masked_fill(~visible[:, None], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - torch.where(lse.isinf(), 0.0, lse)[..., None])
-    out = torch.einsum("bhqk,bhkd->bhqd", probs, vf)
-    return out.to(q.dtype), lse
 
 
 def decode_sdpa(q, k, v, *, scale):
