@@ -398,7 +398,7 @@ def _small(**overrides) -> ScoutConfig:
         num_attention_heads=16,
         num_key_value_heads=4,
         head_dim=64,
-        max_position_embeddings=32768,
+        max_position_embeddings=131072,
         num_local_experts=16,
         num_experts_per_tok=2,
         use_shared_expert=False,
