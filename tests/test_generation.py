@@ -283,3 +283,24 @@ def test_cli_rejects_missing_model():
 
     out = subprocess.run([sys.executable, "scripts/generate.py"], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "--model" in out.stderr
+
+
+def test_paged_blocks_across_many_small_blocks(monkeypatch):
+    """Small blocks: every global-layer sequence spans many non-contiguous blocks of a shared pool."""
+    import functools
+
+    import scout_mm.generation as generation
+
+    monkeypatch.setattr(generation, "KVCache", functools.partial(KVCache, block_size=4))
+    cfg = tiny_config(vision=False, num_experts_per_tok=2, attention_chunk_size=8)
+    model = ScoutForConditionalGeneration(cfg).eval()
+    prompts = [torch.randint(3, 290, (n,)) for n in (13, 6, 21)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :], mask[b, width - len(p) :] = p, 1
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=25, eos_token_id=[])
+    for b, p in enumerate(prompts):
+        expected = _full_recompute(model, p[None], None, 25)
+        assert torch.equal(batched[b, width:], expected[0, len(p) :])
