@@ -286,7 +286,7 @@ def test_cli_rejects_missing_model():
 
 
 def test_paged_blocks_across_many_small_blocks(monkeypatch):
-    """Small blocks: every global-layer sequence spans many non-contiguous blocks of a shared pool."""
+    """Small blocks: each global-layer sequence spans many blocks of the shared pool, found via its table."""
     import functools
 
     import scout_mm.generation as generation
