@@ -79,7 +79,6 @@ class KVCache:
         self.block_table = torch.zeros(batch_size, 0, dtype=torch.int32, device=device)
         self._n_blocks = [0] * batch_size  # blocks owned per sequence
         self._free: list[int] = list(range(initial_blocks))
-        self.seq_lens = torch.zeros(batch_size, dtype=torch.long, device=device)  # next position per sequence
         self._prefill_seq: int | None = None
         self._prefill_start = 0
 
@@ -123,8 +122,8 @@ class KVCache:
         """
         self._prefill_seq, self._prefill_start = seq, start
 
-    def end_prefill(self, seq: int, length: int) -> None:
-        self.seq_lens[seq] = length
+    def end_prefill(self) -> None:
+        """Back to decode mode: :meth:`update` writes one token per sequence at the given positions."""
         self._prefill_seq = None
 
     # ------------------------------------------------------------------ attention interface

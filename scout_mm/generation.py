@@ -82,7 +82,7 @@ def prefill(model, cache: KVCache, seq: int, inputs_embeds: torch.Tensor, piece:
             inputs_embeds=inputs_embeds[:, start:end], position_ids=positions, cache=cache, logits_to_keep=1
         ).logits
         start = end
-    cache.end_prefill(seq, length)
+    cache.end_prefill()
     return logits[0, -1]
 
 
