@@ -1,8 +1,10 @@
 """Answer an image+text prompt with a scout_mm / HF Llama 4 checkpoint and report tokens/s.
 
     python scripts/generate.py --model PATH --image a.png [--image b.png] --prompt "..." \
-        [--max-new-tokens N] [--temperature T] [--stream] [--device cuda] [--dtype bfloat16]
+        [--max-new-tokens N] [--temperature T] [--stream] [--device cuda] [--dtype bfloat16] [--int4]
     python scripts/generate.py --demo     # the tiny preset with RANDOM weights on the built-in example image
+
+--int4: the model is an Int4 checkpoint (scripts/quantize.py); with --demo, the tiny model quantized (RTN).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import scout_mm
 from scout_mm import Processor, ScoutConfig, ScoutForConditionalGeneration
 from scout_mm.generation import GenerateOutput
+from scout_mm.quant import load_quantized, quantize_model, quantized_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXAMPLE_IMAGE = str(files("scout_mm") / "assets" / "example.png")
@@ -38,6 +41,7 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPU")
+    parser.add_argument("--int4", action="store_true", help="Int4 checkpoint (with --demo: quantize it, RTN)")
     args = parser.parse_args()
     if not args.demo and not args.model:
         parser.error("pass --model PATH, or --demo for the built-in tiny model")
@@ -51,6 +55,8 @@ def main() -> None:
         torch.manual_seed(args.seed)
         config = ScoutConfig.from_preset("tiny")
         model = ScoutForConditionalGeneration(config).to(device=args.device, dtype=dtype).eval()
+        if args.int4:
+            model = quantize_model(model)
         processor = Processor.from_config(config)
         images = args.image or [EXAMPLE_IMAGE]
         prompt = args.prompt or "What shapes are in the image?"
@@ -59,7 +65,8 @@ def main() -> None:
             file=sys.stderr,
         )
     else:
-        model = ScoutForConditionalGeneration.from_pretrained(args.model, dtype=dtype, device=args.device)
+        load = load_quantized if args.int4 else ScoutForConditionalGeneration.from_pretrained
+        model = load(args.model, dtype=dtype, device=args.device)
         processor = Processor.from_config(model.config, tokenizer_path=args.model)
         images = args.image
         if not args.prompt:
@@ -75,6 +82,15 @@ def main() -> None:
         f"decode {stats.new_tokens} tokens at {stats.decode_tokens_per_second:.1f} tok/s, {args.device} {dtype}]",
         file=sys.stderr,
     )
+    if args.int4:
+        size = quantized_bytes(model)
+        peak = torch.cuda.max_memory_allocated() / 1e9 if args.device.startswith("cuda") else None
+        print(
+            f"[Int4 model: {size['total'] / 1e9:.3f} GB of weights ({size['int4_weights'] / 1e9:.3f} GB Int4, "
+            f"{size['scales_zeros'] / 1e9:.3f} GB scales/zeros, {size['float'] / 1e9:.3f} GB float)"
+            + (f", peak GPU memory {peak:.2f} GB]" if peak is not None else "]"),
+            file=sys.stderr,
+        )
 
 
 def _run(model, processor, prompt, images, stream: bool, sampling: dict) -> GenerateOutput:

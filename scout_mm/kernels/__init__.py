@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from scout_mm.kernels import reference
+from scout_mm.kernels import int4_reference, reference
 
 # Triton modules (flash_attention, flash_decode, moe) are imported on first use, so that CPU-only installs
 # without Triton still import the package and run the references.
@@ -76,3 +76,23 @@ def moe_experts(hidden, topk_weights, topk_ids, gate_up_proj, down_proj):
 
         return moe.moe_experts(hidden, topk_weights, topk_ids, gate_up_proj, down_proj)
     return reference.moe_experts(hidden, topk_weights, topk_ids, gate_up_proj, down_proj)
+
+
+def int4_linear(x, qweight, scales, zeros, group_size):
+    """``x (M, K) @ W (K, N)`` with W stored as packed Int4 (``scout_mm/quant/FORMAT.md``). See
+    :func:`scout_mm.kernels.int4_reference.int4_linear`; on CUDA the W4A16 Triton kernels (GEMV / GEMM)."""
+    if use_triton(x):
+        from scout_mm.kernels import int4
+
+        return int4.int4_linear(x, qweight, scales, zeros, group_size)
+    return int4_reference.int4_linear(x, qweight, scales, zeros, group_size)
+
+
+def int4_moe_experts(hidden, topk_weights, topk_ids, gate_up, down, group_size):
+    """Routed SwiGLU experts with Int4 expert stacks ``gate_up``/``down`` = (qweight, scales, zeros or None).
+    See :func:`scout_mm.kernels.int4_reference.int4_moe_experts`."""
+    if use_triton(hidden):
+        from scout_mm.kernels import int4
+
+        return int4.int4_moe_experts(hidden, topk_weights, topk_ids, gate_up, down, group_size)
+    return int4_reference.int4_moe_experts(hidden, topk_weights, topk_ids, gate_up, down, group_size)

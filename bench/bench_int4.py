@@ -1,0 +1,307 @@
+"""Int4 W4A16 kernels vs bf16 matmul and tinygemm (``torch._weight_int4pack_mm``) at Scout shapes, one GPU.
+
+    PYTHONPATH=. python bench/bench_int4.py [--sections tune,linear,moe,scout] [--out bench/results/int4_h100.md]
+
+- tune: sweeps a few configs of each kernel (GEMV at M=1; the tl.dot GEMM in its nibble-dot and tile forms at
+  M=16/64/4096; dequantise+cuBLAS) and prints every candidate; ``scout_mm/kernels/int4.py::TUNED`` records the
+  winners by hand.
+- linear: N x K = 16384 x 5120 and 5120 x 8192, M = 1, 16, 64, 4096: bf16 ``x @ W``, tinygemm (group 128,
+  inner k tiles 8), ours (dispatch as shipped). TB/s count the packed Int4 weight bytes (K * N / 2; scales
+  are +1.6% on top, not counted), TFLOPS count 2 M N K.
+- moe: Scout experts (E=16, H=5120, I=8192, top-1): ours vs the bf16 fused Triton MoE at T = 1, 16, 64, 512,
+  4096; TB/s count the Int4 bytes of the experts the tokens touch.
+- scout: the ``scout-17b-16e`` preset built directly in Int4 on the GPU with random weights (no bf16 expert is
+  ever made): weight memory, prefill tokens/s of an 8K prompt and batch-1 decode tokens/s after it.
+
+Timing: each op is captured ``CALLS`` times into one CUDA graph, rotating over weight copies (and routing
+choices) so that no weight is served from the 50 MB L2; the median over replays / CALLS is reported.
+Random data, never zeros.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import time
+import traceback
+
+import torch
+
+from scout_mm.kernels import int4
+from scout_mm.kernels.int4 import _gemm, _gemv
+
+CALLS = 16
+HIDDEN, INTER, EXPERTS, GROUP = 5120, 8192, 16, 128
+LINEAR_SHAPES = [(16384, 5120), (5120, 8192)]  # (N, K)
+ROWS = [1, 16, 64, 4096]
+TOKENS = [1, 16, 64, 512, 4096]
+
+CANDIDATES = {
+    1: [_gemv(32, 256, 4, 3, 8), _gemv(64, 256, 4, 3, 4), _gemv(64, 512, 4, 3, 4), _gemv(64, 128, 4, 3, 4)],
+    16: [_gemm(16, 128, 128, 4, 3, 2, nibble_dots=True), _gemm(16, 64, 256, 4, 3, 4, nibble_dots=True),
+         _gemm(16, 64, 128, 4, 3, 4)],
+    64: [_gemm(64, 64, 128, 4, 4, 2), _gemm(64, 128, 128, 8, 3, 1), _gemm(64, 128, 128, 4, 3, 1, nibble_dots=True)],
+    4096: [_gemm(128, 256, 64, 8, 3), _gemm(128, 128, 64, 8, 3), {"kind": "dequant"}],
+}  # fmt: skip
+
+
+def graph_us(fn, calls: int = CALLS, replays: int = 10) -> float:
+    """Median per-call microseconds of ``calls`` invocations captured into one CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / calls)
+    del graph
+    return statistics.median(times)
+
+
+def rotating(items):
+    state = {"i": 0}
+
+    def next_item():
+        state["i"] += 1
+        return items[state["i"] % len(items)]
+
+    return next_item
+
+
+def packed(lead, size_k, size_n, copies):
+    out = []
+    for _ in range(copies):
+        qweight = torch.randint(
+            -(2**31), 2**31 - 1, (*lead, size_k // 8, size_n), dtype=torch.int32, device="cuda"
+        )
+        scales = (torch.rand(*lead, size_k // GROUP, size_n, device="cuda") * 0.002 + 0.001).to(
+            torch.bfloat16
+        )
+        out.append((qweight, scales, None))
+    return out
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, min(8, -(-200_000_000 // nbytes)))  # >= 200 MB in rotation: 4x the L2
+
+
+def section_tune(rows_out):
+    rows_out += ["", "## Config sweep (ours, forced configs)", "",
+                 "| N x K | M | config | us | Int4 TB/s | TFLOPS |", "|---|---|---|---|---|---|"]  # fmt: skip
+    best = {}
+    for size_n, size_k in LINEAR_SHAPES:
+        weights = packed((), size_k, size_n, copies_for(size_k * size_n // 2))
+        for m_rows, candidates in CANDIDATES.items():
+            x = torch.randn(m_rows, size_k, device="cuda", dtype=torch.bfloat16)
+            for cfg in candidates:
+                pick = rotating(weights)
+                try:
+                    us = graph_us(
+                        lambda x=x, cfg=cfg, pick=pick: int4.int4_linear(x, *pick(), GROUP, config=cfg)
+                    )
+                except Exception as e:  # a config that does not compile or fit is reported, not fatal
+                    rows_out.append(
+                        f"| {size_n}x{size_k} | {m_rows} | {_cfg_str(cfg)} | failed: {type(e).__name__} | | |"
+                    )
+                    print(rows_out[-1], flush=True)
+                    continue
+                tbs = size_k * size_n / 2 / us / 1e6
+                tflops = 2 * m_rows * size_n * size_k / us / 1e6
+                rows_out.append(
+                    f"| {size_n}x{size_k} | {m_rows} | {_cfg_str(cfg)} | {us:.1f} | {tbs:.2f} | {tflops:.1f} |"
+                )
+                print(rows_out[-1], flush=True)
+                key = (size_n, size_k, m_rows)
+                if key not in best or us < best[key][0]:
+                    best[key] = (us, _cfg_str(cfg))
+        del weights
+        torch.cuda.empty_cache()
+    rows_out += ["", "Best per case: " + "; ".join(f"{k}: {v[1]} {v[0]:.1f} us" for k, v in best.items())]
+    print(rows_out[-1], flush=True)
+
+
+def _cfg_str(cfg):
+    if cfg["kind"] == "dequant":
+        return "dequant+cuBLAS"
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "occupancy")
+    kind = "gemm-nibble" if cfg.get("nibble_dots") else cfg["kind"]
+    return kind + "(" + ",".join(str(cfg[k]) for k in keys if k in cfg) + ")"
+
+
+def tinygemm(size_k, size_n, copies):
+    packs = []
+    for _ in range(copies):
+        w = torch.randint(0, 256, (size_n, size_k // 2), dtype=torch.uint8, device="cuda")
+        packed_w = torch._convert_weight_to_int4pack(w, 8)
+        sz = (torch.rand(size_k // GROUP, size_n, 2, device="cuda") * 0.01).to(torch.bfloat16)
+        packs.append((packed_w, sz))
+    return packs
+
+
+def section_linear(rows_out):
+    rows_out += ["", "## Linear layers (group 128, symmetric, bf16)", "",
+                 "| N x K | M | bf16 matmul us (TFLOPS) | tinygemm us (TB/s, TFLOPS) | ours us (TB/s, TFLOPS) | ours / tinygemm | ours / bf16 |",
+                 "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for size_n, size_k in LINEAR_SHAPES:
+        n_int4 = copies_for(size_k * size_n // 2)
+        weights = packed((), size_k, size_n, n_int4)
+        dense = [torch.randn(size_k, size_n, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+        try:
+            tiny = tinygemm(size_k, size_n, n_int4)
+        except Exception as e:
+            print(f"tinygemm unavailable: {e}", flush=True)
+            tiny = None
+        for m_rows in ROWS:
+            x = torch.randn(m_rows, size_k, device="cuda", dtype=torch.bfloat16)
+            flops = 2 * m_rows * size_n * size_k
+            wbytes = size_k * size_n / 2
+            pick_d, pick_q = rotating(dense), rotating(weights)
+            t_bf16 = graph_us(lambda x=x, p=pick_d: x @ p())
+            t_ours = graph_us(lambda x=x, p=pick_q: int4.int4_linear(x, *p(), GROUP))
+            if tiny is not None:
+                pick_t = rotating(tiny)
+
+                def run_tiny(x=x, pick_t=pick_t):
+                    w, sz = pick_t()
+                    return torch._weight_int4pack_mm(x, w, GROUP, sz)
+
+                t_tiny = graph_us(run_tiny)
+                tiny_s = f"{t_tiny:.1f} ({wbytes / t_tiny / 1e6:.2f}, {flops / t_tiny / 1e6:.1f})"
+                ratio = f"{t_tiny / t_ours:.2f}x"
+            else:
+                tiny_s, ratio = "n/a", "n/a"
+            rows_out.append(
+                f"| {size_n}x{size_k} | {m_rows} | {t_bf16:.1f} ({flops / t_bf16 / 1e6:.1f}) | {tiny_s} | "
+                f"{t_ours:.1f} ({wbytes / t_ours / 1e6:.2f}, {flops / t_ours / 1e6:.1f}) | {ratio} | "
+                f"{t_bf16 / t_ours:.2f}x |"
+            )
+            print(rows_out[-1], flush=True)
+        del weights, dense, tiny
+        torch.cuda.empty_cache()
+
+
+def section_moe(rows_out):
+    from scout_mm.kernels import moe
+
+    rows_out += ["", "## Int4 MoE (Scout experts: E=16, H=5120, I=8192, top-1, bf16)", "",
+                 "| tokens | experts touched | bf16 fused MoE us | ours us | Int4 TB/s (touched experts) | ours / bf16 | ours, dequantise + bf16 MoE us |",
+                 "|---|---|---|---|---|---|---|"]  # fmt: skip
+    gate_up = packed((EXPERTS,), HIDDEN, 2 * INTER, 1)[0]
+    down = packed((EXPERTS,), INTER, HIDDEN, 1)[0]
+    dense_gate_up = torch.randn(EXPERTS, HIDDEN, 2 * INTER, device="cuda", dtype=torch.bfloat16) * 0.02
+    dense_down = torch.randn(EXPERTS, INTER, HIDDEN, device="cuda", dtype=torch.bfloat16) * 0.02
+    expert_bytes = 3 * HIDDEN * INTER / 2
+    for tokens in TOKENS:
+        x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
+        weights = torch.rand(tokens, 1, device="cuda", dtype=torch.bfloat16)
+        routes = [torch.randint(0, EXPERTS, (tokens, 1), device="cuda") for _ in range(8)]
+        touched = statistics.mean(len(r.unique()) for r in routes)
+        pick_a, pick_b = rotating(routes), rotating(routes)
+        t_bf16 = graph_us(
+            lambda x=x, w=weights, p=pick_a: moe.moe_experts(x, w, p(), dense_gate_up, dense_down)
+        )
+        t_ours = graph_us(
+            lambda x=x, w=weights, p=pick_b: int4.int4_moe_experts(x, w, p(), gate_up, down, GROUP)
+        )
+        t_deq = "-"
+        if tokens >= 512:
+            t_deq = graph_us(
+                lambda x=x, w=weights, p=pick_b: int4.int4_moe_experts(
+                    x, w, p(), gate_up, down, GROUP, config={"kind": "dequant"}
+                ),
+                calls=4,
+            )
+            t_deq = f"{t_deq:.1f}"
+        rows_out.append(
+            f"| {tokens} | {touched:.1f} | {t_bf16:.1f} | {t_ours:.1f} | {touched * expert_bytes / t_ours / 1e6:.2f} | "
+            f"{t_bf16 / t_ours:.2f}x | {t_deq} |"
+        )
+        print(rows_out[-1], flush=True)
+    torch.cuda.empty_cache()
+
+
+def build_scout_int4():
+    """The scout-17b-16e preset in Int4 on the GPU, random weights, no float copy of any quantized weight."""
+    from scout_mm import ScoutConfig, ScoutForConditionalGeneration
+    from scout_mm.quant import QuantConfig, quantized_bytes
+    from scout_mm.quant.quantize import replace_with_empty_int4
+
+    config = ScoutConfig.from_preset("scout-17b-16e")
+    with torch.device("meta"):
+        model = ScoutForConditionalGeneration(config).to(torch.bfloat16)
+    replace_with_empty_int4(model, QuantConfig())
+    model = model.to_empty(device="cuda")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
+        for name, b in model.named_buffers():
+            if name.endswith("qweight"):
+                b.random_(-(2**31), 2**31 - 1)
+            else:  # scales: codes - 8 have std ~4.6, so this gives weights of std ~0.02
+                b.fill_(0.02 / 4.6)
+    model.quant_config = QuantConfig()
+    return config, model.eval(), quantized_bytes(model)
+
+
+def section_scout(rows_out):
+    from scout_mm.generation import generate_ids
+
+    torch.cuda.reset_peak_memory_stats()
+    config, model, size = build_scout_int4()
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    rows_out += ["", "## Scout-size (scout-17b-16e, 108.6B params) in Int4 on one GPU, random weights", "",
+                 f"Weights: {size['total'] / 1e9:.2f} GB = {size['int4_weights'] / 1e9:.2f} GB packed Int4 + "
+                 f"{size['scales_zeros'] / 1e9:.2f} GB scales + {size['float'] / 1e9:.2f} GB bf16 (embeddings, "
+                 f"LM head, vision tower, routers, norms). GPU memory free after building: {free / 1e9:.1f} of "
+                 f"{total / 1e9:.1f} GB.", ""]  # fmt: skip
+    print("\n".join(rows_out[-4:]), flush=True)
+    vocab = config.text.vocab_size
+    prompt = torch.randint(0, vocab, (1, 8192), device="cuda")
+    generate_ids(model, prompt, max_new_tokens=2, eos_token_id=[])  # compile every kernel of these shapes
+    stats = generate_ids(model, prompt, max_new_tokens=65, eos_token_id=[])
+    peak = torch.cuda.max_memory_allocated()
+    rows_out += [f"8K-token prompt: prefill {stats.prefill_tokens_per_second:,.0f} tok/s; batch-1 decode "
+                 f"{stats.decode_tokens_per_second:.1f} tok/s over 64 tokens after it (CUDA-graphed step). "
+                 f"Peak GPU memory {peak / 1e9:.1f} GB."]  # fmt: skip
+    print(rows_out[-1], flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sections", default="tune,linear,moe")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    rows = [f"# Int4 W4A16 kernels on {torch.cuda.get_device_name()}", "",
+            f"Date {datetime.date.today()}, torch {torch.__version__}, triton "
+            f"{__import__('triton').__version__}. Command: `PYTHONPATH=. python bench/bench_int4.py "
+            f"--sections {args.sections}`"]  # fmt: skip
+    sections = {"tune": section_tune, "linear": section_linear, "moe": section_moe, "scout": section_scout}
+    for name in args.sections.split(","):
+        start = time.perf_counter()
+        try:
+            sections[name](rows)
+        except Exception:
+            rows += ["", f"section {name} failed:", "```", traceback.format_exc()[-3000:], "```"]
+            print("\n".join(rows[-3:]), flush=True)
+        print(f"[section {name}: {time.perf_counter() - start:.0f} s]", flush=True)
+        torch.cuda.empty_cache()
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

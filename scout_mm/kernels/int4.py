@@ -1,0 +1,647 @@
+"""W4A16 Triton kernels: Int4 weights dequantised in registers, bf16/fp16 (or fp32) activations.
+
+Same functions as :mod:`scout_mm.kernels.int4_reference` (layout in ``scout_mm/quant/FORMAT.md``). Two matmul
+kernels serve both the dense linear layers and the two grouped GEMMs of the Int4 MoE:
+
+- ``_gemv_kernel`` (few rows: decode). Plain FMAs, no tensor cores: each program streams a
+  ``(BLOCK_K // 8, BLOCK_N)`` tile of packed words per step and keeps every nibble's product in a per-word
+  accumulator; the group's scale and zero point are applied once per word (``s * (sum x*q - z * sum x)``),
+  not once per weight, and codes become floats with the exponent trick (``q | 0x4B000000`` read as fp32 is
+  ``2^23 + q``) instead of a slow int->float conversion. K is split over programs so that even a
+  5120-wide output fills the GPU; the splits are summed by a second small kernel (deterministic, no
+  atomics).
+- ``_gemm_kernel`` (more rows), ``tl.dot`` in two forms: ``NIBBLE_DOTS`` (3-16 rows) reads each packed word
+  once and runs one 16-deep dot per nibble against the matching strided activation columns; the tile form
+  (more rows) dequantises a whole ``(BLOCK_K, BLOCK_N)`` tile and runs one dot. Measured on an H100, the first
+  wins at 16 rows and loses 3-5x from 64 on (``bench/results/int4_h100.md``).
+
+Row modes (``MODE``): 0 dense rows; 1 = MoE gate_up, rows gathered from the tokens through the sorted
+routing layout of :class:`scout_mm.kernels.moe.Routing`, written at their sorted position; 2 = MoE down,
+sorted rows in, each written at its (token, slot) row. The MoE epilogues are separate small kernels:
+``_swiglu_kernel`` (sum of K splits, routing weight applied to the expert INPUT — exact as a scale of the
+fp32 pre-activation, since ``(w x) @ W = w (x @ W)`` — then SwiGLU) and ``_sum_rows_kernel`` (sum of K
+splits and of the top-k slots in a fixed order).
+
+Many prompt tokens: dequantising the weight once into a scratch bf16 matrix and calling cuBLAS (dense) or
+the bf16 fused MoE (``scout_mm.kernels.moe``) beats dequantising a tile per output block; ``_dequant_kernel``
+does that (thresholds in ``TUNED``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from scout_mm.kernels.moe import Routing, _tile
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+
+MAGIC = tl.constexpr(
+    0x4B000000
+)  # fp32 bits of 2^23: OR-ing a code in [0, 15] into the mantissa = 2^23 + code
+MAGIC_F = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def _row_layout(
+    pid_m,
+    m_rows,
+    sorted_rows_ptr,
+    block_expert_ptr,
+    n_rows,
+    top_k,
+    MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    ROUTE_BLOCK: tl.constexpr,
+):
+    """(expert, input row, output row, valid) of this program's BLOCK_M rows; expert -1 = nothing to do."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if MODE == 0:
+        expert = (pid_m * 0).to(tl.int64)
+        valid = rows < m_rows
+        a_rows = tl.where(valid, rows, 0)
+        out_rows = rows
+    else:
+        expert = tl.load(block_expert_ptr + pid_m * BLOCK_M // ROUTE_BLOCK).to(tl.int64)
+        flat = tl.load(sorted_rows_ptr + rows)
+        valid = flat < n_rows
+        if MODE == 1:
+            a_rows = tl.where(valid, flat // top_k, 0)
+            out_rows = rows
+        else:
+            a_rows = rows
+            out_rows = flat
+    return expert, a_rows.to(tl.int64), out_rows.to(tl.int64), valid
+
+
+@triton.jit
+def _codes(packed, j: tl.constexpr):
+    """Nibble ``j`` of each packed word as fp32 (exponent trick: no int->float conversion instruction)."""
+    return (((packed >> (4 * j)) & 0xF) | MAGIC).to(tl.float32, bitcast=True) - MAGIC_F
+
+
+@triton.jit
+def _group_params(s_ptrs, z_ptrs, first_k, size_n, mask, G: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """Scale and zero point of every (word row, column) of a tile: (BLOCK_K // 8, BLOCK_N) fp32 each.
+    Rows of one group load the same values (cache hits): the tile may span several groups."""
+    offs = (first_k // G)[:, None] * size_n
+    scale = tl.load(s_ptrs + offs, mask=mask, other=0.0).to(tl.float32)
+    if SYMMETRIC:
+        zero = scale * 0.0 + 8.0
+    else:
+        zero = tl.load(z_ptrs + offs, mask=mask, other=0.0).to(tl.float32)
+    return scale, zero
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,  # (rows, K) activations
+    qw_ptr,  # ([E,] K // 8, N) int32
+    s_ptr,  # ([E,] K // G, N)
+    z_ptr,  # ([E,] K // G, N) or a dummy (SYMMETRIC)
+    out_ptr,  # (SPLIT_K, out rows, N): fp32 partial sums, or the output itself when SPLIT_K == 1
+    sorted_rows_ptr,
+    block_expert_ptr,
+    m_rows,
+    size_n,
+    n_rows,
+    top_k,
+    n_groups,
+    groups_per_split,
+    stride_x,
+    stride_qe,
+    stride_se,
+    stride_split,
+    stride_out,
+    G: tl.constexpr,
+    MODE: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    ROUTE_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    expert, a_rows, out_rows, valid = _row_layout(
+        pid_m, m_rows, sorted_rows_ptr, block_expert_ptr, n_rows, top_k, MODE, BLOCK_M, ROUTE_BLOCK
+    )
+    if expert < 0:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < size_n
+    words = tl.arange(0, BLOCK_K // 8)
+    k_begin = pid_k * groups_per_split * G
+    k_end = tl.minimum(k_begin + groups_per_split * G, n_groups * G)
+    qw_ptrs = qw_ptr + expert * stride_qe + words[:, None] * size_n + offs_n[None, :]
+    s_ptrs = s_ptr + expert * stride_se + offs_n[None, :]
+    z_ptrs = z_ptr + expert * stride_se + offs_n[None, :]
+    # The group's scale and zero point are applied once per word (8 codes), not once per code:
+    # sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k) within a group.
+    if BLOCK_M == 1:
+        # Decode: plain 2-D tiles (the 3-D form below would cost layout shuffles for nothing).
+        x_row = x_ptr + tl.sum(a_rows, axis=0) * stride_x + words * 8  # (BLOCK_K // 8,)
+        acc2 = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            first_k = k0 + words * 8
+            row_ok = first_k < k_end
+            mask = row_ok[:, None] & n_ok[None, :]
+            packed = tl.load(qw_ptrs + (k0 // 8) * size_n, mask=mask, other=0)
+            dot_q = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+            x_sum = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
+            for j in tl.static_range(8):
+                xj = tl.load(x_row + k0 + j, mask=row_ok, other=0.0).to(tl.float32)
+                dot_q += xj[:, None] * _codes(packed, j)
+                x_sum += xj
+            scale, zero = _group_params(s_ptrs, z_ptrs, first_k, size_n, mask, G, SYMMETRIC)
+            acc2 += scale * (dot_q - zero * x_sum[:, None])
+        out = tl.sum(acc2, axis=0)[None, :]  # (1, BLOCK_N)
+    else:
+        x_ptrs = x_ptr + a_rows[:, None] * stride_x + words[None, :] * 8  # (BLOCK_M, BLOCK_K // 8)
+        acc = tl.zeros([BLOCK_M, BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            first_k = k0 + words * 8
+            row_ok = first_k < k_end
+            mask = row_ok[:, None] & n_ok[None, :]
+            packed = tl.load(qw_ptrs + (k0 // 8) * size_n, mask=mask, other=0)  # (BLOCK_K // 8, BLOCK_N)
+            dot_q = tl.zeros([BLOCK_M, BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+            x_sum = tl.zeros([BLOCK_M, BLOCK_K // 8], dtype=tl.float32)
+            for j in tl.static_range(8):
+                # rows past the end read row 0 (never stored)
+                xj = tl.load(x_ptrs + k0 + j, mask=row_ok[None, :], other=0.0).to(tl.float32)
+                dot_q += xj[:, :, None] * _codes(packed, j)[None, :, :]
+                x_sum += xj
+            scale, zero = _group_params(s_ptrs, z_ptrs, first_k, size_n, mask, G, SYMMETRIC)
+            acc += scale[None, :, :] * (dot_q - zero[None, :, :] * x_sum[:, :, None])
+        out = tl.sum(acc, axis=1)  # (BLOCK_M, BLOCK_N)
+    o_ptrs = out_ptr + pid_k * stride_split + out_rows[:, None] * stride_out + offs_n[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _gemm_kernel(
+    x_ptr,
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    out_ptr,
+    sorted_rows_ptr,
+    block_expert_ptr,
+    m_rows,
+    size_n,
+    n_rows,
+    top_k,
+    n_groups,
+    groups_per_split,
+    num_row_blocks,
+    stride_x,
+    stride_qe,
+    stride_se,
+    stride_split,
+    stride_out,
+    G: tl.constexpr,
+    MODE: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    ROUTE_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    NIBBLE_DOTS: tl.constexpr,
+):
+    pid_m, pid_n = _tile(tl.program_id(0), num_row_blocks, tl.cdiv(size_n, BLOCK_N), GROUP_M)
+    pid_k = tl.program_id(1)
+    expert, a_rows, out_rows, valid = _row_layout(
+        pid_m, m_rows, sorted_rows_ptr, block_expert_ptr, n_rows, top_k, MODE, BLOCK_M, ROUTE_BLOCK
+    )
+    if expert < 0:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < size_n
+    k_begin = pid_k * groups_per_split * G
+    k_end = tl.minimum(k_begin + groups_per_split * G, n_groups * G)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if NIBBLE_DOTS:
+        # Few rows: each packed word is read once. Nibble j of the tile's words holds rows k0 + 8r + j, so one
+        # (BLOCK_K / 8)-deep dot per nibble, against activation columns k0 + 8r + j, covers the tile. Any
+        # BLOCK_K (>= 128) and group size: scales are looked up per word row.
+        words = tl.arange(0, BLOCK_K // 8)
+        qw_ptrs = qw_ptr + expert * stride_qe + words[:, None] * size_n + offs_n[None, :]
+        s_ptrs = s_ptr + expert * stride_se + offs_n[None, :]
+        z_ptrs = z_ptr + expert * stride_se + offs_n[None, :]
+        x_ptrs = x_ptr + a_rows[:, None] * stride_x + words[None, :] * 8  # (BLOCK_M, BLOCK_K // 8)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            first_k = k0 + words * 8
+            row_ok = first_k < k_end
+            mask = row_ok[:, None] & n_ok[None, :]
+            packed = tl.load(qw_ptrs + (k0 // 8) * size_n, mask=mask, other=0)  # (BLOCK_K // 8, BLOCK_N)
+            scale, zero = _group_params(s_ptrs, z_ptrs, first_k, size_n, mask, G, SYMMETRIC)
+            offset = zero * scale  # (q - z) * s == q * s - z * s exactly in fp32 (both products are exact)
+            for j in tl.static_range(8):
+                a = tl.load(x_ptrs + k0 + j, mask=valid[:, None] & row_ok[None, :], other=0.0)
+                w = _codes(packed, j) * scale - offset
+                acc = tl.dot(a, w.to(x_ptr.dtype.element_ty), acc)
+    else:
+        # Many rows: dequantise a whole (BLOCK_K, BLOCK_N) tile (each word is loaded by the 8 rows of its
+        # nibbles, from cache) and run one dot over contiguous activations. BLOCK_K divides G.
+        offs_k = tl.arange(0, BLOCK_K)
+        shifts = (offs_k % 8) * 4
+        a_ptrs = x_ptr + a_rows[:, None] * stride_x + (k_begin + offs_k)[None, :]
+        w_ptrs = qw_ptr + expert * stride_qe + ((k_begin + offs_k) // 8)[:, None] * size_n + offs_n[None, :]
+        s_ptrs = s_ptr + expert * stride_se + offs_n
+        z_ptrs = z_ptr + expert * stride_se + offs_n
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
+            code = (
+                tl.load(w_ptrs, mask=n_ok[None, :], other=0) >> shifts[:, None]
+            ) & 0xF  # (BLOCK_K, BLOCK_N)
+            group = k0 // G
+            scale = tl.load(s_ptrs + group * size_n, mask=n_ok, other=0.0).to(tl.float32)
+            if SYMMETRIC:
+                w = (code - 8).to(tl.float32) * scale[None, :]
+            else:
+                zero = tl.load(z_ptrs + group * size_n, mask=n_ok, other=0.0).to(tl.float32)
+                w = (code.to(tl.float32) - zero[None, :]) * scale[None, :]
+            acc = tl.dot(a, w.to(x_ptr.dtype.element_ty), acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += (BLOCK_K // 8) * size_n
+    o_ptrs = out_ptr + pid_k * stride_split + out_rows[:, None] * stride_out + offs_n[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _sum_rows_kernel(
+    partial_ptr,  # (split_k, n_out * TOP_K, N)
+    ids_ptr,  # (n_out * TOP_K,) expert of each slot (HAS_IDS), rows of non-local slots were never written
+    out_ptr,  # (n_out, N)
+    size_n,
+    split_k,
+    stride_split,
+    n_experts,
+    TOP_K: tl.constexpr,
+    HAS_IDS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < size_n
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for split in range(split_k):
+        for slot in tl.static_range(TOP_K):
+            mask = ok
+            if HAS_IDS:
+                expert = tl.load(ids_ptr + row * TOP_K + slot)
+                mask = ok & (expert >= 0) & (expert < n_experts)
+            p_ptrs = partial_ptr + split * stride_split + (row * TOP_K + slot) * size_n + offs
+            acc += tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * size_n + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _swiglu_kernel(
+    partial_ptr,  # (split_k, max_rows, 2 * inter) gate_up pre-activations (sorted rows)
+    routing_ptr,  # (n_rows,) routing weight of each (token, slot)
+    sorted_rows_ptr,
+    h_ptr,  # (max_rows, inter) out: silu(w * gate) * (w * up), zero on padding rows
+    n_rows,
+    inter_size,
+    split_k,
+    stride_split,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < inter_size
+    flat = tl.load(sorted_rows_ptr + row)
+    valid = flat < n_rows
+    mask = ok & valid  # padding rows were never written
+    gate = tl.zeros([BLOCK], dtype=tl.float32)
+    up = tl.zeros([BLOCK], dtype=tl.float32)
+    for split in range(split_k):
+        p_ptrs = partial_ptr + split * stride_split + row * 2 * inter_size + offs
+        gate += tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
+        up += tl.load(p_ptrs + inter_size, mask=mask, other=0.0).to(tl.float32)
+    weight = tl.load(routing_ptr + flat, mask=valid, other=0.0).to(tl.float32)
+    gate = gate * weight
+    up = up * weight
+    h = gate * tl.sigmoid(gate) * up
+    tl.store(h_ptr + row * inter_size + offs, h.to(h_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _dequant_kernel(
+    qw_ptr,  # (E, K // 8, N)
+    s_ptr,
+    z_ptr,
+    out_ptr,  # (E, K, N)
+    size_k,
+    size_n,
+    G: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.program_id(2).to(tl.int64)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_k < size_k)[:, None] & (offs_n < size_n)[None, :]
+    packed = tl.load(qw_ptr + expert * (size_k // 8) * size_n + (offs_k // 8)[:, None] * size_n + offs_n[None, :],
+                     mask=mask, other=0)  # fmt: skip
+    code = (packed >> ((offs_k % 8) * 4)[:, None]) & 0xF
+    g_ptrs = expert * (size_k // G) * size_n + (offs_k // G)[:, None] * size_n + offs_n[None, :]
+    scale = tl.load(s_ptr + g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if SYMMETRIC:
+        w = (code - 8).to(tl.float32) * scale
+    else:
+        w = (code.to(tl.float32) - tl.load(z_ptr + g_ptrs, mask=mask, other=0.0).to(tl.float32)) * scale
+    o_ptrs = out_ptr + expert * size_k * size_n + offs_k[:, None].to(tl.int64) * size_n + offs_n[None, :]
+    tl.store(o_ptrs, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _gemv(block_n, block_k, warps, stages, occupancy):
+    """occupancy: programs per SM the K split aims for."""
+    return {"kind": "gemv", "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages,
+            "occupancy": occupancy}  # fmt: skip
+
+
+def _gemm(block_m, block_n, block_k, warps, stages, occupancy=0, group_m=8, nibble_dots=False):
+    """occupancy 0 = no K split; nibble_dots: the few-rows variant of the kernel (BLOCK_K >= 128)."""
+    return {"kind": "gemm", "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps,
+            "num_stages": stages, "occupancy": occupancy, "GROUP_M": group_m, "nibble_dots": nibble_dots}  # fmt: skip
+
+
+# Picked by rows (dense: M; MoE: rows per touched expert). ``bench/bench_int4.py --sections tune`` sweeps
+# candidates on the GPU and prints every timing; the winners of the H100 sweeps of 2026-11-23
+# (bench/results/int4_h100.md) are copied here by hand. GEMV_MAX_ROWS: up to this many rows the FMA kernel
+# runs. DEQUANT_MIN_ROWS: from this many rows on, dequantise once + cuBLAS (2.4-2.5x the tl.dot kernel at
+# M=4096; the switch point is an estimate from the dequantise cost, ~70 us for 16384x5120, not measured).
+# MoE: dequantise all experts + the bf16 fused MoE from this many rows per expert (measured faster at 256
+# rows/expert, slower at 32).
+TUNED = {
+    "gemv": _gemv(32, 256, 4, 3, 8),
+    "gemm_small": _gemm(16, 128, 128, 4, 3, occupancy=2, nibble_dots=True),  # rows <= 16
+    "gemm_medium": _gemm(64, 64, 128, 4, 4, occupancy=2),  # rows <= 128
+    "gemm_large": _gemm(128, 256, 64, 8, 3),
+    "GEMV_MAX_ROWS": 2,
+    "DEQUANT_MIN_ROWS": 256,
+    "MOE_DEQUANT_MIN_ROWS_PER_EXPERT": 256,
+}
+
+INTERPRET = {
+    "gemv": _gemv(16, 64, 4, 1, 4),
+    "gemm_small": _gemm(16, 16, 128, 4, 1, occupancy=2, nibble_dots=True),
+    "gemm_medium": _gemm(16, 32, 32, 4, 1, occupancy=1),
+    "gemm_large": _gemm(32, 32, 32, 4, 1),
+}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _n_sms(device: torch.device) -> int:
+    return 4 if device.type != "cuda" else _sm_count(device.index or 0)
+
+
+def pick_config(rows: float) -> dict:
+    """The config for a matmul of ``rows`` rows (dense M, or MoE rows per touched expert)."""
+    table = INTERPRET if _interpreting() else TUNED
+    if rows <= TUNED["GEMV_MAX_ROWS"]:
+        return table["gemv"]
+    if rows <= 16:
+        return table["gemm_small"]
+    if rows <= 128:
+        return table["gemm_medium"]
+    return table["gemm_large"]
+
+
+def _split(
+    n_groups: int, tiles: int, occupancy: int, block_k: int, group_size: int, device
+) -> tuple[int, int]:
+    """(split_k, groups per split): enough programs for ``occupancy`` per SM; each split is whole K tiles."""
+    step = max(1, block_k // group_size)  # groups per K tile
+    if not occupancy:
+        return 1, triton.cdiv(n_groups, step) * step
+    want = max(1, min(n_groups, triton.cdiv(occupancy * _n_sms(device), max(tiles, 1))))
+    per_split = triton.cdiv(triton.cdiv(n_groups, want), step) * step
+    return triton.cdiv(n_groups, per_split), per_split
+
+
+def _launch_opts(cfg: dict) -> dict:
+    return {} if _interpreting() else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_weight(qweight, scales, zeros, group_size, expert_dims: int):
+    if qweight.dtype != torch.int32:
+        raise ValueError(f"qweight dtype {qweight.dtype}; expected torch.int32 (8 codes per word)")
+    if qweight.dim() != 2 + expert_dims:
+        raise ValueError(f"qweight shape {tuple(qweight.shape)}; expected {2 + expert_dims} dims")
+    size_k, size_n = qweight.shape[-2] * 8, qweight.shape[-1]
+    if group_size % 8 or size_k % group_size:
+        raise ValueError(f"group size {group_size} must be a multiple of 8 dividing K={size_k}")
+    expected = (*qweight.shape[:-2], size_k // group_size, size_n)
+    if tuple(scales.shape) != expected:
+        raise ValueError(
+            f"scales shape {tuple(scales.shape)}; expected {expected} for group size {group_size}"
+        )
+    if zeros is not None and tuple(zeros.shape) != expected:
+        raise ValueError(f"zeros shape {tuple(zeros.shape)}; expected {expected}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    return size_k, size_n
+
+
+def _matmul(x, weight, group_size, out, mode, m_rows, route, cfg):
+    """Launch the GEMV or GEMM kernel; ``out`` is (split_k, rows, N) (allocated here when None).
+
+    Returns the buffer written: the final output when split_k == 1 and ``out`` was given, else partials."""
+    qweight, scales, zeros = weight
+    size_n = qweight.shape[-1]
+    n_groups = scales.shape[-2]
+    stride_qe = qweight.stride(0) if qweight.dim() == 3 else 0
+    stride_se = scales.stride(0) if scales.dim() == 3 else 0
+    if route is None:
+        route_block, sorted_rows, block_expert, n_rows, top_k = 1, qweight, qweight, m_rows, 1
+        out_rows = m_rows
+    else:
+        route_block, sorted_rows, block_expert = route.route_block, route.sorted_rows, route.block_expert
+        n_rows, top_k = route.n_rows, route.top_k
+        out_rows = route.max_rows if mode == 1 else route.n_rows
+    block_n = min(cfg["BLOCK_N"], max(16, triton.next_power_of_2(size_n)))
+    nibble_dots = cfg.get("nibble_dots", False)
+    # The GEMV and nibble-dot kernels take any BLOCK_K (scales per word row); the tile kernel one group per step.
+    block_k = cfg["BLOCK_K"] if cfg["kind"] == "gemv" or nibble_dots else min(cfg["BLOCK_K"], group_size)
+    if nibble_dots and block_k < 128:
+        raise ValueError(
+            f"nibble-dot config BLOCK_K={block_k}; expected >= 128 (tl.dot needs 16-deep slices)"
+        )
+    z = zeros if zeros is not None else scales
+    gemv = cfg["kind"] == "gemv"
+    if gemv:
+        block_m = route_block if route is not None else min(4, triton.next_power_of_2(m_rows))
+    else:
+        block_m = cfg["BLOCK_M"] if route is None else min(cfg["BLOCK_M"], route_block)
+    row_space = m_rows if route is None else route.max_rows
+    num_row_blocks = triton.cdiv(row_space, block_m)
+    tiles = num_row_blocks * triton.cdiv(size_n, block_n)
+    split_k, per_split = _split(n_groups, tiles, cfg["occupancy"], block_k, group_size, x.device)
+    if out is None or split_k > 1:
+        dtype = x.dtype if split_k == 1 else torch.float32
+        out = torch.empty(split_k, out_rows, size_n, dtype=dtype, device=x.device)
+    elif out.dim() == 2:
+        out = out.unsqueeze(0)
+    args = (x, qweight, scales, z, out, sorted_rows, block_expert, m_rows, size_n, n_rows, top_k, n_groups,
+            per_split)  # fmt: skip
+    common = dict(G=group_size, MODE=mode, SYMMETRIC=zeros is None, ROUTE_BLOCK=route_block, BLOCK_M=block_m,
+                  BLOCK_N=block_n, BLOCK_K=block_k, **_launch_opts(cfg))  # fmt: skip
+    strides = (x.stride(0), stride_qe, stride_se, out.stride(0), out.stride(1))
+    if gemv:
+        grid = (triton.cdiv(size_n, block_n), num_row_blocks, split_k)
+        _gemv_kernel[grid](*args, *strides, **common)
+    else:
+        grid = (tiles, split_k)
+        _gemm_kernel[grid](
+            *args, num_row_blocks, *strides, GROUP_M=cfg["GROUP_M"], NIBBLE_DOTS=nibble_dots, **common
+        )
+    return out
+
+
+def _sum_rows(partial, out, ids=None, n_experts=0, top_k=1):
+    n_out, size_n = out.shape
+    block = min(1024, triton.next_power_of_2(size_n))
+    _sum_rows_kernel[(n_out, triton.cdiv(size_n, block))](
+        partial, ids if ids is not None else partial, out, size_n, partial.shape[0], partial.stride(0),
+        n_experts, TOP_K=top_k, HAS_IDS=ids is not None, BLOCK=block,
+    )  # fmt: skip
+    return out
+
+
+def dequantize(qweight, scales, zeros, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """([E,] K // 8, N) packed -> ([E,] K, N) in ``dtype`` (same values as the reference)."""
+    size_k, size_n = qweight.shape[-2] * 8, qweight.shape[-1]
+    n_experts = qweight.shape[0] if qweight.dim() == 3 else 1
+    out = torch.empty(*qweight.shape[:-2], size_k, size_n, dtype=dtype, device=qweight.device)
+    block_k, block_n = (32, 32) if _interpreting() else (64, 128)
+    grid = (triton.cdiv(size_k, block_k), triton.cdiv(size_n, block_n), n_experts)
+    z = zeros if zeros is not None else scales
+    _dequant_kernel[grid](qweight, scales, z, out, size_k, size_n, G=group_size, SYMMETRIC=zeros is None,
+                          BLOCK_K=block_k, BLOCK_N=block_n)  # fmt: skip
+    return out
+
+
+def int4_linear(
+    x: torch.Tensor,  # (M, K)
+    qweight: torch.Tensor,  # (K // 8, N) int32
+    scales: torch.Tensor,  # (K // G, N)
+    zeros: torch.Tensor | None,  # (K // G, N) or None
+    group_size: int,
+    config: dict | None = None,
+) -> torch.Tensor:  # (M, N) in x.dtype
+    """Triton version of :func:`scout_mm.kernels.int4_reference.int4_linear`. ``config`` overrides the
+    recorded choice (benchmarks); ``{"kind": "dequant"}`` forces dequantise + ``torch.matmul``."""
+    size_k, size_n = _check_weight(qweight, scales, zeros, group_size, 0)
+    if x.dim() != 2 or x.shape[1] != size_k:
+        raise ValueError(f"x shape {tuple(x.shape)}; expected (M, {size_k})")
+    m_rows = x.shape[0]
+    out = torch.empty(m_rows, size_n, dtype=x.dtype, device=x.device)
+    if m_rows == 0:
+        return out
+    x = x.contiguous()
+    cfg = config or pick_config(m_rows)
+    if cfg["kind"] == "dequant" or (
+        config is None and not _interpreting() and m_rows >= TUNED["DEQUANT_MIN_ROWS"]
+    ):
+        return x @ dequantize(qweight, scales, zeros, group_size, x.dtype)
+    result = _matmul(x, (qweight, scales, zeros), group_size, out, 0, m_rows, None, cfg)
+    if result.shape[0] > 1:
+        _sum_rows(result, out)
+    return out
+
+
+def _moe_route_block(rows_per_expert: float, cfg: dict) -> int:
+    if cfg["kind"] == "gemv":
+        return min(4, triton.next_power_of_2(max(1, round(rows_per_expert))))
+    return cfg["BLOCK_M"]
+
+
+def int4_moe_experts(
+    hidden: torch.Tensor,  # (tokens, hidden)
+    topk_weights: torch.Tensor,  # (tokens, top_k)
+    topk_ids: torch.Tensor,  # (tokens, top_k); ids outside [0, E) are non-local slots (contribute 0)
+    gate_up: tuple,  # (qweight (E, H // 8, 2I), scales, zeros or None)
+    down: tuple,  # (qweight (E, I // 8, H), scales, zeros or None)
+    group_size: int,
+    config: dict | None = None,
+) -> torch.Tensor:  # (tokens, hidden)
+    """Triton version of :func:`scout_mm.kernels.int4_reference.int4_moe_experts`: routing on the GPU
+    (:class:`scout_mm.kernels.moe.Routing`, no host sync), Int4 grouped gate_up over gathered rows, SwiGLU with
+    the routing weight on the expert input, Int4 grouped down, slot sum. ``config``: one config for both
+    GEMMs (benchmarks); ``{"kind": "dequant"}`` forces dequantise + the bf16 fused MoE."""
+    hidden_size, two_inter = gate_up[0].shape[1] * 8, gate_up[0].shape[2]
+    n_experts = gate_up[0].shape[0]
+    _check_weight(*gate_up, group_size, 1)
+    _check_weight(*down, group_size, 1)
+    inter = two_inter // 2
+    if down[0].shape != (n_experts, inter // 8, hidden_size):
+        raise ValueError(
+            f"down qweight {tuple(down[0].shape)}; expected {(n_experts, inter // 8, hidden_size)} from gate_up "
+            f"{tuple(gate_up[0].shape)}"
+        )
+    tokens = hidden.shape[0]
+    if hidden.shape[1] != hidden_size or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != tokens:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)}, topk_ids {tuple(topk_ids.shape)}, topk_weights "
+            f"{tuple(topk_weights.shape)}; expected (tokens, {hidden_size}) and two (tokens, top_k)"
+        )
+    if tokens == 0:
+        return hidden.new_zeros(hidden.shape)
+    hidden, topk_weights, topk_ids = hidden.contiguous(), topk_weights.contiguous(), topk_ids.contiguous()
+    top_k = topk_ids.shape[1]
+    n_rows = tokens * top_k
+    # Rows per touched expert (shape-only estimate: no host sync).
+    rows_per_expert = n_rows / min(n_experts, n_rows)
+    cfg = config or pick_config(rows_per_expert)
+    if cfg["kind"] == "dequant" or (
+        config is None and not _interpreting() and rows_per_expert >= TUNED["MOE_DEQUANT_MIN_ROWS_PER_EXPERT"]
+    ):
+        from scout_mm.kernels import moe
+
+        return moe.moe_experts(
+            hidden, topk_weights, topk_ids,
+            dequantize(*gate_up, group_size, hidden.dtype), dequantize(*down, group_size, hidden.dtype),
+        )  # fmt: skip
+    route = Routing(topk_ids, n_experts, _moe_route_block(rows_per_expert, cfg))
+    pre = _matmul(hidden, gate_up, group_size, None, 1, n_rows, route, cfg)  # (split, max_rows, 2I)
+    h = torch.empty(route.max_rows, inter, dtype=hidden.dtype, device=hidden.device)
+    block = min(1024, triton.next_power_of_2(inter))
+    _swiglu_kernel[(route.max_rows, triton.cdiv(inter, block))](
+        pre, topk_weights, route.sorted_rows, h, n_rows, inter, pre.shape[0], pre.stride(0), BLOCK=block
+    )
+    rows_out = _matmul(h, down, group_size, None, 2, route.max_rows, route, cfg)  # (split, n_rows, H)
+    out = torch.empty(tokens, hidden_size, dtype=hidden.dtype, device=hidden.device)
+    return _sum_rows(rows_out, out, route.ids, n_experts, top_k)

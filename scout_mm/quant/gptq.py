@@ -1,0 +1,89 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column along its input dim, pushing each column's
+rounding error onto the columns not yet quantized through the inverse Hessian ``H = sum x x^T`` of the
+layer's calibration inputs, so the layer's OUTPUT error on those inputs is what gets minimised.
+
+Group parameters are chosen when the first column of a group is reached, from the already-updated weights
+(as in the reference implementation), with the same rule as round-to-nearest
+(:func:`scout_mm.quant.format.group_params`), so the stored format is identical.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scout_mm.quant.format import _packed, codes_for, group_params
+
+BLOCK = 128  # columns updated together (lazy batch updates); a multiple of every allowed group size
+
+
+class Hessian:
+    """Running ``sum x x^T`` over calibration rows of one layer input (fp32, on the rows' device)."""
+
+    def __init__(self, dim: int, device):
+        self.matrix = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+        self.rows = 0
+
+    def add(self, rows: torch.Tensor) -> None:  # (n, dim)
+        rows = rows.reshape(-1, rows.shape[-1]).float()
+        self.matrix.addmm_(rows.T, rows)
+        self.rows += rows.shape[0]
+
+
+def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1, with damping raised until H is positive definite."""
+    diag = torch.arange(hessian.shape[0], device=hessian.device)
+    mean = hessian.diagonal().mean().clamp(min=1e-12)
+    for attempt in range(6):
+        h = hessian.clone()
+        h[diag, diag] += damp * (10**attempt) * mean
+        factor, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return upper
+    raise RuntimeError("GPTQ: the Hessian stayed singular after damping; use more calibration data or RTN")
+
+
+def quantize_gptq(
+    weight: torch.Tensor,  # (K, N): x @ weight, as the packed layout
+    hessian: Hessian,
+    group_size: int,
+    symmetric: bool = True,
+    scale_dtype: torch.dtype = torch.bfloat16,
+    damp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """GPTQ-quantize one weight -> (qweight, scales, zeros or None) in the packed layout."""
+    size_k, size_n = weight.shape
+    if size_k % group_size:
+        raise ValueError(f"K={size_k} (the input dim) is not a multiple of group size {group_size}")
+    device = hessian.matrix.device
+    w = weight.to(device=device, dtype=torch.float32).T.contiguous()  # (N, K): rows are output channels
+    h = hessian.matrix.clone()
+    dead = h.diagonal() == 0  # inputs never active: their weights cannot matter, drop them
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h_inv = _inverse_cholesky(h, damp)
+    n_groups = size_k // group_size
+    codes = torch.empty(size_n, size_k, device=device)
+    scales = torch.empty(size_n, n_groups, device=device)
+    zeros = torch.empty(size_n, n_groups, device=device)
+    for start in range(0, size_k, BLOCK):
+        end = min(start + BLOCK, size_k)
+        block = w[:, start:end].clone()
+        errors = torch.zeros_like(block)
+        h_inv_block = h_inv[start:end, start:end]
+        for i in range(end - start):
+            col = start + i
+            if col % group_size == 0:
+                g = col // group_size
+                scales[:, g], zeros[:, g] = group_params(block[:, i : i + group_size], symmetric, scale_dtype)
+            scale, zero = scales[:, col // group_size], zeros[:, col // group_size]
+            column = block[:, i]
+            q = codes_for(column, scale, zero)
+            codes[:, col] = q
+            err = (column - (q - zero) * scale) / h_inv_block[i, i]
+            block[:, i:] -= err[:, None] * h_inv_block[i, i:][None, :]
+            errors[:, i] = err
+        w[:, end:] -= errors @ h_inv[start:end, end:]
+    return _packed(codes.T, scales, zeros, symmetric, scale_dtype)

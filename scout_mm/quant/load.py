@@ -1,0 +1,136 @@
+"""Load an Int4 checkpoint straight onto its device: the model skeleton is built on the meta device, its
+targets swapped for empty Int4 modules (the same selection the quantizer used), and every tensor is read from
+the memory-mapped shards and moved to the device one at a time — no float copy of a quantized weight exists
+at any point, and host memory holds at most one tensor beyond the page cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from scout_mm.checkpoint import CheckpointError, iter_checkpoint
+from scout_mm.config import ScoutConfig
+from scout_mm.quant.format import QuantConfig
+from scout_mm.quant.modules import Int4Experts, Int4Linear
+from scout_mm.quant.quantize import replace_with_empty_int4
+
+ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def read_quant_config(path: str | os.PathLike) -> tuple[dict, QuantConfig]:
+    """(the raw config.json dict, its QuantConfig); CheckpointError when the folder is not an Int4 checkpoint."""
+    file = os.path.join(os.fspath(path), "config.json")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"no config.json at {file}")
+    with open(file) as f:
+        hf = json.load(f)
+    quant = hf.get("quantization_config")
+    if quant is None:
+        raise CheckpointError(
+            f"{file} has no quantization_config: not an Int4 checkpoint (load it with "
+            "ScoutForConditionalGeneration.from_pretrained, or quantize it with scripts/quantize.py)"
+        )
+    try:
+        return hf, QuantConfig.from_dict(quant)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: bad quantization_config: {e}") from e
+
+
+def load_quantized(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cuda",
+):
+    """An Int4 checkpoint (written by ``scripts/quantize.py`` / :func:`scout_mm.quant.save_quantized`) as a
+    ready model: packed weights as stored, every float tensor in ``dtype`` (the activation dtype), all on
+    ``device`` (``cuda``: the Triton kernels; ``cpu``: the PyTorch references)."""
+    device = torch.device(device)
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"device {device}; Int4 models run on 'cuda' (Triton kernels) or 'cpu' (references)")
+    if dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"dtype {dtype}; expected one of {ACTIVATION_DTYPES}")
+    path = os.fspath(path)
+    hf, cfg = read_quant_config(path)
+    config = ScoutConfig.from_hf(hf)
+    from scout_mm.model import ScoutForConditionalGeneration
+
+    with torch.device("meta"):
+        model = ScoutForConditionalGeneration(config)
+    try:
+        replace_with_empty_int4(model, cfg)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: config.json and its quantization_config disagree: {e}") from e
+    expected = dict(model.named_parameters())
+    packed = {
+        f"{name}.{attr}": buffer
+        for name, module in model.named_modules()
+        if isinstance(module, (Int4Linear, Int4Experts))
+        for attr, buffer in module.named_buffers(recurse=False)
+        if buffer is not None
+    }
+    expected.update(packed)
+    if config.tie_word_embeddings and isinstance(model.language_model.lm_head, nn.Linear):
+        expected.pop("language_model.lm_head.weight", None)
+    loaded, unexpected = set(), []
+    for file, key, load in iter_checkpoint(path):
+        target = expected.get(key)
+        if target is None:
+            unexpected.append(key)
+            continue
+        tensor = load()
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, but the config (group_size="
+                f"{cfg.group_size}, symmetric={cfg.symmetric}) expects {tuple(target.shape)}"
+            )
+        if key in packed:  # stored as quantized: int32 codes, scales/zeros in the config's dtype
+            if tensor.dtype != target.dtype:
+                raise CheckpointError(
+                    f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected {target.dtype}"
+                )
+            tensor = tensor.to(device)
+        elif not tensor.is_floating_point():
+            raise CheckpointError(f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected floating point")
+        else:
+            tensor = tensor.to(device=device, dtype=dtype)
+        _assign(model, key, tensor)
+        loaded.add(key)
+    if unexpected:
+        raise CheckpointError(
+            f"{path}: {len(unexpected)} tensors match nothing in the config + quantization_config, e.g. "
+            f"{unexpected[:5]}"
+        )
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        raise CheckpointError(
+            f"{path}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[:5]}"
+        )
+    if config.tie_word_embeddings and isinstance(model.language_model.lm_head, nn.Linear):
+        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    model.quant_config = cfg
+    return model.eval()
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[attr] = tensor
+
+
+def quantized_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the model's tensors: packed weights, their scales/zeros, and everything kept in float."""
+    out = {"int4_weights": 0, "scales_zeros": 0, "float": 0}
+    for t in model.parameters():
+        out["float"] += t.numel() * t.element_size()
+    for name, t in model.named_buffers():
+        key = "int4_weights" if name.endswith("qweight") else "scales_zeros"
+        out[key] += t.numel() * t.element_size()
+    out["total"] = sum(out.values())
+    return out

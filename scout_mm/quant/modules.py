@@ -1,0 +1,106 @@
+"""Int4 drop-in modules: :class:`Int4Linear` for ``nn.Linear`` and :class:`Int4Experts` for
+:class:`scout_mm.moe.Experts` (same ``forward(hidden, topk_weights, topk_ids)`` seam), so the model code never
+knows its weights are Int4. Packed tensors are buffers (they never train); a bias stays a float parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from scout_mm import kernels
+from scout_mm.quant.format import QuantConfig, dequantize
+
+
+def _register_packed(module: nn.Module, prefix: str, size_k: int, size_n: int, cfg: QuantConfig, lead=(),
+                     device=None) -> None:  # fmt: skip
+    """Empty packed buffers ``{prefix}qweight``, ``{prefix}scales`` (+ ``{prefix}zeros``)."""
+    groups = size_k // cfg.group_size
+    module.register_buffer(prefix + "qweight", torch.empty(*lead, size_k // 8, size_n, dtype=torch.int32,
+                                                           device=device))  # fmt: skip
+    module.register_buffer(prefix + "scales", torch.empty(*lead, groups, size_n, dtype=cfg.torch_scale_dtype,
+                                                          device=device))  # fmt: skip
+    zeros = (
+        None
+        if cfg.symmetric
+        else torch.empty(*lead, groups, size_n, dtype=cfg.torch_scale_dtype, device=device)
+    )
+    module.register_buffer(prefix + "zeros", zeros)
+
+
+def check_divisible(name: str, size_k: int, group_size: int) -> None:
+    if size_k % group_size or size_k % 8:
+        raise ValueError(
+            f"{name}: input dim {size_k} is not a multiple of group size {group_size}; pick a group size that "
+            "divides it or add the module to the skip list"
+        )
+
+
+class Int4Linear(nn.Module):
+    """``y = x @ W + b`` with ``W (in, out)`` stored packed (``qweight (in // 8, out)``, ``scales``, ``zeros``)."""
+
+    def __init__(self, in_features: int, out_features: int, cfg: QuantConfig, bias: bool = False,
+                 device=None, name: str = "Int4Linear"):  # fmt: skip
+        super().__init__()
+        check_divisible(name, in_features, cfg.group_size)
+        self.in_features, self.out_features, self.group_size = in_features, out_features, cfg.group_size
+        _register_packed(self, "", in_features, out_features, cfg, device=device)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+
+    @classmethod
+    def from_packed(cls, packed: tuple, cfg: QuantConfig, bias: torch.Tensor | None = None, name: str = ""):
+        qweight, scales, zeros = packed
+        module = cls(qweight.shape[0] * 8, qweight.shape[1], cfg, bias is not None, device="meta", name=name)
+        module.qweight, module.scales, module.zeros = qweight, scales, zeros
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return module
+
+    def packed(self) -> tuple:
+        return self.qweight, self.scales, self.zeros
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:  # (in, out)
+        return dequantize(self.qweight, self.scales, self.zeros, self.group_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        out = kernels.int4_linear(
+            x.reshape(-1, shape[-1]), self.qweight, self.scales, self.zeros, self.group_size
+        )
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"symmetric={self.zeros is None}, bias={self.bias is not None}")  # fmt: skip
+
+
+class Int4Experts(nn.Module):
+    """Routed SwiGLU experts with packed ``gate_up (E, H // 8, 2I)`` and ``down (E, I // 8, H)`` stacks."""
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, cfg: QuantConfig, device=None,
+                 name: str = "Int4Experts"):  # fmt: skip
+        super().__init__()
+        check_divisible(name + ".gate_up_proj", hidden_size, cfg.group_size)
+        check_divisible(name + ".down_proj", intermediate_size, cfg.group_size)
+        self.n_experts, self.group_size = n_experts, cfg.group_size
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        _register_packed(self, "gate_up_", hidden_size, 2 * intermediate_size, cfg, (n_experts,), device)
+        _register_packed(self, "down_", intermediate_size, hidden_size, cfg, (n_experts,), device)
+
+    def set_packed(self, gate_up: tuple, down: tuple) -> None:
+        self.gate_up_qweight, self.gate_up_scales, self.gate_up_zeros = gate_up
+        self.down_qweight, self.down_scales, self.down_zeros = down
+
+    def packed(self) -> tuple[tuple, tuple]:
+        return ((self.gate_up_qweight, self.gate_up_scales, self.gate_up_zeros),
+                (self.down_qweight, self.down_scales, self.down_zeros))  # fmt: skip
+
+    def forward(self, hidden, topk_weights, topk_ids):
+        gate_up, down = self.packed()
+        return kernels.int4_moe_experts(hidden, topk_weights, topk_ids, gate_up, down, self.group_size)
+
+    def extra_repr(self) -> str:
+        return (f"n_experts={self.n_experts}, hidden_size={self.hidden_size}, "
+                f"intermediate_size={self.intermediate_size}, group_size={self.group_size}")  # fmt: skip

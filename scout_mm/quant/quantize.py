@@ -1,0 +1,425 @@
+"""Quantize a model to Int4: in memory (:func:`quantize_model`) or a checkpoint folder to another, one
+decoder layer at a time, never holding the whole float model (:func:`quantize_checkpoint`).
+
+Both run the same per-layer step. RTN quantizes each target weight on its own. GPTQ runs the calibration
+samples through the model layer by layer: the inputs of layer ``i`` are the outputs of the already-quantized
+layers before it; every target in the layer gets the Hessian of its own inputs (routed experts: the rows
+each expert received, already scaled by their routing weight, and the SwiGLU outputs for ``down``), then the
+layer is quantized and run again to give the next layer its inputs. Targets outside the decoder layers (the
+vision tower or the LM head when they are taken off the skip list) are quantized with RTN.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from scout_mm.checkpoint import (
+    _IGNORED_SUFFIXES,
+    _TEXT_ONLY_PREFIX,
+    CheckpointError,
+    _parse_size,
+    _replace_dir,
+    checkpoint_files,
+)
+from scout_mm.config import ScoutConfig
+from scout_mm.moe import Experts
+from scout_mm.quant.format import QuantConfig, quantize_rtn
+from scout_mm.quant.gptq import Hessian, quantize_gptq
+from scout_mm.quant.modules import Int4Experts, Int4Linear, check_divisible
+
+LAYERS = "language_model.model.layers."
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Which modules, and how each one is quantized
+# ----------------------------------------------------------------------------------------------------------
+
+
+def quant_targets(model: nn.Module, cfg: QuantConfig, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """(full name, module) of every ``nn.Linear`` / ``Experts`` that ``cfg`` quantizes, in model order."""
+    found = []
+    for name, module in model.named_modules():
+        full = f"{prefix}.{name}" if prefix and name else (prefix or name)
+        if isinstance(module, (nn.Linear, Experts)) and not cfg.skips(full):
+            found.append((full, module))
+    return found
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def _quantize_weight(weight, cfg: QuantConfig, hessian: Hessian | None):
+    """(K, N) float weight -> packed tensors, by GPTQ when a Hessian with rows is given, else RTN."""
+    if hessian is not None and hessian.rows > 0:
+        return quantize_gptq(
+            weight, hessian, cfg.group_size, cfg.symmetric, cfg.torch_scale_dtype, cfg.gptq_damp
+        )
+    return quantize_rtn(weight, cfg.group_size, cfg.symmetric, cfg.torch_scale_dtype)
+
+
+def quantize_module(
+    name: str, module: nn.Module, cfg: QuantConfig, hessians: dict | None = None
+) -> nn.Module:
+    """The Int4 replacement of one ``nn.Linear`` or ``Experts`` (GPTQ where ``hessians`` has its inputs)."""
+    hessians = hessians or {}
+    if isinstance(module, nn.Linear):
+        check_divisible(name, module.in_features, cfg.group_size)
+        packed = _quantize_weight(module.weight.detach().T, cfg, hessians.get(name))
+        qmodule = Int4Linear.from_packed(packed, cfg, module.bias, name)
+    elif isinstance(module, Experts):
+        n_experts, hidden_size, two_inter = module.gate_up_proj.shape
+        qmodule = Int4Experts(n_experts, hidden_size, two_inter // 2, cfg, device="meta", name=name)
+        gate_h = hessians.get(name + ".gate_up_proj", [None] * n_experts)
+        down_h = hessians.get(name + ".down_proj", [None] * n_experts)
+        # One expert at a time: the fp32 copies of a Scout expert stack would be 8 GB.
+        gate_up = [
+            _quantize_weight(module.gate_up_proj[e].detach(), cfg, gate_h[e]) for e in range(n_experts)
+        ]
+        down = [_quantize_weight(module.down_proj[e].detach(), cfg, down_h[e]) for e in range(n_experts)]
+        qmodule.set_packed(_stack(gate_up), _stack(down))
+    else:
+        raise TypeError(f"{name}: cannot quantize a {type(module).__name__}")
+    return qmodule
+
+
+def _stack(per_expert: list[tuple]) -> tuple:
+    return tuple(None if parts[0] is None else torch.stack(parts) for parts in zip(*per_expert))
+
+
+def _quantize_in_place(root: nn.Module, cfg: QuantConfig, prefix: str = "", hessians: dict | None = None):
+    for full, module in quant_targets(root, cfg, prefix):
+        local = full[len(prefix) + 1 :] if prefix else full
+        _set_module(root, local, quantize_module(full, module, cfg, hessians))
+
+
+def replace_with_empty_int4(model: nn.Module, cfg: QuantConfig) -> None:
+    """Swap every target for an Int4 module with empty (meta) buffers: the skeleton an Int4 checkpoint loads
+    into. Same selection as quantization, so the module tree always matches the saved tensors."""
+    for name, module in quant_targets(model, cfg):
+        if isinstance(module, nn.Linear):
+            new = Int4Linear(
+                module.in_features, module.out_features, cfg, module.bias is not None, "meta", name
+            )
+        else:
+            n_experts, hidden_size, two_inter = module.gate_up_proj.shape
+            new = Int4Experts(n_experts, hidden_size, two_inter // 2, cfg, "meta", name)
+        _set_module(model, name, new)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPTQ calibration: per-layer Hessians
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _CalibrationExperts(nn.Module):
+    """Stands in for ``Experts`` during calibration: same output (per-expert fp32 loop), and records each
+    expert's gate_up input rows (routing weight applied: Llama 4 scales the expert INPUT) and down input rows."""
+
+    def __init__(self, experts: Experts):
+        super().__init__()
+        self.experts = experts
+        n_experts, hidden_size, two_inter = experts.gate_up_proj.shape
+        device = experts.gate_up_proj.device
+        self.gate_up = [Hessian(hidden_size, device) for _ in range(n_experts)]
+        self.down = [Hessian(two_inter // 2, device) for _ in range(n_experts)]
+
+    def forward(self, hidden, topk_weights, topk_ids):
+        out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        for e in range(len(self.gate_up)):
+            token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+            if token.numel() == 0:
+                continue
+            rows = hidden[token].float() * topk_weights[token, slot, None].float()
+            self.gate_up[e].add(rows)
+            gate, up = (rows @ self.experts.gate_up_proj[e].float()).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+            self.down[e].add(h)
+            out.index_add_(0, token, h @ self.experts.down_proj[e].float())
+        return out.to(hidden.dtype)
+
+
+@torch.no_grad()
+def _layer_hessians(layer: nn.Module, prefix: str, inputs: list, text_cfg, cfg: QuantConfig) -> dict:
+    hessians, hooks, swapped = {}, [], []
+    for full, module in quant_targets(layer, cfg, prefix):
+        local = full[len(prefix) + 1 :]
+        if isinstance(module, nn.Linear):
+            hessians[full] = h = Hessian(module.in_features, module.weight.device)
+            hooks.append(module.register_forward_pre_hook(lambda m, args, h=h: h.add(args[0])))
+        else:
+            calib = _CalibrationExperts(module)
+            _set_module(layer, local, calib)
+            swapped.append((local, module))
+            hessians[full + ".gate_up_proj"], hessians[full + ".down_proj"] = calib.gate_up, calib.down
+    try:
+        for x in inputs:
+            run_layer(layer, x, text_cfg)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for local, module in swapped:
+            _set_module(layer, local, module)
+    return hessians
+
+
+def run_layer(layer: nn.Module, x: torch.Tensor, text_cfg) -> torch.Tensor:
+    """One decoder layer on one unpadded sequence ``x (1, seq, hidden)``, as the model's forward runs it."""
+    from scout_mm.model import rope_inv_freq
+
+    positions = torch.arange(x.shape[1], device=x.device)[None]
+    angles = positions[..., None].float() * rope_inv_freq(text_cfg, x.device)
+    return layer(x, (torch.cos(angles), torch.sin(angles)), positions, None)[0]
+
+
+@torch.no_grad()
+def _embed_calibration(model, calibration: list[dict]) -> list[torch.Tensor]:
+    device, dtype = model.get_input_embeddings().weight.device, model.get_input_embeddings().weight.dtype
+    out = []
+    for sample in calibration:
+        ids = sample["input_ids"].to(device)
+        if ids.dim() != 2 or ids.shape[0] != 1:
+            raise ValueError(
+                f"calibration input_ids shape {tuple(ids.shape)}; expected (1, seq): one sequence each"
+            )
+        pixels = sample.get("pixel_values")
+        pixels = pixels.to(device=device, dtype=dtype) if pixels is not None else None
+        out.append(model.embed_inputs(ids, pixels)[0])
+    return out
+
+
+@torch.no_grad()
+def _quantize_layer(layer, prefix, inputs, text_cfg, cfg: QuantConfig):
+    """Quantize one decoder layer in place; returns the next layer's inputs (GPTQ) or None."""
+    hessians = _layer_hessians(layer, prefix, inputs, text_cfg, cfg) if inputs is not None else None
+    _quantize_in_place(layer, cfg, prefix, hessians)
+    if inputs is None:
+        return None
+    return [run_layer(layer, x, text_cfg) for x in inputs]
+
+
+def _check_method(cfg: QuantConfig, calibration) -> None:
+    if cfg.method == "gptq" and not calibration:
+        raise ValueError("method='gptq' needs calibration samples (see scout_mm.quant.calibration_set)")
+    if cfg.method == "rtn" and calibration:
+        raise ValueError("calibration samples given with method='rtn', which does not use them")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def quantize_model(model, cfg: QuantConfig | None = None, calibration: list[dict] | None = None):
+    """Quantize ``model`` in place (module swap) and return it.
+
+    ``calibration``: GPTQ's samples, each ``{"input_ids": (1, seq), "pixel_values": optional}`` (e.g. from
+    :func:`scout_mm.quant.calibration_set`)."""
+    cfg = cfg or QuantConfig()
+    _check_method(cfg, calibration)
+    inputs = _embed_calibration(model, calibration) if cfg.method == "gptq" else None
+    layers = model.language_model.model.layers
+    for i, layer in enumerate(tqdm(layers, desc="quantizing", unit="layer", leave=False)):
+        inputs = _quantize_layer(layer, f"{LAYERS}{i}", inputs, model.config.text, cfg)
+    _quantize_in_place(model, cfg)  # what is left outside the decoder layers: RTN
+    model.quant_config = cfg
+    return model
+
+
+class _Source:
+    """The float tensors of a scout_mm / HF Llama 4 checkpoint under our parameter names, read one at a time
+    from the memory-mapped shards."""
+
+    def __init__(self, path: str, config: ScoutConfig, expected: set[str]):
+        self.handles, self.where = {}, {}
+        text_only = config.vision is None
+        unexpected = []
+        for file in checkpoint_files(path):
+            try:
+                handle = safe_open(file, framework="pt", device="cpu")
+            except Exception as e:
+                raise CheckpointError(f"cannot read {file}: corrupt or not a safetensors file ({e})") from e
+            self.handles[file] = handle
+            for key in handle.keys():
+                name = _TEXT_ONLY_PREFIX + key if text_only and not key.startswith(_TEXT_ONLY_PREFIX) else key
+                if name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                if not config.text.use_shared_expert and ".shared_expert." in name:
+                    continue  # the all-zero shared expert of HF-layout checkpoints of models without one
+                if name not in expected:
+                    unexpected.append(key)
+                self.where[name] = (file, key)
+        if any(k.endswith("qweight") for k in self.where):
+            raise CheckpointError(f"{path} is already quantized (it holds packed qweight tensors)")
+        if unexpected:
+            raise CheckpointError(
+                f"{path}: {len(unexpected)} tensors match no parameter, e.g. {unexpected[:5]}"
+            )
+
+    def load_into(self, model: nn.Module, names: list[str], device, dtype) -> None:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for name in names:
+            if name not in self.where:
+                raise CheckpointError(f"parameter {name!r} is missing from the checkpoint")
+            file, key = self.where[name]
+            tensor = self.handles[file].get_tensor(key)
+            target = params[name]
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise CheckpointError(
+                    f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, but the config expects "
+                    f"{tuple(target.shape)}"
+                )
+            if not tensor.is_floating_point():
+                raise CheckpointError(
+                    f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected floating point"
+                )
+            module_name, _, attr = name.rpartition(".")
+            tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
+            model.get_submodule(module_name)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+class _ShardWriter:
+    """Writes a state dict piece by piece into size-bounded safetensors shards of a temporary folder."""
+
+    def __init__(self, folder: str, max_shard_size: int | str):
+        self.folder, self.limit = folder, _parse_size(max_shard_size)
+        self.pending, self.pending_bytes, self.shards, self.weight_map, self.total = {}, 0, [], {}, 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, tensor in tensors.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if self.pending and self.pending_bytes + nbytes > self.limit:
+                self._flush()
+            self.pending[key] = tensor.detach().to("cpu").contiguous()
+            self.pending_bytes += nbytes
+            self.total += nbytes
+
+    def _flush(self) -> None:
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        save_file(self.pending, os.path.join(self.folder, name), metadata={"format": "pt"})
+        self.shards.append((name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self, hf_config: dict) -> None:
+        if self.pending or not self.shards:
+            self._flush()
+        n = len(self.shards)
+        for i, (tmp_name, keys) in enumerate(self.shards):
+            name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.rename(os.path.join(self.folder, tmp_name), os.path.join(self.folder, name))
+            self.weight_map.update(dict.fromkeys(keys, name))
+        if n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
+            with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
+        with open(os.path.join(self.folder, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2, sort_keys=True)
+
+
+def _hf_config(config: ScoutConfig, cfg: QuantConfig, dtype: torch.dtype) -> dict:
+    hf = config.to_hf()
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    hf["quantization_config"] = cfg.to_dict()
+    return hf
+
+
+def _state_to_save(model: nn.Module, names_under: str | None = None) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if model.config.tie_word_embeddings and isinstance(model.language_model.lm_head, nn.Linear):
+        state.pop("language_model.lm_head.weight", None)
+    if names_under is not None:
+        state = {k: v for k, v in state.items() if k.startswith(names_under)}
+    return state
+
+
+def _write_atomically(path: str, write) -> None:
+    """``write(tmp_folder)`` then move the folder into place (keeping tokenizer files already there)."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    try:
+        write(tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_quantized(model, path, max_shard_size: int | str = "5GB") -> None:
+    """Write a model quantized by :func:`quantize_model` (config.json with ``quantization_config``)."""
+    cfg = getattr(model, "quant_config", None)
+    if cfg is None:
+        raise ValueError("model is not quantized (no quant_config); run scout_mm.quant.quantize_model first")
+
+    def write(tmp):
+        writer = _ShardWriter(tmp, max_shard_size)
+        writer.add(_state_to_save(model))
+        writer.finish(_hf_config(model.config, cfg, model.dtype))
+
+    _write_atomically(path, write)
+
+
+@torch.no_grad()
+def quantize_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    cfg: QuantConfig | None = None,
+    calibration: list[dict] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+) -> None:
+    """Quantize the checkpoint at ``src`` into an Int4 checkpoint at ``dst``, one decoder layer at a time.
+
+    Peak memory: the tensors outside the decoder layers (embeddings, LM head, vision tower) plus one layer,
+    on ``device`` (``dtype``: compute dtype of the float tensors, default as stored; they are saved in it).
+    """
+    cfg = cfg or QuantConfig()
+    _check_method(cfg, calibration)
+    src = os.fspath(src)
+    config = ScoutConfig.from_hf(src)
+    if "quantization_config" in config.hf_extra or "quantization_config" in config.text.hf_extra:
+        raise CheckpointError(f"{src} is already quantized (its config.json has a quantization_config)")
+    from scout_mm.model import ScoutForConditionalGeneration
+
+    with torch.device("meta"):
+        model = ScoutForConditionalGeneration(config)
+    names = [n for n, _ in model.named_parameters()]
+    source = _Source(src, config, set(n for n, _ in model.named_parameters(remove_duplicate=False)))
+    outside = [n for n in names if not n.startswith(LAYERS)]
+    if config.tie_word_embeddings:
+        outside = [n for n in outside if n != "language_model.lm_head.weight"]
+    source.load_into(model, outside, device, dtype)
+    if config.tie_word_embeddings:
+        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    inputs = _embed_calibration(model, calibration) if cfg.method == "gptq" else None
+    saved_dtype = dtype or model.get_input_embeddings().weight.dtype
+
+    def write(tmp):
+        nonlocal inputs
+        writer = _ShardWriter(tmp, max_shard_size)
+        layers = model.language_model.model.layers
+        for i in tqdm(range(len(layers)), desc="quantizing", unit="layer", leave=False):
+            prefix = f"{LAYERS}{i}"
+            source.load_into(model, [n for n in names if n.startswith(prefix + ".")], device, dtype)
+            inputs = _quantize_layer(layers[i], prefix, inputs, config.text, cfg)
+            writer.add({f"{prefix}.{k}": v for k, v in layers[i].state_dict().items()})
+            layers[i] = layers[i].to("meta")  # free the layer before the next one is read
+        _quantize_in_place(model, cfg)
+        writer.add({k: v for k, v in _state_to_save(model).items() if not k.startswith(LAYERS)})
+        writer.finish(_hf_config(config, cfg, saved_dtype))
+
+    _write_atomically(dst, write)

@@ -1,0 +1,18 @@
+"""Answer an image+text prompt with an Int4 checkpoint; prints memory used and tokens/s.
+
+    python scripts/int4_generate.py --model INT4_PATH --image a.png --prompt "..." [generate.py options]
+
+Same as ``python scripts/generate.py --int4 ...`` (one implementation: this forwards to it).
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+if __name__ == "__main__":
+    sys.argv.insert(1, "--int4")
+    runpy.run_path(
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "generate.py"), run_name="__main__"
+    )

@@ -1,0 +1,78 @@
+"""Quantize a scout_mm / HF Llama 4 checkpoint to Int4, one decoder layer at a time.
+
+    python scripts/quantize.py --model PATH --out PATH [--method rtn|gptq] [--group-size 128] \
+        [--asymmetric] [--scale-dtype bfloat16|float16] [--skip PATTERN ...] [--calibration-samples 16] \
+        [--device cuda] [--dtype bfloat16] [--max-shard-size 5GB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+
+import torch
+
+from scout_mm.config import ScoutConfig
+from scout_mm.quant import QuantConfig, calibration_set, quantize_checkpoint
+from scout_mm.quant.format import DEFAULT_SKIP
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="float checkpoint folder")
+    parser.add_argument("--out", required=True, help="Int4 checkpoint folder to write")
+    parser.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
+    parser.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128])
+    parser.add_argument("--asymmetric", action="store_true", help="store per-group zero points")
+    parser.add_argument("--scale-dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    parser.add_argument("--skip", nargs="*", default=list(DEFAULT_SKIP),
+                        help=f"module-name substrings kept in float (default: {' '.join(DEFAULT_SKIP)})")  # fmt: skip
+    parser.add_argument("--calibration-samples", type=int, default=16, help="GPTQ: processor-made samples")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="compute dtype (default: stored)"
+    )
+    parser.add_argument("--max-shard-size", default="5GB")
+    args = parser.parse_args()
+
+    cfg = QuantConfig(group_size=args.group_size, symmetric=not args.asymmetric, scale_dtype=args.scale_dtype,
+                      method=args.method, skip=tuple(args.skip))  # fmt: skip
+    calibration = None
+    if args.method == "gptq":
+        from scout_mm import Processor
+
+        processor = Processor.from_config(
+            ScoutConfig.from_hf(args.model), tokenizer_path=_tokenizer(args.model)
+        )
+        calibration = calibration_set(processor, args.calibration_samples)
+    start = time.perf_counter()
+    quantize_checkpoint(args.model, args.out, cfg, calibration, device=args.device,
+                        dtype=DTYPES[args.dtype] if args.dtype else None, max_shard_size=args.max_shard_size)  # fmt: skip
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "processor_config.json",
+    ):
+        if os.path.exists(os.path.join(args.model, name)):
+            shutil.copy2(os.path.join(args.model, name), os.path.join(args.out, name))
+    print(f"{args.model} ({_size(args.model) / 1e9:.2f} GB) -> {args.out} ({_size(args.out) / 1e9:.2f} GB), "
+          f"{args.method}, group {args.group_size}, {time.perf_counter() - start:.1f} s")  # fmt: skip
+
+
+def _tokenizer(path: str) -> str:
+    return path if os.path.exists(os.path.join(path, "tokenizer.json")) else "builtin"
+
+
+def _size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+
+
+if __name__ == "__main__":
+    main()

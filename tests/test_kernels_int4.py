@@ -1,0 +1,247 @@
+"""Int4 W4A16 Triton kernels (``scout_mm.kernels.int4``) vs the dequantize-then-matmul references.
+
+CPU: the kernels run under ``TRITON_INTERPRET=1`` at tiny shapes, in one subprocess (``test_interpreter_suite``,
+as in test_kernels_moe.py: Triton reads the variable at import). GPU tests (marked ``gpu``) run the compiled
+kernels at Scout shapes in bf16. Inputs are fresh random draws every run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import scout_mm.kernels as kernels
+from scout_mm.kernels import int4_reference as reference
+from scout_mm.quant.format import pack_int4
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
+def test_interpreter_suite():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def int4():
+    if not INTERPRETED:
+        pytest.skip("runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite")
+    pytest.importorskip("triton")
+    from scout_mm.kernels import int4 as module
+
+    return module
+
+
+@pytest.fixture(scope="module")
+def gpu_int4():
+    if not torch.cuda.is_available() or INTERPRETED:
+        pytest.skip("needs CUDA")
+    from scout_mm.kernels import int4 as module
+
+    return module
+
+
+def packed_weight(lead, size_k, size_n, group_size, symmetric, device="cpu", scale_dtype=torch.float16):
+    """Random codes, scales and zero points in the packed layout (never all-equal codes)."""
+    codes = torch.randint(0, 16, (*lead, size_k, size_n), device=device)
+    scales = (torch.rand(*lead, size_k // group_size, size_n, device=device) * 0.1 + 0.01) / size_k**0.5
+    zeros = None if symmetric else torch.randint(0, 16, scales.shape, device=device).to(scale_dtype)
+    return pack_int4(codes), scales.to(scale_dtype), zeros
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    assert torch.isfinite(a).all()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+# (M, K, N, group): M=1/2 take the GEMV kernel, larger M the tl.dot kernel; N ragged (not a tile multiple);
+# K tiles spanning several groups, and K splits over programs (the interpreter's config asks for them).
+LINEAR_SHAPES = {
+    "m1": (1, 64, 40, 32),
+    "m1_tail": (1, 96, 40, 32),  # K tiles of 2 groups over 3 groups: a half-masked last tile
+    "m2_g64": (2, 128, 24, 64),
+    "m3": (3, 64, 48, 32),
+    "m17_ragged": (17, 96, 40, 32),
+    "m40_g128": (40, 128, 72, 128),
+}
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", LINEAR_SHAPES.values(), ids=LINEAR_SHAPES.keys())
+def test_linear_matches_reference(int4, shape, dtype, symmetric):
+    m_rows, size_k, size_n, group = shape
+    weight = packed_weight((), size_k, size_n, group, symmetric)
+    x = torch.randn(m_rows, size_k).to(dtype)
+    out = int4.int4_linear(x, *weight, group)
+    # The kernels round the dequantized weight to the activation dtype, as the reference does.
+    ref = x.double() @ reference.dequantize(*weight, group, dtype).double()
+    assert out.dtype == dtype and out.shape == (m_rows, size_n)
+    assert rel(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("kind", ["gemv", "gemm_small", "gemm_large"])
+def test_every_kernel_at_every_size(int4, kind):
+    # Force each kernel on row counts it would not be picked for (a GEMV over 5 rows, a GEMM over 1).
+    cfg = int4.INTERPRET[kind]
+    for m_rows in (1, 5):
+        weight = packed_weight((), 64, 40, 32, symmetric=False)
+        x = torch.randn(m_rows, 64)
+        ref = x.double() @ reference.dequantize(*weight, 32).double()
+        assert rel(int4.int4_linear(x, *weight, 32, config=cfg), ref) < TOL[torch.float32]
+
+
+def test_dequantize_kernel_is_exact(int4):
+    for symmetric in (True, False):
+        weight = packed_weight((3,), 64, 40, 32, symmetric)
+        assert torch.equal(int4.dequantize(*weight, 32, torch.float32), reference.dequantize(*weight, 32))
+
+
+def _moe_problem(tokens, hidden, inter, n_experts, top_k, group, symmetric, dtype, device="cpu", ids=None):
+    x = torch.randn(tokens, hidden, device=device).to(dtype)
+    weights = torch.rand(tokens, top_k, device=device).to(dtype)
+    if ids is None:
+        ids = torch.rand(tokens, n_experts, device=device).argsort(dim=1)[:, :top_k]
+    gate_up = packed_weight((n_experts,), hidden, 2 * inter, group, symmetric, device)
+    down = packed_weight((n_experts,), inter, hidden, group, symmetric, device)
+    return x, weights, ids, gate_up, down
+
+
+def _moe_reference(x, weights, ids, gate_up, down, group):
+    """float64 reference over dequantized weights (rounded to the activation dtype like the kernels)."""
+    n_experts = gate_up[0].shape[0]
+    local = (ids >= 0) & (ids < n_experts)
+    gu = reference.dequantize(*gate_up, group, x.dtype).double()
+    dn = reference.dequantize(*down, group, x.dtype).double()
+    from scout_mm.kernels.reference import moe_experts
+
+    return moe_experts(x.double(), weights.double() * local, ids.clamp(0, n_experts - 1), gu, dn)
+
+
+# (tokens, hidden, inter, n_experts, top_k, group): decode sizes (GEMV path), prefill sizes (tl.dot path).
+MOE_SHAPES = {
+    "t1_top1": (1, 64, 32, 4, 1, 32),
+    "t1_top2": (1, 64, 32, 4, 2, 32),
+    "t5_top2_g64": (5, 64, 64, 4, 2, 64),
+    "t37_top2": (37, 64, 32, 4, 2, 32),
+    "t40_top1_sparse": (40, 32, 32, 8, 1, 32),
+}
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", MOE_SHAPES.values(), ids=MOE_SHAPES.keys())
+def test_moe_matches_reference(int4, shape, dtype, symmetric):
+    *dims, group = shape
+    x, weights, ids, gate_up, down = _moe_problem(*dims, group, symmetric, dtype)
+    out = int4.int4_moe_experts(x, weights, ids, gate_up, down, group)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert rel(out, _moe_reference(x, weights, ids, gate_up, down, group)) < TOL[dtype] * 3
+
+
+def test_moe_routing_weight_scales_the_input(int4):
+    # Llama 4: silu(w * x @ gate) * (w * x @ up), not w * expert(x). With w = 0.5 the two differ by far.
+    x, weights, ids, gate_up, down = _moe_problem(3, 64, 32, 4, 1, 32, True, torch.float32)
+    weights.fill_(0.5)
+    out = int4.int4_moe_experts(x, weights, ids, gate_up, down, 32)
+    on_output = 0.5 * int4.int4_moe_experts(x, torch.ones_like(weights), ids, gate_up, down, 32)
+    assert rel(out, _moe_reference(x, weights, ids, gate_up, down, 32)) < 1e-5
+    assert rel(out, on_output) > 0.05
+
+
+def test_moe_skewed_routing_and_non_local_slots(int4):
+    tokens = 21
+    ids = torch.stack([torch.ones(tokens, dtype=torch.long), torch.full((tokens,), 3)], dim=1)
+    ids[0, :] = -1  # a token routed to no local expert (expert parallelism)
+    ids[4, 1] = 9
+    x, weights, ids, gate_up, down = _moe_problem(tokens, 32, 32, 4, 2, 32, False, torch.float32, ids=ids)
+    out = int4.int4_moe_experts(x, weights, ids, gate_up, down, 32)
+    assert (out[0] == 0).all()
+    assert rel(out, _moe_reference(x, weights, ids, gate_up, down, 32)) < 1e-5
+
+
+def test_dispatch_runs_triton_when_forced(int4, monkeypatch):
+    monkeypatch.setenv("SCOUT_MM_KERNELS", "triton")
+    weight = packed_weight((), 64, 40, 32, True)
+    x = torch.randn(2, 64)
+    assert torch.equal(kernels.int4_linear(x, *weight, 32), int4.int4_linear(x, *weight, 32))
+
+
+def test_bad_inputs_name_the_values(int4):
+    qweight, scales, zeros = packed_weight((), 64, 40, 32, False)
+    with pytest.raises(ValueError, match="x shape"):
+        int4.int4_linear(torch.randn(2, 32), qweight, scales, zeros, 32)
+    with pytest.raises(ValueError, match="scales shape"):
+        int4.int4_linear(torch.randn(2, 64), qweight, scales, zeros, 64)
+    with pytest.raises(ValueError, match="int32"):
+        int4.int4_linear(torch.randn(2, 64), qweight.to(torch.int64), scales, zeros, 32)
+
+
+# ---------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m_rows", [1, 2, 5, 16, 64, 300, 2048])
+@pytest.mark.parametrize("size_n, size_k", [(16384, 5120), (5120, 8192)])
+def test_gpu_linear_scout_shapes(gpu_int4, m_rows, size_n, size_k):
+    weight = packed_weight((), size_k, size_n, 128, symmetric=True, device="cuda", scale_dtype=torch.bfloat16)
+    x = torch.randn(m_rows, size_k, device="cuda", dtype=torch.bfloat16)
+    out = gpu_int4.int4_linear(x, *weight, 128)
+    ref = x.float() @ reference.dequantize(*weight, 128, torch.bfloat16).float()
+    assert rel(out, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["gemv", "gemm_small", "gemm_medium", "gemm_large", "dequant"])
+def test_gpu_every_path_asymmetric_fp16(gpu_int4, kind):
+    cfg = {"kind": "dequant"} if kind == "dequant" else gpu_int4.TUNED[kind]
+    for m_rows in (1, 7, 130):
+        weight = packed_weight((), 1024, 776, 64, symmetric=False, device="cuda")
+        x = torch.randn(m_rows, 1024, device="cuda", dtype=torch.float16)
+        ref = x.float() @ reference.dequantize(*weight, 64, torch.float16).float()
+        assert rel(gpu_int4.int4_linear(x, *weight, 64, config=cfg), ref) < TOL[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens, top_k", [(1, 1), (1, 2), (16, 1), (64, 2), (512, 1), (4096, 1)])
+def test_gpu_moe_scout_shapes(gpu_int4, tokens, top_k):
+    hidden, inter, n_experts, group = 5120, 8192, 16, 128
+    x, weights, ids, gate_up, down = _moe_problem(tokens, hidden, inter, n_experts, top_k, group, True,
+                                                  torch.bfloat16, "cuda")  # fmt: skip
+    out = gpu_int4.int4_moe_experts(x, weights, ids, gate_up, down, group)
+    gu = reference.dequantize(*gate_up, group, torch.bfloat16)
+    dn = reference.dequantize(*down, group, torch.bfloat16)
+    from scout_mm.kernels.reference import moe_experts
+
+    ref = moe_experts(x.float(), weights.float(), ids, gu.float(), dn.float())
+    assert rel(out, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_gpu_moe_dequant_path_and_graph_capture(gpu_int4):
+    x, weights, ids, gate_up, down = _moe_problem(4, 1024, 512, 8, 2, 64, False, torch.bfloat16, "cuda")
+    ref = _moe_reference(x.float(), weights.float(), ids, gate_up, down, 64)
+    forced = gpu_int4.int4_moe_experts(x, weights, ids, gate_up, down, 64, config={"kind": "dequant"})
+    assert rel(forced, ref) < TOL[torch.bfloat16]
+    # Decode step: no host sync, so it captures into a CUDA graph and replays with new inputs.
+    step = lambda: gpu_int4.int4_moe_experts(x, weights, ids, gate_up, down, 64)
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    x.copy_(torch.randn_like(x))
+    ids.copy_(torch.rand(4, 8, device="cuda").argsort(dim=1)[:, :2])
+    graph.replay()
+    assert rel(out, _moe_reference(x.float(), weights.float(), ids, gate_up, down, 64)) < TOL[torch.bfloat16]

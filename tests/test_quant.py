@@ -1,0 +1,319 @@
+"""Int4 quantization (``scout_mm.quant``): format, RTN/GPTQ, module swap, checkpoint quantize/save/load, errors.
+
+CPU only: the Int4 modules run the PyTorch references here (the kernels are tested in test_kernels_int4.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import scout_mm.kernels as kernels
+from scout_mm import Processor, ScoutConfig
+from scout_mm.checkpoint import CheckpointError
+from scout_mm.model import ScoutForConditionalGeneration
+from scout_mm.moe import Experts
+from scout_mm.quant import (
+    Int4Experts,
+    Int4Linear,
+    QuantConfig,
+    calibration_set,
+    dequantize,
+    load_quantized,
+    pack_int4,
+    quantize_checkpoint,
+    quantize_model,
+    quantize_rtn,
+    save_quantized,
+    unpack_int4,
+)
+from scout_mm.quant import quantize as quantize_module
+from tests.helpers import tiny_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # GPTQ is thousands of small ops: with 2+ intra-op threads on a shared CPU, threads that wait for a busy core
+    # made these tests 20-100x slower (0.5 s -> 60 s); one thread is both fast and steady.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_model(vision=False, seed=None, **text):
+    overrides = dict(hidden_size=128, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                     use_shared_expert=True)  # fmt: skip
+    overrides.update(text)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return ScoutForConditionalGeneration(tiny_config(vision=vision, **overrides)).eval()
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def random_ids(batch, seq):
+    return torch.randint(3, 290, (batch, seq))
+
+
+# ------------------------------------------------------------------------------------------------- format
+
+
+def test_pack_unpack_round_trip():
+    codes = torch.randint(0, 16, (3, 64, 40))
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.int32 and packed.shape == (3, 8, 40)
+    assert torch.equal(unpack_int4(packed), codes.to(torch.int32))
+    # Documented layout: nibble j of word r is row 8r + j.
+    assert int(packed[0, 1, 5]) & 0xF == int(codes[0, 8, 5])
+    assert (int(packed[0, 1, 5]) >> 28) & 0xF == int(codes[0, 15, 5])
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_rtn_error_within_half_a_step(symmetric, group_size, scale_dtype):
+    weight = torch.randn(256, 48) * 0.05 + (0.0 if symmetric else 0.02)
+    qweight, scales, zeros = quantize_rtn(weight, group_size, symmetric, scale_dtype)
+    assert scales.dtype == scale_dtype and scales.shape == (256 // group_size, 48)
+    assert (zeros is None) == symmetric
+    step = scales.float().repeat_interleave(group_size, dim=0)
+    error = (dequantize(qweight, scales, zeros, group_size) - weight).abs()
+    if symmetric:
+        assert (error <= 0.5 * step * 1.02 + 1e-7).all()
+    else:  # the rounded zero point can push a group's extreme one step out of range, to be clamped
+        assert (error <= step * 1.02 + 1e-7).all() and (
+            error <= 0.5 * step * 1.02 + 1e-7
+        ).float().mean() > 0.99
+
+
+def test_quant_config_round_trip_and_errors():
+    cfg = QuantConfig(group_size=64, symmetric=False, scale_dtype="float16", method="gptq", skip=("lm_head",))
+    assert QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="group_size=48"):
+        QuantConfig(group_size=48)
+    with pytest.raises(ValueError, match="scale_dtype='float32'"):
+        QuantConfig(scale_dtype="float32")
+    with pytest.raises(ValueError, match="quant_method='gptq'"):
+        QuantConfig.from_dict({"quant_method": "gptq", "bits": 4})
+    with pytest.raises(ValueError, match="floating-point"):
+        quantize_rtn(torch.ones(64, 8, dtype=torch.int32), 32)
+
+
+def test_reference_dispatch_on_cpu_is_dequant_matmul():
+    qweight, scales, zeros = quantize_rtn(torch.randn(64, 24), 32, symmetric=False)
+    x = torch.randn(5, 64)
+    expected = x @ dequantize(qweight, scales, zeros, 32)
+    assert torch.allclose(kernels.int4_linear(x, qweight, scales, zeros, 32), expected, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- modules
+
+
+def test_module_swap_quantizes_targets_and_respects_the_skip_list():
+    model = quantize_model(small_model(vision=True, seed=0), QuantConfig(group_size=32))
+    layer = model.language_model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, Int4Linear)
+    assert isinstance(layer.feed_forward.experts, Int4Experts)
+    assert isinstance(layer.feed_forward.shared_expert.down_proj, Int4Linear)
+    # Default skip list: router, norms, embeddings, LM head, vision tower stay float.
+    assert isinstance(model.language_model.lm_head, nn.Linear)
+    assert layer.feed_forward.router.weight.is_floating_point()
+    assert not any(isinstance(m, Int4Linear) for m in model.vision_model.modules())
+    assert not any(isinstance(m, Int4Linear) for m in model.multi_modal_projector.modules())
+
+    custom = quantize_model(
+        small_model(seed=0), QuantConfig(group_size=32, skip=("self_attn", "embed_tokens"))
+    )
+    layer = custom.language_model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, nn.Linear)
+    assert isinstance(custom.language_model.lm_head, Int4Linear)
+
+
+def test_int4_model_equals_float_model_with_dequantized_weights():
+    # The module swap changes nothing but the weights: a float model holding the dequantized weights gives the
+    # same logits.
+    model = small_model(seed=1)
+    quantized = quantize_model(copy.deepcopy(model), QuantConfig(group_size=32, symmetric=False))
+    for name, module in quantized.named_modules():
+        if isinstance(module, Int4Linear):
+            model.get_submodule(name).weight.data = module.dequantized_weight().T.contiguous()
+        elif isinstance(module, Int4Experts):
+            float_experts = model.get_submodule(name)
+            gate_up, down = module.packed()
+            float_experts.gate_up_proj.data = dequantize(*gate_up, 32)
+            float_experts.down_proj.data = dequantize(*down, 32)
+    ids = random_ids(2, 20)
+    assert rel(logits(quantized, ids), logits(model, ids)) < 1e-5
+
+
+def test_group_size_not_dividing_a_dim_is_a_clear_error():
+    model = small_model(seed=0, hidden_size=96, intermediate_size=64)
+    with pytest.raises(ValueError, match="input dim 96 is not a multiple of group size 64"):
+        quantize_model(model, QuantConfig(group_size=64))
+
+
+# ----------------------------------------------------------------------------------------------- GPTQ
+
+
+def test_gptq_beats_rtn_on_held_out_logits():
+    model = small_model(seed=3)
+    calibration = [{"input_ids": random_ids(1, 64)} for _ in range(8)]
+    held_out = random_ids(4, 48)
+    reference = logits(model, held_out)
+    for symmetric in (True, False):
+        cfg = QuantConfig(group_size=32, symmetric=symmetric)
+        rtn = quantize_model(copy.deepcopy(model), cfg)
+        gptq_cfg = QuantConfig(group_size=32, symmetric=symmetric, method="gptq")
+        gptq = quantize_model(copy.deepcopy(model), gptq_cfg, calibration)
+        rtn_err, gptq_err = rel(logits(rtn, held_out), reference), rel(logits(gptq, held_out), reference)
+        assert gptq_err < 0.9 * rtn_err, (symmetric, rtn_err, gptq_err)
+
+
+def test_gptq_with_processor_calibration_on_the_tiny_preset():
+    # Text + image samples from the processor (vision tower skipped); held-out samples of the same kinds.
+    torch.manual_seed(4)
+    config = ScoutConfig.from_preset("tiny", num_hidden_layers=2)
+    model = ScoutForConditionalGeneration(config).eval()
+    samples = calibration_set(Processor.from_config(config), n_samples=10)
+    held_out, calibration = samples[:2], samples[2:]
+    assert "pixel_values" not in held_out[0] and "pixel_values" in held_out[1]
+
+    def outputs(m):
+        with torch.no_grad():
+            return torch.cat([m(input_ids=s["input_ids"], pixel_values=s.get("pixel_values")).logits[0]
+                              for s in held_out])  # fmt: skip
+
+    reference = outputs(model)
+    rtn = quantize_model(copy.deepcopy(model), QuantConfig())
+    gptq = quantize_model(copy.deepcopy(model), QuantConfig(method="gptq"), calibration)
+    rtn_err, gptq_err = rel(outputs(rtn), reference), rel(outputs(gptq), reference)
+    assert gptq_err < 0.7 * rtn_err, (rtn_err, gptq_err)
+
+
+def test_gptq_needs_calibration():
+    with pytest.raises(ValueError, match="needs calibration"):
+        quantize_model(small_model(seed=0), QuantConfig(method="gptq", group_size=32))
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_save_load_round_trip(tmp_path):
+    model = quantize_model(small_model(vision=True, seed=5), QuantConfig(group_size=64, symmetric=False))
+    save_quantized(model, tmp_path / "q", max_shard_size="150KB")
+    assert os.path.exists(tmp_path / "q" / "model.safetensors.index.json")
+    with open(tmp_path / "q" / "config.json") as f:
+        assert json.load(f)["quantization_config"]["group_size"] == 64
+    loaded = load_quantized(tmp_path / "q", dtype=torch.float32, device="cpu")
+    ids = random_ids(2, 16)
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+    half = load_quantized(tmp_path / "q", dtype=torch.bfloat16, device="cpu")
+    assert half.language_model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert half.language_model.model.layers[0].self_attn.q_proj.scales.dtype == torch.bfloat16  # as stored
+
+
+def test_quantize_checkpoint_layer_by_layer_matches_in_memory(tmp_path, monkeypatch):
+    model = small_model(vision=True, seed=6)
+    model.save_pretrained(tmp_path / "float", max_shard_size="200KB")
+    # While layer i is quantized, no other decoder layer holds float weights: the model is never materialised.
+    real = quantize_module._quantize_layer
+    seen = []
+
+    def checked(layer, prefix, *args):
+        layers = [lay for lay in layers_of[0] if lay is not layer]
+        seen.append(sum(p.numel() for lay in layers for p in lay.parameters() if not p.is_meta))
+        return real(layer, prefix, *args)
+
+    layers_of = []
+    real_init = ScoutForConditionalGeneration.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        layers_of.append(self.language_model.model.layers)
+
+    monkeypatch.setattr(ScoutForConditionalGeneration, "__init__", init)
+    monkeypatch.setattr(quantize_module, "_quantize_layer", checked)
+    cfg = QuantConfig(group_size=32)
+    quantize_checkpoint(tmp_path / "float", tmp_path / "int4", cfg, max_shard_size="200KB")
+    monkeypatch.undo()
+    assert seen == [0] * model.config.text.num_hidden_layers
+    loaded = load_quantized(tmp_path / "int4", dtype=torch.float32, device="cpu")
+    in_memory = quantize_model(copy.deepcopy(model), cfg)
+    ids = random_ids(2, 16)
+    assert torch.equal(logits(loaded, ids), logits(in_memory, ids))
+
+
+def test_quantize_checkpoint_with_gptq(tmp_path):
+    model = small_model(seed=7)
+    model.save_pretrained(tmp_path / "float")
+    calibration = [{"input_ids": random_ids(1, 48)} for _ in range(4)]
+    cfg = QuantConfig(group_size=32, method="gptq")
+    quantize_checkpoint(tmp_path / "float", tmp_path / "int4", cfg, calibration)
+    loaded = load_quantized(tmp_path / "int4", dtype=torch.float32, device="cpu")
+    in_memory = quantize_model(copy.deepcopy(model), cfg, calibration)
+    ids = random_ids(1, 16)
+    assert rel(logits(loaded, ids), logits(in_memory, ids)) < 1e-5
+
+
+def test_bad_int4_checkpoints_and_options_raise_clear_errors(tmp_path):
+    model = small_model(seed=8)
+    model.save_pretrained(tmp_path / "float")
+    with pytest.raises(CheckpointError, match="no quantization_config"):
+        load_quantized(tmp_path / "float", device="cpu")
+    save_quantized(quantize_model(model, QuantConfig(group_size=32)), tmp_path / "q")
+    with pytest.raises(CheckpointError, match="already quantized"):
+        quantize_checkpoint(tmp_path / "q", tmp_path / "again", QuantConfig(group_size=32))
+    with pytest.raises(ValueError, match="device meta"):
+        load_quantized(tmp_path / "q", device="meta")
+    with pytest.raises(ValueError, match="dtype torch.int8"):
+        load_quantized(tmp_path / "q", dtype=torch.int8, device="cpu")
+
+    def edit(fn):
+        with open(tmp_path / "q" / "config.json") as f:
+            hf = json.load(f)
+        fn(hf)
+        with open(tmp_path / "q" / "config.json", "w") as f:
+            json.dump(hf, f)
+
+    edit(lambda hf: hf["quantization_config"].update(group_size=64))
+    with pytest.raises(CheckpointError, match="group_size=64"):
+        load_quantized(tmp_path / "q", device="cpu")
+    edit(lambda hf: hf["quantization_config"].update(group_size=32, symmetric=False))
+    with pytest.raises(CheckpointError, match="zeros"):
+        load_quantized(tmp_path / "q", device="cpu")
+    edit(lambda hf: (hf["quantization_config"].update(symmetric=True), hf.update(hidden_size=256)))
+    with pytest.raises(CheckpointError, match="shape"):
+        load_quantized(tmp_path / "q", device="cpu")
+    edit(lambda hf: (hf.update(hidden_size=128), hf["quantization_config"].update(bits=8)))
+    with pytest.raises(CheckpointError, match="bits=8"):
+        load_quantized(tmp_path / "q", device="cpu")
+
+
+def test_int4_model_generates():
+    from scout_mm.generation import generate_ids
+
+    model = quantize_model(small_model(seed=9), QuantConfig(group_size=32))
+    out = generate_ids(model, random_ids(1, 12), max_new_tokens=4, eos_token_id=[])
+    assert out.sequences.shape == (1, 16)
+
+
+def test_experts_seam_is_unchanged():
+    # Int4Experts plugs into MoE through Experts' forward(hidden, topk_weights, topk_ids) signature.
+    import inspect
+
+    assert list(inspect.signature(Experts.forward).parameters) == list(
+        inspect.signature(Int4Experts.forward).parameters
+    )
