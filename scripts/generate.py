@@ -2,7 +2,7 @@
 
     python scripts/generate.py --model PATH --image a.png [--image b.png] --prompt "..." \
         [--max-new-tokens N] [--temperature T] [--stream] [--device cuda] [--dtype bfloat16] [--int4]
-    python scripts/generate.py --demo     # the tiny preset with RANDOM weights on the built-in example image
+    python scripts/generate.py --demo     # the shipped trained tiny model on the built-in example image
 
 --int4: the model is an Int4 checkpoint (scripts/quantize.py); with --demo, the tiny model quantized (RTN).
 """
@@ -22,6 +22,8 @@ from scout_mm.quant import load_quantized, quantize_model, quantized_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXAMPLE_IMAGE = str(files("scout_mm") / "assets" / "example.png")
+# The tiny preset trained on the synthetic image-text tasks (configs/tiny.yaml, bench/results/train_tiny_h100.md).
+TRAINED_TINY = files("scout_mm") / "assets" / "tiny"
 
 
 def main() -> None:
@@ -30,7 +32,7 @@ def main() -> None:
     )
     parser.add_argument("--model", help="checkpoint folder (config.json, safetensors, tokenizer.json)")
     parser.add_argument(
-        "--demo", action="store_true", help="built-in tiny model (random weights) + example image"
+        "--demo", action="store_true", help="the shipped trained tiny model + the example image"
     )
     parser.add_argument("--image", action="append", default=[], help="image path; repeat for several images")
     parser.add_argument("--prompt", default=None)
@@ -52,18 +54,25 @@ def main() -> None:
     )
 
     if args.demo:
-        torch.manual_seed(args.seed)
-        config = ScoutConfig.from_preset("tiny")
-        model = ScoutForConditionalGeneration(config).to(device=args.device, dtype=dtype).eval()
+        if TRAINED_TINY.joinpath("config.json").is_file():
+            path = str(TRAINED_TINY)
+            model = ScoutForConditionalGeneration.from_pretrained(
+                path, dtype=dtype, device=args.device
+            ).eval()
+            processor = Processor.from_config(model.config, tokenizer_path=path)
+        else:
+            torch.manual_seed(args.seed)
+            config = ScoutConfig.from_preset("tiny")
+            model = ScoutForConditionalGeneration(config).to(device=args.device, dtype=dtype).eval()
+            processor = Processor.from_config(config)
+            print(
+                f"demo: no trained model at {TRAINED_TINY}: tiny preset with RANDOM weights, the answer is noise",
+                file=sys.stderr,
+            )
         if args.int4:
             model = quantize_model(model)
-        processor = Processor.from_config(config)
         images = args.image or [EXAMPLE_IMAGE]
         prompt = args.prompt or "What shapes are in the image?"
-        print(
-            "demo: tiny preset with RANDOM weights — the answer is noise until a trained model ships",
-            file=sys.stderr,
-        )
     else:
         load = load_quantized if args.int4 else ScoutForConditionalGeneration.from_pretrained
         model = load(args.model, dtype=dtype, device=args.device)

@@ -17,11 +17,19 @@ class Router(nn.Module):
         super().__init__()
         self.top_k = top_k
         self.weight = nn.Parameter(torch.empty(n_experts, hidden_size))
+        # Optional ``(router, router_logits) -> topk_ids`` that replaces the top-k choice. Training code sets it
+        # from outside to record routing decisions and replay them when activation checkpointing recomputes
+        # a layer (scout_mm.train.routing); None = plain top-k.
+        self.choose_experts = None
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden (tokens, hidden) -> topk_weights (tokens, k), topk_ids (tokens, k), logits (tokens, E)."""
         router_logits = F.linear(hidden, self.weight)
-        top_logits, topk_ids = torch.topk(router_logits, self.top_k, dim=-1)
+        if self.choose_experts is None:
+            top_logits, topk_ids = torch.topk(router_logits, self.top_k, dim=-1)
+        else:
+            topk_ids = self.choose_experts(self, router_logits)
+            top_logits = router_logits.gather(-1, topk_ids)
         # HF takes the sigmoid in fp32 and casts back to the activation dtype.
         topk_weights = torch.sigmoid(top_logits.float()).to(router_logits.dtype)
         return topk_weights, topk_ids, router_logits

@@ -1,0 +1,336 @@
+"""The training loop: ``train(config, deepspeed_config_path)`` runs one (possibly resumed) training job."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from scout_mm.train.config import TrainConfig
+from scout_mm.train.data import JsonlSource, Mixture, PackedStream, SyntheticSource, eval_batches, make_loader
+from scout_mm.train.engine import (
+    Checkpointer,
+    barrier,
+    build_engine,
+    build_model,
+    deepspeed_config,
+    export_pretrained,
+    init_distributed,
+    zero_stage,
+)
+from scout_mm.train.evaluate import answer_accuracy, generation_accuracy
+from scout_mm.train.metrics import FlopCounter, Logger, expert_histogram, peak_tflops, plot_curve
+from scout_mm.train.synthetic import SyntheticTasks
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float] = field(default_factory=list)  # training loss of each log line (every step with log_every=1)
+    eval: dict | None = None
+    generation: dict | None = None
+    export_dir: str | None = None
+
+
+def build_source(cfg: TrainConfig, processor):
+    sources, weights = [], []
+    for i, spec in enumerate(cfg.data.sources):
+        kind = spec.get("type")
+        if kind == "synthetic":
+            sources.append(SyntheticSource(processor, "train", cfg.data.seed, spec.get("tasks")))
+        elif kind == "jsonl":
+            if "path" not in spec:
+                raise ValueError(f"data.sources[{i}] = {spec}: a jsonl source needs a 'path'")
+            sources.append(JsonlSource(processor, spec["path"], cfg.data.seed))
+        else:
+            raise ValueError(f"data.sources[{i}] type {kind!r}; expected 'synthetic' or 'jsonl'")
+        weights.append(float(spec.get("weight", 1.0)))
+    return Mixture(sources, weights, cfg.data.seed)
+
+
+def train(
+    cfg: TrainConfig, deepspeed_config_path: str | None = None, launch_time: float | None = None
+) -> TrainResult:
+    """Train (or resume) as configured; returns what rank 0 saw. Every rank must call it."""
+    launch_time = launch_time or time.time()
+    cfg.validate()
+    t = cfg.train
+    rank, world, local_rank = init_distributed()
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model, processor = build_model(cfg)
+    ds_config = deepspeed_config(cfg, deepspeed_config_path, world)
+    engine, tap, schedule = build_engine(cfg, model, ds_config)
+    model_config = engine.module.config
+    checkpoints = Checkpointer(engine, os.path.join(t.output_dir, "checkpoints"), t.keep_checkpoints, rank)
+    state = None if t.resume == "never" else checkpoints.load(None if t.resume == "auto" else t.resume)
+    state = state or {}
+    step, consumed = state.get("step", 0), state.get("batches_consumed", 0)
+    logger = Logger(t.output_dir, schedule.total_steps, step, rank == 0, t.tensorboard)
+    if state:
+        logger.print(f"resumed from step {step} ({consumed} micro-batches consumed)")
+    if rank == 0:
+        with open(os.path.join(t.output_dir, "config.yaml"), "w") as f:
+            import yaml
+
+            yaml.safe_dump({**cfg.to_dict(), "deepspeed": ds_config}, f, sort_keys=False)
+
+    align = model_config.text.attention_chunk_size if cfg.data.pack_align == "chunk" else cfg.data.pack_align
+    stream = PackedStream(
+        build_source(cfg, processor),
+        processor,
+        t.micro_batch_size,
+        cfg.data.seq_len,
+        align,
+        consumed,
+        rank,
+        world,
+    )
+    batches = iter(make_loader(stream, cfg.data.num_workers))
+    eval_set = []
+    if cfg.data.eval_docs:
+        heldout = SyntheticSource(processor, "heldout", cfg.data.seed, cfg.data.eval_tasks)
+        eval_set = eval_batches(
+            heldout, processor, cfg.data.eval_docs, t.micro_batch_size, cfg.data.seq_len, align
+        )
+
+    dtype = next(engine.module.parameters()).dtype
+    coef = model_config.text.router_aux_loss_coef
+    flops = FlopCounter(model_config)
+    peak = peak_tflops(t.peak_tflops)
+
+    def forward(batch):
+        pixels = batch.pixel_values.to(dtype) if batch.pixel_values is not None else None
+        return engine(
+            input_ids=batch.input_ids, pixel_values=pixels, position_ids=batch.position_ids,
+            labels=batch.labels, with_aux_loss=False,
+        )  # fmt: skip
+
+    def evaluate() -> dict:
+        engine.eval()
+        result = answer_accuracy(forward, eval_set, device)
+        engine.train()
+        return result
+
+    result = TrainResult(step=step)
+    window = _Window(device, tap.n_experts, len(tap.routers))
+    # (from step, at step) pairs: time the steps in between, then fit the step count to the budget.
+    c = max(t.calibration_steps, 6)
+    fit_marks = (
+        [] if t.time_budget_min is None else [(0, step + 5), (step + 5, step + c), (step + c, step + 4 * c)]
+    )
+    marks_time = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    engine.train()
+    window.restart()
+    while step < schedule.total_steps:
+        for _ in range(t.grad_accum):
+            waited = time.time()
+            batch = next(batches).to(device)
+            window.data_wait += time.time() - waited
+            tap.start_forward()
+            out = forward(batch)
+            aux = tap.aux_loss(batch.token_mask)
+            loss = out.loss + coef * aux if aux is not None else out.loss
+            engine.backward(loss)
+            engine.step()
+            n_tiles = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
+            window.add(
+                out.loss,
+                aux,
+                tap.expert_load(batch.token_mask),
+                batch,
+                flops(*batch.input_ids.shape, n_tiles),
+            )
+        step += 1
+        consumed += t.grad_accum * world
+        logger.advance()
+
+        if fit_marks and step == fit_marks[0][1]:
+            # Fit the step count to the time budget from the measured step time, twice: early, and again
+            # once the DataLoader and kernel caches are warm. The cosine follows the new total.
+            _sync(device)
+            now = time.time()
+            if marks_time is not None:
+                per_step = (now - marks_time) / (step - fit_marks[0][0])
+                left = t.time_budget_min * 60 - (now - launch_time) - t.time_reserve_s
+                total = _min_over_ranks(min(t.max_steps, step + max(0, int(left / per_step))), device)
+                schedule.total_steps = max(total, step)
+                logger.set_total(schedule.total_steps)
+                logger.print(
+                    f"time budget {t.time_budget_min} min: {per_step * 1e3:.0f} ms/step -> {schedule.total_steps} steps"
+                )
+            fit_marks.pop(0)
+            marks_time = now
+        out_of_time = t.time_budget_min is not None and _min_over_ranks(
+            int(time.time() - launch_time > t.time_budget_min * 60 - t.time_reserve_s), device, op="max"
+        )
+        last = step >= schedule.total_steps or out_of_time
+
+        if step % t.log_every == 0 or last:
+            scalars, hist = window.summary(world, peak)
+            scalars["lr"] = engine.get_lr()[0]
+            norm = engine.get_global_grad_norm()
+            scalars["grad_norm"] = float(norm) if norm is not None else None
+            if device.type == "cuda":
+                scalars["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            result.losses.append(scalars["loss"])
+            logger.log(step, scalars, histograms={"expert_load": hist})
+            logger.print(_format(step, scalars))
+            window.restart()
+        if eval_set and ((t.eval_every and step % t.eval_every == 0) or last):
+            result.eval = evaluate()
+            logger.log(step, {k: v for k, v in result.eval.items() if k != "docs"}, kind="eval")
+            logger.print(_format(step, result.eval, prefix="eval"))
+            window.restart()  # keep eval time out of the throughput numbers
+        if t.save_every and (step % t.save_every == 0 or last):
+            checkpoints.save(step, {"step": step, "batches_consumed": consumed, "world_size": world})
+            window.restart()
+        if out_of_time and step < schedule.total_steps:
+            logger.print(f"time budget reached at step {step} of {schedule.total_steps}")
+            break
+    del batches  # stop the DataLoader workers
+    result.step = step
+
+    if t.export:
+        result.export_dir = t.export_dir or os.path.join(t.output_dir, "export")
+        export_pretrained(engine, processor, result.export_dir, t.export_dtype, t.export_shard_size, rank)
+        logger.print(f"exported to {result.export_dir}")
+    if t.generate_eval_docs and zero_stage(ds_config) < 3 and rank == 0:
+        tasks = SyntheticTasks("heldout", cfg.data.seed, **_tasks(cfg))
+        try:
+            result.generation = generation_accuracy(
+                engine.module, processor, [tasks[i] for i in range(t.generate_eval_docs)]
+            )
+            logger.print(_format(step, result.generation, prefix="generate"))
+        except Exception as e:  # a failed check must not cost the trained model or its summary
+            result.generation = {"error": repr(e)}
+            logger.print(f"generation check failed: {e!r}")
+    if rank == 0:
+        _write_summary(cfg, ds_config, result, launch_time, world, device)
+        plot_curve(
+            os.path.join(t.output_dir, "metrics.jsonl"), os.path.join(t.output_dir, "curve.png"),
+            title=f"{cfg.model.preset}: synthetic image-text tasks",
+        )  # fmt: skip
+    logger.close()
+    barrier()
+    return result
+
+
+class _Window:
+    """Sums over the steps between two log lines, kept on the device (no host sync per step)."""
+
+    def __init__(self, device, n_experts: int, n_layers: int):
+        self.device, self.n_experts, self.n_layers = device, n_experts, n_layers
+
+    def restart(self) -> None:
+        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, aux, micro-steps, tokens
+        self.load = torch.zeros(self.n_layers, self.n_experts, dtype=torch.float64, device=self.device)
+        self.positions = 0
+        self.flops = 0.0
+        self.data_wait = 0.0  # seconds the loop waited for the DataLoader
+        self.started = time.time()
+
+    def add(self, loss, aux, load, batch, flops: float) -> None:
+        aux = aux.detach() if aux is not None else torch.zeros((), device=self.device)
+        tokens = batch.token_mask.sum()
+        self.sums += torch.stack(
+            [
+                loss.detach().double(),
+                aux.double(),
+                torch.ones((), device=self.device, dtype=torch.float64),
+                tokens.double(),
+            ]
+        )
+        if load.numel():
+            self.load += load.double()
+        self.positions += batch.input_ids.numel()
+        self.flops += flops
+
+    def summary(self, world: int, peak: float | None) -> tuple[dict, torch.Tensor]:
+        packed = torch.cat(
+            [
+                self.sums,
+                torch.tensor([self.positions, self.flops], dtype=torch.float64, device=self.device),
+                self.load.flatten(),
+            ]
+        )
+        if dist.is_initialized() and world > 1:
+            dist.all_reduce(packed)
+        elapsed = max(time.time() - self.started, 1e-9)
+        loss, aux, micro, tokens, positions, flops = packed[:6].tolist()
+        load = packed[6:].view(self.n_layers, self.n_experts)
+        scalars = {
+            "loss": loss / max(micro, 1),
+            "aux_loss": aux / max(micro, 1) if self.n_layers else None,
+            "tokens_per_s": tokens / elapsed,  # document tokens (padding excluded), all ranks
+            "positions_per_s": positions / elapsed,  # every position the model ran, padding included
+            "tflops_per_gpu": flops / elapsed / world / 1e12,
+            "data_wait": self.data_wait / elapsed,  # share of the time spent waiting for batches (rank 0)
+        }
+        if peak:
+            scalars["mfu"] = scalars["tflops_per_gpu"] / peak
+        if self.n_layers:
+            per_layer = load / load.sum(-1, keepdim=True).clamp(min=1) * self.n_experts
+            scalars["expert_load_max"] = float(per_layer.max())  # busiest expert / mean load (1 = balanced)
+            scalars["expert_load_min"] = float(per_layer.min())
+        return scalars, expert_histogram(load).cpu()
+
+
+def _tasks(cfg: TrainConfig) -> dict:
+    return {"tasks": cfg.data.eval_tasks} if cfg.data.eval_tasks else {}
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _min_over_ranks(value: int, device, op: str = "min") -> int:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def _format(step: int, values: dict, prefix: str = "step") -> str:
+    parts = [f"{prefix} {step}"]
+    for key, value in values.items():
+        if isinstance(value, float) and key != "time":
+            parts.append(f"{key} {value:.4g}")
+    return " | ".join(parts)
+
+
+def _write_summary(cfg, ds_config, result: TrainResult, launch_time: float, world: int, device) -> None:
+    import deepspeed
+
+    summary = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "world_size": world,
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "wall_s": time.time() - launch_time,
+        "steps": result.step,
+        "final_train_loss": result.losses[-1] if result.losses else None,
+        "eval": result.eval,
+        "generation": result.generation,
+        "zero_stage": zero_stage(ds_config),
+        "config": cfg.to_dict(),
+    }
+    with open(os.path.join(cfg.train.output_dir, "results.json"), "w") as f:
+        json.dump(
+            summary,
+            f,
+            indent=2,
+            default=lambda o: o if not isinstance(o, float) or math.isfinite(o) else None,
+        )

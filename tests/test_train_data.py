@@ -1,0 +1,195 @@
+"""Training data: chat tokenization with assistant-only labels, packing, and the resumable batch stream."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from scout_mm import Processor, ScoutConfig, ScoutForConditionalGeneration
+from scout_mm.train.data import (
+    IGNORE_INDEX,
+    ImageRef,
+    JsonlSource,
+    Mixture,
+    PackedStream,
+    SyntheticSource,
+    encode_conversation,
+    make_loader,
+    pack,
+    plan_rows,
+)
+from scout_mm.train.synthetic import SyntheticTasks
+
+
+@pytest.fixture(scope="module")
+def config():
+    return ScoutConfig.from_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def processor(config):
+    return Processor.from_config(config)
+
+
+def _image(width=168, height=168, colour=(200, 30, 30)):
+    image = Image.new("RGB", (width, height), colour)
+    return ImageRef(width, height, lambda: image)
+
+
+def test_conversation_ids_equal_the_processor_and_only_assistant_turns_are_labelled(processor):
+    messages = [
+        {"role": "system", "content": "  Be brief.  "},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": "A red square."},
+        {"role": "user", "content": "And the colour?"},
+        {"role": "assistant", "content": "red"},
+    ]
+    image = _image(336, 252)
+    example = encode_conversation(processor, messages, [image])
+    text = processor.apply_chat_template(messages, add_generation_prompt=False)
+    assert example.ids == processor(text, images=[image.load()])["input_ids"][0].tolist()
+    labelled = [t for t in example.labels if t != IGNORE_INDEX]
+    assert processor.decode(labelled) == "A red square.<|eot|>red<|eot|>"
+    # Labels are the ids themselves where set (the model shifts them).
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(example.ids, example.labels))
+
+
+def test_whitespace_led_answer_still_labels_the_answer(processor):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\n\n  ok"}]
+    example = encode_conversation(processor, messages)
+    text = processor.apply_chat_template(messages, add_generation_prompt=False)
+    assert example.ids == processor.encode(text)
+    assert processor.decode([t for t in example.labels if t != IGNORE_INDEX]).endswith("ok<|eot|>")
+
+
+def test_image_count_mismatch_is_an_error(processor):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}]
+    with pytest.raises(ValueError, match="1 image placeholders but 0 images"):
+        encode_conversation(processor, messages, [])
+
+
+def test_plan_rows_keeps_short_documents_inside_one_chunk():
+    lengths = [60, 70, 50, 200, 10, 128, 90]
+    rows = plan_rows(lengths, seq_len=512, align=128)
+    order = [doc for row in rows for doc, _ in row]
+    assert order == list(range(len(lengths)))
+    for row in rows:
+        ends = []
+        for doc, start in row:
+            end = start + lengths[doc]
+            assert end <= 512
+            if lengths[doc] <= 128:
+                assert start // 128 == (end - 1) // 128, (doc, start)
+            else:
+                assert start % 128 == 0
+            ends.append((start, end))
+        assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:]))  # no overlap
+    with pytest.raises(ValueError, match="600 tokens does not fit seq_len=512"):
+        plan_rows([600], 512, None)
+
+
+def test_pack_restarts_positions_and_orders_image_tiles(processor):
+    source = SyntheticSource(processor, "train", seed=0)
+    examples = [source[i] for i in range(10)]
+    batch = pack(examples, 512, 128, processor)
+    assert batch.input_ids.shape[1] == 512 and batch.pixel_values.dtype == torch.bfloat16
+    n_patch = int((batch.input_ids == processor.image_token_id).sum())
+    assert batch.pixel_values.shape[0] * processor.tokens_per_tile == n_patch
+    for doc, example in enumerate(examples):
+        where = (batch.doc_ids == doc).nonzero()
+        row, cols = int(where[0, 0]), where[:, 1]
+        assert batch.input_ids[row, cols].tolist() == example.ids
+        assert batch.position_ids[row, cols].tolist() == list(range(len(example.ids)))
+    assert bool((batch.labels[~batch.token_mask] == IGNORE_INDEX).all())
+    assert batch.tasks == [e.task for e in examples]
+
+
+def test_loss_comes_from_assistant_tokens_only(processor, config):
+    torch.manual_seed(0)
+    model = ScoutForConditionalGeneration(config).eval()
+    source = SyntheticSource(processor, "train", seed=0)
+    batch = pack([source[i] for i in range(3)], 256, 128, processor)
+    pixels = batch.pixel_values.float()
+    out = model(
+        input_ids=batch.input_ids, pixel_values=pixels, position_ids=batch.position_ids, labels=batch.labels
+    )
+    targets = batch.labels[:, 1:]
+    answer = targets != IGNORE_INDEX
+    decoded = [
+        processor.decode(
+            batch.labels[batch.doc_ids == d][batch.labels[batch.doc_ids == d] != IGNORE_INDEX].tolist()
+        )
+        for d in range(3)
+    ]
+    tasks = SyntheticTasks("train", seed=0)
+    assert decoded == [tasks[d].answer + "<|eot|>" for d in range(3)]
+    manual = F.cross_entropy(out.logits[:, :-1][answer].float(), targets[answer])
+    torch.testing.assert_close(out.loss, manual)
+    # Changing every non-answer label leaves the loss unchanged only because they are ignored: check that
+    # labelling a prompt token would change it.
+    prompt = batch.labels.clone()
+    first_prompt = int(((prompt == IGNORE_INDEX) & batch.token_mask).nonzero()[1, 1])
+    prompt[0, first_prompt] = batch.input_ids[0, first_prompt]
+    changed = model(
+        input_ids=batch.input_ids, pixel_values=pixels, position_ids=batch.position_ids, labels=prompt
+    )
+    assert not torch.allclose(changed.loss, out.loss)
+
+
+def test_stream_order_is_independent_of_workers_ranks_and_resume(processor):
+    source = SyntheticSource(processor, "train", seed=1)
+
+    def stream(start=0, rank=0, world=1):
+        return PackedStream(
+            source, processor, docs_per_batch=3, seq_len=384, align=128, start=start, rank=rank, world=world
+        )
+
+    def take(loader, n):
+        it = iter(loader)
+        return [next(it) for _ in range(n)]
+
+    single = take(make_loader(stream(), 0), 4)
+    assert [b.index for b in single] == [0, 1, 2, 3]
+    workers = take(make_loader(stream(), 2), 4)
+    assert [b.index for b in workers] == [0, 1, 2, 3]
+    for a, b in zip(single, workers):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
+    ranks = [take(make_loader(stream(rank=r, world=2), 0), 2) for r in range(2)]
+    assert [b.index for b in (ranks[0][0], ranks[1][0], ranks[0][1], ranks[1][1])] == [0, 1, 2, 3]
+    assert torch.equal(ranks[1][1].input_ids, single[3].input_ids)
+    resumed = take(make_loader(stream(start=2), 0), 2)
+    assert [b.index for b in resumed] == [2, 3] and torch.equal(resumed[1].input_ids, single[3].input_ids)
+
+
+def test_jsonl_text_and_chat_records(tmp_path, processor):
+    Image.new("RGB", (200, 150), (0, 90, 200)).save(tmp_path / "blue.png")
+    records = [
+        {"text": "Plain text document."},
+        {"image": "blue.png", "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+            {"role": "assistant", "content": "blue"},
+        ]},
+    ]  # fmt: skip
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    source = JsonlSource(processor, path, seed=0)
+    seen = {}
+    for i in range(4):  # two epochs, each a permutation of both records
+        example = source[i]
+        seen.setdefault(bool(example.images), []).append(example)
+    assert len(seen[True]) == len(seen[False]) == 2
+    text = seen[False][0]
+    assert processor.decode(text.ids) == "<|begin_of_text|>Plain text document.<|end_of_text|>"
+    assert text.labels[0] == IGNORE_INDEX and text.labels[1:] == text.ids[1:]
+    chat = seen[True][0]
+    assert processor.decode([t for t in chat.labels if t != IGNORE_INDEX]) == "blue<|eot|>"
+    batch = pack([chat, text], 512, 128, processor)
+    assert batch.pixel_values.shape[0] == 3  # 200x150 -> 1x2 tiles + the global tile
+    mixed = Mixture([source, SyntheticSource(processor)], [1.0, 3.0], seed=0)
+    assert {bool(mixed[i].task) for i in range(20)} == {True, False}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    with pytest.raises(ValueError, match="line 1: keys \\['prompt'\\]"):
+        JsonlSource(processor, bad)
