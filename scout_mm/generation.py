@@ -198,6 +198,8 @@ def generate_steps(
         )
     device = model.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device).bool()
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(device)  # the vision tower casts to its own dtype
     lengths = attention_mask.sum(-1).tolist()
     if min(lengths) == 0:
         raise ValueError(f"prompt {lengths.index(0)} is empty (no tokens under attention_mask)")

@@ -31,11 +31,15 @@ def _prompt(cfg, length, image_tiles=0):
 
 
 def _full_recompute(model, ids, pixel_values, steps):
-    seq = ids
+    """Greedy decoding by running the whole sequence each step. Generated ids are plain token embeddings
+    (a random model may sample the image-token id), exactly as the cached decode treats them."""
     with torch.no_grad():
+        embeds, _ = model.embed_inputs(ids, pixel_values)
+        seq = ids
         for _ in range(steps):
-            nxt = model(seq, pixel_values=pixel_values).logits[:, -1].argmax(-1)
+            nxt = model(inputs_embeds=embeds).logits[:, -1].argmax(-1)
             seq = torch.cat([seq, nxt[:, None]], dim=1)
+            embeds = torch.cat([embeds, model.get_input_embeddings()(nxt[:, None])], dim=1)
     return seq
 
 

@@ -100,3 +100,17 @@ def test_gpu_generation_matches_cpu_fp32_first_tokens():
     cpu = model.generate(ids, max_new_tokens=20, eos_token_id=[])
     gpu = model.cuda().generate(ids.cuda(), max_new_tokens=20, eos_token_id=[])
     assert torch.equal(cpu, gpu.cpu())
+
+
+def test_text_api_with_images_on_gpu():
+    import scout_mm
+    from scout_mm import Processor, ScoutConfig
+
+    cfg = ScoutConfig.from_preset("tiny", num_hidden_layers=2)
+    model = ScoutForConditionalGeneration(cfg).cuda().to(torch.bfloat16).eval()
+    processor = Processor.from_config(cfg)
+    from PIL import Image
+
+    image = Image.new("RGB", (300, 200), (20, 200, 40))
+    text = scout_mm.generate(model, processor, "What colour?", images=[image], max_new_tokens=5)
+    assert isinstance(text, str)
