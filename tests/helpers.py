@@ -103,3 +103,19 @@ def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def replace(cfg: ScoutConfig, **text) -> ScoutConfig:
     return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, **text))
+
+
+# Triton reads TRITON_INTERPRET when it is first imported, so interpreter tests run in a child pytest process
+# of their own file (with the variable set), and the parent asserts that child passed.
+INTERPRETED = __import__("os").environ.get("TRITON_INTERPRET") == "1"
+
+
+def run_file_under_interpreter(path: str, **extra_env: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", **extra_env}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", path]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]

@@ -7,27 +7,19 @@ kernels at Scout shapes in bf16. Inputs are fresh random draws every run.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import scout_mm.kernels as kernels
 from scout_mm.kernels import int4_reference as reference
 from scout_mm.quant.format import pack_int4
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from tests.helpers import INTERPRETED, run_file_under_interpreter
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
 def test_interpreter_suite():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    run_file_under_interpreter(__file__, OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")

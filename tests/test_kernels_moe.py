@@ -8,27 +8,20 @@ interpreted kernels. GPU tests (marked ``gpu``) run the compiled kernels at Scou
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import scout_mm.kernels as kernels
 from scout_mm.kernels import reference
+from tests.helpers import INTERPRETED, run_file_under_interpreter
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _IN_SUBPROCESS = "runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite"
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
 def test_interpreter_suite():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    run_file_under_interpreter(__file__)
 
 
 @pytest.fixture(scope="module")
