@@ -26,8 +26,9 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")  # single-threaded training: no 
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 
+from scout_mm.chat_format import llama4_special_tokens  # noqa: E402
 from scout_mm.config import SMALL_SPECIAL_OFFSET, SMALL_VOCAB_SIZE  # noqa: E402
-from scout_mm.processor import BUILTIN_TOKENIZER_DIR, llama4_special_tokens  # noqa: E402
+from scout_mm.processor import BUILTIN_TOKENIZER_DIR  # noqa: E402
 
 # The pre-tokenization regex of Llama 4 (tiktoken's o200k pattern).
 O200K_PATTERN = (

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from scout_mm.chat_format import llama4_special_tokens
 from scout_mm.config import SMALL_SPECIAL_OFFSET, SMALL_VOCAB_SIZE, ScoutConfig
-from scout_mm.processor import BUILTIN_TOKENIZER_DIR, Processor, llama4_special_tokens
+from scout_mm.processor import BUILTIN_TOKENIZER_DIR, Processor
 from scout_mm.vision.preprocess import ImageProcessor
 
 transformers = pytest.importorskip("transformers")
