@@ -274,7 +274,7 @@ def test_cli_demo_prints_answer_and_speed():
     import sys
 
     out = subprocess.run(
-        [sys.executable, "scripts/generate.py", "--demo", "--max-new-tokens", "4", "--device", "cpu"],
+        [sys.executable, "scripts/generate.py", "--demo", "--max-new-tokens", "8", "--device", "cpu"],
         capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip
     import os
@@ -283,6 +283,8 @@ def test_cli_demo_prints_answer_and_speed():
     trained = os.path.isfile("scout_mm/assets/tiny/config.json")
     assert ("RANDOM weights" in out.stderr) != trained
     assert "prefill" in out.stderr and "tok/s" in out.stderr
+    if trained:  # the shipped model names the example image's colours (red, green, blue shapes)
+        assert any(colour in out.stdout for colour in ("red", "green", "blue")), out.stdout
 
 
 def test_cli_rejects_missing_model():
