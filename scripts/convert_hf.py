@@ -1,5 +1,6 @@
-"""Re-save a Llama 4 / scout_mm checkpoint: change dtype or shard size, or turn a text-only
-``Llama4ForCausalLM`` checkpoint into our layout check. Output loads in scout_mm and in transformers.
+"""Re-save a Llama 4 / scout_mm checkpoint with another dtype or shard size, validating every tensor against
+the config on the way (shapes, missing/unexpected tensors). Tokenizer and processor files are copied along.
+The output loads in scout_mm and in transformers.
 
     python scripts/convert_hf.py --src PATH --dst PATH [--dtype bfloat16] [--max-shard-size 5GB]
 """
@@ -7,16 +8,29 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 
 import torch
 
 from scout_mm import ScoutForConditionalGeneration, count_parameters
 
+PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "chat_template.json",
+    "generation_config.json",
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--src", required=True, help="checkpoint folder (config.json + safetensors)")
     parser.add_argument("--dst", required=True, help="output folder (written atomically)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
@@ -24,8 +38,13 @@ def main() -> None:
     args = parser.parse_args()
     model = ScoutForConditionalGeneration.from_pretrained(args.src, dtype=DTYPES.get(args.dtype))
     counts = count_parameters(model)
-    print(f"loaded {args.src}: {counts['total'] / 1e9:.3f}B parameters ({counts['active'] / 1e9:.3f}B active)")
+    print(
+        f"loaded {args.src}: {counts['total'] / 1e9:.3f}B parameters ({counts['active'] / 1e9:.3f}B active)"
+    )
     model.save_pretrained(args.dst, max_shard_size=args.max_shard_size)
+    for name in PROCESSOR_FILES:
+        if os.path.isfile(os.path.join(args.src, name)):
+            shutil.copy2(os.path.join(args.src, name), os.path.join(args.dst, name))
     print(f"saved {args.dst}")
 
 

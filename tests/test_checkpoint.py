@@ -216,3 +216,20 @@ def test_peak_host_memory_is_about_one_copy(tmp_path):
     growth = int(out.stdout.strip().splitlines()[-1])
     print(f"weights {size / 1e6:.0f} MB, peak RSS growth {growth / 1e6:.0f} MB")
     assert size * 0.9 < growth < 1.5 * size
+
+
+def test_convert_script_recasts_reshards_and_keeps_processor_files(tmp_path):
+    cfg = tiny_config(vision=False)
+    model = ScoutForConditionalGeneration(cfg).eval()
+    model.save_pretrained(tmp_path / "src")
+    (tmp_path / "src" / "tokenizer.json").write_text("{}")
+    cmd = [sys.executable, "scripts/convert_hf.py", "--src", str(tmp_path / "src"), "--dst", str(tmp_path / "dst"),
+           "--dtype", "bfloat16", "--max-shard-size", "40KB"]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    assert (tmp_path / "dst" / "model.safetensors.index.json").exists()
+    assert (tmp_path / "dst" / "tokenizer.json").read_text() == "{}"
+    converted = ScoutForConditionalGeneration.from_pretrained(tmp_path / "dst")
+    assert {p.dtype for p in converted.parameters()} == {torch.bfloat16}
+    ids = torch.randint(3, 290, (1, 9))
+    with torch.no_grad():
+        assert max_rel_err(converted.float()(ids).logits, model.to(torch.bfloat16).float()(ids).logits) < 1e-6
