@@ -300,7 +300,9 @@ class ScoutForConditionalGeneration(nn.Module):
         hidden, aux_loss = self.language_model.model(
             inputs_embeds,
             position_ids,
-            kv_start if attention_mask is not None else None,
+            # Only left padding needs masks: right padding sits after every real token, which causal
+            # attention already hides, so those batches keep the mask-free (chunk-reshape / SDPA) path.
+            kv_start if attention_mask is not None and bool(kv_start.any()) else None,
             token_mask=token_mask.reshape(-1) if token_mask is not None else None,
             with_aux_loss=with_aux_loss,
             cache=cache,
