@@ -84,9 +84,9 @@ def load_pretrained(cls, path, dtype=None, device="cpu"):
     skip_shared = not config.text.use_shared_expert
     loaded: set[str] = set()
     unexpected: list[str] = []
-    total = sum(1 for _ in _param_names(model))
+    expected = _param_names(model)
     for file, key, load in tqdm(
-        iter_checkpoint(path), total=total, desc="loading", unit="tensor", leave=False
+        iter_checkpoint(path), total=len(expected), desc="loading", unit="tensor", leave=False
     ):
         name = _TEXT_ONLY_PREFIX + key if text_only and not key.startswith(_TEXT_ONLY_PREFIX) else key
         if name.endswith(_IGNORED_SUFFIXES) or (skip_shared and ".shared_expert." in name):
@@ -110,7 +110,7 @@ def load_pretrained(cls, path, dtype=None, device="cpu"):
         raise CheckpointError(
             f"{path}: {len(unexpected)} tensors match no parameter of the config, e.g. {unexpected[:5]}"
         )
-    missing = [n for n in _param_names(model) if n not in loaded]
+    missing = [n for n in expected if n not in loaded]
     if missing:
         raise CheckpointError(
             f"{path}: {len(missing)} parameters missing from the checkpoint, e.g. {missing[:5]}"

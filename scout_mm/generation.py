@@ -395,12 +395,10 @@ def generate(
     else:
         chats = [_as_messages(prompt, images)]
         flat_images = _as_image_list(images) or None
-    texts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in chats]
-    if flat_images is None:
-        found = [part.get("image") for c in chats for m in c if isinstance(m.get("content"), list)
-                 for part in m["content"] if part.get("type") == "image"]  # fmt: skip
-        flat_images = [img for img in found if img is not None] or None
-    inputs = processor(texts, images=flat_images, padding_side="left")
+    # Without explicit images, the processor takes them from the messages' image parts.
+    inputs = processor.apply_chat_template(
+        chats, add_generation_prompt=True, tokenize=True, images=flat_images, padding_side="left"
+    )
     sampling.setdefault("tokenizer", processor)
     if "eos_token_id" not in sampling:
         sampling["eos_token_id"] = processor.stop_token_ids
