@@ -90,6 +90,41 @@ def test_plan_rows_keeps_short_documents_inside_one_chunk():
         plan_rows([600], 512, None)
 
 
+def test_one_document_per_row_sees_no_other_document(processor, config):
+    source = SyntheticSource(processor, "train", seed=2)
+    examples = [source[i] for i in range(12)]
+    lengths = [len(e.ids) for e in examples]
+    assert plan_rows(lengths, 512, "doc") == [[(d, 0)] for d in range(12)]
+    with pytest.raises(ValueError, match="does not fit seq_len=40"):
+        plan_rows(lengths, 40, "doc")
+    batch = pack(examples, 512, "doc", processor)
+    width = batch.input_ids.shape[1]
+    assert width % 32 == 0 and max(lengths) <= width < max(lengths) + 32
+    assert batch.input_ids.shape[0] == 12
+    for doc, example in enumerate(examples):
+        n = len(example.ids)
+        assert batch.input_ids[doc, :n].tolist() == example.ids
+        assert bool((batch.doc_ids[doc, :n] == doc).all()) and bool((batch.doc_ids[doc, n:] == -1).all())
+    # A document's logits in its row equal those of the document alone; packed behind other documents they
+    # do not (the tiny preset's global NoPE layer attends to every earlier token of the row).
+    torch.manual_seed(0)
+    model = ScoutForConditionalGeneration(config).eval()
+
+    def logits(batch, row):
+        out = model(input_ids=batch.input_ids, pixel_values=batch.pixel_values.float(), position_ids=batch.position_ids)
+        return out.logits[row][batch.doc_ids[row] >= 0]
+
+    target = 3
+    alone = logits(pack(examples[target : target + 1], 512, "doc", processor), 0)
+    rows = logits(pack(examples[:6], 512, "doc", processor), target)
+    torch.testing.assert_close(rows, alone, atol=2e-5, rtol=1e-4)
+    packed = pack(examples[:6], 1024, 128, processor)
+    row = int((packed.doc_ids == target).nonzero()[0, 0])
+    assert int(packed.doc_ids[row, 0]) != target  # the target document is not first in its row
+    mixed = logits(packed, row)[(packed.doc_ids[row][packed.doc_ids[row] >= 0] == target)]
+    assert not torch.allclose(mixed, alone, atol=1e-3)
+
+
 def test_pack_restarts_positions_and_orders_image_tiles(processor):
     source = SyntheticSource(processor, "train", seed=0)
     examples = [source[i] for i in range(10)]

@@ -19,6 +19,7 @@ import yaml
 class ModelSection:
     preset: str = "tiny"
     overrides: dict = field(default_factory=dict)  # text-config fields, e.g. {num_hidden_layers: 2}
+    vision_overrides: dict = field(default_factory=dict)  # vision-config fields, e.g. {num_hidden_layers: 4}
     init_from: str | None = None  # start from this checkpoint folder instead of random weights
     activation_checkpointing: bool = False  # per decoder layer, router decisions replayed
     freeze_vision: bool = False  # vision encoder frozen (the projector still trains)
@@ -32,7 +33,9 @@ class DataSection:
     # Each source: {type: synthetic, tasks: [...]} or {type: jsonl, path: file.jsonl}; optional weight.
     sources: list = field(default_factory=lambda: [{"type": "synthetic"}])
     seq_len: int = 1024
-    pack_align: str | int | None = "chunk"  # "chunk" = the model's attention_chunk_size; null = none
+    # "chunk" = the model's attention_chunk_size; "doc" = one document per row (no cross-document attention,
+    # rows padded to the longest document); an int; null = plain packing
+    pack_align: str | int | None = "chunk"
     num_workers: int = 4
     seed: int = 0
     eval_docs: int = 600  # held-out synthetic documents evaluated every eval_every steps (0 = none)
@@ -133,8 +136,14 @@ class TrainConfig:
                 raise ValueError(f"train.{name}={getattr(t, name)}; expected >= 0 (0 = never)")
         if d.seq_len < 1:
             raise ValueError(f"data.seq_len={d.seq_len}; expected >= 1")
-        if not (d.pack_align in (None, "chunk") or (isinstance(d.pack_align, int) and d.pack_align > 0)):
-            raise ValueError(f"data.pack_align={d.pack_align!r}; expected 'chunk', a positive int or null")
+        if not (
+            d.pack_align in (None, "chunk", "doc") or (isinstance(d.pack_align, int) and d.pack_align > 0)
+        ):
+            raise ValueError(
+                f"data.pack_align={d.pack_align!r}; expected 'chunk', 'doc', a positive int or null"
+            )
+        if not isinstance(self.model.vision_overrides, dict):
+            raise ValueError(f"model.vision_overrides={self.model.vision_overrides!r}; expected a mapping")
         if self.model.vision_init not in ("fan_in", "hf"):
             raise ValueError(f"model.vision_init={self.model.vision_init!r}; expected 'fan_in' or 'hf'")
         if t.export_dtype not in ("bfloat16", "float32", "float16"):

@@ -250,19 +250,28 @@ class Mixture:
 
 
 # ---------------------------------------------------------------------- packing
-def plan_rows(lengths: Sequence[int], seq_len: int, align: int | None) -> list[list[tuple[int, int]]]:
+ONE_DOC_PER_ROW = "doc"
+ROW_MULTIPLE = 32  # one-document rows are padded to a multiple of this (few distinct shapes per run)
+
+
+def plan_rows(lengths: Sequence[int], seq_len: int, align: int | str | None) -> list[list[tuple[int, int]]]:
     """Greedy packing: rows of ``(document, offset)`` in document order.
 
     With ``align`` (the attention chunk size) a document that would straddle a chunk boundary starts at the
     next boundary instead, so that chunked-attention layers see each short document alone in its chunk
-    with the chunk boundaries it has at inference (where a prompt starts at index 0). Documents longer than
-    ``seq_len`` raise.
+    with the chunk boundaries it has at inference (where a prompt starts at index 0). Global (NoPE) layers
+    still see the earlier documents of the row. ``align="doc"`` puts every document alone in its own row
+    (no attention between documents in any layer, exactly as at inference; rows are right-padded). Documents
+    longer than ``seq_len`` raise.
     """
+    if align == ONE_DOC_PER_ROW:
+        for length in lengths:
+            _check_fits(length, seq_len)
+        return [[(doc, 0)] for doc in range(len(lengths))]
     rows: list[list[tuple[int, int]]] = [[]]
     offset = 0
     for doc, length in enumerate(lengths):
-        if length > seq_len:
-            raise ValueError(f"document of {length} tokens does not fit seq_len={seq_len}; raise seq_len")
+        _check_fits(length, seq_len)
         for _ in range(2):
             start = offset
             if align and start % align and (start % align) + length > align:
@@ -276,11 +285,26 @@ def plan_rows(lengths: Sequence[int], seq_len: int, align: int | None) -> list[l
     return [row for row in rows if row]
 
 
-def pack(examples: Sequence[Example], seq_len: int, align: int | None, processor: Processor) -> PackedBatch:
-    """Pack examples into rows (see :func:`plan_rows`) and load their images into tiles."""
+def _check_fits(length: int, seq_len: int) -> None:
+    if length > seq_len:
+        raise ValueError(f"document of {length} tokens does not fit seq_len={seq_len}; raise seq_len")
+
+
+def pack(
+    examples: Sequence[Example], seq_len: int, align: int | str | None, processor: Processor
+) -> PackedBatch:
+    """Pack examples into rows (see :func:`plan_rows`) and load their images into tiles.
+
+    Rows are ``seq_len`` long; with ``align="doc"`` (one document per row) they are as long as the longest
+    document rounded up to a multiple of :data:`ROW_MULTIPLE` (at most ``seq_len``).
+    """
     pad_id = processor.pad_token_id
-    rows = plan_rows([len(e.ids) for e in examples], seq_len, align)
-    shape = (len(rows), seq_len)
+    lengths = [len(e.ids) for e in examples]
+    rows = plan_rows(lengths, seq_len, align)
+    width = seq_len
+    if align == ONE_DOC_PER_ROW and lengths:
+        width = min(seq_len, -(-max(lengths) // ROW_MULTIPLE) * ROW_MULTIPLE)
+    shape = (len(rows), width)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
@@ -318,7 +342,7 @@ class PackedStream(IterableDataset):
         processor: Processor,
         docs_per_batch: int,
         seq_len: int,
-        align: int | None,
+        align: int | str | None,
         start: int = 0,
         rank: int = 0,
         world: int = 1,
@@ -361,7 +385,7 @@ def make_loader(stream: PackedStream, num_workers: int) -> DataLoader:
 
 
 def eval_batches(
-    source, processor: Processor, n_docs: int, docs_per_batch: int, seq_len: int, align: int | None
+    source, processor: Processor, n_docs: int, docs_per_batch: int, seq_len: int, align: int | str | None
 ) -> list[PackedBatch]:
     """The first ``n_docs`` examples of an (evaluation) source, packed; built once, reused every eval."""
     examples = [source[i] for i in range(n_docs)]

@@ -6,6 +6,7 @@ Everything DeepSpeed-specific in the package lives here; the model stays plain P
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -70,6 +71,10 @@ def build_model(cfg: TrainConfig) -> tuple[ScoutForConditionalGeneration, Proces
     else:
         torch.manual_seed(cfg.train.seed)  # same init on every rank
         config = ScoutConfig.from_preset(m.preset, **m.overrides)
+        if m.vision_overrides:
+            if config.vision is None:
+                raise ValueError(f"model.vision_overrides given, but preset {m.preset!r} has no vision tower")
+            config.vision = dataclasses.replace(config.vision, **m.vision_overrides)  # re-validated
         model = ScoutForConditionalGeneration(config)
         if m.vision_init == "fan_in" and model.vision_model is not None:
             fan_in_init(model.vision_model)

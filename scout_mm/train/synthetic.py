@@ -193,8 +193,9 @@ def _background(rng: random.Random) -> tuple[int, int, int]:
 
 
 def _shape_size(rng: random.Random, scene_min: int, many: bool) -> int:
-    low, high = (0.14, 0.24) if many else (0.2, 0.38)
-    return max(14, int(scene_min * rng.uniform(low, high)))
+    # At least ~2 ViT patches (14 px) across, so a patch-14 tower sees each shape's outline.
+    low, high = (0.15, 0.25) if many else (0.24, 0.4)
+    return max(24, int(scene_min * rng.uniform(low, high)))
 
 
 def _place_shapes(
@@ -219,6 +220,14 @@ def _distractor_word(rng, placer, scene_min: int) -> Word | None:
     if corner is None:
         return None
     return Word(text, corner[0], corner[1], size, tuple(rng.randint(10, 90) for _ in range(3)))
+
+
+def _read_font_size(text: str, width: int, height: int, share: float) -> int:
+    """Font size at which ``text`` spans about ``share`` of the canvas width (at most 35% of its height):
+    the word to read is large and clear, its letters several ViT patches tall."""
+    left, top, right, bottom = text_box(text, 100)
+    size = 100 * min(share * width / (right - left), 0.35 * height / (bottom - top))
+    return max(12, int(size))
 
 
 def _distinct(rng, pool, n):
@@ -250,7 +259,7 @@ def _draw_task(rng: random.Random, task: str) -> Sample | None:
     words: list[Word] = []
     if task == "read":
         text = rng.choice(WORDS)
-        size = int(scene_min * rng.uniform(0.16, 0.24))
+        size = _read_font_size(text, width, height, rng.uniform(0.55, 0.85))
         left, top, right, bottom = text_box(text, size)
         corner = placer.place(right - left, bottom - top)
         if corner is None:
