@@ -2,16 +2,18 @@
 
     PYTHONPATH=. python bench/bench_int4.py [--sections tune,linear,moe,scout] [--out bench/results/int4_h100.md]
 
-- tune: sweeps a few configs of each kernel (GEMV at M=1; the tl.dot GEMM in its nibble-dot and tile forms at
-  M=16/64/4096; dequantise+cuBLAS) and prints every candidate; ``scout_mm/kernels/int4.py::TUNED`` records the
-  winners by hand.
+- tune: sweeps a few configs of the GEMV (M=1) and of the nibble-dot GEMM (M=16) and prints every candidate;
+  ``scout_mm/kernels/int4.py::TUNED`` records the winners by hand.
 - linear: N x K = 16384 x 5120 and 5120 x 8192, M = 1, 16, 64, 4096: bf16 ``x @ W``, tinygemm (group 128,
   inner k tiles 8), ours (dispatch as shipped). TB/s count the packed Int4 weight bytes (K * N / 2; scales
   are +1.6% on top, not counted), TFLOPS count 2 M N K.
 - moe: Scout experts (E=16, H=5120, I=8192, top-1): ours vs the bf16 fused Triton MoE at T = 1, 16, 64, 512,
   4096; TB/s count the Int4 bytes of the experts the tokens touch.
 - scout: the ``scout-17b-16e`` preset built directly in Int4 on the GPU with random weights (no bf16 expert is
-  ever made): weight memory, prefill tokens/s of an 8K prompt and batch-1 decode tokens/s after it.
+  ever made): weight memory, prefill tokens/s of an 8K prompt and batch-1 decode tokens/s after it — default
+  build, then with the embedding table in pinned host memory, then also with an Int4 LM head — and a kernel
+  profile of the last one's decode step.
+- profile: the kernel profile (torch.profiler over CUDA-graph replays) of the default build's decode step.
 
 Timing: each op is captured ``CALLS`` times into one CUDA graph, rotating over weight copies (and routing
 choices) so that no weight is served from the 50 MB L2; the median over replays / CALLS is reported.
@@ -25,6 +27,7 @@ import datetime
 import statistics
 import time
 import traceback
+import warnings
 
 import torch
 
@@ -38,12 +41,13 @@ ROWS = [1, 16, 64, 4096]
 TOKENS = [1, 16, 64, 512, 4096]
 
 CANDIDATES = {
-    1: [_gemv(32, 256, 4, 3, 8), _gemv(64, 256, 4, 3, 4), _gemv(64, 512, 4, 3, 4), _gemv(64, 128, 4, 3, 4)],
+    1: [_gemv(32, 256, 4, 3, 8), _gemv(64, 256, 4, 3, 4), _gemv(64, 512, 4, 3, 4), _gemv(32, 512, 4, 3, 8),
+        _gemv(128, 256, 8, 3, 4), _gemv(64, 256, 4, 1, 4), _gemv(32, 256, 2, 3, 16), _gemv(64, 128, 4, 3, 8)],
     16: [_gemm(16, 128, 128, 4, 3, 2, nibble_dots=True), _gemm(16, 64, 256, 4, 3, 4, nibble_dots=True),
-         _gemm(16, 64, 128, 4, 3, 4)],
-    64: [_gemm(64, 64, 128, 4, 4, 2), _gemm(64, 128, 128, 8, 3, 1), _gemm(64, 128, 128, 4, 3, 1, nibble_dots=True)],
-    4096: [_gemm(128, 256, 64, 8, 3), _gemm(128, 128, 64, 8, 3), {"kind": "dequant"}],
+         _gemm(16, 256, 128, 8, 3, 2, nibble_dots=True), _gemm(16, 128, 256, 4, 3, 2, nibble_dots=True),
+         _gemv(64, 256, 4, 3, 4)],
 }  # fmt: skip
+TUNE_ROWS = [1, 16]  # the tl.dot tile kernels (64 rows and up) did not change since the last sweep
 
 
 def graph_us(fn, calls: int = CALLS, replays: int = 10) -> float:
@@ -101,7 +105,8 @@ def section_tune(rows_out):
     best = {}
     for size_n, size_k in LINEAR_SHAPES:
         weights = packed((), size_k, size_n, copies_for(size_k * size_n // 2))
-        for m_rows, candidates in CANDIDATES.items():
+        for m_rows in TUNE_ROWS:
+            candidates = CANDIDATES[m_rows]
             x = torch.randn(m_rows, size_k, device="cuda", dtype=torch.bfloat16)
             for cfg in candidates:
                 pick = rotating(weights)
@@ -233,7 +238,7 @@ def section_moe(rows_out):
 def build_scout_int4():
     """The scout-17b-16e preset in Int4 on the GPU, random weights, no float copy of any quantized weight."""
     from scout_mm import ScoutConfig, ScoutForConditionalGeneration
-    from scout_mm.quant import QuantConfig, quantized_bytes
+    from scout_mm.quant import QuantConfig
     from scout_mm.quant.quantize import replace_with_empty_int4
 
     config = ScoutConfig.from_preset("scout-17b-16e")
@@ -245,36 +250,206 @@ def build_scout_int4():
         for name, p in model.named_parameters():
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
         for name, b in model.named_buffers():
-            if name.endswith("qweight"):
-                b.random_(-(2**31), 2**31 - 1)
-            else:  # scales: codes - 8 have std ~4.6, so this gives weights of std ~0.02
-                b.fill_(0.02 / 4.6)
+            _fill_packed(name, b)
     model.quant_config = QuantConfig()
-    return config, model.eval(), quantized_bytes(model)
+    return config, model.eval()
 
 
-def section_scout(rows_out):
+def _fill_packed(name, buffer):
+    if name.endswith("qweight"):
+        buffer.random_(-(2**31), 2**31 - 1)
+    else:  # scales: codes - 8 have std ~4.6, so this gives weights of std ~0.02
+        buffer.fill_(0.02 / 4.6)
+
+
+def int4_lm_head(model):
+    """Swap the bf16 LM head for an Int4 one with random codes (what ``--quantize-lm-head`` makes)."""
+    from scout_mm.quant import Int4Linear, QuantConfig
+
+    head = model.language_model.lm_head
+    new = Int4Linear(head.in_features, head.out_features, QuantConfig(), device="cuda", name="lm_head")
+    for name, b in new.named_buffers():
+        _fill_packed(name, b)
+    model.language_model.lm_head = new
+    del head
+
+
+def _sizes(size):
+    gb = size["total"] / 1e9
+    return (f"{gb:.2f} GB = {size['total'] / 2**30:.2f} GiB on the GPU ({size['int4_weights'] / 1e9:.2f} GB packed "
+            f"Int4 + {size['scales_zeros'] / 1e9:.2f} GB scales + {size['float'] / 1e9:.2f} GB bf16"
+            + (f"; {size['host'] / 1e9:.2f} GB embedding table in pinned host memory" if size["host"] else "")
+            + ")")  # fmt: skip
+
+
+def _kernel_table(prof, steps):
+    """{kernel name: (launches, device us)} per step, from a torch.profiler run over ``steps`` steps."""
+    table = {}
+    for e in prof.key_averages():
+        if str(getattr(e, "device_type", "")).endswith("CUDA"):
+            us = getattr(e, "self_device_time_total", None)
+            if us is None:
+                us = e.self_cuda_time_total
+            if us > 0:
+                table[e.key] = (e.count / steps, us / steps)
+    return table
+
+
+def _category(name):
+    n = name.lower()
+    if "_gemv_kernel" in n or "_gemm_kernel" in n or "_sum_rows" in n or "_swiglu" in n or "_route" in n:
+        return "Int4 matmuls + MoE routing (ours)"
+    if "decode" in n or "merge" in n:
+        return "decode attention (Triton)"
+    if any(k in n for k in ("gemm", "gemv", "cutlass", "nvjet", "xmma", "splitk")):
+        return "cuBLAS (LM head, router)"
+    if "gather_rows" in n:
+        return "embedding gather"
+    return "other (elementwise, norms, RoPE, copies, top-k, index)"
+
+
+def decode_step_profile(model, config, rows_out, label, prompt_len=8192):
+    """Prefill ``prompt_len`` random tokens, then time the decode step eager and CUDA-graphed, and profile the
+    graphed step's kernels (torch.profiler: name, launches, device time per step)."""
+    from scout_mm.cache import KVCache
+    from scout_mm.generation import GraphedDecode, decode_one_token, prefill
+
+    text = config.text
+    cache = KVCache(text, 1, "cuda", torch.bfloat16)
+    cache.reserve(0, prompt_len + 64)
+    prompt = torch.randint(0, text.vocab_size, (1, prompt_len), device="cuda")
+    with torch.no_grad():
+        embeds, _ = model.embed_inputs(prompt, validate=False)
+        prefill(model, cache, 0, embeds, 8192)
+        tokens = torch.randint(0, text.vocab_size, (1, 1), device="cuda")
+        positions = torch.full((1, 1), prompt_len, device="cuda")
+
+        def timed(fn, n):
+            fn()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(n):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / n
+
+        eager_ms = timed(lambda: decode_one_token(model, tokens, positions, cache), 5)
+        graphed = GraphedDecode(model, cache, tokens, positions)  # raises if the step cannot be captured
+        graph_ms = timed(lambda: graphed(tokens, positions), 30)
+        steps = 5
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                graphed(tokens, positions)
+            torch.cuda.synchronize()
+        eager_logits = decode_one_token(model, tokens, positions, cache)[0].float()
+        graph_logits = graphed(tokens, positions)[0].float()
+    graphed = None  # frees the graph
+    table = _kernel_table(prof, steps)
+    launches = sum(c for c, _ in table.values())
+    busy = sum(t for _, t in table.values()) / 1000
+    rows_out += ["", f"### Decode step at {prompt_len} tokens of context: {label}", "",
+                 f"eager {eager_ms:.2f} ms/step; CUDA-graphed {graph_ms:.2f} ms/step = {1000 / graph_ms:.1f} tok/s "
+                 f"(graph vs eager logits max |diff| {float((eager_logits - graph_logits).abs().max()):.3g}); "
+                 f"profiled graph replay: {launches:.0f} kernels/step, {busy:.2f} ms of kernel time/step "
+                 f"({100 * busy / graph_ms:.0f}% of the step; the rest is gaps between kernels).", "",
+                 "| category | kernels/step | ms/step |", "|---|---|---|"]  # fmt: skip
+    cats = {}
+    for name, (count, us) in table.items():
+        c = cats.setdefault(_category(name), [0.0, 0.0])
+        c[0] += count
+        c[1] += us
+    for cat, (count, us) in sorted(cats.items(), key=lambda kv: -kv[1][1]):
+        rows_out.append(f"| {cat} | {count:.0f} | {us / 1000:.3f} |")
+    rows_out += ["", "| kernel (top 25 by time) | launches/step | us/step | us/launch |", "|---|---|---|---|"]
+    for name, (count, us) in sorted(table.items(), key=lambda kv: -kv[1][1])[:25]:
+        short = name.replace("|", "/")[:90]
+        rows_out.append(f"| `{short}` | {count:.0f} | {us:.0f} | {us / max(count, 1e-9):.1f} |")
+    print("\n".join(rows_out[-(len(cats) + 33) :]), flush=True)
+    cache = None  # frees the KV cache
+    torch.cuda.empty_cache()
+    return graph_ms
+
+
+def _generate(model, config, rows_out, label):
     from scout_mm.generation import generate_ids
 
+    vocab = config.text.vocab_size
+    prompt = torch.randint(0, vocab, (1, 8192), device="cuda")
     torch.cuda.reset_peak_memory_stats()
-    config, model, size = build_scout_int4()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a decode step that falls back to eager must not pass silently
+        generate_ids(model, prompt, max_new_tokens=2, eos_token_id=[])  # compile every kernel of these shapes
+        stats = generate_ids(model, prompt, max_new_tokens=65, eos_token_id=[])
+    peak = torch.cuda.max_memory_allocated()
+    rows_out.append(f"- {label}: 8K-token prompt: prefill {stats.prefill_tokens_per_second:,.0f} tok/s; batch-1 decode "
+                    f"{stats.decode_tokens_per_second:.1f} tok/s over 64 tokens after it (`generate_ids`, CUDA-graphed "
+                    f"step, greedy sampling and stop checks included). Peak GPU memory {peak / 1e9:.1f} GB = "
+                    f"{peak / 2**30:.1f} GiB.")  # fmt: skip
+    print(rows_out[-1], flush=True)
+
+
+def section_scout(rows_out, profile=True):
+    from scout_mm.quant import offload_embeddings, quantized_bytes
+
+    config, model = build_scout_int4()
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()
     rows_out += ["", "## Scout-size (scout-17b-16e, 108.6B params) in Int4 on one GPU, random weights", "",
-                 f"Weights: {size['total'] / 1e9:.2f} GB = {size['int4_weights'] / 1e9:.2f} GB packed Int4 + "
-                 f"{size['scales_zeros'] / 1e9:.2f} GB scales + {size['float'] / 1e9:.2f} GB bf16 (embeddings, "
-                 f"LM head, vision tower, routers, norms). GPU memory free after building: {free / 1e9:.1f} of "
-                 f"{total / 1e9:.1f} GB.", ""]  # fmt: skip
-    print("\n".join(rows_out[-4:]), flush=True)
-    vocab = config.text.vocab_size
-    prompt = torch.randint(0, vocab, (1, 8192), device="cuda")
-    generate_ids(model, prompt, max_new_tokens=2, eos_token_id=[])  # compile every kernel of these shapes
-    stats = generate_ids(model, prompt, max_new_tokens=65, eos_token_id=[])
-    peak = torch.cuda.max_memory_allocated()
-    rows_out += [f"8K-token prompt: prefill {stats.prefill_tokens_per_second:,.0f} tok/s; batch-1 decode "
-                 f"{stats.decode_tokens_per_second:.1f} tok/s over 64 tokens after it (CUDA-graphed step). "
-                 f"Peak GPU memory {peak / 1e9:.1f} GB."]  # fmt: skip
+                 f"- default skip list (bf16 embeddings, LM head, vision tower, routers, norms): "
+                 f"{_sizes(quantized_bytes(model))}. GPU memory free after building: {free / 1e9:.1f} of "
+                 f"{total / 1e9:.1f} GB."]  # fmt: skip
     print(rows_out[-1], flush=True)
+    _generate(model, config, rows_out, "default")
+    offload_embeddings(model)
+    torch.cuda.empty_cache()
+    rows_out.append(f"- + embedding table in pinned host memory (`load_quantized(..., host_embeddings=True)`): "
+                    f"{_sizes(quantized_bytes(model))}")  # fmt: skip
+    _generate(model, config, rows_out, "host embeddings")
+    int4_lm_head(model)
+    torch.cuda.empty_cache()
+    rows_out.append(
+        f"- + Int4 LM head (`scripts/quantize.py --quantize-lm-head`): {_sizes(quantized_bytes(model))}"
+    )
+    _generate(model, config, rows_out, "host embeddings + Int4 LM head")
+    if profile:
+        decode_step_profile(model, config, rows_out, "host embeddings + Int4 LM head")
+    return config, model
+
+
+def _fused_model_ops():
+    """Candidate replacements of two many-kernel helpers of ``scout_mm.model`` (an A/B in the profile):
+    RMSNorm through ``F.rms_norm`` (fp32 math, cast back before the weight, as before) and RoPE as one complex
+    multiply (the same products and sums)."""
+    import torch.nn.functional as F
+
+    def rms(x, eps):
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
+
+    def rope(x, cos, sin):
+        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        return torch.view_as_real(xc * torch.complex(cos, sin)[:, :, None]).flatten(-2).type_as(x)
+
+    return {"_rms": rms, "apply_rope": rope}
+
+
+def section_profile(rows_out):
+    """Profile the decode step of the default build (bf16 embeddings and LM head), then again with
+    :func:`_fused_model_ops` patched into ``scout_mm.model``."""
+    import scout_mm.model as model_module
+
+    config, model = build_scout_int4()
+    rows_out += ["", "## Scout-size decode step profile (default build)"]
+    decode_step_profile(model, config, rows_out, "default build")
+    saved = {name: getattr(model_module, name) for name in ("_rms", "apply_rope")}
+    try:
+        for name, fn in _fused_model_ops().items():
+            setattr(model_module, name, fn)
+        decode_step_profile(model, config, rows_out, "default build, F.rms_norm + complex RoPE patched in")
+    finally:
+        for name, fn in saved.items():
+            setattr(model_module, name, fn)
 
 
 def main() -> None:
@@ -288,7 +463,8 @@ def main() -> None:
             f"Date {datetime.date.today()}, torch {torch.__version__}, triton "
             f"{__import__('triton').__version__}. Command: `PYTHONPATH=. python bench/bench_int4.py "
             f"--sections {args.sections}`"]  # fmt: skip
-    sections = {"tune": section_tune, "linear": section_linear, "moe": section_moe, "scout": section_scout}
+    sections = {"tune": section_tune, "linear": section_linear, "moe": section_moe, "scout": section_scout,
+                "profile": section_profile}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         try:

@@ -1,7 +1,8 @@
 """Quantize a scout_mm / HF Llama 4 checkpoint to Int4, one decoder layer at a time.
 
     python scripts/quantize.py --model PATH --out PATH [--method rtn|gptq] [--group-size 128] \
-        [--asymmetric] [--scale-dtype bfloat16|float16] [--skip PATTERN ...] [--calibration-samples 16] \
+        [--asymmetric] [--scale-dtype bfloat16|float16] [--skip PATTERN ...] [--quantize-lm-head] \
+        [--calibration-samples 16] \
         [--device cuda] [--dtype bfloat16] [--max-shard-size 5GB]
 """
 
@@ -16,7 +17,7 @@ import torch
 
 from scout_mm.config import ScoutConfig
 from scout_mm.quant import QuantConfig, calibration_set, quantize_checkpoint
-from scout_mm.quant.format import DEFAULT_SKIP
+from scout_mm.quant.format import DEFAULT_SKIP, default_skip
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,8 +32,10 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128])
     parser.add_argument("--asymmetric", action="store_true", help="store per-group zero points")
     parser.add_argument("--scale-dtype", choices=["bfloat16", "float16"], default="bfloat16")
-    parser.add_argument("--skip", nargs="*", default=list(DEFAULT_SKIP),
+    parser.add_argument("--skip", nargs="*", default=None,
                         help=f"module-name substrings kept in float (default: {' '.join(DEFAULT_SKIP)})")  # fmt: skip
+    parser.add_argument("--quantize-lm-head", action="store_true",
+                        help="Int4 LM head: drop lm_head from the (default or given) skip list")  # fmt: skip
     parser.add_argument("--calibration-samples", type=int, default=16, help="GPTQ: processor-made samples")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -41,8 +44,11 @@ def main() -> None:
     parser.add_argument("--max-shard-size", default="5GB")
     args = parser.parse_args()
 
+    skip = tuple(args.skip) if args.skip is not None else default_skip()
+    if args.quantize_lm_head:
+        skip = tuple(s for s in skip if s != "lm_head")
     cfg = QuantConfig(group_size=args.group_size, symmetric=not args.asymmetric, scale_dtype=args.scale_dtype,
-                      method=args.method, skip=tuple(args.skip))  # fmt: skip
+                      method=args.method, skip=skip)  # fmt: skip
     calibration = None
     if args.method == "gptq":
         from scout_mm import Processor

@@ -94,6 +94,31 @@ def test_every_kernel_at_every_size(int4, kind):
         assert rel(int4.int4_linear(x, *weight, 32, config=cfg), ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("mode", ["linear", "moe"])
+def test_gemv_split_k_is_one_launch_and_leaves_counters_at_zero(int4, mode):
+    # K split over many programs: the last one to finish a tile sums the splits (and, for the MoE gate_up,
+    # runs SwiGLU). Two calls in a row: the second sees the counters the first left behind.
+    cfg = dict(int4.INTERPRET["gemv"], occupancy=64)
+    for _ in range(2):
+        if mode == "linear":
+            weight = packed_weight((), 256, 40, 32, symmetric=False)
+            x = torch.randn(1, 256)
+            out = int4.int4_linear(x, *weight, 32, config=cfg)
+            ref = x.double() @ reference.dequantize(*weight, 32).double()
+        else:
+            x, weights, ids, gate_up, down = _moe_problem(2, 128, 96, 4, 2, 32, False, torch.float32)
+            out = int4.int4_moe_experts(x, weights, ids, gate_up, down, 32, config=cfg)
+            ref = _moe_reference(x, weights, ids, gate_up, down, 32)
+        assert rel(out, ref) < TOL[torch.float32]
+        assert all(int(buf.abs().sum()) == 0 for buf in int4._COUNTERS.values())
+
+
+def test_gather_rows_kernel(int4):
+    table = torch.randn(50, 24)
+    ids = torch.randint(0, 50, (3, 7))
+    assert torch.equal(int4.gather_rows(table, ids, torch.device("cpu")), table[ids])
+
+
 def test_dequantize_kernel_is_exact(int4):
     for symmetric in (True, False):
         weight = packed_weight((3,), 64, 40, 32, symmetric)
@@ -237,3 +262,21 @@ def test_gpu_moe_dequant_path_and_graph_capture(gpu_int4):
     ids.copy_(torch.rand(4, 8, device="cuda").argsort(dim=1)[:, :2])
     graph.replay()
     assert rel(out, _moe_reference(x.float(), weights.float(), ids, gate_up, down, 64)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_gpu_gather_rows_from_pinned_host_table_in_a_graph(gpu_int4):
+    # The table stays in pinned host memory; the kernel reads it over the bus, also inside a CUDA graph.
+    table = torch.randn(1000, 5120, dtype=torch.bfloat16).pin_memory()
+    ids = torch.randint(0, 1000, (1, 1), device="cuda")
+    assert torch.equal(gpu_int4.gather_rows(table, ids, ids.device).cpu(), table[ids.cpu()])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gpu_int4.gather_rows(table, ids, ids.device)
+    ids.copy_(torch.randint(0, 1000, (1, 1), device="cuda"))
+    graph.replay()
+    assert torch.equal(out.cpu(), table[ids.cpu()])
+    prompt = torch.randint(0, 1000, (2, 333), device="cuda")
+    assert torch.equal(gpu_int4.gather_rows(table, prompt, prompt.device).cpu(), table[prompt.cpu()])
+    with pytest.raises(ValueError, match="pinned"):
+        gpu_int4.gather_rows(torch.randn(10, 8), ids, ids.device)

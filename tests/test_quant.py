@@ -225,6 +225,49 @@ def test_save_load_round_trip(tmp_path):
     assert half.language_model.model.layers[0].self_attn.q_proj.scales.dtype == torch.bfloat16  # as stored
 
 
+def test_int4_lm_head_option_round_trips_and_stays_close(tmp_path):
+    # --quantize-lm-head: the LM head becomes Int4 (fewer bytes than the default), survives save/load, and the
+    # logits stay close to the default (float head) model's.
+    from scout_mm.quant import quantized_bytes
+    from scout_mm.quant.format import DEFAULT_SKIP, default_skip
+
+    assert default_skip() == DEFAULT_SKIP and "lm_head" not in default_skip(quantize_lm_head=True)
+    model = small_model(seed=8)
+    default = quantize_model(copy.deepcopy(model), QuantConfig(group_size=32))
+    with_head = quantize_model(copy.deepcopy(model), QuantConfig(group_size=32, skip=default_skip(True)))
+    assert isinstance(with_head.language_model.lm_head, Int4Linear)
+    assert quantized_bytes(with_head)["total"] < quantized_bytes(default)["total"]
+    save_quantized(with_head, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q", dtype=torch.float32, device="cpu")
+    assert isinstance(loaded.language_model.lm_head, Int4Linear)
+    ids = random_ids(2, 16)
+    assert torch.equal(logits(loaded, ids), logits(with_head, ids))
+    # Int4 rounding of one more matrix, not garbage:
+    assert rel(logits(loaded, ids), logits(default, ids)) < 0.5
+
+
+def test_host_embedding_table_gives_the_same_logits(tmp_path):
+    from scout_mm.quant import HostEmbedding, offload_embeddings, quantized_bytes
+
+    model = quantize_model(small_model(seed=9), QuantConfig(group_size=32))
+    ids = random_ids(2, 16)
+    before, size = logits(model, ids), quantized_bytes(model)
+    table = model.language_model.model.embed_tokens.weight
+    offload_embeddings(model)
+    assert isinstance(model.language_model.model.embed_tokens, HostEmbedding)
+    assert torch.equal(logits(model, ids), before)
+    after = quantized_bytes(model)
+    assert after["host"] == table.numel() * table.element_size()
+    assert after["total"] == size["total"] - after["host"]
+    tied = small_model(seed=9)
+    tied.config.tie_word_embeddings = True
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        offload_embeddings(tied)
+    save_quantized(quantize_model(small_model(seed=9), QuantConfig(group_size=32)), tmp_path / "q")
+    with pytest.raises(ValueError, match="host_embeddings"):
+        load_quantized(tmp_path / "q", dtype=torch.float32, device="cpu", host_embeddings=True)
+
+
 def test_quantize_checkpoint_layer_by_layer_matches_in_memory(tmp_path, monkeypatch):
     model = small_model(vision=True, seed=6)
     model.save_pretrained(tmp_path / "float", max_shard_size="200KB")

@@ -5,11 +5,11 @@ kernels serve both the dense linear layers and the two grouped GEMMs of the Int4
 
 - ``_gemv_kernel`` (few rows: decode). Plain FMAs, no tensor cores: each program streams a
   ``(BLOCK_K // 8, BLOCK_N)`` tile of packed words per step and keeps every nibble's product in a per-word
-  accumulator; the group's scale and zero point are applied once per word (``s * (sum x*q - z * sum x)``),
-  not once per weight, and codes become floats with the exponent trick (``q | 0x4B000000`` read as fp32 is
-  ``2^23 + q``) instead of a slow int->float conversion. K is split over programs so that even a
-  5120-wide output fills the GPU; the splits are summed by a second small kernel (deterministic, no
-  atomics).
+  accumulator; the group's scale and zero point are applied once per word, not once per weight, and a code
+  becomes the float ``1 + q / 16`` with one shift and one and-or into the mantissa of 1.0 (no int->float
+  conversion; :func:`_unit_codes`). K is split over programs so that even a 5120-wide output fills the GPU;
+  the last program to finish a tile sums the splits in a fixed order (deterministic) and runs the epilogue,
+  so a decode matmul is ONE launch (the MoE gate_up launch also applies the routing weight and SwiGLU).
 - ``_gemm_kernel`` (more rows), ``tl.dot`` in two forms: ``NIBBLE_DOTS`` (3-16 rows) reads each packed word
   once and runs one 16-deep dot per nibble against the matching strided activation columns; the tile form
   (more rows) dequantises a whole ``(BLOCK_K, BLOCK_N)`` tile and runs one dot. Measured on an H100, the first
@@ -17,10 +17,10 @@ kernels serve both the dense linear layers and the two grouped GEMMs of the Int4
 
 Row modes (``MODE``): 0 dense rows; 1 = MoE gate_up, rows gathered from the tokens through the sorted
 routing layout of :class:`scout_mm.kernels.moe.Routing`, written at their sorted position; 2 = MoE down,
-sorted rows in, each written at its (token, slot) row. The MoE epilogues are separate small kernels:
-``_swiglu_kernel`` (sum of K splits, routing weight applied to the expert INPUT — exact as a scale of the
-fp32 pre-activation, since ``(w x) @ W = w (x @ W)`` — then SwiGLU) and ``_sum_rows_kernel`` (sum of K
-splits and of the top-k slots in a fixed order).
+sorted rows in, each written at its (token, slot) row. MoE epilogues of the tl.dot path are separate small
+kernels: ``_swiglu_kernel`` (sum of K splits, routing weight applied to the expert INPUT — exact as a scale
+of the fp32 pre-activation, since ``(w x) @ W = w (x @ W)`` — then SwiGLU); both paths end with
+``_sum_rows_kernel`` (sum of K splits and of the top-k slots in a fixed order).
 
 Many prompt tokens: dequantising the weight once into a scratch bf16 matrix and calling cuBLAS (dense) or
 the bf16 fused MoE (``scout_mm.kernels.moe``) beats dequantising a tile per output block; ``_dequant_kernel``
@@ -42,10 +42,9 @@ from scout_mm.kernels.moe import Routing, _tile
 # Kernels
 # ----------------------------------------------------------------------------------------------------------
 
-MAGIC = tl.constexpr(
-    0x4B000000
-)  # fp32 bits of 2^23: OR-ing a code in [0, 15] into the mantissa = 2^23 + code
-MAGIC_F = tl.constexpr(8388608.0)
+# fp32 bits of 1.0: a code q placed in mantissa bits 19..22 reads as 1 + q / 16 (exact, 5 significant bits)
+ONE_BITS = tl.constexpr(0x3F800000)
+CODE_BITS = tl.constexpr(0x00780000)
 
 
 @triton.jit
@@ -81,9 +80,14 @@ def _row_layout(
 
 
 @triton.jit
-def _codes(packed, j: tl.constexpr):
-    """Nibble ``j`` of each packed word as fp32 (exponent trick: no int->float conversion instruction)."""
-    return (((packed >> (4 * j)) & 0xF) | MAGIC).to(tl.float32, bitcast=True) - MAGIC_F
+def _unit_codes(packed, j: tl.constexpr):
+    """Nibble ``j`` of each packed word as the fp32 ``1 + q / 16``: one shift and one and-or (a single
+    ``lop3``) put the code into mantissa bits 19..22 of 1.0 — no int->float conversion, no subtraction."""
+    if 4 * j <= 19:
+        moved = packed << (19 - 4 * j)
+    else:
+        moved = packed >> (4 * j - 19)  # arithmetic shift: the sign bits land outside the mask
+    return ((moved & CODE_BITS) | ONE_BITS).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -100,12 +104,85 @@ def _group_params(s_ptrs, z_ptrs, first_k, size_n, mask, G: tl.constexpr, SYMMET
 
 
 @triton.jit
+def _gemv_columns(
+    x_ptr,
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    offs_n,
+    n_ok,
+    a_rows,
+    k_begin,
+    k_end,
+    size_n,
+    stride_x,
+    G: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """fp32 (BLOCK_M, BLOCK_N): rows ``a_rows`` of x times columns ``offs_n`` of one weight, over
+    K in [k_begin, k_end). Pointers are already offset to the expert.
+
+    Per packed word (8 codes of one group and column): ``sum_j x_j f_j`` with ``f_j = 1 + q_j / 16``
+    (:func:`_unit_codes`) and ``sum_j x_j``; then ``sum_j x_j (q_j - z) s = s (16 sum x f - (16 + z) sum x)``,
+    so per code there is one shift, one and-or and one FMA, and the group's scale and zero point are applied
+    once per word. In fp32 ``sum x f`` loses about 2 bits to the cancellation (well below bf16/fp16
+    rounding; fp32 activations stay within ~1e-6)."""
+    words = tl.arange(0, BLOCK_K // 8)
+    qw_ptrs = qw_ptr + words[:, None] * size_n + offs_n[None, :]
+    s_ptrs = s_ptr + offs_n[None, :]
+    z_ptrs = z_ptr + offs_n[None, :]
+    if BLOCK_M == 1:
+        # Decode: plain 2-D tiles (the 3-D form below would cost layout shuffles for nothing).
+        x_row = x_ptr + tl.sum(a_rows, axis=0) * stride_x + words * 8  # (BLOCK_K // 8,)
+        acc2 = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            first_k = k0 + words * 8
+            row_ok = first_k < k_end
+            mask = row_ok[:, None] & n_ok[None, :]
+            packed = tl.load(qw_ptrs + (k0 // 8) * size_n, mask=mask, other=0)
+            dot_f = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+            x_sum = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
+            for j in tl.static_range(8):
+                xj = tl.load(x_row + k0 + j, mask=row_ok, other=0.0).to(tl.float32)
+                dot_f += xj[:, None] * _unit_codes(packed, j)
+                x_sum += xj
+            scale, zero = _group_params(s_ptrs, z_ptrs, first_k, size_n, mask, G, SYMMETRIC)
+            acc2 += scale * (16.0 * dot_f - (16.0 + zero) * x_sum[:, None])
+        out = tl.sum(acc2, axis=0)[None, :]  # (1, BLOCK_N)
+    else:
+        x_ptrs = x_ptr + a_rows[:, None] * stride_x + words[None, :] * 8  # (BLOCK_M, BLOCK_K // 8)
+        acc = tl.zeros([BLOCK_M, BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            first_k = k0 + words * 8
+            row_ok = first_k < k_end
+            mask = row_ok[:, None] & n_ok[None, :]
+            packed = tl.load(qw_ptrs + (k0 // 8) * size_n, mask=mask, other=0)  # (BLOCK_K // 8, BLOCK_N)
+            dot_f = tl.zeros([BLOCK_M, BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+            x_sum = tl.zeros([BLOCK_M, BLOCK_K // 8], dtype=tl.float32)
+            for j in tl.static_range(8):
+                # rows past the end read row 0 (never stored)
+                xj = tl.load(x_ptrs + k0 + j, mask=row_ok[None, :], other=0.0).to(tl.float32)
+                dot_f += xj[:, :, None] * _unit_codes(packed, j)[None, :, :]
+                x_sum += xj
+            scale, zero = _group_params(s_ptrs, z_ptrs, first_k, size_n, mask, G, SYMMETRIC)
+            acc += scale[None, :, :] * (16.0 * dot_f - (16.0 + zero[None, :, :]) * x_sum[:, :, None])
+        out = tl.sum(acc, axis=1)  # (BLOCK_M, BLOCK_N)
+    return out
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,  # (rows, K) activations
     qw_ptr,  # ([E,] K // 8, N) int32
     s_ptr,  # ([E,] K // G, N)
     z_ptr,  # ([E,] K // G, N) or a dummy (SYMMETRIC)
-    out_ptr,  # (SPLIT_K, out rows, N): fp32 partial sums, or the output itself when SPLIT_K == 1
+    out_ptr,  # MODE 0: (rows, N) output; MODE 1: (max_rows, N // 2) SwiGLU output; MODE 2: (SPLIT, n_rows, N) fp32
+    part_ptr,  # FUSED_SPLIT: (SPLIT, rows, N) fp32 partial sums of the K splits, else unused
+    count_ptr,  # FUSED_SPLIT: int32 arrival counters, one per (row block, column tile), zero between calls
+    routing_ptr,  # MODE 1: (n_rows,) routing weight of each (token, slot)
     sorted_rows_ptr,
     block_expert_ptr,
     m_rows,
@@ -114,6 +191,7 @@ def _gemv_kernel(
     top_k,
     n_groups,
     groups_per_split,
+    split_k,
     stride_x,
     stride_qe,
     stride_se,
@@ -126,7 +204,13 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    FUSED_SPLIT: tl.constexpr,
 ):
+    """One launch per matmul. With K split over programs (FUSED_SPLIT), every program stores its fp32
+    partial, and the last program to arrive at a (row block, column tile) — counted with an atomic — sums
+    the partials in split order (deterministic) and runs the epilogue: the cast (MODE 0) or the routing
+    weight + SwiGLU (MODE 1, where a program computes gate columns n and up columns N/2 + n together).
+    MODE 2 stores the partials for :func:`_sum_rows_kernel`, which also sums the top-k slots."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -135,54 +219,59 @@ def _gemv_kernel(
     )
     if expert < 0:
         return
+    n_cols = size_n // 2 if MODE == 1 else size_n  # MODE 1: program columns index the SwiGLU output
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < size_n
-    words = tl.arange(0, BLOCK_K // 8)
+    n_ok = offs_n < n_cols
     k_begin = pid_k * groups_per_split * G
     k_end = tl.minimum(k_begin + groups_per_split * G, n_groups * G)
-    qw_ptrs = qw_ptr + expert * stride_qe + words[:, None] * size_n + offs_n[None, :]
-    s_ptrs = s_ptr + expert * stride_se + offs_n[None, :]
-    z_ptrs = z_ptr + expert * stride_se + offs_n[None, :]
-    # The group's scale and zero point are applied once per word (8 codes), not once per code:
-    # sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k) within a group.
-    if BLOCK_M == 1:
-        # Decode: plain 2-D tiles (the 3-D form below would cost layout shuffles for nothing).
-        x_row = x_ptr + tl.sum(a_rows, axis=0) * stride_x + words * 8  # (BLOCK_K // 8,)
-        acc2 = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            first_k = k0 + words * 8
-            row_ok = first_k < k_end
-            mask = row_ok[:, None] & n_ok[None, :]
-            packed = tl.load(qw_ptrs + (k0 // 8) * size_n, mask=mask, other=0)
-            dot_q = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
-            x_sum = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
-            for j in tl.static_range(8):
-                xj = tl.load(x_row + k0 + j, mask=row_ok, other=0.0).to(tl.float32)
-                dot_q += xj[:, None] * _codes(packed, j)
-                x_sum += xj
-            scale, zero = _group_params(s_ptrs, z_ptrs, first_k, size_n, mask, G, SYMMETRIC)
-            acc2 += scale * (dot_q - zero * x_sum[:, None])
-        out = tl.sum(acc2, axis=0)[None, :]  # (1, BLOCK_N)
+    qw = qw_ptr + expert * stride_qe
+    sp = s_ptr + expert * stride_se
+    zp = z_ptr + expert * stride_se
+    out = _gemv_columns(x_ptr, qw, sp, zp, offs_n, n_ok, a_rows, k_begin, k_end, size_n, stride_x,
+                        G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    if MODE == 1:
+        up = _gemv_columns(x_ptr, qw, sp, zp, offs_n + n_cols, n_ok, a_rows, k_begin, k_end, size_n, stride_x,
+                           G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     else:
-        x_ptrs = x_ptr + a_rows[:, None] * stride_x + words[None, :] * 8  # (BLOCK_M, BLOCK_K // 8)
-        acc = tl.zeros([BLOCK_M, BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            first_k = k0 + words * 8
-            row_ok = first_k < k_end
-            mask = row_ok[:, None] & n_ok[None, :]
-            packed = tl.load(qw_ptrs + (k0 // 8) * size_n, mask=mask, other=0)  # (BLOCK_K // 8, BLOCK_N)
-            dot_q = tl.zeros([BLOCK_M, BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
-            x_sum = tl.zeros([BLOCK_M, BLOCK_K // 8], dtype=tl.float32)
-            for j in tl.static_range(8):
-                # rows past the end read row 0 (never stored)
-                xj = tl.load(x_ptrs + k0 + j, mask=row_ok[None, :], other=0.0).to(tl.float32)
-                dot_q += xj[:, :, None] * _codes(packed, j)[None, :, :]
-                x_sum += xj
-            scale, zero = _group_params(s_ptrs, z_ptrs, first_k, size_n, mask, G, SYMMETRIC)
-            acc += scale[None, :, :] * (dot_q - zero[None, :, :] * x_sum[:, :, None])
-        out = tl.sum(acc, axis=1)  # (BLOCK_M, BLOCK_N)
-    o_ptrs = out_ptr + pid_k * stride_split + out_rows[:, None] * stride_out + offs_n[None, :]
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+        up = out
+    if MODE == 2:
+        o_ptrs = out_ptr + pid_k * stride_split + out_rows[:, None] * stride_out + offs_n[None, :]
+        tl.store(o_ptrs, out, mask=valid[:, None] & n_ok[None, :])
+        return
+    rows_local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # row of this launch's row space
+    last = True
+    if FUSED_SPLIT:
+        p_ptrs = part_ptr + rows_local[:, None] * size_n + offs_n[None, :]
+        tl.store(p_ptrs + pid_k * stride_split, out, mask=n_ok[None, :])
+        if MODE == 1:
+            tl.store(p_ptrs + pid_k * stride_split + n_cols, up, mask=n_ok[None, :])
+        tl.debug_barrier()  # every thread's partial is written before the (release) arrival below
+        counter = count_ptr + pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        last = arrived == split_k - 1
+        if last:
+            out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for split in range(split_k):  # fixed order: the result does not depend on arrival order
+                # .cg: read from L2, where the other programs' stores are (never a stale L1 line)
+                out += tl.load(p_ptrs + split * stride_split, mask=n_ok[None, :], other=0.0,
+                               cache_modifier=".cg")  # fmt: skip
+                if MODE == 1:
+                    up += tl.load(p_ptrs + split * stride_split + n_cols, mask=n_ok[None, :], other=0.0,
+                                  cache_modifier=".cg")  # fmt: skip
+            tl.atomic_xchg(counter, 0)  # ready for the next call (and the next replay of a CUDA graph)
+    if last:
+        if MODE == 0:
+            o_ptrs = out_ptr + out_rows[:, None] * stride_out + offs_n[None, :]
+            tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+        else:
+            # Routing weight on the expert INPUT: (w x) @ W = w (x @ W), exact as a scale of the fp32 sums.
+            flat = tl.load(sorted_rows_ptr + rows_local)
+            weight = tl.load(routing_ptr + flat, mask=valid, other=0.0).to(tl.float32)[:, None]
+            gate = out * weight
+            h = gate * tl.sigmoid(gate) * (up * weight)  # zero on padding rows (weight 0)
+            o_ptrs = out_ptr + rows_local[:, None] * stride_out + offs_n[None, :]
+            tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=n_ok[None, :])
 
 
 @triton.jit
@@ -243,10 +332,14 @@ def _gemm_kernel(
             mask = row_ok[:, None] & n_ok[None, :]
             packed = tl.load(qw_ptrs + (k0 // 8) * size_n, mask=mask, other=0)  # (BLOCK_K // 8, BLOCK_N)
             scale, zero = _group_params(s_ptrs, z_ptrs, first_k, size_n, mask, G, SYMMETRIC)
-            offset = zero * scale  # (q - z) * s == q * s - z * s exactly in fp32 (both products are exact)
+            # (q - z) s = f (16 s) - (16 + z) s with f = 1 + q / 16: one FMA per code, and exact in fp32
+            # (f has 5 significant bits, s 8 or 11, 16 + z <= 31), so the one rounding to the activation
+            # dtype below matches the reference.
+            scale16 = 16.0 * scale
+            offset = (16.0 + zero) * scale
             for j in tl.static_range(8):
                 a = tl.load(x_ptrs + k0 + j, mask=valid[:, None] & row_ok[None, :], other=0.0)
-                w = _codes(packed, j) * scale - offset
+                w = _unit_codes(packed, j) * scale16 - offset
                 acc = tl.dot(a, w.to(x_ptr.dtype.element_ty), acc)
     else:
         # Many rows: dequantise a whole (BLOCK_K, BLOCK_N) tile (each word is loaded by the 8 rows of its
@@ -476,58 +569,104 @@ def _check_weight(qweight, scales, zeros, group_size, expert_dims: int):
     return size_k, size_n
 
 
-def _matmul(x, weight, group_size, out, mode, m_rows, route, cfg):
-    """Launch the GEMV or GEMM kernel; ``out`` is (split_k, rows, N) (allocated here when None).
+_COUNTERS: dict = {}
 
-    Returns the buffer written: the final output when split_k == 1 and ``out`` was given, else partials."""
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for the fused split-K reduction of :func:`_gemv_kernel`, one buffer per
+    (device, stream): kernels of one stream run one after another, and each leaves its counters at zero."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def _route_args(route, m_rows, dummy):
+    if route is None:
+        return 1, dummy, dummy, m_rows, 1
+    return route.route_block, route.sorted_rows, route.block_expert, route.n_rows, route.top_k
+
+
+def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weights=None):
+    """Launch :func:`_gemv_kernel` (one launch). Returns MODE 0: the (m_rows, N) output; MODE 1: the
+    (max_rows, N // 2) SwiGLU output; MODE 2: (split_k, n_rows, N) fp32 partials for :func:`_sum_rows`."""
+    qweight, scales, zeros = weight
+    size_n = qweight.shape[-1]
+    n_cols = size_n // 2 if mode == 1 else size_n
+    n_groups = scales.shape[-2]
+    device = x.device
+    route_block, sorted_rows, block_expert, n_rows, top_k = _route_args(route, m_rows, qweight)
+    block_m = route_block if route is not None else min(4, triton.next_power_of_2(m_rows))
+    row_space = m_rows if route is None else route.max_rows
+    num_row_blocks = triton.cdiv(row_space, block_m)
+    block_n = min(cfg["BLOCK_N"], max(16, triton.next_power_of_2(n_cols)))
+    n_tiles = triton.cdiv(n_cols, block_n)
+    block_k = cfg["BLOCK_K"]
+    split_k, per_split = _split(n_groups, num_row_blocks * n_tiles, cfg["occupancy"], block_k, group_size,
+                                device)  # fmt: skip
+    fused = split_k > 1 and mode != 2
+    if mode == 0:
+        out = torch.empty(m_rows, size_n, dtype=x.dtype, device=device)
+    elif mode == 1:
+        out = torch.empty(row_space, n_cols, dtype=x.dtype, device=device)
+    else:
+        out = torch.empty(split_k, n_rows, size_n, dtype=torch.float32, device=device)
+    if fused:
+        part = torch.empty(split_k, num_row_blocks * block_m, size_n, dtype=torch.float32, device=device)
+        counters = _counters(device, num_row_blocks * n_tiles)
+        stride_split, stride_out = part.stride(0), out.stride(0)
+    else:
+        part, counters = out, sorted_rows
+        stride_split, stride_out = (out.stride(0), out.stride(1)) if mode == 2 else (0, out.stride(0))
+    z = zeros if zeros is not None else scales
+    weights = routing_weights if routing_weights is not None else scales
+    _gemv_kernel[(n_tiles, num_row_blocks, split_k)](
+        x, qweight, scales, z, out, part, counters, weights, sorted_rows, block_expert, m_rows, size_n, n_rows,
+        top_k, n_groups, per_split, split_k, x.stride(0), qweight.stride(0) if qweight.dim() == 3 else 0,
+        scales.stride(0) if scales.dim() == 3 else 0, stride_split, stride_out,
+        G=group_size, MODE=mode, SYMMETRIC=zeros is None, ROUTE_BLOCK=route_block, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, FUSED_SPLIT=fused, **_launch_opts(cfg),
+    )  # fmt: skip
+    return out
+
+
+def _matmul(x, weight, group_size, mode, m_rows, route, cfg):
+    """Launch the tl.dot GEMM kernel; returns (split_k, rows, N) partials (fp32 when split_k > 1)."""
     qweight, scales, zeros = weight
     size_n = qweight.shape[-1]
     n_groups = scales.shape[-2]
     stride_qe = qweight.stride(0) if qweight.dim() == 3 else 0
     stride_se = scales.stride(0) if scales.dim() == 3 else 0
+    route_block, sorted_rows, block_expert, n_rows, top_k = _route_args(route, m_rows, qweight)
     if route is None:
-        route_block, sorted_rows, block_expert, n_rows, top_k = 1, qweight, qweight, m_rows, 1
         out_rows = m_rows
     else:
-        route_block, sorted_rows, block_expert = route.route_block, route.sorted_rows, route.block_expert
-        n_rows, top_k = route.n_rows, route.top_k
         out_rows = route.max_rows if mode == 1 else route.n_rows
     block_n = min(cfg["BLOCK_N"], max(16, triton.next_power_of_2(size_n)))
     nibble_dots = cfg.get("nibble_dots", False)
-    # The GEMV and nibble-dot kernels take any BLOCK_K (scales per word row); the tile kernel one group per step.
-    block_k = cfg["BLOCK_K"] if cfg["kind"] == "gemv" or nibble_dots else min(cfg["BLOCK_K"], group_size)
+    # The nibble-dot kernel takes any BLOCK_K (scales per word row); the tile kernel one group per step.
+    block_k = cfg["BLOCK_K"] if nibble_dots else min(cfg["BLOCK_K"], group_size)
     if nibble_dots and block_k < 128:
         raise ValueError(
             f"nibble-dot config BLOCK_K={block_k}; expected >= 128 (tl.dot needs 16-deep slices)"
         )
     z = zeros if zeros is not None else scales
-    gemv = cfg["kind"] == "gemv"
-    if gemv:
-        block_m = route_block if route is not None else min(4, triton.next_power_of_2(m_rows))
-    else:
-        block_m = cfg["BLOCK_M"] if route is None else min(cfg["BLOCK_M"], route_block)
+    block_m = cfg["BLOCK_M"] if route is None else min(cfg["BLOCK_M"], route_block)
     row_space = m_rows if route is None else route.max_rows
     num_row_blocks = triton.cdiv(row_space, block_m)
     tiles = num_row_blocks * triton.cdiv(size_n, block_n)
     split_k, per_split = _split(n_groups, tiles, cfg["occupancy"], block_k, group_size, x.device)
-    if out is None or split_k > 1:
-        dtype = x.dtype if split_k == 1 else torch.float32
-        out = torch.empty(split_k, out_rows, size_n, dtype=dtype, device=x.device)
-    elif out.dim() == 2:
-        out = out.unsqueeze(0)
-    args = (x, qweight, scales, z, out, sorted_rows, block_expert, m_rows, size_n, n_rows, top_k, n_groups,
-            per_split)  # fmt: skip
-    common = dict(G=group_size, MODE=mode, SYMMETRIC=zeros is None, ROUTE_BLOCK=route_block, BLOCK_M=block_m,
-                  BLOCK_N=block_n, BLOCK_K=block_k, **_launch_opts(cfg))  # fmt: skip
-    strides = (x.stride(0), stride_qe, stride_se, out.stride(0), out.stride(1))
-    if gemv:
-        grid = (triton.cdiv(size_n, block_n), num_row_blocks, split_k)
-        _gemv_kernel[grid](*args, *strides, **common)
-    else:
-        grid = (tiles, split_k)
-        _gemm_kernel[grid](
-            *args, num_row_blocks, *strides, GROUP_M=cfg["GROUP_M"], NIBBLE_DOTS=nibble_dots, **common
-        )
+    dtype = x.dtype if split_k == 1 else torch.float32
+    out = torch.empty(split_k, out_rows, size_n, dtype=dtype, device=x.device)
+    _gemm_kernel[(tiles, split_k)](
+        x, qweight, scales, z, out, sorted_rows, block_expert, m_rows, size_n, n_rows, top_k, n_groups,
+        per_split, num_row_blocks, x.stride(0), stride_qe, stride_se, out.stride(0), out.stride(1),
+        G=group_size, MODE=mode, SYMMETRIC=zeros is None, ROUTE_BLOCK=route_block, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], NIBBLE_DOTS=nibble_dots, **_launch_opts(cfg),
+    )  # fmt: skip
     return out
 
 
@@ -568,19 +707,20 @@ def int4_linear(
     if x.dim() != 2 or x.shape[1] != size_k:
         raise ValueError(f"x shape {tuple(x.shape)}; expected (M, {size_k})")
     m_rows = x.shape[0]
-    out = torch.empty(m_rows, size_n, dtype=x.dtype, device=x.device)
     if m_rows == 0:
-        return out
+        return torch.empty(m_rows, size_n, dtype=x.dtype, device=x.device)
     x = x.contiguous()
     cfg = config or pick_config(m_rows)
     if cfg["kind"] == "dequant" or (
         config is None and not _interpreting() and m_rows >= TUNED["DEQUANT_MIN_ROWS"]
     ):
         return x @ dequantize(qweight, scales, zeros, group_size, x.dtype)
-    result = _matmul(x, (qweight, scales, zeros), group_size, out, 0, m_rows, None, cfg)
-    if result.shape[0] > 1:
-        _sum_rows(result, out)
-    return out
+    if cfg["kind"] == "gemv":
+        return _launch_gemv(x, (qweight, scales, zeros), group_size, 0, m_rows, None, cfg)
+    result = _matmul(x, (qweight, scales, zeros), group_size, 0, m_rows, None, cfg)
+    if result.shape[0] == 1:
+        return result[0]
+    return _sum_rows(result, torch.empty(m_rows, size_n, dtype=x.dtype, device=x.device))
 
 
 def _moe_route_block(rows_per_expert: float, cfg: dict) -> int:
@@ -636,12 +776,50 @@ def int4_moe_experts(
             dequantize(*gate_up, group_size, hidden.dtype), dequantize(*down, group_size, hidden.dtype),
         )  # fmt: skip
     route = Routing(topk_ids, n_experts, _moe_route_block(rows_per_expert, cfg))
-    pre = _matmul(hidden, gate_up, group_size, None, 1, n_rows, route, cfg)  # (split, max_rows, 2I)
-    h = torch.empty(route.max_rows, inter, dtype=hidden.dtype, device=hidden.device)
-    block = min(1024, triton.next_power_of_2(inter))
-    _swiglu_kernel[(route.max_rows, triton.cdiv(inter, block))](
-        pre, topk_weights, route.sorted_rows, h, n_rows, inter, pre.shape[0], pre.stride(0), BLOCK=block
-    )
-    rows_out = _matmul(h, down, group_size, None, 2, route.max_rows, route, cfg)  # (split, n_rows, H)
+    if cfg["kind"] == "gemv":  # decode: SwiGLU (and the K-split sum) inside the gate_up launch
+        h = _launch_gemv(hidden, gate_up, group_size, 1, n_rows, route, cfg, topk_weights)  # (max_rows, I)
+        rows_out = _launch_gemv(h, down, group_size, 2, route.max_rows, route, cfg)  # (split, n_rows, H)
+    else:
+        pre = _matmul(hidden, gate_up, group_size, 1, n_rows, route, cfg)  # (split, max_rows, 2I)
+        h = torch.empty(route.max_rows, inter, dtype=hidden.dtype, device=hidden.device)
+        block = min(1024, triton.next_power_of_2(inter))
+        _swiglu_kernel[(route.max_rows, triton.cdiv(inter, block))](
+            pre, topk_weights, route.sorted_rows, h, n_rows, inter, pre.shape[0], pre.stride(0), BLOCK=block
+        )
+        rows_out = _matmul(h, down, group_size, 2, route.max_rows, route, cfg)  # (split, n_rows, H)
     out = torch.empty(tokens, hidden_size, dtype=hidden.dtype, device=hidden.device)
     return _sum_rows(rows_out, out, route.ids, n_experts, top_k)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host-resident embedding table
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gather_rows_kernel(table_ptr, ids_ptr, out_ptr, n_ids, size_h, BLOCK: tl.constexpr):
+    """out[i] = table[ids[i]]. ``table`` may be pinned host memory (read over the bus through unified virtual
+    addressing): a decode step reads one row, and the kernel is CUDA-graph capturable."""
+    i = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < size_h
+    row = tl.load(ids_ptr + i).to(tl.int64)
+    values = tl.load(table_ptr + row * size_h + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + i.to(tl.int64) * size_h + offs, values, mask=ok)
+
+
+def gather_rows(table: torch.Tensor, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``table[ids]`` written on ``device`` (ids.shape + (hidden,)); ``table`` (vocab, hidden) contiguous, on
+    the device or in pinned host memory. No bounds check (as ``F.embedding`` in a CUDA graph)."""
+    if table.dim() != 2 or not table.is_contiguous():
+        raise ValueError(f"table shape {tuple(table.shape)}; expected a contiguous (vocab, hidden) tensor")
+    if table.device.type == "cpu" and device.type == "cuda" and not table.is_pinned():
+        raise ValueError("a host-resident table must be in pinned memory (tensor.pin_memory())")
+    flat = ids.reshape(-1).to(device)
+    out = torch.empty(flat.numel(), table.shape[1], dtype=table.dtype, device=device)
+    if flat.numel():
+        block = min(1024, triton.next_power_of_2(table.shape[1]))
+        _gather_rows_kernel[(flat.numel(), triton.cdiv(table.shape[1], block))](
+            table, flat, out, flat.numel(), table.shape[1], BLOCK=block
+        )
+    return out.view(*ids.shape, table.shape[1])

@@ -10,7 +10,7 @@ from scout_mm.quant.calibration import calibration_set
 from scout_mm.quant.format import QuantConfig, dequantize, pack_int4, quantize_rtn, unpack_int4
 from scout_mm.quant.gptq import Hessian, quantize_gptq
 from scout_mm.quant.load import load_quantized, quantized_bytes
-from scout_mm.quant.modules import Int4Experts, Int4Linear
+from scout_mm.quant.modules import HostEmbedding, Int4Experts, Int4Linear, offload_embeddings
 from scout_mm.quant.quantize import quant_targets, quantize_checkpoint, quantize_model, save_quantized
 
 __all__ = [
@@ -23,6 +23,8 @@ __all__ = [
     "dequantize",
     "Int4Linear",
     "Int4Experts",
+    "HostEmbedding",
+    "offload_embeddings",
     "quant_targets",
     "quantize_model",
     "quantize_checkpoint",

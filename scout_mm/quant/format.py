@@ -15,7 +15,15 @@ import torch
 
 from scout_mm.kernels.int4_reference import SYMMETRIC_ZERO, dequantize, unpack_int4
 
-__all__ = ["QuantConfig", "pack_int4", "unpack_int4", "dequantize", "quantize_rtn", "group_params"]
+__all__ = [
+    "QuantConfig",
+    "default_skip",
+    "pack_int4",
+    "unpack_int4",
+    "dequantize",
+    "quantize_rtn",
+    "group_params",
+]
 
 QUANT_METHOD = "scout_mm_int4"  # the ``quant_method`` of ``quantization_config`` in config.json
 FORMAT_VERSION = 1
@@ -25,6 +33,12 @@ METHODS = ("rtn", "gptq")
 # Substrings of module names that stay in their float dtype. The router stays float because a flipped top-1
 # choice changes a token's whole expert; norms, embeddings and the vision tower are small or sensitive.
 DEFAULT_SKIP = ("router", "norm", "vision_model", "multi_modal_projector", "embed_tokens", "lm_head")
+
+
+def default_skip(quantize_lm_head: bool = False) -> tuple[str, ...]:
+    """The default skip list; ``quantize_lm_head``: without ``lm_head`` (an Int4 LM head: 2.07 -> 0.54 GB for
+    Scout and 4x fewer bytes read per decoded token, at some cost in logit accuracy — measure it)."""
+    return tuple(s for s in DEFAULT_SKIP if not (quantize_lm_head and s == "lm_head"))
 
 
 @dataclass

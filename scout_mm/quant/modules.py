@@ -1,6 +1,7 @@
 """Int4 drop-in modules: :class:`Int4Linear` for ``nn.Linear`` and :class:`Int4Experts` for
 :class:`scout_mm.moe.Experts` (same ``forward(hidden, topk_weights, topk_ids)`` seam), so the model code never
 knows its weights are Int4. Packed tensors are buffers (they never train); a bias stays a float parameter.
+:class:`HostEmbedding` (``nn.Embedding`` seam) keeps the token-embedding table in pinned host memory.
 """
 
 from __future__ import annotations
@@ -104,3 +105,43 @@ class Int4Experts(nn.Module):
     def extra_repr(self) -> str:
         return (f"n_experts={self.n_experts}, hidden_size={self.hidden_size}, "
                 f"intermediate_size={self.intermediate_size}, group_size={self.group_size}")  # fmt: skip
+
+
+class HostEmbedding(nn.Module):
+    """Inference-only ``nn.Embedding`` whose table stays in pinned host memory: a decode step reads one row
+    over the bus from inside a GPU kernel (:func:`scout_mm.kernels.int4.gather_rows`, CUDA-graph capturable),
+    so the table (2.07 GB for Scout's 202048 x 5120 bf16) takes no GPU memory. The table is a buffer, not a
+    parameter: ``model.device`` / ``model.dtype`` keep reporting the GPU weights."""
+
+    def __init__(self, weight: torch.Tensor, device: torch.device | str):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.output_device = torch.device(device)
+        table = weight.detach().to("cpu").contiguous()
+        self.register_buffer("weight", table.pin_memory() if self.output_device.type == "cuda" else table)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.output_device.type == "cuda" and input_ids.is_cuda:
+            from scout_mm.kernels import int4
+
+            return int4.gather_rows(self.weight, input_ids, input_ids.device)
+        return torch.nn.functional.embedding(input_ids.to(self.weight.device), self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, host={self.weight.device}, pinned={self.weight.is_pinned()}"
+
+
+def offload_embeddings(model: nn.Module, device: torch.device | str | None = None) -> int:
+    """Move the token-embedding table of an inference model to pinned host memory, lookups writing to
+    ``device`` (default: where the table is now); returns the bytes freed on the device. Not for tied LM heads
+    (the head needs the table on the device)."""
+    text = model.language_model
+    if model.config.tie_word_embeddings:
+        raise ValueError("tie_word_embeddings: the LM head uses the embedding table; keep it on the device")
+    old = text.model.embed_tokens
+    if isinstance(old, HostEmbedding):
+        return 0
+    on_device = old.weight.device.type == "cuda"
+    device = torch.device(device) if device is not None else old.weight.device
+    text.model.embed_tokens = HostEmbedding(old.weight, device)
+    return old.weight.numel() * old.weight.element_size() if on_device else 0
