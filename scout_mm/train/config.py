@@ -121,7 +121,8 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(section)} if section is not None else set()
         if section is None or key not in names:
             raise ValueError(f"unknown config key {dotted_key!r}; expected one of {all_keys()}")
-        setattr(section, key, value)
+        kind = next(f.type for f in dataclasses.fields(section) if f.name == key)
+        setattr(section, key, _coerce(dotted_key, value, kind))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,6 +152,20 @@ class TrainConfig:
 
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(key: str, value: Any, kind: str) -> Any:
+    """A float field accepts ints and numeric strings: YAML 1.1 reads ``3e-4`` (no dot) as a string."""
+    if "float" not in str(kind) or isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{key}={value!r}; expected a number") from None
+    return value
 
 
 def all_keys() -> list[str]:

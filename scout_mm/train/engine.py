@@ -198,19 +198,29 @@ def build_engine(cfg: TrainConfig, model: nn.Module, ds_config: dict):
 
 # ---------------------------------------------------------------------- checkpoints
 LATEST = "latest"
+META = "meta.json"
+UNIVERSAL = "universal"  # folder (under the checkpoint directory) of DeepSpeed universal conversions
 
 
 class Checkpointer:
-    """DeepSpeed checkpoints under ``directory/stepNNNNNNNN`` that are never half-written.
+    """DeepSpeed checkpoints under ``directory/stepNNNNNNNN`` that are never half-written, resumable on any
+    number of ranks.
 
     Each save goes to ``stepN.partial``; after every rank has written (model, optimiser, LR schedule,
-    client state, and a per-rank RNG file), rank 0 renames it to ``stepN`` and then atomically replaces
-    the ``latest`` file. A run killed mid-save leaves a ``.partial`` folder that is ignored and removed.
-    Assumes a filesystem shared by all ranks (as DeepSpeed does by default).
+    client state, and a per-rank RNG file), rank 0 adds ``meta.json`` (world size, ZeRO stage), renames the
+    folder to ``stepN`` and then atomically replaces the ``latest`` file. A run killed mid-save leaves a
+    ``.partial`` folder that is ignored and removed. Assumes a filesystem shared by all ranks (as DeepSpeed
+    does by default).
+
+    DeepSpeed's ZeRO checkpoints hold one optimiser partition per rank and load only on the world size that
+    wrote them. When it changed, :meth:`prepare_resume` converts the checkpoint once (rank 0) with DeepSpeed's
+    ``ds_to_universal`` into ``directory/universal/stepN`` and asks for DeepSpeed's universal loading, which
+    re-partitions the fp32 weights and Adam moments for the new world size.
     """
 
     def __init__(self, engine, directory: str, keep: int, rank: int):
         self.engine, self.directory, self.keep, self.rank = engine, directory, keep, rank
+        self.universal_dir: str | None = None  # set by prepare_resume when the world size changed
 
     def latest_tag(self) -> str | None:
         path = os.path.join(self.directory, LATEST)
@@ -231,6 +241,8 @@ class Checkpointer:
         torch.save(rng_state(), os.path.join(self.directory, partial, f"rng_rank{self.rank}.pt"))
         barrier()
         if self.rank == 0:
+            meta = {"world_size": _world_size(), "zero_stage": int(self.engine.zero_optimization_stage())}
+            _write_atomic(os.path.join(self.directory, partial, META), json.dumps(meta))
             final = os.path.join(self.directory, tag)
             if os.path.exists(final):  # saving the same step again (e.g. the final save)
                 shutil.rmtree(final)
@@ -240,21 +252,78 @@ class Checkpointer:
         barrier()
         return tag
 
-    def load(self, tag: str | None = None) -> dict | None:
-        """Restore checkpoint ``tag`` (default: the latest) into the engine; returns its client state, or None
-        when there is nothing to resume from."""
+    def resume_tag(self, resume: str) -> str | None:
+        """The checkpoint to resume from: ``resume`` is "auto" (the latest, if any), "never", or a tag.
+        Removes the ``.partial`` folders of killed saves first. Collective."""
+        if resume == "never":
+            return None
         if self.rank == 0 and os.path.isdir(self.directory):
             for name in os.listdir(self.directory):
                 if name.endswith(".partial"):
                     shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
         barrier()
+        if resume == "auto":
+            return self.latest_tag()
+        if not os.path.isdir(os.path.join(self.directory, resume)):
+            raise FileNotFoundError(f"no checkpoint {resume!r} in {self.directory}")
+        return resume
+
+    def saved_world_size(self, tag: str) -> int:
+        """How many ranks wrote checkpoint ``tag`` (from ``meta.json``, else by counting its optimiser
+        partitions)."""
+        folder = os.path.join(self.directory, tag)
+        meta = os.path.join(folder, META)
+        if os.path.isfile(meta):
+            with open(meta) as f:
+                return int(json.load(f)["world_size"])
+        partitions = [n for n in os.listdir(folder) if n.endswith("optim_states.pt")]
+        return max(1, len(partitions))
+
+    def prepare_resume(self, tag: str, world_size: int, ds_config: dict) -> str | None:
+        """Before the engine is built: when ``tag`` was written by another number of ranks, convert it to
+        DeepSpeed's universal format (rank 0, once; other ranks wait) and switch ``ds_config`` to universal
+        loading. Returns a line for the log, or None when nothing had to be done. Collective."""
+        saved = self.saved_world_size(tag)
+        if saved == world_size:
+            return None
+        target = os.path.join(self.directory, UNIVERSAL, tag)
+        if self.rank == 0 and not os.path.isdir(target):
+            convert_to_universal(os.path.join(self.directory, tag), target)
+        barrier()
+        if not os.path.isdir(target):
+            raise RuntimeError(f"universal conversion of {tag} did not produce {target}")
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        self.universal_dir = os.path.dirname(target)
+        return (
+            f"checkpoint {tag} was written by {saved} rank(s), this run has {world_size}: converted to "
+            f"DeepSpeed's universal format ({target}) and loading it re-partitioned for {world_size} rank(s)"
+        )
+
+    def load(self, tag: str | None = None) -> dict | None:
+        """Restore checkpoint ``tag`` (default: the latest) into the engine; returns its client state, or None
+        when there is nothing to resume from. After :meth:`prepare_resume` found another world size, loads
+        the universal conversion."""
         if tag is None:
-            tag = self.latest_tag()
+            tag = self.resume_tag("auto")
             if tag is None:
                 return None
         elif not os.path.isdir(os.path.join(self.directory, tag)):
             raise FileNotFoundError(f"no checkpoint {tag!r} in {self.directory}")
-        path, client_state = self.engine.load_checkpoint(self.directory, tag=tag)
+        if self.universal_dir is not None:
+            optimizer = getattr(self.engine.optimizer, "optimizer", None)
+            groups = [dict(g) for g in optimizer.param_groups] if optimizer is not None else []
+            path, client_state = self.engine.load_checkpoint(self.universal_dir, tag=tag)
+            # Two quirks of DeepSpeed's ZeRO-3 universal load (0.19): it copies the first parameter group's
+            # hyper-parameters into every group (put back each group's own weight decay: none on norms and
+            # biases), and it gives every partition the same Adam ``step`` tensor, which torch's Adam then
+            # increments once per group and step (give each its own copy).
+            for group, before in zip(optimizer.param_groups if groups else [], groups):
+                group["weight_decay"] = before["weight_decay"]
+            for state in optimizer.state.values() if optimizer is not None else []:
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+        else:
+            path, client_state = self.engine.load_checkpoint(self.directory, tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.directory}/{tag}")
         rng_file = os.path.join(self.directory, tag, f"rng_rank{self.rank}.pt")
@@ -268,9 +337,43 @@ class Checkpointer:
             for name in os.listdir(self.directory)
             if name.startswith("step") and not name.endswith(".partial")
         )
-        for name in tags[: max(0, len(tags) - self.keep)]:
+        removed = tags[: max(0, len(tags) - self.keep)]
+        for name in removed:
             if name != keep_tag:
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+                shutil.rmtree(os.path.join(self.directory, UNIVERSAL, name), ignore_errors=True)
+
+
+def convert_to_universal(source: str, target: str) -> None:
+    """DeepSpeed's ``ds_to_universal`` from checkpoint folder ``source`` into ``target`` (written to
+    ``target.partial`` and renamed, so an interrupted conversion is redone). Runs in a child process: the
+    conversion uses worker processes, which should not be forked from a process holding CUDA/NCCL state."""
+    import subprocess
+    import sys
+
+    partial = target + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    workers = max(1, min(4, (os.cpu_count() or 2) // 2))
+    command = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", source, "--output_folder", partial,
+        "--num_extract_workers", str(workers), "--num_merge_workers", str(max(1, workers // 2)),
+        "--inject_missing_state",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"ds_to_universal failed on {source} (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
+            f"{done.stderr[-3000:]}"
+        )
+    os.rename(partial, target)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _write_atomic(path: str, text: str) -> None:

@@ -32,7 +32,9 @@ from scout_mm.train.synthetic import SyntheticTasks
 @dataclass
 class TrainResult:
     step: int
-    losses: list[float] = field(default_factory=list)  # training loss of each log line (every step with log_every=1)
+    losses: list[float] = field(
+        default_factory=list
+    )  # training loss of each log line (every step with log_every=1)
     eval: dict | None = None
     generation: dict | None = None
     export_dir: str | None = None
@@ -67,15 +69,27 @@ def train(
         torch.cuda.set_device(device)
     model, processor = build_model(cfg)
     ds_config = deepspeed_config(cfg, deepspeed_config_path, world)
+    checkpoints = Checkpointer(None, os.path.join(t.output_dir, "checkpoints"), t.keep_checkpoints, rank)
+    resume_tag = checkpoints.resume_tag(t.resume)
+    # A checkpoint from another number of ranks is converted to DeepSpeed's universal format first.
+    conversion = checkpoints.prepare_resume(resume_tag, world, ds_config) if resume_tag else None
     engine, tap, schedule = build_engine(cfg, model, ds_config)
     model_config = engine.module.config
-    checkpoints = Checkpointer(engine, os.path.join(t.output_dir, "checkpoints"), t.keep_checkpoints, rank)
-    state = None if t.resume == "never" else checkpoints.load(None if t.resume == "auto" else t.resume)
-    state = state or {}
+    checkpoints.engine = engine
+    state = (checkpoints.load(resume_tag) if resume_tag else None) or {}
     step, consumed = state.get("step", 0), state.get("batches_consumed", 0)
     logger = Logger(t.output_dir, schedule.total_steps, step, rank == 0, t.tensorboard)
+    global_batch = t.micro_batch_size * t.grad_accum * world  # documents per optimiser step
+    if conversion:
+        logger.print(conversion)
     if state:
-        logger.print(f"resumed from step {step} ({consumed} micro-batches consumed)")
+        logger.print(f"resumed from {resume_tag}: step {step}, {consumed} micro-batches consumed")
+        saved_batch = state.get("global_batch_docs")
+        if saved_batch is not None and saved_batch != global_batch:
+            logger.print(
+                f"note: {global_batch} documents per step now, {saved_batch} before (set train.grad_accum "
+                "so that micro_batch_size x grad_accum x ranks stays the same to continue the same run)"
+            )
     if rank == 0:
         with open(os.path.join(t.output_dir, "config.yaml"), "w") as f:
             import yaml
@@ -192,7 +206,15 @@ def train(
             logger.print(_format(step, result.eval, prefix="eval"))
             window.restart()  # keep eval time out of the throughput numbers
         if t.save_every and (step % t.save_every == 0 or last):
-            checkpoints.save(step, {"step": step, "batches_consumed": consumed, "world_size": world})
+            checkpoints.save(
+                step,
+                {
+                    "step": step,
+                    "batches_consumed": consumed,
+                    "world_size": world,
+                    "global_batch_docs": global_batch,
+                },
+            )
             window.restart()
         if out_of_time and step < schedule.total_steps:
             logger.print(f"time budget reached at step {step} of {schedule.total_steps}")
