@@ -90,3 +90,71 @@ def generation_accuracy(model, processor, samples, batch_size: int = 64, max_new
     for task, (right, n) in sorted(correct.items()):
         result[f"accuracy/{task}"] = right / n
     return result
+
+
+@torch.no_grad()
+def heldout_report(
+    model, processor, n_docs: int, seed: int = 0, tasks=None, docs_per_batch: int = 64, align="doc"
+) -> dict[str, dict]:
+    """:func:`answer_accuracy` of ``model`` on the first ``n_docs`` held-out synthetic documents, overall
+    (``"all"``) and split by image layout (``"single-tile"`` / ``"multi-tile"`` canvases)."""
+    from scout_mm.train.data import SyntheticSource, image_grid, pack
+
+    model.eval()
+    device, dtype = model.device, model.dtype
+    source = SyntheticSource(processor, "heldout", seed, tasks)
+    examples = [source[i] for i in range(n_docs)]
+    seq_len = max(len(e.ids) for e in examples)
+
+    def forward(batch):
+        pixels = batch.pixel_values.to(dtype) if batch.pixel_values is not None else None
+        return model(
+            input_ids=batch.input_ids, pixel_values=pixels, position_ids=batch.position_ids, labels=batch.labels
+        )
+
+    def score(group):
+        batches = [
+            pack(group[i : i + docs_per_batch], seq_len, align, processor)
+            for i in range(0, len(group), docs_per_batch)
+        ]
+        return answer_accuracy(forward, batches, device) if group else {"docs": 0}
+
+    one_tile = [image_grid(processor, e.images[0].width, e.images[0].height) == (1, 1) for e in examples]
+    single = [e for e, one in zip(examples, one_tile) if one]
+    multi = [e for e, one in zip(examples, one_tile) if not one]
+    return {"all": score(examples), "single-tile": score(single), "multi-tile": score(multi)}
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv=None) -> None:
+    """``python -m scout_mm.train.evaluate [--model DIR]``: held-out accuracy of an exported model (default:
+    the package's shipped tiny model), per task and per image layout."""
+    import argparse
+    import json
+
+    from scout_mm import Processor, ScoutForConditionalGeneration
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model", default=None, help="exported model folder (default: scout_mm/assets/tiny)")
+    parser.add_argument("--docs", type=int, default=600, help="held-out documents (the first N)")
+    parser.add_argument("--seed", type=int, default=0, help="data seed of the training run (data.seed)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    args = parser.parse_args(argv)
+    if args.docs < 1:
+        parser.error(f"--docs {args.docs}; expected >= 1")
+    import os
+
+    path = args.model or os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tiny")
+    default = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    dtype = _DTYPES[args.dtype] if args.dtype else default
+    model = ScoutForConditionalGeneration.from_pretrained(path, dtype=dtype, device=args.device)
+    processor = Processor.from_config(model.config, tokenizer_path=path)
+    report = heldout_report(model, processor, args.docs, args.seed)
+    print(json.dumps({"model": path, "dtype": str(dtype), **report}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
