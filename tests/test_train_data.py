@@ -228,3 +228,20 @@ def test_jsonl_text_and_chat_records(tmp_path, processor):
     bad.write_text('{"prompt": "x"}\n')
     with pytest.raises(ValueError, match="line 1: keys \\['prompt'\\]"):
         JsonlSource(processor, bad)
+
+
+def test_heldout_report_splits_by_image_layout(processor, config):
+    from scout_mm.train.evaluate import heldout_report
+
+    torch.manual_seed(0)
+    model = ScoutForConditionalGeneration(config).eval()
+    report = heldout_report(model, processor, 12, seed=0, docs_per_batch=8)  # doc 9 is multi-tile
+    single, multi, whole = report["single-tile"], report["multi-tile"], report["all"]
+    assert whole["docs"] == 12 and single["docs"] + multi["docs"] == 12 and multi["docs"] >= 1
+    # The overall accuracy is the document-weighted mean of the two layouts, and the loss the same
+    # documents' answer-token loss whichever way they are grouped into batches.
+    mean = (single["accuracy"] * single["docs"] + multi["accuracy"] * multi["docs"]) / 12
+    assert whole["accuracy"] == pytest.approx(mean)
+    assert 0.0 < whole["loss"] and min(single["loss"], multi["loss"]) <= whole["loss"] <= max(
+        single["loss"], multi["loss"]
+    )
