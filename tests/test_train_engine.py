@@ -73,8 +73,12 @@ def test_zero2_steps_lower_the_loss_on_a_fixed_batch(tmp_path):
 
 
 def test_resume_reproduces_the_next_steps_exactly_and_exports(tmp_path):
-    first = train(tiny_config(tmp_path, save_every=2, keep_checkpoints=3), ZERO2)
+    first = train(tiny_config(tmp_path, save_every=2, keep_checkpoints=3, profile_steps=[2, 3]), ZERO2)
     assert first.step == 4 and len(first.losses) == 4
+    profile = (tmp_path / "profile.txt").read_text()  # the profiled steps still resume bitwise below
+    assert "profiled steps 2-3 (2 steps)" in profile
+    for phase in ("data", "forward", "backward", "optimizer step", "loop bookkeeping", "other"):
+        assert f"| {phase} | " in profile, phase
     checkpoints = tmp_path / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step00000004"
     assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step")) == [

@@ -81,6 +81,9 @@ class TrainSection:
     generate_eval_docs: int = 0  # at the end, also check greedy generation on this many held-out docs
     peak_tflops: float | None = None  # for MFU; default: from the GPU name (H100/H200 989, A100 312)
     tensorboard: bool = True
+    # [first, last]: profile these optimiser steps on rank 0 (torch.profiler + phase timings) into
+    # output_dir/profile.txt; null = off.
+    profile_steps: list | None = None
 
 
 @dataclass

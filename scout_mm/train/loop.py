@@ -25,7 +25,14 @@ from scout_mm.train.engine import (
     zero_stage,
 )
 from scout_mm.train.evaluate import answer_accuracy, generation_accuracy
-from scout_mm.train.metrics import FlopCounter, Logger, expert_histogram, peak_tflops, plot_curve
+from scout_mm.train.metrics import (
+    FlopCounter,
+    Logger,
+    StepProfiler,
+    expert_histogram,
+    peak_tflops,
+    plot_curve,
+)
 from scout_mm.train.synthetic import SyntheticTasks
 
 
@@ -134,6 +141,7 @@ def train(
         return result
 
     result = TrainResult(step=step)
+    profiler = StepProfiler(t.profile_steps if rank == 0 else None, t.output_dir, device, peak)
     window = _Window(device, tap.n_experts, len(tap.routers))
     # (from step, at step) pairs: time the steps in between, then fit the step count to the budget.
     c = max(t.calibration_steps, 6)
@@ -146,25 +154,30 @@ def train(
     engine.train()
     window.restart()
     while step < schedule.total_steps:
+        profiler.begin_step(step + 1)
         for _ in range(t.grad_accum):
             waited = time.time()
             batch = next(batches).to(device)
             window.data_wait += time.time() - waited
+            profiler.mark("data")
             tap.start_forward()
             out = forward(batch)
             aux = tap.aux_loss(batch.token_mask)
             loss = out.loss + coef * aux if aux is not None else out.loss
+            profiler.mark("forward")
             engine.backward(loss)
+            profiler.mark("backward")
             engine.step()
+            profiler.mark("optimizer step")
             n_tiles = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
-            window.add(
-                out.loss,
-                aux,
-                tap.expert_load(batch.token_mask),
-                batch,
-                flops(*batch.input_ids.shape, n_tiles),
-            )
+            batch_flops = flops(*batch.input_ids.shape, n_tiles)
+            profiler.add_flops(batch_flops)
+            window.add(out.loss, aux, tap.expert_load(batch.token_mask), batch, batch_flops)
+            profiler.mark("loop bookkeeping")
         step += 1
+        report = profiler.end_step(step)
+        if report:
+            logger.print(report)
         consumed += t.grad_accum * world
         logger.advance()
 

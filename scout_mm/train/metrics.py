@@ -179,3 +179,194 @@ def plot_curve(metrics_path: str, png_path: str, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------- profiling
+# Kernel name patterns -> category, first match wins (Triton kernels appear under their function names).
+KERNEL_CATEGORIES = [
+    (
+        "attention",
+        ("_fwd_kernel", "_bwd_dq", "_bwd_dkdv", "_bwd_delta", "flash", "fmha", "sdpa", "attn", "cudnn"),
+    ),
+    (
+        "moe experts",
+        ("_route_kernel", "_gate_up_kernel", "_rows_gemm", "_combine_kernel", "_down_bwd", "_expert_grad"),
+    ),
+    ("dense GEMM", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_", "sm80_", "ampere_")),
+    ("optimizer", ("multi_tensor", "adam", "fused_adam")),
+    ("communication", ("nccl",)),
+    ("copies / memset", ("memcpy", "memset", "copy", "catarray", "cat_", "fill")),
+]
+
+
+def kernel_category(name: str) -> str:
+    lowered = name.lower()
+    for category, patterns in KERNEL_CATEGORIES:
+        if any(p in lowered for p in patterns):
+            return category
+    return "elementwise / reductions / other"
+
+
+class StepProfiler:
+    """Profiles optimiser steps ``first..last`` (1-based, inclusive): ``torch.profiler`` for the kernels, and
+    CUDA events at phase boundaries (data, forward, backward, optimiser step, loop bookkeeping) for where
+    the GPU timeline goes. Writes ``profile.txt`` (summary, phases, kernel time by category, top kernels)
+    into ``output_dir``. On CPU the phases are host times and the table lists operators (self CPU time).
+
+    Use: ``begin_step(step)`` before a step's micro-batches, ``mark(phase)`` at the end of each phase,
+    ``end_step(step)`` after the step. No cost outside the window or when ``steps`` is None.
+    """
+
+    def __init__(self, steps, output_dir: str, device, peak: float | None = None):
+        self.enabled = steps is not None
+        self.cuda = device.type == "cuda"
+        if self.enabled and not (
+            len(steps) == 2 and all(isinstance(s, int) for s in steps) and 1 <= steps[0] <= steps[1]
+        ):
+            raise ValueError(f"train.profile_steps={steps}; expected [first, last] with 1 <= first <= last")
+        self.first, self.last = steps if self.enabled else (0, 0)
+        self.output_dir, self.peak = output_dir, peak
+        self.active = False
+        self.path = os.path.join(output_dir, "profile.txt")
+
+    def begin_step(self, step: int) -> None:
+        if self.active:
+            self._mark("other")  # logging, eval, checkpoint work since the previous step
+        if not self.enabled or step != self.first:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        self._sync()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self.profiler = profile(activities=activities)
+        self.profiler.__enter__()
+        self.marks: list[tuple[str, object]] = []
+        self.flops = 0.0
+        self.active = True
+        self.wall_start = time.perf_counter()
+        self._mark("start")
+
+    def mark(self, phase: str) -> None:
+        if self.active:
+            self._mark(phase)
+
+    def add_flops(self, flops: float) -> None:
+        if self.active:
+            self.flops += flops
+
+    def _mark(self, phase: str) -> None:
+        if self.cuda:
+            stamp = torch.cuda.Event(enable_timing=True)
+            stamp.record()
+        else:
+            stamp = time.perf_counter()
+        self.marks.append((phase, stamp))
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def end_step(self, step: int) -> str | None:
+        """Returns the report when the window closed at this step (else None)."""
+        if not self.active or step != self.last:
+            return None
+        self._mark("other")
+        self._sync()
+        wall = time.perf_counter() - self.wall_start
+        self.profiler.__exit__(None, None, None)
+        self.active = False
+        report = self._report(wall, self.last - self.first + 1)
+        os.makedirs(self.output_dir, exist_ok=True)
+        with open(self.path, "w") as f:
+            f.write(report)
+        return report
+
+    def _report(self, wall: float, steps: int) -> str:
+        phases: dict[str, float] = {}  # ms
+        for (_, previous), (phase, stamp) in zip(self.marks, self.marks[1:]):
+            ms = previous.elapsed_time(stamp) if self.cuda else (stamp - previous) * 1e3
+            phases[phase] = phases.get(phase, 0.0) + ms
+        kernels, intervals = {}, []  # name -> [microseconds, count]
+        for event in self.profiler.events():
+            if self.cuda:
+                if event.device_type != torch.autograd.DeviceType.CUDA:
+                    continue
+                duration = event.time_range.end - event.time_range.start
+                intervals.append((event.time_range.start, event.time_range.end))
+            else:
+                duration = event.self_cpu_time_total
+            entry = kernels.setdefault(event.name, [0.0, 0])
+            entry[0] += duration
+            entry[1] += 1
+        device = torch.cuda.get_device_name() if self.cuda else "CPU"
+        lines = [
+            f"profiled steps {self.first}-{self.last} ({steps} steps) on {device}",
+            f"wall time per step: {wall * 1e3 / steps:.1f} ms",
+        ]
+        if intervals:
+            busy = _union_length(intervals) / 1e6  # seconds
+            lines.append(
+                f"GPU busy (union of kernel intervals, all streams): {busy * 1e3 / steps:.1f} ms per step "
+                f"= {100 * busy / wall:.1f}% of the wall time"
+            )
+        if self.flops and self.peak:
+            achieved = self.flops / wall / 1e12
+            lines.append(
+                f"model FLOPs {self.flops / steps / 1e12:.2f} TFLOP per step: {achieved:.1f} TFLOP/s = "
+                f"{100 * achieved / self.peak:.1f}% MFU over the window"
+                + (
+                    f" ({100 * self.flops / busy / 1e12 / self.peak:.1f}% of GPU-busy time)"
+                    if intervals
+                    else ""
+                )
+            )
+        what = "GPU timeline (CUDA events on the compute stream)" if self.cuda else "host time"
+        lines += [
+            "",
+            f"Phases, {what}; time the GPU idles waiting for the host counts in the phase the host was in:",
+            "| phase | ms per step | share |",
+            "|---|---|---|",
+        ]
+        total = sum(phases.values()) or 1.0
+        for phase, ms in phases.items():
+            lines.append(f"| {phase} | {ms / steps:.1f} | {100 * ms / total:.1f}% |")
+        categories: dict[str, list] = {}
+        for name, (us, count) in kernels.items():
+            c = categories.setdefault(kernel_category(name), [0.0, 0])
+            c[0] += us
+            c[1] += count
+        kernel_total = sum(us for us, _ in kernels.values()) or 1.0
+        unit = "kernel" if self.cuda else "operator (self CPU)"
+        lines += [
+            "",
+            f"{unit} time by category (sums of durations; overlapping streams count twice):",
+            "| category | ms per step | calls per step | share |",
+            "|---|---|---|---|",
+        ]
+        for category, (us, count) in sorted(categories.items(), key=lambda kv: -kv[1][0]):
+            lines.append(
+                f"| {category} | {us / 1e3 / steps:.1f} | {count / steps:.0f} | {100 * us / kernel_total:.1f}% |"
+            )
+        lines += [
+            "",
+            f"Top {unit}s:",
+            "| name | category | ms per step | calls per step | mean us |",
+            "|---|---|---|---|---|",
+        ]
+        for name, (us, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:30]:
+            short = name if len(name) <= 90 else name[:87] + "..."
+            lines.append(
+                f"| `{short}` | {kernel_category(name)} | {us / 1e3 / steps:.2f} | {count / steps:.0f} | "
+                f"{us / count:.1f} |"
+            )
+        return "\n".join(lines) + "\n"
+
+
+def _union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
