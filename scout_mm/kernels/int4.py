@@ -478,14 +478,14 @@ def _gemm(block_m, block_n, block_k, warps, stages, occupancy=0, group_m=8, nibb
 
 
 # Picked by rows (dense: M; MoE: rows per touched expert). ``bench/bench_int4.py --sections tune`` sweeps
-# candidates on the GPU and prints every timing; the winners of the H100 sweeps of 2026-11-23
-# (bench/results/int4_h100.md) are copied here by hand. GEMV_MAX_ROWS: up to this many rows the FMA kernel
+# candidates on the GPU and prints every timing; the winners of the H100 sweeps of 2026-11-23 and (GEMV,
+# nibble-dot after the 1 + q/16 unpack) 2026-11-24 (bench/results/int4_h100.md) are copied here by hand. GEMV_MAX_ROWS: up to this many rows the FMA kernel
 # runs. DEQUANT_MIN_ROWS: from this many rows on, dequantise once + cuBLAS (2.4-2.5x the tl.dot kernel at
 # M=4096; the switch point is an estimate from the dequantise cost, ~70 us for 16384x5120, not measured).
 # MoE: dequantise all experts + the bf16 fused MoE from this many rows per expert (measured faster at 256
 # rows/expert, slower at 32).
 TUNED = {
-    "gemv": _gemv(32, 256, 4, 3, 8),
+    "gemv": _gemv(32, 512, 4, 3, 8),  # 2026-11-24 sweep: best sum over the two Scout shapes (27.1 + 17.5 us)
     "gemm_small": _gemm(16, 128, 128, 4, 3, occupancy=2, nibble_dots=True),  # rows <= 16
     "gemm_medium": _gemm(64, 64, 128, 4, 4, occupancy=2),  # rows <= 128
     "gemm_large": _gemm(128, 256, 64, 8, 3),
