@@ -111,7 +111,11 @@ def test_one_document_per_row_sees_no_other_document(processor, config):
     model = ScoutForConditionalGeneration(config).eval()
 
     def logits(batch, row):
-        out = model(input_ids=batch.input_ids, pixel_values=batch.pixel_values.float(), position_ids=batch.position_ids)
+        out = model(
+            input_ids=batch.input_ids,
+            pixel_values=batch.pixel_values.float(),
+            position_ids=batch.position_ids,
+        )
         return out.logits[row][batch.doc_ids[row] >= 0]
 
     target = 3

@@ -109,7 +109,10 @@ def heldout_report(
     def forward(batch):
         pixels = batch.pixel_values.to(dtype) if batch.pixel_values is not None else None
         return model(
-            input_ids=batch.input_ids, pixel_values=pixels, position_ids=batch.position_ids, labels=batch.labels
+            input_ids=batch.input_ids,
+            pixel_values=pixels,
+            position_ids=batch.position_ids,
+            labels=batch.labels,
         )
 
     def score(group):
@@ -141,7 +144,9 @@ def main(argv=None) -> None:
     parser.add_argument("--docs", type=int, default=600, help="held-out documents (the first N)")
     parser.add_argument("--seed", type=int, default=0, help="data seed of the training run (data.seed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument(
+        "--dtype", default=None, choices=sorted(_DTYPES), help="default: bf16 on GPU, fp32 on CPU"
+    )
     args = parser.parse_args(argv)
     if args.docs < 1:
         parser.error(f"--docs {args.docs}; expected >= 1")
