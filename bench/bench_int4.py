@@ -308,6 +308,13 @@ def _category(name):
     return "other (elementwise, norms, RoPE, copies, top-k, index)"
 
 
+def _random_prompt(config, length):
+    """Random ordinary token ids: below the special tokens, so never an image placeholder (Scout's specials
+    start at 200000)."""
+    ordinary = min(config.text.vocab_size, 200000)
+    return torch.randint(0, ordinary, (1, length), device="cuda")
+
+
 def decode_step_profile(model, config, rows_out, label, prompt_len=8192):
     """Prefill ``prompt_len`` random tokens, then time the decode step eager and CUDA-graphed, and profile the
     graphed step's kernels (torch.profiler: name, launches, device time per step)."""
@@ -317,7 +324,7 @@ def decode_step_profile(model, config, rows_out, label, prompt_len=8192):
     text = config.text
     cache = KVCache(text, 1, "cuda", torch.bfloat16)
     cache.reserve(0, prompt_len + 64)
-    prompt = torch.randint(0, text.vocab_size, (1, prompt_len), device="cuda")
+    prompt = _random_prompt(config, prompt_len)
     with torch.no_grad():
         embeds, _ = model.embed_inputs(prompt, validate=False)
         prefill(model, cache, 0, embeds, 8192)
@@ -377,8 +384,7 @@ def _generate(model, config, rows_out, label):
     (two eager warm-up steps + the capture, ~0.4 s for Scout), so it is reported over 64 and 512 tokens."""
     from scout_mm.generation import generate_ids
 
-    vocab = config.text.vocab_size
-    prompt = torch.randint(0, vocab, (1, 8192), device="cuda")
+    prompt = _random_prompt(config, 8192)
     torch.cuda.reset_peak_memory_stats()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a decode step that falls back to eager must not pass silently
