@@ -49,6 +49,7 @@ for v in $VARIANTS; do
   case $v in
     base) run base configs/ds_zero2.json ;;
     mb256) run mb256 configs/ds_zero2.json --train.micro_batch_size 256 ;;
+    mb256_ga2) run mb256_ga2 configs/ds_zero2.json --train.micro_batch_size 256 --train.grad_accum 2 ;;
     mb256_buckets) run mb256_buckets /tmp/ds_zero2_big_buckets.json --train.micro_batch_size 256 ;;
     mb256_zero1) run mb256_zero1 /tmp/ds_zero1.json --train.micro_batch_size 256 ;;
     mb256_zero0) run mb256_zero0 /tmp/ds_zero0.json --train.micro_batch_size 256 ;;

@@ -232,3 +232,32 @@ def test_zero3_two_ranks_match_one_rank_and_resume_across_world_sizes(tmp_path):
     assert set(exported) == set(gathered)
     for name, tensor in exported.items():
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, gathered[name].to(torch.bfloat16)), name
+
+
+def test_kernel_time_is_attributed_to_the_phase_and_launching_operator():
+    from types import SimpleNamespace as NS
+
+    from scout_mm.train.metrics import _MARK, _kernel_time_by_phase_and_op
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(name, start, kernels=(), device=cpu):
+        kernels = [NS(name="k", device=0, duration=d) for d in kernels]
+        return NS(name=name, time_range=NS(start=start), device_type=device, kernels=kernels)
+
+    events = [
+        event("aten::mm", 1, [5.0, 7.0]),
+        event(_MARK + "forward", 2),
+        event("aten::mm", 3, [11.0]),
+        event("aten::add_", 4, [2.0]),
+        event("kernel itself", 4, [100.0], device=cuda),  # device events are counted through their CPU op
+        event(_MARK + "backward", 5),
+        event("aten::copy_", 6, [3.0]),  # after the last mark
+        event("aten::empty", 3),  # launched nothing
+    ]
+    assert _kernel_time_by_phase_and_op(events) == {
+        ("forward", "aten::mm"): [12.0, 2],
+        ("backward", "aten::mm"): [11.0, 1],
+        ("backward", "aten::add_"): [2.0, 1],
+        ("other", "aten::copy_"): [3.0, 1],
+    }

@@ -255,6 +255,8 @@ class StepProfiler:
             self.flops += flops
 
     def _mark(self, phase: str) -> None:
+        with torch.profiler.record_function(f"{_MARK}{phase}"):  # a point on the profiler's timeline
+            pass
         if self.cuda:
             stamp = torch.cuda.Event(enable_timing=True)
             stamp.record()
@@ -287,7 +289,12 @@ class StepProfiler:
             ms = previous.elapsed_time(stamp) if self.cuda else (stamp - previous) * 1e3
             phases[phase] = phases.get(phase, 0.0) + ms
         kernels, intervals = {}, []  # name -> [microseconds, count]
-        for event in self.profiler.events():
+        events = self.profiler.events()
+        try:
+            by_op = _kernel_time_by_phase_and_op(events) if self.cuda else {}
+        except Exception as e:  # an attribution problem must not end the training run
+            by_op = {("(attribution failed)", repr(e)): [0.0, 0]}
+        for event in events:
             if self.cuda:
                 if event.device_type != torch.autograd.DeviceType.CUDA:
                     continue
@@ -347,6 +354,16 @@ class StepProfiler:
             lines.append(
                 f"| {category} | {us / 1e3 / steps:.1f} | {count / steps:.0f} | {100 * us / kernel_total:.1f}% |"
             )
+        if by_op:
+            lines += [
+                "",
+                "Kernel time by phase and the operator that launched it (top 30; the phase is the one the host "
+                "was in when it launched the kernel):",
+                "| phase | operator | kernel ms per step | kernels per step |",
+                "|---|---|---|---|",
+            ]
+            for (phase, op), (us, count) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:30]:
+                lines.append(f"| {phase} | `{op}` | {us / 1e3 / steps:.2f} | {count / steps:.0f} |")
         lines += [
             "",
             f"Top {unit}s:",
@@ -354,12 +371,34 @@ class StepProfiler:
             "|---|---|---|---|---|",
         ]
         for name, (us, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:30]:
-            short = name if len(name) <= 90 else name[:87] + "..."
+            short = name if len(name) <= 200 else name[:197] + "..."
             lines.append(
                 f"| `{short}` | {kernel_category(name)} | {us / 1e3 / steps:.2f} | {count / steps:.0f} | "
                 f"{us / count:.1f} |"
             )
         return "\n".join(lines) + "\n"
+
+
+_MARK = "scout_phase_end:"
+
+
+def _kernel_time_by_phase_and_op(events) -> dict:
+    """{(phase, launching CPU operator): [kernel microseconds, kernel count]}: a CPU operator belongs to the
+    phase of the first phase mark after its start."""
+    import bisect
+
+    marks = sorted((e.time_range.start, e.name[len(_MARK) :]) for e in events if e.name.startswith(_MARK))
+    starts = [t for t, _ in marks]
+    out: dict = {}
+    for event in events:
+        if event.device_type != torch.autograd.DeviceType.CPU or not event.kernels:
+            continue
+        i = bisect.bisect_left(starts, event.time_range.start)
+        phase = marks[i][1] if i < len(marks) else "other"
+        entry = out.setdefault((phase, event.name), [0.0, 0])
+        entry[0] += sum(k.duration for k in event.kernels)
+        entry[1] += len(event.kernels)
+    return out
 
 
 def _union_length(intervals: list[tuple[float, float]]) -> float:
