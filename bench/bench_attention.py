@@ -3,8 +3,12 @@
 Scout heads (40 q / 8 kv, head_dim 128), bf16, batch 1, random inputs; CUDA-event medians after warm-up.
 
     python bench/bench_attention.py                      # the table; writes bench/results/attention_h100.md
+    python bench/bench_attention.py --tune-fwd           # first pick the forward config by timing, then the table
     python bench/bench_attention.py --tune               # sweep the kernels' launch configs instead
     python bench/bench_attention.py --skip-flex          # without FlexAttention (saves its compile time)
+
+Decode rows are timed twice: under a CUDA graph (how generation runs decode: replays back to back, no host
+launch gaps) and eagerly (each call launched from Python and synchronised, so host overhead counts).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from scout_mm.kernels.flash_attention import _SDPA_BACKEND, _backward, _forward,
 from scout_mm.kernels.flash_decode import decode_attention, decode_sdpa
 
 _decode_module = sys.modules["scout_mm.kernels.flash_decode"]
+_flash = sys.modules["scout_mm.kernels.flash_attention"]
 
 N_HEADS, N_KV_HEADS, HEAD_DIM = 40, 8, 128
 SCALE = HEAD_DIM**-0.5
@@ -48,6 +53,34 @@ def time_ms(fn, budget_s: float = 0.4, min_reps: int = 5, max_reps: int = 50) ->
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def time_graph_ms(fn, calls: int = 20, samples: int = 7) -> float:
+    """Per-call time of ``fn`` captured in a CUDA graph (how decode runs during generation): the median
+    over ``samples`` of ``calls`` back-to-back replays between two events (no host launch gaps inside)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles) off the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(samples):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
     return statistics.median(times)
 
 
@@ -255,19 +288,27 @@ def decode_case(rows, n_keys, paged_block, backends_flex):
             compiled = torch.compile(flex_attention, dynamic=False)
             backends.append(("FlexAttention", lambda: compiled(q, k, v, scale=SCALE, enable_gqa=True)))
     first = None
+    graphed = ("triton split-K", "SDPA flash (GQA folded)")  # the backends also timed under a CUDA graph
     for label, fn in backends:
-        try:
-            with torch.no_grad():
-                ms = time_ms(fn)
-                out = fn().float()
-            first = out if first is None else first
-            err = ((out - first).norm() / first.norm()).item()
-            rows.append(dict(case=name, backend=label, ms=ms, rate=kv_bytes / ms / 1e9, unit="TB/s", note="",
-                             err=err))  # fmt: skip
-        except Exception as exc:
-            rows.append(dict(case=name, backend=label, ms=float("nan"), rate=float("nan"), unit="TB/s",
-                             note=f"failed: {type(exc).__name__}: {str(exc)[:80]}", err=float("nan")))  # fmt: skip
-        print(rows[-1], flush=True)
+        modes = (
+            [("CUDA graph", time_graph_ms), ("eager", time_ms)]
+            if label.startswith(graphed)
+            else [("", time_ms)]
+        )
+        for mode, timer in modes:
+            row_label = f"{label}, {mode}" if mode else label
+            try:
+                with torch.no_grad():
+                    ms = timer(fn)
+                    out = fn().float()
+                first = out if first is None else first
+                err = ((out - first).norm() / first.norm()).item()
+                rows.append(dict(case=name, backend=row_label, ms=ms, rate=kv_bytes / ms / 1e9, unit="TB/s",
+                                 note="", err=err))  # fmt: skip
+            except Exception as exc:
+                rows.append(dict(case=name, backend=row_label, ms=float("nan"), rate=float("nan"), unit="TB/s",
+                                 note=f"failed: {type(exc).__name__}: {str(exc)[:80]}", err=float("nan")))  # fmt: skip
+            print(rows[-1], flush=True)
     return name
 
 
@@ -287,74 +328,115 @@ def _sweep(label, configs, make_fn, work, unit):
     return [cfg for _, cfg in timed]
 
 
+# Forward launch configs swept by --tune: (BLOCK_M, BLOCK_N, num_warps, num_stages, K/V through tensor
+# descriptors, diagonal block inside the bulk loop).
+FWD_VARIANTS = [
+    (128, 128, 8, 3, False, False),
+    (128, 128, 8, 3, True, False),
+    (128, 128, 8, 3, True, True),
+    (128, 64, 8, 3, True, True),
+    (128, 64, 8, 3, False, False),
+]
+CHUNKED_EXTRA = [(64, 64, 4, 3, False, False)]
+
+
+def _sweep_checked(label, configs, make_fn, work, unit):
+    """_sweep, plus each config's output checked against the first config's (a miscompile shows here)."""
+    base = None
+    timed = []
+    for cfg in configs:
+        fn = make_fn(cfg)
+        try:
+            out = fn()[0].float()
+            base = out if base is None else base
+            err = ((out - base).norm() / base.norm()).item()
+            ms = time_ms(fn, budget_s=0.15, min_reps=3)
+        except Exception as exc:
+            print(f"TUNE {label} {cfg}: failed {type(exc).__name__} {str(exc)[:160]}", flush=True)
+            continue
+        print(f"TUNE {label} {cfg}: {ms:.3f} ms {work / ms / 1e9:.2f} {unit} err {err:.1e}", flush=True)
+        if err < 1e-2:
+            timed.append((ms, cfg))
+    timed.sort()
+    print(f"BEST {label}: {timed[0][1]} {work / timed[0][0] / 1e9:.2f} {unit}", flush=True)
+    return [cfg for _, cfg in timed]
+
+
 def tune():
-    """Sweep launch configs of each kernel on representative shapes; print each time and the best."""
-    seq = 16384
-    q, k, v = (
-        rand(1, N_HEADS, seq, HEAD_DIM),
-        rand(1, N_KV_HEADS, seq, HEAD_DIM),
-        rand(1, N_KV_HEADS, seq, HEAD_DIM),
-    )
-    fwd_configs = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 4, 3),
-                   (64, 64, 4, 3)]  # fmt: skip
-    ranked = _sweep("fwd causal", fwd_configs,
-                    lambda cfg: lambda: _forward(q, k, v, SCALE, None, 0, None, None, config=cfg),
-                    prefill_flops(seq, None), "TFLOPS")  # fmt: skip
-    _sweep("fwd chunk=4096", ranked[:4],
-           lambda cfg: lambda: _forward(q, k, v, SCALE, 4096, 0, None, None, config=cfg),
-           prefill_flops(seq, 4096), "TFLOPS")  # fmt: skip
-    seq = 8192
-    q, k, v = (
-        rand(1, N_HEADS, seq, HEAD_DIM),
-        rand(1, N_KV_HEADS, seq, HEAD_DIM),
-        rand(1, N_KV_HEADS, seq, HEAD_DIM),
-    )
-    out, lse = _forward(q, k, v, SCALE, None, 0, None, None)
+    """Sweep launch configs of each kernel on the benchmark's shapes; print each time and the best."""
+    _tune_decode_graphed()
+    seq = 32768
+    q, k, v = (rand(1, N_HEADS, seq, HEAD_DIM), rand(1, N_KV_HEADS, seq, HEAD_DIM),
+               rand(1, N_KV_HEADS, seq, HEAD_DIM))  # fmt: skip
+    ranked = _sweep_checked("fwd causal 32K", FWD_VARIANTS,
+                            lambda cfg: lambda: _forward(q, k, v, SCALE, None, 0, None, None, config=cfg),
+                            prefill_flops(seq, None), "TFLOPS")  # fmt: skip
+    seq = 131072
+    q, k, v = (rand(1, N_HEADS, seq, HEAD_DIM), rand(1, N_KV_HEADS, seq, HEAD_DIM),
+               rand(1, N_KV_HEADS, seq, HEAD_DIM))  # fmt: skip
+    chunked = list(dict.fromkeys(ranked[:3] + CHUNKED_EXTRA))
+    _sweep_checked("fwd chunk=8192 128K", chunked,
+                   lambda cfg: lambda: _forward(q, k, v, SCALE, 8192, 0, None, None, config=cfg),
+                   prefill_flops(seq, 8192), "TFLOPS")  # fmt: skip
+    seq = 32768
+    q, k, v = (rand(1, N_HEADS, seq, HEAD_DIM), rand(1, N_KV_HEADS, seq, HEAD_DIM),
+               rand(1, N_KV_HEADS, seq, HEAD_DIM))  # fmt: skip
+    out, lse = _forward(q, k, v, SCALE, 8192, 0, None, None)
     dout = rand(1, N_HEADS, seq, HEAD_DIM)
-    bwd_flops = prefill_flops(seq, None) * 2.5
-    dq_default = (64, 64, 4, 3)
-    dkdv = _sweep("bwd dkdv (dq fixed)",
-                  [(64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 128, 4, 2), (16, 128, 4, 4),
-                   (32, 128, 8, 3)],
-                  lambda cfg: lambda: _backward(dout, q, k, v, out, lse, SCALE, None, 0, None, None,
+    bwd_flops = prefill_flops(seq, 8192) * 2.5
+    dq_default = (128, 64, 8, 3)
+    dkdv = _sweep("bwd chunk=8192 32K dkdv (dq fixed)", [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3)],
+                  lambda cfg: lambda: _backward(dout, q, k, v, out, lse, SCALE, 8192, 0, None, None,
                                                 {"dkdv": cfg, "dq": dq_default}),
                   bwd_flops, "TFLOPS")  # fmt: skip
-    _sweep("bwd dq (dkdv best)",
-           [(64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (128, 64, 8, 2), (64, 64, 4, 4)],
-           lambda cfg: lambda: _backward(dout, q, k, v, out, lse, SCALE, None, 0, None, None,
+    _sweep("bwd chunk=8192 32K dq (dkdv best)", [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
+           lambda cfg: lambda: _backward(dout, q, k, v, out, lse, SCALE, 8192, 0, None, None,
                                          {"dkdv": dkdv[0], "dq": cfg}),
            bwd_flops, "TFLOPS")  # fmt: skip
-    _tune_decode()
-
-
-def _tune_decode():
-    n_keys = 1 << 20
-    qd = rand(1, N_HEADS, 1, HEAD_DIM)
-    kc, vc = rand(1, N_KV_HEADS, n_keys, HEAD_DIM), rand(1, N_KV_HEADS, n_keys, HEAD_DIM)
-    lens = torch.tensor([n_keys], device=DEV, dtype=torch.int32)
-    kv_bytes = 2 * kc.numel() * 2
-    decode_configs = [(64, 4, 4), (64, 4, 3), (128, 4, 3), (128, 8, 3), (32, 4, 4), (64, 4, 6), (128, 4, 4)]
-    for per_sm in (2, 4, 8):
-        _decode_module._PROGRAMS_PER_SM_BY_LAYOUT["contiguous"] = per_sm
-        _sweep(f"decode contiguous programs/SM={per_sm}", decode_configs,
-               lambda cfg: lambda: decode_attention(qd, kc, vc, scale=SCALE, kv_lens=lens, config=cfg),
-               kv_bytes, "TB/s")  # fmt: skip
-    kc = vc = None
-    torch.cuda.empty_cache()
-    for block in (16, 64):
-        _tune_paged(qd, lens, n_keys, block, kv_bytes)
-        torch.cuda.empty_cache()
     _probe_gqa()
 
 
-def _tune_paged(qd, lens, n_keys, block, kv_bytes):
-    kp = rand(n_keys // block, block, N_KV_HEADS, HEAD_DIM)
-    vp = rand(n_keys // block, block, N_KV_HEADS, HEAD_DIM)
-    table = torch.randperm(n_keys // block, device=DEV, dtype=torch.int32).view(1, -1)
-    _sweep(f"decode paged block={block}", [(64, 4, 4), (128, 4, 3), (32, 4, 4), (64, 8, 4), (64, 4, 6)],
-           lambda cfg: lambda: decode_attention(qd, kp, vp, scale=SCALE, kv_lens=lens, block_table=table,
-                                                config=cfg),
-           kv_bytes, "TB/s")  # fmt: skip
+def _tune_decode_graphed():
+    """Decode launch configs x split-K programs per SM, timed under CUDA graphs at 128K and 1M keys."""
+    qd = rand(1, N_HEADS, 1, HEAD_DIM)
+    configs = {
+        "contiguous": [(128, 4, 3), (64, 4, 3), (64, 4, 2), (128, 4, 2), (64, 8, 3), (32, 4, 3)],
+        "paged": [(32, 4, 3), (64, 4, 3), (64, 4, 2), (128, 4, 3), (32, 4, 4)],
+    }
+    for layout in ("contiguous", "paged"):
+        scores = {}
+        for n_keys in (1 << 17, 1 << 20):
+            lens = torch.tensor([n_keys], device=DEV, dtype=torch.int32)
+            if layout == "paged":
+                k = rand(n_keys // 64, 64, N_KV_HEADS, HEAD_DIM)
+                v = rand(n_keys // 64, 64, N_KV_HEADS, HEAD_DIM)
+                table = torch.randperm(n_keys // 64, device=DEV, dtype=torch.int32).view(1, -1)
+            else:
+                k, v = rand(1, N_KV_HEADS, n_keys, HEAD_DIM), rand(1, N_KV_HEADS, n_keys, HEAD_DIM)
+                table = None
+            kv_bytes = 2 * k.numel() * 2
+            for per_sm in (1, 2, 4, 8):
+                _decode_module._PROGRAMS_PER_SM_BY_LAYOUT[layout] = per_sm
+                for cfg in configs[layout]:
+                    fn = lambda cfg=cfg, k=k, v=v, lens=lens, table=table: decode_attention(
+                        qd, k, v, scale=SCALE, kv_lens=lens, block_table=table, config=cfg
+                    )
+                    try:
+                        ms = time_graph_ms(fn, calls=10, samples=5)
+                    except Exception as exc:
+                        print(f"TUNE decode {layout} {cfg}: failed {type(exc).__name__} {str(exc)[:160]}")
+                        continue
+                    rate = kv_bytes / ms / 1e9
+                    print(f"TUNE decode graph {layout} {n_keys // 1024}K {cfg} programs/SM={per_sm}: "
+                          f"{ms * 1e3:.1f} us {rate:.2f} TB/s", flush=True)  # fmt: skip
+                    scores[(per_sm, cfg)] = min(scores.get((per_sm, cfg), float("inf")), rate)
+            k = v = None
+            torch.cuda.empty_cache()
+        ranked = sorted(scores.items(), key=lambda item: -item[1])
+        for (per_sm, cfg), worst in ranked[:5]:
+            print(
+                f"RANK decode {layout}: config {cfg} programs/SM {per_sm}: worst of 128K/1M {worst:.2f} TB/s"
+            )
 
 
 def _probe_gqa():  # What SDPA backends take GQA natively here (decides which can be a dispatch target).
@@ -368,45 +450,54 @@ def _probe_gqa():  # What SDPA backends take GQA natively here (decides which ca
             print(f"GQA {name}: no ({str(exc)[:200]})", flush=True)
 
 
-def tune_decode_and_apply():
-    """Pick the decode launch config with the best worst-case bandwidth over 128K and 1M keys, per layout,
-    and apply it to this process (the printed APPLIED line is what decode_attention.py hardcodes)."""
-    qd = rand(1, N_HEADS, 1, HEAD_DIM)
-    configs = [(32, 4, 4), (64, 4, 4), (128, 4, 3), (32, 4, 3), (64, 4, 2)]
-    for layout in ("contiguous", "paged"):
-        scores = {}
-        for n_keys in (1 << 17, 1 << 20):
-            lens = torch.tensor([n_keys], device=DEV, dtype=torch.int32)
-            if layout == "paged":
-                k = rand(n_keys // 64, 64, N_KV_HEADS, HEAD_DIM)
-                v = rand(n_keys // 64, 64, N_KV_HEADS, HEAD_DIM)
-                table = torch.randperm(n_keys // 64, device=DEV, dtype=torch.int32).view(1, -1)
-            else:
-                k, v = rand(1, N_KV_HEADS, n_keys, HEAD_DIM), rand(1, N_KV_HEADS, n_keys, HEAD_DIM)
-                table = None
-            kv_bytes = 2 * k.numel() * 2
-            for per_sm in (4, 8, 16):
-                _decode_module._PROGRAMS_PER_SM_BY_LAYOUT[layout] = per_sm
-                for cfg in configs:
-                    ms = time_ms(
-                        lambda cfg=cfg, k=k, v=v, lens=lens, table=table: decode_attention(
-                            qd, k, v, scale=SCALE, kv_lens=lens, block_table=table, config=cfg
-                        ),
-                        budget_s=0.1,
-                    )
-                    rate = kv_bytes / ms / 1e9
-                    print(
-                        f"TUNE decode {layout} {n_keys // 1024}K {cfg} programs/SM={per_sm}: {rate:.2f} TB/s"
-                    )
-                    scores[(per_sm, cfg)] = min(scores.get((per_sm, cfg), float("inf")), rate)
-            k = v = None
-            torch.cuda.empty_cache()
-        (per_sm, cfg), worst = max(scores.items(), key=lambda item: item[1])
-        _decode_module._CUDA_CONFIG[layout] = cfg
-        _decode_module._PROGRAMS_PER_SM_BY_LAYOUT[layout] = per_sm
-        print(
-            f"APPLIED decode {layout}: config {cfg} programs/SM {per_sm} (worst of 128K/1M: {worst:.2f} TB/s)"
-        )
+def tune_fwd_and_apply():
+    """Time the candidate forward configs on the benchmark's causal and chunked shapes and apply the fastest
+    to this process (the printed APPLIED lines are what flash_attention.py's table should hold)."""
+    candidates = [(128, 128, 8, 3, True, False), (128, 128, 8, 3, True, True), (128, 64, 8, 3, True, True)]
+    for kind, seq, chunk in (("fwd", 32768, None), ("fwd_chunked", 131072, 8192)):
+        q, k, v = (rand(1, N_HEADS, seq, HEAD_DIM), rand(1, N_KV_HEADS, seq, HEAD_DIM),
+                   rand(1, N_KV_HEADS, seq, HEAD_DIM))  # fmt: skip
+        ranked = _sweep_checked(f"apply {kind} {seq // 1024}K", candidates,
+                                lambda cfg, q=q, k=k, v=v, chunk=chunk: lambda: _forward(
+                                    q, k, v, SCALE, chunk, 0, None, None, config=cfg),
+                                prefill_flops(seq, chunk), "TFLOPS")  # fmt: skip
+        _flash._CUDA_CONFIGS[HEAD_DIM][kind] = ranked[0]
+        print(f"APPLIED {kind}: {ranked[0]}", flush=True)
+        q = k = v = None
+        torch.cuda.empty_cache()
+
+
+def spread(rounds: int = 4):
+    """Forward timing spread: Triton configs and cuDNN timed in interleaved rounds on the benchmark's causal
+    32K and chunked 8192 / 128K shapes (is a config difference larger than the run-to-run spread?)."""
+    variants = {
+        "triton ptr (128,128) [before]": (128, 128, 8, 3, False, False),
+        "triton ptr (128,64) [before, chunked]": (128, 64, 8, 3, False, False),
+        "triton desc (128,128)": (128, 128, 8, 3, True, False),
+        "triton desc (128,128) diag in loop": (128, 128, 8, 3, True, True),
+    }
+    for seq, chunk in ((131072, 8192), (32768, None)):
+        _spread_case(seq, chunk, variants, rounds)
+        torch.cuda.empty_cache()
+
+
+def _spread_case(seq, chunk, variants, rounds):
+    q, k, v = (rand(1, N_HEADS, seq, HEAD_DIM), rand(1, N_KV_HEADS, seq, HEAD_DIM),
+               rand(1, N_KV_HEADS, seq, HEAD_DIM))  # fmt: skip
+    flops = prefill_flops(seq, chunk)
+    fns = {name: (lambda cfg=cfg: _forward(q, k, v, SCALE, chunk, 0, None, None, config=cfg))
+           for name, cfg in variants.items()}  # fmt: skip
+    fns["SDPA cuDNN"] = lambda: sdpa(SDPBackend.CUDNN_ATTENTION, chunk)(q, k, v)
+    results = {name: [] for name in fns}
+    with torch.no_grad():
+        for r in range(rounds):
+            for name, fn in fns.items():
+                rate = flops / time_ms(fn, budget_s=0.3) / 1e9
+                results[name].append(rate)
+                print(f"SPREAD {seq // 1024}K chunk={chunk} round {r} {name}: {rate:.1f} TFLOPS", flush=True)
+    for name, rates in results.items():
+        print(f"SPREAD SUMMARY {seq // 1024}K chunk={chunk} {name}: min {min(rates):.1f} median "
+              f"{statistics.median(rates):.1f} max {max(rates):.1f} TFLOPS", flush=True)  # fmt: skip
 
 
 def write_markdown(path, rows, cases, command, elapsed):
@@ -420,7 +511,13 @@ def write_markdown(path, rows, cases, command, elapsed):
         "- Scout heads: 40 q / 8 kv, head_dim 128, bf16, batch 1, random inputs. CUDA-event median after warm-up.",
         "- TFLOPS count matmul FLOPs over visible (query, key) pairs only (causal: half the square; chunked: half"
         " of each chunk's square); fwd+bwd counts 3.5x the forward. TB/s counts K and V bytes read once.",
+        "- Decode: `CUDA graph` = median per-call time of 20 back-to-back graph replays (how generation runs"
+        " decode); `eager` = one Python call per timing, synchronised (host launch overhead included).",
         "- `err` is the relative L2 difference of the output to the first backend of the case.",
+        f"- Triton forward configs used (BLOCK_M, BLOCK_N, warps, stages, descriptors, diagonal in loop): causal"
+        f" {_flash._CUDA_CONFIGS[HEAD_DIM]['fwd']}, chunked {_flash._CUDA_CONFIGS[HEAD_DIM]['fwd_chunked']};"
+        f" decode (BLOCK_N, warps, stages) {_decode_module._CUDA_CONFIG}, split-K programs per SM"
+        f" {_decode_module._PROGRAMS_PER_SM_BY_LAYOUT}.",
         "",
         "| case | backend | ms | rate | ours / this | err | note |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- |",
@@ -456,18 +553,22 @@ def dispatch_choice(case: str) -> str:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tune", action="store_true")
+    parser.add_argument("--spread", action="store_true", help="forward configs vs cuDNN, interleaved rounds")
     parser.add_argument("--skip-flex", action="store_true")
     parser.add_argument(
-        "--tune-decode", action="store_true", help="sweep decode configs first and apply the best"
+        "--tune-fwd", action="store_true", help="time the forward config candidates first and apply the best"
     )
     parser.add_argument("--out", default="bench/results/attention_h100.md")
     args = parser.parse_args()
     if args.tune:
         tune()
         return
+    if args.spread:
+        spread()
+        return
     start = time.time()
-    if args.tune_decode:
-        tune_decode_and_apply()
+    if args.tune_fwd:
+        tune_fwd_and_apply()
     rows, cases = [], []
     for seq, chunk, backward in [(32768, None, False), (32768, None, True), (131072, 8192, False),
                                  (32768, 8192, True)]:  # fmt: skip

@@ -341,5 +341,75 @@ def test_gpu_decode(paged_block):
     assert (lse - ref_lse).abs().max().item() < 1e-2
 
 
+# Forward launch variants (BLOCK_M, BLOCK_N, warps, stages, K/V through tensor descriptors, diagonal block in
+# the bulk loop): the shipped head_dim-128 configs are among these; each must compute the same function on
+# ragged, padded inputs with a cache offset.
+_FWD_VARIANTS = [(128, 128, 8, 3, True, False), (128, 128, 8, 3, True, True), (128, 64, 8, 3, True, True),
+                 (128, 64, 8, 3, False, False)]  # fmt: skip
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("config", _FWD_VARIANTS)
+@pytest.mark.parametrize("chunk_size", [None, 1000])
+def test_gpu_forward_launch_variants(config, chunk_size):
+    from scout_mm.kernels import reference
+    from scout_mm.kernels.flash_attention import _forward
+
+    batch, n_heads, n_kv_heads, head_dim, q_len, kv_len = 2, 10, 2, 128, 2500, 3100
+    dev, dtype = "cuda", torch.bfloat16
+    q = torch.randn(batch, n_heads, q_len, head_dim, device=dev, dtype=dtype)
+    # K/V as a cache slice: keys past the last query hold NaN, which no query may ever read.
+    k = torch.full((batch, n_kv_heads, kv_len + 300, head_dim), float("nan"), device=dev, dtype=dtype)
+    v = torch.full_like(k, float("nan"))
+    k[:, :, :kv_len].normal_()
+    v[:, :, :kv_len].normal_()
+    kv_start = torch.tensor([0, 217], device=dev, dtype=torch.int32)
+    q_scale = 1 + torch.rand(batch, q_len, device=dev)
+    q_start = kv_len - q_len
+    out, lse = _forward(q, k, v, head_dim**-0.5, chunk_size, q_start, kv_start, q_scale, config=config)
+    ref = reference.attention(q.float(), k[:, :, :kv_len].float(), v[:, :, :kv_len].float(), scale=head_dim**-0.5,
+                              chunk_size=chunk_size, q_start=q_start, kv_start=kv_start, q_scale=q_scale)  # fmt: skip
+    real = _real_rows(batch, q_len, q_start, kv_start.cpu()).to(dev)
+    assert torch.isfinite(out).all()
+    assert _rel(out * real, ref * real) < BF16_TOL
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("paged_block", [None, 64])
+def test_gpu_decode_cuda_graph(paged_block):
+    # Decode runs captured in a CUDA graph during generation: replays on new inputs must match eager calls.
+    from scout_mm.kernels.flash_decode import decode_attention
+
+    n_heads, n_kv_heads, head_dim, capacity = 40, 8, 128, 9000
+    dev = "cuda"
+    q = torch.randn(2, n_heads, 1, head_dim, device=dev, dtype=torch.bfloat16)
+    lens = torch.tensor([capacity, 777], device=dev, dtype=torch.int32)
+    if paged_block:
+        n_blocks = 2 * (capacity // paged_block + 1)
+        k = torch.randn(n_blocks, paged_block, n_kv_heads, head_dim, device=dev, dtype=torch.bfloat16)
+        table = torch.randperm(n_blocks, device=dev).view(2, -1).int()
+    else:
+        k = torch.randn(2, n_kv_heads, capacity, head_dim, device=dev, dtype=torch.bfloat16)
+        table = None
+    v = torch.randn_like(k)
+    kw = dict(scale=head_dim**-0.5, kv_lens=lens, block_table=table)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        decode_attention(q, k, v, **kw)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_g, lse_g = decode_attention(q, k, v, **kw)
+    for _ in range(2):
+        q.normal_()
+        lens[1] = int(torch.randint(1, capacity, ()))
+        graph.replay()
+        out, lse = decode_attention(q, k, v, **kw)
+        assert _rel(out_g, out) < 1e-6 and torch.equal(torch.isinf(lse_g), torch.isinf(lse))
+
+
 if __name__ == "__main__":  # the interpreted worker: python tests/test_kernels_attention.py CASE...
     _worker(sys.argv[1:])

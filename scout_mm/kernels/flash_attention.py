@@ -12,8 +12,9 @@ copy). Query row ``i`` sits at key index ``t = q_start + i``; with ``kv0 = kv_st
 
 Cost: a program walks only the key blocks that intersect its queries' visible range, in three loops: a
 masked loop where the range starts (chunk start / padding edge), an unmasked loop over the blocks every
-query sees in full, a masked loop on the diagonal. Chunked-local cost therefore grows with the chunk, not
-the sequence. GQA: a q head reads the K/V of head ``h // group`` in place, never a repeated copy.
+query sees in full, a masked loop on the diagonal (or the last two as one loop that masks only its final
+blocks, so that the diagonal's loads are prefetched; descriptor path only). Chunked-local cost therefore
+grows with the chunk, not the sequence. GQA: a q head reads the K/V of head ``h // group`` in place, never a repeated copy.
 
 The backward is FlashAttention-2 style: ``delta = rowsum(out * dout)``, then one kernel per key block for
 dK/dV (walking every q head of its group, so no atomics and a deterministic sum) and one kernel per query
@@ -76,13 +77,24 @@ def _load_q(Q, QScale, rows, row_ok, HAS_Q_SCALE: tl.constexpr):
 
 
 @triton.jit
+def _mask_scores(qk, cols, t, t_start):
+    visible = (cols[None, :] <= t[:, None]) & (cols[None, :] >= t_start[:, None])
+    return tl.where(visible, qk, float("-inf"))
+
+
+@triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, K, V, stride_kn, stride_vn, t, t_start, start, stop, key_end, qk_scale,
-    dims, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    acc, l_i, m_i, q, K, V, stride_kn, stride_vn, t, t_start, start, stop, key_end, mask_from, qk_scale,
+    dims, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_DESC: tl.constexpr, DIAG_IN_LOOP: tl.constexpr,
 ):  # fmt: skip
+    # USE_DESC: K and V are tensor descriptors (copy-engine loads; rows past the last query's key read as
+    # zeros), else pointers. DIAG_IN_LOOP (descriptors only): blocks from mask_from on are masked inside
+    # this loop, so the diagonal's loads are prefetched by the same software pipeline as the bulk.
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        if MASKED:
+        if USE_DESC:
+            k = K.load([start_n, 0])
+        elif MASKED:
             # Keys past the block's last diagonal (key_end <= kv_len) load as zeros.
             in_range = cols < key_end
             k = tl.load(K + cols[:, None] * stride_kn + dims[None, :], mask=in_range[:, None], other=0.0)
@@ -90,15 +102,19 @@ def _fwd_inner(
             k = tl.load(K + cols[:, None] * stride_kn + dims[None, :])
         qk = tl.dot(q, tl.trans(k))
         if MASKED:
-            visible = (cols[None, :] <= t[:, None]) & (cols[None, :] >= t_start[:, None])
-            qk = tl.where(visible, qk, float("-inf"))
+            qk = _mask_scores(qk, cols, t, t_start)
+        elif DIAG_IN_LOOP:
+            if start_n >= mask_from:
+                qk = _mask_scores(qk, cols, t, t_start)
         # m_i starts finite (-1e30), so a row with nothing visible yet keeps p = 0 and alpha = 1, not NaN.
         # The scale folds into one FMA per score: exp2(qk * scale - m).
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
+        if USE_DESC:
+            v = V.load([start_n, 0])
+        elif MASKED:
             v = tl.load(V + cols[:, None] * stride_vn + dims[None, :], mask=in_range[:, None], other=0.0)
         else:
             v = tl.load(V + cols[:, None] * stride_vn + dims[None, :])
@@ -115,6 +131,7 @@ def _fwd_kernel(
     n_heads, q_len, q_start, chunk_size, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNKED: tl.constexpr, HAS_Q_SCALE: tl.constexpr, HAS_KV_START: tl.constexpr,
+    USE_DESC: tl.constexpr, DIAG_IN_LOOP: tl.constexpr,
 ):  # fmt: skip
     # Latest query blocks (the most keys under a causal mask) start first: a shorter tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -130,6 +147,13 @@ def _fwd_kernel(
     q = _load_q(q_ptrs, QScale + b64 * q_len, rows, row_ok, HAS_Q_SCALE)
     K += b64 * stride_kb + kv_h * stride_kh
     V += b64 * stride_vb + kv_h * stride_vh
+    if USE_DESC:
+        # No query sees a key past q_start + q_len: the descriptors end there, so the diagonal block's
+        # rows beyond it (maybe unwritten cache slots) read as zeros, never as NaN garbage.
+        K = tl.make_tensor_descriptor(K, shape=[q_start + q_len, HEAD_DIM], strides=[stride_kn, 1],
+                                      block_shape=[BLOCK_N, HEAD_DIM])  # fmt: skip
+        V = tl.make_tensor_descriptor(V, shape=[q_start + q_len, HEAD_DIM], strides=[stride_vn, 1],
+                                      block_shape=[BLOCK_N, HEAD_DIM])  # fmt: skip
     kv0 = 0
     if HAS_KV_START:
         kv0 = tl.load(KVStart + b)
@@ -143,12 +167,18 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, t, t_start, lo, mid_lo, hi, qk_scale,
-                               dims, BLOCK_N, True)  # fmt: skip
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, t, t_start, mid_lo, mid_hi, hi, qk_scale,
-                               dims, BLOCK_N, False)  # fmt: skip
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, t, t_start, mid_hi, hi, hi, qk_scale,
-                               dims, BLOCK_N, True)  # fmt: skip
+    # Masked blocks where the range starts (chunk start / padding edge), then the blocks every query sees
+    # in full, then the masked diagonal (in the same loop with DIAG_IN_LOOP).
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, t, t_start, lo, mid_lo, hi, hi,
+                               qk_scale, dims, BLOCK_N, True, USE_DESC, False)  # fmt: skip
+    if DIAG_IN_LOOP:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, t, t_start, mid_lo, hi, hi, mid_hi,
+                                   qk_scale, dims, BLOCK_N, False, USE_DESC, True)  # fmt: skip
+    else:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, t, t_start, mid_lo, mid_hi, hi, hi,
+                                   qk_scale, dims, BLOCK_N, False, USE_DESC, False)  # fmt: skip
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, t, t_start, mid_hi, hi, hi, hi,
+                                   qk_scale, dims, BLOCK_N, True, USE_DESC, False)  # fmt: skip
     empty = l_i == 0.0  # padding query rows
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -356,10 +386,12 @@ def _bwd_dkdv_kernel(
 
 # ---------------------------------------------------------------------------------------------- launchers
 
-# Launch parameters per head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages); for "dkdv" BLOCK_M queries
-# per step for BLOCK_N keys per program. head_dim 128: the fastest of a sweep on an H100 (bench_attention.py
-# --tune; numbers in bench/results/attention_h100.md). Loading K/V through tensor descriptors (the copy
-# engine) measured no faster there (495 vs 502 TFLOPS), so the kernels use plain pointer loads.
+# Launch parameters per head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages[, K/V through tensor descriptors
+# [, diagonal in the bulk loop]]); for "dkdv" BLOCK_M queries per step for BLOCK_N keys per program.
+# head_dim 128: the fastest of sweeps on an H100 (bench_attention.py --tune; bench/results/attention_h100*.md).
+# Forward 2026-11-24, causal 32K: descriptors 519 TFLOPS vs pointer loads 513 (chunk 8192 at 128K: 467 vs
+# 465 for the previous (128, 64) pointer config); warp specialisation (tl.range(warp_specialize=True))
+# measured no faster (520) and failed to compile for other shapes, so it is not used.
 # head_dim 64: not swept.
 _CUDA_CONFIGS = {
     64: {
@@ -369,8 +401,8 @@ _CUDA_CONFIGS = {
         "dkdv": (64, 64, 4, 3),
     },
     128: {
-        "fwd": (128, 128, 8, 3),
-        "fwd_chunked": (128, 64, 8, 3),
+        "fwd": (128, 128, 8, 3, True, False),
+        "fwd_chunked": (128, 128, 8, 3, True, True),
         "dq": (128, 64, 8, 3),
         "dkdv": (64, 128, 8, 3),
     },
@@ -437,12 +469,35 @@ def _flags(chunk_size, kv_start, q_scale, dummy):
     return flags, (q_scale if q_scale is not None else dummy), (kv_start if kv_start is not None else dummy)
 
 
+def _descriptors_fit(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether K/V can be read through tensor descriptors: CUDA (sm90+), 16-byte aligned base and row
+    strides (the copy engine's rule); otherwise the pointer loads run."""
+    if not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
+        return False
+    size = k.element_size()
+    return all(x.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in x.stride()[:-1]) for x in (k, v))
+
+
+def _set_descriptor_allocator() -> None:
+    # Descriptors built inside a kernel need a little global scratch per program; Triton asks for it
+    # through this hook (set per call: it is context-local, and cheap).
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
 def _forward(q, k, v, scale, chunk_size, q_start, kv_start, q_scale, config=None):
     batch, n_heads, q_len, head_dim = q.shape
     out = torch.empty(batch, n_heads, q_len, head_dim, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, n_heads, q_len, device=q.device, dtype=torch.float32)
     kind = "fwd_chunked" if chunk_size is not None else "fwd"
-    block_m, block_n, num_warps, num_stages = config or _config(kind, head_dim, q.device)
+    block_m, block_n, num_warps, num_stages, use_desc, diag_in_loop = (
+        tuple(config or _config(kind, head_dim, q.device)) + (False, False)
+    )[:6]
+    use_desc = use_desc and _descriptors_fit(k, v)
+    diag_in_loop = (
+        diag_in_loop and use_desc
+    )  # unmasked loads in the diagonal are safe only through descriptors
+    if use_desc:
+        _set_descriptor_allocator()
     flags, q_scale_arg, kv_start_arg = _flags(chunk_size, kv_start, q_scale, lse)
     grid = (triton.cdiv(q_len, block_m), batch * n_heads)
     _fwd_kernel[grid](
@@ -451,6 +506,7 @@ def _forward(q, k, v, scale, chunk_size, q_start, kv_start, q_scale, config=None
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         n_heads, q_len, q_start, chunk_size or 1, scale * _LOG2E,
         GROUP=n_heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        USE_DESC=use_desc, DIAG_IN_LOOP=diag_in_loop,
         num_warps=num_warps, num_stages=num_stages, **flags,
     )  # fmt: skip
     return out, lse

@@ -157,8 +157,9 @@ def _interpreting() -> bool:
 
 
 # Launch parameters on CUDA: (BLOCK_N, num_warps, num_stages) per layout, and split-K programs per SM (so
-# one sequence still fills the GPU). Picked on an H100 as the best worst case over 128K and 1M keys
-# (bench_attention.py --tune-decode; bench/results/attention_h100*.md).
+# one sequence still fills the GPU). Picked on an H100 as the best worst case over 128K and 1M keys; a
+# re-sweep timed under CUDA graphs (bench_attention.py --tune, 2026-11-24) put these within 1% of its best
+# (contiguous 2.88 / 3.09 TB/s at 128K / 1M, paged 2.85 / 3.02; bench/results/attention_h100*.md).
 _CUDA_CONFIG = {"contiguous": (128, 4, 3), "paged": (32, 4, 3)}
 _PROGRAMS_PER_SM_BY_LAYOUT = {"contiguous": 4, "paged": 4}
 _INTERPRET_CONFIG = (16, 4, 1)
