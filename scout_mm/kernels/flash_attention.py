@@ -388,10 +388,12 @@ def _bwd_dkdv_kernel(
 
 # Launch parameters per head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages[, K/V through tensor descriptors
 # [, diagonal in the bulk loop]]); for "dkdv" BLOCK_M queries per step for BLOCK_N keys per program.
-# head_dim 128: the fastest of sweeps on an H100 (bench_attention.py --tune; bench/results/attention_h100*.md).
-# Forward 2026-11-24, causal 32K: descriptors 519 TFLOPS vs pointer loads 513 (chunk 8192 at 128K: 467 vs
-# 465 for the previous (128, 64) pointer config); warp specialisation (tl.range(warp_specialize=True))
-# measured no faster (520) and failed to compile for other shapes, so it is not used.
+# head_dim 128, swept on an H100 2026-11-24 (bench_attention.py --tune / --tune-fwd / --spread; numbers in
+# bench/results/attention_h100*.md): the (128, 128) variants (pointer loads, tensor descriptors, diagonal in
+# the bulk loop) are within the run-to-run spread of each other on causal 32K (the board sits at its power
+# cap); on chunked 8192 the diagonal-in-loop variant had the best median (460 vs 443-455 TFLOPS) and the
+# narrowest range, and session 1's (128, 64) the widest. Warp specialisation (tl.range(warp_specialize=True))
+# measured no faster and failed to compile for other shapes, so it is not used.
 # head_dim 64: not swept.
 _CUDA_CONFIGS = {
     64: {
