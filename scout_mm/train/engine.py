@@ -316,12 +316,17 @@ class Checkpointer:
             # Two quirks of DeepSpeed's ZeRO-3 universal load (0.19): it copies the first parameter group's
             # hyper-parameters into every group (put back each group's own weight decay: none on norms and
             # biases), and it gives every partition the same Adam ``step`` tensor, which torch's Adam then
-            # increments once per group and step (give each its own copy).
+            # increments once per group and step (give each its own copy, on the parameter's device where the
+            # fused/capturable Adam keeps it, on the CPU otherwise).
             for group, before in zip(optimizer.param_groups if groups else [], groups):
                 group["weight_decay"] = before["weight_decay"]
+            groups = optimizer.param_groups if optimizer is not None else []
+            on_device = any(g.get("fused") or g.get("capturable") for g in groups)
             for state in optimizer.state.values() if optimizer is not None else []:
                 if torch.is_tensor(state.get("step")):
-                    state["step"] = state["step"].clone()
+                    step = state["step"].detach().clone()
+                    moments = state.get("exp_avg")
+                    state["step"] = step.to(moments.device) if on_device and moments is not None else step.cpu()
         else:
             path, client_state = self.engine.load_checkpoint(self.directory, tag=tag)
         if path is None:
