@@ -44,11 +44,9 @@ def rope_angles(cfg: VisionConfig, device: torch.device | str | None = None) -> 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of ``x`` (..., seq, heads, head_dim) by (seq, head_dim // 2) tables, fp32."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (..., seq, heads, head_dim // 2, 2)
-    real, imag = pairs.unbind(-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
-    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    # One complex multiply, as the text tower's rope (scout_mm.model.apply_rope): 2 kernels instead of 7.
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., seq, heads, head_dim // 2)
+    return torch.view_as_real(pairs * torch.complex(cos, sin)[:, None, :]).flatten(-2).type_as(x)
 
 
 class VisionRope(nn.Module):
