@@ -29,7 +29,9 @@ TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=TINY)
     parser.add_argument("--docs", type=int, default=600)
     parser.add_argument("--group-sizes", default="128,32", help="comma-separated group sizes to try")
@@ -69,13 +71,17 @@ def main() -> None:
     for group in [int(g) for g in args.group_sizes.split(",")]:
         for method in ("rtn", "gptq"):
             for lm_head in (False, True):
-                cfg = QuantConfig(group_size=group, method=method, skip=default_skip(quantize_lm_head=lm_head))
+                cfg = QuantConfig(
+                    group_size=group, method=method, skip=default_skip(quantize_lm_head=lm_head)
+                )
                 model = quantize_model(copy.deepcopy(base), cfg, calibration if method == "gptq" else None)
                 report, logits = evaluate(model)
                 err = float((logits - ref_logits).norm() / ref_logits.norm())
                 name = f"Int4 {method.upper()} g{group}" + (" + Int4 LM head" if lm_head else "")
                 rows.append((name, report, err))
-                print(f"{name}: accuracy {report['accuracy']:.3f} loss {report['loss']:.4f} logit err {err:.4f}")
+                print(
+                    f"{name}: accuracy {report['accuracy']:.3f} loss {report['loss']:.4f} logit err {err:.4f}"
+                )
     elapsed = time.perf_counter() - t0
 
     tasks = sorted(k.split("/", 1)[1] for k in ref_report if k.startswith("accuracy/"))
