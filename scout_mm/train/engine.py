@@ -326,7 +326,9 @@ class Checkpointer:
                 if torch.is_tensor(state.get("step")):
                     step = state["step"].detach().clone()
                     moments = state.get("exp_avg")
-                    state["step"] = step.to(moments.device) if on_device and moments is not None else step.cpu()
+                    state["step"] = (
+                        step.to(moments.device) if on_device and moments is not None else step.cpu()
+                    )
         else:
             path, client_state = self.engine.load_checkpoint(self.directory, tag=tag)
         if path is None:
