@@ -288,3 +288,37 @@ def test_gpu_decode_captures_into_cuda_graph(gpu_moe):
         graph.replay()
         ref, _, _ = _reference(x, weights, ids, gate_up, down, dtype=torch.float32)
         assert _rel(out, ref) < TOL[torch.bfloat16]
+
+
+# ------------------------------------------------- reference path that a CUDA graph can capture (float32 models)
+@pytest.mark.parametrize("shape", list(CPU_SHAPES.values()), ids=list(CPU_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_reference_matches_routed_reference(shape, dtype):
+    tokens, hidden, inter, n_experts, top_k = shape
+    x, weights, ids, gate_up, down = _problem(tokens, hidden, inter, n_experts, top_k, dtype)
+    weights[0, 0] = 0  # a chosen slot with zero weight contributes nothing either way
+    expected = reference.moe_experts(x, weights, ids, gate_up, down)
+    out = reference.moe_experts_masked(x, weights, ids, gate_up, down)
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert _rel(out, expected) < (1e-6 if dtype == torch.float32 else 1e-13)
+
+
+@pytest.mark.gpu
+def test_gpu_float32_reference_captures_into_cuda_graph():
+    # A float32 model's MoE runs the reference, whose routed loop reads counts on the host; under capture it
+    # switches to the masked form, so the decode step still captures and replays on new inputs.
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    x, weights, ids, gate_up, down = _problem(2, 64, 48, 8, 2, torch.float32, device="cuda")
+    reference.moe_experts(x, weights, ids, gate_up, down)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = reference.moe_experts(x, weights, ids, gate_up, down)
+    for _ in range(3):
+        new_x, new_weights, new_ids, _, _ = _problem(2, 64, 48, 8, 2, torch.float32, device="cuda")
+        x.copy_(new_x)
+        weights.copy_(new_weights)
+        ids.copy_(new_ids)
+        graph.replay()
+        ref, _, _ = _reference(x, weights, ids, gate_up, down)
+        assert _rel(out, ref) < TOL[torch.float32]

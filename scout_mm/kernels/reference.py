@@ -126,6 +126,14 @@ def moe_experts(
     tokens, hidden_size = hidden.shape
     top_k = topk_ids.shape[1]
     n_experts = gate_up_proj.shape[0]
+    if (
+        hidden.is_cuda
+        and torch.cuda.is_current_stream_capturing()
+        and not _grouped_mm_ok(hidden, gate_up_proj, down_proj)
+    ):
+        # The loop below reads expert counts on the host, which a CUDA graph cannot capture (e.g. a float32
+        # model's decode step): run every expert on every token instead, with no data-dependent shapes.
+        return moe_experts_masked(hidden, topk_weights, topk_ids, gate_up_proj, down_proj)
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)  # (tokens * top_k,) rows grouped by expert
     token_of_row = order // top_k
@@ -150,6 +158,19 @@ def moe_experts(
     unsorted = torch.empty_like(expert_out)
     unsorted[order] = expert_out
     return unsorted.view(tokens, top_k, hidden_size).sum(dim=1)
+
+
+def moe_experts_masked(hidden, topk_weights, topk_ids, gate_up_proj, down_proj) -> torch.Tensor:
+    """:func:`moe_experts` with shapes that do not depend on the routing (CUDA-graph capturable): each expert
+    runs on all tokens, whose inputs are scaled by their routing weight for that expert (0 where it was not
+    chosen, so those rows contribute exactly 0: SwiGLU has no bias). Costs n_experts x the routed FLOPs; used
+    for the few tokens of a captured decode step only. Sums experts in expert order, not slot order."""
+    out = torch.zeros_like(hidden)
+    for e in range(gate_up_proj.shape[0]):
+        weight = (topk_weights * (topk_ids == e)).sum(dim=1, keepdim=True).to(hidden.dtype)
+        gate, up = ((hidden * weight) @ gate_up_proj[e]).chunk(2, dim=-1)
+        out += (F.silu(gate) * up) @ down_proj[e]
+    return out
 
 
 def _grouped_mm_ok(rows, gate_up_proj, down_proj) -> bool:
