@@ -69,7 +69,8 @@ def rope_inv_freq(cfg: TextConfig, device=None) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) — the complex form Llama 4 uses, not the half-split form.
 
-    x (batch, seq, heads, head_dim); cos/sin (batch, seq, head_dim // 2) in fp32.
+    x (batch, seq, heads, head_dim); cos/sin (batch or 1, seq, head_dim // 2) in fp32 (the vision tower
+    passes one table for all its tiles).
     """
     # One complex multiply (real * cos - imag * sin, real * sin + imag * cos): 2 kernels instead of 7.
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))

@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from scout_mm.config import VisionConfig
-from scout_mm.vision.rope import VisionRope, apply_rope
+from scout_mm.model import apply_rope
+from scout_mm.vision.rope import VisionRope
 
 # HF builds every vision LayerNorm with nn.LayerNorm's default eps and ignores ``norm_eps``; so do we, so
 # that a checkpoint behaves the same here and in transformers (released configs all say 1e-5 anyway).
@@ -47,6 +48,7 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: (n_tiles, seq, hidden); cos/sin: (seq, head_dim // 2)
         heads = (*x.shape[:-1], self.n_heads, self.head_dim)
+        cos, sin = cos[None], sin[None]  # the text tower's rotation, one table for every tile
         q = apply_rope(self.q_proj(x).view(heads), cos, sin)
         k = apply_rope(self.k_proj(x).view(heads), cos, sin)
         v = self.v_proj(x).view(heads)

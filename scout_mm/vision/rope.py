@@ -42,13 +42,6 @@ def rope_angles(cfg: VisionConfig, device: torch.device | str | None = None) -> 
     return torch.cat([angles, angles.new_zeros(1, angles.shape[-1])])  # class token: no rotation
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of ``x`` (..., seq, heads, head_dim) by (seq, head_dim // 2) tables, fp32."""
-    # One complex multiply, as the text tower's rope (scout_mm.model.apply_rope): 2 kernels instead of 7.
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., seq, heads, head_dim // 2)
-    return torch.view_as_real(pairs * torch.complex(cos, sin)[:, None, :]).flatten(-2).type_as(x)
-
-
 class VisionRope(nn.Module):
     """Lazily built ``(cos, sin)`` tables for one tile; holds no state_dict entries."""
 
