@@ -22,8 +22,8 @@ import torch
 from scout_mm import Processor, ScoutForConditionalGeneration
 from scout_mm.quant import QuantConfig, calibration_set, quantize_model
 from scout_mm.quant.format import default_skip
-from scout_mm.train.data import SyntheticSource, pack
-from scout_mm.train.evaluate import answer_accuracy
+from scout_mm.train.data import IGNORE_INDEX
+from scout_mm.train.evaluate import answer_accuracy, heldout_examples, model_forward, pack_examples
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scout_mm", "assets", "tiny")
 
@@ -43,20 +43,17 @@ def main() -> None:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     base = ScoutForConditionalGeneration.from_pretrained(args.model, dtype=dtype, device=args.device).eval()
     processor = Processor.from_config(base.config, tokenizer_path=args.model)
-    source = SyntheticSource(processor, "heldout", 0)
-    examples = [source[i] for i in range(args.docs)]
-    seq_len = max(len(e.ids) for e in examples)
-    batches = [pack(examples[i : i + 64], seq_len, "doc", processor) for i in range(0, len(examples), 64)]
+    examples = heldout_examples(processor, args.docs)
+    batches = pack_examples(examples, max(len(e.ids) for e in examples), processor)
     calibration = calibration_set(processor, args.calibration)
 
     def evaluate(model):
         answer_logits = []
+        run = model_forward(model)
 
         def forward(batch):
-            pixels = batch.pixel_values.to(dtype) if batch.pixel_values is not None else None
-            out = model(input_ids=batch.input_ids, pixel_values=pixels, position_ids=batch.position_ids,
-                        labels=batch.labels)  # fmt: skip
-            answer = batch.labels[:, 1:] != -100
+            out = run(batch)
+            answer = batch.labels[:, 1:] != IGNORE_INDEX
             answer_logits.append(out.logits[:, :-1][answer].float().cpu())
             return out
 

@@ -93,21 +93,11 @@ def generation_accuracy(model, processor, samples, batch_size: int = 64, max_new
 
 
 @torch.no_grad()
-def heldout_report(
-    model, processor, n_docs: int, seed: int = 0, tasks=None, docs_per_batch: int = 64, align="doc"
-) -> dict[str, dict]:
-    """:func:`answer_accuracy` of ``model`` on the first ``n_docs`` held-out synthetic documents, overall
-    (``"all"``) and split by image layout (``"single-tile"`` / ``"multi-tile"`` canvases)."""
-    from scout_mm.train.data import SyntheticSource, image_grid, pack
-
-    model.eval()
-    device, dtype = model.device, model.dtype
-    source = SyntheticSource(processor, "heldout", seed, tasks)
-    examples = [source[i] for i in range(n_docs)]
-    seq_len = max(len(e.ids) for e in examples)
+def model_forward(model):
+    """``forward(batch)`` for :func:`answer_accuracy`: ``model`` on a packed batch (pixels in its dtype)."""
 
     def forward(batch):
-        pixels = batch.pixel_values.to(dtype) if batch.pixel_values is not None else None
+        pixels = batch.pixel_values.to(model.dtype) if batch.pixel_values is not None else None
         return model(
             input_ids=batch.input_ids,
             pixel_values=pixels,
@@ -115,12 +105,44 @@ def heldout_report(
             labels=batch.labels,
         )
 
+    return forward
+
+
+def heldout_examples(processor, n_docs: int, seed: int = 0, tasks=None) -> list:
+    """The first ``n_docs`` held-out synthetic documents of data seed ``seed``."""
+    from scout_mm.train.data import SyntheticSource
+
+    source = SyntheticSource(processor, "heldout", seed, tasks)
+    return [source[i] for i in range(n_docs)]
+
+
+def pack_examples(
+    examples, seq_len: int, processor, docs_per_batch: int = 64, align="doc"
+) -> list[PackedBatch]:
+    """``examples`` packed ``docs_per_batch`` at a time into rows of ``seq_len`` positions."""
+    from scout_mm.train.data import pack
+
+    return [
+        pack(examples[i : i + docs_per_batch], seq_len, align, processor)
+        for i in range(0, len(examples), docs_per_batch)
+    ]
+
+
+def heldout_report(
+    model, processor, n_docs: int, seed: int = 0, tasks=None, docs_per_batch: int = 64, align="doc"
+) -> dict[str, dict]:
+    """:func:`answer_accuracy` of ``model`` on the first ``n_docs`` held-out synthetic documents, overall
+    (``"all"``) and split by image layout (``"single-tile"`` / ``"multi-tile"`` canvases)."""
+    from scout_mm.train.data import image_grid
+
+    model.eval()
+    examples = heldout_examples(processor, n_docs, seed, tasks)
+    seq_len = max(len(e.ids) for e in examples)
+    forward = model_forward(model)
+
     def score(group):
-        batches = [
-            pack(group[i : i + docs_per_batch], seq_len, align, processor)
-            for i in range(0, len(group), docs_per_batch)
-        ]
-        return answer_accuracy(forward, batches, device) if group else {"docs": 0}
+        batches = pack_examples(group, seq_len, processor, docs_per_batch, align)
+        return answer_accuracy(forward, batches, model.device) if group else {"docs": 0}
 
     one_tile = [image_grid(processor, e.images[0].width, e.images[0].height) == (1, 1) for e in examples]
     single = [e for e, one in zip(examples, one_tile) if one]
