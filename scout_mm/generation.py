@@ -183,8 +183,9 @@ def generate_steps(
     stats: GenerateOutput | None = None,
     cuda_graph: bool = True,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(tokens (batch,), active (batch,) bool)`` after each decoding step (the first comes from
-    prefill). Sequences stop at an EOS token or a stop string; ``active`` is False from the step after."""
+    """Yield ``(tokens (batch,), active (batch,) bool)``, both on the host, after each decoding step (the
+    first comes from prefill). Sequences stop at an EOS token or a stop string; ``active`` is False from the
+    step after. On CUDA the next step is already queued when a step's tokens are yielded."""
     params = params or SamplingParams()
     params.validate()
     config = model.config.text
@@ -213,7 +214,6 @@ def generate_steps(
                 + ("" if truncate else " (pass truncate=True to generate fewer)")
             )
         params = SamplingParams(**{**params.__dict__, "max_new_tokens": limit - longest})
-    eos = torch.tensor(_as_list(eos_token_id, config.eos_token_ids), device=device, dtype=torch.long)
     stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer (pass tokenizer=processor)")
@@ -241,29 +241,71 @@ def generate_steps(
 
     history = input_ids  # for the repetition penalty, as HF: the padded prompt + generated tokens
     positions = torch.tensor(lengths, device=device)[:, None]
-    active = torch.ones(batch, dtype=torch.bool, device=device)
+    eos = set(_as_list(eos_token_id, config.eos_token_ids))
+    active = [True] * batch  # host-side: a row stops after its EOS token / stop string
     texts = [[] for _ in range(batch)] if stop_strings else None
     step_fn = lambda tokens, positions: decode_one_token(model, tokens, positions, cache)  # noqa: E731
+    last = params.max_new_tokens - 1
     for step in range(params.max_new_tokens):
         tokens = sample(process_logits(logits, history, params), params, generator)
-        history = torch.cat([history, tokens[:, None]], dim=1)
+        pending = _HostCopy(tokens)
+        # Run ahead: queue the next decode step before reading this step's tokens on the host, so the GPU
+        # does not wait for Python (stop checks, streaming, detokenising) between steps. When every row
+        # turns out to have stopped, that one queued step is wasted. Step 0 reads first (no graph capture
+        # for a reply that ends at once).
+        run_ahead = 0 < step < last
+        if run_ahead:
+            history = torch.cat([history, tokens[:, None]], dim=1)
+            logits = step_fn(tokens[:, None], positions)
+            positions = positions + 1
+        tokens_host = pending.wait()
+        was_active = torch.tensor(active)
         if stats is not None:
-            stats.new_tokens += int(active.sum())
-        stopped = torch.isin(tokens, eos)
-        if texts is not None:
-            stopped |= _hit_stop_string(texts, tokens, stop_strings, tokenizer, device)
-        yield tokens, active.clone()
-        active &= ~stopped
-        if step == params.max_new_tokens - 1 or not bool(active.any()):
+            stats.new_tokens += sum(active)
+        going = _still_active(active, tokens_host, eos, texts, stop_strings, tokenizer)
+        yield tokens_host, was_active
+        if step == last or not going:
             break
-        if step == 0 and cuda_graph and device.type == "cuda":
-            step_fn = GraphedDecode.try_capture(model, cache, tokens[:, None], positions) or step_fn
-        logits = step_fn(tokens[:, None], positions)
-        positions = positions + 1
+        if not run_ahead:
+            if cuda_graph and device.type == "cuda":
+                step_fn = GraphedDecode.try_capture(model, cache, tokens[:, None], positions) or step_fn
+            history = torch.cat([history, tokens[:, None]], dim=1)
+            logits = step_fn(tokens[:, None], positions)
+            positions = positions + 1
     _sync(device)
     if stats is not None:
         stats.decode_seconds = time.perf_counter() - start
-        stats.finished = (~active).tolist()
+        stats.finished = [not a for a in active]
+
+
+class _HostCopy:
+    """A device tensor's copy to pinned host memory, started now (ordered after the work that made it) and
+    waited for later, so the host does not wait for work queued after it."""
+
+    def __init__(self, tensor: torch.Tensor):
+        if tensor.device.type != "cuda":
+            self.host, self.event = tensor, None
+            return
+        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.host.copy_(tensor, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def wait(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host
+
+
+def _still_active(
+    active: list[bool], tokens: torch.Tensor, eos: set[int], texts, stop_strings, tokenizer
+) -> bool:
+    """Marks rows whose token (host tensor) is an EOS or completes a stop string; True while any row runs."""
+    hits = _hit_stop_string(texts, tokens, stop_strings, tokenizer) if texts is not None else None
+    for b, token in enumerate(tokens.tolist()):
+        if token in eos or (hits is not None and hits[b]):
+            active[b] = False
+    return any(active)
 
 
 @torch.no_grad()
@@ -309,10 +351,11 @@ def generate_ids(
         tokens = torch.where(active, tokens, pad_token_id)
         new.append(tokens)
         if streamer is not None:
-            streamer.put(tokens.cpu())
+            streamer.put(tokens)
     if streamer is not None:
         streamer.end()
-    stats.sequences = torch.cat([input_ids.to(new[0].device), torch.stack(new, dim=1)], dim=1)
+    device = model.device
+    stats.sequences = torch.cat([input_ids.to(device), torch.stack(new, dim=1).to(device)], dim=1)
     return stats
 
 
@@ -339,7 +382,7 @@ class TextDelta:
         return piece
 
 
-def _hit_stop_string(texts, tokens, stop_strings, tokenizer, device) -> torch.Tensor:
+def _hit_stop_string(texts, tokens, stop_strings, tokenizer) -> list[bool]:
     longest = max(len(s) for s in stop_strings)
     hits = []
     for b, token in enumerate(tokens.tolist()):
@@ -348,7 +391,7 @@ def _hit_stop_string(texts, tokens, stop_strings, tokenizer, device) -> torch.Te
         # so 2 * longest + 4 tokens is generous) — no need to re-decode the whole output each step.
         tail = tokenizer.decode(texts[b][-(2 * longest + 4) :])
         hits.append(any(s in tail for s in stop_strings))
-    return torch.tensor(hits, device=device)
+    return hits
 
 
 def _as_list(value, default) -> list[int]:

@@ -102,6 +102,49 @@ def test_per_sequence_stopping_pads_after_eos():
     assert out.finished[0]
 
 
+@pytest.mark.parametrize("eos_at", [0, 5, 11])
+def test_stop_counts_and_finished_flags(eos_at):
+    """Row 0 stops at its generated token ``eos_at`` (0 = the token from prefill, 11 = the last step), row 1
+    never does: sequences, ``new_tokens`` and ``finished`` follow, however far the decode loop ran ahead."""
+    cfg = tiny_config(vision=False)
+    model = ScoutForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 290, (2, 7))
+    free = model.generate(ids, max_new_tokens=12, eos_token_id=[])
+    eos = int(free[0, 7 + eos_at])
+    out = generate_ids(model, ids, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    rows = out.sequences[:, 7:].tolist()
+    stops = [row.index(eos) if eos in row else None for row in free[:, 7:].tolist()]
+    for b in range(2):
+        end = 12 if stops[b] is None else stops[b] + 1  # the EOS itself is kept, pads after it
+        assert rows[b][:end] == free[b, 7 : 7 + end].tolist()
+        assert all(t == 0 for t in rows[b][end:])
+        assert out.finished[b] == (stops[b] is not None)
+    steps = max(12 if s is None else s + 1 for s in stops)  # the loop ends when every row has stopped
+    assert out.sequences.shape[1] == 7 + steps
+    assert out.new_tokens == sum(min(12 if s is None else s + 1, steps) for s in stops)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_run_ahead_decode_stops_like_cpu():
+    """On CUDA the next step is queued before a step's tokens are read: EOS handling, padding and counts
+    must still equal the synchronous CPU loop's (fp32, so both devices pick the same tokens)."""
+    cfg = tiny_config(vision=False, num_experts_per_tok=2)
+    model = ScoutForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 290, (3, 11))
+    free = model.generate(ids, max_new_tokens=16, eos_token_id=[])
+    eos = [int(free[0, 11 + 4]), int(free[2, 11 + 9])]
+    cpu = generate_ids(model, ids, max_new_tokens=16, eos_token_id=eos, pad_token_id=0)
+    model.cuda()
+    for graph in (True, False):
+        gpu = generate_ids(
+            model, ids.cuda(), max_new_tokens=16, eos_token_id=eos, pad_token_id=0, cuda_graph=graph
+        )
+        assert torch.equal(gpu.sequences.cpu(), cpu.sequences)
+        assert gpu.sequences.device.type == "cuda"
+        assert (gpu.new_tokens, gpu.finished) == (cpu.new_tokens, cpu.finished)
+
+
 def test_ring_cache_memory_is_constant_and_global_memory_linear():
     cfg = tiny_config(vision=False, attention_chunk_size=8, no_rope_layer_interval=2)
     sizes = {}
