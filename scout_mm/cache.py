@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from scout_mm import kernels
 from scout_mm.config import TextConfig
 
 
@@ -159,19 +160,17 @@ class KVCache:
         return KVView(keys.transpose(0, 1)[None], values.transpose(0, 1)[None], q_start=start)
 
     def _update_decode(self, layer, k, v, positions) -> KVView:
-        # One new token per sequence at its own position: graph-friendly (no host sync, fixed shapes).
-        rows = torch.arange(self.batch_size, device=k.device)
-        pos = positions[:, -1]
+        # One new token per sequence at its own position: graph-friendly (no host sync, fixed shapes); one
+        # kernel at inference (kernels.write_kv_decode), index writes otherwise.
         if k.shape[1] != 1:
             raise ValueError(f"decode writes one token per sequence; got {k.shape[1]}")
+        pos = positions[:, -1]
         if layer in self._ring:
             ring_k, ring_v = self._ring[layer]
-            slot = pos % self.chunk_size
-            ring_k[rows, slot] = k[:, 0]
-            ring_v[rows, slot] = v[:, 0]
-            return KVView(ring_k.transpose(1, 2), ring_v.transpose(1, 2), kv_lens=(slot + 1).to(torch.int32))
+            kv_lens = kernels.write_kv_decode(k, v, ring_k, ring_v, pos, ring_size=self.chunk_size)
+            return KVView(ring_k.transpose(1, 2), ring_v.transpose(1, 2), kv_lens=kv_lens)
         pool_k, pool_v = self._pool[layer]
-        blocks = self.block_table[rows, pos // self.block_size].long()
-        pool_k[blocks, pos % self.block_size] = k[:, 0]
-        pool_v[blocks, pos % self.block_size] = v[:, 0]
-        return KVView(pool_k, pool_v, kv_lens=(pos + 1).to(torch.int32), block_table=self.block_table)
+        kv_lens = kernels.write_kv_decode(
+            k, v, pool_k, pool_v, pos, block_table=self.block_table, block_size=self.block_size
+        )
+        return KVView(pool_k, pool_v, kv_lens=kv_lens, block_table=self.block_table)

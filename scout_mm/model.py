@@ -17,6 +17,7 @@ from torch import nn
 
 from scout_mm import kernels
 from scout_mm.config import ScoutConfig, TextConfig
+from scout_mm.kernels.fused_reference import apply_rope  # noqa: F401 - the text and vision towers' RoPE
 from scout_mm.moe import MoE, SwiGLU, load_balancing_loss
 
 
@@ -35,14 +36,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _rms(x, self.eps) * self.weight
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None):
+        """``rms_norm(x) * weight``; with ``delta``: ``(x + delta, rms_norm(x + delta) * weight)``, the residual
+        add and the next norm in one kernel at inference (HF's rounding: the sum is rounded, normalised in
+        fp32, cast back before the weight)."""
+        if delta is None:
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.add_rms_norm(x, delta, self.weight, self.eps)
 
 
-def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalise in fp32 and cast back before the weight, as HF does. F.rms_norm is one fused kernel on CUDA
-    # (the spelled-out form was 5 kernels: 1,100 launches of a Scout decode step, bench/results/int4_h100.md).
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
+def attn_temperature(positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
+    """NoPE layers' query scale ``log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1``, (batch, seq) fp32."""
+    return torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
 
 
 def rope_inv_freq(cfg: TextConfig, device=None) -> torch.Tensor:
@@ -66,17 +71,6 @@ def rope_inv_freq(cfg: TextConfig, device=None) -> torch.Tensor:
     return scaled
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) — the complex form Llama 4 uses, not the half-split form.
-
-    x (batch, seq, heads, head_dim); cos/sin (batch or 1, seq, head_dim // 2) in fp32 (the vision tower
-    passes one table for all its tiles).
-    """
-    # One complex multiply (real * cos - imag * sin, real * sin + imag * cos): 2 kernels instead of 7.
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * torch.complex(cos, sin)[:, :, None]).flatten(-2).type_as(x)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
@@ -96,20 +90,26 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.qkv_proj = None  # q|k|v as one matmul, set by scout_mm.fusion.fuse_projections (inference)
 
-    def forward(self, x, rope, positions, kv_start, cache=None):
+    def forward(self, x, rope, positions, kv_start, cache=None, temperature_scale=None):
+        """``temperature_scale``: NoPE layers' query scale at ``positions`` when the caller computed it once for
+        all layers (:func:`attn_temperature`); else computed here."""
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
-        if self.use_rope:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.qk_norm_eps is not None:
-            q, k = _rms(q, self.qk_norm_eps), _rms(k, self.qk_norm_eps)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x)  # views of one (batch, seq, (heads + 2 kv_heads) * head_dim) output
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(batch, seq, self.n_heads, self.head_dim)
+        k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
+        if self.use_rope:  # QK-norm only ever applies on RoPE layers (qk_norm_eps is None elsewhere)
+            q, k = kernels.rope_qk_norm(q, k, *rope, self.qk_norm_eps)
         q_scale = None
         if self.temperature is not None:
-            floor_scale, attn_scale = self.temperature
-            q_scale = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+            q_scale = temperature_scale
+            if q_scale is None:
+                q_scale = attn_temperature(positions, *self.temperature)
         q = q.transpose(1, 2)  # (batch, heads, seq, head_dim)
         scale = self.head_dim**-0.5
         if cache is None:
@@ -158,10 +158,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rope, positions, kv_start, cache=None):
+    def forward(self, x, rope, positions, kv_start, cache=None, temperature_scale=None):
         """Returns the new hidden states and, for MoE layers, (topk_ids, router_logits)."""
-        x = x + self.self_attn(self.input_layernorm(x), rope, positions, kv_start, cache)
-        h = self.post_attention_layernorm(x)
+        attn = self.self_attn(self.input_layernorm(x), rope, positions, kv_start, cache, temperature_scale)
+        x, h = self.post_attention_layernorm(x, attn)  # x + attn and its norm, one kernel at inference
         if self.is_moe:
             out, topk_ids, router_logits = self.feed_forward(h)
             return x + out, (topk_ids, router_logits)
@@ -177,17 +177,30 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self._inv_freq_by_device: dict[torch.device, torch.Tensor] = {}
+        self._temperature = next(
+            (ly.self_attn.temperature for ly in self.layers if ly.self_attn.temperature), None
+        )
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        # A few dozen numbers, made once per device (a dozen small kernels per step otherwise) and not a buffer,
+        # which would have to be rebuilt after meta-device initialisation.
+        inv_freq = self._inv_freq_by_device.get(device)
+        if inv_freq is None:
+            inv_freq = self._inv_freq_by_device[device] = rope_inv_freq(self.config, device)
+        return inv_freq
 
     def forward(self, inputs_embeds, positions, kv_start, token_mask=None, with_aux_loss=False, cache=None):
         """inputs_embeds (batch, seq, hidden), positions (batch, seq) -> (hidden, aux_loss or None)."""
-        # Inverse frequencies are a few dozen numbers: computing them here avoids a buffer that would
-        # have to be rebuilt after meta-device initialisation.
-        angles = positions[..., None].float() * rope_inv_freq(self.config, positions.device)
+        angles = positions[..., None].float() * self._inv_freq(positions.device)
         rope = (torch.cos(angles), torch.sin(angles))  # each (batch, seq, head_dim // 2)
+        temperature_scale = None  # the same for every NoPE layer: computed once, not per layer
+        if self._temperature is not None:
+            temperature_scale = attn_temperature(positions, *self._temperature)
         x = inputs_embeds
         aux_losses = []
         for layer in self.layers:
-            x, routing = layer(x, rope, positions, kv_start, cache)
+            x, routing = layer(x, rope, positions, kv_start, cache, temperature_scale)
             if routing is not None and with_aux_loss:
                 aux_losses.append(load_balancing_loss(routing[1], routing[0], token_mask))
         aux = torch.stack(aux_losses).mean() if aux_losses else None

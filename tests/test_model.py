@@ -304,3 +304,48 @@ def test_bad_inputs_are_rejected():
     ids = _ids(cfg, 1, 6)
     with pytest.raises(ValueError, match="left or right padding"):
         model(ids, attention_mask=torch.tensor([[1, 1, 0, 1, 1, 1]]))
+
+
+# ------------------------------------------------------------------------------------ projection fusion
+@pytest.mark.parametrize("name", ["top1_shared_chunk8_nope2", "top2_noshared_interleaved_noqknorm"])
+def test_fused_projections_give_the_same_logits(name):
+    # q|k|v and gate|up as one matmul each (shared experts and dense MLPs): same logits (fp32, PyTorch path).
+    from scout_mm.fusion import FusedLinear, fuse_projections
+
+    cfg = tiny_config(vision=False, **TEXT_CONFIGS[name])
+    model = ScoutForConditionalGeneration(cfg).eval()
+    ids = _ids(cfg, 2, 29)
+    with torch.no_grad():
+        ref = model(ids).logits
+        n_params = sum(p.numel() for p in model.parameters())
+        fuse_projections(model)
+        fuse_projections(model)  # idempotent
+        out = model(ids).logits
+    layers = model.language_model.model.layers
+    assert all(isinstance(layer.self_attn.qkv_proj, FusedLinear) for layer in layers)
+    assert not hasattr(layers[0].self_attn, "q_proj")
+    mlps = [m for m in model.modules() if type(m).__name__ == "SwiGLU"]
+    assert mlps and all(isinstance(m.gate_up_proj, FusedLinear) for m in mlps)
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    assert max_rel_err(out, ref) < 1e-6
+
+
+def test_fused_model_refuses_state_dict_until_unfused():
+    from scout_mm.fusion import fuse_projections, is_fused, unfuse_projections
+
+    cfg = tiny_config(vision=True)
+    model = ScoutForConditionalGeneration(cfg).eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    fuse_projections(model)
+    assert is_fused(model)
+    with pytest.raises(
+        RuntimeError, match=r"layers\.0\.self_attn\.qkv_proj fuses q_proj\|k_proj\|v_proj.*unfuse"
+    ):
+        model.state_dict()
+    with pytest.raises(RuntimeError, match="fuses"):
+        model.load_state_dict(original)
+    unfuse_projections(model)
+    assert not is_fused(model)
+    state = model.state_dict()
+    assert state.keys() == original.keys()
+    assert all(torch.equal(state[k], original[k]) for k in original)

@@ -222,7 +222,9 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(logits(loaded, ids), logits(model, ids))
     half = load_quantized(tmp_path / "q", dtype=torch.bfloat16, device="cpu")
     assert half.language_model.model.embed_tokens.weight.dtype == torch.bfloat16
-    assert half.language_model.model.layers[0].self_attn.q_proj.scales.dtype == torch.bfloat16  # as stored
+    assert (
+        half.language_model.model.layers[0].self_attn.qkv_proj.proj.scales.dtype == torch.bfloat16
+    )  # as stored
 
 
 def test_int4_lm_head_option_round_trips_and_stays_close(tmp_path):
@@ -360,3 +362,39 @@ def test_experts_seam_is_unchanged():
     assert list(inspect.signature(Experts.forward).parameters) == list(
         inspect.signature(Int4Experts.forward).parameters
     )
+
+
+# ------------------------------------------------------------------------------------ projection fusion
+def test_int4_concat_and_split_are_inverse():
+    cfg = QuantConfig(group_size=32, symmetric=False)
+    parts = [Int4Linear.from_packed(quantize_rtn(torch.randn(64, n), 32, symmetric=False), cfg, bias=torch.randn(n))
+             for n in (24, 8, 8)]  # fmt: skip  # weights (K, N): K=64 inputs, N outputs
+    fused = Int4Linear.concat(parts)
+    assert (fused.in_features, fused.out_features) == (64, 40)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], -1), rtol=0, atol=0)
+    for part, back in zip(parts, fused.split([24, 8, 8])):
+        for a, b in zip(part.packed(), back.packed()):
+            assert torch.equal(a, b) and b.is_contiguous()
+        assert torch.equal(part.bias, back.bias)
+    other = Int4Linear.from_packed(quantize_rtn(torch.randn(64, 8), 64), QuantConfig(group_size=64))
+    with pytest.raises(ValueError, match="cannot concatenate"):
+        Int4Linear.concat([parts[0], other])
+
+
+def test_loader_fuses_projections_and_fused_models_refuse_to_save(tmp_path):
+    model = quantize_model(small_model(seed=11), QuantConfig(group_size=32))
+    save_quantized(model, tmp_path / "q")
+    fused = load_quantized(tmp_path / "q", dtype=torch.float32, device="cpu")
+    plain = load_quantized(tmp_path / "q", dtype=torch.float32, device="cpu", fuse=False)
+    assert isinstance(fused.language_model.model.layers[0].self_attn.qkv_proj.proj, Int4Linear)
+    assert isinstance(plain.language_model.model.layers[0].self_attn.q_proj, Int4Linear)
+    ids = random_ids(2, 16)
+    assert torch.equal(logits(fused, ids), logits(plain, ids))
+    with pytest.raises(RuntimeError, match="unfuse_projections"):
+        save_quantized(fused, tmp_path / "again")
+    from scout_mm.fusion import unfuse_projections
+
+    save_quantized(unfuse_projections(fused), tmp_path / "again")
+    assert torch.equal(logits(load_quantized(tmp_path / "again", dtype=torch.float32, device="cpu"), ids),
+                       logits(plain, ids))  # fmt: skip

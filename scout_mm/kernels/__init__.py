@@ -3,6 +3,10 @@
 ``SCOUT_MM_KERNELS=auto|triton|reference`` picks the backend: ``auto`` (default) uses the Triton kernels on
 CUDA tensors and the PyTorch references elsewhere; ``reference`` forces the references; ``triton`` forces
 the kernels (also on CPU under ``TRITON_INTERPRET=1``, which is how CI tests them).
+
+The inference-only fused kernels (:mod:`scout_mm.kernels.fused`: norms, RoPE, router, KV writes; no backward)
+also follow ``SCOUT_MM_FUSED=auto|on|off``: ``auto`` (default) = wherever the backend runs Triton, ``on`` forces
+them (CPU interpreter tests), ``off`` keeps the PyTorch path; and never while autograd needs the graph.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import os
 
 import torch
 
-from scout_mm.kernels import int4_reference, reference
+from scout_mm.kernels import fused_reference, int4_reference, reference
 
 # Triton modules (flash_attention, flash_decode, moe) are imported on first use, so that CPU-only installs
 # without Triton still import the package and run the references.
@@ -96,3 +100,90 @@ def int4_moe_experts(hidden, topk_weights, topk_ids, gate_up, down, group_size):
 
         return int4.int4_moe_experts(hidden, topk_weights, topk_ids, gate_up, down, group_size)
     return int4_reference.int4_moe_experts(hidden, topk_weights, topk_ids, gate_up, down, group_size)
+
+
+# ---------------------------------------------------------------------------------------------- fused (inference)
+_FUSED_MODES = ("auto", "on", "off")
+FUSED_MAX_NORM_DIM = 32768  # the norm kernel holds one row per program
+# The router kernel reads the whole router weight per token; more tokens: cuBLAS + top-k.
+ROUTER_MAX_TOKENS = 64
+ROUTER_MAX_EXPERTS = 128
+
+
+def use_fused(*tensors: torch.Tensor) -> bool:
+    """Whether the inference-only fused kernels should run on these tensors (inputs and weights)."""
+    mode = os.environ.get("SCOUT_MM_FUSED", "auto").lower()
+    if mode not in _FUSED_MODES:
+        raise ValueError(f"SCOUT_MM_FUSED={mode!r}; expected one of {_FUSED_MODES}")
+    if mode == "off" or backend() == "reference":
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False  # no backward: training keeps the PyTorch path
+    return mode == "on" or use_triton(*tensors)
+
+
+def rms_norm(x, weight, eps):
+    """``rms_norm(x) * weight`` (weight None: no weight). See :func:`scout_mm.kernels.fused_reference.rms_norm`."""
+    ok = (weight is None or weight.dtype == x.dtype) and x.shape[-1] <= FUSED_MAX_NORM_DIM
+    if ok and use_fused(x, *([weight] if weight is not None else [])):
+        from scout_mm.kernels import fused
+
+        return fused.rms_norm(x, weight, eps)
+    return fused_reference.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x, delta, weight, eps):
+    """``(x + delta, rms_norm(x + delta) * weight)``. See :func:`scout_mm.kernels.fused_reference.add_rms_norm`."""
+    if (
+        weight.dtype == x.dtype == delta.dtype
+        and x.shape[-1] <= FUSED_MAX_NORM_DIM
+        and use_fused(x, delta, weight)
+    ):
+        from scout_mm.kernels import fused
+
+        return fused.add_rms_norm(x, delta, weight, eps)
+    return fused_reference.add_rms_norm(x, delta, weight, eps)
+
+
+def rope_qk_norm(q, k, cos, sin, eps):
+    """RoPE on q and k (+ QK-norm when ``eps`` is not None). See :func:`scout_mm.kernels.fused_reference.rope_qk_norm`."""
+    if use_fused(q, k):
+        from scout_mm.kernels import fused
+
+        return fused.rope_qk_norm(q, k, cos, sin, eps)
+    return fused_reference.rope_qk_norm(q, k, cos, sin, eps)
+
+
+def silu_mul(gate, up):
+    """``silu(gate) * up``. See :func:`scout_mm.kernels.fused_reference.silu_mul`."""
+    if use_fused(gate, up):
+        from scout_mm.kernels import fused
+
+        return fused.silu_mul(gate, up)
+    return fused_reference.silu_mul(gate, up)
+
+
+def router_topk(hidden, weight, top_k):
+    """Router logits, top-k, sigmoid weights. See :func:`scout_mm.kernels.fused_reference.router_topk`; the
+    fused kernel serves few tokens (decode), cuBLAS + top-k the rest."""
+    few = (
+        hidden.shape[0] <= ROUTER_MAX_TOKENS
+        and weight.shape[0] <= ROUTER_MAX_EXPERTS
+        and weight.dtype == hidden.dtype
+    )
+    if few and use_fused(hidden, weight):
+        from scout_mm.kernels import fused
+
+        return fused.router_topk(hidden, weight, top_k)
+    return fused_reference.router_topk(hidden, weight, top_k)
+
+
+def write_kv_decode(k, v, k_store, v_store, positions, ring_size=None, block_table=None, block_size=None):
+    """One decode token per sequence into a ring or paged KV cache; returns ``kv_lens``. See
+    :func:`scout_mm.kernels.fused_reference.write_kv_decode`."""
+    kwargs = dict(ring_size=ring_size, block_table=block_table, block_size=block_size)
+    if use_fused(k, v) and k_store.is_contiguous() and v_store.is_contiguous():
+        from scout_mm.kernels import fused
+
+        return fused.write_kv_decode(k, v, k_store, v_store, positions, **kwargs)
+    return fused_reference.write_kv_decode(k, v, k_store, v_store, positions, **kwargs)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scout_mm import kernels
+
 
 class Router(nn.Module):
     """Linear router: top-k over the logits, then a sigmoid of the chosen logits (Llama 4).
@@ -24,12 +26,11 @@ class Router(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden (tokens, hidden) -> topk_weights (tokens, k), topk_ids (tokens, k), logits (tokens, E)."""
+        if self.choose_experts is None:  # plain top-k: one kernel for few tokens at inference
+            return kernels.router_topk(hidden, self.weight, self.top_k)
         router_logits = F.linear(hidden, self.weight)
-        if self.choose_experts is None:
-            top_logits, topk_ids = torch.topk(router_logits, self.top_k, dim=-1)
-        else:
-            topk_ids = self.choose_experts(self, router_logits)
-            top_logits = router_logits.gather(-1, topk_ids)
+        topk_ids = self.choose_experts(self, router_logits)
+        top_logits = router_logits.gather(-1, topk_ids)
         # HF takes the sigmoid in fp32 and casts back to the activation dtype.
         topk_weights = torch.sigmoid(top_logits.float()).to(router_logits.dtype)
         return topk_weights, topk_ids, router_logits

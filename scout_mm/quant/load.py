@@ -46,12 +46,15 @@ def load_quantized(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cuda",
     host_embeddings: bool = False,
+    fuse: bool = True,
 ):
     """An Int4 checkpoint (written by ``scripts/quantize.py`` / :func:`scout_mm.quant.save_quantized`) as a
     ready model: packed weights as stored, every float tensor in ``dtype`` (the activation dtype), all on
     ``device`` (``cuda``: the Triton kernels; ``cpu``: the PyTorch references). ``host_embeddings``: keep
     the token-embedding table in pinned host memory (:class:`HostEmbedding`; saves its bytes of GPU memory,
-    2.07 GB for Scout; it is read to the host and never passes through the device)."""
+    2.07 GB for Scout; it is read to the host and never passes through the device). ``fuse``: q|k|v and
+    gate|up projections as one Int4 matmul each (:func:`scout_mm.fusion.fuse_projections`: fewer decode
+    launches; such a model's ``state_dict()`` raises until :func:`scout_mm.fusion.unfuse_projections`)."""
     device = torch.device(device)
     if host_embeddings and device.type != "cuda":
         raise ValueError(
@@ -124,6 +127,10 @@ def load_quantized(
     model.quant_config = cfg
     if host_embeddings:
         offload_embeddings(model, device)
+    if fuse:
+        from scout_mm.fusion import fuse_projections
+
+        fuse_projections(model)
     return model.eval()
 
 

@@ -60,6 +60,50 @@ class Int4Linear(nn.Module):
     def packed(self) -> tuple:
         return self.qweight, self.scales, self.zeros
 
+    @classmethod
+    def concat(cls, parts: list[Int4Linear]) -> Int4Linear:
+        """One module computing every part's outputs side by side (``scout_mm.fusion.fuse_projections``): the
+        (K / 8, N) layout makes it a cat of qweight / scales / zeros along N."""
+        first = parts[0]
+        for p in parts:
+            if (p.in_features, p.group_size, p.zeros is None, p.scales.dtype, p.bias is None) != (
+                first.in_features, first.group_size, first.zeros is None, first.scales.dtype, first.bias is None
+            ):  # fmt: skip
+                raise ValueError(
+                    f"cannot concatenate Int4Linear({p.extra_repr()}) with ({first.extra_repr()})"
+                )
+        tensors = [None if getattr(first, n) is None else torch.cat([getattr(p, n) for p in parts], dim=1)
+                   for n in ("qweight", "scales", "zeros")]  # fmt: skip
+        bias = None if first.bias is None else torch.cat([p.bias.detach() for p in parts])
+        return cls._from_tensors(first.group_size, *tensors, bias)
+
+    def split(self, sizes: list[int]) -> list[Int4Linear]:
+        """The inverse of :meth:`concat`: one module per ``sizes`` block of outputs (copies, not views)."""
+        if sum(sizes) != self.out_features:
+            raise ValueError(f"sizes {sizes} do not add up to out_features={self.out_features}")
+        parts, start = [], 0
+        for size in sizes:
+            cut = [None if t is None else t[:, start : start + size].clone() for t in self.packed()]
+            bias = None if self.bias is None else self.bias.detach()[start : start + size].clone()
+            parts.append(self._from_tensors(self.group_size, *cut, bias))
+            start += size
+        return parts
+
+    @classmethod
+    def _from_tensors(cls, group_size, qweight, scales, zeros, bias) -> Int4Linear:
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.in_features, module.out_features, module.group_size = (
+            qweight.shape[0] * 8,
+            qweight.shape[1],
+            group_size,
+        )
+        module.register_buffer("qweight", qweight)
+        module.register_buffer("scales", scales)
+        module.register_buffer("zeros", zeros)
+        module.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        return module
+
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:  # (in, out)
         return dequantize(self.qweight, self.scales, self.zeros, self.group_size, dtype)
 

@@ -1,0 +1,365 @@
+"""Inference-only fused kernels for the small ops between the matmuls of a decode step.
+
+A batch-1 Scout decode step spent ~3 ms in ~1,800 tiny PyTorch kernels (casts, norms, RoPE, cache index
+writes, router top-k; ``bench/results/int4_h100.md``): each is ~1.5 us of launch-bound work. Each kernel here
+replaces a chain of them by one launch and keeps HF's rounding points (a cast back to the activation dtype
+wherever the PyTorch path rounds), so results equal :mod:`scout_mm.kernels.fused_reference` up to the fp32
+summation order and the fp32 ``rsqrt``/``exp`` approximations (a few bf16 ulps at most, usually none).
+
+- :func:`add_rms_norm` / :func:`rms_norm`: residual add (rounded) + RMSNorm in fp32, cast, times the weight.
+- :func:`rope_qk_norm`: interleaved-pair RoPE of q and k (+ the weightless QK-norm) in one launch.
+- :func:`silu_mul`: SwiGLU's ``silu(gate) * up``.
+- :func:`router_topk`: few-token router: 16-expert logits, top-k (lowest index first among equal logits),
+  sigmoid of the chosen logits in fp32.
+- :func:`write_kv_decode`: one decode token per sequence into a ring or paged KV cache, plus ``kv_lens``.
+
+No backward: the dispatch (:func:`scout_mm.kernels.use_fused`) runs these only when autograd does not need
+the graph. Every function takes the reference's arguments.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from scout_mm.kernels import FUSED_MAX_NORM_DIM, ROUTER_MAX_EXPERTS
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,  # (rows, H)
+    delta_ptr,  # (rows, H) or unused (not HAS_DELTA)
+    w_ptr,  # (H,) or unused (not HAS_WEIGHT)
+    sum_ptr,  # (rows, H) x + delta, or unused
+    out_ptr,  # (rows, H)
+    size_h,
+    stride_x,
+    stride_delta,
+    eps,
+    HAS_DELTA: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < size_h
+    dtype = out_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        delta = tl.load(delta_ptr + row * stride_delta + cols, mask=mask, other=0.0).to(tl.float32)
+        residual = (x + delta).to(dtype)  # the residual stream is rounded to the activation dtype (HF)
+        tl.store(sum_ptr + row * size_h + cols, residual, mask=mask)
+        x = residual.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / size_h + eps)
+    y = (x * rstd).to(dtype)  # cast back before the weight multiply, as HF
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (y.to(tl.float32) * w).to(dtype)
+    tl.store(out_ptr + row * size_h + cols, y, mask=mask)
+
+
+@triton.jit
+def _rope_head(src, dst, cos_row, sin_row, half, eps, NORM: tl.constexpr, BLOCK: tl.constexpr):
+    """One head vector: rotate pairs (src[2i], src[2i+1]) by (cos_i, sin_i) in fp32, round, then optionally
+    normalise the rounded vector (fp32, round again): the PyTorch path's two roundings."""
+    i = tl.arange(0, BLOCK)
+    mask = i < half
+    dtype = dst.dtype.element_ty
+    even = tl.load(src + 2 * i, mask=mask, other=0.0).to(tl.float32)
+    odd = tl.load(src + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(cos_row + i, mask=mask, other=0.0)
+    sin = tl.load(sin_row + i, mask=mask, other=0.0)
+    real = (even * cos - odd * sin).to(dtype)
+    imag = (even * sin + odd * cos).to(dtype)
+    if NORM:
+        real32, imag32 = real.to(tl.float32), imag.to(tl.float32)
+        square_sum = tl.sum(real32 * real32, axis=0) + tl.sum(imag32 * imag32, axis=0)
+        rstd = tl.math.rsqrt(square_sum / (2 * half) + eps)
+        real, imag = (real32 * rstd).to(dtype), (imag32 * rstd).to(dtype)
+    tl.store(dst + 2 * i, real, mask=mask)
+    tl.store(dst + 2 * i + 1, imag, mask=mask)
+
+
+@triton.jit
+def _rope_qk_norm_kernel(
+    q_ptr,  # (batch, seq, n_heads, D), last dim contiguous
+    k_ptr,  # (batch, seq, n_kv_heads, D)
+    q_out_ptr,  # contiguous (batch, seq, n_heads, D)
+    k_out_ptr,  # contiguous (batch, seq, n_kv_heads, D)
+    cos_ptr,  # (batch or 1, seq, D // 2) fp32
+    sin_ptr,
+    seq,
+    n_heads,
+    n_kv_heads,
+    half,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_cb,
+    stride_cs,
+    eps,
+    NORM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    b = token // seq
+    s = token % seq
+    cos_row = cos_ptr + b * stride_cb + s * stride_cs
+    sin_row = sin_ptr + b * stride_cb + s * stride_cs
+    if head < n_heads:
+        src = q_ptr + b * stride_qb + s * stride_qs + head * stride_qh
+        dst = q_out_ptr + (token * n_heads + head) * (2 * half)
+    else:
+        kv_head = head - n_heads
+        src = k_ptr + b * stride_kb + s * stride_ks + kv_head * stride_kh
+        dst = k_out_ptr + (token * n_kv_heads + kv_head) * (2 * half)
+    _rope_head(src, dst, cos_row, sin_row, half, eps, NORM, BLOCK)
+
+
+@triton.jit
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, size_n, stride_gate, stride_up, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < size_n
+    dtype = out_ptr.dtype.element_ty
+    gate = tl.load(gate_ptr + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + row * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype)  # F.silu rounds its output, then the product rounds
+    tl.store(out_ptr + row * size_n + cols, (act.to(tl.float32) * up).to(dtype), mask=mask)
+
+
+@triton.jit
+def _router_kernel(
+    x_ptr,  # (tokens, H)
+    w_ptr,  # (E, H) contiguous
+    logits_ptr,  # (tokens, E)
+    topk_w_ptr,  # (tokens, TOP_K)
+    topk_id_ptr,  # (tokens, TOP_K) int64
+    size_h,
+    n_experts,
+    stride_x,
+    TOP_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, BLOCK_E)
+    e_ok = experts < n_experts
+    acc = tl.zeros([BLOCK_E, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, size_h, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        k_ok = cols < size_h
+        x = tl.load(x_ptr + token * stride_x + cols, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + experts[:, None] * size_h + cols[None, :], mask=e_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)  # fmt: skip
+        acc += w * x[None, :]
+    dtype = logits_ptr.dtype.element_ty
+    logits = tl.sum(acc, axis=1).to(dtype)  # rounded like F.linear's output; top-k runs on the rounded values
+    tl.store(logits_ptr + token * n_experts + experts, logits, mask=e_ok)
+    remaining = tl.where(e_ok, logits.to(tl.float32), float("-inf"))
+    for slot in tl.static_range(TOP_K):
+        best = tl.max(remaining, axis=0)
+        # lowest expert index among equal logits (a NaN logit never matches: clamp keeps the id in range)
+        chosen = tl.minimum(tl.min(tl.where(remaining == best, experts, BLOCK_E), axis=0), n_experts - 1)
+        tl.store(topk_id_ptr + token * TOP_K + slot, chosen.to(tl.int64))
+        tl.store(topk_w_ptr + token * TOP_K + slot, tl.sigmoid(best).to(topk_w_ptr.dtype.element_ty))
+        remaining = tl.where(experts == chosen, float("-inf"), remaining)
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr,  # (batch, 1, n_kv_heads, D) new keys, last dim contiguous
+    v_ptr,
+    k_store_ptr,  # contiguous ring (batch, ring, n_kv_heads, D) or pool (n_blocks, block_size, n_kv_heads, D)
+    v_store_ptr,
+    pos_ptr,  # (batch,) positions
+    table_ptr,  # (batch, max_blocks) int32 block table, or unused (ring)
+    lens_ptr,  # (batch,) int32 out
+    n_kv_heads,
+    head_dim,
+    slots,  # ring size or block size
+    stride_kb,
+    stride_kh,
+    stride_vb,
+    stride_vh,
+    stride_pos,
+    stride_table,
+    PAGED: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    pos = tl.load(pos_ptr + b * stride_pos).to(tl.int64)
+    slot = pos % slots
+    if PAGED:
+        block = tl.load(table_ptr + b * stride_table + pos // slots).to(tl.int64)
+        row = block * slots + slot
+        kv_len = pos + 1
+    else:
+        row = b * slots + slot
+        kv_len = slot + 1
+    dims = tl.arange(0, BLOCK_D)
+    mask = dims < head_dim
+    dst = (row * n_kv_heads + head) * head_dim + dims
+    tl.store(
+        k_store_ptr + dst, tl.load(k_ptr + b * stride_kb + head * stride_kh + dims, mask=mask), mask=mask
+    )
+    tl.store(
+        v_store_ptr + dst, tl.load(v_ptr + b * stride_vb + head * stride_vh + dims, mask=mask), mask=mask
+    )
+    if head == 0:
+        tl.store(lens_ptr + b, kv_len.to(tl.int32))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers (same signatures as scout_mm.kernels.fused_reference)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(rows, last dim) with a unit last stride; a view whenever the leading dims allow it."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _norm_warps(block: int) -> int:
+    return 8 if block >= 4096 else 4 if block >= 1024 else 1
+
+
+def _norm(x, delta, weight, eps):
+    size_h = x.shape[-1]
+    rows = _rows(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block = triton.next_power_of_2(size_h)
+    delta_rows = _rows(delta) if delta is not None else rows
+    summed = torch.empty_like(out) if delta is not None else out
+    if rows.shape[0]:
+        _rms_norm_kernel[(rows.shape[0],)](
+            rows, delta_rows, weight if weight is not None else rows, summed, out, size_h, rows.stride(0),
+            delta_rows.stride(0), eps, HAS_DELTA=delta is not None, HAS_WEIGHT=weight is not None,
+            BLOCK_H=block, num_warps=_norm_warps(block),
+        )  # fmt: skip
+    return summed, out
+
+
+def _check_norm(x, weight, delta=None):
+    if weight is not None and (weight.shape != (x.shape[-1],) or weight.dtype != x.dtype):
+        raise ValueError(f"weight {tuple(weight.shape)} {weight.dtype}; expected ({x.shape[-1]},) {x.dtype}")
+    if delta is not None and (delta.shape != x.shape or delta.dtype != x.dtype):
+        raise ValueError(f"delta {tuple(delta.shape)} {delta.dtype}; expected {tuple(x.shape)} {x.dtype}")
+    if x.shape[-1] > FUSED_MAX_NORM_DIM:
+        raise ValueError(f"last dim {x.shape[-1]} > {FUSED_MAX_NORM_DIM}; use the reference")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    _check_norm(x, weight)
+    return _norm(x, None, weight, eps)[1]
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_norm(x, weight, delta)
+    return _norm(x, delta, weight, eps)
+
+
+def rope_qk_norm(q, k, cos, sin, eps):
+    batch, seq, n_heads, head_dim = q.shape
+    n_kv_heads = k.shape[2]
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != head_dim or head_dim % 2 or k.dtype != q.dtype:
+        raise ValueError(f"q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}; expected (batch, seq, "
+                         "heads, even head_dim) with the same batch, seq, head_dim and dtype")  # fmt: skip
+    half = head_dim // 2
+    if cos.shape != sin.shape or cos.shape[1:] != (seq, half) or cos.shape[0] not in (1, batch):
+        raise ValueError(
+            f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)}; expected ({batch} or 1, {seq}, {half})"
+        )
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if batch * seq:
+        stride_cb = cos.stride(0) if cos.shape[0] > 1 else 0
+        block = triton.next_power_of_2(half)
+        _rope_qk_norm_kernel[(batch * seq, n_heads + n_kv_heads)](
+            q, k, q_out, k_out, cos, sin, seq, n_heads, n_kv_heads, half, q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2), stride_cb, cos.stride(1), eps if eps is not None else 0.0,
+            NORM=eps is not None, BLOCK=block, num_warps=1 if block <= 64 else 2,
+        )  # fmt: skip
+    return q_out, k_out
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"gate {tuple(gate.shape)} {gate.dtype} vs up {tuple(up.shape)} {up.dtype}")
+    gate_rows, up_rows = _rows(gate), _rows(up)
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    size_n = gate.shape[-1]
+    if gate_rows.shape[0] and size_n:
+        block = min(1024, triton.next_power_of_2(size_n))
+        _silu_mul_kernel[(gate_rows.shape[0], triton.cdiv(size_n, block))](
+            gate_rows, up_rows, out, size_n, gate_rows.stride(0), up_rows.stride(0), BLOCK=block,
+            num_warps=4 if block >= 512 else 1,
+        )  # fmt: skip
+    return out
+
+
+def router_topk(hidden: torch.Tensor, weight: torch.Tensor, top_k: int):
+    tokens, size_h = hidden.shape
+    n_experts = weight.shape[0]
+    if weight.shape != (n_experts, size_h) or weight.dtype != hidden.dtype or not 1 <= top_k <= n_experts:
+        raise ValueError(f"router weight {tuple(weight.shape)} {weight.dtype}, top_k {top_k}; expected "
+                         f"(n_experts, {size_h}) {hidden.dtype} and 1 <= top_k <= n_experts")  # fmt: skip
+    if n_experts > ROUTER_MAX_EXPERTS:
+        raise ValueError(f"{n_experts} experts > {ROUTER_MAX_EXPERTS}; use the reference")
+    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    weight = weight.contiguous()
+    logits = torch.empty(tokens, n_experts, dtype=hidden.dtype, device=hidden.device)
+    topk_weights = torch.empty(tokens, top_k, dtype=hidden.dtype, device=hidden.device)
+    topk_ids = torch.empty(tokens, top_k, dtype=torch.int64, device=hidden.device)
+    if tokens:
+        block_e = triton.next_power_of_2(n_experts)
+        block_k = max(16, min(triton.next_power_of_2(size_h), 8192 // block_e))
+        _router_kernel[(tokens,)](
+            hidden, weight, logits, topk_weights, topk_ids, size_h, n_experts, hidden.stride(0), TOP_K=top_k,
+            BLOCK_E=block_e, BLOCK_K=block_k, num_warps=8,
+        )  # fmt: skip
+    return topk_weights, topk_ids, logits
+
+
+def write_kv_decode(k, v, k_store, v_store, positions, ring_size=None, block_table=None, block_size=None):
+    batch, q_len, n_kv_heads, head_dim = k.shape
+    if q_len != 1 or v.shape != k.shape:
+        raise ValueError(
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}; expected one token: (batch, 1, heads, dim)"
+        )
+    if (ring_size is None) == (block_table is None) or (block_table is not None and block_size is None):
+        raise ValueError("give ring_size (ring layout) or block_table + block_size (paged layout)")
+    if not (k_store.is_contiguous() and v_store.is_contiguous()) or k_store.shape[2:] != (
+        n_kv_heads,
+        head_dim,
+    ):
+        raise ValueError(
+            f"KV storage {tuple(k_store.shape)} must be contiguous (.., .., {n_kv_heads}, {head_dim})"
+        )
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    kv_lens = torch.empty(batch, dtype=torch.int32, device=k.device)
+    paged = block_table is not None
+    table = block_table if paged else kv_lens
+    _write_kv_kernel[(batch, n_kv_heads)](
+        k, v, k_store, v_store, positions, table, kv_lens, n_kv_heads, head_dim,
+        block_size if paged else ring_size, k.stride(0), k.stride(2), v.stride(0), v.stride(2),
+        positions.stride(0), table.stride(0), PAGED=paged, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=1,
+    )  # fmt: skip
+    return kv_lens

@@ -1,0 +1,90 @@
+"""PyTorch references of the inference-only fused kernels (:mod:`scout_mm.kernels.fused`), same signatures.
+
+These are the model's own math (HF Llama 4 rounding): the model runs them for training, on CPU, and whenever
+autograd needs the graph; the fused kernels replace several of these small ops by one launch at inference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``rms_norm(x) * weight`` over the last dim: normalised in fp32 and cast back BEFORE the weight multiply,
+    as HF does. (``F.rms_norm`` is one fused kernel on CUDA; the spelled-out form was 5.)"""
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
+    return normed if weight is None else normed * weight
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next norm: ``(x + delta, rms_norm(x + delta) * weight)``."""
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) — the complex form Llama 4 uses, not the half-split form.
+
+    x (batch, seq, heads, head_dim); cos/sin (batch or 1, seq, head_dim // 2) in fp32 (the vision tower
+    passes one table for all its tiles). Computed in fp32, cast back to x's dtype.
+    """
+    # One complex multiply (real * cos - imag * sin, real * sin + imag * cos): 2 kernels instead of 7.
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * torch.complex(cos, sin)[:, :, None]).flatten(-2).type_as(x)
+
+
+def rope_qk_norm(
+    q: torch.Tensor,  # (batch, seq, n_heads, head_dim)
+    k: torch.Tensor,  # (batch, seq, n_kv_heads, head_dim)
+    cos: torch.Tensor,  # (batch or 1, seq, head_dim // 2) fp32
+    sin: torch.Tensor,
+    eps: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on q and k, then (``eps`` not None) the weightless L2 QK-norm of Llama 4's RoPE layers."""
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if eps is not None:
+        q, k = rms_norm(q, None, eps), rms_norm(k, None, eps)
+    return q, k
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's ``silu(gate) * up`` (two roundings in half precision: after the silu and after the product)."""
+    return F.silu(gate) * up
+
+
+def router_topk(
+    hidden: torch.Tensor, weight: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Llama 4 router: logits ``hidden (tokens, H) @ weight (E, H).T``, top-k over them, then the sigmoid of
+    the chosen logits (in fp32, cast back, as HF). Returns (topk_weights, topk_ids, router_logits)."""
+    router_logits = F.linear(hidden, weight)
+    top_logits, topk_ids = torch.topk(router_logits, top_k, dim=-1)
+    return torch.sigmoid(top_logits.float()).to(router_logits.dtype), topk_ids, router_logits
+
+
+def write_kv_decode(
+    k: torch.Tensor,  # (batch, 1, n_kv_heads, head_dim) new keys
+    v: torch.Tensor,
+    k_store: torch.Tensor,  # ring (batch, ring_size, n_kv_heads, head_dim) | pool (n_blocks, block_size, ...)
+    v_store: torch.Tensor,
+    positions: torch.Tensor,  # (batch,) position of each sequence's new token
+    ring_size: int | None = None,
+    block_table: torch.Tensor | None = None,  # (batch, max_blocks) int32, paged pool only
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """Write one decode token per sequence into a KV cache; returns the keys each sequence now sees
+    ``kv_lens (batch,) int32``. Ring: slot ``p % ring_size`` of the sequence's ring (kv_lens = slot + 1).
+    Paged pool: slot ``p % block_size`` of block ``block_table[b, p // block_size]`` (kv_lens = p + 1)."""
+    rows = torch.arange(k.shape[0], device=k.device)
+    if ring_size is not None:
+        slot = positions % ring_size
+        k_store[rows, slot] = k[:, 0]
+        v_store[rows, slot] = v[:, 0]
+        return (slot + 1).to(torch.int32)
+    blocks = block_table[rows, positions // block_size].long()
+    k_store[blocks, positions % block_size] = k[:, 0]
+    v_store[blocks, positions % block_size] = v[:, 0]
+    return (positions + 1).to(torch.int32)
