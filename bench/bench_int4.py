@@ -30,6 +30,8 @@ import traceback
 import warnings
 
 import torch
+import triton
+import triton.language as tl
 
 from scout_mm.kernels import int4
 from scout_mm.kernels.int4 import _gemm, _gemv
@@ -40,12 +42,35 @@ LINEAR_SHAPES = [(16384, 5120), (5120, 8192)]  # (N, K)
 ROWS = [1, 16, 64, 4096]
 TOKENS = [1, 16, 64, 512, 4096]
 
+
+def _gemv_candidates():
+    """M=1 sweep: the three code unpackings x register prefetch on two tiles, then tiles / warps / occupancy
+    with the cheapest unpacking, then eviction hints and programmatic dependent launch."""
+    out = [
+        _gemv(bn, bk, 4, 1, occ, unpack=u, prefetch=p)
+        for bn, bk, occ in ((32, 512, 8), (64, 256, 4))
+        for u in (0, 1, 2)
+        for p in (False, True)
+    ]
+    out.append(_gemv(32, 512, 4, 3, 8, unpack=0))  # the shipped config before this sweep
+    for bn, bk in ((32, 512), (64, 256), (64, 512), (32, 1024), (128, 128), (128, 256), (256, 64)):
+        for warps in (4, 8):
+            for occ in (4, 8, 16):
+                cfg = _gemv(bn, bk, warps, 1, occ, unpack=2, prefetch=True)
+                if cfg not in out:
+                    out.append(cfg)
+    for bn, bk, occ in ((32, 512, 8), (64, 256, 4), (64, 512, 4)):
+        for evict, pdl in (("evict_first", False), ("", True), ("evict_first", True)):
+            out.append(_gemv(bn, bk, 4, 1, occ, unpack=2, prefetch=True, evict=evict, pdl=pdl))
+    return out
+
+
 CANDIDATES = {
-    1: [_gemv(32, 256, 4, 3, 8), _gemv(64, 256, 4, 3, 4), _gemv(64, 512, 4, 3, 4), _gemv(32, 512, 4, 3, 8),
-        _gemv(128, 256, 8, 3, 4), _gemv(64, 256, 4, 1, 4), _gemv(32, 256, 2, 3, 16), _gemv(64, 128, 4, 3, 8)],
-    16: [_gemm(16, 128, 128, 4, 3, 2, nibble_dots=True), _gemm(16, 64, 256, 4, 3, 4, nibble_dots=True),
-         _gemm(16, 256, 128, 8, 3, 2, nibble_dots=True), _gemm(16, 128, 256, 4, 3, 2, nibble_dots=True),
-         _gemv(64, 256, 4, 3, 4)],
+    1: _gemv_candidates(),
+    16: [_gemm(16, bn, bk, w, 3, occ, nibble_dots=True)
+         for bn, bk, w, occ in ((128, 128, 4, 2), (256, 128, 8, 2), (128, 128, 4, 4), (64, 128, 4, 4),
+                                (128, 256, 8, 2), (256, 128, 8, 4), (256, 256, 8, 2), (128, 128, 8, 2),
+                                (64, 256, 4, 4), (128, 128, 4, 8))],
 }  # fmt: skip
 TUNE_ROWS = [1, 16]  # the tl.dot tile kernels (64 rows and up) did not change since the last sweep
 
@@ -99,10 +124,29 @@ def copies_for(nbytes: int) -> int:
     return max(2, min(8, -(-200_000_000 // nbytes)))  # >= 200 MB in rotation: 4x the L2
 
 
-def section_tune(rows_out):
+def section_tune(rows_out, warm=None, adopt=False):
+    """Times every candidate at both Scout shapes. ``warm=(i, n)``: only run the i-th of n shards of the
+    candidates once (fills Triton's compile cache from parallel processes; nothing is timed). ``adopt``: the
+    config with the least summed time over the two shapes replaces TUNED's entry in this process, so later
+    sections measure it."""
+    if warm is not None:
+        shard, n_shards = warm
+        for size_n, size_k in LINEAR_SHAPES:
+            weight = packed((), size_k, size_n, 1)[0]
+            for m_rows in TUNE_ROWS:
+                x = torch.randn(m_rows, size_k, device="cuda", dtype=torch.bfloat16)
+                for i, cfg in enumerate(CANDIDATES[m_rows]):
+                    if i % n_shards == shard:
+                        try:
+                            int4.int4_linear(x, *weight, GROUP, config=cfg)
+                        except Exception as e:
+                            print(f"warm {_cfg_str(cfg)}: {type(e).__name__}: {e}", flush=True)
+        torch.cuda.synchronize()
+        return
     rows_out += ["", "## Config sweep (ours, forced configs)", "",
                  "| N x K | M | config | us | Int4 TB/s | TFLOPS |", "|---|---|---|---|---|---|"]  # fmt: skip
     best = {}
+    totals = {}
     for size_n, size_k in LINEAR_SHAPES:
         weights = packed((), size_k, size_n, copies_for(size_k * size_n // 2))
         for m_rows in TUNE_ROWS:
@@ -129,10 +173,94 @@ def section_tune(rows_out):
                 key = (size_n, size_k, m_rows)
                 if key not in best or us < best[key][0]:
                     best[key] = (us, _cfg_str(cfg))
+                entry = totals.setdefault((m_rows, _cfg_str(cfg)), [0.0, 0, cfg])
+                entry[0] += us
+                entry[1] += 1
         del weights
         torch.cuda.empty_cache()
     rows_out += ["", "Best per case: " + "; ".join(f"{k}: {v[1]} {v[0]:.1f} us" for k, v in best.items())]
-    print(rows_out[-1], flush=True)
+    for m_rows in TUNE_ROWS:
+        full = [
+            (t, name, cfg)
+            for (m, name), (t, n, cfg) in totals.items()
+            if m == m_rows and n == len(LINEAR_SHAPES)
+        ]
+        if not full:
+            continue
+        # PDL overlaps back-to-back launches of the timed loop itself; adopt the best without it (reported apart)
+        plain = [e for e in full if not e[2].get("pdl")]
+        t, name, cfg = min(plain or full, key=lambda e: e[0])
+        rows_out.append(f"Best summed over both shapes, M={m_rows}: {name} {t:.1f} us")
+        if adopt:
+            int4.TUNED["gemv" if m_rows == 1 else "gemm_small"] = cfg
+            rows_out[-1] += " (adopted for the sections below)"
+    print("\n".join(rows_out[-3:]), flush=True)
+
+
+@triton.jit
+def _stream_kernel(qw_ptr, out_ptr, size_n, n_words, words_per_split, BLOCK_R: tl.constexpr,
+                   BLOCK_N: tl.constexpr, EVICT: tl.constexpr):  # fmt: skip
+    """Reads a (K/8, N) int32 matrix in the GEMV's tiles and grid (column tile x K split) and XORs the words:
+    the memory side of the GEMV with no math."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_R)
+    begin = tl.program_id(2) * words_per_split
+    end = tl.minimum(begin + words_per_split, n_words)
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.int32)
+    for r0 in range(begin, end, BLOCK_R):
+        mask = ((r0 + rows) < end)[:, None] & (offs_n < size_n)[None, :]
+        acc ^= tl.load(qw_ptr + (r0 + rows)[:, None] * size_n + offs_n[None, :], mask=mask, other=0,
+                       eviction_policy=EVICT)  # fmt: skip
+    tl.store(out_ptr + tl.program_id(2) * size_n + offs_n, tl.xor_sum(acc, axis=0), mask=offs_n < size_n)
+
+
+STREAM_TILES = [(32, 512, 4, 8), (64, 256, 4, 4), (64, 512, 4, 4), (32, 1024, 4, 8), (128, 128, 4, 4),
+                (128, 256, 8, 4), (256, 64, 4, 4), (256, 128, 8, 1), (64, 256, 4, 16)]  # fmt: skip
+
+
+def section_probe(rows_out):
+    """What limits the GEMV: torch copy (read + write), and a no-math streaming read in the GEMV's own tiles and
+    K-split grid (with and without evict_first), at both Scout shapes."""
+    rows_out += ["", "## Probe: memory side of the M=1 GEMV (no math)", "",
+                 "| N x K | kernel | tile (BLOCK_N, BLOCK_K, warps, occupancy) | programs | us | TB/s read |",
+                 "|---|---|---|---|---|---|"]  # fmt: skip
+    for size_n, size_k in LINEAR_SHAPES:
+        nbytes = size_k * size_n // 2
+        weights = [w[0] for w in packed((), size_k, size_n, copies_for(nbytes))]
+        pick = rotating(weights)
+        t = graph_us(lambda pick=pick: pick().clone())
+        rows_out.append(f"| {size_n}x{size_k} | torch clone (read + write) | - | - | {t:.1f} | "
+                        f"{nbytes / t / 1e6:.2f} (x2 with the writes: {2 * nbytes / t / 1e6:.2f}) |")  # fmt: skip
+        print(rows_out[-1], flush=True)
+        n_groups = size_k // GROUP
+        for bn, bk, warps, occ in STREAM_TILES:
+            for evict in ("", "evict_first"):
+                n_tiles = triton.cdiv(size_n, bn)
+                split_k, per_split = int4._split(n_groups, n_tiles, occ, bk, GROUP, torch.device("cuda"))
+                out = torch.empty(split_k, size_n, dtype=torch.int32, device="cuda")
+
+                def run(
+                    bn=bn,
+                    bk=bk,
+                    warps=warps,
+                    split_k=split_k,
+                    per_split=per_split,
+                    evict=evict,
+                    out=out,
+                    pick=pick,
+                    n_tiles=n_tiles,
+                    size_n=size_n,
+                    size_k=size_k,
+                ):
+                    _stream_kernel[(n_tiles, 1, split_k)](pick(), out, size_n, size_k // 8, per_split * GROUP // 8,
+                                                          BLOCK_R=bk // 8, BLOCK_N=bn, EVICT=evict, num_warps=warps)  # fmt: skip
+
+                t = graph_us(run)
+                rows_out.append(f"| {size_n}x{size_k} | stream{' evict_first' if evict else ''} | "
+                                f"({bn}, {bk}, {warps}, {occ}) | {n_tiles * split_k} | {t:.1f} | {nbytes / t / 1e6:.2f} |")  # fmt: skip
+                print(rows_out[-1], flush=True)
+        del weights
+        torch.cuda.empty_cache()
 
 
 def _cfg_str(cfg):
@@ -140,7 +268,11 @@ def _cfg_str(cfg):
         return "dequant+cuBLAS"
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "occupancy")
     kind = "gemm-nibble" if cfg.get("nibble_dots") else cfg["kind"]
-    return kind + "(" + ",".join(str(cfg[k]) for k in keys if k in cfg) + ")"
+    flags = ""
+    if cfg["kind"] == "gemv":
+        flags = f" u{cfg.get('unpack', 1)}" + " prefetch" * bool(cfg.get("prefetch")) + (
+            f" {cfg['evict']}" if cfg.get("evict") else "") + " pdl" * bool(cfg.get("pdl"))  # fmt: skip
+    return kind + "(" + ",".join(str(cfg[k]) for k in keys if k in cfg) + ")" + flags
 
 
 def tinygemm(size_k, size_n, copies):
@@ -485,12 +617,25 @@ def main() -> None:
     )
     parser.add_argument("--sections", default="tune,linear,moe")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--warm", default=None, help="i/n: compile the i-th of n shards of the tune candidates, time nothing"
+    )
+    parser.add_argument(
+        "--adopt-tuned",
+        action="store_true",
+        help="the tune section's winners replace TUNED in this process for the later sections",
+    )
     args = parser.parse_args()
+    if args.warm:
+        shard, n_shards = (int(v) for v in args.warm.split("/"))
+        section_tune([], warm=(shard, n_shards))
+        return
     rows = [f"# Int4 W4A16 kernels on {torch.cuda.get_device_name()}", "",
             f"Date {datetime.date.today()}, torch {torch.__version__}, triton "
             f"{__import__('triton').__version__}. Command: `PYTHONPATH=. python bench/bench_int4.py "
             f"--sections {args.sections}`"]  # fmt: skip
-    sections = {"tune": section_tune, "linear": section_linear, "moe": section_moe, "scout": section_scout,
+    sections = {"tune": lambda rows: section_tune(rows, adopt=args.adopt_tuned), "probe": section_probe,
+                "linear": section_linear, "moe": section_moe, "scout": section_scout,
                 "profile": section_profile}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()

@@ -4,10 +4,15 @@ Same functions as :mod:`scout_mm.kernels.int4_reference` (layout in ``scout_mm/q
 kernels serve both the dense linear layers and the two grouped GEMMs of the Int4 MoE:
 
 - ``_gemv_kernel`` (few rows: decode). Plain FMAs, no tensor cores: each program streams a
-  ``(BLOCK_K // 8, BLOCK_N)`` tile of packed words per step and keeps every nibble's product in a per-word
-  accumulator; the group's scale and zero point are applied once per word, not once per weight, and a code
-  becomes the float ``1 + q / 16`` with one shift and one and-or into the mantissa of 1.0 (no int->float
-  conversion; :func:`_unit_codes`). K is split over programs so that even a 5120-wide output fills the GPU;
+  ``(BLOCK_K // 8, BLOCK_N)`` tile of packed words per step (the next tile loaded during this one's math) and
+  keeps every nibble's product in a per-word accumulator; the group's scale is applied once per word, not
+  once per weight. Decode is instruction-bound as much as memory-bound (an H100 streams a Scout weight in
+  ~17 us; the math of the first version took ~45 instructions per packed word), so codes never go through an
+  int->float conversion: ``unpack`` 2 (bf16/fp16) ORs each nibble, left where one of three shifts puts it,
+  into the mantissa of 2**23 and feeds it straight to the FMA (one lop3 + one FMA per code, the 2**23 terms
+  summed per word row and subtracted once); ``unpack`` 1 (fp32 activations) adds one exact FMA per code to
+  remove the offset (:func:`_codes_minus`); ``unpack`` 0 is the ``1 + q / 16`` form (:func:`_unit_codes`).
+  K is split over programs so that even a 5120-wide output fills the GPU;
   the last program to finish a tile sums the splits in a fixed order (deterministic) and runs the epilogue,
   so a decode matmul is ONE launch (the MoE gate_up launch also applies the routing weight and SwiGLU).
 - ``_gemm_kernel`` (more rows), ``tl.dot`` in two forms: ``NIBBLE_DOTS`` (3-16 rows) reads each packed word
@@ -35,6 +40,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from scout_mm.kernels.moe import Routing, _tile
 
@@ -45,6 +51,11 @@ from scout_mm.kernels.moe import Routing, _tile
 # fp32 bits of 1.0: a code q placed in mantissa bits 19..22 reads as 1 + q / 16 (exact, 5 significant bits)
 ONE_BITS = tl.constexpr(0x3F800000)
 CODE_BITS = tl.constexpr(0x00780000)
+# fp32 bits of 2**23: a code q left at bits s..s+3 (s <= 16) of the mantissa reads as 2**23 + q * 2**s (exact)
+MAGIC_BITS = tl.constexpr(0x4B000000)
+# Compiled kernels do an and-then-or with two constants as ONE lop3 (inline PTX; LLVM + ptxas emit two
+# instructions for ``(v & mask) | bits``); the interpreter runs the plain expression.
+USE_ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 @triton.jit
@@ -80,6 +91,23 @@ def _row_layout(
 
 
 @triton.jit
+def _and_or(value, MASK: tl.constexpr, BITS: tl.constexpr):
+    """``(value & MASK) | BITS`` on int32 as one ``lop3`` (the constants travel in registers)."""
+    if USE_ASM:
+        mask = tl.full(value.shape, MASK, tl.int32)
+        bits = tl.full(value.shape, BITS, tl.int32)
+        return tl.inline_asm_elementwise(
+            "lop3.b32 $0, $1, $2, $3, 0xEA;",
+            "=r,r,r,r",
+            [value, mask, bits],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+    return (value & MASK) | BITS
+
+
+@triton.jit
 def _unit_codes(packed, j: tl.constexpr):
     """Nibble ``j`` of each packed word as the fp32 ``1 + q / 16``: one shift and one and-or (a single
     ``lop3``) put the code into mantissa bits 19..22 of 1.0 — no int->float conversion, no subtraction."""
@@ -87,7 +115,37 @@ def _unit_codes(packed, j: tl.constexpr):
         moved = packed << (19 - 4 * j)
     else:
         moved = packed >> (4 * j - 19)  # arithmetic shift: the sign bits land outside the mask
-    return ((moved & CODE_BITS) | ONE_BITS).to(tl.float32, bitcast=True)
+    return _and_or(moved, CODE_BITS, ONE_BITS).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _magic(words, MASK: tl.constexpr):
+    """The code under ``MASK`` (bits s..s+3) OR-ed into the mantissa of 2**23: the fp32 ``2**23 + q 2**s``."""
+    return _and_or(words, MASK, MAGIC_BITS).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rotate16(words):
+    """int32 words rotated by 16 bits (one funnel shift)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            "shf.l.wrap.b32 $0, $1, $1, 16;", "=r,r", [words], dtype=tl.int32, is_pure=True, pack=1
+        )
+    return (words << 16) | ((words >> 16) & 0xFFFF)
+
+
+@triton.jit
+def _codes_minus(packed, high, j: tl.constexpr, ZERO: tl.constexpr):
+    """Nibble ``j`` of each packed word as the exact fp32 ``q - ZERO`` without moving the nibble: codes 0..4
+    sit at bits 4j..4j+3 of ``packed``, codes 5..7 at bits 4j-12.. of ``high = packed >> 12``; one ``lop3``
+    ORs the bits into the mantissa of 2**23 (value ``2**23 + q 2**s``) and one FMA scales by ``2**-s`` and
+    subtracts ``2**(23-s) + ZERO`` (every step exact)."""
+    if j < 5:
+        magic = _and_or(packed, 0xF << (4 * j), MAGIC_BITS).to(tl.float32, bitcast=True)
+        return magic * (1.0 / (1 << (4 * j))) - ((1 << (23 - 4 * j)) + ZERO)
+    else:
+        magic = _and_or(high, 0xF << (4 * j - 12), MAGIC_BITS).to(tl.float32, bitcast=True)
+        return magic * (1.0 / (1 << (4 * j - 12))) - ((1 << (35 - 4 * j)) + ZERO)
 
 
 @triton.jit
@@ -121,6 +179,9 @@ def _gemv_columns(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    UNPACK: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    EVICT: tl.constexpr,
 ):
     """fp32 (BLOCK_M, BLOCK_N): rows ``a_rows`` of x times columns ``offs_n`` of one weight, over
     K in [k_begin, k_end). Pointers are already offset to the expert.
@@ -138,19 +199,82 @@ def _gemv_columns(
         # Decode: plain 2-D tiles (the 3-D form below would cost layout shuffles for nothing).
         x_row = x_ptr + tl.sum(a_rows, axis=0) * stride_x + words * 8  # (BLOCK_K // 8,)
         acc2 = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+        if PREFETCH:
+            first_mask = ((k_begin + words * 8) < k_end)[:, None] & n_ok[None, :]
+            packed_next = tl.load(
+                qw_ptrs + (k_begin // 8) * size_n, mask=first_mask, other=0, eviction_policy=EVICT
+            )
         for k0 in range(k_begin, k_end, BLOCK_K):
             first_k = k0 + words * 8
             row_ok = first_k < k_end
             mask = row_ok[:, None] & n_ok[None, :]
-            packed = tl.load(qw_ptrs + (k0 // 8) * size_n, mask=mask, other=0)
-            dot_f = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
-            x_sum = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
-            for j in tl.static_range(8):
-                xj = tl.load(x_row + k0 + j, mask=row_ok, other=0.0).to(tl.float32)
-                dot_f += xj[:, None] * _unit_codes(packed, j)
-                x_sum += xj
+            if PREFETCH:
+                # Registers double-buffer the weight stream: the next tile is in flight during this one's math.
+                packed = packed_next
+                next_mask = ((first_k + BLOCK_K) < k_end)[:, None] & n_ok[None, :]
+                packed_next = tl.load(qw_ptrs + ((k0 + BLOCK_K) // 8) * size_n, mask=next_mask, other=0,
+                                      eviction_policy=EVICT)  # fmt: skip
+            else:
+                packed = tl.load(qw_ptrs + (k0 // 8) * size_n, mask=mask, other=0, eviction_policy=EVICT)
             scale, zero = _group_params(s_ptrs, z_ptrs, first_k, size_n, mask, G, SYMMETRIC)
-            acc2 += scale * (16.0 * dot_f - (16.0 + zero) * x_sum[:, None])
+            dot = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+            x_sum = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
+            if UNPACK == 0:
+                for j in tl.static_range(8):
+                    xj = tl.load(x_row + k0 + j, mask=row_ok, other=0.0).to(tl.float32)
+                    dot += xj[:, None] * _unit_codes(packed, j)
+                    x_sum += xj
+                acc2 += scale * (16.0 * dot - (16.0 + zero) * x_sum[:, None])
+            elif UNPACK == 2:
+                # Codes left where three shifts put them, at mantissa bits 12..15 or 16..19 of 2**23: a code is
+                # one lop3 and one FMA. Each term x_j 2**-s (2**23 + q 2**s) carries x_j 2**(23-s), summed per
+                # word row once (``offset``, with the symmetric zero point) and subtracted up front. fp32 keeps
+                # ~15 bits of sum(x q) after that cancellation: for bf16/fp16 activations only.
+                words_a = packed  # codes 3 (s=12), 4 (s=16)
+                words_b = packed << 8  # codes 1 (s=12), 2 (s=16)
+                words_c = packed >> 8  # codes 5 (s=12), 6 (s=16)
+                words_d = _rotate16(packed)  # codes 7 (s=12), 0 (s=16)
+                x0 = tl.load(x_row + k0 + 0, mask=row_ok, other=0.0).to(tl.float32)
+                x1 = tl.load(x_row + k0 + 1, mask=row_ok, other=0.0).to(tl.float32)
+                x2 = tl.load(x_row + k0 + 2, mask=row_ok, other=0.0).to(tl.float32)
+                x3 = tl.load(x_row + k0 + 3, mask=row_ok, other=0.0).to(tl.float32)
+                x4 = tl.load(x_row + k0 + 4, mask=row_ok, other=0.0).to(tl.float32)
+                x5 = tl.load(x_row + k0 + 5, mask=row_ok, other=0.0).to(tl.float32)
+                x6 = tl.load(x_row + k0 + 6, mask=row_ok, other=0.0).to(tl.float32)
+                x7 = tl.load(x_row + k0 + 7, mask=row_ok, other=0.0).to(tl.float32)
+                x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+                offset = 2048.0 * ((x1 + x3) + (x5 + x7)) + 128.0 * ((x0 + x2) + (x4 + x6))
+                if SYMMETRIC:
+                    offset += 8.0 * x_sum
+                s12: tl.constexpr = 1.0 / 4096
+                s16: tl.constexpr = 1.0 / 65536
+                dot = (x0 * s16)[:, None] * _magic(words_d, 0xF0000) - offset[:, None]
+                dot += (x1 * s12)[:, None] * _magic(words_b, 0xF000)
+                dot += (x2 * s16)[:, None] * _magic(words_b, 0xF0000)
+                dot += (x3 * s12)[:, None] * _magic(words_a, 0xF000)
+                dot += (x4 * s16)[:, None] * _magic(words_a, 0xF0000)
+                dot += (x5 * s12)[:, None] * _magic(words_c, 0xF000)
+                dot += (x6 * s16)[:, None] * _magic(words_c, 0xF0000)
+                dot += (x7 * s12)[:, None] * _magic(words_d, 0xF000)
+                if SYMMETRIC:
+                    acc2 += scale * dot
+                else:
+                    acc2 += scale * (dot - zero * x_sum[:, None])
+            else:
+                # Codes read in place (_codes_minus): symmetric weights subtract the zero point 8 inside the
+                # conversion, so per code it is one lop3 and two FMAs and no sum of x is kept.
+                high = packed >> 12
+                for j in tl.static_range(8):
+                    xj = tl.load(x_row + k0 + j, mask=row_ok, other=0.0).to(tl.float32)
+                    if SYMMETRIC:
+                        dot += xj[:, None] * _codes_minus(packed, high, j, 8)
+                    else:
+                        dot += xj[:, None] * _codes_minus(packed, high, j, 0)
+                        x_sum += xj
+                if SYMMETRIC:
+                    acc2 += scale * dot
+                else:
+                    acc2 += scale * (dot - zero * x_sum[:, None])
         out = tl.sum(acc2, axis=0)[None, :]  # (1, BLOCK_N)
     else:
         x_ptrs = x_ptr + a_rows[:, None] * stride_x + words[None, :] * 8  # (BLOCK_M, BLOCK_K // 8)
@@ -205,12 +329,21 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     FUSED_SPLIT: tl.constexpr,
+    UNPACK: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    EVICT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One launch per matmul. With K split over programs (FUSED_SPLIT), every program stores its fp32
     partial, and the last program to arrive at a (row block, column tile) — counted with an atomic — sums
     the partials in split order (deterministic) and runs the epilogue: the cast (MODE 0) or the routing
     weight + SwiGLU (MODE 1, where a program computes gate columns n and up columns N/2 + n together).
     MODE 2 stores the partials for :func:`_sum_rows_kernel`, which also sums the top-k slots."""
+    if PDL:
+        # Programmatic dependent launch: let the next kernel's programs start as ours finish, and wait for the
+        # previous kernel (its x, and the counters / buffers it may still use) before touching anything.
+        gdc_launch_dependents()
+        gdc_wait()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -228,10 +361,10 @@ def _gemv_kernel(
     sp = s_ptr + expert * stride_se
     zp = z_ptr + expert * stride_se
     out = _gemv_columns(x_ptr, qw, sp, zp, offs_n, n_ok, a_rows, k_begin, k_end, size_n, stride_x,
-                        G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                        G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, UNPACK, PREFETCH, EVICT)  # fmt: skip
     if MODE == 1:
         up = _gemv_columns(x_ptr, qw, sp, zp, offs_n + n_cols, n_ok, a_rows, k_begin, k_end, size_n, stride_x,
-                           G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                           G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, UNPACK, PREFETCH, EVICT)  # fmt: skip
     else:
         up = out
     if MODE == 2:
@@ -465,10 +598,13 @@ def _dequant_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _gemv(block_n, block_k, warps, stages, occupancy):
-    """occupancy: programs per SM the K split aims for."""
+def _gemv(block_n, block_k, warps, stages, occupancy, unpack=1, prefetch=False, evict="", pdl=False):
+    """occupancy: programs per SM the K split aims for; unpack: 0 = codes as 1 + q/16 (shift + lop3 + FMA,
+    sum of x per word), 1 = codes read in place (lop3 + 2 FMAs, :func:`_codes_minus`); prefetch: the next
+    weight tile is loaded before this one's math (register double buffer); evict: eviction policy of the
+    weight loads ("" or "evict_first"); pdl: programmatic dependent launch (Hopper)."""
     return {"kind": "gemv", "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages,
-            "occupancy": occupancy}  # fmt: skip
+            "occupancy": occupancy, "unpack": unpack, "prefetch": prefetch, "evict": evict, "pdl": pdl}  # fmt: skip
 
 
 def _gemm(block_m, block_n, block_k, warps, stages, occupancy=0, group_m=8, nibble_dots=False):
@@ -485,8 +621,9 @@ def _gemm(block_m, block_n, block_k, warps, stages, occupancy=0, group_m=8, nibb
 # MoE: dequantise all experts + the bf16 fused MoE from this many rows per expert (measured faster at 256
 # rows/expert, slower at 32).
 TUNED = {
-    "gemv": _gemv(32, 512, 4, 3, 8),  # 2026-11-24 sweep: best sum over the two Scout shapes (27.1 + 17.5 us)
-    "gemm_small": _gemm(16, 128, 128, 4, 3, occupancy=2, nibble_dots=True),  # rows <= 16
+    # 2026-11-24 sweep #2 (bench/results/int4_gemv_h100.md): best sum over the two Scout shapes, 22.7 + 13.3 us
+    "gemv": _gemv(64, 256, 4, 1, 4, unpack=2, prefetch=True, evict="evict_first"),
+    "gemm_small": _gemm(16, 256, 128, 8, 3, occupancy=4, nibble_dots=True),  # rows <= 16; 44.1 + 31.3 us
     "gemm_medium": _gemm(64, 64, 128, 4, 4, occupancy=2),  # rows <= 128
     "gemm_large": _gemm(128, 256, 64, 8, 3),
     "GEMV_MAX_ROWS": 2,
@@ -495,7 +632,7 @@ TUNED = {
 }
 
 INTERPRET = {
-    "gemv": _gemv(16, 64, 4, 1, 4),
+    "gemv": _gemv(16, 64, 4, 1, 4, unpack=2, prefetch=True),
     "gemm_small": _gemm(16, 16, 128, 4, 1, occupancy=2, nibble_dots=True),
     "gemm_medium": _gemm(16, 32, 32, 4, 1, occupancy=1),
     "gemm_large": _gemm(32, 32, 32, 4, 1),
@@ -540,7 +677,12 @@ def _split(
 
 
 def _launch_opts(cfg: dict) -> dict:
-    return {} if _interpreting() else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if _interpreting():
+        return {}
+    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if cfg.get("pdl"):
+        opts["launch_pdl"] = True
+    return opts
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -623,12 +765,17 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
         stride_split, stride_out = (out.stride(0), out.stride(1)) if mode == 2 else (0, out.stride(0))
     z = zeros if zeros is not None else scales
     weights = routing_weights if routing_weights is not None else scales
+    unpack = cfg.get("unpack", 1)
+    if unpack == 2 and x.dtype == torch.float32:
+        unpack = 1  # the in-place FMA-only unpack keeps ~15 bits: too few for fp32 activations
     _gemv_kernel[(n_tiles, num_row_blocks, split_k)](
         x, qweight, scales, z, out, part, counters, weights, sorted_rows, block_expert, m_rows, size_n, n_rows,
         top_k, n_groups, per_split, split_k, x.stride(0), qweight.stride(0) if qweight.dim() == 3 else 0,
         scales.stride(0) if scales.dim() == 3 else 0, stride_split, stride_out,
         G=group_size, MODE=mode, SYMMETRIC=zeros is None, ROUTE_BLOCK=route_block, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, FUSED_SPLIT=fused, **_launch_opts(cfg),
+        BLOCK_N=block_n, BLOCK_K=block_k, FUSED_SPLIT=fused, UNPACK=unpack,
+        PREFETCH=cfg.get("prefetch", False), EVICT=cfg.get("evict", ""), PDL=cfg.get("pdl", False) and not _interpreting(),
+        **_launch_opts(cfg),
     )  # fmt: skip
     return out
 
