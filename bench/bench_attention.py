@@ -501,31 +501,16 @@ def _spread_case(seq, chunk, variants, rounds):
 
 
 # Forward variants timed by --variants: (BLOCK_M, BLOCK_N, warps, stages, K/V descriptors, diagonal in the bulk
-# loop, lazy rescaling, one exp2 in four by a polynomial). The first of each list is the config shipped before.
+# loop, one exp2 in four by a polynomial). The first of each list is the config shipped before. Session 3 also
+# timed lazy rescaling and (64, 64) tiles with 4 warps (two programs per SM): slower (attention_h100.md).
 FWD_CANDIDATES = {
-    "fwd": [
-        (128, 128, 8, 3, True, False),
-        (128, 128, 8, 3, True, False, True, False),
-        (128, 128, 8, 3, True, False, False, True),
-        (128, 128, 8, 3, True, False, True, True),
-        (128, 128, 8, 3, True, True, True, True),
-        (64, 64, 4, 3, True, False, False, False),
-        (64, 64, 4, 3, True, False, True, True),
-    ],
-    "fwd_chunked": [
-        (128, 128, 8, 3, True, True),
-        (128, 128, 8, 3, True, True, True, False),
-        (128, 128, 8, 3, True, True, False, True),
-        (128, 128, 8, 3, True, True, True, True),
-        (128, 128, 8, 3, True, False, True, True),
-        (64, 64, 4, 3, True, False, False, False),
-        (64, 64, 4, 3, True, False, True, True),
-    ],
+    "fwd": [(128, 128, 8, 3, True, False), (128, 128, 8, 3, True, False, True)],
+    "fwd_chunked": [(128, 128, 8, 3, True, True), (128, 128, 8, 3, True, True, True)],
 }
-# Backward dK/dV variants: (BLOCK_M, BLOCK_N, warps, stages, dQ fused by atomics, atomics as bulk tensor
-# reductions). The first is the config shipped before (separate dQ kernel).
-BWD_CANDIDATES = [(64, 128, 8, 3), (64, 128, 8, 3, True, False), (64, 128, 8, 3, True, True),
-                  (64, 128, 8, 2, True, True)]  # fmt: skip
+# Backward dK/dV configs (BLOCK_M, BLOCK_N, warps, stages), timed as fwd+bwd beside cuDNN and FA2. Session 3 also
+# timed dQ fused into this kernel by fp32 atomics (pointer atomics and bulk tensor reductions, commit 71f2782):
+# 3-7% slower, removed (bench/results/attention_h100.md).
+BWD_CANDIDATES = [(64, 128, 8, 3)]
 
 
 def _interleaved(label, fns, work, rounds, budget_s=0.25):
@@ -553,7 +538,7 @@ def _interleaved(label, fns, work, rounds, budget_s=0.25):
     return medians
 
 
-def variants(rounds: int = 3):
+def variants(rounds: int = 5):
     """Forward and backward kernel variants beside cuDNN and FA2, in interleaved rounds; the fastest median of
     each kind is applied to this process (the printed APPLIED lines are what flash_attention.py should hold).
     Every variant's output (and gradients) is first checked against the shipped config's."""

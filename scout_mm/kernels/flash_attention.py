@@ -115,7 +115,7 @@ def _mask_scores(qk, cols, t, t_start):
 def _fwd_inner(
     acc, l_i, m_i, q, K, V, stride_kn, stride_vn, t, t_start, start, stop, key_end, mask_from, qk_scale,
     dims, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_DESC: tl.constexpr, DIAG_IN_LOOP: tl.constexpr,
-    LAZY: tl.constexpr, POLY: tl.constexpr,
+    POLY: tl.constexpr,
 ):  # fmt: skip
     # USE_DESC: K and V are tensor descriptors (copy-engine loads; rows past the last query's key read as
     # zeros), else pointers. DIAG_IN_LOOP (descriptors only): blocks from mask_from on are masked inside
@@ -138,33 +138,18 @@ def _fwd_inner(
                 qk = _mask_scores(qk, cols, t, t_start)
         # m_i starts finite (-1e30), so a row with nothing visible yet keeps p = 0 and alpha = 1, not NaN.
         # The scale folds into one FMA per score: exp2(qk * scale - m).
-        m_blk = tl.max(qk, 1) * qk_scale
-        if LAZY:
-            # Rescale only when some row's maximum grew by more than 8 (log2 units): until then the row
-            # keeps its older, smaller maximum and p = exp2(s - m) <= 256, exact enough in fp32 and bf16.
-            # Saves the (BLOCK_M, HEAD_DIM) multiply of acc in nearly every block after the first.
-            if tl.max(m_blk - m_i, 0) > 8.0:
-                m_new = tl.maximum(m_i, m_blk)
-                alpha = tl.math.exp2(m_i - m_new)
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_new
-            p = _exp2(qk * qk_scale - m_i[:, None], POLY)
-            l_i += tl.sum(p, 1)
-        else:
-            m_new = tl.maximum(m_i, m_blk)
-            p = _exp2(qk * qk_scale - m_new[:, None], POLY)
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            m_i = m_new
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = _exp2(qk * qk_scale - m_new[:, None], POLY)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
         if USE_DESC:
             v = V.load([start_n, 0])
         elif MASKED:
             v = tl.load(V + cols[:, None] * stride_vn + dims[None, :], mask=in_range[:, None], other=0.0)
         else:
             v = tl.load(V + cols[:, None] * stride_vn + dims[None, :])
-        acc = tl.dot(p.to(v.dtype), v, acc)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -176,8 +161,7 @@ def _fwd_kernel(
     n_heads, q_len, q_start, chunk_size, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNKED: tl.constexpr, HAS_Q_SCALE: tl.constexpr, HAS_KV_START: tl.constexpr,
-    USE_DESC: tl.constexpr, DIAG_IN_LOOP: tl.constexpr, LAZY: tl.constexpr,
-    POLY: tl.constexpr,
+    USE_DESC: tl.constexpr, DIAG_IN_LOOP: tl.constexpr, POLY: tl.constexpr,
 ):  # fmt: skip
     # Latest query blocks (the most keys under a causal mask) start first: a shorter tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -216,15 +200,15 @@ def _fwd_kernel(
     # Masked blocks where the range starts (chunk start / padding edge), then the blocks every query sees
     # in full, then the masked diagonal (in the same loop with DIAG_IN_LOOP).
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, t, t_start, lo, mid_lo, hi, hi,
-                               qk_scale, dims, BLOCK_N, True, USE_DESC, False, LAZY, POLY)  # fmt: skip
+                               qk_scale, dims, BLOCK_N, True, USE_DESC, False, POLY)  # fmt: skip
     if DIAG_IN_LOOP:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, t, t_start, mid_lo, hi, hi, mid_hi,
-                                   qk_scale, dims, BLOCK_N, False, USE_DESC, True, LAZY, POLY)  # fmt: skip
+                                   qk_scale, dims, BLOCK_N, False, USE_DESC, True, POLY)  # fmt: skip
     else:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, t, t_start, mid_lo, mid_hi, hi, hi,
-                                   qk_scale, dims, BLOCK_N, False, USE_DESC, False, LAZY, POLY)  # fmt: skip
+                                   qk_scale, dims, BLOCK_N, False, USE_DESC, False, POLY)  # fmt: skip
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, t, t_start, mid_hi, hi, hi, hi,
-                                   qk_scale, dims, BLOCK_N, True, USE_DESC, False, LAZY, POLY)  # fmt: skip
+                                   qk_scale, dims, BLOCK_N, True, USE_DESC, False, POLY)  # fmt: skip
     empty = m_i == -1.0e30  # padding query rows: no visible key raised the maximum
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -340,9 +324,9 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, Q, DOut, Lse, Delta, QScale, DQ, stride_qm, stride_dm, q_len, q_start, cols, kv0,
-    chunk_size, start, stop, qk_scale, dims, BLOCK_M: tl.constexpr, CHUNKED: tl.constexpr,
-    HAS_Q_SCALE: tl.constexpr, MASKED: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_DESC: tl.constexpr,
+    dk, dv, k, v, Q, DOut, Lse, Delta, QScale, stride_qm, stride_dm, q_len, q_start, cols, kv0, chunk_size,
+    start, stop, qk_scale, dims, BLOCK_M: tl.constexpr, CHUNKED: tl.constexpr, HAS_Q_SCALE: tl.constexpr,
+    MASKED: tl.constexpr,
 ):  # fmt: skip
     # Transposed scores (keys x queries), so that dK/dV accumulate in the program's own rows.
     for start_m in range(start, stop, BLOCK_M):
@@ -360,32 +344,20 @@ def _dkdv_inner(
             p_t = tl.where(visible, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         dp_t = tl.dot(v, tl.trans(do))
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk = tl.dot(ds_t, q, dk)
-        if FUSED_DQ:
-            # This key block's share of dQ, added into the fp32 accumulator of (bh, rows) (unscaled; the
-            # finishing kernel applies the softmax scale and q_scale).
-            dq = tl.dot(tl.trans(ds_t), k)
-            if DQ_DESC:  # a bulk reduction by the copy engine (rows past q_len are clipped)
-                DQ.atomic_add([start_m, 0], dq)
-            else:
-                tl.atomic_add(DQ + rows[:, None] * dq.shape[1] + dims[None, :], dq, mask=row_ok[:, None],
-                              sem="relaxed")  # fmt: skip
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DOut, DK, DV, Lse, Delta, QScale, KVStart, DQAcc,
+    Q, K, V, DOut, DK, DV, Lse, Delta, QScale, KVStart,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_db, stride_dh, stride_dm, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     n_heads, n_kv_heads, q_len, kv_len, q_start, chunk_size, qk_scale, sm_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHUNKED: tl.constexpr, HAS_Q_SCALE: tl.constexpr, HAS_KV_START: tl.constexpr, FUSED_DQ: tl.constexpr,
-    DQ_DESC: tl.constexpr,
+    CHUNKED: tl.constexpr, HAS_Q_SCALE: tl.constexpr, HAS_KV_START: tl.constexpr,
 ):  # fmt: skip
-    # FUSED_DQ: dQ too, atomically added into DQAcc (fp32, (batch * n_heads, q_len, HEAD_DIM)), so that the
-    # scores and dP are computed once for all three gradients instead of again in a dQ kernel.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_kv_heads
@@ -426,44 +398,20 @@ def _bwd_dkdv_kernel(
         Qh = Q + b64 * stride_qb + h * stride_qh
         DOh = DOut + b64 * stride_db + h * stride_dh
         QS = QScale + b64 * q_len
-        DQh = DQAcc + bh * q_len * HEAD_DIM
-        if FUSED_DQ and DQ_DESC:
-            DQh = tl.make_tensor_descriptor(DQh, shape=[q_len, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                            block_shape=[BLOCK_M, HEAD_DIM])  # fmt: skip
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, Lse + bh * q_len, Delta + bh * q_len, QS, DQh,
-                             stride_qm, stride_dm, q_len, q_start, cols, kv0, chunk_size, r_lo, mid_lo, qk_scale,
-                             dims, BLOCK_M, CHUNKED, HAS_Q_SCALE, True, FUSED_DQ, DQ_DESC)  # fmt: skip
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, Lse + bh * q_len, Delta + bh * q_len, QS, DQh,
-                             stride_qm, stride_dm, q_len, q_start, cols, kv0, chunk_size, mid_lo, mid_hi,
-                             qk_scale, dims, BLOCK_M, CHUNKED, HAS_Q_SCALE, False, FUSED_DQ, DQ_DESC)  # fmt: skip
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, Lse + bh * q_len, Delta + bh * q_len, QS, DQh,
-                             stride_qm, stride_dm, q_len, q_start, cols, kv0, chunk_size, mid_hi, r_hi, qk_scale,
-                             dims, BLOCK_M, CHUNKED, HAS_Q_SCALE, True, FUSED_DQ, DQ_DESC)  # fmt: skip
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, Lse + bh * q_len, Delta + bh * q_len, QS, stride_qm,
+                             stride_dm, q_len, q_start, cols, kv0, chunk_size, r_lo, mid_lo, qk_scale, dims,
+                             BLOCK_M, CHUNKED, HAS_Q_SCALE, True)  # fmt: skip
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, Lse + bh * q_len, Delta + bh * q_len, QS, stride_qm,
+                             stride_dm, q_len, q_start, cols, kv0, chunk_size, mid_lo, mid_hi, qk_scale, dims,
+                             BLOCK_M, CHUNKED, HAS_Q_SCALE, False)  # fmt: skip
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, Lse + bh * q_len, Delta + bh * q_len, QS, stride_qm,
+                             stride_dm, q_len, q_start, cols, kv0, chunk_size, mid_hi, r_hi, qk_scale, dims,
+                             BLOCK_M, CHUNKED, HAS_Q_SCALE, True)  # fmt: skip
     dk *= sm_scale
     tl.store(DK + b64 * stride_dkb + kv_h * stride_dkh + cols[:, None] * stride_dkn + dims[None, :],
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None])  # fmt: skip
     tl.store(DV + b64 * stride_dvb + kv_h * stride_dvh + cols[:, None] * stride_dvn + dims[None, :],
              dv.to(DV.dtype.element_ty), mask=col_ok[:, None])  # fmt: skip
-
-
-@triton.jit
-def _bwd_dq_finish_kernel(
-    DQAcc, DQ, QScale, stride_dqb, stride_dqh, stride_dqm, n_heads, q_len, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_Q_SCALE: tl.constexpr,
-):  # fmt: skip
-    # dQ = scale * q_scale * (the fused dK/dV kernel's fp32 sum), in the input dtype.
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = pid_bh % n_heads
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, HEAD_DIM)
-    row_ok = rows < q_len
-    acc_ptrs = DQAcc + pid_bh.to(tl.int64) * q_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
-    dq = tl.load(acc_ptrs, mask=row_ok[:, None], other=0.0) * sm_scale
-    if HAS_Q_SCALE:
-        dq *= tl.load(QScale + b * q_len + rows, mask=row_ok, other=1.0)[:, None]
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + dims[None, :]
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -573,9 +521,9 @@ def _forward(q, k, v, scale, chunk_size, q_start, kv_start, q_scale, config=None
     out = torch.empty(batch, n_heads, q_len, head_dim, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, n_heads, q_len, device=q.device, dtype=torch.float32)
     kind = "fwd_chunked" if chunk_size is not None else "fwd"
-    block_m, block_n, num_warps, num_stages, use_desc, diag_in_loop, lazy, poly = (
-        tuple(config or _config(kind, head_dim, q.device)) + (False,) * 4
-    )[:8]
+    block_m, block_n, num_warps, num_stages, use_desc, diag_in_loop, poly = (
+        tuple(config or _config(kind, head_dim, q.device)) + (False,) * 3
+    )[:7]
     poly = poly and q.is_cuda  # inline PTX: not under the CPU interpreter
     use_desc = use_desc and _descriptors_fit(k, v)
     diag_in_loop = (
@@ -591,7 +539,7 @@ def _forward(q, k, v, scale, chunk_size, q_start, kv_start, q_scale, config=None
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         n_heads, q_len, q_start, chunk_size or 1, scale * _LOG2E,
         GROUP=n_heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        USE_DESC=use_desc, DIAG_IN_LOOP=diag_in_loop, LAZY=lazy, POLY=poly,
+        USE_DESC=use_desc, DIAG_IN_LOOP=diag_in_loop, POLY=poly,
         num_warps=num_warps, num_stages=num_stages, **flags,
     )  # fmt: skip
     return out, lse
@@ -613,33 +561,15 @@ def _backward(dout, q, k, v, out, lse, scale, chunk_size, q_start, kv_start, q_s
     dv = torch.empty_like(v)
     flags, q_scale_arg, kv_start_arg = _flags(chunk_size, kv_start, q_scale, lse)
     common = dict(GROUP=n_heads // n_kv_heads, HEAD_DIM=head_dim, **flags)
-    block_m, block_n, num_warps, num_stages, fused_dq, dq_desc = (
-        tuple(configs.get("dkdv") or _config("dkdv", head_dim, q.device)) + (False, False)
-    )[:6]
-    dq_desc = fused_dq and dq_desc and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
-    dq_acc = (
-        torch.zeros(batch * n_heads, q_len, head_dim, device=q.device, dtype=torch.float32)
-        if fused_dq
-        else lse
-    )
-    if dq_desc:
-        _set_descriptor_allocator()
+    block_m, block_n, num_warps, num_stages = configs.get("dkdv") or _config("dkdv", head_dim, q.device)
     _bwd_dkdv_kernel[(triton.cdiv(kv_len, block_n), batch * n_kv_heads)](
-        q, k, v, dout, dk, dv, lse, delta, q_scale_arg, kv_start_arg, dq_acc,
+        q, k, v, dout, dk, dv, lse, delta, q_scale_arg, kv_start_arg,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         n_heads, n_kv_heads, q_len, kv_len, q_start, chunk_size or 1, scale * _LOG2E, scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, FUSED_DQ=fused_dq, DQ_DESC=dq_desc, num_warps=num_warps,
-        num_stages=num_stages, **common,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common,
     )  # fmt: skip
-    if fused_dq:
-        block_m = 64 if q.is_cuda else 16
-        _bwd_dq_finish_kernel[(triton.cdiv(q_len, block_m), batch * n_heads)](
-            dq_acc, dq, q_scale_arg, dq.stride(0), dq.stride(1), dq.stride(2), n_heads, q_len, scale,
-            HEAD_DIM=head_dim, BLOCK_M=block_m, HAS_Q_SCALE=flags["HAS_Q_SCALE"],
-        )  # fmt: skip
-        return dq, dk, dv
     block_m, block_n, num_warps, num_stages = configs.get("dq") or _config("dq", head_dim, q.device)
     _bwd_dq_kernel[(triton.cdiv(q_len, block_m), batch * n_heads)](
         q, k, v, dout, dq, lse, delta, q_scale_arg, kv_start_arg,
