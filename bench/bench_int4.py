@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
+import sys
 import time
 import traceback
 import warnings
@@ -32,6 +33,7 @@ import warnings
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from scout_mm.kernels import int4
 from scout_mm.kernels.int4 import _gemm, _gemv
@@ -41,6 +43,7 @@ HIDDEN, INTER, EXPERTS, GROUP = 5120, 8192, 16, 128
 LINEAR_SHAPES = [(16384, 5120), (5120, 8192)]  # (N, K)
 ROWS = [1, 16, 64, 4096]
 TOKENS = [1, 16, 64, 512, 4096]
+SHIPPED_GEMV = dict(int4.TUNED["gemv"])  # TUNED["gemv"] at import, before any --adopt-tuned
 
 
 def _gemv_candidates():
@@ -62,6 +65,17 @@ def _gemv_candidates():
     for bn, bk, occ in ((32, 512, 8), (64, 256, 4), (64, 512, 4)):
         for evict, pdl in (("evict_first", False), ("", True), ("evict_first", True)):
             out.append(_gemv(bn, bk, 4, 1, occ, unpack=2, prefetch=True, evict=evict, pdl=pdl))
+    return out
+
+
+def _pipe_candidates():
+    """M=1 sweep of the pipelined loaders (cp.async = 1, TMA = 2): tile x stages x occupancy, unpack 2, with
+    the shipped config first as the anchor of the same run."""
+    out = [dict(int4.TUNED["gemv"])]
+    for bn, bk, warps in ((64, 256, 4), (128, 128, 4), (128, 256, 4), (256, 128, 8), (32, 512, 4), (64, 512, 8)):
+        for stages, occ in ((3, 4), (5, 2), (4, 2), (3, 8)):
+            out.append(_gemv(bn, bk, warps, stages, occ, unpack=2, loader=2))
+        out.append(_gemv(bn, bk, warps, 4, 4, unpack=2, loader=1))
     return out
 
 
@@ -214,8 +228,35 @@ def _stream_kernel(qw_ptr, out_ptr, size_n, n_words, words_per_split, BLOCK_R: t
     tl.store(out_ptr + tl.program_id(2) * size_n + offs_n, tl.xor_sum(acc, axis=0), mask=offs_n < size_n)
 
 
-STREAM_TILES = [(32, 512, 4, 8), (64, 256, 4, 4), (64, 512, 4, 4), (32, 1024, 4, 8), (128, 128, 4, 4),
-                (128, 256, 8, 4), (256, 64, 4, 4), (256, 128, 8, 1), (64, 256, 4, 16)]  # fmt: skip
+@triton.jit
+def _stream_pipe_kernel(qw_ptr, qw_desc, out_ptr, size_n, n_words, words_per_split, BLOCK_R: tl.constexpr,
+                        BLOCK_N: tl.constexpr, LOADER: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+    """The memory side of the pipelined GEMV loaders (``int4._gemv_columns`` LOADER 1 / 2): the same grid as
+    :func:`_stream_kernel`, tiles read in a ``tl.range(num_stages=STAGES)`` loop, by pointer loads (which the
+    pipeliner makes ``cp.async``) or through a tensor descriptor (TMA), XOR-ed, no math."""
+    n0 = tl.program_id(0) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_R)
+    begin = tl.program_id(2) * words_per_split
+    end = tl.minimum(begin + words_per_split, n_words)
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.int32)
+    for r0 in tl.range(begin, end, BLOCK_R, num_stages=STAGES):
+        if LOADER == 2:
+            acc ^= qw_desc.load([r0, n0])
+        else:
+            mask = ((r0 + rows) < end)[:, None] & (offs_n < size_n)[None, :]
+            acc ^= tl.load(qw_ptr + (r0 + rows)[:, None] * size_n + offs_n[None, :], mask=mask, other=0)
+    tl.store(out_ptr + tl.program_id(2) * size_n + offs_n, tl.xor_sum(acc, axis=0), mask=offs_n < size_n)
+
+
+# (BLOCK_N, BLOCK_K, warps, occupancy, stages) of the pipelined probe; occupancy 1-2 = one long stream per
+# program and SM (a persistent-like grid), 4-8 = the present GEMV's grid
+PIPE_TILES = [(32, 512, 4, 8, 3), (64, 256, 4, 4, 3), (64, 256, 4, 4, 5), (64, 256, 4, 2, 5), (128, 128, 4, 4, 4),
+              (128, 256, 4, 2, 4), (128, 256, 4, 1, 6), (128, 256, 4, 4, 3), (256, 128, 8, 2, 4),
+              (256, 128, 8, 1, 6), (64, 512, 4, 2, 4), (256, 256, 8, 1, 3)]  # fmt: skip
+
+# the register-load stream's best tiles of the 2026-11-24 sweep (bench/results/int4_gemv_h100.md, run 1)
+STREAM_TILES = [(32, 512, 4, 8), (64, 256, 4, 4), (64, 256, 4, 16)]
 
 
 def section_probe(rows_out):
@@ -259,8 +300,42 @@ def section_probe(rows_out):
                 rows_out.append(f"| {size_n}x{size_k} | stream{' evict_first' if evict else ''} | "
                                 f"({bn}, {bk}, {warps}, {occ}) | {n_tiles * split_k} | {t:.1f} | {nbytes / t / 1e6:.2f} |")  # fmt: skip
                 print(rows_out[-1], flush=True)
+        for bn, bk, warps, occ, stages in PIPE_TILES:
+            for loader in (1, 2):
+                n_tiles = triton.cdiv(size_n, bn)
+                split_k, per_split = int4._split(n_groups, n_tiles, occ, bk, GROUP, torch.device("cuda"))
+                out = torch.empty(split_k, size_n, dtype=torch.int32, device="cuda")
+                descs = rotating([TensorDescriptor(w, [size_k // 8, size_n], [size_n, 1], [bk // 8, bn]) for w in weights])
+                pick_w = rotating(weights)
+
+                def run_pipe(bn=bn, bk=bk, warps=warps, stages=stages, loader=loader, split_k=split_k,
+                             per_split=per_split, out=out, pick_w=pick_w, descs=descs, n_tiles=n_tiles, size_n=size_n,
+                             size_k=size_k):  # fmt: skip
+                    _stream_pipe_kernel[(n_tiles, 1, split_k)](pick_w(), descs(), out, size_n, size_k // 8,
+                                                               per_split * GROUP // 8, BLOCK_R=bk // 8, BLOCK_N=bn,
+                                                               LOADER=loader, STAGES=stages, num_warps=warps)  # fmt: skip
+
+                try:
+                    t = graph_us(run_pipe)
+                except Exception as e:
+                    rows_out.append(f"| {size_n}x{size_k} | {('cp.async', 'TMA')[loader - 1]} x{stages} | "
+                                    f"({bn}, {bk}, {warps}, {occ}) | | failed: {type(e).__name__} | |")  # fmt: skip
+                    print(rows_out[-1], e, flush=True)
+                    continue
+                rows_out.append(f"| {size_n}x{size_k} | {('cp.async', 'TMA')[loader - 1]} x{stages} | "
+                                f"({bn}, {bk}, {warps}, {occ}) | {n_tiles * split_k} | {t:.1f} | {nbytes / t / 1e6:.2f} |")  # fmt: skip
+                print(rows_out[-1], flush=True)
         del weights
         torch.cuda.empty_cache()
+
+
+def _select_candidates(which: str) -> None:
+    """``--candidates pipe``: the M=1 sweep is the pipelined loaders plus the shipped config, M=16 is not
+    swept (its kernel did not change)."""
+    global TUNE_ROWS
+    if which == "pipe":
+        CANDIDATES[1] = _pipe_candidates()
+        TUNE_ROWS = [1]
 
 
 def _cfg_str(cfg):
@@ -270,7 +345,7 @@ def _cfg_str(cfg):
     kind = "gemm-nibble" if cfg.get("nibble_dots") else cfg["kind"]
     flags = ""
     if cfg["kind"] == "gemv":
-        flags = f" u{cfg.get('unpack', 1)}" + " prefetch" * bool(cfg.get("prefetch")) + (
+        flags = f" u{cfg.get('unpack', 1)}" + ("", " cp.async", " TMA")[cfg.get("loader", 0)] + " prefetch" * bool(cfg.get("prefetch")) + (
             f" {cfg['evict']}" if cfg.get("evict") else "") + " pdl" * bool(cfg.get("pdl"))  # fmt: skip
     return kind + "(" + ",".join(str(cfg[k]) for k in keys if k in cfg) + ")" + flags
 
@@ -350,6 +425,12 @@ def section_moe(rows_out):
         t_ours = graph_us(
             lambda x=x, w=weights, p=pick_b: int4.int4_moe_experts(x, w, p(), gate_up, down, GROUP)
         )
+        if tokens <= int4.TUNED["GEMV_MAX_ROWS"] and int4.TUNED["gemv"] != SHIPPED_GEMV:
+            t_old = graph_us(lambda x=x, w=weights, p=pick_b: int4.int4_moe_experts(
+                x, w, p(), gate_up, down, GROUP, config=SHIPPED_GEMV))  # fmt: skip
+            rows_out.append(f"| {tokens} | (the shipped {_cfg_str(SHIPPED_GEMV)}, same run) | | {t_old:.1f} | "
+                            f"{touched * expert_bytes / t_old / 1e6:.2f} | ours adopted / shipped: {t_old / t_ours:.2f}x | |")  # fmt: skip
+            print(rows_out[-1], flush=True)
         t_deq = "-"
         if tokens >= 512:
             t_deq = graph_us(
@@ -625,7 +706,16 @@ def main() -> None:
         action="store_true",
         help="the tune section's winners replace TUNED in this process for the later sections",
     )
+    parser.add_argument("--candidates", default="all", help="all | pipe: the M=1 tune sweep (see _select_candidates)")
+    parser.add_argument("--rows", default=None, help="linear section: comma-separated M (default 1,16,64,4096)")
+    parser.add_argument("--tokens", default=None, help="moe section: comma-separated T (default 1,16,64,512,4096)")
     args = parser.parse_args()
+    _select_candidates(args.candidates)
+    global ROWS, TOKENS
+    if args.rows:
+        ROWS = [int(v) for v in args.rows.split(",")]
+    if args.tokens:
+        TOKENS = [int(v) for v in args.tokens.split(",")]
     if args.warm:
         shard, n_shards = (int(v) for v in args.warm.split("/"))
         section_tune([], warm=(shard, n_shards))
@@ -633,7 +723,7 @@ def main() -> None:
     rows = [f"# Int4 W4A16 kernels on {torch.cuda.get_device_name()}", "",
             f"Date {datetime.date.today()}, torch {torch.__version__}, triton "
             f"{__import__('triton').__version__}. Command: `PYTHONPATH=. python bench/bench_int4.py "
-            f"--sections {args.sections}`"]  # fmt: skip
+            f"{' '.join(sys.argv[1:])}`"]  # fmt: skip
     sections = {"tune": lambda rows: section_tune(rows, adopt=args.adopt_tuned), "probe": section_probe,
                 "linear": section_linear, "moe": section_moe, "scout": section_scout,
                 "profile": section_profile}  # fmt: skip

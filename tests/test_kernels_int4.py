@@ -108,6 +108,34 @@ def test_gemv_unpack_variants(int4, unpack, prefetch, symmetric):
         assert rel(int4.int4_linear(x, *weight, 32, config=cfg), ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("loader", [1, 2], ids=["cp_async", "tma"])
+@pytest.mark.parametrize("unpack", [0, 1, 2])
+def test_gemv_pipelined_loaders(int4, loader, unpack):
+    # The tl.range-pipelined weight loads (pointer loads / tensor descriptor): ragged N, a half-masked last K
+    # tile (K = 5 groups in 2-group tiles), K splits, asymmetric and symmetric, and the MoE decode path (gate_up
+    # with SwiGLU, down) whose descriptor spans all experts. N = 42 is no multiple of 4: no descriptor fits, the
+    # TMA config falls back to the cp.async loads.
+    cfg = dict(int4.INTERPRET["gemv"], loader=loader, num_stages=3, unpack=unpack, prefetch=False, occupancy=16)
+    for size_n, symmetric in ((40, False), (42, True)):
+        for dtype in (torch.float16, torch.float32):
+            weight = packed_weight((), 160, size_n, 32, symmetric)
+            x = (torch.randn(1, 160) * 4).to(dtype)
+            ref = x.double() @ reference.dequantize(*weight, 32, dtype).double()
+            assert rel(int4.int4_linear(x, *weight, 32, config=cfg), ref) < TOL[dtype]
+    x, weights, ids, gate_up, down = _moe_problem(1, 160, 96, 4, 2, 32, False, torch.float16)
+    out = int4.int4_moe_experts(x, weights, ids, gate_up, down, 32, config=cfg)
+    assert rel(out, _moe_reference(x, weights, ids, gate_up, down, 32)) < TOL[torch.float16]
+
+
+def test_tma_fit_rules(int4):
+    weight = packed_weight((), 64, 40, 32, symmetric=True)[0]
+    assert int4._tma_fits(weight, 64, 16)
+    assert not int4._tma_fits(packed_weight((), 64, 42, 32, symmetric=True)[0], 64, 16)  # rows not 16-byte aligned
+    assert not int4._tma_fits(weight, 4096, 16)  # a tile side over 256 words
+    shifted = torch.zeros(weight.numel() + 1, dtype=torch.int32)[1:].view(weight.shape)
+    assert not int4._tma_fits(shifted, 64, 16)  # base 4 bytes past a 16-byte boundary
+
+
 @pytest.mark.parametrize("mode", ["linear", "moe"])
 def test_gemv_split_k_is_one_launch_and_leaves_counters_at_zero(int4, mode):
     # K split over many programs: the last one to finish a tile sums the splits (and, for the MoE gate_up,
@@ -239,6 +267,9 @@ GEMV_VARIANTS = {
     "unpack2": dict(unpack=2),
     "unpack2_prefetch_evict_pdl": dict(unpack=2, prefetch=True, evict="evict_first", pdl=True),
     "unpack1_prefetch_pdl": dict(unpack=1, prefetch=True, pdl=True),
+    "tma_unpack2": dict(unpack=2, prefetch=False, loader=2, num_stages=4),
+    "tma_unpack1_wide": dict(unpack=1, prefetch=False, loader=2, num_stages=3, BLOCK_N=128, BLOCK_K=256),
+    "cp_async_unpack2": dict(unpack=2, prefetch=False, loader=1, num_stages=4),
 }
 
 
@@ -249,7 +280,8 @@ def test_gpu_gemv_variants(gpu_int4, variant):
     for size_n, size_k, group, symmetric, dtype in [(16384, 5120, 128, True, torch.bfloat16),
                                                     (5120, 8192, 128, True, torch.bfloat16),
                                                     (776, 1024, 64, False, torch.float16),
-                                                    (200, 384, 32, False, torch.float32)]:  # fmt: skip
+                                                    (200, 384, 32, False, torch.float32),
+                                                    (202, 640, 64, True, torch.float16)]:  # fmt: skip
         scale_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
         weight = packed_weight((), size_k, size_n, group, symmetric, device="cuda", scale_dtype=scale_dtype)
         x = torch.randn(1, size_k, device="cuda", dtype=dtype)

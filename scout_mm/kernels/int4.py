@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from scout_mm.kernels.moe import Routing, _tile
 
@@ -162,6 +163,72 @@ def _group_params(s_ptrs, z_ptrs, first_k, size_n, mask, G: tl.constexpr, SYMMET
 
 
 @triton.jit
+def _decode_words(packed, x_row, k0, row_ok, scale, zero, SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, UNPACK: tl.constexpr):  # fmt: skip
+    """fp32 (BLOCK_K // 8, BLOCK_N): each packed word of ``packed`` (K rows k0 + 8 r .. k0 + 8 r + 7) times
+    its 8 activations from ``x_row`` (word rows past ``row_ok`` read x = 0), scaled by the word's group."""
+    dot = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+    x_sum = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
+    if UNPACK == 0:
+        for j in tl.static_range(8):
+            xj = tl.load(x_row + k0 + j, mask=row_ok, other=0.0).to(tl.float32)
+            dot += xj[:, None] * _unit_codes(packed, j)
+            x_sum += xj
+        contrib = scale * (16.0 * dot - (16.0 + zero) * x_sum[:, None])
+    elif UNPACK == 2:
+        # Codes left where three shifts put them, at mantissa bits 12..15 or 16..19 of 2**23: a code is
+        # one lop3 and one FMA. Each term x_j 2**-s (2**23 + q 2**s) carries x_j 2**(23-s), summed per
+        # word row once (``offset``, with the symmetric zero point) and subtracted up front. fp32 keeps
+        # ~15 bits of sum(x q) after that cancellation: for bf16/fp16 activations only.
+        words_a = packed  # codes 3 (s=12), 4 (s=16)
+        words_b = packed << 8  # codes 1 (s=12), 2 (s=16)
+        words_c = packed >> 8  # codes 5 (s=12), 6 (s=16)
+        words_d = _rotate16(packed)  # codes 7 (s=12), 0 (s=16)
+        x0 = tl.load(x_row + k0 + 0, mask=row_ok, other=0.0).to(tl.float32)
+        x1 = tl.load(x_row + k0 + 1, mask=row_ok, other=0.0).to(tl.float32)
+        x2 = tl.load(x_row + k0 + 2, mask=row_ok, other=0.0).to(tl.float32)
+        x3 = tl.load(x_row + k0 + 3, mask=row_ok, other=0.0).to(tl.float32)
+        x4 = tl.load(x_row + k0 + 4, mask=row_ok, other=0.0).to(tl.float32)
+        x5 = tl.load(x_row + k0 + 5, mask=row_ok, other=0.0).to(tl.float32)
+        x6 = tl.load(x_row + k0 + 6, mask=row_ok, other=0.0).to(tl.float32)
+        x7 = tl.load(x_row + k0 + 7, mask=row_ok, other=0.0).to(tl.float32)
+        x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        offset = 2048.0 * ((x1 + x3) + (x5 + x7)) + 128.0 * ((x0 + x2) + (x4 + x6))
+        if SYMMETRIC:
+            offset += 8.0 * x_sum
+        s12: tl.constexpr = 1.0 / 4096
+        s16: tl.constexpr = 1.0 / 65536
+        dot = (x0 * s16)[:, None] * _magic(words_d, 0xF0000) - offset[:, None]
+        dot += (x1 * s12)[:, None] * _magic(words_b, 0xF000)
+        dot += (x2 * s16)[:, None] * _magic(words_b, 0xF0000)
+        dot += (x3 * s12)[:, None] * _magic(words_a, 0xF000)
+        dot += (x4 * s16)[:, None] * _magic(words_a, 0xF0000)
+        dot += (x5 * s12)[:, None] * _magic(words_c, 0xF000)
+        dot += (x6 * s16)[:, None] * _magic(words_c, 0xF0000)
+        dot += (x7 * s12)[:, None] * _magic(words_d, 0xF000)
+        if SYMMETRIC:
+            contrib = scale * dot
+        else:
+            contrib = scale * (dot - zero * x_sum[:, None])
+    else:
+        # Codes read in place (_codes_minus): symmetric weights subtract the zero point 8 inside the
+        # conversion, so per code it is one lop3 and two FMAs and no sum of x is kept.
+        high = packed >> 12
+        for j in tl.static_range(8):
+            xj = tl.load(x_row + k0 + j, mask=row_ok, other=0.0).to(tl.float32)
+            if SYMMETRIC:
+                dot += xj[:, None] * _codes_minus(packed, high, j, 8)
+            else:
+                dot += xj[:, None] * _codes_minus(packed, high, j, 0)
+                x_sum += xj
+        if SYMMETRIC:
+            contrib = scale * dot
+        else:
+            contrib = scale * (dot - zero * x_sum[:, None])
+    return contrib
+
+
+@triton.jit
 def _gemv_columns(
     x_ptr,
     qw_ptr,
@@ -182,9 +249,21 @@ def _gemv_columns(
     UNPACK: tl.constexpr,
     PREFETCH: tl.constexpr,
     EVICT: tl.constexpr,
+    qw_desc,
+    desc_row0,
+    col0,
+    LOADER: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """fp32 (BLOCK_M, BLOCK_N): rows ``a_rows`` of x times columns ``offs_n`` of one weight, over
     K in [k_begin, k_end). Pointers are already offset to the expert.
+
+    Decode (BLOCK_M 1) weight loads, ``LOADER``: 0 = pointer loads in registers (``PREFETCH``: one tile
+    ahead); 1 = pointer loads in a ``tl.range(num_stages=STAGES)`` loop (the pipeliner turns them into
+    ``cp.async`` copies into shared memory, STAGES - 1 tiles ahead); 2 = the same loop over a tensor
+    descriptor ``qw_desc`` (Hopper TMA: one thread issues a whole tile; tile (BLOCK_K // 8, BLOCK_N) at word
+    row ``desc_row0 + k0 // 8``, column ``col0`` of the (experts x K // 8, N) matrix; rows past the end read
+    as zeros).
 
     Per packed word (8 codes of one group and column): ``sum_j x_j f_j`` with ``f_j = 1 + q_j / 16``
     (:func:`_unit_codes`) and ``sum_j x_j``; then ``sum_j x_j (q_j - z) s = s (16 sum x f - (16 + z) sum x)``,
@@ -199,82 +278,38 @@ def _gemv_columns(
         # Decode: plain 2-D tiles (the 3-D form below would cost layout shuffles for nothing).
         x_row = x_ptr + tl.sum(a_rows, axis=0) * stride_x + words * 8  # (BLOCK_K // 8,)
         acc2 = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
-        if PREFETCH:
-            first_mask = ((k_begin + words * 8) < k_end)[:, None] & n_ok[None, :]
-            packed_next = tl.load(
-                qw_ptrs + (k_begin // 8) * size_n, mask=first_mask, other=0, eviction_policy=EVICT
-            )
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            first_k = k0 + words * 8
-            row_ok = first_k < k_end
-            mask = row_ok[:, None] & n_ok[None, :]
+        if LOADER == 0:
             if PREFETCH:
-                # Registers double-buffer the weight stream: the next tile is in flight during this one's math.
-                packed = packed_next
-                next_mask = ((first_k + BLOCK_K) < k_end)[:, None] & n_ok[None, :]
-                packed_next = tl.load(qw_ptrs + ((k0 + BLOCK_K) // 8) * size_n, mask=next_mask, other=0,
-                                      eviction_policy=EVICT)  # fmt: skip
-            else:
-                packed = tl.load(qw_ptrs + (k0 // 8) * size_n, mask=mask, other=0, eviction_policy=EVICT)
-            scale, zero = _group_params(s_ptrs, z_ptrs, first_k, size_n, mask, G, SYMMETRIC)
-            dot = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
-            x_sum = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
-            if UNPACK == 0:
-                for j in tl.static_range(8):
-                    xj = tl.load(x_row + k0 + j, mask=row_ok, other=0.0).to(tl.float32)
-                    dot += xj[:, None] * _unit_codes(packed, j)
-                    x_sum += xj
-                acc2 += scale * (16.0 * dot - (16.0 + zero) * x_sum[:, None])
-            elif UNPACK == 2:
-                # Codes left where three shifts put them, at mantissa bits 12..15 or 16..19 of 2**23: a code is
-                # one lop3 and one FMA. Each term x_j 2**-s (2**23 + q 2**s) carries x_j 2**(23-s), summed per
-                # word row once (``offset``, with the symmetric zero point) and subtracted up front. fp32 keeps
-                # ~15 bits of sum(x q) after that cancellation: for bf16/fp16 activations only.
-                words_a = packed  # codes 3 (s=12), 4 (s=16)
-                words_b = packed << 8  # codes 1 (s=12), 2 (s=16)
-                words_c = packed >> 8  # codes 5 (s=12), 6 (s=16)
-                words_d = _rotate16(packed)  # codes 7 (s=12), 0 (s=16)
-                x0 = tl.load(x_row + k0 + 0, mask=row_ok, other=0.0).to(tl.float32)
-                x1 = tl.load(x_row + k0 + 1, mask=row_ok, other=0.0).to(tl.float32)
-                x2 = tl.load(x_row + k0 + 2, mask=row_ok, other=0.0).to(tl.float32)
-                x3 = tl.load(x_row + k0 + 3, mask=row_ok, other=0.0).to(tl.float32)
-                x4 = tl.load(x_row + k0 + 4, mask=row_ok, other=0.0).to(tl.float32)
-                x5 = tl.load(x_row + k0 + 5, mask=row_ok, other=0.0).to(tl.float32)
-                x6 = tl.load(x_row + k0 + 6, mask=row_ok, other=0.0).to(tl.float32)
-                x7 = tl.load(x_row + k0 + 7, mask=row_ok, other=0.0).to(tl.float32)
-                x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-                offset = 2048.0 * ((x1 + x3) + (x5 + x7)) + 128.0 * ((x0 + x2) + (x4 + x6))
-                if SYMMETRIC:
-                    offset += 8.0 * x_sum
-                s12: tl.constexpr = 1.0 / 4096
-                s16: tl.constexpr = 1.0 / 65536
-                dot = (x0 * s16)[:, None] * _magic(words_d, 0xF0000) - offset[:, None]
-                dot += (x1 * s12)[:, None] * _magic(words_b, 0xF000)
-                dot += (x2 * s16)[:, None] * _magic(words_b, 0xF0000)
-                dot += (x3 * s12)[:, None] * _magic(words_a, 0xF000)
-                dot += (x4 * s16)[:, None] * _magic(words_a, 0xF0000)
-                dot += (x5 * s12)[:, None] * _magic(words_c, 0xF000)
-                dot += (x6 * s16)[:, None] * _magic(words_c, 0xF0000)
-                dot += (x7 * s12)[:, None] * _magic(words_d, 0xF000)
-                if SYMMETRIC:
-                    acc2 += scale * dot
+                first_mask = ((k_begin + words * 8) < k_end)[:, None] & n_ok[None, :]
+                packed_next = tl.load(
+                    qw_ptrs + (k_begin // 8) * size_n, mask=first_mask, other=0, eviction_policy=EVICT
+                )
+            for k0 in range(k_begin, k_end, BLOCK_K):
+                first_k = k0 + words * 8
+                row_ok = first_k < k_end
+                mask = row_ok[:, None] & n_ok[None, :]
+                if PREFETCH:
+                    # Registers double-buffer the weight stream: the next tile is in flight during this one's math.
+                    packed = packed_next
+                    next_mask = ((first_k + BLOCK_K) < k_end)[:, None] & n_ok[None, :]
+                    packed_next = tl.load(qw_ptrs + ((k0 + BLOCK_K) // 8) * size_n, mask=next_mask, other=0,
+                                          eviction_policy=EVICT)  # fmt: skip
                 else:
-                    acc2 += scale * (dot - zero * x_sum[:, None])
-            else:
-                # Codes read in place (_codes_minus): symmetric weights subtract the zero point 8 inside the
-                # conversion, so per code it is one lop3 and two FMAs and no sum of x is kept.
-                high = packed >> 12
-                for j in tl.static_range(8):
-                    xj = tl.load(x_row + k0 + j, mask=row_ok, other=0.0).to(tl.float32)
-                    if SYMMETRIC:
-                        dot += xj[:, None] * _codes_minus(packed, high, j, 8)
-                    else:
-                        dot += xj[:, None] * _codes_minus(packed, high, j, 0)
-                        x_sum += xj
-                if SYMMETRIC:
-                    acc2 += scale * dot
+                    packed = tl.load(qw_ptrs + (k0 // 8) * size_n, mask=mask, other=0, eviction_policy=EVICT)
+                scale, zero = _group_params(s_ptrs, z_ptrs, first_k, size_n, mask, G, SYMMETRIC)
+                acc2 += _decode_words(packed, x_row, k0, row_ok, scale, zero, SYMMETRIC, BLOCK_N, BLOCK_K, UNPACK)
+        else:
+            for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=STAGES):
+                first_k = k0 + words * 8
+                row_ok = first_k < k_end
+                mask = row_ok[:, None] & n_ok[None, :]
+                if LOADER == 2:
+                    packed = qw_desc.load([desc_row0 + k0 // 8, col0])
                 else:
-                    acc2 += scale * (dot - zero * x_sum[:, None])
+                    packed = tl.load(qw_ptrs + (k0 // 8) * size_n, mask=mask, other=0, eviction_policy=EVICT)
+                scale, zero = _group_params(s_ptrs, z_ptrs, first_k, size_n, mask, G, SYMMETRIC)
+                acc2 += _decode_words(packed, x_row, k0, row_ok, scale, zero, SYMMETRIC, BLOCK_N, BLOCK_K,
+                                      UNPACK)  # fmt: skip
         out = tl.sum(acc2, axis=0)[None, :]  # (1, BLOCK_N)
     else:
         x_ptrs = x_ptr + a_rows[:, None] * stride_x + words[None, :] * 8  # (BLOCK_M, BLOCK_K // 8)
@@ -309,6 +344,7 @@ def _gemv_kernel(
     routing_ptr,  # MODE 1: (n_rows,) routing weight of each (token, slot)
     sorted_rows_ptr,
     block_expert_ptr,
+    qw_desc,  # LOADER 2: tensor descriptor of the ([E x] K // 8, N) words, tile (BLOCK_K // 8, BLOCK_N)
     m_rows,
     size_n,
     n_rows,
@@ -333,6 +369,8 @@ def _gemv_kernel(
     PREFETCH: tl.constexpr,
     EVICT: tl.constexpr,
     PDL: tl.constexpr,
+    LOADER: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """One launch per matmul. With K split over programs (FUSED_SPLIT), every program stores its fp32
     partial, and the last program to arrive at a (row block, column tile) — counted with an atomic — sums
@@ -360,11 +398,14 @@ def _gemv_kernel(
     qw = qw_ptr + expert * stride_qe
     sp = s_ptr + expert * stride_se
     zp = z_ptr + expert * stride_se
+    desc_row0 = (expert * (n_groups * G // 8)).to(tl.int32)  # this expert's first word row (LOADER 2)
     out = _gemv_columns(x_ptr, qw, sp, zp, offs_n, n_ok, a_rows, k_begin, k_end, size_n, stride_x,
-                        G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, UNPACK, PREFETCH, EVICT)  # fmt: skip
+                        G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, UNPACK, PREFETCH, EVICT,
+                        qw_desc, desc_row0, pid_n * BLOCK_N, LOADER, STAGES)  # fmt: skip
     if MODE == 1:
         up = _gemv_columns(x_ptr, qw, sp, zp, offs_n + n_cols, n_ok, a_rows, k_begin, k_end, size_n, stride_x,
-                           G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, UNPACK, PREFETCH, EVICT)  # fmt: skip
+                           G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, UNPACK, PREFETCH, EVICT,
+                           qw_desc, desc_row0, pid_n * BLOCK_N + n_cols, LOADER, STAGES)  # fmt: skip
     else:
         up = out
     if MODE == 2:
@@ -598,13 +639,16 @@ def _dequant_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _gemv(block_n, block_k, warps, stages, occupancy, unpack=1, prefetch=False, evict="", pdl=False):
+def _gemv(block_n, block_k, warps, stages, occupancy, unpack=1, prefetch=False, evict="", pdl=False, loader=0):
     """occupancy: programs per SM the K split aims for; unpack: 0 = codes as 1 + q/16 (shift + lop3 + FMA,
     sum of x per word), 1 = codes read in place (lop3 + 2 FMAs, :func:`_codes_minus`); prefetch: the next
     weight tile is loaded before this one's math (register double buffer); evict: eviction policy of the
-    weight loads ("" or "evict_first"); pdl: programmatic dependent launch (Hopper)."""
+    weight loads ("" or "evict_first"); pdl: programmatic dependent launch (Hopper); loader (one-row
+    programs): 0 = register loads, 1 = ``cp.async`` pipeline, 2 = TMA pipeline, both ``stages`` deep
+    (:func:`_gemv_columns`; 2 falls back to 1 where the weight does not fit a tensor descriptor)."""
     return {"kind": "gemv", "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages,
-            "occupancy": occupancy, "unpack": unpack, "prefetch": prefetch, "evict": evict, "pdl": pdl}  # fmt: skip
+            "occupancy": occupancy, "unpack": unpack, "prefetch": prefetch, "evict": evict, "pdl": pdl,
+            "loader": loader}  # fmt: skip
 
 
 def _gemm(block_m, block_n, block_k, warps, stages, occupancy=0, group_m=8, nibble_dots=False):
@@ -711,6 +755,14 @@ def _check_weight(qweight, scales, zeros, group_size, expert_dims: int):
     return size_k, size_n
 
 
+def _tma_fits(qweight: torch.Tensor, block_k: int, block_n: int) -> bool:
+    """Whether the copy engine can read ``qweight`` in (block_k // 8, block_n) tiles: sm_90+ (or the
+    interpreter), 16-byte aligned base and rows (N % 4 == 0), tile sides <= 256 words."""
+    if not _interpreting() and not (qweight.is_cuda and torch.cuda.get_device_capability(qweight.device)[0] >= 9):
+        return False
+    return qweight.data_ptr() % 16 == 0 and qweight.shape[-1] % 4 == 0 and block_k // 8 <= 256 and block_n <= 256
+
+
 _COUNTERS: dict = {}
 
 
@@ -768,14 +820,22 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
     unpack = cfg.get("unpack", 1)
     if unpack == 2 and x.dtype == torch.float32:
         unpack = 1  # the in-place FMA-only unpack keeps ~15 bits: too few for fp32 activations
+    loader = cfg.get("loader", 0) if block_m == 1 else 0  # rows > 1: the 3-D register path (LOADER 0)
+    desc = qweight  # any argument fills the slot when no descriptor is read
+    if loader == 2:
+        if _tma_fits(qweight, block_k, block_n):
+            desc = TensorDescriptor(qweight, [qweight.numel() // size_n, size_n], [size_n, 1],
+                                    [block_k // 8, block_n])  # fmt: skip
+        else:
+            loader = 1
     _gemv_kernel[(n_tiles, num_row_blocks, split_k)](
-        x, qweight, scales, z, out, part, counters, weights, sorted_rows, block_expert, m_rows, size_n, n_rows,
+        x, qweight, scales, z, out, part, counters, weights, sorted_rows, block_expert, desc, m_rows, size_n, n_rows,
         top_k, n_groups, per_split, split_k, x.stride(0), qweight.stride(0) if qweight.dim() == 3 else 0,
         scales.stride(0) if scales.dim() == 3 else 0, stride_split, stride_out,
         G=group_size, MODE=mode, SYMMETRIC=zeros is None, ROUTE_BLOCK=route_block, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, FUSED_SPLIT=fused, UNPACK=unpack,
         PREFETCH=cfg.get("prefetch", False), EVICT=cfg.get("evict", ""), PDL=cfg.get("pdl", False) and not _interpreting(),
-        **_launch_opts(cfg),
+        LOADER=loader, STAGES=cfg["num_stages"], **_launch_opts(cfg),
     )  # fmt: skip
     return out
 
