@@ -163,8 +163,8 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn(self.input_layernorm(x), rope, positions, kv_start, cache, temperature_scale)
         x, h = self.post_attention_layernorm(x, attn)  # x + attn and its norm, one kernel at inference
         if self.is_moe:
-            out, topk_ids, router_logits = self.feed_forward(h)
-            return x + out, (topk_ids, router_logits)
+            x, topk_ids, router_logits = self.feed_forward(h, residual=x)
+            return x, (topk_ids, router_logits)
         return x + self.feed_forward(h), None
 
 

@@ -145,6 +145,15 @@ def add_rms_norm(x, delta, weight, eps):
     return fused_reference.add_rms_norm(x, delta, weight, eps)
 
 
+def add_residual(x, a, b):
+    """``x + (a + b)``. See :func:`scout_mm.kernels.fused_reference.add_residual`."""
+    if use_fused(x, a, b):
+        from scout_mm.kernels import fused
+
+        return fused.add_residual(x, a, b)
+    return fused_reference.add_residual(x, a, b)
+
+
 def rope_qk_norm(q, k, cos, sin, eps):
     """RoPE on q and k (+ QK-norm when ``eps`` is not None). See :func:`scout_mm.kernels.fused_reference.rope_qk_norm`."""
     if use_fused(q, k):

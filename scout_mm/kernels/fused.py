@@ -7,10 +7,11 @@ wherever the PyTorch path rounds), so results equal :mod:`scout_mm.kernels.fused
 summation order and the fp32 ``rsqrt``/``exp`` approximations (a few bf16 ulps at most, usually none).
 
 - :func:`add_rms_norm` / :func:`rms_norm`: residual add (rounded) + RMSNorm in fp32, cast, times the weight.
+- :func:`add_residual`: the MoE block's ``x + (shared + routed)``.
 - :func:`rope_qk_norm`: interleaved-pair RoPE of q and k (+ the weightless QK-norm) in one launch.
 - :func:`silu_mul`: SwiGLU's ``silu(gate) * up``.
-- :func:`router_topk`: few-token router: 16-expert logits, top-k (lowest index first among equal logits),
-  sigmoid of the chosen logits in fp32.
+- :func:`router_topk`: few-token router: one program per (token, expert) logit, the last to arrive runs the
+  top-k (lowest index first among equal logits) and the sigmoid of the chosen logits in fp32.
 - :func:`write_kv_decode`: one decode token per sequence into a ring or paged KV cache, plus ``kv_lens``.
 
 No backward: the dispatch (:func:`scout_mm.kernels.use_fused`) runs these only when autograd does not need
@@ -61,6 +62,18 @@ def _rms_norm_kernel(
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         y = (y.to(tl.float32) * w).to(dtype)
     tl.store(out_ptr + row * size_h + cols, y, mask=mask)
+
+
+@triton.jit
+def _add_residual_kernel(x_ptr, a_ptr, b_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    dtype = out_ptr.dtype.element_ty
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    inner = (a + b).to(dtype).to(tl.float32)  # rounded, as the separate add would
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (x + inner).to(dtype), mask=mask)
 
 
 @triton.jit
@@ -144,6 +157,7 @@ def _router_kernel(
     logits_ptr,  # (tokens, E)
     topk_w_ptr,  # (tokens, TOP_K)
     topk_id_ptr,  # (tokens, TOP_K) int64
+    count_ptr,  # (tokens,) int32 arrival counters, zero between calls
     size_h,
     n_experts,
     stride_x,
@@ -151,28 +165,36 @@ def _router_kernel(
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """Program (token, expert) computes one logit (all E programs of a token read the router weight in
+    parallel); the last of a token's programs to arrive — counted with an atomic — runs the top-k and sigmoid."""
     token = tl.program_id(0).to(tl.int64)
-    experts = tl.arange(0, BLOCK_E)
-    e_ok = experts < n_experts
-    acc = tl.zeros([BLOCK_E, BLOCK_K], dtype=tl.float32)
+    expert = tl.program_id(1)
+    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, size_h, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         k_ok = cols < size_h
         x = tl.load(x_ptr + token * stride_x + cols, mask=k_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + experts[:, None] * size_h + cols[None, :], mask=e_ok[:, None] & k_ok[None, :],
-                    other=0.0).to(tl.float32)  # fmt: skip
-        acc += w * x[None, :]
+        w = tl.load(w_ptr + expert * size_h + cols, mask=k_ok, other=0.0).to(tl.float32)
+        acc += w * x
     dtype = logits_ptr.dtype.element_ty
-    logits = tl.sum(acc, axis=1).to(dtype)  # rounded like F.linear's output; top-k runs on the rounded values
-    tl.store(logits_ptr + token * n_experts + experts, logits, mask=e_ok)
-    remaining = tl.where(e_ok, logits.to(tl.float32), float("-inf"))
-    for slot in tl.static_range(TOP_K):
-        best = tl.max(remaining, axis=0)
-        # lowest expert index among equal logits (a NaN logit never matches: clamp keeps the id in range)
-        chosen = tl.minimum(tl.min(tl.where(remaining == best, experts, BLOCK_E), axis=0), n_experts - 1)
-        tl.store(topk_id_ptr + token * TOP_K + slot, chosen.to(tl.int64))
-        tl.store(topk_w_ptr + token * TOP_K + slot, tl.sigmoid(best).to(topk_w_ptr.dtype.element_ty))
-        remaining = tl.where(experts == chosen, float("-inf"), remaining)
+    # rounded like F.linear's output; the top-k runs on the rounded values
+    tl.store(logits_ptr + token * n_experts + expert, tl.sum(acc, axis=0).to(dtype))
+    tl.debug_barrier()  # the logit is written before the (release) arrival below
+    arrived = tl.atomic_add(count_ptr + token, 1, sem="acq_rel", scope="gpu")
+    if arrived == n_experts - 1:
+        experts = tl.arange(0, BLOCK_E)
+        e_ok = experts < n_experts
+        # .cg: read the other programs' logits from L2 (never a stale L1 line)
+        logits = tl.load(logits_ptr + token * n_experts + experts, mask=e_ok, other=0.0, cache_modifier=".cg")
+        remaining = tl.where(e_ok, logits.to(tl.float32), float("-inf"))
+        for slot in tl.static_range(TOP_K):
+            best = tl.max(remaining, axis=0)
+            # lowest expert index among equal logits (a NaN logit never matches: clamp keeps the id in range)
+            chosen = tl.minimum(tl.min(tl.where(remaining == best, experts, BLOCK_E), axis=0), n_experts - 1)
+            tl.store(topk_id_ptr + token * TOP_K + slot, chosen.to(tl.int64))
+            tl.store(topk_w_ptr + token * TOP_K + slot, tl.sigmoid(best).to(topk_w_ptr.dtype.element_ty))
+            remaining = tl.where(experts == chosen, float("-inf"), remaining)
+        tl.atomic_xchg(count_ptr + token, 0)  # ready for the next call (and the next replay of a CUDA graph)
 
 
 @triton.jit
@@ -225,6 +247,19 @@ def _write_kv_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
+_COUNTERS: dict = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters of :func:`_router_kernel`, one buffer per (device, stream): kernels of one
+    stream run one after another, and each leaves its counters at zero."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    buf = _COUNTERS.get((device, stream))
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[(device, stream)] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(rows, last dim) with a unit last stride; a view whenever the leading dims allow it."""
     t = t.reshape(-1, t.shape[-1])
@@ -270,6 +305,20 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_norm(x, weight, delta)
     return _norm(x, delta, weight, eps)
+
+
+def add_residual(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if not (x.shape == a.shape == b.shape and x.dtype == a.dtype == b.dtype):
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype}, a {tuple(a.shape)} {a.dtype}, b {tuple(b.shape)} {b.dtype}; "
+                         "expected one shape and dtype")  # fmt: skip
+    x, a, b = x.contiguous(), a.contiguous(), b.contiguous()
+    out = torch.empty_like(x)
+    if x.numel():
+        block = 1024
+        _add_residual_kernel[(triton.cdiv(x.numel(), block),)](
+            x, a, b, out, x.numel(), BLOCK=block, num_warps=4
+        )
+    return out
 
 
 def rope_qk_norm(q, k, cos, sin, eps):
@@ -328,11 +377,10 @@ def router_topk(hidden: torch.Tensor, weight: torch.Tensor, top_k: int):
     topk_weights = torch.empty(tokens, top_k, dtype=hidden.dtype, device=hidden.device)
     topk_ids = torch.empty(tokens, top_k, dtype=torch.int64, device=hidden.device)
     if tokens:
-        block_e = triton.next_power_of_2(n_experts)
-        block_k = max(16, min(triton.next_power_of_2(size_h), 8192 // block_e))
-        _router_kernel[(tokens,)](
-            hidden, weight, logits, topk_weights, topk_ids, size_h, n_experts, hidden.stride(0), TOP_K=top_k,
-            BLOCK_E=block_e, BLOCK_K=block_k, num_warps=8,
+        _router_kernel[(tokens, n_experts)](
+            hidden, weight, logits, topk_weights, topk_ids, _counters(hidden.device, tokens), size_h, n_experts,
+            hidden.stride(0), TOP_K=top_k, BLOCK_E=triton.next_power_of_2(n_experts),
+            BLOCK_K=min(4096, triton.next_power_of_2(size_h)), num_warps=4,
         )  # fmt: skip
     return topk_weights, topk_ids, logits
 

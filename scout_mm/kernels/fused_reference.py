@@ -25,6 +25,12 @@ def add_rms_norm(
     return x, rms_norm(x, weight, eps)
 
 
+def add_residual(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``x + (a + b)`` with the inner sum rounded first: the MoE block's residual (HF adds the routed output to
+    the shared expert's, then the block output to the residual stream)."""
+    return x + (a + b)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) — the complex form Llama 4 uses, not the half-split form.
 

@@ -59,11 +59,20 @@ class MoE(nn.Module):
         self.experts = Experts(n_experts, hidden_size, intermediate_size)
         self.shared_expert = SwiGLU(hidden_size, intermediate_size) if shared_expert else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``residual``: return ``residual + out`` instead of ``out`` (one kernel with the shared-expert sum at
+        inference)."""
         shape = x.shape
         hidden = x.reshape(-1, shape[-1])  # (tokens, hidden)
         topk_weights, topk_ids, router_logits = self.router(hidden)
         out = self.experts(hidden, topk_weights, topk_ids)
+        if self.shared_expert is not None and residual is not None:
+            out = kernels.add_residual(residual.reshape(hidden.shape), self.shared_expert(hidden), out)
+            return out.view(shape), topk_ids, router_logits
         if self.shared_expert is not None:
             out = self.shared_expert(hidden) + out
+        if residual is not None:
+            out = residual.reshape(hidden.shape) + out
         return out.view(shape), topk_ids, router_logits
