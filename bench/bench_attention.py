@@ -5,6 +5,8 @@ Scout heads (40 q / 8 kv, head_dim 128), bf16, batch 1, random inputs; CUDA-even
     python bench/bench_attention.py                      # the table; writes bench/results/attention_h100.md
     python bench/bench_attention.py --tune-fwd           # first pick the forward config by timing, then the table
     python bench/bench_attention.py --tune               # sweep the kernels' launch configs instead
+    python bench/bench_attention.py --variants           # FWD/BWD_CANDIDATES vs cuDNN and FA2 in interleaved
+                                                         # rounds first (medians), apply the best, then the table
     python bench/bench_attention.py --skip-flex          # without FlexAttention (saves its compile time)
 
 Decode rows are timed twice: under a CUDA graph (how generation runs decode: replays back to back, no host
@@ -500,16 +502,12 @@ def _spread_case(seq, chunk, variants, rounds):
               f"{statistics.median(rates):.1f} max {max(rates):.1f} TFLOPS", flush=True)  # fmt: skip
 
 
-# Forward variants timed by --variants: (BLOCK_M, BLOCK_N, warps, stages, K/V descriptors, diagonal in the bulk
-# loop, one exp2 in four by a polynomial). The first of each list is the config shipped before. Session 3 also
-# timed lazy rescaling and (64, 64) tiles with 4 warps (two programs per SM): slower (attention_h100.md).
-FWD_CANDIDATES = {
-    "fwd": [(128, 128, 8, 3, True, False), (128, 128, 8, 3, True, False, True)],
-    "fwd_chunked": [(128, 128, 8, 3, True, True), (128, 128, 8, 3, True, True, True)],
-}
-# Backward dK/dV configs (BLOCK_M, BLOCK_N, warps, stages), timed as fwd+bwd beside cuDNN and FA2. Session 3 also
-# timed dQ fused into this kernel by fp32 atomics (pointer atomics and bulk tensor reductions, commit 71f2782):
-# 3-7% slower, removed (bench/results/attention_h100.md).
+# Kernel configs timed by --variants beside cuDNN and FA2 (the shipped ones; add candidates to compare them).
+# Forward: (BLOCK_M, BLOCK_N, warps, stages, K/V descriptors, diagonal in the bulk loop); backward dK/dV:
+# (BLOCK_M, BLOCK_N, warps, stages). Tried this way and removed (measured no faster, attention_h100.md): lazy
+# rescaling, one exp2 in four by a polynomial, (64, 64) tiles at two programs per SM (forward; commit 71f2782
+# / 724bd80 hold the code), dQ fused into the dK/dV kernel by fp32 atomics (backward; commit 71f2782).
+FWD_CANDIDATES = {"fwd": [(128, 128, 8, 3, True, False)], "fwd_chunked": [(128, 128, 8, 3, True, True)]}
 BWD_CANDIDATES = [(64, 128, 8, 3)]
 
 

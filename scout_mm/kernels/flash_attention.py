@@ -73,35 +73,6 @@ def _load_q(Q, QScale, rows, row_ok, HAS_Q_SCALE: tl.constexpr):
     return q
 
 
-@triton.jit
-def _exp2(x, POLY: tl.constexpr):
-    """exp2(x) for x <= 0 (or -inf). POLY: one element in four by a cubic polynomial on the FMA units
-    instead of the special-function unit, whose 16 results per clock and SM bound the softmax on H100 (the
-    FlashAttention-4 trick); relative error 7.5e-5, far inside the bf16 rounding of P that follows. x is
-    clamped at -126 there, so -inf gives 2^-126, not 0 (harmless next to the row maximum's 1)."""
-    if POLY:
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 x, t, j, f, p, e;
-            ex2.approx.ftz.f32 $0, $4;
-            ex2.approx.ftz.f32 $1, $5;
-            ex2.approx.ftz.f32 $2, $6;
-            max.ftz.f32 x, $7, 0fC2FC0000;
-            add.rn.ftz.f32 t, x, 0f4B400000;
-            sub.rn.ftz.f32 j, t, 0f4B400000;
-            sub.rn.ftz.f32 f, x, j;
-            fma.rn.ftz.f32 p, f, 0f3D61FAE3, 0f3E786EA2;
-            fma.rn.ftz.f32 p, p, f, 0f3F31798D;
-            fma.rn.ftz.f32 p, p, f, 0f3F7FFB4B;
-            shl.b32 e, t, 23;
-            add.s32 $3, p, e;
-            }""",
-            "=r,=r,=r,=r,r,r,r,r", [x], dtype=tl.float32, is_pure=True, pack=4,
-        )  # fmt: skip
-    else:
-        return tl.math.exp2(x)
-
-
 # ----------------------------------------------------------------------------------------------- forward
 
 
@@ -115,7 +86,6 @@ def _mask_scores(qk, cols, t, t_start):
 def _fwd_inner(
     acc, l_i, m_i, q, K, V, stride_kn, stride_vn, t, t_start, start, stop, key_end, mask_from, qk_scale,
     dims, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_DESC: tl.constexpr, DIAG_IN_LOOP: tl.constexpr,
-    POLY: tl.constexpr,
 ):  # fmt: skip
     # USE_DESC: K and V are tensor descriptors (copy-engine loads; rows past the last query's key read as
     # zeros), else pointers. DIAG_IN_LOOP (descriptors only): blocks from mask_from on are masked inside
@@ -139,7 +109,7 @@ def _fwd_inner(
         # m_i starts finite (-1e30), so a row with nothing visible yet keeps p = 0 and alpha = 1, not NaN.
         # The scale folds into one FMA per score: exp2(qk * scale - m).
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = _exp2(qk * qk_scale - m_new[:, None], POLY)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if USE_DESC:
@@ -161,7 +131,7 @@ def _fwd_kernel(
     n_heads, q_len, q_start, chunk_size, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNKED: tl.constexpr, HAS_Q_SCALE: tl.constexpr, HAS_KV_START: tl.constexpr,
-    USE_DESC: tl.constexpr, DIAG_IN_LOOP: tl.constexpr, POLY: tl.constexpr,
+    USE_DESC: tl.constexpr, DIAG_IN_LOOP: tl.constexpr,
 ):  # fmt: skip
     # Latest query blocks (the most keys under a causal mask) start first: a shorter tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -200,16 +170,16 @@ def _fwd_kernel(
     # Masked blocks where the range starts (chunk start / padding edge), then the blocks every query sees
     # in full, then the masked diagonal (in the same loop with DIAG_IN_LOOP).
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, t, t_start, lo, mid_lo, hi, hi,
-                               qk_scale, dims, BLOCK_N, True, USE_DESC, False, POLY)  # fmt: skip
+                               qk_scale, dims, BLOCK_N, True, USE_DESC, False)  # fmt: skip
     if DIAG_IN_LOOP:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, t, t_start, mid_lo, hi, hi, mid_hi,
-                                   qk_scale, dims, BLOCK_N, False, USE_DESC, True, POLY)  # fmt: skip
+                                   qk_scale, dims, BLOCK_N, False, USE_DESC, True)  # fmt: skip
     else:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, t, t_start, mid_lo, mid_hi, hi, hi,
-                                   qk_scale, dims, BLOCK_N, False, USE_DESC, False, POLY)  # fmt: skip
+                                   qk_scale, dims, BLOCK_N, False, USE_DESC, False)  # fmt: skip
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, t, t_start, mid_hi, hi, hi, hi,
-                                   qk_scale, dims, BLOCK_N, True, USE_DESC, False, POLY)  # fmt: skip
-    empty = m_i == -1.0e30  # padding query rows: no visible key raised the maximum
+                                   qk_scale, dims, BLOCK_N, True, USE_DESC, False)  # fmt: skip
+    empty = l_i == 0.0  # padding query rows
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
@@ -423,7 +393,10 @@ def _bwd_dkdv_kernel(
 # the bulk loop) are within the run-to-run spread of each other on causal 32K (the board sits at its power
 # cap); on chunked 8192 the diagonal-in-loop variant had the best median (460 vs 443-455 TFLOPS) and the
 # narrowest range, and session 1's (128, 64) the widest. Warp specialisation (tl.range(warp_specialize=True))
-# measured no faster and failed to compile for other shapes, so it is not used.
+# measured no faster and failed to compile for other shapes, so it is not used. Also timed against these
+# (2026-11-24, bench_attention.py --variants, interleaved with cuDNN/FA2) and dropped, none faster: lazy
+# rescaling of acc, one exp2 in four by a polynomial, (64, 64) tiles at two programs per SM, and dQ summed by
+# fp32 atomics inside the dK/dV kernel instead of a dQ kernel.
 # head_dim 64: not swept.
 _CUDA_CONFIGS = {
     64: {
@@ -521,10 +494,9 @@ def _forward(q, k, v, scale, chunk_size, q_start, kv_start, q_scale, config=None
     out = torch.empty(batch, n_heads, q_len, head_dim, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, n_heads, q_len, device=q.device, dtype=torch.float32)
     kind = "fwd_chunked" if chunk_size is not None else "fwd"
-    block_m, block_n, num_warps, num_stages, use_desc, diag_in_loop, poly = (
-        tuple(config or _config(kind, head_dim, q.device)) + (False,) * 3
-    )[:7]
-    poly = poly and q.is_cuda  # inline PTX: not under the CPU interpreter
+    block_m, block_n, num_warps, num_stages, use_desc, diag_in_loop = (
+        tuple(config or _config(kind, head_dim, q.device)) + (False, False)
+    )[:6]
     use_desc = use_desc and _descriptors_fit(k, v)
     diag_in_loop = (
         diag_in_loop and use_desc
@@ -539,7 +511,7 @@ def _forward(q, k, v, scale, chunk_size, q_start, kv_start, q_scale, config=None
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         n_heads, q_len, q_start, chunk_size or 1, scale * _LOG2E,
         GROUP=n_heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        USE_DESC=use_desc, DIAG_IN_LOOP=diag_in_loop, POLY=poly,
+        USE_DESC=use_desc, DIAG_IN_LOOP=diag_in_loop,
         num_warps=num_warps, num_stages=num_stages, **flags,
     )  # fmt: skip
     return out, lse
