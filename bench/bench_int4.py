@@ -44,6 +44,7 @@ LINEAR_SHAPES = [(16384, 5120), (5120, 8192)]  # (N, K)
 ROWS = [1, 16, 64, 4096]
 TOKENS = [1, 16, 64, 512, 4096]
 SHIPPED_GEMV = dict(int4.TUNED["gemv"])  # TUNED["gemv"] at import, before any --adopt-tuned
+MOE_EXTRA = []  # more GEMV configs timed on the decode MoE (T <= GEMV_MAX_ROWS) in the same run
 
 
 def _gemv_candidates():
@@ -76,6 +77,23 @@ def _pipe_candidates():
         for stages, occ in ((3, 4), (5, 2), (4, 2), (3, 8)):
             out.append(_gemv(bn, bk, warps, stages, occ, unpack=2, loader=2))
         out.append(_gemv(bn, bk, warps, 4, 4, unpack=2, loader=1))
+    return out
+
+
+def _overlap_candidates():
+    """M=1 sweep of the fixed-cost cuts on the register-prefetch GEMV: unrolled split-K epilogue, bulk L2
+    prefetch of each program's whole weight range, PDL with the prefetch before the wait; shipped config first."""
+    out = [dict(int4.TUNED["gemv"])]
+    for bn, bk, warps, occ in ((64, 256, 4, 4), (32, 512, 4, 8), (64, 256, 4, 2), (128, 128, 4, 4)):
+        base = dict(unpack=2, prefetch=True, evict="evict_first")
+        for extra in (dict(reduce_unrolled=True), dict(l2_prefetch=True), dict(l2_prefetch=True, reduce_unrolled=True),
+                      dict(pdl=1), dict(pdl=2, reduce_unrolled=True), dict(pdl=2, l2_prefetch=True, reduce_unrolled=True)):
+            cfg = _gemv(bn, bk, warps, 1, occ, **base, **extra)
+            if (bn, bk, occ) != (64, 256, 4) and extra.get("pdl") == 1 or cfg in out:
+                continue
+            out.append(cfg)
+        if (bn, bk, occ) != (64, 256, 4):
+            out.append(_gemv(bn, bk, warps, 1, occ, **base))
     return out
 
 
@@ -333,9 +351,12 @@ def _select_candidates(which: str) -> None:
     """``--candidates pipe``: the M=1 sweep is the pipelined loaders plus the shipped config, M=16 is not
     swept (its kernel did not change)."""
     global TUNE_ROWS
-    if which == "pipe":
-        CANDIDATES[1] = _pipe_candidates()
+    if which in ("pipe", "overlap"):
+        CANDIDATES[1] = _pipe_candidates() if which == "pipe" else _overlap_candidates()
         TUNE_ROWS = [1]
+    if which == "overlap":
+        MOE_EXTRA[:] = [c for c in CANDIDATES[1] if c.get("pdl") == 2 or c.get("l2_prefetch")
+                        or c.get("reduce_unrolled")][:6]  # fmt: skip
 
 
 def _cfg_str(cfg):
@@ -347,6 +368,9 @@ def _cfg_str(cfg):
     if cfg["kind"] == "gemv":
         flags = f" u{cfg.get('unpack', 1)}" + ("", " cp.async", " TMA")[cfg.get("loader", 0)] + " prefetch" * bool(cfg.get("prefetch")) + (
             f" {cfg['evict']}" if cfg.get("evict") else "") + " pdl" * bool(cfg.get("pdl"))  # fmt: skip
+    if cfg["kind"] == "gemv":
+        flags += " l2pf" * bool(cfg.get("l2_prefetch")) + " red-unrolled" * bool(cfg.get("reduce_unrolled"))
+        flags = flags.replace(" pdl", f" pdl{int(cfg['pdl'])}") if cfg.get("pdl") else flags
     return kind + "(" + ",".join(str(cfg[k]) for k in keys if k in cfg) + ")" + flags
 
 
@@ -425,11 +449,13 @@ def section_moe(rows_out):
         t_ours = graph_us(
             lambda x=x, w=weights, p=pick_b: int4.int4_moe_experts(x, w, p(), gate_up, down, GROUP)
         )
-        if tokens <= int4.TUNED["GEMV_MAX_ROWS"] and int4.TUNED["gemv"] != SHIPPED_GEMV:
-            t_old = graph_us(lambda x=x, w=weights, p=pick_b: int4.int4_moe_experts(
-                x, w, p(), gate_up, down, GROUP, config=SHIPPED_GEMV))  # fmt: skip
-            rows_out.append(f"| {tokens} | (the shipped {_cfg_str(SHIPPED_GEMV)}, same run) | | {t_old:.1f} | "
-                            f"{touched * expert_bytes / t_old / 1e6:.2f} | ours adopted / shipped: {t_old / t_ours:.2f}x | |")  # fmt: skip
+        others = [c for c in [SHIPPED_GEMV] + MOE_EXTRA if c != int4.TUNED["gemv"]]
+        for cfg in others if tokens <= int4.TUNED["GEMV_MAX_ROWS"] else []:
+            t_old = graph_us(lambda x=x, w=weights, p=pick_b, cfg=cfg: int4.int4_moe_experts(
+                x, w, p(), gate_up, down, GROUP, config=cfg))  # fmt: skip
+            label = "the shipped " if cfg == SHIPPED_GEMV else ""
+            rows_out.append(f"| {tokens} | ({label}{_cfg_str(cfg)}, same run) | | {t_old:.1f} | "
+                            f"{touched * expert_bytes / t_old / 1e6:.2f} | dispatch / this: {t_old / t_ours:.2f}x | |")  # fmt: skip
             print(rows_out[-1], flush=True)
         t_deq = "-"
         if tokens >= 512:

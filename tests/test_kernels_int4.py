@@ -136,11 +136,13 @@ def test_tma_fit_rules(int4):
     assert not int4._tma_fits(shifted, 64, 16)  # base 4 bytes past a 16-byte boundary
 
 
+@pytest.mark.parametrize("unrolled", [False, True], ids=["loop", "unrolled"])
 @pytest.mark.parametrize("mode", ["linear", "moe"])
-def test_gemv_split_k_is_one_launch_and_leaves_counters_at_zero(int4, mode):
+def test_gemv_split_k_is_one_launch_and_leaves_counters_at_zero(int4, mode, unrolled):
     # K split over many programs: the last one to finish a tile sums the splits (and, for the MoE gate_up,
-    # runs SwiGLU). Two calls in a row: the second sees the counters the first left behind.
-    cfg = dict(int4.INTERPRET["gemv"], occupancy=64)
+    # runs SwiGLU), in a loop or unrolled to a power of two (masked). Two calls in a row: the second sees the
+    # counters the first left behind.
+    cfg = dict(int4.INTERPRET["gemv"], occupancy=64, reduce_unrolled=unrolled)
     for _ in range(2):
         if mode == "linear":
             weight = packed_weight((), 256, 40, 32, symmetric=False)
@@ -270,6 +272,8 @@ GEMV_VARIANTS = {
     "tma_unpack2": dict(unpack=2, prefetch=False, loader=2, num_stages=4),
     "tma_unpack1_wide": dict(unpack=1, prefetch=False, loader=2, num_stages=3, BLOCK_N=128, BLOCK_K=256),
     "cp_async_unpack2": dict(unpack=2, prefetch=False, loader=1, num_stages=4),
+    "l2_prefetch_reduce_unrolled": dict(unpack=2, prefetch=True, l2_prefetch=True, reduce_unrolled=True),
+    "pdl2_l2_prefetch_reduce_unrolled": dict(unpack=2, prefetch=True, pdl=2, l2_prefetch=True, reduce_unrolled=True),
 }
 
 
@@ -293,10 +297,14 @@ def test_gpu_gemv_variants(gpu_int4, variant):
 
 
 @pytest.mark.gpu
-def test_gpu_gemv_pdl_chain_in_a_graph(gpu_int4):
+@pytest.mark.parametrize("halve", [True, False], ids=["with_kernel_between", "gemv_after_gemv"])
+@pytest.mark.parametrize("pdl", [1, 2], ids=["pdl", "pdl_l2_prefetch_first"])
+def test_gpu_gemv_pdl_chain_in_a_graph(gpu_int4, pdl, halve):
     # Programmatic dependent launch: each GEMV reads the previous one's output, so its early start must still
-    # wait for it; checked inside a CUDA graph (how decode runs) against the reference chain.
-    cfg = dict(gpu_int4.TUNED["gemv"], pdl=True, prefetch=True)
+    # wait for it; checked inside a CUDA graph (how decode runs) against the reference chain, with an
+    # elementwise kernel between the GEMVs and GEMV straight after GEMV (pdl 2 prefetches weights before the wait).
+    cfg = dict(gpu_int4.TUNED["gemv"], pdl=pdl, prefetch=True, l2_prefetch=pdl == 2, reduce_unrolled=pdl == 2)
+    factor = 0.5 if halve else 1.0
     weights = [packed_weight((), 2048, 2048, 128, True, device="cuda", scale_dtype=torch.bfloat16)
                for _ in range(4)]  # fmt: skip
     x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
@@ -304,7 +312,8 @@ def test_gpu_gemv_pdl_chain_in_a_graph(gpu_int4):
     def chain():
         h = x
         for w in weights:
-            h = gpu_int4.int4_linear(h, *w, 128, config=cfg) * 0.5
+            h = gpu_int4.int4_linear(h, *w, 128, config=cfg)
+            h = h * factor if halve else h
         return h
 
     chain()
@@ -319,7 +328,7 @@ def test_gpu_gemv_pdl_chain_in_a_graph(gpu_int4):
         for w in weights:
             ref = (ref @ reference.dequantize(*w, 128, torch.bfloat16).float()).to(
                 torch.bfloat16
-            ).float() * 0.5
+            ).float() * factor
         assert rel(out, ref) < TOL[torch.bfloat16]
 
 

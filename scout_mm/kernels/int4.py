@@ -109,6 +109,31 @@ def _and_or(value, MASK: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_l2(ptrs, nbytes):
+    """``cp.async.bulk.prefetch.L2``: ``nbytes`` (a multiple of 16) from each 16-byte aligned pointer of
+    ``ptrs`` into L2, no registers, no wait (sm_90+; nothing under the interpreter)."""
+    if USE_ASM:
+        tl.inline_asm_elementwise(
+            "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
+            "=r,l,r",
+            [ptrs, tl.zeros(ptrs.shape, tl.int32) + nbytes],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+
+@triton.jit
+def _prefetch_columns(qw, row_begin, row_end, col0, n_valid, size_n, BLOCK_N: tl.constexpr):
+    """L2 prefetch of word rows [row_begin, row_end) x columns [col0, col0 + min(BLOCK_N, n_valid)) of one
+    weight: one bulk prefetch per row (the tail of a ragged row rounded to 16 bytes, at least 16)."""
+    nbytes = tl.maximum(tl.minimum(n_valid, BLOCK_N) * 4 // 16 * 16, 16)
+    for r0 in range(row_begin, row_end, 128):
+        rows = tl.minimum(r0 + tl.arange(0, 128), row_end - 1).to(tl.int64)
+        _prefetch_l2(qw + rows * size_n + col0, nbytes)
+
+
+@triton.jit
 def _unit_codes(packed, j: tl.constexpr):
     """Nibble ``j`` of each packed word as the fp32 ``1 + q / 16``: one shift and one and-or (a single
     ``lop3``) put the code into mantissa bits 19..22 of 1.0 — no int->float conversion, no subtraction."""
@@ -371,20 +396,35 @@ def _gemv_kernel(
     PDL: tl.constexpr,
     LOADER: tl.constexpr,
     STAGES: tl.constexpr,
+    L2_PREFETCH: tl.constexpr,
+    SPLIT_MAX: tl.constexpr,
 ):
     """One launch per matmul. With K split over programs (FUSED_SPLIT), every program stores its fp32
     partial, and the last program to arrive at a (row block, column tile) — counted with an atomic — sums
     the partials in split order (deterministic) and runs the epilogue: the cast (MODE 0) or the routing
     weight + SwiGLU (MODE 1, where a program computes gate columns n and up columns N/2 + n together).
     MODE 2 stores the partials for :func:`_sum_rows_kernel`, which also sums the top-k slots."""
-    if PDL:
-        # Programmatic dependent launch: let the next kernel's programs start as ours finish, and wait for the
-        # previous kernel (its x, and the counters / buffers it may still use) before touching anything.
+    # PDL 1: programmatic dependent launch: let the next kernel's programs start as ours finish, and wait for the
+    # previous kernel (its x, and the counters / buffers it may still use) before touching anything.
+    # PDL 2 (dense rows): first prefetch this program's weights into L2 (weights are never written by a kernel),
+    # then wait, then let the next kernel launch: its programs, resident during our tail, stream their
+    # weights while we finish. Triggering only after the wait keeps the chain transitive (a kernel that
+    # starts sees every write of the kernels before the one it follows).
+    if PDL == 1:
         gdc_launch_dependents()
         gdc_wait()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
+    if PDL == 2:
+        if MODE == 0:
+            if L2_PREFETCH:
+                k_first = pid_k * groups_per_split * G
+                k_last = tl.minimum(k_first + groups_per_split * G, n_groups * G)
+                _prefetch_columns(qw_ptr, k_first // 8, k_last // 8, pid_n * BLOCK_N, size_n - pid_n * BLOCK_N,
+                                  size_n, BLOCK_N)  # fmt: skip
+        gdc_wait()
+        gdc_launch_dependents()
     expert, a_rows, out_rows, valid = _row_layout(
         pid_m, m_rows, sorted_rows_ptr, block_expert_ptr, n_rows, top_k, MODE, BLOCK_M, ROUTE_BLOCK
     )
@@ -398,6 +438,12 @@ def _gemv_kernel(
     qw = qw_ptr + expert * stride_qe
     sp = s_ptr + expert * stride_se
     zp = z_ptr + expert * stride_se
+    if L2_PREFETCH and not (PDL == 2 and MODE == 0):
+        # every byte this program will read requested up front (bulk L2 prefetches, no registers held)
+        _prefetch_columns(qw, k_begin // 8, k_end // 8, pid_n * BLOCK_N, n_cols - pid_n * BLOCK_N, size_n, BLOCK_N)
+        if MODE == 1:
+            _prefetch_columns(qw, k_begin // 8, k_end // 8, pid_n * BLOCK_N + n_cols, n_cols - pid_n * BLOCK_N,
+                              size_n, BLOCK_N)  # fmt: skip
     desc_row0 = (expert * (n_groups * G // 8)).to(tl.int32)  # this expert's first word row (LOADER 2)
     out = _gemv_columns(x_ptr, qw, sp, zp, offs_n, n_ok, a_rows, k_begin, k_end, size_n, stride_x,
                         G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, UNPACK, PREFETCH, EVICT,
@@ -426,13 +472,22 @@ def _gemv_kernel(
         if last:
             out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for split in range(split_k):  # fixed order: the result does not depend on arrival order
-                # .cg: read from L2, where the other programs' stores are (never a stale L1 line)
-                out += tl.load(p_ptrs + split * stride_split, mask=n_ok[None, :], other=0.0,
-                               cache_modifier=".cg")  # fmt: skip
-                if MODE == 1:
-                    up += tl.load(p_ptrs + split * stride_split + n_cols, mask=n_ok[None, :], other=0.0,
-                                  cache_modifier=".cg")  # fmt: skip
+            if SPLIT_MAX > 0:
+                # unrolled (masked past split_k): every partial's load in flight at once, summed in split order
+                for split in tl.static_range(SPLIT_MAX):
+                    in_split = n_ok[None, :] & (split < split_k)
+                    out += tl.load(p_ptrs + split * stride_split, mask=in_split, other=0.0, cache_modifier=".cg")
+                    if MODE == 1:
+                        up += tl.load(p_ptrs + split * stride_split + n_cols, mask=in_split, other=0.0,
+                                      cache_modifier=".cg")  # fmt: skip
+            else:
+                for split in range(split_k):  # fixed order: the result does not depend on arrival order
+                    # .cg: read from L2, where the other programs' stores are (never a stale L1 line)
+                    out += tl.load(p_ptrs + split * stride_split, mask=n_ok[None, :], other=0.0,
+                                   cache_modifier=".cg")  # fmt: skip
+                    if MODE == 1:
+                        up += tl.load(p_ptrs + split * stride_split + n_cols, mask=n_ok[None, :], other=0.0,
+                                      cache_modifier=".cg")  # fmt: skip
             tl.atomic_xchg(counter, 0)  # ready for the next call (and the next replay of a CUDA graph)
     if last:
         if MODE == 0:
@@ -639,16 +694,20 @@ def _dequant_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _gemv(block_n, block_k, warps, stages, occupancy, unpack=1, prefetch=False, evict="", pdl=False, loader=0):
+def _gemv(block_n, block_k, warps, stages, occupancy, unpack=1, prefetch=False, evict="", pdl=False, loader=0,
+          l2_prefetch=False, reduce_unrolled=False):
     """occupancy: programs per SM the K split aims for; unpack: 0 = codes as 1 + q/16 (shift + lop3 + FMA,
     sum of x per word), 1 = codes read in place (lop3 + 2 FMAs, :func:`_codes_minus`); prefetch: the next
     weight tile is loaded before this one's math (register double buffer); evict: eviction policy of the
-    weight loads ("" or "evict_first"); pdl: programmatic dependent launch (Hopper); loader (one-row
+    weight loads ("" or "evict_first"); pdl: programmatic dependent launch (Hopper; 2 = dense rows prefetch
+    their weights into L2 before waiting on the previous kernel, see :func:`_gemv_kernel`); l2_prefetch: each
+    one-row program bulk-prefetches its whole weight range into L2 at its start; reduce_unrolled: the split-K
+    epilogue loads every partial at once (unrolled to the next power of two of split_k); loader (one-row
     programs): 0 = register loads, 1 = ``cp.async`` pipeline, 2 = TMA pipeline, both ``stages`` deep
     (:func:`_gemv_columns`; 2 falls back to 1 where the weight does not fit a tensor descriptor)."""
     return {"kind": "gemv", "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages,
             "occupancy": occupancy, "unpack": unpack, "prefetch": prefetch, "evict": evict, "pdl": pdl,
-            "loader": loader}  # fmt: skip
+            "loader": loader, "l2_prefetch": l2_prefetch, "reduce_unrolled": reduce_unrolled}  # fmt: skip
 
 
 def _gemm(block_m, block_n, block_k, warps, stages, occupancy=0, group_m=8, nibble_dots=False):
@@ -828,14 +887,19 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
                                     [block_k // 8, block_n])  # fmt: skip
         else:
             loader = 1
+    pdl = int(cfg.get("pdl", False)) if not _interpreting() else 0
+    # bulk L2 prefetches need 16-byte aligned rows (and gate/up halves)
+    l2_prefetch = (cfg.get("l2_prefetch", False) and block_m == 1 and not _interpreting()
+                   and qweight.data_ptr() % 16 == 0 and n_cols % 4 == 0 and size_n % 4 == 0)  # fmt: skip
+    split_max = triton.next_power_of_2(split_k) if cfg.get("reduce_unrolled", False) and fused else 0
     _gemv_kernel[(n_tiles, num_row_blocks, split_k)](
         x, qweight, scales, z, out, part, counters, weights, sorted_rows, block_expert, desc, m_rows, size_n, n_rows,
         top_k, n_groups, per_split, split_k, x.stride(0), qweight.stride(0) if qweight.dim() == 3 else 0,
         scales.stride(0) if scales.dim() == 3 else 0, stride_split, stride_out,
         G=group_size, MODE=mode, SYMMETRIC=zeros is None, ROUTE_BLOCK=route_block, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, FUSED_SPLIT=fused, UNPACK=unpack,
-        PREFETCH=cfg.get("prefetch", False), EVICT=cfg.get("evict", ""), PDL=cfg.get("pdl", False) and not _interpreting(),
-        LOADER=loader, STAGES=cfg["num_stages"], **_launch_opts(cfg),
+        PREFETCH=cfg.get("prefetch", False), EVICT=cfg.get("evict", ""), PDL=pdl, LOADER=loader,
+        STAGES=cfg["num_stages"], L2_PREFETCH=l2_prefetch, SPLIT_MAX=split_max, **_launch_opts(cfg),
     )  # fmt: skip
     return out
 
