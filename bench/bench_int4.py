@@ -73,27 +73,55 @@ def _pipe_candidates():
     """M=1 sweep of the pipelined loaders (cp.async = 1, TMA = 2): tile x stages x occupancy, unpack 2, with
     the shipped config first as the anchor of the same run."""
     out = [dict(int4.TUNED["gemv"])]
-    for bn, bk, warps in ((64, 256, 4), (128, 128, 4), (128, 256, 4), (256, 128, 8), (32, 512, 4), (64, 512, 8)):
+    for bn, bk, warps in (
+        (64, 256, 4),
+        (128, 128, 4),
+        (128, 256, 4),
+        (256, 128, 8),
+        (32, 512, 4),
+        (64, 512, 8),
+    ):
         for stages, occ in ((3, 4), (5, 2), (4, 2), (3, 8)):
             out.append(_gemv(bn, bk, warps, stages, occ, unpack=2, loader=2))
         out.append(_gemv(bn, bk, warps, 4, 4, unpack=2, loader=1))
     return out
 
 
+PREVIOUS_GEMV = _gemv(64, 256, 4, 1, 4, unpack=2, prefetch=True, evict="evict_first")  # TUNED of 6f172cd
+
+
 def _overlap_candidates():
-    """M=1 sweep of the fixed-cost cuts on the register-prefetch GEMV: unrolled split-K epilogue, bulk L2
-    prefetch of each program's whole weight range, PDL with the prefetch before the wait; shipped config first."""
-    out = [dict(int4.TUNED["gemv"])]
+    """M=1 sweep of the fixed-cost cuts on the register-prefetch GEMV: unrolled split-K epilogue, PDL with the
+    trigger after the wait; the config of 6f172cd first. (Run 2 of 2026-11-24 also had a bulk L2 prefetch of
+    each program's weight range, commit 46ff13c: slower everywhere, removed.)"""
+    out = [dict(PREVIOUS_GEMV)]
     for bn, bk, warps, occ in ((64, 256, 4, 4), (32, 512, 4, 8), (64, 256, 4, 2), (128, 128, 4, 4)):
         base = dict(unpack=2, prefetch=True, evict="evict_first")
-        for extra in (dict(reduce_unrolled=True), dict(l2_prefetch=True), dict(l2_prefetch=True, reduce_unrolled=True),
-                      dict(pdl=1), dict(pdl=2, reduce_unrolled=True), dict(pdl=2, l2_prefetch=True, reduce_unrolled=True)):
+        for extra in (dict(reduce_unrolled=True), dict(pdl=1), dict(pdl=2, reduce_unrolled=True)):
             cfg = _gemv(bn, bk, warps, 1, occ, **base, **extra)
             if (bn, bk, occ) != (64, 256, 4) and extra.get("pdl") == 1 or cfg in out:
                 continue
             out.append(cfg)
         if (bn, bk, occ) != (64, 256, 4):
             out.append(_gemv(bn, bk, warps, 1, occ, **base))
+    return out
+
+
+def _final_candidates():
+    """The shipped config, the one before it, and split-K sizes (occupancy) around the shipped one."""
+    out = [dict(int4.TUNED["gemv"]), dict(PREVIOUS_GEMV)]
+    base = dict(unpack=2, prefetch=True, evict="evict_first", reduce_unrolled=True)
+    for bn, bk, warps, occ in (
+        (64, 256, 4, 2),
+        (64, 256, 4, 3),
+        (64, 256, 4, 5),
+        (64, 256, 4, 6),
+        (64, 256, 8, 3),
+        (32, 512, 4, 4),
+        (32, 512, 4, 6),
+        (128, 128, 4, 3),
+    ):
+        out.append(_gemv(bn, bk, warps, 1, occ, **base))
     return out
 
 
@@ -323,7 +351,9 @@ def section_probe(rows_out):
                 n_tiles = triton.cdiv(size_n, bn)
                 split_k, per_split = int4._split(n_groups, n_tiles, occ, bk, GROUP, torch.device("cuda"))
                 out = torch.empty(split_k, size_n, dtype=torch.int32, device="cuda")
-                descs = rotating([TensorDescriptor(w, [size_k // 8, size_n], [size_n, 1], [bk // 8, bn]) for w in weights])
+                descs = rotating(
+                    [TensorDescriptor(w, [size_k // 8, size_n], [size_n, 1], [bk // 8, bn]) for w in weights]
+                )
                 pick_w = rotating(weights)
 
                 def run_pipe(bn=bn, bk=bk, warps=warps, stages=stages, loader=loader, split_k=split_k,
@@ -348,15 +378,19 @@ def section_probe(rows_out):
 
 
 def _select_candidates(which: str) -> None:
-    """``--candidates pipe``: the M=1 sweep is the pipelined loaders plus the shipped config, M=16 is not
-    swept (its kernel did not change)."""
+    """``--candidates pipe | overlap | final``: the M=1 sweep is that list (:func:`_pipe_candidates`,
+    :func:`_overlap_candidates`, :func:`_final_candidates`), M=16 is not swept (its kernel did not change);
+    MOE_EXTRA: configs also timed on the decode MoE."""
     global TUNE_ROWS
-    if which in ("pipe", "overlap"):
-        CANDIDATES[1] = _pipe_candidates() if which == "pipe" else _overlap_candidates()
+    makers = {"pipe": _pipe_candidates, "overlap": _overlap_candidates, "final": _final_candidates}
+    if which in makers:
+        CANDIDATES[1] = makers[which]()
         TUNE_ROWS = [1]
     if which == "overlap":
-        MOE_EXTRA[:] = [c for c in CANDIDATES[1] if c.get("pdl") == 2 or c.get("l2_prefetch")
-                        or c.get("reduce_unrolled")][:6]  # fmt: skip
+        MOE_EXTRA[:] = [c for c in CANDIDATES[1] if c.get("pdl") == 2 or c.get("reduce_unrolled")][:4]
+    if which == "final":
+        MOE_EXTRA[:] = [dict(PREVIOUS_GEMV), _gemv(64, 256, 4, 1, 4, unpack=2, prefetch=True, evict="evict_first",
+                                                   reduce_unrolled=True, pdl=2)]  # fmt: skip
 
 
 def _cfg_str(cfg):
@@ -369,7 +403,7 @@ def _cfg_str(cfg):
         flags = f" u{cfg.get('unpack', 1)}" + ("", " cp.async", " TMA")[cfg.get("loader", 0)] + " prefetch" * bool(cfg.get("prefetch")) + (
             f" {cfg['evict']}" if cfg.get("evict") else "") + " pdl" * bool(cfg.get("pdl"))  # fmt: skip
     if cfg["kind"] == "gemv":
-        flags += " l2pf" * bool(cfg.get("l2_prefetch")) + " red-unrolled" * bool(cfg.get("reduce_unrolled"))
+        flags += " red-unrolled" * bool(cfg.get("reduce_unrolled"))
         flags = flags.replace(" pdl", f" pdl{int(cfg['pdl'])}") if cfg.get("pdl") else flags
     return kind + "(" + ",".join(str(cfg[k]) for k in keys if k in cfg) + ")" + flags
 
@@ -732,9 +766,15 @@ def main() -> None:
         action="store_true",
         help="the tune section's winners replace TUNED in this process for the later sections",
     )
-    parser.add_argument("--candidates", default="all", help="all | pipe: the M=1 tune sweep (see _select_candidates)")
-    parser.add_argument("--rows", default=None, help="linear section: comma-separated M (default 1,16,64,4096)")
-    parser.add_argument("--tokens", default=None, help="moe section: comma-separated T (default 1,16,64,512,4096)")
+    parser.add_argument(
+        "--candidates", default="all", help="all | pipe | overlap | final: the M=1 tune sweep"
+    )
+    parser.add_argument(
+        "--rows", default=None, help="linear section: comma-separated M (default 1,16,64,4096)"
+    )
+    parser.add_argument(
+        "--tokens", default=None, help="moe section: comma-separated T (default 1,16,64,512,4096)"
+    )
     args = parser.parse_args()
     _select_candidates(args.candidates)
     global ROWS, TOKENS

@@ -115,7 +115,9 @@ def test_gemv_pipelined_loaders(int4, loader, unpack):
     # tile (K = 5 groups in 2-group tiles), K splits, asymmetric and symmetric, and the MoE decode path (gate_up
     # with SwiGLU, down) whose descriptor spans all experts. N = 42 is no multiple of 4: no descriptor fits, the
     # TMA config falls back to the cp.async loads.
-    cfg = dict(int4.INTERPRET["gemv"], loader=loader, num_stages=3, unpack=unpack, prefetch=False, occupancy=16)
+    cfg = dict(
+        int4.INTERPRET["gemv"], loader=loader, num_stages=3, unpack=unpack, prefetch=False, occupancy=16
+    )
     for size_n, symmetric in ((40, False), (42, True)):
         for dtype in (torch.float16, torch.float32):
             weight = packed_weight((), 160, size_n, 32, symmetric)
@@ -130,7 +132,9 @@ def test_gemv_pipelined_loaders(int4, loader, unpack):
 def test_tma_fit_rules(int4):
     weight = packed_weight((), 64, 40, 32, symmetric=True)[0]
     assert int4._tma_fits(weight, 64, 16)
-    assert not int4._tma_fits(packed_weight((), 64, 42, 32, symmetric=True)[0], 64, 16)  # rows not 16-byte aligned
+    assert not int4._tma_fits(
+        packed_weight((), 64, 42, 32, symmetric=True)[0], 64, 16
+    )  # rows not 16-byte aligned
     assert not int4._tma_fits(weight, 4096, 16)  # a tile side over 256 words
     shifted = torch.zeros(weight.numel() + 1, dtype=torch.int32)[1:].view(weight.shape)
     assert not int4._tma_fits(shifted, 64, 16)  # base 4 bytes past a 16-byte boundary
@@ -272,8 +276,8 @@ GEMV_VARIANTS = {
     "tma_unpack2": dict(unpack=2, prefetch=False, loader=2, num_stages=4),
     "tma_unpack1_wide": dict(unpack=1, prefetch=False, loader=2, num_stages=3, BLOCK_N=128, BLOCK_K=256),
     "cp_async_unpack2": dict(unpack=2, prefetch=False, loader=1, num_stages=4),
-    "l2_prefetch_reduce_unrolled": dict(unpack=2, prefetch=True, l2_prefetch=True, reduce_unrolled=True),
-    "pdl2_l2_prefetch_reduce_unrolled": dict(unpack=2, prefetch=True, pdl=2, l2_prefetch=True, reduce_unrolled=True),
+    "reduce_loop": dict(unpack=2, prefetch=True, reduce_unrolled=False),
+    "pdl2_reduce_unrolled": dict(unpack=2, prefetch=True, pdl=2, reduce_unrolled=True),
 }
 
 
@@ -298,12 +302,13 @@ def test_gpu_gemv_variants(gpu_int4, variant):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("halve", [True, False], ids=["with_kernel_between", "gemv_after_gemv"])
-@pytest.mark.parametrize("pdl", [1, 2], ids=["pdl", "pdl_l2_prefetch_first"])
+@pytest.mark.parametrize("pdl", [1, 2], ids=["pdl_trigger_first", "pdl_wait_first"])
 def test_gpu_gemv_pdl_chain_in_a_graph(gpu_int4, pdl, halve):
     # Programmatic dependent launch: each GEMV reads the previous one's output, so its early start must still
     # wait for it; checked inside a CUDA graph (how decode runs) against the reference chain, with an
-    # elementwise kernel between the GEMVs and GEMV straight after GEMV (pdl 2 prefetches weights before the wait).
-    cfg = dict(gpu_int4.TUNED["gemv"], pdl=pdl, prefetch=True, l2_prefetch=pdl == 2, reduce_unrolled=pdl == 2)
+    # elementwise kernel between the GEMVs and GEMV straight after GEMV (pdl 1 triggers the next launch before its
+    # wait, pdl 2 after it).
+    cfg = dict(gpu_int4.TUNED["gemv"], pdl=pdl, prefetch=True)
     factor = 0.5 if halve else 1.0
     weights = [packed_weight((), 2048, 2048, 128, True, device="cuda", scale_dtype=torch.bfloat16)
                for _ in range(4)]  # fmt: skip

@@ -109,31 +109,6 @@ def _and_or(value, MASK: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_l2(ptrs, nbytes):
-    """``cp.async.bulk.prefetch.L2``: ``nbytes`` (a multiple of 16) from each 16-byte aligned pointer of
-    ``ptrs`` into L2, no registers, no wait (sm_90+; nothing under the interpreter)."""
-    if USE_ASM:
-        tl.inline_asm_elementwise(
-            "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
-            "=r,l,r",
-            [ptrs, tl.zeros(ptrs.shape, tl.int32) + nbytes],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
-
-
-@triton.jit
-def _prefetch_columns(qw, row_begin, row_end, col0, n_valid, size_n, BLOCK_N: tl.constexpr):
-    """L2 prefetch of word rows [row_begin, row_end) x columns [col0, col0 + min(BLOCK_N, n_valid)) of one
-    weight: one bulk prefetch per row (the tail of a ragged row rounded to 16 bytes, at least 16)."""
-    nbytes = tl.maximum(tl.minimum(n_valid, BLOCK_N) * 4 // 16 * 16, 16)
-    for r0 in range(row_begin, row_end, 128):
-        rows = tl.minimum(r0 + tl.arange(0, 128), row_end - 1).to(tl.int64)
-        _prefetch_l2(qw + rows * size_n + col0, nbytes)
-
-
-@triton.jit
 def _unit_codes(packed, j: tl.constexpr):
     """Nibble ``j`` of each packed word as the fp32 ``1 + q / 16``: one shift and one and-or (a single
     ``lop3``) put the code into mantissa bits 19..22 of 1.0 — no int->float conversion, no subtraction."""
@@ -322,7 +297,9 @@ def _gemv_columns(
                 else:
                     packed = tl.load(qw_ptrs + (k0 // 8) * size_n, mask=mask, other=0, eviction_policy=EVICT)
                 scale, zero = _group_params(s_ptrs, z_ptrs, first_k, size_n, mask, G, SYMMETRIC)
-                acc2 += _decode_words(packed, x_row, k0, row_ok, scale, zero, SYMMETRIC, BLOCK_N, BLOCK_K, UNPACK)
+                acc2 += _decode_words(
+                    packed, x_row, k0, row_ok, scale, zero, SYMMETRIC, BLOCK_N, BLOCK_K, UNPACK
+                )
         else:
             for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=STAGES):
                 first_k = k0 + words * 8
@@ -396,7 +373,6 @@ def _gemv_kernel(
     PDL: tl.constexpr,
     LOADER: tl.constexpr,
     STAGES: tl.constexpr,
-    L2_PREFETCH: tl.constexpr,
     SPLIT_MAX: tl.constexpr,
 ):
     """One launch per matmul. With K split over programs (FUSED_SPLIT), every program stores its fp32
@@ -406,10 +382,10 @@ def _gemv_kernel(
     MODE 2 stores the partials for :func:`_sum_rows_kernel`, which also sums the top-k slots."""
     # PDL 1: programmatic dependent launch: let the next kernel's programs start as ours finish, and wait for the
     # previous kernel (its x, and the counters / buffers it may still use) before touching anything.
-    # PDL 2 (dense rows): first prefetch this program's weights into L2 (weights are never written by a kernel),
-    # then wait, then let the next kernel launch: its programs, resident during our tail, stream their
-    # weights while we finish. Triggering only after the wait keeps the chain transitive (a kernel that
-    # starts sees every write of the kernels before the one it follows).
+    # PDL 2: wait first, then let the next kernel launch (its programs start during our tail; triggering only
+    # after the wait keeps the chain transitive: a kernel that starts has seen every write of the kernels
+    # before the one it follows). Measured with a bulk L2 prefetch of each program's weights before the wait:
+    # slower (bench/results/int4_gemv_h100.md), removed.
     if PDL == 1:
         gdc_launch_dependents()
         gdc_wait()
@@ -417,12 +393,6 @@ def _gemv_kernel(
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     if PDL == 2:
-        if MODE == 0:
-            if L2_PREFETCH:
-                k_first = pid_k * groups_per_split * G
-                k_last = tl.minimum(k_first + groups_per_split * G, n_groups * G)
-                _prefetch_columns(qw_ptr, k_first // 8, k_last // 8, pid_n * BLOCK_N, size_n - pid_n * BLOCK_N,
-                                  size_n, BLOCK_N)  # fmt: skip
         gdc_wait()
         gdc_launch_dependents()
     expert, a_rows, out_rows, valid = _row_layout(
@@ -438,12 +408,6 @@ def _gemv_kernel(
     qw = qw_ptr + expert * stride_qe
     sp = s_ptr + expert * stride_se
     zp = z_ptr + expert * stride_se
-    if L2_PREFETCH and not (PDL == 2 and MODE == 0):
-        # every byte this program will read requested up front (bulk L2 prefetches, no registers held)
-        _prefetch_columns(qw, k_begin // 8, k_end // 8, pid_n * BLOCK_N, n_cols - pid_n * BLOCK_N, size_n, BLOCK_N)
-        if MODE == 1:
-            _prefetch_columns(qw, k_begin // 8, k_end // 8, pid_n * BLOCK_N + n_cols, n_cols - pid_n * BLOCK_N,
-                              size_n, BLOCK_N)  # fmt: skip
     desc_row0 = (expert * (n_groups * G // 8)).to(tl.int32)  # this expert's first word row (LOADER 2)
     out = _gemv_columns(x_ptr, qw, sp, zp, offs_n, n_ok, a_rows, k_begin, k_end, size_n, stride_x,
                         G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, UNPACK, PREFETCH, EVICT,
@@ -476,7 +440,9 @@ def _gemv_kernel(
                 # unrolled (masked past split_k): every partial's load in flight at once, summed in split order
                 for split in tl.static_range(SPLIT_MAX):
                     in_split = n_ok[None, :] & (split < split_k)
-                    out += tl.load(p_ptrs + split * stride_split, mask=in_split, other=0.0, cache_modifier=".cg")
+                    out += tl.load(
+                        p_ptrs + split * stride_split, mask=in_split, other=0.0, cache_modifier=".cg"
+                    )
                     if MODE == 1:
                         up += tl.load(p_ptrs + split * stride_split + n_cols, mask=in_split, other=0.0,
                                       cache_modifier=".cg")  # fmt: skip
@@ -694,20 +660,30 @@ def _dequant_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _gemv(block_n, block_k, warps, stages, occupancy, unpack=1, prefetch=False, evict="", pdl=False, loader=0,
-          l2_prefetch=False, reduce_unrolled=False):
+def _gemv(
+    block_n,
+    block_k,
+    warps,
+    stages,
+    occupancy,
+    unpack=1,
+    prefetch=False,
+    evict="",
+    pdl=False,
+    loader=0,
+    reduce_unrolled=False,
+):
     """occupancy: programs per SM the K split aims for; unpack: 0 = codes as 1 + q/16 (shift + lop3 + FMA,
     sum of x per word), 1 = codes read in place (lop3 + 2 FMAs, :func:`_codes_minus`); prefetch: the next
     weight tile is loaded before this one's math (register double buffer); evict: eviction policy of the
-    weight loads ("" or "evict_first"); pdl: programmatic dependent launch (Hopper; 2 = dense rows prefetch
-    their weights into L2 before waiting on the previous kernel, see :func:`_gemv_kernel`); l2_prefetch: each
-    one-row program bulk-prefetches its whole weight range into L2 at its start; reduce_unrolled: the split-K
+    weight loads ("" or "evict_first"); pdl: programmatic dependent launch (Hopper; 1 = dependents triggered
+    before the wait, 2 = after it, see :func:`_gemv_kernel`); reduce_unrolled: the split-K
     epilogue loads every partial at once (unrolled to the next power of two of split_k); loader (one-row
     programs): 0 = register loads, 1 = ``cp.async`` pipeline, 2 = TMA pipeline, both ``stages`` deep
     (:func:`_gemv_columns`; 2 falls back to 1 where the weight does not fit a tensor descriptor)."""
     return {"kind": "gemv", "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages,
             "occupancy": occupancy, "unpack": unpack, "prefetch": prefetch, "evict": evict, "pdl": pdl,
-            "loader": loader, "l2_prefetch": l2_prefetch, "reduce_unrolled": reduce_unrolled}  # fmt: skip
+            "loader": loader, "reduce_unrolled": reduce_unrolled}  # fmt: skip
 
 
 def _gemm(block_m, block_n, block_k, warps, stages, occupancy=0, group_m=8, nibble_dots=False):
@@ -724,8 +700,9 @@ def _gemm(block_m, block_n, block_k, warps, stages, occupancy=0, group_m=8, nibb
 # MoE: dequantise all experts + the bf16 fused MoE from this many rows per expert (measured faster at 256
 # rows/expert, slower at 32).
 TUNED = {
-    # 2026-11-24 sweep #2 (bench/results/int4_gemv_h100.md): best sum over the two Scout shapes, 22.7 + 13.3 us
-    "gemv": _gemv(64, 256, 4, 1, 4, unpack=2, prefetch=True, evict="evict_first"),
+    # 2026-11-24 sweep #2 (bench/results/int4_gemv_h100.md): best sum over the two Scout shapes, 22.7 + 13.3 us;
+    # sweep #4 (same file): the unrolled split-K epilogue, 22.4 + 13.2 us vs 23.2 + 13.6 us without it
+    "gemv": _gemv(64, 256, 4, 1, 4, unpack=2, prefetch=True, evict="evict_first", reduce_unrolled=True),
     "gemm_small": _gemm(16, 256, 128, 8, 3, occupancy=4, nibble_dots=True),  # rows <= 16; 44.1 + 31.3 us
     "gemm_medium": _gemm(64, 64, 128, 4, 4, occupancy=2),  # rows <= 128
     "gemm_large": _gemm(128, 256, 64, 8, 3),
@@ -735,7 +712,7 @@ TUNED = {
 }
 
 INTERPRET = {
-    "gemv": _gemv(16, 64, 4, 1, 4, unpack=2, prefetch=True),
+    "gemv": _gemv(16, 64, 4, 1, 4, unpack=2, prefetch=True, reduce_unrolled=True),
     "gemm_small": _gemm(16, 16, 128, 4, 1, occupancy=2, nibble_dots=True),
     "gemm_medium": _gemm(16, 32, 32, 4, 1, occupancy=1),
     "gemm_large": _gemm(32, 32, 32, 4, 1),
@@ -817,9 +794,13 @@ def _check_weight(qweight, scales, zeros, group_size, expert_dims: int):
 def _tma_fits(qweight: torch.Tensor, block_k: int, block_n: int) -> bool:
     """Whether the copy engine can read ``qweight`` in (block_k // 8, block_n) tiles: sm_90+ (or the
     interpreter), 16-byte aligned base and rows (N % 4 == 0), tile sides <= 256 words."""
-    if not _interpreting() and not (qweight.is_cuda and torch.cuda.get_device_capability(qweight.device)[0] >= 9):
+    if not _interpreting() and not (
+        qweight.is_cuda and torch.cuda.get_device_capability(qweight.device)[0] >= 9
+    ):
         return False
-    return qweight.data_ptr() % 16 == 0 and qweight.shape[-1] % 4 == 0 and block_k // 8 <= 256 and block_n <= 256
+    return (
+        qweight.data_ptr() % 16 == 0 and qweight.shape[-1] % 4 == 0 and block_k // 8 <= 256 and block_n <= 256
+    )
 
 
 _COUNTERS: dict = {}
@@ -888,9 +869,6 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
         else:
             loader = 1
     pdl = int(cfg.get("pdl", False)) if not _interpreting() else 0
-    # bulk L2 prefetches need 16-byte aligned rows (and gate/up halves)
-    l2_prefetch = (cfg.get("l2_prefetch", False) and block_m == 1 and not _interpreting()
-                   and qweight.data_ptr() % 16 == 0 and n_cols % 4 == 0 and size_n % 4 == 0)  # fmt: skip
     split_max = triton.next_power_of_2(split_k) if cfg.get("reduce_unrolled", False) and fused else 0
     _gemv_kernel[(n_tiles, num_row_blocks, split_k)](
         x, qweight, scales, z, out, part, counters, weights, sorted_rows, block_expert, desc, m_rows, size_n, n_rows,
@@ -899,7 +877,7 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
         G=group_size, MODE=mode, SYMMETRIC=zeros is None, ROUTE_BLOCK=route_block, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, FUSED_SPLIT=fused, UNPACK=unpack,
         PREFETCH=cfg.get("prefetch", False), EVICT=cfg.get("evict", ""), PDL=pdl, LOADER=loader,
-        STAGES=cfg["num_stages"], L2_PREFETCH=l2_prefetch, SPLIT_MAX=split_max, **_launch_opts(cfg),
+        STAGES=cfg["num_stages"], SPLIT_MAX=split_max, **_launch_opts(cfg),
     )  # fmt: skip
     return out
 
