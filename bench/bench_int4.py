@@ -107,6 +107,14 @@ def _overlap_candidates():
     return out
 
 
+def _cap_candidates():
+    """The shipped config against K splits capped at occupancy (programs per SM) 4, 4.25, 4.5, 5."""
+    out = [dict(int4.TUNED["gemv"])]
+    for occ in (4, 4.25, 4.5, 5):
+        out.append(dict(int4.TUNED["gemv"], occupancy=occ, split_cap=True))
+    return out
+
+
 def _final_candidates():
     """The shipped config, the one before it, and split-K sizes (occupancy) around the shipped one."""
     out = [dict(int4.TUNED["gemv"]), dict(PREVIOUS_GEMV)]
@@ -382,12 +390,15 @@ def _select_candidates(which: str) -> None:
     :func:`_overlap_candidates`, :func:`_final_candidates`), M=16 is not swept (its kernel did not change);
     MOE_EXTRA: configs also timed on the decode MoE."""
     global TUNE_ROWS
-    makers = {"pipe": _pipe_candidates, "overlap": _overlap_candidates, "final": _final_candidates}
+    makers = {"pipe": _pipe_candidates, "overlap": _overlap_candidates, "final": _final_candidates,
+              "cap": _cap_candidates}  # fmt: skip
     if which in makers:
         CANDIDATES[1] = makers[which]()
         TUNE_ROWS = [1]
     if which == "overlap":
         MOE_EXTRA[:] = [c for c in CANDIDATES[1] if c.get("pdl") == 2 or c.get("reduce_unrolled")][:4]
+    if which == "cap":
+        MOE_EXTRA[:] = CANDIDATES[1][1:]
     if which == "final":
         MOE_EXTRA[:] = [dict(PREVIOUS_GEMV), _gemv(64, 256, 4, 1, 4, unpack=2, prefetch=True, evict="evict_first",
                                                    reduce_unrolled=True, pdl=2)]  # fmt: skip
@@ -403,7 +414,9 @@ def _cfg_str(cfg):
         flags = f" u{cfg.get('unpack', 1)}" + ("", " cp.async", " TMA")[cfg.get("loader", 0)] + " prefetch" * bool(cfg.get("prefetch")) + (
             f" {cfg['evict']}" if cfg.get("evict") else "") + " pdl" * bool(cfg.get("pdl"))  # fmt: skip
     if cfg["kind"] == "gemv":
-        flags += " red-unrolled" * bool(cfg.get("reduce_unrolled"))
+        flags += " red-unrolled" * bool(cfg.get("reduce_unrolled")) + " split-cap" * bool(
+            cfg.get("split_cap")
+        )
         flags = flags.replace(" pdl", f" pdl{int(cfg['pdl'])}") if cfg.get("pdl") else flags
     return kind + "(" + ",".join(str(cfg[k]) for k in keys if k in cfg) + ")" + flags
 
@@ -767,7 +780,7 @@ def main() -> None:
         help="the tune section's winners replace TUNED in this process for the later sections",
     )
     parser.add_argument(
-        "--candidates", default="all", help="all | pipe | overlap | final: the M=1 tune sweep"
+        "--candidates", default="all", help="all | pipe | overlap | final | cap: the M=1 tune sweep"
     )
     parser.add_argument(
         "--rows", default=None, help="linear section: comma-separated M (default 1,16,64,4096)"

@@ -129,6 +129,24 @@ def test_gemv_pipelined_loaders(int4, loader, unpack):
     assert rel(out, _moe_reference(x, weights, ids, gate_up, down, 32)) < TOL[torch.float16]
 
 
+def test_split_rules(int4, monkeypatch):
+    # occupancy as a floor (enough programs) or, split_cap, a ceiling (the most splits that stay under it); every
+    # split is whole K tiles and the splits cover K.
+    monkeypatch.setattr(int4, "_n_sms", lambda device: 132)
+    for tiles, n_groups, block_k, group in (
+        (256, 40, 256, 128),
+        (80, 64, 256, 128),
+        (128, 40, 256, 128),
+        (7, 96, 64, 32),
+    ):
+        for occ in (2, 4, 4.25, 8):
+            floor_split, floor_per = int4._split(n_groups, tiles, occ, block_k, group, None)
+            cap_split, cap_per = int4._split(n_groups, tiles, occ, block_k, group, None, cap=True)
+            for split, per in ((floor_split, floor_per), (cap_split, cap_per)):
+                assert per % max(1, block_k // group) == 0 and (split - 1) * per < n_groups <= split * per
+            assert tiles * cap_split <= max(occ * 132, tiles) and cap_split <= floor_split
+
+
 def test_tma_fit_rules(int4):
     weight = packed_weight((), 64, 40, 32, symmetric=True)[0]
     assert int4._tma_fits(weight, 64, 16)
@@ -146,7 +164,7 @@ def test_gemv_split_k_is_one_launch_and_leaves_counters_at_zero(int4, mode, unro
     # K split over many programs: the last one to finish a tile sums the splits (and, for the MoE gate_up,
     # runs SwiGLU), in a loop or unrolled to a power of two (masked). Two calls in a row: the second sees the
     # counters the first left behind.
-    cfg = dict(int4.INTERPRET["gemv"], occupancy=64, reduce_unrolled=unrolled)
+    cfg = dict(int4.INTERPRET["gemv"], occupancy=64, reduce_unrolled=unrolled, split_cap=unrolled)
     for _ in range(2):
         if mode == "linear":
             weight = packed_weight((), 256, 40, 32, symmetric=False)

@@ -672,6 +672,7 @@ def _gemv(
     pdl=False,
     loader=0,
     reduce_unrolled=False,
+    split_cap=False,
 ):
     """occupancy: programs per SM the K split aims for; unpack: 0 = codes as 1 + q/16 (shift + lop3 + FMA,
     sum of x per word), 1 = codes read in place (lop3 + 2 FMAs, :func:`_codes_minus`); prefetch: the next
@@ -680,10 +681,11 @@ def _gemv(
     before the wait, 2 = after it, see :func:`_gemv_kernel`); reduce_unrolled: the split-K
     epilogue loads every partial at once (unrolled to the next power of two of split_k); loader (one-row
     programs): 0 = register loads, 1 = ``cp.async`` pipeline, 2 = TMA pipeline, both ``stages`` deep
-    (:func:`_gemv_columns`; 2 falls back to 1 where the weight does not fit a tensor descriptor)."""
+    (:func:`_gemv_columns`; 2 falls back to 1 where the weight does not fit a tensor descriptor); split_cap:
+    occupancy is a ceiling on programs per SM (the most K splits under it) instead of a floor."""
     return {"kind": "gemv", "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages,
             "occupancy": occupancy, "unpack": unpack, "prefetch": prefetch, "evict": evict, "pdl": pdl,
-            "loader": loader, "reduce_unrolled": reduce_unrolled}  # fmt: skip
+            "loader": loader, "reduce_unrolled": reduce_unrolled, "split_cap": split_cap}  # fmt: skip
 
 
 def _gemm(block_m, block_n, block_k, warps, stages, occupancy=0, group_m=8, nibble_dots=False):
@@ -745,13 +747,17 @@ def pick_config(rows: float) -> dict:
 
 
 def _split(
-    n_groups: int, tiles: int, occupancy: int, block_k: int, group_size: int, device
+    n_groups: int, tiles: int, occupancy: float, block_k: int, group_size: int, device, cap: bool = False
 ) -> tuple[int, int]:
-    """(split_k, groups per split): enough programs for ``occupancy`` per SM; each split is whole K tiles."""
+    """(split_k, groups per split): enough programs for ``occupancy`` per SM (``cap``: the most splits that
+    keep the programs at or under ``occupancy`` per SM); each split is whole K tiles."""
     step = max(1, block_k // group_size)  # groups per K tile
     if not occupancy:
         return 1, triton.cdiv(n_groups, step) * step
-    want = max(1, min(n_groups, triton.cdiv(occupancy * _n_sms(device), max(tiles, 1))))
+    if cap:
+        want = max(1, min(n_groups, int(occupancy * _n_sms(device)) // max(tiles, 1)))
+    else:
+        want = max(1, min(n_groups, triton.cdiv(int(occupancy * _n_sms(device)), max(tiles, 1))))
     per_split = triton.cdiv(triton.cdiv(n_groups, want), step) * step
     return triton.cdiv(n_groups, per_split), per_split
 
@@ -840,7 +846,7 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
     n_tiles = triton.cdiv(n_cols, block_n)
     block_k = cfg["BLOCK_K"]
     split_k, per_split = _split(n_groups, num_row_blocks * n_tiles, cfg["occupancy"], block_k, group_size,
-                                device)  # fmt: skip
+                                device, cfg.get("split_cap", False))  # fmt: skip
     fused = split_k > 1 and mode != 2
     if mode == 0:
         out = torch.empty(m_rows, size_n, dtype=x.dtype, device=device)
