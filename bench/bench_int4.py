@@ -108,9 +108,10 @@ def _overlap_candidates():
 
 
 def _cap_candidates():
-    """The shipped config against K splits capped at occupancy (programs per SM) 4, 4.25, 4.5, 5."""
-    out = [dict(int4.TUNED["gemv"])]
-    for occ in (4, 4.25, 4.5, 5):
+    """The shipped config, the same with occupancy 4 as a floor (the config of 85c472d), and K splits capped at
+    occupancy (programs per SM) 4, 4.5, 5."""
+    out = [dict(int4.TUNED["gemv"]), dict(int4.TUNED["gemv"], occupancy=4, split_cap=False)]
+    for occ in (4, 4.5, 5):
         out.append(dict(int4.TUNED["gemv"], occupancy=occ, split_cap=True))
     return out
 

@@ -704,7 +704,19 @@ def _gemm(block_m, block_n, block_k, warps, stages, occupancy=0, group_m=8, nibb
 TUNED = {
     # 2026-11-24 sweep #2 (bench/results/int4_gemv_h100.md): best sum over the two Scout shapes, 22.7 + 13.3 us;
     # sweep #4 (same file): the unrolled split-K epilogue, 22.4 + 13.2 us vs 23.2 + 13.6 us without it
-    "gemv": _gemv(64, 256, 4, 1, 4, unpack=2, prefetch=True, evict="evict_first", reduce_unrolled=True),
+    # sweep #5: K splits capped at 4.25 programs per SM (2 splits of 16384x5120 instead of 3; 7 of 5120x8192)
+    "gemv": _gemv(
+        64,
+        256,
+        4,
+        1,
+        4.25,
+        unpack=2,
+        prefetch=True,
+        evict="evict_first",
+        reduce_unrolled=True,
+        split_cap=True,
+    ),  # fmt: skip
     "gemm_small": _gemm(16, 256, 128, 8, 3, occupancy=4, nibble_dots=True),  # rows <= 16; 44.1 + 31.3 us
     "gemm_medium": _gemm(64, 64, 128, 4, 4, occupancy=2),  # rows <= 128
     "gemm_large": _gemm(128, 256, 64, 8, 3),
