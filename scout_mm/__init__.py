@@ -12,6 +12,8 @@ __all__ = [
     "Processor",
     "count_parameters",
     "generate",
+    "fuse_projections",
+    "unfuse_projections",
 ]
 
 
@@ -25,6 +27,10 @@ def __getattr__(name):
         from scout_mm.generation import generate
 
         return generate
+    if name in ("fuse_projections", "unfuse_projections"):
+        from scout_mm import fusion
+
+        return getattr(fusion, name)
     if name == "Processor":
         from scout_mm.processor import Processor
 
