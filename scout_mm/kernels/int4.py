@@ -15,6 +15,11 @@ kernels serve both the dense linear layers and the two grouped GEMMs of the Int4
   K is split over programs so that even a 5120-wide output fills the GPU;
   the last program to finish a tile sums the splits in a fixed order (deterministic) and runs the epilogue,
   so a decode matmul is ONE launch (the MoE gate_up launch also applies the routing weight and SwiGLU).
+  Shipped: the split-K partials loaded all at once (``reduce_unrolled``) and the split count capped at ~4
+  programs per SM (``split_cap``). Optional weight loaders pipelined in shared memory (``loader`` 1 = cp.async,
+  2 = TMA tensor descriptor) measured slower on an H100: their no-math stream is only ~4% faster than plain
+  register loads, because what caps a ~10-20 us stream is a ~3 us fixed cost per launch, not bytes in flight
+  (``bench/results/int4_gemv_h100.md``).
 - ``_gemm_kernel`` (more rows), ``tl.dot`` in two forms: ``NIBBLE_DOTS`` (3-16 rows) reads each packed word
   once and runs one 16-deep dot per nibble against the matching strided activation columns; the tile form
   (more rows) dequantises a whole ``(BLOCK_K, BLOCK_N)`` tile and runs one dot. Measured on an H100, the first
