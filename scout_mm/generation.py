@@ -100,13 +100,14 @@ class GraphedDecode:
         device = tokens.device
         self.tokens, self.positions = tokens.clone(), positions.clone()
         self.graph = torch.cuda.CUDAGraph()
-        # Capture needs a warm-up on a side stream (Triton compiles, the allocator settles). It runs the real
-        # first step: it writes the same keys/values at the same positions as the first replay will.
+        # Capture needs a warm-up on a side stream (Triton compiles, lazily made buffers and cuBLAS workspaces
+        # exist before the graph's private pool takes over). It runs the real first step: it writes the same
+        # keys/values at the same positions as the first replay will. One warm-up step: an eager Scout-size
+        # step is ~80 ms, and the capture is paid by every generate call.
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                decode_one_token(model, self.tokens, self.positions, cache)
+            decode_one_token(model, self.tokens, self.positions, cache)
         torch.cuda.current_stream(device).wait_stream(stream)
         with torch.cuda.graph(self.graph):
             self.logits = decode_one_token(model, self.tokens, self.positions, cache)
