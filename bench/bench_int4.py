@@ -731,10 +731,11 @@ def section_scout(rows_out, profile=True):
 def section_profile(rows_out):
     """The default build's decode step (8K context), profiled three times on the same weights, prompt and
     token: inference fusions off (``SCOUT_MM_FUSED=off``, separate q/k/v and gate/up projections), the fused
-    kernels on, and the fused kernels + fused projections (what ``load_quantized`` gives)."""
+    kernels on, the fused kernels + fused projections, and those + the shared expert folded into the routed
+    Int4 experts (``fuse_shared_expert``; what ``load_quantized`` gives)."""
     import os
 
-    from scout_mm.fusion import fuse_projections
+    from scout_mm.fusion import fuse_projections, fuse_shared_expert
 
     start = time.perf_counter()
     config, model = build_scout_int4(fuse=False)
@@ -742,13 +743,22 @@ def section_profile(rows_out):
     rows_out += ["", "## Scout-size decode step profile (default build)", "",
                  f"Built in {time.perf_counter() - start:.0f} s."]  # fmt: skip
     runs = {}
-    variants = (("fusions off", "off", False), ("fused kernels", "auto", False),
-                ("fused kernels + fused projections", "auto", True))  # fmt: skip
+    variants = (("fusions off", "off", 0), ("fused kernels", "auto", 0),
+                ("fused kernels + fused projections", "auto", 1),
+                ("fused kernels + fused projections + shared expert folded", "auto", 2))  # fmt: skip
     try:
         for label, env, fuse in variants:
             os.environ["SCOUT_MM_FUSED"] = env
-            if fuse:
+            if fuse >= 1:
                 fuse_projections(model)
+            if fuse >= 2:  # the stacks grow by one expert, a layer at a time: free the earlier variants' caches
+                import gc
+
+                gc.collect()
+                torch.cuda.empty_cache()
+                print(f"before the fold: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
+                fuse_shared_expert(model)
+                torch.cuda.empty_cache()
             torch.manual_seed(0)  # the same prompt and token for every variant
             runs[label] = decode_step_profile(model, config, rows_out, label)
     finally:
@@ -763,7 +773,13 @@ def section_profile(rows_out):
         rows_out.append(f"| {label} | {r['ms']:.2f} | {1000 / r['ms']:.1f} | {r['kernels']:.0f} | {r['busy_ms']:.2f} | "
                         f"{base['ms'] / r['ms']:.2f}x | {diff:.3g} (logit scale {float(base['logits'].abs().max()):.3g}), "
                         f"{'same' if same else 'DIFFERENT'} |")  # fmt: skip
-    print("\n".join(rows_out[-(len(runs) + 4) :]), flush=True)
+    prev = runs["fused kernels + fused projections"]
+    folded = runs["fused kernels + fused projections + shared expert folded"]
+    rows_out += ["", f"Shared expert folded vs not (fused kernels + projections both): {folded['ms']:.2f} vs "
+                 f"{prev['ms']:.2f} ms/step ({prev['ms'] / folded['ms']:.3f}x), logits max abs diff "
+                 f"{float((folded['logits'] - prev['logits']).abs().max()):.3g}, argmax "
+                 f"{'same' if bool((folded['logits'].argmax(-1) == prev['logits'].argmax(-1)).all()) else 'DIFFERENT'}."]  # fmt: skip
+    print("\n".join(rows_out[-(len(runs) + 6) :]), flush=True)
 
 
 def main() -> None:

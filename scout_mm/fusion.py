@@ -6,6 +6,13 @@ k/v outputs are latency-bound; one launch over the concatenated weight replaces 
     ...generate...
     unfuse_projections(model)           # back to the checkpoint layout, e.g. before saving
 
+The shared expert of an Int4 MoE layer can also join the routed experts (:func:`fuse_shared_expert`, which
+``load_quantized`` applies too): its packed gate|up and down become expert ``E`` of the ``Int4Experts`` stacks
+and every token gets one more slot (expert ``E``, routing weight 1.0), so one grouped gate_up launch and one
+down launch compute shared + routed, and the slot sum adds all ``k + 1`` outputs in fp32 (one rounding instead
+of two). Layers whose shared expert does not fit the stacks (another intermediate size or quantization, float
+weights) stay as they are. ``unfuse_projections`` undoes both.
+
 A fused model keeps the checkpoint format out of reach on purpose: ``state_dict()`` / ``load_state_dict()``
 on it raise (saving would otherwise write ``qkv_proj`` keys no HF checkpoint has); unfuse first. The fused
 weights do not train (``requires_grad=False``).
@@ -17,7 +24,7 @@ import torch
 from torch import nn
 
 from scout_mm.model import Attention
-from scout_mm.moe.layer import SwiGLU
+from scout_mm.moe.layer import MoE, SwiGLU
 
 # (module class, fused attribute, the projections it replaces, in output order)
 FUSIONS = (
@@ -117,9 +124,99 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     return model
 
 
+class SharedSlotExperts(nn.Module):
+    """Routed experts whose last expert is the layer's shared expert (:func:`fuse_shared_expert`); ``shared_form``
+    remembers how the shared SwiGLU held its gate/up projections ("fused": ``gate_up_proj``, else "separate")."""
+
+    def __init__(self, experts: nn.Module, shared_form: str):
+        super().__init__()
+        self.experts = experts
+        self.shared_form = shared_form
+
+    def forward(self, hidden, topk_weights, topk_ids):
+        return self.experts(hidden, topk_weights, topk_ids)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        raise RuntimeError(
+            f"{prefix.rstrip('.')} holds the shared expert as one more routed expert (scout_mm.fusion."
+            "fuse_shared_expert); its state would not match the checkpoint format. Call scout_mm.fusion."
+            "unfuse_projections(model) first."
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        raise RuntimeError(
+            f"{prefix.rstrip('.')} holds the shared expert as a routed expert: load the checkpoint into the "
+            "unfused model (scout_mm.fusion.unfuse_projections), then fuse again."
+        )
+
+    def extra_repr(self) -> str:
+        return f"shared expert = expert {self.experts.n_experts - 1}, shared_form={self.shared_form!r}"
+
+
+def _shared_gate_up(shared: SwiGLU) -> tuple[nn.Module | None, str]:
+    if shared.gate_up_proj is not None:
+        fused = shared.gate_up_proj
+        return (fused.proj if fused.names == ("gate_proj", "up_proj") else None), "fused"
+    from scout_mm.quant.modules import Int4Linear
+
+    if type(shared.gate_proj) is not Int4Linear or type(shared.up_proj) is not Int4Linear:
+        return None, "separate"
+    try:
+        return Int4Linear.concat([shared.gate_proj, shared.up_proj]), "separate"
+    except ValueError:
+        return None, "separate"
+
+
+@torch.no_grad()
+def fuse_shared_expert(model: nn.Module) -> nn.Module:
+    """Fold every MoE layer's shared expert into its ``Int4Experts`` stacks in place (see the module docstring);
+    returns ``model``. Layers with float experts, or whose shared expert differs from the routed experts in
+    intermediate size or quantization settings, stay as they are. Idempotent."""
+    from scout_mm.quant.modules import Int4Experts
+
+    # (a list of the MoE blocks only: holding the old stacks until the end would double their memory)
+    for module in [m for m in model.modules() if isinstance(m, MoE)]:
+        if module.shared_slot or module.shared_expert is None:
+            continue
+        if type(module.experts) is not Int4Experts:
+            continue
+        gate_up, form = _shared_gate_up(module.shared_expert)
+        stacked = None if gate_up is None else module.experts.append_expert(gate_up, module.shared_expert.down_proj)
+        if stacked is None:
+            continue
+        module.experts = SharedSlotExperts(stacked, form)
+        module.shared_expert = None
+        module.shared_slot = True
+    return model
+
+
+@torch.no_grad()
+def unfuse_shared_expert(model: nn.Module) -> nn.Module:
+    """Undo :func:`fuse_shared_expert` in place: the routed stacks and the shared SwiGLU with the exact packed
+    values they had (its gate/up fused or separate, as they were)."""
+    for module in [m for m in model.modules() if isinstance(m, MoE)]:
+        if not module.shared_slot:
+            continue
+        slot = module.experts
+        experts, gate_up, down = slot.experts.pop_expert()
+        inter = experts.intermediate_size
+        with torch.device("meta"):
+            shared = SwiGLU(experts.hidden_size, inter)
+        if slot.shared_form == "fused":
+            del shared.gate_proj, shared.up_proj
+            shared.gate_up_proj = FusedLinear(gate_up, [inter, inter], ("gate_proj", "up_proj"))
+        else:
+            shared.gate_proj, shared.up_proj = gate_up.split([inter, inter])
+        shared.down_proj = down
+        module.experts, module.shared_expert, module.shared_slot = experts, shared, False
+    return model
+
+
 @torch.no_grad()
 def unfuse_projections(model: nn.Module) -> nn.Module:
-    """Undo :func:`fuse_projections` in place (the separate projections again, as in checkpoints)."""
+    """Undo :func:`fuse_projections` and :func:`fuse_shared_expert` in place (the separate projections and the
+    shared expert again, as in checkpoints)."""
+    unfuse_shared_expert(model)
     for module in list(model.modules()):
         for cls, fused_name, _ in FUSIONS:
             fused = getattr(module, fused_name, None) if isinstance(module, cls) else None
@@ -134,4 +231,4 @@ def unfuse_projections(model: nn.Module) -> nn.Module:
 
 
 def is_fused(model: nn.Module) -> bool:
-    return any(isinstance(m, FusedLinear) for m in model.modules())
+    return any(isinstance(m, (FusedLinear, SharedSlotExperts)) for m in model.modules())

@@ -172,6 +172,20 @@ def test_router_topk_matches_reference(fused, tokens, hidden, n_experts, top_k, 
                                rtol=2e-3, atol=2e-3)  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("tokens, n_experts, top_k", [(1, 16, 1), (5, 5, 2), (3, 1, 1)])
+def test_router_shared_slot_appends_expert_e_with_weight_one(fused, tokens, n_experts, top_k, dtype):
+    # scout_mm.fusion.fuse_shared_expert: one more slot per token, expert n_experts, weight exactly 1.0
+    x = torch.randn(tokens, 96).to(dtype)
+    weight = (torch.randn(n_experts, 96) * 96**-0.5).to(dtype)
+    weights, ids, logits = fused.router_topk(x, weight, top_k)
+    w_slot, ids_slot, logits_slot = fused.router_topk(x, weight, top_k, shared_slot=True)
+    assert ids_slot.shape == w_slot.shape == (tokens, top_k + 1) and ids_slot.is_contiguous()
+    assert torch.equal(ids_slot[:, :top_k], ids) and torch.equal(w_slot[:, :top_k], weights)
+    assert torch.equal(logits_slot, logits)
+    assert (ids_slot[:, top_k] == n_experts).all() and (w_slot[:, top_k] == 1.0).all()
+
+
 def test_router_ties_pick_the_lowest_expert(fused):
     # Experts 1, 3 and 6 share one weight row, and every token's logit for it is the largest: three equal
     # top logits, chosen in index order.

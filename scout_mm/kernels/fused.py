@@ -162,11 +162,13 @@ def _router_kernel(
     n_experts,
     stride_x,
     TOP_K: tl.constexpr,
+    EXTRA: tl.constexpr,  # 1: one more slot per token, expert n_experts with weight 1.0 (the folded shared expert)
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """Program (token, expert) computes one logit (all E programs of a token read the router weight in
-    parallel); the last of a token's programs to arrive — counted with an atomic — runs the top-k and sigmoid."""
+    parallel); the last of a token's programs to arrive — counted with an atomic — runs the top-k and sigmoid.
+    The top-k outputs have ``TOP_K + EXTRA`` slots per token."""
     token = tl.program_id(0).to(tl.int64)
     expert = tl.program_id(1)
     acc = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -191,9 +193,12 @@ def _router_kernel(
             best = tl.max(remaining, axis=0)
             # lowest expert index among equal logits (a NaN logit never matches: clamp keeps the id in range)
             chosen = tl.minimum(tl.min(tl.where(remaining == best, experts, BLOCK_E), axis=0), n_experts - 1)
-            tl.store(topk_id_ptr + token * TOP_K + slot, chosen.to(tl.int64))
-            tl.store(topk_w_ptr + token * TOP_K + slot, tl.sigmoid(best).to(topk_w_ptr.dtype.element_ty))
+            tl.store(topk_id_ptr + token * (TOP_K + EXTRA) + slot, chosen.to(tl.int64))
+            tl.store(topk_w_ptr + token * (TOP_K + EXTRA) + slot, tl.sigmoid(best).to(topk_w_ptr.dtype.element_ty))
             remaining = tl.where(experts == chosen, float("-inf"), remaining)
+        if EXTRA:
+            tl.store(topk_id_ptr + token * (TOP_K + 1) + TOP_K, token * 0 + n_experts)  # int64
+            tl.store(topk_w_ptr + token * (TOP_K + 1) + TOP_K, tl.full([], 1.0, topk_w_ptr.dtype.element_ty))
         tl.atomic_xchg(count_ptr + token, 0)  # ready for the next call (and the next replay of a CUDA graph)
 
 
@@ -363,7 +368,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def router_topk(hidden: torch.Tensor, weight: torch.Tensor, top_k: int):
+def router_topk(hidden: torch.Tensor, weight: torch.Tensor, top_k: int, shared_slot: bool = False):
+    """``shared_slot``: the top-k outputs get one more column, expert ``n_experts`` with weight 1.0 (the shared
+    expert folded into the routed stacks, :func:`scout_mm.fusion.fuse_shared_expert`)."""
     tokens, size_h = hidden.shape
     n_experts = weight.shape[0]
     if weight.shape != (n_experts, size_h) or weight.dtype != hidden.dtype or not 1 <= top_k <= n_experts:
@@ -374,12 +381,13 @@ def router_topk(hidden: torch.Tensor, weight: torch.Tensor, top_k: int):
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight.contiguous()
     logits = torch.empty(tokens, n_experts, dtype=hidden.dtype, device=hidden.device)
-    topk_weights = torch.empty(tokens, top_k, dtype=hidden.dtype, device=hidden.device)
-    topk_ids = torch.empty(tokens, top_k, dtype=torch.int64, device=hidden.device)
+    extra = int(bool(shared_slot))
+    topk_weights = torch.empty(tokens, top_k + extra, dtype=hidden.dtype, device=hidden.device)
+    topk_ids = torch.empty(tokens, top_k + extra, dtype=torch.int64, device=hidden.device)
     if tokens:
         _router_kernel[(tokens, n_experts)](
             hidden, weight, logits, topk_weights, topk_ids, _counters(hidden.device, tokens), size_h, n_experts,
-            hidden.stride(0), TOP_K=top_k, BLOCK_E=triton.next_power_of_2(n_experts),
+            hidden.stride(0), TOP_K=top_k, EXTRA=extra, BLOCK_E=triton.next_power_of_2(n_experts),
             BLOCK_K=min(4096, triton.next_power_of_2(size_h)), num_warps=4,
         )  # fmt: skip
     return topk_weights, topk_ids, logits

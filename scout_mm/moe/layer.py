@@ -58,6 +58,31 @@ class MoE(nn.Module):
         self.router = Router(hidden_size, n_experts, top_k)
         self.experts = Experts(n_experts, hidden_size, intermediate_size)
         self.shared_expert = SwiGLU(hidden_size, intermediate_size) if shared_expert else None
+        # True once scout_mm.fusion.fuse_shared_expert made the shared expert the last expert of self.experts
+        # (inference): every token gets one more slot, that expert with routing weight 1.0.
+        self.shared_slot = False
+
+    def _route_with_shared_slot(self, hidden: torch.Tensor):
+        """(weights, ids) of the k routed slots + the shared slot (expert E, weight 1.0: the weight scales the
+        expert input, so 1.0 is exact), and the routed (ids, logits) of the E real experts for the aux loss. At
+        decode the fused router kernel writes the extra slot (no launch of its own)."""
+        router = self.router
+        n_experts = router.weight.shape[0]
+        if (
+            router.choose_experts is None
+            and hidden.shape[0] <= kernels.ROUTER_MAX_TOKENS
+            and n_experts <= kernels.ROUTER_MAX_EXPERTS
+            and router.weight.dtype == hidden.dtype
+            and kernels.use_fused(hidden, router.weight)
+        ):  # the conditions under which kernels.router_topk runs the fused kernel
+            from scout_mm.kernels import fused
+
+            weights, ids, logits = fused.router_topk(hidden, router.weight, router.top_k, shared_slot=True)
+            return weights, ids, ids[:, :-1], logits
+        topk_weights, topk_ids, logits = router(hidden)
+        weights = torch.cat([topk_weights, topk_weights.new_ones(hidden.shape[0], 1)], dim=1)
+        ids = torch.cat([topk_ids, topk_ids.new_full((hidden.shape[0], 1), n_experts)], dim=1)
+        return weights, ids, topk_ids, logits
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
@@ -66,6 +91,12 @@ class MoE(nn.Module):
         inference)."""
         shape = x.shape
         hidden = x.reshape(-1, shape[-1])  # (tokens, hidden)
+        if self.shared_slot:  # shared + routed in one expert call: all k + 1 slots summed in fp32, one rounding
+            weights, ids, topk_ids, router_logits = self._route_with_shared_slot(hidden)
+            out = self.experts(hidden, weights, ids)
+            if residual is not None:
+                out = residual.reshape(hidden.shape) + out
+            return out.view(shape), topk_ids, router_logits
         topk_weights, topk_ids, router_logits = self.router(hidden)
         out = self.experts(hidden, topk_weights, topk_ids)
         if self.shared_expert is not None and residual is not None:

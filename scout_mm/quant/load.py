@@ -47,6 +47,7 @@ def load_quantized(
     device: str | torch.device = "cuda",
     host_embeddings: bool = False,
     fuse: bool = True,
+    fuse_shared: bool = True,
 ):
     """An Int4 checkpoint (written by ``scripts/quantize.py`` / :func:`scout_mm.quant.save_quantized`) as a
     ready model: packed weights as stored, every float tensor in ``dtype`` (the activation dtype), all on
@@ -54,7 +55,10 @@ def load_quantized(
     the token-embedding table in pinned host memory (:class:`HostEmbedding`; saves its bytes of GPU memory,
     2.07 GB for Scout; it is read to the host and never passes through the device). ``fuse``: q|k|v and
     gate|up projections as one Int4 matmul each (:func:`scout_mm.fusion.fuse_projections`: fewer decode
-    launches; such a model's ``state_dict()`` raises until :func:`scout_mm.fusion.unfuse_projections`)."""
+    launches; such a model's ``state_dict()`` raises until :func:`scout_mm.fusion.unfuse_projections`).
+    ``fuse_shared``: each MoE layer's shared expert as one more expert of its Int4 routed stacks
+    (:func:`scout_mm.fusion.fuse_shared_expert`: shared + routed in one grouped launch per GEMM; undone by
+    ``unfuse_projections`` as well)."""
     device = torch.device(device)
     if host_embeddings and device.type != "cuda":
         raise ValueError(
@@ -131,6 +135,10 @@ def load_quantized(
         from scout_mm.fusion import fuse_projections
 
         fuse_projections(model)
+    if fuse_shared:
+        from scout_mm.fusion import fuse_shared_expert
+
+        fuse_shared_expert(model)
     return model.eval()
 
 

@@ -142,6 +142,47 @@ class Int4Experts(nn.Module):
         return ((self.gate_up_qweight, self.gate_up_scales, self.gate_up_zeros),
                 (self.down_qweight, self.down_scales, self.down_zeros))  # fmt: skip
 
+    def append_expert(self, gate_up: Int4Linear, down: Int4Linear) -> Int4Experts | None:
+        """A new module whose stacks are these plus one more expert at index ``n_experts`` (``gate_up``: the
+        gate|up projections as one (H, 2I) Int4Linear, ``down``: (I, H); ``scout_mm.fusion.fuse_shared_expert``),
+        or None when the parts do not fit the stacks (sizes, group size, zeros, scale dtype, device, a bias)."""
+        (gu_q, gu_s, gu_z), (dn_q, dn_s, dn_z) = self.packed()
+        for part, size_k, size_n, stack in ((gate_up, self.hidden_size, 2 * self.intermediate_size, gu_s),
+                                            (down, self.intermediate_size, self.hidden_size, dn_s)):  # fmt: skip
+            if not (
+                type(part) is Int4Linear
+                and (part.in_features, part.out_features, part.group_size) == (size_k, size_n, self.group_size)
+                and part.bias is None
+                and (part.zeros is None) == (gu_z is None)
+                and part.scales.dtype == stack.dtype
+                and part.qweight.device == stack.device
+            ):
+                return None
+        stacks = [None if stack is None else torch.cat([stack, extra[None]])
+                  for stack, extra in zip((gu_q, gu_s, gu_z, dn_q, dn_s, dn_z), (*gate_up.packed(), *down.packed()))]  # fmt: skip
+        return Int4Experts._from_stacks(self.group_size, stacks[:3], stacks[3:])
+
+    def pop_expert(self) -> tuple[Int4Experts, Int4Linear, Int4Linear]:
+        """The inverse of :meth:`append_expert`: (the first ``n_experts - 1`` experts, the last one's gate|up and
+        down as Int4Linear), copies with the exact packed values."""
+        gate_up, down = self.packed()
+        first = [None if t is None else t[:-1].clone() for t in (*gate_up, *down)]
+        last = [None if t is None else t[-1].clone() for t in (*gate_up, *down)]
+        experts = Int4Experts._from_stacks(self.group_size, first[:3], first[3:])
+        return (experts, Int4Linear._from_tensors(self.group_size, *last[:3], None),
+                Int4Linear._from_tensors(self.group_size, *last[3:], None))  # fmt: skip
+
+    @classmethod
+    def _from_stacks(cls, group_size: int, gate_up, down) -> Int4Experts:
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.n_experts, module.group_size = gate_up[0].shape[0], group_size
+        module.hidden_size, module.intermediate_size = gate_up[0].shape[1] * 8, down[0].shape[1] * 8
+        for prefix, tensors in (("gate_up_", gate_up), ("down_", down)):
+            for name, t in zip(("qweight", "scales", "zeros"), tensors):
+                module.register_buffer(prefix + name, t)
+        return module
+
     def forward(self, hidden, topk_weights, topk_ids):
         gate_up, down = self.packed()
         return kernels.int4_moe_experts(hidden, topk_weights, topk_ids, gate_up, down, self.group_size)
