@@ -14,6 +14,8 @@ __all__ = [
     "generate",
     "fuse_projections",
     "unfuse_projections",
+    "fuse_shared_expert",
+    "unfuse_shared_expert",
 ]
 
 
@@ -27,7 +29,7 @@ def __getattr__(name):
         from scout_mm.generation import generate
 
         return generate
-    if name in ("fuse_projections", "unfuse_projections"):
+    if name in ("fuse_projections", "unfuse_projections", "fuse_shared_expert", "unfuse_shared_expert"):
         from scout_mm import fusion
 
         return getattr(fusion, name)

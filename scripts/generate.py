@@ -17,7 +17,7 @@ import torch
 
 import scout_mm
 from scout_mm import Processor, ScoutConfig, ScoutForConditionalGeneration
-from scout_mm.fusion import fuse_projections
+from scout_mm.fusion import fuse_projections, fuse_shared_expert
 from scout_mm.generation import GenerateOutput
 from scout_mm.quant import load_quantized, quantize_model, quantized_bytes
 
@@ -83,8 +83,9 @@ def main() -> None:
             parser.error("--prompt is required with --model")
         prompt = args.prompt
 
-    # q|k|v and gate|up as one matmul each (the CLI never saves the model; load_quantized already fused).
-    fuse_projections(model)
+    # q|k|v and gate|up as one matmul each, and (Int4) the shared expert as one more routed-expert slot: the
+    # CLI never saves the model; load_quantized already did both, and a second call changes nothing.
+    fuse_shared_expert(fuse_projections(model))
     sampling = dict(max_new_tokens=args.max_new_tokens, seed=args.seed)
     if args.temperature > 0:
         sampling.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
