@@ -172,9 +172,10 @@ def silu_mul(gate, up):
     return fused_reference.silu_mul(gate, up)
 
 
-def router_topk(hidden, weight, top_k):
+def router_topk(hidden, weight, top_k, shared_slot=False):
     """Router logits, top-k, sigmoid weights. See :func:`scout_mm.kernels.fused_reference.router_topk`; the
-    fused kernel serves few tokens (decode), cuBLAS + top-k the rest."""
+    fused kernel serves few tokens (decode), cuBLAS + top-k the rest. ``shared_slot``: one more column per
+    token (expert ``E``, weight 1.0) for a MoE whose shared expert is folded into the routed stacks."""
     few = (
         hidden.shape[0] <= ROUTER_MAX_TOKENS
         and weight.shape[0] <= ROUTER_MAX_EXPERTS
@@ -183,8 +184,8 @@ def router_topk(hidden, weight, top_k):
     if few and use_fused(hidden, weight):
         from scout_mm.kernels import fused
 
-        return fused.router_topk(hidden, weight, top_k)
-    return fused_reference.router_topk(hidden, weight, top_k)
+        return fused.router_topk(hidden, weight, top_k, shared_slot=shared_slot)
+    return fused_reference.router_topk(hidden, weight, top_k, shared_slot=shared_slot)
 
 
 def write_kv_decode(k, v, k_store, v_store, positions, ring_size=None, block_table=None, block_size=None):

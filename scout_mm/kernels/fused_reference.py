@@ -62,13 +62,27 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def router_topk(
-    hidden: torch.Tensor, weight: torch.Tensor, top_k: int
+    hidden: torch.Tensor, weight: torch.Tensor, top_k: int, shared_slot: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Llama 4 router: logits ``hidden (tokens, H) @ weight (E, H).T``, top-k over them, then the sigmoid of
-    the chosen logits (in fp32, cast back, as HF). Returns (topk_weights, topk_ids, router_logits)."""
+    the chosen logits (in fp32, cast back, as HF). Returns (topk_weights, topk_ids, router_logits).
+    ``shared_slot``: weights and ids get one more column, expert ``E`` with weight 1.0 (a folded shared expert)."""
     router_logits = F.linear(hidden, weight)
     top_logits, topk_ids = torch.topk(router_logits, top_k, dim=-1)
-    return torch.sigmoid(top_logits.float()).to(router_logits.dtype), topk_ids, router_logits
+    topk_weights = torch.sigmoid(top_logits.float()).to(router_logits.dtype)
+    if shared_slot:
+        return append_shared_slot(topk_weights, topk_ids, weight.shape[0]) + (router_logits,)
+    return topk_weights, topk_ids, router_logits
+
+
+def append_shared_slot(
+    topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One more routing slot per token: expert ``n_experts`` (the folded shared expert), weight exactly 1.0."""
+    tokens = topk_ids.shape[0]
+    weights = torch.cat([topk_weights, topk_weights.new_ones(tokens, 1)], dim=1)
+    ids = torch.cat([topk_ids, topk_ids.new_full((tokens, 1), n_experts)], dim=1)
+    return weights, ids
 
 
 def write_kv_decode(

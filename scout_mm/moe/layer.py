@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from scout_mm import kernels
+from scout_mm.kernels import fused_reference
 from scout_mm.moe.router import Router
 
 
@@ -67,21 +68,11 @@ class MoE(nn.Module):
         expert input, so 1.0 is exact), and the routed (ids, logits) of the E real experts for the aux loss. At
         decode the fused router kernel writes the extra slot (no launch of its own)."""
         router = self.router
-        n_experts = router.weight.shape[0]
-        if (
-            router.choose_experts is None
-            and hidden.shape[0] <= kernels.ROUTER_MAX_TOKENS
-            and n_experts <= kernels.ROUTER_MAX_EXPERTS
-            and router.weight.dtype == hidden.dtype
-            and kernels.use_fused(hidden, router.weight)
-        ):  # the conditions under which kernels.router_topk runs the fused kernel
-            from scout_mm.kernels import fused
-
-            weights, ids, logits = fused.router_topk(hidden, router.weight, router.top_k, shared_slot=True)
+        if router.choose_experts is None:
+            weights, ids, logits = kernels.router_topk(hidden, router.weight, router.top_k, shared_slot=True)
             return weights, ids, ids[:, :-1], logits
-        topk_weights, topk_ids, logits = router(hidden)
-        weights = torch.cat([topk_weights, topk_weights.new_ones(hidden.shape[0], 1)], dim=1)
-        ids = torch.cat([topk_ids, topk_ids.new_full((hidden.shape[0], 1), n_experts)], dim=1)
+        topk_weights, topk_ids, logits = router(hidden)  # replayed routing (training): the slot appended here
+        weights, ids = fused_reference.append_shared_slot(topk_weights, topk_ids, router.weight.shape[0])
         return weights, ids, topk_ids, logits
 
     def forward(
@@ -91,7 +82,9 @@ class MoE(nn.Module):
         inference)."""
         shape = x.shape
         hidden = x.reshape(-1, shape[-1])  # (tokens, hidden)
-        if self.shared_slot:  # shared + routed in one expert call: all k + 1 slots summed in fp32, one rounding
+        if (
+            self.shared_slot
+        ):  # shared + routed in one expert call: all k + 1 slots summed in fp32, one rounding
             weights, ids, topk_ids, router_logits = self._route_with_shared_slot(hidden)
             out = self.experts(hidden, weights, ids)
             if residual is not None:
