@@ -202,14 +202,24 @@ def _moe_problem(tokens, hidden, inter, n_experts, top_k, group, symmetric, dtyp
 
 
 def _moe_reference(x, weights, ids, gate_up, down, group):
-    """float64 reference over dequantized weights (rounded to the activation dtype like the kernels)."""
+    """float64 reference over dequantized weights (rounded to the activation dtype like the kernels), routing
+    weight on the expert input; the SwiGLU output is rounded to the activation dtype before the down
+    projection, where the kernels store it (without that rounding point a tiny fp16 problem whose output
+    norm happens to be small can differ by ~1% with both sides right)."""
     n_experts = gate_up[0].shape[0]
-    local = (ids >= 0) & (ids < n_experts)
     gu = reference.dequantize(*gate_up, group, x.dtype).double()
     dn = reference.dequantize(*down, group, x.dtype).double()
-    from scout_mm.kernels.reference import moe_experts
-
-    return moe_experts(x.double(), weights.double() * local, ids.clamp(0, n_experts - 1), gu, dn)
+    inter = dn.shape[1]
+    out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    for t in range(x.shape[0]):
+        for slot in range(ids.shape[1]):
+            e = int(ids[t, slot])
+            if not 0 <= e < n_experts:  # a slot owned by another rank: contributes nothing here
+                continue
+            gate, up = ((weights[t, slot].double() * x[t].double()) @ gu[e]).split(inter)
+            h = (torch.nn.functional.silu(gate) * up).to(x.dtype).double()
+            out[t] += h @ dn[e]
+    return out
 
 
 # (tokens, hidden, inter, n_experts, top_k, group): decode sizes (GEMV path), prefill sizes (tl.dot path).
