@@ -33,7 +33,27 @@ FUSIONS = (
 )
 
 
-class FusedLinear(nn.Module):
+class _InferenceLayout(nn.Module):
+    """A module that rearranges checkpoint modules for inference (:meth:`_layout` says how): its state is not
+    the checkpoint's, so saving or loading it raises until :func:`unfuse_projections` restores the layout."""
+
+    def _layout(self) -> str:
+        return "rearranges its checkpoint modules"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        raise RuntimeError(
+            f"{prefix.rstrip('.')} {self._layout()}; its state would not match the checkpoint format. Call "
+            "scout_mm.fusion.unfuse_projections(model) first."
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        raise RuntimeError(
+            f"{prefix.rstrip('.')} {self._layout()}: load the checkpoint into the unfused model "
+            "(scout_mm.fusion.unfuse_projections), then fuse again."
+        )
+
+
+class FusedLinear(_InferenceLayout):
     """Several linear maps of the same input as one: ``forward`` returns the parts' outputs (views)."""
 
     def __init__(self, proj: nn.Module, sizes: list[int], names: tuple[str, ...]):
@@ -45,17 +65,8 @@ class FusedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.proj(x).split(self.sizes, dim=-1)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        raise RuntimeError(
-            f"{prefix.rstrip('.')} fuses {'|'.join(self.names)} (scout_mm.fusion.fuse_projections); its state "
-            "would not match the checkpoint format. Call scout_mm.fusion.unfuse_projections(model) first."
-        )
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        raise RuntimeError(
-            f"{prefix.rstrip('.')} fuses {'|'.join(self.names)}: load the checkpoint into the unfused model "
-            "(scout_mm.fusion.unfuse_projections), then fuse again."
-        )
+    def _layout(self) -> str:
+        return f"fuses {'|'.join(self.names)} (scout_mm.fusion.fuse_projections)"
 
     def extra_repr(self) -> str:
         return f"names={self.names}, sizes={self.sizes}"
@@ -124,7 +135,7 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     return model
 
 
-class SharedSlotExperts(nn.Module):
+class SharedSlotExperts(_InferenceLayout):
     """Routed experts whose last expert is the layer's shared expert (:func:`fuse_shared_expert`); ``shared_form``
     remembers how the shared SwiGLU held its gate/up projections ("fused": ``gate_up_proj``, else "separate")."""
 
@@ -136,18 +147,8 @@ class SharedSlotExperts(nn.Module):
     def forward(self, hidden, topk_weights, topk_ids):
         return self.experts(hidden, topk_weights, topk_ids)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        raise RuntimeError(
-            f"{prefix.rstrip('.')} holds the shared expert as one more routed expert (scout_mm.fusion."
-            "fuse_shared_expert); its state would not match the checkpoint format. Call scout_mm.fusion."
-            "unfuse_projections(model) first."
-        )
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        raise RuntimeError(
-            f"{prefix.rstrip('.')} holds the shared expert as a routed expert: load the checkpoint into the "
-            "unfused model (scout_mm.fusion.unfuse_projections), then fuse again."
-        )
+    def _layout(self) -> str:
+        return "holds the shared expert as one more routed expert (scout_mm.fusion.fuse_shared_expert)"
 
     def extra_repr(self) -> str:
         return f"shared expert = expert {self.experts.n_experts - 1}, shared_form={self.shared_form!r}"
@@ -181,7 +182,9 @@ def fuse_shared_expert(model: nn.Module) -> nn.Module:
         if type(module.experts) is not Int4Experts:
             continue
         gate_up, form = _shared_gate_up(module.shared_expert)
-        stacked = None if gate_up is None else module.experts.append_expert(gate_up, module.shared_expert.down_proj)
+        stacked = (
+            None if gate_up is None else module.experts.append_expert(gate_up, module.shared_expert.down_proj)
+        )
         if stacked is None:
             continue
         module.experts = SharedSlotExperts(stacked, form)
