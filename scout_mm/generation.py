@@ -247,6 +247,14 @@ def generate_steps(
     texts = [[] for _ in range(batch)] if stop_strings else None
     step_fn = lambda tokens, positions: decode_one_token(model, tokens, positions, cache)  # noqa: E731
     last = params.max_new_tokens - 1
+
+    def advance(tokens):  # queue the decode step that feeds ``tokens`` back: (history, logits, positions)
+        return (
+            torch.cat([history, tokens[:, None]], dim=1),
+            step_fn(tokens[:, None], positions),
+            positions + 1,
+        )
+
     for step in range(params.max_new_tokens):
         tokens = sample(process_logits(logits, history, params), params, generator)
         pending = _HostCopy(tokens)
@@ -256,9 +264,7 @@ def generate_steps(
         # for a reply that ends at once).
         run_ahead = 0 < step < last
         if run_ahead:
-            history = torch.cat([history, tokens[:, None]], dim=1)
-            logits = step_fn(tokens[:, None], positions)
-            positions = positions + 1
+            history, logits, positions = advance(tokens)
         tokens_host = pending.wait()
         was_active = torch.tensor(active)
         if stats is not None:
@@ -270,9 +276,7 @@ def generate_steps(
         if not run_ahead:
             if cuda_graph and device.type == "cuda":
                 step_fn = GraphedDecode.try_capture(model, cache, tokens[:, None], positions) or step_fn
-            history = torch.cat([history, tokens[:, None]], dim=1)
-            logits = step_fn(tokens[:, None], positions)
-            positions = positions + 1
+            history, logits, positions = advance(tokens)
     _sync(device)
     if stats is not None:
         stats.decode_seconds = time.perf_counter() - start
