@@ -158,14 +158,30 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rope, positions, kv_start, cache=None, temperature_scale=None):
-        """Returns the new hidden states and, for MoE layers, (topk_ids, router_logits)."""
-        attn = self.self_attn(self.input_layernorm(x), rope, positions, kv_start, cache, temperature_scale)
+    def forward(
+        self, x, rope, positions, kv_start, cache=None, temperature_scale=None, delta=None, defer_residual=False
+    ):
+        """Returns the new hidden states and, for MoE layers, (topk_ids, router_logits).
+
+        ``delta``: the previous layer's feed-forward output, not yet added to ``x`` (the add runs inside this
+        layer's first norm: one kernel at inference). ``defer_residual``: return ``(x, feed_forward_out,
+        routing)`` and leave this layer's residual add to the next norm the same way. Same rounding either way
+        (HF: the block output is rounded, then added to the residual stream and rounded)."""
+        if delta is None:
+            h = self.input_layernorm(x)
+        else:
+            x, h = self.input_layernorm(x, delta)
+        attn = self.self_attn(h, rope, positions, kv_start, cache, temperature_scale)
         x, h = self.post_attention_layernorm(x, attn)  # x + attn and its norm, one kernel at inference
+        routing = None
         if self.is_moe:
-            x, topk_ids, router_logits = self.feed_forward(h, residual=x)
-            return x, (topk_ids, router_logits)
-        return x + self.feed_forward(h), None
+            out, topk_ids, router_logits = self.feed_forward(h)
+            routing = (topk_ids, router_logits)
+        else:
+            out = self.feed_forward(h)
+        if defer_residual:
+            return x, out, routing
+        return x + out, routing
 
 
 class TextModel(nn.Module):
@@ -197,14 +213,16 @@ class TextModel(nn.Module):
         temperature_scale = None  # the same for every NoPE layer: computed once, not per layer
         if self._temperature is not None:
             temperature_scale = attn_temperature(positions, *self._temperature)
-        x = inputs_embeds
+        x, delta = inputs_embeds, None  # each layer's output is added inside the next norm (one kernel)
         aux_losses = []
         for layer in self.layers:
-            x, routing = layer(x, rope, positions, kv_start, cache, temperature_scale)
+            x, delta, routing = layer(
+                x, rope, positions, kv_start, cache, temperature_scale, delta=delta, defer_residual=True
+            )
             if routing is not None and with_aux_loss:
                 aux_losses.append(load_balancing_loss(routing[1], routing[0], token_mask))
         aux = torch.stack(aux_losses).mean() if aux_losses else None
-        return self.norm(x), aux
+        return (self.norm(x) if delta is None else self.norm(x, delta)[1]), aux
 
 
 class ScoutForCausalLM(nn.Module):

@@ -161,6 +161,8 @@ def test_tma_fit_rules(int4):
 @pytest.mark.parametrize("unrolled", [False, True], ids=["loop", "unrolled"])
 @pytest.mark.parametrize("mode", ["linear", "moe"])
 def test_gemv_split_k_is_one_launch_and_leaves_counters_at_zero(int4, mode, unrolled):
+    from scout_mm.kernels import launch
+
     # K split over many programs: the last one to finish a tile sums the splits (and, for the MoE gate_up,
     # runs SwiGLU), in a loop or unrolled to a power of two (masked). Two calls in a row: the second sees the
     # counters the first left behind.
@@ -176,7 +178,7 @@ def test_gemv_split_k_is_one_launch_and_leaves_counters_at_zero(int4, mode, unro
             out = int4.int4_moe_experts(x, weights, ids, gate_up, down, 32, config=cfg)
             ref = _moe_reference(x, weights, ids, gate_up, down, 32)
         assert rel(out, ref) < TOL[torch.float32]
-        assert all(int(buf.abs().sum()) == 0 for buf in int4._COUNTERS.values())
+        assert all(int(buf.abs().sum()) == 0 for buf in launch._COUNTERS.values())
 
 
 def test_gather_rows_kernel(int4):
@@ -262,6 +264,30 @@ def test_moe_skewed_routing_and_non_local_slots(int4):
     out = int4.int4_moe_experts(x, weights, ids, gate_up, down, 32)
     assert (out[0] == 0).all()
     assert rel(out, _moe_reference(x, weights, ids, gate_up, down, 32)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("tokens,top_k", [(1, 1), (1, 3), (2, 2), (3, 3)])
+def test_moe_direct_decode_layout_equals_the_sorted_layout(int4, monkeypatch, tokens, top_k, dtype):
+    # Few tokens: rows straight from the routing ids (no routing kernel) and the slot sum inside the down
+    # launch must give exactly what the sorted layout + _sum_rows gives (same fp32 order), including a slot
+    # owned by another rank, two slots on one expert, K split over programs, and counters left at zero.
+    from scout_mm.kernels import launch
+
+    x, weights, ids, gate_up, down = _moe_problem(tokens, 64, 96, 8, top_k, 32, False, dtype)
+    if top_k > 1:
+        ids[0, 1] = -1 if tokens == 1 else 11  # non-local slot
+    if tokens > 1:
+        ids[1, :] = ids[0, 0]  # every slot of token 1 on one expert
+    cfg = dict(int4.INTERPRET["gemv"], occupancy=16)
+    assert int4._moe_route_block(tokens * top_k / min(8, tokens * top_k), cfg) == 1  # the direct path runs
+    for _ in range(2):
+        direct = int4.int4_moe_experts(x, weights, ids, gate_up, down, 32, config=cfg)
+        assert all(int(buf.abs().sum()) == 0 for buf in launch._COUNTERS.values())
+    monkeypatch.setattr(int4, "DIRECT_DECODE_MOE", False)
+    sorted_layout = int4.int4_moe_experts(x, weights, ids, gate_up, down, 32, config=cfg)
+    assert torch.equal(direct, sorted_layout)
+    assert rel(direct, _moe_reference(x, weights, ids, gate_up, down, 32)) < TOL[dtype] * 3
 
 
 def test_dispatch_runs_triton_when_forced(int4, monkeypatch):

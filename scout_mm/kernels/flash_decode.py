@@ -30,18 +30,22 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from scout_mm.kernels.launch import arrival_counters, pdl_args, pdl_wait_and_trigger
+
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, BlockTable, KVLens, KVStart, PartOut, PartLse,
+    Q, K, V, BlockTable, KVLens, KVStart, QScale, PartOut, PartLse, Out, Lse, Counters,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,  # paged: (block, head, slot)
-    stride_table, n_kv_heads, n_rows, capacity, split_len, block_size, qk_scale,
+    stride_table, n_kv_heads, n_rows, n_splits, capacity, split_len, block_size, qk_scale,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGED: tl.constexpr, HAS_LENS: tl.constexpr, HAS_KV_START: tl.constexpr,
+    HAS_Q_SCALE: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait_and_trigger(PDL)
     split = tl.program_id(0)
     pid = tl.program_id(1)
     b = pid // n_kv_heads
@@ -54,6 +58,10 @@ def _decode_split_kernel(
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b64 * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qm + dims[None, :],
                 mask=row_ok[:, None], other=0.0)  # fmt: skip
+    if HAS_Q_SCALE:
+        # NoPE temperature: q * scale in q's dtype, rounded (as the PyTorch path's half-precision multiply)
+        q_scale = tl.load(QScale + b64 * Q_LEN + qi, mask=row_ok, other=0.0).to(q.dtype).to(tl.float32)
+        q = (q.to(tl.float32) * q_scale[:, None]).to(q.dtype)
 
     kv_len = capacity
     if HAS_LENS:
@@ -98,16 +106,44 @@ def _decode_split_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
     # Partial rows are laid out (split, batch, n_heads, q_len): the rows of the final output, per split.
-    row = (split * n_rows + (b64 * n_kv_heads * GROUP + head) * Q_LEN + qi).to(tl.int64)
+    out_row = ((b64 * n_kv_heads * GROUP + head) * Q_LEN + qi).to(tl.int64)  # row of the final output
+    row = split * n_rows + out_row
     tl.store(PartOut + row[:, None] * HEAD_DIM + dims[None, :], acc / l_safe[:, None], mask=row_ok[:, None])
     tl.store(PartLse + row, lse, mask=row_ok)
+    if FUSED_MERGE:
+        # The last split of this (sequence, kv head) to arrive — counted with an atomic — merges all splits'
+        # rows (what _merge_kernel does, one launch less). Same math; splits summed in split order.
+        tl.debug_barrier()  # every thread's partial is written before the (release) arrival below
+        arrived = tl.atomic_add(Counters + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_splits - 1:
+            parts = tl.arange(0, BLOCK_P)
+            part_ok = parts < n_splits
+            lses = tl.load(PartLse + parts[:, None] * n_rows + out_row[None, :],
+                           mask=part_ok[:, None] & row_ok[None, :], other=float("-inf"),
+                           cache_modifier=".cg")  # fmt: skip
+            m = tl.max(lses, 0)
+            m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights 0, output 0, LSE -inf
+            total = tl.sum(tl.exp(lses - m[None, :]), 0)
+            merged = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+            for p in range(n_splits):
+                w = tl.exp(tl.load(PartLse + p * n_rows + out_row, mask=row_ok, other=float("-inf"),
+                                   cache_modifier=".cg") - m)  # fmt: skip
+                o = tl.load(PartOut + (p * n_rows + out_row)[:, None] * HEAD_DIM + dims[None, :],
+                            mask=row_ok[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+                merged += o * w[:, None]
+            merged = merged / tl.where(total == 0.0, 1.0, total)[:, None]
+            tl.store(Out + out_row[:, None] * HEAD_DIM + dims[None, :], merged.to(Out.dtype.element_ty),
+                     mask=row_ok[:, None])  # fmt: skip
+            tl.store(Lse + out_row, tl.where(total == 0.0, float("-inf"), m + tl.log(total)), mask=row_ok)
+            tl.atomic_xchg(Counters + pid, 0)  # ready for the next call (and the next replay of a CUDA graph)
 
 
 @triton.jit
 def _merge_kernel(
     PartOut, PartLse, Out, Lse, n_parts, n_rows,
-    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, STORE_LSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, STORE_LSE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait_and_trigger(PDL)
     row = tl.program_id(0).to(tl.int64)
     parts = tl.arange(0, BLOCK_P)
     part_ok = parts < n_parts
@@ -147,7 +183,7 @@ def merge_states(
     lse = torch.empty(n_rows, device=outs.device, dtype=torch.float32)
     _merge_kernel[(n_rows,)](
         outs, lses, out, lse, n_parts, n_rows,
-        HEAD_DIM=head_dim, BLOCK_P=triton.next_power_of_2(n_parts), STORE_LSE=True,
+        HEAD_DIM=head_dim, BLOCK_P=triton.next_power_of_2(n_parts), STORE_LSE=True, **pdl_args(outs.device),
     )  # fmt: skip
     return out.view(*rows, head_dim), lse.view(rows)
 
@@ -163,6 +199,9 @@ def _interpreting() -> bool:
 _CUDA_CONFIG = {"contiguous": (128, 4, 3), "paged": (32, 4, 3)}
 _PROGRAMS_PER_SM_BY_LAYOUT = {"contiguous": 4, "paged": 4}
 _INTERPRET_CONFIG = (16, 4, 1)
+# The last split program to finish a (sequence, kv head) merges the splits (one launch per call instead of
+# two); False: the separate merge kernel (kept for A/B timing in bench/bench_int4.py --sections step).
+FUSED_MERGE = True
 
 
 @functools.cache
@@ -210,8 +249,8 @@ def decode_attention(
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("k and v need a contiguous last dim")
     group = n_heads // n_kv_heads
-    if q_scale is not None:
-        q = (q * q_scale[:, None, :, None].to(q.dtype)).to(q.dtype)
+    if q_scale is not None and q_scale.shape != (batch, q_len):
+        raise ValueError(f"q_scale shape {tuple(q_scale.shape)}; expected {(batch, q_len)}")
     q = q if q.stride(-1) == 1 else q.contiguous()
     layout = "paged" if paged else "contiguous"
     block_n, num_warps, num_stages = config or (_CUDA_CONFIG[layout] if q.is_cuda else _INTERPRET_CONFIG)
@@ -225,15 +264,26 @@ def decode_attention(
     lens = kv_lens.to(device=q.device, dtype=torch.int32) if kv_lens is not None else dummy
     starts = kv_start.to(device=q.device, dtype=torch.int32) if kv_start is not None else dummy
     table = block_table.to(device=q.device, dtype=torch.int32) if paged else dummy
+    scales = q_scale.to(device=q.device, dtype=torch.float32).contiguous() if q_scale is not None else dummy
+    fused_merge = FUSED_MERGE
+    if fused_merge:
+        out = torch.empty(n_rows, head_dim, device=q.device, dtype=q.dtype)
+        lse = torch.empty(n_rows, device=q.device, dtype=torch.float32)
+        counters = arrival_counters(q.device, batch * n_kv_heads)
+    else:
+        out, lse, counters = part_out, part_lse, table
     _decode_split_kernel[(n_splits, batch * n_kv_heads)](
-        q, k, v, table, lens, starts, part_out, part_lse,
+        q, k, v, table, lens, starts, scales, part_out, part_lse, out, lse, counters,
         q.stride(0), q.stride(1), q.stride(2), *strides_k, *strides_v,
-        table.stride(0) if paged else 0, n_kv_heads, n_rows, capacity, split_len, block_size, scale * _LOG2E,
-        GROUP=group, Q_LEN=q_len, BLOCK_M=max(16, triton.next_power_of_2(group * q_len)), HEAD_DIM=head_dim,
-        BLOCK_N=block_n, PAGED=paged, HAS_LENS=kv_lens is not None, HAS_KV_START=kv_start is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        table.stride(0) if paged else 0, n_kv_heads, n_rows, n_splits, capacity, split_len, block_size,
+        scale * _LOG2E, GROUP=group, Q_LEN=q_len, BLOCK_M=max(16, triton.next_power_of_2(group * q_len)),
+        HEAD_DIM=head_dim, BLOCK_N=block_n, PAGED=paged, HAS_LENS=kv_lens is not None,
+        HAS_KV_START=kv_start is not None, HAS_Q_SCALE=q_scale is not None, FUSED_MERGE=fused_merge,
+        BLOCK_P=triton.next_power_of_2(n_splits), num_warps=num_warps, num_stages=num_stages,
+        **pdl_args(q.device),
     )  # fmt: skip
-    out, lse = merge_states(part_out, part_lse, out_dtype=q.dtype)
+    if not fused_merge:
+        out, lse = merge_states(part_out, part_lse, out_dtype=q.dtype)
     return out.view(batch, n_heads, q_len, head_dim), lse.view(batch, n_heads, q_len)
 
 

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from scout_mm.kernels import FUSED_MAX_NORM_DIM, ROUTER_MAX_EXPERTS
+from scout_mm.kernels.launch import arrival_counters, pdl_args, pdl_wait_and_trigger
 
 # ----------------------------------------------------------------------------------------------------------
 # Kernels
@@ -45,7 +46,9 @@ def _rms_norm_kernel(
     HAS_DELTA: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait_and_trigger(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < size_h
@@ -65,7 +68,8 @@ def _rms_norm_kernel(
 
 
 @triton.jit
-def _add_residual_kernel(x_ptr, a_ptr, b_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+def _add_residual_kernel(x_ptr, a_ptr, b_ptr, out_ptr, numel, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait_and_trigger(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     dtype = out_ptr.dtype.element_ty
@@ -121,7 +125,9 @@ def _rope_qk_norm_kernel(
     eps,
     NORM: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait_and_trigger(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     b = token // seq
@@ -139,7 +145,9 @@ def _rope_qk_norm_kernel(
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, size_n, stride_gate, stride_up, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, size_n, stride_gate, stride_up, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):  # fmt: skip
+    pdl_wait_and_trigger(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < size_n
@@ -165,10 +173,12 @@ def _router_kernel(
     EXTRA: tl.constexpr,  # 1: one more slot per token, expert n_experts with weight 1.0 (the folded shared expert)
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (token, expert) computes one logit (all E programs of a token read the router weight in
     parallel); the last of a token's programs to arrive — counted with an atomic — runs the top-k and sigmoid.
     The top-k outputs have ``TOP_K + EXTRA`` slots per token."""
+    pdl_wait_and_trigger(PDL)
     token = tl.program_id(0).to(tl.int64)
     expert = tl.program_id(1)
     acc = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -222,7 +232,9 @@ def _write_kv_kernel(
     stride_table,
     PAGED: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait_and_trigger(PDL)
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     pos = tl.load(pos_ptr + b * stride_pos).to(tl.int64)
@@ -252,19 +264,6 @@ def _write_kv_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-_COUNTERS: dict = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters of :func:`_router_kernel`, one buffer per (device, stream): kernels of one
-    stream run one after another, and each leaves its counters at zero."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    buf = _COUNTERS.get((device, stream))
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[(device, stream)] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(rows, last dim) with a unit last stride; a view whenever the leading dims allow it."""
     t = t.reshape(-1, t.shape[-1])
@@ -286,7 +285,7 @@ def _norm(x, delta, weight, eps):
         _rms_norm_kernel[(rows.shape[0],)](
             rows, delta_rows, weight if weight is not None else rows, summed, out, size_h, rows.stride(0),
             delta_rows.stride(0), eps, HAS_DELTA=delta is not None, HAS_WEIGHT=weight is not None,
-            BLOCK_H=block, num_warps=_norm_warps(block),
+            BLOCK_H=block, num_warps=_norm_warps(block), **pdl_args(x.device),
         )  # fmt: skip
     return summed, out
 
@@ -321,7 +320,7 @@ def add_residual(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     if x.numel():
         block = 1024
         _add_residual_kernel[(triton.cdiv(x.numel(), block),)](
-            x, a, b, out, x.numel(), BLOCK=block, num_warps=4
+            x, a, b, out, x.numel(), BLOCK=block, num_warps=4, **pdl_args(x.device)
         )
     return out
 
@@ -348,7 +347,7 @@ def rope_qk_norm(q, k, cos, sin, eps):
         _rope_qk_norm_kernel[(batch * seq, n_heads + n_kv_heads)](
             q, k, q_out, k_out, cos, sin, seq, n_heads, n_kv_heads, half, q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2), stride_cb, cos.stride(1), eps if eps is not None else 0.0,
-            NORM=eps is not None, BLOCK=block, num_warps=1 if block <= 64 else 2,
+            NORM=eps is not None, BLOCK=block, num_warps=1 if block <= 64 else 2, **pdl_args(q.device),
         )  # fmt: skip
     return q_out, k_out
 
@@ -363,7 +362,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         block = min(1024, triton.next_power_of_2(size_n))
         _silu_mul_kernel[(gate_rows.shape[0], triton.cdiv(size_n, block))](
             gate_rows, up_rows, out, size_n, gate_rows.stride(0), up_rows.stride(0), BLOCK=block,
-            num_warps=4 if block >= 512 else 1,
+            num_warps=4 if block >= 512 else 1, **pdl_args(gate.device),
         )  # fmt: skip
     return out
 
@@ -386,9 +385,9 @@ def router_topk(hidden: torch.Tensor, weight: torch.Tensor, top_k: int, shared_s
     topk_ids = torch.empty(tokens, top_k + extra, dtype=torch.int64, device=hidden.device)
     if tokens:
         _router_kernel[(tokens, n_experts)](
-            hidden, weight, logits, topk_weights, topk_ids, _counters(hidden.device, tokens), size_h, n_experts,
+            hidden, weight, logits, topk_weights, topk_ids, arrival_counters(hidden.device, tokens), size_h, n_experts,
             hidden.stride(0), TOP_K=top_k, EXTRA=extra, BLOCK_E=triton.next_power_of_2(n_experts),
-            BLOCK_K=min(4096, triton.next_power_of_2(size_h)), num_warps=4,
+            BLOCK_K=min(4096, triton.next_power_of_2(size_h)), num_warps=4, **pdl_args(hidden.device),
         )  # fmt: skip
     return topk_weights, topk_ids, logits
 
@@ -417,5 +416,6 @@ def write_kv_decode(k, v, k_store, v_store, positions, ring_size=None, block_tab
         k, v, k_store, v_store, positions, table, kv_lens, n_kv_heads, head_dim,
         block_size if paged else ring_size, k.stride(0), k.stride(2), v.stride(0), v.stride(2),
         positions.stride(0), table.stride(0), PAGED=paged, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=1,
+        **pdl_args(k.device),
     )  # fmt: skip
     return kv_lens

@@ -48,6 +48,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from scout_mm.kernels.launch import arrival_counters, pdl_args, pdl_enabled, pdl_wait_and_trigger
 from scout_mm.kernels.moe import Routing, _tile
 
 # ----------------------------------------------------------------------------------------------------------
@@ -259,9 +260,11 @@ def _gemv_columns(
     col0,
     LOADER: tl.constexpr,
     STAGES: tl.constexpr,
+    first_tile=None,
 ):
     """fp32 (BLOCK_M, BLOCK_N): rows ``a_rows`` of x times columns ``offs_n`` of one weight, over
-    K in [k_begin, k_end). Pointers are already offset to the expert.
+    K in [k_begin, k_end). Pointers are already offset to the expert. ``first_tile``: the first weight tile,
+    already loaded (:func:`_first_tile`, before the PDL wait), for the one-row ``PREFETCH`` path.
 
     Decode (BLOCK_M 1) weight loads, ``LOADER``: 0 = pointer loads in registers (``PREFETCH``: one tile
     ahead); 1 = pointer loads in a ``tl.range(num_stages=STAGES)`` loop (the pipeliner turns them into
@@ -285,10 +288,10 @@ def _gemv_columns(
         acc2 = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
         if LOADER == 0:
             if PREFETCH:
-                first_mask = ((k_begin + words * 8) < k_end)[:, None] & n_ok[None, :]
-                packed_next = tl.load(
-                    qw_ptrs + (k_begin // 8) * size_n, mask=first_mask, other=0, eviction_policy=EVICT
-                )
+                if first_tile is None:
+                    packed_next = _first_tile(qw_ptr, offs_n, n_ok, k_begin, k_end, size_n, BLOCK_K, EVICT)
+                else:
+                    packed_next = first_tile
             for k0 in range(k_begin, k_end, BLOCK_K):
                 first_k = k0 + words * 8
                 row_ok = first_k < k_end
@@ -340,6 +343,28 @@ def _gemv_columns(
 
 
 @triton.jit
+def _first_tile(qw_ptr, offs_n, n_ok, k_begin, k_end, size_n, BLOCK_K: tl.constexpr, EVICT: tl.constexpr):
+    """The (BLOCK_K // 8, BLOCK_N) packed words of K rows [k_begin, k_begin + BLOCK_K) (zeros past k_end)."""
+    words = tl.arange(0, BLOCK_K // 8)
+    mask = ((k_begin + words * 8) < k_end)[:, None] & n_ok[None, :]
+    ptrs = qw_ptr + (k_begin // 8 + words)[:, None] * size_n + offs_n[None, :]
+    return tl.load(ptrs, mask=mask, other=0, eviction_policy=EVICT)
+
+
+@triton.jit
+def _direct_layout(pid_m, ids_ptr, n_experts, top_k, MODE: tl.constexpr):
+    """One-row blocks straight from the routing ids (no sorted layout): row block ``pid_m`` is (token, slot) row
+    ``pid_m``; MODE 1 gathers token ``pid_m // top_k`` and writes row ``pid_m``, MODE 2 reads and writes row
+    ``pid_m``. Returns (expert, input row, output row, local): a non-local slot (id outside [0, E)) reads
+    expert 0 over an empty K range, so it still takes part in the arrival counts."""
+    expert = tl.load(ids_ptr + pid_m).to(tl.int64)
+    local = (expert >= 0) & (expert < n_experts)
+    rows = pid_m + tl.arange(0, 1)
+    a_rows = rows // top_k if MODE == 1 else rows
+    return tl.where(local, expert, 0), a_rows.to(tl.int64), rows.to(tl.int64), local
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,  # (rows, K) activations
     qw_ptr,  # ([E,] K // 8, N) int32
@@ -359,6 +384,7 @@ def _gemv_kernel(
     n_groups,
     groups_per_split,
     split_k,
+    n_experts,
     stride_x,
     stride_qe,
     stride_se,
@@ -379,44 +405,56 @@ def _gemv_kernel(
     LOADER: tl.constexpr,
     STAGES: tl.constexpr,
     SPLIT_MAX: tl.constexpr,
+    DIRECT: tl.constexpr,
+    FUSED_SUM: tl.constexpr,
+    TOP_K: tl.constexpr,
 ):
     """One launch per matmul. With K split over programs (FUSED_SPLIT), every program stores its fp32
     partial, and the last program to arrive at a (row block, column tile) — counted with an atomic — sums
     the partials in split order (deterministic) and runs the epilogue: the cast (MODE 0) or the routing
     weight + SwiGLU (MODE 1, where a program computes gate columns n and up columns N/2 + n together).
-    MODE 2 stores the partials for :func:`_sum_rows_kernel`, which also sums the top-k slots."""
-    # PDL 1: programmatic dependent launch: let the next kernel's programs start as ours finish, and wait for the
-    # previous kernel (its x, and the counters / buffers it may still use) before touching anything.
-    # PDL 2: wait first, then let the next kernel launch (its programs start during our tail; triggering only
-    # after the wait keeps the chain transitive: a kernel that starts has seen every write of the kernels
-    # before the one it follows). Measured with a bulk L2 prefetch of each program's weights before the wait:
-    # slower (bench/results/int4_gemv_h100.md), removed.
-    if PDL == 1:
-        gdc_launch_dependents()
-        gdc_wait()
+    MODE 2 stores the partials for :func:`_sum_rows_kernel`, which also sums the top-k slots — or, with
+    ``FUSED_SUM`` (``DIRECT`` layouts), the last program to arrive at a column tile sums them itself.
+
+    ``DIRECT`` (MoE, one-row blocks): the rows come straight from the routing ids (:func:`_direct_layout`,
+    ``block_expert_ptr`` = the (n_rows,) ids, n_groups.. as usual), so no routing kernel runs before."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    if PDL == 2:
-        gdc_wait()
-        gdc_launch_dependents()
-    expert, a_rows, out_rows, valid = _row_layout(
-        pid_m, m_rows, sorted_rows_ptr, block_expert_ptr, n_rows, top_k, MODE, BLOCK_M, ROUTE_BLOCK
-    )
-    if expert < 0:
-        return
     n_cols = size_n // 2 if MODE == 1 else size_n  # MODE 1: program columns index the SwiGLU output
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < n_cols
     k_begin = pid_k * groups_per_split * G
     k_end = tl.minimum(k_begin + groups_per_split * G, n_groups * G)
+    # PDL (scout_mm.kernels.launch): 1 = let the next kernel launch, then wait for the previous one; 2 = wait,
+    # then trigger (the shipped form, one kernel ahead). Before the wait only constant weights are read: a
+    # dense matmul's first weight tile streams in during the previous kernel's tail (an MoE matmul's expert
+    # comes from the routing, an activation, so it loads nothing early).
+    first = None
+    if PDL == 2 and MODE == 0 and BLOCK_M == 1 and LOADER == 0 and PREFETCH:
+        first = _first_tile(qw_ptr, offs_n, n_ok, k_begin, k_end, size_n, BLOCK_K, EVICT)
+    if PDL == 1:
+        gdc_launch_dependents()
+        gdc_wait()
+    if PDL == 2:
+        gdc_wait()
+        gdc_launch_dependents()
+    if DIRECT:
+        expert, a_rows, out_rows, valid = _direct_layout(pid_m, block_expert_ptr, n_experts, top_k, MODE)
+        k_end = tl.where(valid, k_end, k_begin)
+    else:
+        expert, a_rows, out_rows, valid = _row_layout(
+            pid_m, m_rows, sorted_rows_ptr, block_expert_ptr, n_rows, top_k, MODE, BLOCK_M, ROUTE_BLOCK
+        )
+        if expert < 0:
+            return
     qw = qw_ptr + expert * stride_qe
     sp = s_ptr + expert * stride_se
     zp = z_ptr + expert * stride_se
     desc_row0 = (expert * (n_groups * G // 8)).to(tl.int32)  # this expert's first word row (LOADER 2)
     out = _gemv_columns(x_ptr, qw, sp, zp, offs_n, n_ok, a_rows, k_begin, k_end, size_n, stride_x,
                         G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, UNPACK, PREFETCH, EVICT,
-                        qw_desc, desc_row0, pid_n * BLOCK_N, LOADER, STAGES)  # fmt: skip
+                        qw_desc, desc_row0, pid_n * BLOCK_N, LOADER, STAGES, first)  # fmt: skip
     if MODE == 1:
         up = _gemv_columns(x_ptr, qw, sp, zp, offs_n + n_cols, n_ok, a_rows, k_begin, k_end, size_n, stride_x,
                            G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, UNPACK, PREFETCH, EVICT,
@@ -426,6 +464,24 @@ def _gemv_kernel(
     if MODE == 2:
         o_ptrs = out_ptr + pid_k * stride_split + out_rows[:, None] * stride_out + offs_n[None, :]
         tl.store(o_ptrs, out, mask=valid[:, None] & n_ok[None, :])
+        if FUSED_SUM:
+            # part_ptr is the (tokens, N) output here. Every (row, split) program of this column tile arrives;
+            # the last sums the slots like _sum_rows_kernel (same order: splits, then slots; bit-identical).
+            tl.debug_barrier()  # every thread's partial is written before the (release) arrival below
+            counter = count_ptr + pid_n
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == tl.num_programs(1) * split_k - 1:
+                for token in range(n_rows // TOP_K):
+                    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+                    for split in range(split_k):
+                        for slot in tl.static_range(TOP_K):
+                            row = token * TOP_K + slot
+                            slot_expert = tl.load(block_expert_ptr + row)
+                            ok = n_ok & (slot_expert >= 0) & (slot_expert < n_experts)
+                            acc += tl.load(out_ptr + split * stride_split + row * stride_out + offs_n, mask=ok,
+                                           other=0.0, cache_modifier=".cg")  # fmt: skip
+                    tl.store(part_ptr + token * size_n + offs_n, acc.to(part_ptr.dtype.element_ty), mask=n_ok)
+                tl.atomic_xchg(counter, 0)  # ready for the next call (and the next replay of a CUDA graph)
         return
     rows_local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # row of this launch's row space
     last = True
@@ -466,7 +522,10 @@ def _gemv_kernel(
             tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
         else:
             # Routing weight on the expert INPUT: (w x) @ W = w (x @ W), exact as a scale of the fp32 sums.
-            flat = tl.load(sorted_rows_ptr + rows_local)
+            if DIRECT:
+                flat = rows_local
+            else:
+                flat = tl.load(sorted_rows_ptr + rows_local)
             weight = tl.load(routing_ptr + flat, mask=valid, other=0.0).to(tl.float32)[:, None]
             gate = out * weight
             h = gate * tl.sigmoid(gate) * (up * weight)  # zero on padding rows (weight 0)
@@ -581,7 +640,9 @@ def _sum_rows_kernel(
     TOP_K: tl.constexpr,
     HAS_IDS: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait_and_trigger(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < size_n
@@ -826,19 +887,23 @@ def _tma_fits(qweight: torch.Tensor, block_k: int, block_n: int) -> bool:
     )
 
 
-_COUNTERS: dict = {}
+class DirectRoute:
+    """The row layout of a few-token Int4 MoE call on the GEMV path with one-row blocks: row ``r`` is (token,
+    slot) ``r`` of the routing ids, in place — no sorted layout, so no routing kernel (``DIRECT`` in
+    :func:`_gemv_kernel`). Same attributes as :class:`scout_mm.kernels.moe.Routing` where the launcher reads them."""
+
+    route_block = 1
+
+    def __init__(self, topk_ids: torch.Tensor, n_experts: int):
+        tokens, self.top_k = topk_ids.shape
+        self.n_rows = self.max_rows = tokens * self.top_k
+        self.n_experts = n_experts
+        self.ids = self.sorted_rows = self.block_expert = topk_ids.reshape(-1)
 
 
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters for the fused split-K reduction of :func:`_gemv_kernel`, one buffer per
-    (device, stream): kernels of one stream run one after another, and each leaves its counters at zero."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
+# Few-token MoE on the GEMV path: route with DirectRoute (no routing kernel) and sum the slots inside the down
+# launch (no _sum_rows launch) wherever the blocks are one row. False: Routing + _sum_rows (bench A/B).
+DIRECT_DECODE_MOE = True
 
 
 def _route_args(route, m_rows, dummy):
@@ -865,6 +930,8 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
     split_k, per_split = _split(n_groups, num_row_blocks * n_tiles, cfg["occupancy"], block_k, group_size,
                                 device, cfg.get("split_cap", False))  # fmt: skip
     fused = split_k > 1 and mode != 2
+    direct = isinstance(route, DirectRoute)
+    fused_sum = direct and mode == 2
     if mode == 0:
         out = torch.empty(m_rows, size_n, dtype=x.dtype, device=device)
     elif mode == 1:
@@ -873,8 +940,12 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
         out = torch.empty(split_k, n_rows, size_n, dtype=torch.float32, device=device)
     if fused:
         part = torch.empty(split_k, num_row_blocks * block_m, size_n, dtype=torch.float32, device=device)
-        counters = _counters(device, num_row_blocks * n_tiles)
+        counters = arrival_counters(device, num_row_blocks * n_tiles)
         stride_split, stride_out = part.stride(0), out.stride(0)
+    elif fused_sum:  # part: the (tokens, N) sum of the slots, written by the last program of each column tile
+        part = torch.empty(n_rows // top_k, size_n, dtype=x.dtype, device=device)
+        counters = arrival_counters(device, n_tiles)
+        stride_split, stride_out = out.stride(0), out.stride(1)
     else:
         part, counters = out, sorted_rows
         stride_split, stride_out = (out.stride(0), out.stride(1)) if mode == 2 else (0, out.stride(0))
@@ -891,18 +962,21 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
                                     [block_k // 8, block_n])  # fmt: skip
         else:
             loader = 1
-    pdl = int(cfg.get("pdl", False)) if not _interpreting() else 0
+    # PDL: a config's own "pdl" (benchmarks), else the decode-step switch (scout_mm.kernels.launch): form 2
+    pdl = 0 if _interpreting() else int(cfg.get("pdl", 0)) or (2 if pdl_enabled(device) else 0)
     split_max = triton.next_power_of_2(split_k) if cfg.get("reduce_unrolled", False) and fused else 0
     _gemv_kernel[(n_tiles, num_row_blocks, split_k)](
         x, qweight, scales, z, out, part, counters, weights, sorted_rows, block_expert, desc, m_rows, size_n, n_rows,
-        top_k, n_groups, per_split, split_k, x.stride(0), qweight.stride(0) if qweight.dim() == 3 else 0,
-        scales.stride(0) if scales.dim() == 3 else 0, stride_split, stride_out,
+        top_k, n_groups, per_split, split_k, route.n_experts if direct else 0, x.stride(0),
+        qweight.stride(0) if qweight.dim() == 3 else 0, scales.stride(0) if scales.dim() == 3 else 0,
+        stride_split, stride_out,
         G=group_size, MODE=mode, SYMMETRIC=zeros is None, ROUTE_BLOCK=route_block, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, FUSED_SPLIT=fused, UNPACK=unpack,
         PREFETCH=cfg.get("prefetch", False), EVICT=cfg.get("evict", ""), PDL=pdl, LOADER=loader,
-        STAGES=cfg["num_stages"], SPLIT_MAX=split_max, **_launch_opts(cfg),
+        STAGES=cfg["num_stages"], SPLIT_MAX=split_max, DIRECT=direct, FUSED_SUM=fused_sum,
+        TOP_K=top_k if fused_sum else 1, **_launch_opts({**cfg, "pdl": pdl}),
     )  # fmt: skip
-    return out
+    return part if fused_sum else out
 
 
 def _matmul(x, weight, group_size, mode, m_rows, route, cfg):
@@ -947,7 +1021,7 @@ def _sum_rows(partial, out, ids=None, n_experts=0, top_k=1):
     block = min(1024, triton.next_power_of_2(size_n))
     _sum_rows_kernel[(n_out, triton.cdiv(size_n, block))](
         partial, ids if ids is not None else partial, out, size_n, partial.shape[0], partial.stride(0),
-        n_experts, TOP_K=top_k, HAS_IDS=ids is not None, BLOCK=block,
+        n_experts, TOP_K=top_k, HAS_IDS=ids is not None, BLOCK=block, **pdl_args(out.device),
     )  # fmt: skip
     return out
 
@@ -1047,7 +1121,13 @@ def int4_moe_experts(
             hidden, topk_weights, topk_ids,
             dequantize(*gate_up, group_size, hidden.dtype), dequantize(*down, group_size, hidden.dtype),
         )  # fmt: skip
-    route = Routing(topk_ids, n_experts, _moe_route_block(rows_per_expert, cfg))
+    route_block = _moe_route_block(rows_per_expert, cfg)
+    if cfg["kind"] == "gemv" and route_block == 1 and DIRECT_DECODE_MOE:
+        # decode: no routing kernel; SwiGLU inside the gate_up launch, the slot sum inside the down launch
+        route = DirectRoute(topk_ids, n_experts)
+        h = _launch_gemv(hidden, gate_up, group_size, 1, n_rows, route, cfg, topk_weights)  # (n_rows, I)
+        return _launch_gemv(h, down, group_size, 2, n_rows, route, cfg)  # (tokens, H)
+    route = Routing(topk_ids, n_experts, route_block)
     if cfg["kind"] == "gemv":  # decode: SwiGLU (and the K-split sum) inside the gate_up launch
         h = _launch_gemv(hidden, gate_up, group_size, 1, n_rows, route, cfg, topk_weights)  # (max_rows, I)
         rows_out = _launch_gemv(h, down, group_size, 2, route.max_rows, route, cfg)  # (split, n_rows, H)
@@ -1069,9 +1149,10 @@ def int4_moe_experts(
 
 
 @triton.jit
-def _gather_rows_kernel(table_ptr, ids_ptr, out_ptr, n_ids, size_h, BLOCK: tl.constexpr):
+def _gather_rows_kernel(table_ptr, ids_ptr, out_ptr, n_ids, size_h, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[i] = table[ids[i]]. ``table`` may be pinned host memory (read over the bus through unified virtual
     addressing): a decode step reads one row, and the kernel is CUDA-graph capturable."""
+    pdl_wait_and_trigger(PDL)
     i = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < size_h
@@ -1092,6 +1173,6 @@ def gather_rows(table: torch.Tensor, ids: torch.Tensor, device: torch.device) ->
     if flat.numel():
         block = min(1024, triton.next_power_of_2(table.shape[1]))
         _gather_rows_kernel[(flat.numel(), triton.cdiv(table.shape[1], block))](
-            table, flat, out, flat.numel(), table.shape[1], BLOCK=block
+            table, flat, out, flat.numel(), table.shape[1], BLOCK=block, **pdl_args(device)
         )
     return out.view(*ids.shape, table.shape[1])
