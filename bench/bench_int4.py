@@ -787,6 +787,63 @@ def section_profile(rows_out):
     print("\n".join(rows_out[-(len(runs) + 6) :]), flush=True)
 
 
+def section_step(rows_out):
+    """A/B of the decode-step changes of session 4 in ONE process, on the default build (what load_quantized
+    returns), same weights, prompt and token (``torch.manual_seed(0)`` before each): the session-3 launch
+    structure (separate decode-attention merge kernel, MoE routing kernel + ``_sum_rows``, no PDL), the decode
+    fusions, PDL alone, both (shipped). Then ``generate_ids`` over 64 tokens: fresh (``keep_graph=False``) vs the
+    graph and KV cache kept from the previous call."""
+    import os
+
+    from scout_mm.generation import generate_ids, release_decode_state
+    from scout_mm.kernels import flash_decode, int4
+
+    start = time.perf_counter()
+    config, model = build_scout_int4()
+    torch.cuda.synchronize()
+    rows_out += ["", "## Scout-size decode step: PDL and decode fusions (default build)", "",
+                 f"Built in {time.perf_counter() - start:.0f} s. Always on in every variant (not switchable): the "
+                 "residual add inside the next layer's norm, the NoPE q scale inside the decode attention kernel."]  # fmt: skip
+    variants = (("session-3 launches (merge kernel, routing kernel + _sum_rows), PDL off", False, "off"),
+                ("decode fusions (merge in split kernel, routing-free MoE, slot sum in down), PDL off", True, "off"),
+                ("session-3 launches + PDL", False, "auto"),
+                ("decode fusions + PDL (shipped)", True, "auto"))  # fmt: skip
+    runs = {}
+    try:
+        for label, fusions, pdl in variants:
+            os.environ["SCOUT_MM_PDL"] = pdl
+            flash_decode.FUSED_MERGE = int4.DIRECT_DECODE_MOE = fusions
+            torch.manual_seed(0)
+            runs[label] = decode_step_profile(model, config, rows_out, label)
+    finally:
+        os.environ.pop("SCOUT_MM_PDL", None)
+        flash_decode.FUSED_MERGE = int4.DIRECT_DECODE_MOE = True
+    base = runs[variants[0][0]]
+    rows_out += ["", "### Summary (same process, weights, prompt and token)", "",
+                 "| variant | graphed ms/step | tok/s | kernels/step | kernel ms/step | speed-up | logits vs first: max abs diff, argmax |",
+                 "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for label, r in runs.items():
+        diff = float((r["logits"] - base["logits"]).abs().max())
+        same = bool((r["logits"].argmax(-1) == base["logits"].argmax(-1)).all())
+        rows_out.append(f"| {label} | {r['ms']:.2f} | {1000 / r['ms']:.1f} | {r['kernels']:.0f} | {r['busy_ms']:.2f} | "
+                        f"{base['ms'] / r['ms']:.3f}x | {diff:.3g}, {'same' if same else 'DIFFERENT'} |")  # fmt: skip
+    print("\n".join(rows_out[-(len(runs) + 4) :]), flush=True)
+    prompt = _random_prompt(config, 8192)
+    generate_ids(model, prompt, max_new_tokens=2, eos_token_id=[], keep_graph=False)  # compile every kernel
+    calls = []
+    for label, keep in (("fresh (keep_graph=False)", False), ("kept: 1st call (captures)", True),
+                        ("kept: 2nd call (reuses)", True), ("kept: 3rd call (reuses)", True)):  # fmt: skip
+        out = generate_ids(model, prompt, max_new_tokens=64, eos_token_id=[], keep_graph=keep)
+        calls.append((label, out.decode_tokens_per_second, out.decode_seconds, out.sequences))
+    same = all(torch.equal(c[3], calls[0][3]) for c in calls)
+    rows_out += ["", "### generate_ids over 64 new tokens after an 8K prompt (decode time: capture included)", "",
+                 "| call | decode tok/s | decode s |", "|---|---|---|"]  # fmt: skip
+    rows_out += [f"| {label} | {tps:.1f} | {sec:.3f} |" for label, tps, sec, _ in calls]
+    rows_out.append(f"\nTokens of all four calls identical: {same}.")
+    print("\n".join(rows_out[-8:]), flush=True)
+    release_decode_state(model)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -827,7 +884,7 @@ def main() -> None:
             f"{' '.join(sys.argv[1:])}`"]  # fmt: skip
     sections = {"tune": lambda rows: section_tune(rows, adopt=args.adopt_tuned), "probe": section_probe,
                 "linear": section_linear, "moe": section_moe, "scout": section_scout,
-                "profile": section_profile}  # fmt: skip
+                "profile": section_profile, "step": section_step}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         try:

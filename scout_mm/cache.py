@@ -108,6 +108,12 @@ class KVCache:
             self._pool[i] = (torch.cat([k, extra]), torch.cat([v, extra.clone()]))
         self._free.extend(range(old, old + n_blocks))
 
+    def storage_key(self) -> tuple[int, ...]:
+        """Addresses of every storage tensor (rings, pools, block table): a CUDA graph captured over this cache
+        stays valid while they are unchanged (a growing pool or block table moves them)."""
+        tensors = [t for pair in (*self._ring.values(), *self._pool.values()) for t in pair]
+        return tuple(t.data_ptr() for t in (*tensors, self.block_table)) + tuple(self.block_table.shape)
+
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held by ring (chunked) layers and by global layers' block pools."""
         ring = sum(k.numel() * k.element_size() * 2 for k, _ in self._ring.values())
