@@ -8,6 +8,8 @@ Scout heads (40 q / 8 kv, head_dim 128), bf16, batch 1, random inputs; CUDA-even
     python bench/bench_attention.py --variants           # FWD/BWD_CANDIDATES vs cuDNN and FA2 in interleaved
                                                          # rounds first (medians), apply the best, then the table
     python bench/bench_attention.py --skip-flex          # without FlexAttention (saves its compile time)
+    python bench/bench_attention.py --gluon              # Gluon (Hopper, FA3-style) forward configs beside the
+                                                         # Triton forward, cuDNN, FA2, Flex in interleaved rounds
 
 Decode rows are timed twice: under a CUDA graph (how generation runs decode: replays back to back, no host
 launch gaps) and eagerly (each call launched from Python and synchronised, so host overhead counts).
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import sys
 import time
@@ -27,7 +30,14 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from scout_mm.kernels import attention as dispatch_attention
-from scout_mm.kernels.flash_attention import _SDPA_BACKEND, _backward, _forward, attention, prefer_sdpa
+from scout_mm.kernels.flash_attention import (
+    _SDPA_BACKEND,
+    _SDPA_BACKEND_GLUON,
+    _backward,
+    _forward,
+    attention,
+    use_gluon_forward,
+)
 from scout_mm.kernels.flash_decode import decode_attention, decode_sdpa
 
 _decode_module = sys.modules["scout_mm.kernels.flash_decode"]
@@ -156,9 +166,31 @@ def flex(chunk: int | None, seq: int):
     return run
 
 
-def ours(chunk):
+def ours(chunk, use_gluon=False):
+    """flash_attention.attention: the Triton forward, or (use_gluon) the Gluon Hopper forward where it applies;
+    the backward is the Triton one either way."""
+
     def run(q, k, v):
-        return attention(q, k, v, scale=SCALE, chunk_size=chunk)
+        saved = os.environ.get("SCOUT_MM_GLUON")
+        os.environ["SCOUT_MM_GLUON"] = "auto" if use_gluon else "off"
+        try:
+            return attention(q, k, v, scale=SCALE, chunk_size=chunk)
+        finally:
+            if saved is None:
+                del os.environ["SCOUT_MM_GLUON"]
+            else:
+                os.environ["SCOUT_MM_GLUON"] = saved
+
+    run.note = ""
+    return run
+
+
+def gluon(chunk, config=None):
+    """The Gluon Hopper forward (scout_mm.kernels.flash_attention_gluon), forward only."""
+    from scout_mm.kernels import flash_attention_gluon
+
+    def run(q, k, v):
+        return flash_attention_gluon.forward(q, k, v, scale=SCALE, chunk_size=chunk, config=config)[0]
 
     run.note = ""
     return run
@@ -218,10 +250,13 @@ def prefill_case(rows, seq, chunk, backward, backends):
     # Dispatch: the fastest of the kernel and the SDPA backends that take GQA natively, for this case.
     timed = {r["backend"]: r for r in rows if r["case"] == name and r["ms"] == r["ms"] and not r["note"]}
     sdpa_names = {"SDPA cuDNN": "cudnn", "SDPA flash (FA2)": "flash"}
-    best = min((b for b in timed if b == "triton (ours)" or b in sdpa_names), key=lambda b: timed[b]["ms"])
+    gluon_on = use_gluon_forward(q, k, v)
+    kernel = "gluon (ours)" if gluon_on else "triton (ours)"  # what dispatch runs when it keeps the kernel
+    best = min((b for b in timed if b == kernel or b in sdpa_names), key=lambda b: timed[b]["ms"])
     key = ("chunked" if chunk and chunk < seq else "causal", "fwd+bwd" if backward else "fwd")
-    _SDPA_BACKEND[key] = sdpa_names.get(best)
-    print(f"DISPATCH {key} -> {_SDPA_BACKEND[key]} (fastest: {best})", flush=True)
+    table = _SDPA_BACKEND_GLUON if gluon_on else _SDPA_BACKEND
+    table[key] = sdpa_names.get(best)
+    print(f"DISPATCH {key} -> {table[key]} (fastest: {best})", flush=True)
     fn = dispatched(chunk)
     if backward:
 
@@ -234,7 +269,7 @@ def prefill_case(rows, seq, chunk, backward, backends):
         with torch.no_grad():
             ms = time_ms(lambda: fn(q, k, v))
     rows.append(dict(case=name, backend="dispatch auto", ms=ms, rate=flops / ms / 1e9, unit="TFLOPS",
-                     note=f"runs {_SDPA_BACKEND[key] or 'triton'}", err=float("nan")))  # fmt: skip
+                     note=f"runs {table[key] or kernel}", err=float("nan")))  # fmt: skip
     print(rows[-1], flush=True)
     # The fastest backend timed once more, after everything else: the spread shows the timing noise.
     label, fn = next((lb, f) for lb, f in backends if lb == best)
@@ -536,6 +571,51 @@ def _interleaved(label, fns, work, rounds, budget_s=0.25):
     return medians
 
 
+GLUON_CANDIDATES = {
+    "gluon pingpong": dict(pingpong=True, stages=2),
+    "gluon no pingpong": dict(pingpong=False, stages=2),
+    "gluon pingpong 3 stages": dict(pingpong=True, stages=3),
+    "gluon no pingpong 3 stages": dict(pingpong=False, stages=3),
+}
+
+
+def gluon_rounds(rounds: int = 5, candidates=None, flex_too: bool = True):
+    """The Gluon forward's configs beside the shipped Triton forward, cuDNN, FA2 (and FlexAttention) in
+    interleaved rounds, causal 32K and chunked 8192 at 128K; each Gluon output first checked against the
+    Triton forward's on the same inputs. Returns {case: {name: median TFLOPS}}."""
+    results = {}
+    for seq, chunk in ((32768, None), (131072, 8192)):
+        torch.cuda.empty_cache()
+        q, k, v = (rand(1, N_HEADS, seq, HEAD_DIM), rand(1, N_KV_HEADS, seq, HEAD_DIM),
+                   rand(1, N_KV_HEADS, seq, HEAD_DIM))  # fmt: skip
+        fns = {"triton (shipped)": ours(chunk)}
+        with torch.no_grad():
+            want = fns["triton (shipped)"](q, k, v).float()
+            for name, cfg in (candidates or GLUON_CANDIDATES).items():
+                fn = gluon(chunk, cfg)
+                err = ((fn(q, k, v).float() - want).norm() / want.norm()).item()
+                print(f"CHECK {name} {seq} {chunk}: rel err vs triton {err:.2e}", flush=True)
+                if err < 1e-2:
+                    fns[name] = fn
+        fns["SDPA cuDNN"] = sdpa(SDPBackend.CUDNN_ATTENTION, chunk)
+        fns["SDPA flash (FA2)"] = sdpa(SDPBackend.FLASH_ATTENTION, chunk)
+        if flex_too:
+            fns["FlexAttention"] = flex(chunk, seq)
+        label = f"{'causal' if chunk is None else f'chunked {chunk}'} fwd {seq // 1024}K"
+        with torch.no_grad():
+            calls = {name: (lambda fn=fn, q=q, k=k, v=v: fn(q, k, v)) for name, fn in fns.items()}
+            medians = _interleaved(label, calls, prefill_flops(seq, chunk), rounds)
+        results[label] = {name: prefill_flops(seq, chunk) / ms / 1e9 for name, ms in medians.items()}
+    for label, rates in results.items():
+        print(f"SUMMARY {label}: " + ", ".join(f"{n} {r:.1f}" for n, r in rates.items()), flush=True)
+        for name in rates:
+            if name.startswith("gluon"):
+                ratios = {a: rates[name] / rates[a] for a in rates if not a.startswith("gluon")}
+                print(f"RATIOS {label} {name}: " + ", ".join(f"/{a} {r:.2f}x" for a, r in ratios.items()),
+                      flush=True)  # fmt: skip
+    return results
+
+
 def variants(rounds: int = 5):
     """Forward and backward kernel variants beside cuDNN and FA2, in interleaved rounds; the fastest median of
     each kind is applied to this process (the printed APPLIED lines are what flash_attention.py should hold).
@@ -658,11 +738,14 @@ def write_markdown(path, rows, cases, command, elapsed):
 def dispatch_choice(case: str) -> str:
     if case.startswith("decode"):
         return "Triton split-K (`scout_mm.kernels.flash_decode`)"
-    chunk = int(case.split()[1]) if case.startswith("chunked") else None
-    seq = 1024 * int(case.split()[-1][:-1])
-    q = torch.empty(1, N_HEADS, seq, HEAD_DIM, device="meta", requires_grad="bwd" in case)
-    backend = prefer_sdpa(q, q, chunk, 0, None)
-    return f"PyTorch SDPA ({backend})" if backend else "Triton flash attention"
+    # The benchmark's prefill cases all fit SDPA's semantics (no padding, no cache offset): the table decides.
+    small = torch.empty(1, N_HEADS, 1, HEAD_DIM, device=DEV, dtype=torch.bfloat16)
+    gluon_on = use_gluon_forward(small, small[:, :N_KV_HEADS], small[:, :N_KV_HEADS])
+    table = _SDPA_BACKEND_GLUON if gluon_on else _SDPA_BACKEND
+    key = ("chunked" if case.startswith("chunked") else "causal", "fwd+bwd" if "bwd" in case else "fwd")
+    if table[key]:
+        return f"PyTorch SDPA ({table[key]})"
+    return "Gluon forward (+ Triton backward)" if gluon_on else "Triton flash attention"
 
 
 def main():
@@ -678,8 +761,13 @@ def main():
         action="store_true",
         help="time kernel variants in interleaved rounds first, apply the best",
     )
+    parser.add_argument("--gluon", action="store_true", help="Gluon forward configs in interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default="bench/results/attention_h100.md")
     args = parser.parse_args()
+    if args.gluon:
+        gluon_rounds(args.rounds, flex_too=not args.skip_flex)
+        return
     if args.tune:
         tune()
         return
@@ -697,6 +785,9 @@ def main():
         torch.cuda.empty_cache()
         backends = [("triton (ours)", ours(chunk)), ("SDPA cuDNN", sdpa(SDPBackend.CUDNN_ATTENTION, chunk)),
                     ("SDPA flash (FA2)", sdpa(SDPBackend.FLASH_ATTENTION, chunk))]  # fmt: skip
+        probe = torch.empty(1, N_HEADS, 1, HEAD_DIM, device=DEV, dtype=torch.bfloat16)
+        if use_gluon_forward(probe, probe[:, :N_KV_HEADS], probe[:, :N_KV_HEADS]):
+            backends.insert(1, ("gluon (ours)", ours(chunk, use_gluon=True)))
         if not backward and not args.skip_flex:
             backends.append(("FlexAttention", flex(chunk, seq)))
         cases.append(prefill_case(rows, seq, chunk, backward, backends))

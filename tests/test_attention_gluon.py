@@ -63,7 +63,9 @@ def _case(q_len, *, n_heads=40, n_kv_heads=8, head_dim=128, dtype=torch.bfloat16
     q, k, v = make(n_heads, q_len), make(n_kv_heads, kv_len), make(n_kv_heads, kv_len)
     kv_start = torch.tensor(pad, device=dev, dtype=torch.int32) if pad is not None else None
     q_scale = 1 + torch.rand(batch, q_len, device=dev) if temperature else None
-    kw = dict(scale=head_dim**-0.5, chunk_size=chunk_size, q_start=q_start, kv_start=kv_start, q_scale=q_scale)
+    kw = dict(
+        scale=head_dim**-0.5, chunk_size=chunk_size, q_start=q_start, kv_start=kv_start, q_scale=q_scale
+    )
     out, lse = fg.forward(q, k, v, **kw)
     ref = reference.attention(q.float(), k.float(), v.float(), **kw)
     t = q_start + torch.arange(q_len, device=dev)
@@ -138,3 +140,60 @@ def test_launch_variants(config):
 @pytest.mark.parametrize("chunk_size", [None, 1000])
 def test_triton_backward_consumes_gluon_lse(chunk_size):
     _case(2048 + 33, chunk_size=chunk_size, pad=[0, 100], temperature=True, batch=2, check_backward=True)
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+
+
+def test_dispatch_conditions_cpu(monkeypatch):
+    from scout_mm.kernels.flash_attention import _SDPA_BACKEND, prefer_sdpa, use_gluon_forward
+
+    q = torch.randn(1, 4, 8, 64, dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)
+    assert not use_gluon_forward(q, k, k)  # CPU tensors never take the Gluon kernel
+    assert prefer_sdpa(q, k, None, 0, None) == _SDPA_BACKEND[("causal", "fwd")]
+    monkeypatch.setenv("SCOUT_MM_GLUON", "sometimes")
+    with pytest.raises(ValueError, match="SCOUT_MM_GLUON"):
+        use_gluon_forward(q, k, k)
+
+
+@pytest.mark.gpu
+@hopper
+def test_dispatch_runs_gluon_forward(monkeypatch):
+    from scout_mm import kernels
+    from scout_mm.kernels import reference
+    from scout_mm.kernels.flash_attention import (
+        _SDPA_BACKEND_GLUON,
+        attention,
+        prefer_sdpa,
+        use_gluon_forward,
+    )
+
+    monkeypatch.setenv("SCOUT_MM_KERNELS", "auto")
+    dev = "cuda"
+    q = torch.randn(2, 40, 1000, 128, device=dev, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 8, 1000, 128, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    assert use_gluon_forward(q, k, v)
+    assert prefer_sdpa(q, k, None, 0, None) == _SDPA_BACKEND_GLUON[("causal", "fwd")]
+    assert prefer_sdpa(q, k, 256, 0, None) == _SDPA_BACKEND_GLUON[("chunked", "fwd")]
+    monkeypatch.setenv("SCOUT_MM_GLUON", "off")
+    assert not use_gluon_forward(q, k, v)
+    monkeypatch.setenv("SCOUT_MM_GLUON", "auto")
+    # Left padding: no SDPA path, so dispatch runs the kernel, which must be the Gluon forward, bit for bit.
+    kw = dict(scale=128**-0.5, chunk_size=256, kv_start=torch.tensor([0, 77], device=dev, dtype=torch.int32))
+    with torch.no_grad():
+        got = kernels.attention(q, k, v, **kw)
+    want, _ = fg.forward(q, k, v, **kw)
+    assert torch.equal(got, want)
+    # Training: Gluon forward + Triton backward through autograd, gradients vs the fp32 reference's.
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+    out = attention(q, k, v, **kw)
+    ref32 = [x.detach().float().requires_grad_(True) for x in (q, k, v)]
+    ref = reference.attention(*ref32, **kw)
+    real = (torch.arange(1000, device=dev)[None, :] >= kw["kv_start"][:, None])[:, None, :, None]
+    assert _rel(out * real, ref * real) < BF16_TOL
+    grad = torch.randn_like(out) * real
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, ref32, grad.float())
+    for name, g, w in zip("qkv", got, want, strict=True):
+        assert _rel(g, w) < BF16_TOL, f"d{name}: {_rel(g, w)}"

@@ -23,6 +23,8 @@ block for dQ.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -554,10 +556,41 @@ def _backward(dout, q, k, v, out, lse, scale, chunk_size, q_start, kv_start, q_s
     return dq, dk, dv
 
 
+def use_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the forward runs the Gluon Hopper kernel (:mod:`scout_mm.kernels.flash_attention_gluon`, same
+    outputs and LSE) instead of this file's: an sm_90 GPU, Triton with Gluon, inputs that kernel supports,
+    and ``SCOUT_MM_GLUON`` not ``off`` (``auto`` default). Measured 1.2x faster than the Triton forward on H100
+    (bench/results/attention_h100.md); the backward stays this file's."""
+    mode = os.environ.get("SCOUT_MM_GLUON", "auto").lower()
+    if mode not in ("auto", "off"):
+        raise ValueError(f"SCOUT_MM_GLUON={mode!r}; expected 'auto' or 'off'")
+    if mode == "off" or not q.is_cuda:
+        return False
+    try:
+        from scout_mm.kernels import flash_attention_gluon
+    except ImportError:  # a Triton without Gluon
+        return False
+    return flash_attention_gluon.supports(q, k, v)
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, chunk_size, q_start, kv_start, q_scale):
-        out, lse = _forward(q, k, v, scale, chunk_size, q_start, kv_start, q_scale)
+        if use_gluon_forward(q, k, v):
+            from scout_mm.kernels import flash_attention_gluon
+
+            out, lse = flash_attention_gluon.forward(
+                q,
+                k,
+                v,
+                scale=scale,
+                chunk_size=chunk_size,
+                q_start=q_start,
+                kv_start=kv_start,
+                q_scale=q_scale,
+            )
+        else:
+            out, lse = _forward(q, k, v, scale, chunk_size, q_start, kv_start, q_scale)
         ctx.save_for_backward(q, k, v, out, lse, kv_start, q_scale)
         ctx.args = (scale, chunk_size, q_start)
         ctx.mark_non_differentiable(lse)
@@ -621,16 +654,26 @@ _SDPA_BACKEND: dict[tuple[str, str], str | None] = {
     ("chunked", "fwd"): "cudnn",
     ("chunked", "fwd+bwd"): "cudnn",
 }
+# The same where the forward runs the Gluon Hopper kernel (use_gluon_forward). Measured 2026-11-24 on H100
+# (causal 32K, chunked 8192 at 128K): its forward beat cuDNN (1.08x causal, 1.03x chunked, before cuDNN's
+# chunk fold/unfold copies); with the Triton backward, fwd+bwd stays behind cuDNN's.
+_SDPA_BACKEND_GLUON: dict[tuple[str, str], str | None] = {
+    ("causal", "fwd"): None,
+    ("causal", "fwd+bwd"): "cudnn",
+    ("chunked", "fwd"): None,
+    ("chunked", "fwd+bwd"): "cudnn",
+}
 
 
-def prefer_sdpa(q: torch.Tensor, k: torch.Tensor, chunk_size, q_start, kv_start) -> str | None:
+def prefer_sdpa(q: torch.Tensor, k: torch.Tensor, chunk_size, q_start, kv_start, v=None) -> str | None:
     """The SDPA backend ("cudnn" / "flash") dispatch should run instead of the Triton kernel, or None."""
     q_len, kv_len = q.shape[2], k.shape[2]
     if kv_start is not None or q_start != 0 or q_len != kv_len:
         return None
     chunked = chunk_size is not None and chunk_size < q_len
     training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    return _SDPA_BACKEND[("chunked" if chunked else "causal", "fwd+bwd" if training else "fwd")]
+    table = _SDPA_BACKEND_GLUON if use_gluon_forward(q, k, k if v is None else v) else _SDPA_BACKEND
+    return table[("chunked" if chunked else "causal", "fwd+bwd" if training else "fwd")]
 
 
 def sdpa_attention(q, k, v, *, sdpa_backend: str, **kwargs) -> torch.Tensor:
@@ -645,4 +688,11 @@ def sdpa_attention(q, k, v, *, sdpa_backend: str, **kwargs) -> torch.Tensor:
         return reference.attention(q, k, v, **kwargs)
 
 
-__all__ = ["attention", "attention_with_lse", "supports", "prefer_sdpa", "sdpa_attention"]
+__all__ = [
+    "attention",
+    "attention_with_lse",
+    "supports",
+    "prefer_sdpa",
+    "sdpa_attention",
+    "use_gluon_forward",
+]

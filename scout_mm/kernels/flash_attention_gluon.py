@@ -194,7 +194,9 @@ def _consumer(
             if PINGPONG:
                 mbarrier.wait(turn.index(WG), (i - 1) & 1)
             mbarrier.wait(k_ready.index(slot), i // STAGES & 1)
-            s = warpgroup_mma(q_smem, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma(
+                q_smem, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True
+            )
             # Rescale O by the previous block's alpha while S_i runs (P_{i-1} V_{i-1} has completed).
             acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
             mbarrier.wait(v_ready.index(prev), (i - 1) // STAGES & 1)
@@ -261,24 +263,27 @@ def _fwd_kernel(
     mbarrier.init(turn.index(1), count=1)
     mbarrier.arrive(turn.index(0))  # warpgroup 0 issues first
 
+    # The partitions' argument tuples are written out in the call: a tuple bound to a name first loses its
+    # constexpr entries in Gluon 3.6.
+    # fmt: off
     gl.warp_specialize(
         [
             (_consumer, (Q, Out, Lse, QScale, KVStart, q_bufs, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
-                         turn, stride_qb, stride_qh, stride_qm, stride_ob, stride_oh, stride_om,
-                         n_heads, q_len, q_start, chunk_size, qk_scale,
-                         0, GROUP, HEAD_DIM, BLOCK_N, STAGES, CHUNKED, HAS_Q_SCALE, HAS_KV_START, PINGPONG)),
+                         turn, stride_qb, stride_qh, stride_qm, stride_ob, stride_oh, stride_om, n_heads, q_len,
+                         q_start, chunk_size, qk_scale, 0, GROUP, HEAD_DIM, BLOCK_N, STAGES, CHUNKED,
+                         HAS_Q_SCALE, HAS_KV_START, PINGPONG)),
             (_consumer, (Q, Out, Lse, QScale, KVStart, q_bufs, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
-                         turn, stride_qb, stride_qh, stride_qm, stride_ob, stride_oh, stride_om,
-                         n_heads, q_len, q_start, chunk_size, qk_scale,
-                         1, GROUP, HEAD_DIM, BLOCK_N, STAGES, CHUNKED, HAS_Q_SCALE, HAS_KV_START, PINGPONG)),
-            (_loader, (K, V, KVStart, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
-                       stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                       n_heads, q_len, q_start, chunk_size,
-                       GROUP, HEAD_DIM, BLOCK_N, STAGES, CHUNKED, HAS_KV_START)),
-        ],  # fmt: skip
+                         turn, stride_qb, stride_qh, stride_qm, stride_ob, stride_oh, stride_om, n_heads, q_len,
+                         q_start, chunk_size, qk_scale, 1, GROUP, HEAD_DIM, BLOCK_N, STAGES, CHUNKED,
+                         HAS_Q_SCALE, HAS_KV_START, PINGPONG)),
+            (_loader, (K, V, KVStart, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, stride_kb, stride_kh,
+                       stride_kn, stride_vb, stride_vh, stride_vn, n_heads, q_len, q_start, chunk_size, GROUP,
+                       HEAD_DIM, BLOCK_N, STAGES, CHUNKED, HAS_KV_START)),
+        ],
         [4, 1],
         [CONSUMER_REGS, 24],
     )
+    # fmt: on
 
 
 # ---------------------------------------------------------------------------------------------- launcher
