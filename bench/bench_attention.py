@@ -10,6 +10,7 @@ Scout heads (40 q / 8 kv, head_dim 128), bf16, batch 1, random inputs; CUDA-even
     python bench/bench_attention.py --skip-flex          # without FlexAttention (saves its compile time)
     python bench/bench_attention.py --gluon              # Gluon (Hopper, FA3-style) forward configs beside the
                                                          # Triton forward, cuDNN, FA2, Flex in interleaved rounds
+    python bench/bench_attention.py --dispatch-paths     # dispatch forced to Gluon / to cuDNN, interleaved
 
 Decode rows are timed twice: under a CUDA graph (how generation runs decode: replays back to back, no host
 launch gaps) and eagerly (each call launched from Python and synchronised, so host overhead counts).
@@ -616,6 +617,38 @@ def gluon_rounds(rounds: int = 5, candidates=None, flex_too: bool = True):
     return results
 
 
+def dispatch_paths(rounds: int = 5):
+    """What `scout_mm.kernels.attention` costs per forward path, in interleaved rounds: dispatch forced to the
+    Gluon kernel and forced to cuDNN (the chunked case folds chunks into the batch: copies included), beside
+    the bare Gluon launch and the cuDNN anchor. Decides the Gluon-era dispatch table's forward entries."""
+    for seq, chunk in ((32768, None), (131072, 8192)):
+        torch.cuda.empty_cache()
+        q, k, v = (rand(1, N_HEADS, seq, HEAD_DIM), rand(1, N_KV_HEADS, seq, HEAD_DIM),
+                   rand(1, N_KV_HEADS, seq, HEAD_DIM))  # fmt: skip
+        key = ("chunked" if chunk else "causal", "fwd")
+        saved = _SDPA_BACKEND_GLUON[key]
+
+        def via_dispatch(backend, q=q, k=k, v=v, chunk=chunk, key=key, saved=saved):
+            _SDPA_BACKEND_GLUON[key] = backend
+            try:
+                return dispatch_attention(q, k, v, scale=SCALE, chunk_size=chunk)
+            finally:
+                _SDPA_BACKEND_GLUON[key] = saved
+
+        bare, anchor = gluon(chunk), sdpa(SDPBackend.CUDNN_ATTENTION, chunk)
+        fns = {
+            "dispatch -> gluon": lambda: via_dispatch(None),
+            "dispatch -> cudnn": lambda: via_dispatch("cudnn"),
+            "gluon (bare launch)": lambda q=q, k=k, v=v, fn=bare: fn(q, k, v),
+            "SDPA cuDNN (anchor)": lambda q=q, k=k, v=v, fn=anchor: fn(q, k, v),
+        }
+        label = f"{'causal' if chunk is None else f'chunked {chunk}'} fwd {seq // 1024}K"
+        with torch.no_grad():
+            medians = _interleaved(label, fns, prefill_flops(seq, chunk), rounds)
+        rates = {name: prefill_flops(seq, chunk) / ms / 1e9 for name, ms in medians.items()}
+        print(f"SUMMARY {label}: " + ", ".join(f"{n} {r:.1f}" for n, r in rates.items()), flush=True)
+
+
 def variants(rounds: int = 5):
     """Forward and backward kernel variants beside cuDNN and FA2, in interleaved rounds; the fastest median of
     each kind is applied to this process (the printed APPLIED lines are what flash_attention.py should hold).
@@ -762,11 +795,15 @@ def main():
         help="time kernel variants in interleaved rounds first, apply the best",
     )
     parser.add_argument("--gluon", action="store_true", help="Gluon forward configs in interleaved rounds")
+    parser.add_argument("--dispatch-paths", action="store_true", help="forward dispatch paths, interleaved")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default="bench/results/attention_h100.md")
     args = parser.parse_args()
     if args.gluon:
         gluon_rounds(args.rounds, flex_too=not args.skip_flex)
+        return
+    if args.dispatch_paths:
+        dispatch_paths(args.rounds)
         return
     if args.tune:
         tune()

@@ -655,8 +655,9 @@ _SDPA_BACKEND: dict[tuple[str, str], str | None] = {
     ("chunked", "fwd+bwd"): "cudnn",
 }
 # The same where the forward runs the Gluon Hopper kernel (use_gluon_forward). Measured 2026-11-24 on H100
-# (causal 32K, chunked 8192 at 128K): its forward beat cuDNN (1.08x causal, 1.03x chunked, before cuDNN's
-# chunk fold/unfold copies); with the Triton backward, fwd+bwd stays behind cuDNN's.
+# (`bench_attention.py --dispatch-paths`, interleaved): causal 32K dispatch -> Gluon 620 vs -> cuDNN 604
+# TFLOPS; chunked 8192 at 128K 550 vs 538 (cuDNN's bare kernel is ~3% faster there, its chunk fold/unfold
+# copies cost more). With the Triton backward, fwd+bwd stays well behind cuDNN's (410 vs 549 causal).
 _SDPA_BACKEND_GLUON: dict[tuple[str, str], str | None] = {
     ("causal", "fwd"): None,
     ("causal", "fwd+bwd"): "cudnn",
