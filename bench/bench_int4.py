@@ -790,8 +790,8 @@ def section_profile(rows_out):
 def section_step(rows_out):
     """A/B of the decode-step changes of session 4 in ONE process, on the default build (what load_quantized
     returns), same weights, prompt and token (``torch.manual_seed(0)`` before each): the session-3 launch
-    structure (separate decode-attention merge kernel, MoE routing kernel + ``_sum_rows``, no PDL), the decode
-    fusions, PDL alone, both (shipped). Then ``generate_ids`` over 64 tokens: fresh (``keep_graph=False``) vs the
+    structure (MoE routing kernel + ``_sum_rows``, no PDL), the routing-free MoE, PDL alone, both (shipped),
+    and the optional decode-attention merge inside the split kernel. Then ``generate_ids`` over 64 tokens: fresh (``keep_graph=False``) vs the
     graph and KV cache kept from the previous call."""
     import os
 
@@ -804,20 +804,21 @@ def section_step(rows_out):
     rows_out += ["", "## Scout-size decode step: PDL and decode fusions (default build)", "",
                  f"Built in {time.perf_counter() - start:.0f} s. Always on in every variant (not switchable): the "
                  "residual add inside the next layer's norm, the NoPE q scale inside the decode attention kernel."]  # fmt: skip
-    variants = (("session-3 launches (merge kernel, routing kernel + _sum_rows), PDL off", False, "off"),
-                ("decode fusions (merge in split kernel, routing-free MoE, slot sum in down), PDL off", True, "off"),
-                ("session-3 launches + PDL", False, "auto"),
-                ("decode fusions + PDL (shipped)", True, "auto"))  # fmt: skip
+    variants = (("session-3 launches (routing kernel + _sum_rows), PDL off", False, False, "off"),
+                ("routing-free MoE, slot sum in the down launch, PDL off", True, False, "off"),
+                ("session-3 launches + PDL", False, False, "auto"),
+                ("routing-free MoE + PDL (shipped)", True, False, "auto"),
+                ("routing-free MoE + PDL + merge in the split kernel (FUSED_MERGE)", True, True, "auto"))  # fmt: skip
     runs = {}
     try:
-        for label, fusions, pdl in variants:
+        for label, direct, merge, pdl in variants:
             os.environ["SCOUT_MM_PDL"] = pdl
-            flash_decode.FUSED_MERGE = int4.DIRECT_DECODE_MOE = fusions
+            int4.DIRECT_DECODE_MOE, flash_decode.FUSED_MERGE = direct, merge
             torch.manual_seed(0)
             runs[label] = decode_step_profile(model, config, rows_out, label)
     finally:
         os.environ.pop("SCOUT_MM_PDL", None)
-        flash_decode.FUSED_MERGE = int4.DIRECT_DECODE_MOE = True
+        int4.DIRECT_DECODE_MOE, flash_decode.FUSED_MERGE = True, False
     base = runs[variants[0][0]]
     rows_out += ["", "### Summary (same process, weights, prompt and token)", "",
                  "| variant | graphed ms/step | tok/s | kernels/step | kernel ms/step | speed-up | logits vs first: max abs diff, argmax |",

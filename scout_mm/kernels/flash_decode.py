@@ -199,9 +199,11 @@ def _interpreting() -> bool:
 _CUDA_CONFIG = {"contiguous": (128, 4, 3), "paged": (32, 4, 3)}
 _PROGRAMS_PER_SM_BY_LAYOUT = {"contiguous": 4, "paged": 4}
 _INTERPRET_CONFIG = (16, 4, 1)
-# The last split program to finish a (sequence, kv head) merges the splits (one launch per call instead of
-# two); False: the separate merge kernel (kept for A/B timing in bench/bench_int4.py --sections step).
-FUSED_MERGE = True
+# True: the last split program to finish a (sequence, kv head) merges the splits (one launch per call instead
+# of two). Measured slower on an H100 in the Scout decode step (bench/results/int4_decode_step_h100.md, session
+# 4: split kernel 16.3 us vs 10.1 + 1.9 us for split + merge kernel): the one merging program's loop over the
+# splits is a serial chain of L2 round trips, longer than a second (PDL-overlapped) launch. Off; kept as an option.
+FUSED_MERGE = False
 
 
 @functools.cache

@@ -355,13 +355,13 @@ def _first_tile(qw_ptr, offs_n, n_ok, k_begin, k_end, size_n, BLOCK_K: tl.conste
 def _direct_layout(pid_m, ids_ptr, n_experts, top_k, MODE: tl.constexpr):
     """One-row blocks straight from the routing ids (no sorted layout): row block ``pid_m`` is (token, slot) row
     ``pid_m``; MODE 1 gathers token ``pid_m // top_k`` and writes row ``pid_m``, MODE 2 reads and writes row
-    ``pid_m``. Returns (expert, input row, output row, local): a non-local slot (id outside [0, E)) reads
-    expert 0 over an empty K range, so it still takes part in the arrival counts."""
+    ``pid_m``. Returns (expert, input row, output row, valid (1,), local): a non-local slot (id outside
+    [0, E)) reads expert 0 over an empty K range, so it still takes part in the arrival counts."""
     expert = tl.load(ids_ptr + pid_m).to(tl.int64)
     local = (expert >= 0) & (expert < n_experts)
     rows = pid_m + tl.arange(0, 1)
     a_rows = rows // top_k if MODE == 1 else rows
-    return tl.where(local, expert, 0), a_rows.to(tl.int64), rows.to(tl.int64), local
+    return tl.where(local, expert, 0), a_rows.to(tl.int64), rows.to(tl.int64), (rows >= 0) & local, local
 
 
 @triton.jit
@@ -440,8 +440,8 @@ def _gemv_kernel(
         gdc_wait()
         gdc_launch_dependents()
     if DIRECT:
-        expert, a_rows, out_rows, valid = _direct_layout(pid_m, block_expert_ptr, n_experts, top_k, MODE)
-        k_end = tl.where(valid, k_end, k_begin)
+        expert, a_rows, out_rows, valid, local = _direct_layout(pid_m, block_expert_ptr, n_experts, top_k, MODE)
+        k_end = tl.where(local, k_end, k_begin)
     else:
         expert, a_rows, out_rows, valid = _row_layout(
             pid_m, m_rows, sorted_rows_ptr, block_expert_ptr, n_rows, top_k, MODE, BLOCK_M, ROUTE_BLOCK

@@ -1,0 +1,72 @@
+"""Decode attention (``scout_mm.kernels.flash_decode``) options of the decode step, on CPU under
+``TRITON_INTERPRET=1`` (one subprocess, ``test_interpreter_suite``): the NoPE query scale applied inside the split
+kernel and the optional split merge inside the split kernel (``FUSED_MERGE``), against the PyTorch reference and
+the separate merge kernel, contiguous and paged caches, ragged lengths, fp32 and fp16. Fresh random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import INTERPRETED, run_file_under_interpreter
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
+def test_interpreter_suite():
+    pytest.importorskip("triton")
+    run_file_under_interpreter(__file__, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def flash_decode():
+    if not INTERPRETED:
+        pytest.skip("runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite")
+    from scout_mm.kernels import flash_decode as module
+
+    return module
+
+
+def _problem(batch, n_heads, n_kv_heads, q_len, capacity, head_dim, paged_block, dtype):
+    q = torch.randn(batch, n_heads, q_len, head_dim).to(dtype)
+    lens = torch.randint(q_len, capacity + 1, (batch,), dtype=torch.int32)
+    q_scale = 1 + torch.rand(batch, q_len)
+    if paged_block:
+        max_blocks = -(-capacity // paged_block)
+        n_blocks = batch * max_blocks + 2
+        k = torch.randn(n_blocks, paged_block, n_kv_heads, head_dim).to(dtype)
+        table = torch.randperm(n_blocks)[: batch * max_blocks].view(batch, max_blocks).int()
+    else:
+        k = torch.randn(batch, n_kv_heads, capacity, head_dim).to(dtype)
+        table = None
+    v = torch.randn_like(k)
+    return q, k, v, dict(scale=head_dim**-0.5, kv_lens=lens, block_table=table, q_scale=q_scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("paged_block", [None, 8], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("shape", [(1, 4, 2, 1, 70, 16), (3, 6, 2, 2, 45, 32)], ids=["b1_q1", "b3_q2"])
+def test_merge_in_split_kernel_and_q_scale(flash_decode, monkeypatch, shape, paged_block, dtype):
+    from scout_mm.kernels.reference import decode_attention as reference
+
+    q, k, v, kw = _problem(*shape, paged_block, dtype)
+    outs = {}
+    for merge in (True, False):
+        monkeypatch.setattr(flash_decode, "FUSED_MERGE", merge)
+        outs[merge] = flash_decode.decode_attention(q, k, v, n_splits=3, **kw)
+    # the reference on the scaled query rounded to the activation dtype, as the kernel rounds it
+    q_scaled = (q * kw["q_scale"][:, None, :, None].to(dtype)).double()
+    ref_out, ref_lse = reference(q_scaled, k.double(), v.double(), **{**kw, "q_scale": None})
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for out, lse in outs.values():
+        assert out.dtype == dtype
+        assert float((out.double() - ref_out).norm() / ref_out.norm()) < tol
+        assert float((lse.double() - ref_lse).abs().max()) < 1e-4
+    (fused, fused_lse), (separate, separate_lse) = outs[True], outs[False]
+    assert float((fused.double() - separate.double()).abs().max()) <= tol * float(separate.abs().max())
+    assert float((fused_lse - separate_lse).abs().max()) < 1e-5
+
+
+def test_bad_q_scale_shape_names_it(flash_decode):
+    q, k, v, kw = _problem(2, 4, 2, 1, 20, 16, None, torch.float32)
+    with pytest.raises(ValueError, match="q_scale shape"):
+        flash_decode.decode_attention(q, k, v, **{**kw, "q_scale": torch.ones(3, 1)})
