@@ -474,6 +474,52 @@ def section_linear(rows_out):
         torch.cuda.empty_cache()
 
 
+MMA_CANDIDATES = [dict(warps=2, step=1, prefetch=True, occupancy=4.0), dict(warps=2, step=2, prefetch=True, occupancy=4.0),
+                  dict(warps=2, step=1, prefetch=False, occupancy=4.0), dict(warps=4, step=1, prefetch=True, occupancy=4.0),
+                  dict(warps=4, step=2, prefetch=True, occupancy=4.0), dict(warps=2, step=1, prefetch=True, occupancy=8.0),
+                  dict(warps=1, step=1, prefetch=True, occupancy=8.0), dict(warps=2, step=2, prefetch=False, occupancy=8.0)]  # fmt: skip
+MMA_ROWS = [1, 2, 4, 8, 16]
+
+
+def section_mma(rows_out):
+    """The tensor-core few-rows kernel (scout_mm.kernels.int4_mma) beside tinygemm and the shipped dispatch
+    (int4_linear: FMA GEMV for M <= 2, nibble-dot tl.dot above), same weights, same run."""
+    from scout_mm.kernels import int4_mma
+
+    rows_out += ["", "## Tensor-core few-rows kernel (int4_mma; group 128, symmetric, bf16)", "",
+                 "| N x K | M | kernel | us | Int4 TB/s | vs tinygemm | vs int4_linear |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for size_n, size_k in LINEAR_SHAPES:
+        copies = copies_for(size_k * size_n // 2)
+        pick = rotating(packed((), size_k, size_n, copies))
+        pick_t = rotating(tinygemm(size_k, size_n, copies))
+        wbytes = size_k * size_n / 2
+        best = None
+        for m_rows in MMA_ROWS:
+            x = torch.randn(m_rows, size_k, device="cuda", dtype=torch.bfloat16)
+
+            def run_tiny(x=x):
+                w, sz = pick_t()
+                return torch._weight_int4pack_mm(x, w, GROUP, sz)
+
+            t_tiny = graph_us(run_tiny)
+            t_ours = graph_us(lambda x=x: int4.int4_linear(x, *pick(), GROUP))
+            timings = [("tinygemm", t_tiny), ("int4_linear (shipped dispatch)", t_ours)]
+            cands = MMA_CANDIDATES if m_rows in (1, 16) or best is None else [best]
+            for c in cands:
+                cfg = int4_mma.mma_config(**c)
+                t = graph_us(lambda x=x, cfg=cfg: int4_mma.int4_linear_mma(x, *pick(), GROUP, config=cfg))
+                timings.append((f"mma(w{c['warps']},s{c['step']},{'pf' if c['prefetch'] else 'nopf'},occ{c['occupancy']:g})", t))
+                if m_rows == 1 and (best is None or t < best[1]):
+                    best = (c, t)
+            if m_rows == 1:
+                best = best[0]
+            for name, t in timings:
+                rows_out.append(f"| {size_n}x{size_k} | {m_rows} | {name} | {t:.1f} | {wbytes / t / 1e6:.2f} | "
+                                f"{t_tiny / t:.2f}x | {t_ours / t:.2f}x |")  # fmt: skip
+                print(rows_out[-1], flush=True)
+        torch.cuda.empty_cache()
+
+
 def section_moe(rows_out):
     from scout_mm.kernels import moe
 
@@ -884,7 +930,7 @@ def main() -> None:
             f"{__import__('triton').__version__}. Command: `PYTHONPATH=. python bench/bench_int4.py "
             f"{' '.join(sys.argv[1:])}`"]  # fmt: skip
     sections = {"tune": lambda rows: section_tune(rows, adopt=args.adopt_tuned), "probe": section_probe,
-                "linear": section_linear, "moe": section_moe, "scout": section_scout,
+                "linear": section_linear, "moe": section_moe, "mma": section_mma, "scout": section_scout,
                 "profile": section_profile, "step": section_step}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
