@@ -143,6 +143,7 @@ class _DecodeState:
         self.key, self.cache = key, cache
         self.graph: GraphedDecode | None = None
         self.graph_storage: tuple = ()  # cache.storage_key() when the graph was captured
+        self.reserved: list[int] = []  # tokens reserved per sequence (KVCache.reserve) by the calls so far
         self.busy = False  # a generation is using it (a second, interleaved one gets its own cache)
 
 
@@ -156,16 +157,22 @@ def _state_key(model, batch: int, device: torch.device) -> tuple:
     return (batch, device, model.dtype, hash(weights), tuple(os.environ.get(k, "") for k in _GRAPH_ENV))
 
 
-def decode_state(model, batch: int, device: torch.device, keep: bool) -> _DecodeState:
-    """A KV cache (and perhaps a captured decode graph) for a generation of ``batch`` sequences. ``keep``: reuse
-    and keep the one left on the model by the previous call when batch, device, dtype, the weights (every
-    parameter and buffer, by address) and the kernel switches are the same — a generate call then skips the
-    capture (one eager step + the capture: ~0.1-0.2 s at Scout size). Otherwise a fresh one."""
-    key = _state_key(model, batch, device)
+def decode_state(model, need: list[int], device: torch.device, keep: bool) -> _DecodeState:
+    """A KV cache (and perhaps a captured decode graph) for a generation of ``len(need)`` sequences of at most
+    ``need[b]`` tokens each. ``keep``: reuse and keep the one left on the model by the previous call when batch,
+    device, dtype, the weights (every parameter and buffer, by address) and the kernel switches are the same and
+    its cache already holds ``need`` — a generate call then skips the capture (one eager step + the capture:
+    ~0.1-0.2 s at Scout size). Otherwise a fresh one (the kept one is dropped first: a growing cache next to the
+    old one and its graph can run a large model out of memory)."""
+    key = _state_key(model, len(need), device)
     state = model.__dict__.get(_STATE_ATTR) if keep else None
-    if state is not None and state.key == key and not state.busy:
-        return state
-    fresh = _DecodeState(key, KVCache(model.config.text, batch, device, model.dtype))
+    if state is not None and not state.busy:
+        if state.key == key and all(n <= r for n, r in zip(need, state.reserved, strict=True)):
+            return state
+        release_decode_state(model)
+        state = None
+    fresh = _DecodeState(key, KVCache(model.config.text, len(need), device, model.dtype))
+    fresh.reserved = list(need)
     if keep and (state is None or not state.busy):
         release_decode_state(model)  # one kept state at most: its cache can be gigabytes
         model.__dict__[_STATE_ATTR] = fresh
@@ -268,8 +275,8 @@ def generate_steps(
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
-    batch = input_ids.shape[0]
-    state = decode_state(model, batch, device, keep=keep_graph and cuda_graph and device.type == "cuda")
+    need = [n + params.max_new_tokens for n in lengths]
+    state = decode_state(model, need, device, keep=keep_graph and cuda_graph and device.type == "cuda")
     state.busy = True
     try:
         yield from _generate_steps(model, state, input_ids, pixel_values, attention_mask, params, lengths, eos_token_id,

@@ -195,12 +195,12 @@ def test_int4_moe_direct_layout_bf16(monkeypatch, tokens, top_k):
 
 
 def test_generate_keeps_the_decode_graph_and_matches_fresh_calls():
-    # Two calls with kept graph + cache == two fresh calls; the second call captures nothing; a call with another
-    # batch size, or after the modules changed, does not reuse it.
+    # Calls with kept graph + cache == fresh calls; later calls that fit the first one's cache capture nothing; a
+    # longer generation, another batch size, or changed modules get a new cache and graph.
     from scout_mm import generation
 
     model = int4_decode_model(2)
-    prompts = [torch.randint(3, 290, (1, n), device="cuda") for n in (90, 40, 130)]
+    prompts = [torch.randint(3, 290, (1, n), device="cuda") for n in (130, 40, 90)]
     fresh = [generate_ids(model, p, max_new_tokens=12, eos_token_id=[], keep_graph=False).sequences for p in prompts]
     assert generation._STATE_ATTR not in model.__dict__
     kept, graphs = [], []
@@ -210,6 +210,10 @@ def test_generate_keeps_the_decode_graph_and_matches_fresh_calls():
     for a, b in zip(kept, fresh, strict=True):
         assert torch.equal(a, b)
     assert graphs[0] is graphs[1] is graphs[2] is not None
+    longer = generate_ids(model, prompts[2], max_new_tokens=60, eos_token_id=[]).sequences  # 150 > 142 reserved
+    assert model.__dict__[generation._STATE_ATTR].graph is not graphs[0]
+    assert torch.equal(longer, generate_ids(model, prompts[2], max_new_tokens=60, eos_token_id=[],
+                                            keep_graph=False).sequences)  # fmt: skip
     batch2 = torch.randint(3, 290, (2, 30), device="cuda")
     generate_ids(model, batch2, max_new_tokens=4, eos_token_id=[])
     assert model.__dict__[generation._STATE_ATTR].graph is not graphs[0]
