@@ -210,9 +210,10 @@ def test_generate_keeps_the_decode_graph_and_matches_fresh_calls():
     for a, b in zip(kept, fresh, strict=True):
         assert torch.equal(a, b)
     assert graphs[0] is graphs[1] is graphs[2] is not None
-    longer = generate_ids(model, prompts[2], max_new_tokens=60, eos_token_id=[]).sequences  # 150 > 142 reserved
+    # 90 + 200 tokens > the 256 (one block) the first call's cache holds: a fresh cache and graph
+    longer = generate_ids(model, prompts[2], max_new_tokens=200, eos_token_id=[]).sequences
     assert model.__dict__[generation._STATE_ATTR].graph is not graphs[0]
-    assert torch.equal(longer, generate_ids(model, prompts[2], max_new_tokens=60, eos_token_id=[],
+    assert torch.equal(longer, generate_ids(model, prompts[2], max_new_tokens=200, eos_token_id=[],
                                             keep_graph=False).sequences)  # fmt: skip
     batch2 = torch.randint(3, 290, (2, 30), device="cuda")
     generate_ids(model, batch2, max_new_tokens=4, eos_token_id=[])

@@ -281,7 +281,8 @@ def decode_attention(
         scale * _LOG2E, GROUP=group, Q_LEN=q_len, BLOCK_M=max(16, triton.next_power_of_2(group * q_len)),
         HEAD_DIM=head_dim, BLOCK_N=block_n, PAGED=paged, HAS_LENS=kv_lens is not None,
         HAS_KV_START=kv_start is not None, HAS_Q_SCALE=q_scale is not None, FUSED_MERGE=fused_merge,
-        BLOCK_P=triton.next_power_of_2(n_splits), num_warps=num_warps, num_stages=num_stages,
+        # BLOCK_P only matters to the in-kernel merge: a constant otherwise, so a new split count compiles nothing
+        BLOCK_P=triton.next_power_of_2(n_splits) if fused_merge else 1, num_warps=num_warps, num_stages=num_stages,
         **pdl_args(q.device),
     )  # fmt: skip
     if not fused_merge:
