@@ -617,6 +617,89 @@ def gluon_rounds(rounds: int = 5, candidates=None, flex_too: bool = True):
     return results
 
 
+GLUON_BWD_CANDIDATES = {
+    "gluon bwd (default)": None,
+    "gluon bwd dq_block_n 64": dict(dq_block_n=64),
+    "gluon bwd dkdv no overlap": dict(dkdv_overlap=False),
+    "gluon dq + triton dkdv": dict(dkdv="triton"),
+    "gluon dq bn64 + triton dkdv": dict(dkdv="triton", dq_block_n=64),
+    "triton dq + gluon dkdv": dict(dq="triton"),
+}
+
+
+def gluon_bwd_rounds(rounds: int = 5, candidates=None):
+    """fwd+bwd with the Gluon forward and either the Triton backward (shipped) or the Gluon backward configs,
+    beside cuDNN and FA2 (autograd), in interleaved rounds: causal 32K and chunked 8192 at 32K (FLOPs 3.5x the
+    forward's). Then the backward kernels alone on one forward's (out, lse) (FLOPs 2.5x). Every Gluon
+    backward's gradients are first checked against the Triton backward's."""
+    from scout_mm.kernels import flash_attention_gluon as fg
+    from scout_mm.kernels import flash_attention_gluon_bwd as gb
+
+    candidates = candidates or GLUON_BWD_CANDIDATES
+    results = {}
+    for seq, chunk in ((32768, None), (32768, 8192)):
+        torch.cuda.empty_cache()
+        label = f"{'causal' if chunk is None else f'chunked {chunk}'} {seq // 1024}K"
+        results[label] = _gluon_bwd_case(seq, chunk, rounds, candidates, fg, gb)
+    for label, (rates, brates) in results.items():
+        print(f"SUMMARY fwd+bwd {label}: " + ", ".join(f"{n} {r:.1f}" for n, r in rates.items()), flush=True)
+        print(
+            f"SUMMARY bwd only {label}: " + ", ".join(f"{n} {r:.1f}" for n, r in brates.items()), flush=True
+        )
+        for name in rates:
+            if name.startswith("gluon"):
+                ratios = {a: rates[name] / rates[a] for a in rates if a.startswith("SDPA")}
+                print(f"RATIOS fwd+bwd {label} {name}: " + ", ".join(f"/{a} {r:.3f}x" for a, r in ratios.items()),
+                      flush=True)  # fmt: skip
+    return results
+
+
+def _gluon_bwd_case(seq, chunk, rounds, candidates, fg, gb):
+    label = f"{'causal' if chunk is None else f'chunked {chunk}'} {seq // 1024}K"
+    q, k, v = (rand(1, N_HEADS, seq, HEAD_DIM), rand(1, N_KV_HEADS, seq, HEAD_DIM),
+               rand(1, N_KV_HEADS, seq, HEAD_DIM))  # fmt: skip
+    dout = rand(1, N_HEADS, seq, HEAD_DIM)
+    kw = dict(scale=SCALE, chunk_size=chunk)
+    with torch.no_grad():
+        out, lse = fg.forward(q, k, v, **kw)
+        want = _flash._backward(dout, q, k, v, out, lse, SCALE, chunk, 0, None, None)
+
+    def triton_bwd(o, lse_):
+        return _flash._backward(dout, q, k, v, o, lse_, SCALE, chunk, 0, None, None)
+
+    def gluon_bwd(cfg):
+        return lambda o, lse_: gb.backward(dout, q, k, v, o, lse_, config=cfg, **kw)
+
+    bwds = {"triton bwd (shipped)": triton_bwd}
+    for name, cfg in candidates.items():
+        try:
+            got = gluon_bwd(cfg)(out, lse)
+        except Exception as exc:
+            print(f"VARIANT {name}: failed {type(exc).__name__} {str(exc)[:300]}", flush=True)
+            continue
+        errs = [((g.float() - w.float()).norm() / w.float().norm()).item() for g, w in zip(got, want)]
+        print(f"CHECK {name} {label}: rel err of dq, dk, dv vs triton bwd " + ", ".join(f"{e:.2e}" for e in errs),
+              flush=True)  # fmt: skip
+        if all(e < 1e-2 for e in errs) and all(torch.isfinite(g).all() for g in got):
+            bwds[name] = gluon_bwd(cfg)
+    steps = {f"gluon fwd + {n}": (lambda bwd=bwd: bwd(*fg.forward(q, k, v, **kw))) for n, bwd in bwds.items()}
+    qa, ka, va = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+
+    def autograd_step(run):
+        qa.grad = ka.grad = va.grad = None
+        run(qa, ka, va).backward(dout)
+
+    steps["SDPA cuDNN"] = lambda: autograd_step(sdpa(SDPBackend.CUDNN_ATTENTION, chunk))
+    steps["SDPA flash (FA2)"] = lambda: autograd_step(sdpa(SDPBackend.FLASH_ATTENTION, chunk))
+    flops = prefill_flops(seq, chunk)
+    medians = _interleaved(f"fwd+bwd {label}", steps, flops * 3.5, rounds, budget_s=0.4)
+    with torch.no_grad():
+        bwd_only = {n: (lambda bwd=bwd: bwd(out, lse)) for n, bwd in bwds.items()}
+        bmed = _interleaved(f"bwd only {label}", bwd_only, flops * 2.5, rounds, budget_s=0.3)
+    return ({n: flops * 3.5 / t / 1e9 for n, t in medians.items()},
+            {n: flops * 2.5 / t / 1e9 for n, t in bmed.items()})  # fmt: skip
+
+
 def dispatch_paths(rounds: int = 5):
     """What `scout_mm.kernels.attention` costs per forward path, in interleaved rounds: dispatch forced to the
     Gluon kernel and forced to cuDNN (the chunked case folds chunks into the batch: copies included), beside
@@ -795,12 +878,16 @@ def main():
         help="time kernel variants in interleaved rounds first, apply the best",
     )
     parser.add_argument("--gluon", action="store_true", help="Gluon forward configs in interleaved rounds")
+    parser.add_argument("--gluon-bwd", action="store_true", help="Gluon backward configs, fwd+bwd rounds")
     parser.add_argument("--dispatch-paths", action="store_true", help="forward dispatch paths, interleaved")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default="bench/results/attention_h100.md")
     args = parser.parse_args()
     if args.gluon:
         gluon_rounds(args.rounds, flex_too=not args.skip_flex)
+        return
+    if args.gluon_bwd:
+        gluon_bwd_rounds(args.rounds)
         return
     if args.dispatch_paths:
         dispatch_paths(args.rounds)

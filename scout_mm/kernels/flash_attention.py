@@ -519,40 +519,58 @@ def _forward(q, k, v, scale, chunk_size, q_start, kv_start, q_scale, config=None
     return out, lse
 
 
-def _backward(dout, q, k, v, out, lse, scale, chunk_size, q_start, kv_start, q_scale, configs=None):
-    batch, n_heads, q_len, head_dim = q.shape
-    n_kv_heads, kv_len = k.shape[1], k.shape[2]
-    configs = configs or {}
-    dout = _last_dim_contiguous(dout)
-    delta = torch.empty_like(lse)
-    block_m = 64 if q.is_cuda else 16
+def _bwd_delta(dout, out, delta):
+    """delta = rowsum(dout * out) in fp32, (batch, n_heads, q_len)."""
+    batch, n_heads, q_len, head_dim = out.shape
+    block_m = 64 if out.is_cuda else 16
     _bwd_delta_kernel[(triton.cdiv(q_len, block_m), batch * n_heads)](
         out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
         dout.stride(2), n_heads, q_len, HEAD_DIM=head_dim, BLOCK_M=block_m,
     )  # fmt: skip
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+
+
+def _bwd_dkdv(dout, q, k, v, dk, dv, lse, delta, scale, chunk_size, kv_start, q_scale, q_start, config=None):
+    batch, n_heads, q_len, head_dim = q.shape
+    n_kv_heads, kv_len = k.shape[1], k.shape[2]
     flags, q_scale_arg, kv_start_arg = _flags(chunk_size, kv_start, q_scale, lse)
-    common = dict(GROUP=n_heads // n_kv_heads, HEAD_DIM=head_dim, **flags)
-    block_m, block_n, num_warps, num_stages = configs.get("dkdv") or _config("dkdv", head_dim, q.device)
+    block_m, block_n, num_warps, num_stages = config or _config("dkdv", head_dim, q.device)
     _bwd_dkdv_kernel[(triton.cdiv(kv_len, block_n), batch * n_kv_heads)](
         q, k, v, dout, dk, dv, lse, delta, q_scale_arg, kv_start_arg,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         n_heads, n_kv_heads, q_len, kv_len, q_start, chunk_size or 1, scale * _LOG2E, scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common,
+        GROUP=n_heads // n_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **flags,
     )  # fmt: skip
-    block_m, block_n, num_warps, num_stages = configs.get("dq") or _config("dq", head_dim, q.device)
+
+
+def _bwd_dq(dout, q, k, v, dq, lse, delta, scale, chunk_size, kv_start, q_scale, q_start, config=None):
+    batch, n_heads, q_len, head_dim = q.shape
+    flags, q_scale_arg, kv_start_arg = _flags(chunk_size, kv_start, q_scale, lse)
+    block_m, block_n, num_warps, num_stages = config or _config("dq", head_dim, q.device)
     _bwd_dq_kernel[(triton.cdiv(q_len, block_m), batch * n_heads)](
         q, k, v, dout, dq, lse, delta, q_scale_arg, kv_start_arg,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         n_heads, q_len, q_start, chunk_size or 1, scale * _LOG2E, scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common,
+        GROUP=n_heads // k.shape[1], HEAD_DIM=head_dim,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **flags,
     )  # fmt: skip
+
+
+def _backward(dout, q, k, v, out, lse, scale, chunk_size, q_start, kv_start, q_scale, configs=None):
+    configs = configs or {}
+    dout = _last_dim_contiguous(dout)
+    delta = torch.empty_like(lse)
+    _bwd_delta(dout, out, delta)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    args = (scale, chunk_size, kv_start, q_scale, q_start)
+    _bwd_dkdv(dout, q, k, v, dk, dv, lse, delta, *args, config=configs.get("dkdv"))
+    _bwd_dq(dout, q, k, v, dq, lse, delta, *args, config=configs.get("dq"))
     return dq, dk, dv
 
 
