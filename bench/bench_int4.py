@@ -482,8 +482,9 @@ MMA_ROWS = [1, 2, 4, 8, 16]
 
 
 def section_mma(rows_out):
-    """The tensor-core few-rows kernel (scout_mm.kernels.int4_mma) beside tinygemm and the shipped dispatch
-    (int4_linear: FMA GEMV for M <= 2, nibble-dot tl.dot above), same weights, same run."""
+    """The tensor-core few-rows kernel (scout_mm.kernels.int4_mma) beside tinygemm, the shipped dispatch
+    (int4_linear: int4_mma for 2..16 rows) and the Triton kernels int4_linear ran there before (FMA GEMV for
+    M <= 2, nibble-dot tl.dot above), same weights, same run."""
     from scout_mm.kernels import int4_mma
 
     rows_out += ["", "## Tensor-core few-rows kernel (int4_mma; group 128, symmetric, bf16)", "",
@@ -497,18 +498,33 @@ def section_mma(rows_out):
         for m_rows in MMA_ROWS:
             x = torch.randn(m_rows, size_k, device="cuda", dtype=torch.bfloat16)
 
-            def run_tiny(x=x):
+            def run_tiny(x=x, pick_t=pick_t):
                 w, sz = pick_t()
                 return torch._weight_int4pack_mm(x, w, GROUP, sz)
 
             t_tiny = graph_us(run_tiny)
-            t_ours = graph_us(lambda x=x: int4.int4_linear(x, *pick(), GROUP))
-            timings = [("tinygemm", t_tiny), ("int4_linear (shipped dispatch)", t_ours)]
+            t_ours = graph_us(lambda x=x, pick=pick: int4.int4_linear(x, *pick(), GROUP))
+            triton_cfg = int4.pick_config(m_rows)
+            t_triton = graph_us(
+                lambda x=x, pick=pick, c=triton_cfg: int4.int4_linear(x, *pick(), GROUP, config=c)
+            )
+            timings = [
+                ("tinygemm", t_tiny),
+                ("int4_linear (shipped dispatch)", t_ours),
+                (f"int4_linear Triton {triton_cfg['kind']} (dispatch before int4_mma)", t_triton),
+            ]
             cands = MMA_CANDIDATES if m_rows in (1, 16) or best is None else [best]
             for c in cands:
                 cfg = int4_mma.mma_config(**c)
-                t = graph_us(lambda x=x, cfg=cfg: int4_mma.int4_linear_mma(x, *pick(), GROUP, config=cfg))
-                timings.append((f"mma(w{c['warps']},s{c['step']},{'pf' if c['prefetch'] else 'nopf'},occ{c['occupancy']:g})", t))
+                t = graph_us(
+                    lambda x=x, cfg=cfg, pick=pick: int4_mma.int4_linear_mma(x, *pick(), GROUP, config=cfg)
+                )
+                timings.append(
+                    (
+                        f"mma(w{c['warps']},s{c['step']},{'pf' if c['prefetch'] else 'nopf'},occ{c['occupancy']:g})",
+                        t,
+                    )
+                )
                 if m_rows == 1 and (best is None or t < best[1]):
                     best = (c, t)
             if m_rows == 1:

@@ -159,7 +159,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
-        self, x, rope, positions, kv_start, cache=None, temperature_scale=None, delta=None, defer_residual=False
+        self,
+        x,
+        rope,
+        positions,
+        kv_start,
+        cache=None,
+        temperature_scale=None,
+        delta=None,
+        defer_residual=False,
     ):
         """Returns the new hidden states and, for MoE layers, (topk_ids, router_logits).
 

@@ -185,7 +185,9 @@ def test_int4_moe_direct_layout_bf16(monkeypatch, tokens, top_k):
     from scout_mm.kernels import int4
     from tests.test_kernels_int4 import _moe_problem, _moe_reference, rel
 
-    x, weights, ids, gate_up, down = _moe_problem(tokens, 1024, 512, 17, top_k, 128, True, torch.bfloat16, "cuda")
+    x, weights, ids, gate_up, down = _moe_problem(
+        tokens, 1024, 512, 17, top_k, 128, True, torch.bfloat16, "cuda"
+    )
     ids[0, -1] = 20  # owned by another rank
     direct = int4.int4_moe_experts(x, weights, ids, gate_up, down, 128)
     monkeypatch.setattr(int4, "DIRECT_DECODE_MOE", False)
@@ -201,7 +203,10 @@ def test_generate_keeps_the_decode_graph_and_matches_fresh_calls():
 
     model = int4_decode_model(2)
     prompts = [torch.randint(3, 290, (1, n), device="cuda") for n in (130, 40, 90)]
-    fresh = [generate_ids(model, p, max_new_tokens=12, eos_token_id=[], keep_graph=False).sequences for p in prompts]
+    fresh = [
+        generate_ids(model, p, max_new_tokens=12, eos_token_id=[], keep_graph=False).sequences
+        for p in prompts
+    ]
     assert generation._STATE_ATTR not in model.__dict__
     kept, graphs = [], []
     for p in prompts:

@@ -136,21 +136,29 @@ def test_loader_folds_by_default_and_unfuse_saves_the_checkpoint(tmp_path):
     save_quantized(int4_model(4), tmp_path / "q")
     folded = load_quantized(tmp_path / "q", dtype=torch.float32, device="cpu")
     plain = load_quantized(tmp_path / "q", dtype=torch.float32, device="cpu", fuse=False, fuse_shared=False)
-    assert all(m.shared_slot for m in moe_layers(folded)) and not any(m.shared_slot for m in moe_layers(plain))
+    assert all(m.shared_slot for m in moe_layers(folded)) and not any(
+        m.shared_slot for m in moe_layers(plain)
+    )
     ids = torch.randint(3, 290, (1, 9))
     with torch.no_grad():
-        torch.testing.assert_close(folded(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            folded(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+        )
     with pytest.raises(RuntimeError, match="unfuse_projections"):
         save_quantized(folded, tmp_path / "again")
     save_quantized(unfuse_projections(folded), tmp_path / "again")
-    again = load_quantized(tmp_path / "again", dtype=torch.float32, device="cpu", fuse=False, fuse_shared=False)
+    again = load_quantized(
+        tmp_path / "again", dtype=torch.float32, device="cpu", fuse=False, fuse_shared=False
+    )
     for (k, a), (k2, b) in zip(again.state_dict().items(), plain.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
 
 
 # ------------------------------------------------------------------------------ kernels (interpreter, CPU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("tokens, top_k", [(1, 1), (5, 2), (70, 1)])  # 70 > ROUTER_MAX_TOKENS: no fused router
+@pytest.mark.parametrize(
+    "tokens, top_k", [(1, 1), (5, 2), (70, 1)]
+)  # 70 > ROUTER_MAX_TOKENS: no fused router
 def test_moe_layer_folded_vs_unfolded_kernels(triton_cpu, tokens, top_k, dtype):
     model = int4_model(5, symmetric=tokens != 5, num_experts_per_tok=top_k).to(dtype)
     plain = moe_layers(model)[0]

@@ -158,7 +158,9 @@ def test_router_topk_matches_reference(fused, tokens, hidden, n_experts, top_k, 
     assert ids.dtype == torch.int64 and weights.dtype == dtype and logits.dtype == dtype
     from scout_mm.kernels import launch
 
-    assert all(int(buf.abs().sum()) == 0 for buf in launch._COUNTERS.values())  # left at zero for the next call
+    assert all(
+        int(buf.abs().sum()) == 0 for buf in launch._COUNTERS.values()
+    )  # left at zero for the next call
     assert_rounds_like(logits, ref_logits, min_equal=0.9)
     # Where the reference's k-th and (k+1)-th logits are clearly apart, the same experts in the same order.
     ordered = ref_logits.float().sort(-1, descending=True).values

@@ -204,7 +204,9 @@ def _router_kernel(
             # lowest expert index among equal logits (a NaN logit never matches: clamp keeps the id in range)
             chosen = tl.minimum(tl.min(tl.where(remaining == best, experts, BLOCK_E), axis=0), n_experts - 1)
             tl.store(topk_id_ptr + token * (TOP_K + EXTRA) + slot, chosen.to(tl.int64))
-            tl.store(topk_w_ptr + token * (TOP_K + EXTRA) + slot, tl.sigmoid(best).to(topk_w_ptr.dtype.element_ty))
+            tl.store(
+                topk_w_ptr + token * (TOP_K + EXTRA) + slot, tl.sigmoid(best).to(topk_w_ptr.dtype.element_ty)
+            )
             remaining = tl.where(experts == chosen, float("-inf"), remaining)
         if EXTRA:
             tl.store(topk_id_ptr + token * (TOP_K + 1) + TOP_K, token * 0 + n_experts)  # int64

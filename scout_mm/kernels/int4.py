@@ -440,7 +440,9 @@ def _gemv_kernel(
         gdc_wait()
         gdc_launch_dependents()
     if DIRECT:
-        expert, a_rows, out_rows, valid, local = _direct_layout(pid_m, block_expert_ptr, n_experts, top_k, MODE)
+        expert, a_rows, out_rows, valid, local = _direct_layout(
+            pid_m, block_expert_ptr, n_experts, top_k, MODE
+        )
         k_end = tl.where(local, k_end, k_begin)
     else:
         expert, a_rows, out_rows, valid = _row_layout(
@@ -1056,6 +1058,12 @@ def int4_linear(
     if m_rows == 0:
         return torch.empty(m_rows, size_n, dtype=x.dtype, device=x.device)
     x = x.contiguous()
+    if config is None and 2 <= m_rows <= 16 and not _interpreting():
+        mma = _mma_module()
+        if mma is not None and mma.supported(x, group_size):
+            # Tensor cores for 2..16 rows (H100 2026-11-24, bench/results/int4_gemv_h100.md: 1.6-2.5x this
+            # file's kernels at M = 2..16); one row stays on the GEMV, which is as fast there.
+            return mma.int4_linear_mma(x, qweight, scales, zeros, group_size, mma.config_for_rows(m_rows))
     cfg = config or pick_config(m_rows)
     if cfg["kind"] == "dequant" or (
         config is None and not _interpreting() and m_rows >= TUNED["DEQUANT_MIN_ROWS"]
@@ -1067,6 +1075,16 @@ def int4_linear(
     if result.shape[0] == 1:
         return result[0]
     return _sum_rows(result, torch.empty(m_rows, size_n, dtype=x.dtype, device=x.device))
+
+
+@functools.lru_cache(maxsize=1)
+def _mma_module():
+    """:mod:`scout_mm.kernels.int4_mma` (Gluon), or None with a Triton that has no Gluon."""
+    try:
+        from scout_mm.kernels import int4_mma
+    except ImportError:
+        return None
+    return int4_mma
 
 
 def _moe_route_block(rows_per_expert: float, cfg: dict) -> int:

@@ -270,6 +270,16 @@ def mma_config(warps: int = 2, step: int = 1, occupancy: float = 4.0, prefetch: 
 
 TUNED = mma_config()
 MAX_ROWS = 16
+# H100 2026-11-24 (`bench/bench_int4.py --sections mma`, bench/results/int4_gemv_h100.md), the Scout shapes
+# 16384x5120 and 5120x8192: up to 8 rows (an m8 tile) 4 warps, two groups per step led (19.9 + 13.5 us at one
+# row, 22.9 + 17.0 us at eight); 16 rows: the default config (27.3 + 18.2 us; the 8-program-per-SM split won the
+# first shape, 24.0 us, but lost the second, 23.6).
+TUNED_FEW_ROWS = mma_config(warps=4, step=2)
+
+
+def config_for_rows(m_rows: int) -> dict:
+    """The measured config for ``m_rows`` rows."""
+    return TUNED_FEW_ROWS if m_rows <= 8 else TUNED
 
 
 def _split(n_groups: int, tiles: int, occupancy: float, step: int, device) -> tuple[int, int]:

@@ -151,7 +151,8 @@ class Int4Experts(nn.Module):
                                             (down, self.intermediate_size, self.hidden_size, dn_s)):  # fmt: skip
             if not (
                 type(part) is Int4Linear
-                and (part.in_features, part.out_features, part.group_size) == (size_k, size_n, self.group_size)
+                and (part.in_features, part.out_features, part.group_size)
+                == (size_k, size_n, self.group_size)
                 and part.bias is None
                 and (part.zeros is None) == (gu_z is None)
                 and part.scales.dtype == stack.dtype
