@@ -172,9 +172,8 @@ def decode_state(model, need: list[int], device: torch.device, keep: bool) -> _D
         release_decode_state(model)
         state = None
     fresh = _DecodeState(key, KVCache(model.config.text, len(need), device, model.dtype))
-    block = (
-        fresh.cache.block_size
-    )  # KVCache.reserve hands out whole blocks: what the cache holds without growing
+    # KVCache.reserve hands out whole blocks: what the cache holds without growing
+    block = fresh.cache.block_size
     fresh.reserved = [-(-n // block) * block for n in need]
     if keep and (state is None or not state.busy):
         release_decode_state(model)  # one kept state at most: its cache can be gigabytes
