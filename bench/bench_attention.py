@@ -618,12 +618,8 @@ def gluon_rounds(rounds: int = 5, candidates=None, flex_too: bool = True):
 
 
 GLUON_BWD_CANDIDATES = {
-    "gluon bwd (default)": None,
-    "gluon bwd dq_block_n 64": dict(dq_block_n=64),
-    "gluon bwd dkdv no overlap": dict(dkdv_overlap=False),
-    "gluon dq + triton dkdv": dict(dkdv="triton"),
-    "gluon dq bn64 + triton dkdv": dict(dkdv="triton", dq_block_n=64),
-    "triton dq + gluon dkdv": dict(dq="triton"),
+    "gluon bwd (default: triton dq, gluon dkdv)": None,
+    "gluon dq + gluon dkdv": dict(dq="gluon"),
 }
 
 

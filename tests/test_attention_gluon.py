@@ -281,10 +281,10 @@ def test_backward_head_dim_64_fp16_transposed_layout(chunk_size):
 @pytest.mark.parametrize(
     "config",
     [
-        dict(dq_block_n=64),
+        dict(dq="gluon"),
+        dict(dq="gluon", dq_block_n=64),
+        dict(dkdv_overlap=True),
         dict(dkdv_stages=3),
-        dict(dkdv_overlap=False),
-        dict(dq="triton"),
         dict(dkdv="triton"),
     ],
 )

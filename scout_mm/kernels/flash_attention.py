@@ -18,7 +18,8 @@ grows with the chunk, not the sequence. GQA: a q head reads the K/V of head ``h 
 
 The backward is FlashAttention-2 style: ``delta = rowsum(out * dout)``, then one kernel per key block for
 dK/dV (walking every q head of its group, so no atomics and a deterministic sum) and one kernel per query
-block for dQ.
+block for dQ. On sm_90 (where the Gluon forward runs) the dK/dV half runs the Gluon kernel of
+:mod:`scout_mm.kernels.flash_attention_gluon_bwd` instead.
 """
 
 from __future__ import annotations
@@ -578,7 +579,9 @@ def use_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool
     """Whether the forward runs the Gluon Hopper kernel (:mod:`scout_mm.kernels.flash_attention_gluon`, same
     outputs and LSE) instead of this file's: an sm_90 GPU, Triton with Gluon, inputs that kernel supports,
     and ``SCOUT_MM_GLUON`` not ``off`` (``auto`` default). Measured 1.2x faster than the Triton forward on H100
-    (bench/results/attention_h100.md); the backward stays this file's."""
+    (bench/results/attention_h100.md). The same condition routes the backward to
+    :func:`flash_attention_gluon_bwd.backward` (Gluon dK/dV kernel + this file's dQ kernel; fwd+bwd 1.10x
+    this file's backward's on H100, 2026-11-24)."""
     mode = os.environ.get("SCOUT_MM_GLUON", "auto").lower()
     if mode not in ("auto", "off"):
         raise ValueError(f"SCOUT_MM_GLUON={mode!r}; expected 'auto' or 'off'")
@@ -618,7 +621,15 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, kv_start, q_scale = ctx.saved_tensors
         scale, chunk_size, q_start = ctx.args
-        dq, dk, dv = _backward(dout, q, k, v, out, lse, scale, chunk_size, q_start, kv_start, q_scale)
+        if use_gluon_forward(q, k, v):  # sm_90: the Gluon dK/dV kernel (flash_attention_gluon_bwd)
+            from scout_mm.kernels import flash_attention_gluon_bwd
+
+            dq, dk, dv = flash_attention_gluon_bwd.backward(
+                dout, q, k, v, out, lse, scale=scale, chunk_size=chunk_size, q_start=q_start,
+                kv_start=kv_start, q_scale=q_scale,
+            )  # fmt: skip
+        else:
+            dq, dk, dv = _backward(dout, q, k, v, out, lse, scale, chunk_size, q_start, kv_start, q_scale)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -675,7 +686,8 @@ _SDPA_BACKEND: dict[tuple[str, str], str | None] = {
 # The same where the forward runs the Gluon Hopper kernel (use_gluon_forward). Measured 2026-11-24 on H100
 # (`bench_attention.py --dispatch-paths`, interleaved): causal 32K dispatch -> Gluon 620 vs -> cuDNN 604
 # TFLOPS; chunked 8192 at 128K 550 vs 538 (cuDNN's bare kernel is ~3% faster there, its chunk fold/unfold
-# copies cost more). With the Triton backward, fwd+bwd stays well behind cuDNN's (410 vs 549 causal).
+# copies cost more). fwd+bwd stays on cuDNN: with the Gluon dK/dV backward (2026-11-24, bench_attention.py
+# --gluon-bwd) ours reaches 0.86x cuDNN (causal 32K 471.5 vs 546.7 TFLOPS, chunked 8192 425.4 vs 496.1).
 _SDPA_BACKEND_GLUON: dict[tuple[str, str], str | None] = {
     ("causal", "fwd"): None,
     ("causal", "fwd+bwd"): "cudnn",

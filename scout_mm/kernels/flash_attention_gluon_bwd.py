@@ -15,6 +15,11 @@ forwards write it). Two kernels, as the Triton backward:
   of the group are summed in registers (no atomics, deterministic). Per tile: S^T = K Q^T, dP^T = V dO^T,
   P^T, dV += P^T dO, dS^T = P^T (dP^T - delta), dK += dS^T Q; dK of tile j runs under tile j + 1's GEMMs.
 
+Default (measured on H100 2026-11-24, bench/results/attention_h100.md): the Gluon dK/dV kernel without the
+cross-tile dK overlap (that variant spills registers and is 1.3x slower) and the *Triton* dQ kernel of
+flash_attention.py, which beat this file's dQ kernel (bwd-only causal 32K 429 vs 391 TFLOPS). The Gluon dQ
+kernel stays as an option (``config=dict(dq="gluon")``), tested.
+
 The query/key ranges walked and the masked blocks are those of the Triton backward (only blocks where a
 range starts and diagonal blocks are masked; chunked cost grows with the chunk). With ``q_scale`` the
 launcher materialises the scaled, dtype-rounded query once (the reference's rounding), and dQ gets the chain
@@ -519,7 +524,7 @@ def _dkdv_kernel(
 # dq / dkdv: "gluon" (this file's kernels) or "triton" (flash_attention.py's kernel for that half, on the same
 # delta: when dq is Triton, the Triton delta pass runs first); dkdv_overlap: dK GEMM of tile i under tile i + 1.
 DEFAULT_CONFIG = dict(
-    dq="gluon",
+    dq="triton",
     dkdv="gluon",
     dq_block_n=128,
     dq_stages=2,
@@ -527,7 +532,7 @@ DEFAULT_CONFIG = dict(
     dkdv_block_q=64,
     dkdv_stages=2,
     dkdv_regs=240,
-    dkdv_overlap=True,
+    dkdv_overlap=False,
     maxnreg=168,
 )
 
