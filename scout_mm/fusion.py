@@ -115,6 +115,15 @@ def split_linear(proj: nn.Module, sizes: tuple[int, ...]) -> list[nn.Module]:
     return type(proj).split(proj, list(sizes))
 
 
+def _return_freed(module: nn.Module) -> None:
+    """After a layer's old weights were replaced: hand PyTorch's cached CUDA blocks back to the driver now.
+    Otherwise the next layer's new (larger) stacks go to fresh segments and its smaller tensors are carved out
+    of the freed old blocks, and the partly used segments stay reserved for good (H100, Scout in Int4, before
+    this release: 14.7 GiB of free-but-unreleasable cache after folding all 48 layers, 8.5 of 85 GB free)."""
+    if any(t.is_cuda for t in (*module.parameters(), *module.buffers())):
+        torch.cuda.empty_cache()
+
+
 @torch.no_grad()
 def fuse_projections(model: nn.Module) -> nn.Module:
     """Fuse q|k|v and gate|up projections in place (see the module docstring); returns ``model``. Modules whose
@@ -132,6 +141,8 @@ def fuse_projections(model: nn.Module) -> nn.Module:
             for name in part_names:
                 delattr(module, name)
             setattr(module, fused_name, FusedLinear(proj, sizes, part_names))
+            del parts
+            _return_freed(proj)
     return model
 
 
@@ -190,6 +201,8 @@ def fuse_shared_expert(model: nn.Module) -> nn.Module:
         module.experts = SharedSlotExperts(stacked, form)
         module.shared_expert = None
         module.shared_slot = True
+        del gate_up
+        _return_freed(stacked)
     return model
 
 
