@@ -486,10 +486,10 @@ def _descriptors_fit(k: torch.Tensor, v: torch.Tensor) -> bool:
     return all(x.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in x.stride()[:-1]) for x in (k, v))
 
 
-def _set_descriptor_allocator() -> None:
-    # Descriptors built inside a kernel need a little global scratch per program; Triton asks for it
-    # through this hook (set per call: it is context-local, and cheap).
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+def set_descriptor_allocator(device: torch.device) -> None:
+    """Descriptors built inside a kernel need a little global scratch per program; Triton asks for it through
+    this hook (set per call, on the launch's device: it is context-local, and cheap)."""
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
 
 
 def _forward(q, k, v, scale, chunk_size, q_start, kv_start, q_scale, config=None):
@@ -501,11 +501,10 @@ def _forward(q, k, v, scale, chunk_size, q_start, kv_start, q_scale, config=None
         tuple(config or _config(kind, head_dim, q.device)) + (False, False)
     )[:6]
     use_desc = use_desc and _descriptors_fit(k, v)
-    diag_in_loop = (
-        diag_in_loop and use_desc
-    )  # unmasked loads in the diagonal are safe only through descriptors
+    # unmasked loads in the diagonal are safe only through descriptors
+    diag_in_loop = diag_in_loop and use_desc
     if use_desc:
-        _set_descriptor_allocator()
+        set_descriptor_allocator(q.device)
     flags, q_scale_arg, kv_start_arg = _flags(chunk_size, kv_start, q_scale, lse)
     grid = (triton.cdiv(q_len, block_m), batch * n_heads)
     _fwd_kernel[grid](

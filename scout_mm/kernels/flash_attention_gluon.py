@@ -33,6 +33,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from scout_mm.kernels.flash_attention import set_descriptor_allocator
+
 _LOG2E = 1.4426950408889634
 BLOCK_M = gl.constexpr(128)  # query rows per program: 64 per consumer warpgroup
 WG_M = gl.constexpr(64)
@@ -317,12 +319,6 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     )
 
 
-def _set_descriptor_allocator() -> None:
-    # Descriptors built inside a kernel need a little global scratch per program; Triton asks for it
-    # through this hook (context-local, so set per call).
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-
-
 def forward(
     q: torch.Tensor,  # (batch, n_heads, q_len, head_dim)
     k: torch.Tensor,  # (batch, n_kv_heads, kv_len, head_dim)
@@ -362,7 +358,7 @@ def forward(
         kv_start = kv_start.to(device=q.device, dtype=torch.int32).contiguous()
     if q_scale is not None:
         q_scale = q_scale.to(device=q.device, dtype=torch.float32).expand(batch, q_len).contiguous()
-    _set_descriptor_allocator()
+    set_descriptor_allocator(q.device)
     grid = (triton.cdiv(q_len, BLOCK_M.value), batch * n_heads)
     _fwd_kernel[grid](
         q, k, v, out, lse, q_scale if q_scale is not None else lse, kv_start if kv_start is not None else lse,

@@ -41,6 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from scout_mm.kernels import flash_attention_gluon as _fwd
+from scout_mm.kernels.flash_attention import set_descriptor_allocator
 from scout_mm.kernels.flash_attention_gluon import _chunk_start, _loader, _program_coords, _tile_ranges
 
 _LOG2E = 1.4426950408889634
@@ -602,7 +603,7 @@ def backward(
         dout = dout.contiguous()
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
-    _fwd._set_descriptor_allocator()
+    set_descriptor_allocator(q.device)
     dummy = lse
     group = n_heads // n_kv_heads
     common = dict(GROUP=group, HEAD_DIM=head_dim, CHUNKED=chunk_size is not None,
