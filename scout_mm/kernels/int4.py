@@ -1041,6 +1041,14 @@ def dequantize(qweight, scales, zeros, group_size: int, dtype: torch.dtype) -> t
     return out
 
 
+def check_linear_input(x, qweight, scales, zeros, group_size: int) -> int:
+    """Check a dense Int4 matmul's weight and its (M, K) input against each other; returns N."""
+    size_k, size_n = _check_weight(qweight, scales, zeros, group_size, 0)
+    if x.dim() != 2 or x.shape[1] != size_k:
+        raise ValueError(f"x shape {tuple(x.shape)}; expected (M, {size_k})")
+    return size_n
+
+
 def int4_linear(
     x: torch.Tensor,  # (M, K)
     qweight: torch.Tensor,  # (K // 8, N) int32
@@ -1051,9 +1059,7 @@ def int4_linear(
 ) -> torch.Tensor:  # (M, N) in x.dtype
     """Triton version of :func:`scout_mm.kernels.int4_reference.int4_linear`. ``config`` overrides the
     recorded choice (benchmarks); ``{"kind": "dequant"}`` forces dequantise + ``torch.matmul``."""
-    size_k, size_n = _check_weight(qweight, scales, zeros, group_size, 0)
-    if x.dim() != 2 or x.shape[1] != size_k:
-        raise ValueError(f"x shape {tuple(x.shape)}; expected (M, {size_k})")
+    size_n = check_linear_input(x, qweight, scales, zeros, group_size)
     m_rows = x.shape[0]
     if m_rows == 0:
         return torch.empty(m_rows, size_n, dtype=x.dtype, device=x.device)
@@ -1063,7 +1069,7 @@ def int4_linear(
         if mma is not None and mma.supported(x, group_size):
             # Tensor cores for 2..16 rows (H100 2026-11-24, bench/results/int4_gemv_h100.md: 1.6-2.5x this
             # file's kernels at M = 2..16); one row stays on the GEMV, which is as fast there.
-            return mma.int4_linear_mma(x, qweight, scales, zeros, group_size, mma.config_for_rows(m_rows))
+            return mma.launch(x, qweight, scales, zeros, group_size, mma.config_for_rows(m_rows))
     cfg = config or pick_config(m_rows)
     if cfg["kind"] == "dequant" or (
         config is None and not _interpreting() and m_rows >= TUNED["DEQUANT_MIN_ROWS"]

@@ -30,7 +30,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from scout_mm.kernels.int4 import _check_weight, _n_sms
+from scout_mm.kernels.int4 import _n_sms, check_linear_input
 from scout_mm.kernels.launch import arrival_counters
 
 BF16_MAGIC = 0x43004300  # bf16 128.0 twice: a code q in the low mantissa bits reads as 128 + q (exact)
@@ -312,9 +312,7 @@ def int4_linear_mma(
     """:func:`scout_mm.kernels.int4_reference.int4_linear` for few rows on the tensor cores (one launch).
     Each weight is ``(q - zero)`` exactly in the MMA and the group's scale multiplies the fp32 group sum, so
     the result is at least as close to the exact product as the reference's (weight rounded to x.dtype)."""
-    size_k, size_n = _check_weight(qweight, scales, zeros, group_size, 0)
-    if x.dim() != 2 or x.shape[1] != size_k:
-        raise ValueError(f"x shape {tuple(x.shape)}; expected (M, {size_k})")
+    check_linear_input(x, qweight, scales, zeros, group_size)
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"x dtype {x.dtype}; the tensor-core Int4 kernel takes bfloat16 or float16")
     m_rows = x.shape[0]
@@ -327,9 +325,15 @@ def int4_linear_mma(
             f"x on {x.device}; the tensor-core Int4 kernel (Gluon, mma.sync) needs a CUDA sm_80+ GPU"
         )
     cfg = config or TUNED
-    warps = cfg["num_warps"]
-    if warps not in (1, 2, 4, 8) or cfg["step"] not in (1, 2):
-        raise ValueError(f"config num_warps={warps}, step={cfg['step']}; expected 1/2/4/8 and 1/2")
+    if cfg["num_warps"] not in (1, 2, 4, 8) or cfg["step"] not in (1, 2):
+        raise ValueError(f"config num_warps={cfg['num_warps']}, step={cfg['step']}; expected 1/2/4/8 and 1/2")
+    return launch(x, qweight, scales, zeros, group_size, cfg)
+
+
+def launch(x, qweight, scales, zeros, group_size: int, cfg: dict) -> torch.Tensor:
+    """:func:`int4_linear_mma` without its input checks, for a caller that made them
+    (:func:`scout_mm.kernels.int4.int4_linear`: the weight and shapes, then :func:`supported`)."""
+    warps, m_rows, size_n = cfg["num_warps"], x.shape[0], qweight.shape[-1]
     x = x.contiguous()
     block_m = 8 if m_rows <= 8 else 16
     n_groups = scales.shape[0]
