@@ -584,63 +584,6 @@ def section_moe(rows_out):
     torch.cuda.empty_cache()
 
 
-# L2 requests ahead of the GEMV's register loads (int4._l2_prefetch): (label, overrides of TUNED["gemv"])
-L2_VARIANTS = [("shipped", {}), ("L2 ahead 4 (in the loop)", dict(l2_ahead=4)),
-               ("first 2 tiles before the PDL wait", dict(l2_ahead=2, l2_pre=True, l2_roll=False)),
-               ("first 4 tiles before the PDL wait", dict(l2_ahead=4, l2_pre=True, l2_roll=False)),
-               ("first 16 tiles before the PDL wait", dict(l2_ahead=16, l2_pre=True, l2_roll=False))]  # fmt: skip
-
-
-def section_l2(rows_out):
-    """The one-row GEMV and the T=1 MoE with each of ``L2_VARIANTS`` (same graphs, rotation and tinygemm as the
-    linear / moe sections), in interleaved rounds so that drift hits every variant alike."""
-    rows_out += ["", "## L2 requests ahead of the GEMV (one row; MoE T=1 top-1; group 128, symmetric, bf16)", "",
-                 "Median of 3 interleaved rounds (each: median of 10 graph replays of 16 calls).", "",
-                 "| case | variant | us | Int4 TB/s | vs shipped | vs tinygemm |", "|---|---|---|---|---|---|"]  # fmt: skip
-    shipped = dict(int4.TUNED["gemv"])
-    cases = []
-    for size_n, size_k in LINEAR_SHAPES:
-        n_int4 = copies_for(size_k * size_n // 2)
-        weights, tiny = packed((), size_k, size_n, n_int4), tinygemm(size_k, size_n, n_int4)
-        x = torch.randn(1, size_k, device="cuda", dtype=torch.bfloat16)
-        pick_q, pick_t = rotating(weights), rotating(tiny)
-
-        def run_ours(cfg, x=x, p=pick_q):
-            return int4.int4_linear(x, *p(), GROUP, config=cfg)
-
-        def run_tiny(x=x, p=pick_t):
-            w, sz = p()
-            return torch._weight_int4pack_mm(x, w, GROUP, sz)
-
-        cases.append((f"M=1 {size_n}x{size_k}", size_k * size_n / 2, run_ours, run_tiny, (weights, tiny)))
-    gate_up = packed((EXPERTS,), HIDDEN, 2 * INTER, 1)[0]
-    down = packed((EXPERTS,), INTER, HIDDEN, 1)[0]
-    x_moe = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
-    w_moe = torch.rand(1, 1, device="cuda", dtype=torch.bfloat16)
-    routes = [torch.randint(0, EXPERTS, (1, 1), device="cuda") for _ in range(8)]
-    pick_r = rotating(routes)
-    cases.append(("MoE T=1", 3 * HIDDEN * INTER / 2,
-                  lambda cfg: int4.int4_moe_experts(x_moe, w_moe, pick_r(), gate_up, down, GROUP, config=cfg),
-                  None, (gate_up, down)))  # fmt: skip
-    times = {}
-    for _ in range(3):
-        for name, _, run_ours, run_tiny, _ in cases:
-            if run_tiny is not None:
-                times.setdefault((name, "tinygemm"), []).append(graph_us(run_tiny))
-            for label, over in L2_VARIANTS:
-                cfg = dict(shipped, **over)
-                times.setdefault((name, label), []).append(graph_us(lambda cfg=cfg, r=run_ours: r(cfg)))
-    for name, nbytes, _, run_tiny, _ in cases:
-        base = statistics.median(times[(name, "shipped")])
-        tiny_t = statistics.median(times[(name, "tinygemm")]) if run_tiny is not None else None
-        for label in ["tinygemm"] * (run_tiny is not None) + [v[0] for v in L2_VARIANTS]:
-            t = statistics.median(times[(name, label)])
-            vs_tiny = f"{tiny_t / t:.2f}x" if tiny_t else "-"
-            rows_out.append(f"| {name} | {label} | {t:.1f} | {nbytes / t / 1e6:.2f} | {base / t:.3f}x | {vs_tiny} |")
-    print("\n".join(rows_out[-(len(cases) * (len(L2_VARIANTS) + 1) + 2) :]), flush=True)
-    torch.cuda.empty_cache()
-
-
 def build_scout_int4(fuse: bool = True):
     """The scout-17b-16e preset in Int4 on the GPU, random weights, no float copy of any quantized weight;
     ``fuse``: q|k|v and gate|up fused and the shared expert folded into the routed experts, as
@@ -919,31 +862,41 @@ def section_profile(rows_out):
 
 
 def section_step(rows_out):
-    """A/B of decode-step variants in ONE process, on the default build (what load_quantized returns), same
-    weights, prompt and token (``torch.manual_seed(0)`` before each): the GEMV configs of ``L2_VARIANTS`` (L2
-    requests ahead of the weight loads; session 4's A/B of PDL and the routing-free MoE is in
-    ``bench/results/int4_decode_step_h100.md``). Then ``generate_ids`` over 64 tokens: fresh
-    (``keep_graph=False``) vs the graph and KV cache kept from the previous call."""
+    """A/B of the decode-step changes of session 4 in ONE process, on the default build (what load_quantized
+    returns), same weights, prompt and token (``torch.manual_seed(0)`` before each): the session-3 launch
+    structure (MoE routing kernel + ``_sum_rows``, no PDL), the routing-free MoE, PDL alone, both (shipped),
+    and the optional decode-attention merge inside the split kernel. Then ``generate_ids`` over 64 tokens: fresh (``keep_graph=False``) vs the
+    graph and KV cache kept from the previous call."""
+    import os
+
     from scout_mm.generation import generate_ids, release_decode_state
+    from scout_mm.kernels import flash_decode, int4
 
     start = time.perf_counter()
     config, model = build_scout_int4()
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()
-    rows_out += ["", "## Scout-size decode step: GEMV variants (default build)", "",
+    rows_out += ["", "## Scout-size decode step: PDL and decode fusions (default build)", "",
                  f"Built in {time.perf_counter() - start:.0f} s. GPU memory after building: {free / 1e9:.1f} of "
                  f"{total / 1e9:.1f} GB free (driver), PyTorch {torch.cuda.memory_allocated() / 1e9:.2f} GB allocated, "
-                 f"{torch.cuda.memory_reserved() / 1e9:.2f} GB reserved."]  # fmt: skip
-    shipped = dict(int4.TUNED["gemv"])
+                 f"{torch.cuda.memory_reserved() / 1e9:.2f} GB reserved. Always on in every variant (not switchable): the "
+                 "residual add inside the next layer's norm, the NoPE q scale inside the decode attention kernel."]  # fmt: skip
+    variants = (("session-3 launches (routing kernel + _sum_rows), PDL off", False, False, "off"),
+                ("routing-free MoE, slot sum in the down launch, PDL off", True, False, "off"),
+                ("session-3 launches + PDL", False, False, "auto"),
+                ("routing-free MoE + PDL (shipped)", True, False, "auto"),
+                ("routing-free MoE + PDL + merge in the split kernel (FUSED_MERGE)", True, True, "auto"))  # fmt: skip
     runs = {}
     try:
-        for label, over in L2_VARIANTS:
-            int4.TUNED["gemv"] = dict(shipped, **over)
+        for label, direct, merge, pdl in variants:
+            os.environ["SCOUT_MM_PDL"] = pdl
+            int4.DIRECT_DECODE_MOE, flash_decode.FUSED_MERGE = direct, merge
             torch.manual_seed(0)
             runs[label] = decode_step_profile(model, config, rows_out, label)
     finally:
-        int4.TUNED["gemv"] = shipped
-    base = runs[L2_VARIANTS[0][0]]
+        os.environ.pop("SCOUT_MM_PDL", None)
+        int4.DIRECT_DECODE_MOE, flash_decode.FUSED_MERGE = True, False
+    base = runs[variants[0][0]]
     rows_out += ["", "### Summary (same process, weights, prompt and token)", "",
                  "| variant | graphed ms/step | tok/s | kernels/step | kernel ms/step | speed-up | logits vs first: max abs diff, argmax |",
                  "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -1009,7 +962,7 @@ def main() -> None:
             f"{' '.join(sys.argv[1:])}`"]  # fmt: skip
     sections = {"tune": lambda rows: section_tune(rows, adopt=args.adopt_tuned), "probe": section_probe,
                 "linear": section_linear, "moe": section_moe, "mma": section_mma, "scout": section_scout,
-                "profile": section_profile, "step": section_step, "l2": section_l2}  # fmt: skip
+                "profile": section_profile, "step": section_step}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         try:

@@ -156,8 +156,7 @@ class SharedSlotExperts(_InferenceLayout):
         self.shared_form = shared_form
 
     def forward(self, hidden, topk_weights, topk_ids):
-        # the router's last slot is always the shared expert: its weights may be prefetched before the routing
-        return self.experts(hidden, topk_weights, topk_ids, last_slot_shared=True)
+        return self.experts(hidden, topk_weights, topk_ids)
 
     def _layout(self) -> str:
         return "holds the shared expert as one more routed expert (scout_mm.fusion.fuse_shared_expert)"

@@ -92,16 +92,13 @@ def int4_linear(x, qweight, scales, zeros, group_size):
     return int4_reference.int4_linear(x, qweight, scales, zeros, group_size)
 
 
-def int4_moe_experts(hidden, topk_weights, topk_ids, gate_up, down, group_size, last_slot_shared=False):
+def int4_moe_experts(hidden, topk_weights, topk_ids, gate_up, down, group_size):
     """Routed SwiGLU experts with Int4 expert stacks ``gate_up``/``down`` = (qweight, scales, zeros or None).
-    See :func:`scout_mm.kernels.int4_reference.int4_moe_experts`; ``last_slot_shared``: a prefetch hint of the
-    Triton path (:func:`scout_mm.kernels.int4.int4_moe_experts`), no effect on the result."""
+    See :func:`scout_mm.kernels.int4_reference.int4_moe_experts`."""
     if use_triton(hidden):
         from scout_mm.kernels import int4
 
-        return int4.int4_moe_experts(
-            hidden, topk_weights, topk_ids, gate_up, down, group_size, last_slot_shared=last_slot_shared
-        )
+        return int4.int4_moe_experts(hidden, topk_weights, topk_ids, gate_up, down, group_size)
     return int4_reference.int4_moe_experts(hidden, topk_weights, topk_ids, gate_up, down, group_size)
 
 

@@ -260,16 +260,11 @@ def _gemv_columns(
     col0,
     LOADER: tl.constexpr,
     STAGES: tl.constexpr,
-    col_end=0,
-    L2_AHEAD: tl.constexpr = 0,
     first_tile=None,
 ):
     """fp32 (BLOCK_M, BLOCK_N): rows ``a_rows`` of x times columns ``offs_n`` of one weight, over
     K in [k_begin, k_end). Pointers are already offset to the expert. ``first_tile``: the first weight tile,
-    already loaded (:func:`_first_tile`, before the PDL wait), for the one-row ``PREFETCH`` path. ``L2_AHEAD``
-    (one-row register path): every ``L2_AHEAD`` tiles, ask the L2 for the ``L2_AHEAD`` tiles after the next
-    ``L2_AHEAD`` (columns [col0, col_end); :func:`_l2_prefetch`), so more of the stream is in flight than the
-    register double buffer holds.
+    already loaded (:func:`_first_tile`, before the PDL wait), for the one-row ``PREFETCH`` path.
 
     Decode (BLOCK_M 1) weight loads, ``LOADER``: 0 = pointer loads in registers (``PREFETCH``: one tile
     ahead); 1 = pointer loads in a ``tl.range(num_stages=STAGES)`` loop (the pipeliner turns them into
@@ -301,10 +296,6 @@ def _gemv_columns(
                 first_k = k0 + words * 8
                 row_ok = first_k < k_end
                 mask = row_ok[:, None] & n_ok[None, :]
-                if L2_AHEAD > 0:
-                    if ((k0 - k_begin) // BLOCK_K) % L2_AHEAD == 0:
-                        _l2_prefetch(qw_ptr, (k0 + L2_AHEAD * BLOCK_K) // 8, k_end // 8, col0, col_end, size_n,
-                                     BLOCK_N, L2_AHEAD * BLOCK_K // 8)  # fmt: skip
                 if PREFETCH:
                     # Registers double-buffer the weight stream: the next tile is in flight during this one's math.
                     packed = packed_next
@@ -358,22 +349,6 @@ def _first_tile(qw_ptr, offs_n, n_ok, k_begin, k_end, size_n, BLOCK_K: tl.conste
     mask = ((k_begin + words * 8) < k_end)[:, None] & n_ok[None, :]
     ptrs = qw_ptr + (k_begin // 8 + words)[:, None] * size_n + offs_n[None, :]
     return tl.load(ptrs, mask=mask, other=0, eviction_policy=EVICT)
-
-
-@triton.jit
-def _l2_prefetch(qw_ptr, first_row, end_row, col0, col_end, size_n, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
-    """Ask the L2 for word rows [first_row, min(first_row + ROWS, end_row)) of columns [col0, min(col0 + BLOCK_N,
-    col_end)) of a (rows, size_n) int32 matrix: one ``cp.async.bulk.prefetch.L2`` per row (sm_90; a hint: nothing
-    is waited for or read into registers, so it may run before the PDL wait). The launcher guarantees the 16-byte
-    alignment (16-byte aligned base, size_n and col_end multiples of 4, see :func:`_l2_prefetch_ok`)."""
-    rows = first_row + tl.arange(0, ROWS)
-    nbytes = (tl.minimum(col_end - col0, BLOCK_N) * 4).to(tl.int32) + tl.zeros([ROWS], dtype=tl.int32)
-    ok = ((rows < end_row) & (nbytes > 0)).to(tl.int32)
-    ptrs = qw_ptr + rows.to(tl.int64) * size_n + col0
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.b32 $0, 0; }",
-        "=r,l,r,r", [ptrs, ok, nbytes], dtype=tl.int32, is_pure=False, pack=1,
-    )  # fmt: skip
 
 
 @triton.jit
@@ -433,10 +408,6 @@ def _gemv_kernel(
     DIRECT: tl.constexpr,
     FUSED_SUM: tl.constexpr,
     TOP_K: tl.constexpr,
-    L2_AHEAD: tl.constexpr,
-    L2_ROLL: tl.constexpr,
-    L2_PRE: tl.constexpr,
-    PRE_SLOT: tl.constexpr,
 ):
     """One launch per matmul. With K split over programs (FUSED_SPLIT), every program stores its fp32
     partial, and the last program to arrive at a (row block, column tile) — counted with an atomic — sums
@@ -446,16 +417,7 @@ def _gemv_kernel(
     ``FUSED_SUM`` (``DIRECT`` layouts), the last program to arrive at a column tile sums them itself.
 
     ``DIRECT`` (MoE, one-row blocks): the rows come straight from the routing ids (:func:`_direct_layout`,
-    ``block_expert_ptr`` = the (n_rows,) ids, n_groups.. as usual), so no routing kernel runs before.
-
-    ``L2_AHEAD`` with ``L2_ROLL`` (one-row register path, sm_90): the weight stream is also requested from the
-    L2 ahead of the loads (:func:`_gemv_columns`). ``L2_PRE`` (with PDL): before the wait, the program asks the L2 for its first
-    ``L2_AHEAD`` tiles, so a kernel's first bytes stream in during the previous kernel's tail. What it may read
-    for that before the wait: nothing for a dense weight (constant); a DIRECT down launch (MODE 2) reads its
-    expert id (written before the gate_up launch in between, which waited for it), a DIRECT gate_up launch
-    (MODE 1) only prefetches slot ``PRE_SLOT`` (>= 0: that slot's expert is always the last one, the folded
-    shared expert). The id is clamped to [0, n_experts): a prefetch is a hint, a stale id costs bytes, not
-    correctness."""
+    ``block_expert_ptr`` = the (n_rows,) ids, n_groups.. as usual), so no routing kernel runs before."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -471,23 +433,6 @@ def _gemv_kernel(
     first = None
     if PDL == 2 and MODE == 0 and BLOCK_M == 1 and LOADER == 0 and PREFETCH:
         first = _first_tile(qw_ptr, offs_n, n_ok, k_begin, k_end, size_n, BLOCK_K, EVICT)
-    if PDL == 2 and L2_PRE and L2_AHEAD > 0 and BLOCK_M == 1 and LOADER == 0:
-        pre_rows: tl.constexpr = L2_AHEAD * BLOCK_K // 8
-        if MODE == 0:
-            _l2_prefetch(qw_ptr, k_begin // 8, k_end // 8, pid_n * BLOCK_N, size_n, size_n, BLOCK_N, pre_rows)
-        elif DIRECT:
-            if MODE == 2:
-                pre_expert = tl.load(block_expert_ptr + pid_m, cache_modifier=".cg")
-            else:
-                pre_expert = tl.where((pid_m % top_k) == PRE_SLOT, n_experts - 1, -1)
-            if PRE_SLOT >= 0 or MODE == 2:
-                pre_ok = (pre_expert >= 0) & (pre_expert < n_experts)
-                pre_end = tl.where(pre_ok, k_end // 8, 0)
-                pre_qw = qw_ptr + tl.minimum(tl.maximum(pre_expert, 0), n_experts - 1).to(tl.int64) * stride_qe
-                _l2_prefetch(pre_qw, k_begin // 8, pre_end, pid_n * BLOCK_N, n_cols, size_n, BLOCK_N, pre_rows)
-                if MODE == 1:
-                    _l2_prefetch(pre_qw, k_begin // 8, pre_end, n_cols + pid_n * BLOCK_N, size_n, size_n, BLOCK_N,
-                                 pre_rows)  # fmt: skip
     if PDL == 1:
         gdc_launch_dependents()
         gdc_wait()
@@ -511,13 +456,11 @@ def _gemv_kernel(
     desc_row0 = (expert * (n_groups * G // 8)).to(tl.int32)  # this expert's first word row (LOADER 2)
     out = _gemv_columns(x_ptr, qw, sp, zp, offs_n, n_ok, a_rows, k_begin, k_end, size_n, stride_x,
                         G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, UNPACK, PREFETCH, EVICT,
-                        qw_desc, desc_row0, pid_n * BLOCK_N, LOADER, STAGES, n_cols, L2_AHEAD * L2_ROLL,
-                        first)  # fmt: skip
+                        qw_desc, desc_row0, pid_n * BLOCK_N, LOADER, STAGES, first)  # fmt: skip
     if MODE == 1:
         up = _gemv_columns(x_ptr, qw, sp, zp, offs_n + n_cols, n_ok, a_rows, k_begin, k_end, size_n, stride_x,
                            G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, UNPACK, PREFETCH, EVICT,
-                           qw_desc, desc_row0, pid_n * BLOCK_N + n_cols, LOADER, STAGES, size_n,
-                           L2_AHEAD * L2_ROLL)  # fmt: skip
+                           qw_desc, desc_row0, pid_n * BLOCK_N + n_cols, LOADER, STAGES)  # fmt: skip
     else:
         up = out
     if MODE == 2:
@@ -798,9 +741,6 @@ def _gemv(
     loader=0,
     reduce_unrolled=False,
     split_cap=False,
-    l2_ahead=0,
-    l2_pre=False,
-    l2_roll=True,
 ):
     """occupancy: programs per SM the K split aims for; unpack: 0 = codes as 1 + q/16 (shift + lop3 + FMA,
     sum of x per word), 1 = codes read in place (lop3 + 2 FMAs, :func:`_codes_minus`); prefetch: the next
@@ -810,14 +750,10 @@ def _gemv(
     epilogue loads every partial at once (unrolled to the next power of two of split_k); loader (one-row
     programs): 0 = register loads, 1 = ``cp.async`` pipeline, 2 = TMA pipeline, both ``stages`` deep
     (:func:`_gemv_columns`; 2 falls back to 1 where the weight does not fit a tensor descriptor); split_cap:
-    occupancy is a ceiling on programs per SM (the most K splits under it) instead of a floor; l2_ahead (one-row
-    register loads, sm_90): the weight stream is also requested from the L2 this many tiles (a power of 2) ahead;
-    l2_pre: with PDL, the first l2_ahead tiles are requested before the wait (:func:`_gemv_kernel`); l2_roll
-    False: only those (no requests ahead inside the loop)."""
+    occupancy is a ceiling on programs per SM (the most K splits under it) instead of a floor."""
     return {"kind": "gemv", "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages,
             "occupancy": occupancy, "unpack": unpack, "prefetch": prefetch, "evict": evict, "pdl": pdl,
-            "loader": loader, "reduce_unrolled": reduce_unrolled, "split_cap": split_cap, "l2_ahead": l2_ahead,
-            "l2_pre": l2_pre, "l2_roll": l2_roll}  # fmt: skip
+            "loader": loader, "reduce_unrolled": reduce_unrolled, "split_cap": split_cap}  # fmt: skip
 
 
 def _gemm(block_m, block_n, block_k, warps, stages, occupancy=0, group_m=8, nibble_dots=False):
@@ -978,19 +914,7 @@ def _route_args(route, m_rows, dummy):
     return route.route_block, route.sorted_rows, route.block_expert, route.n_rows, route.top_k
 
 
-def _l2_prefetch_ok(qweight: torch.Tensor) -> bool:
-    """Whether :func:`_l2_prefetch` may run on ``qweight``: compiled on sm_90+ (``cp.async.bulk``), 16-byte
-    aligned rows and gate/up halves (base % 16, N % 8)."""
-    return (
-        not _interpreting()
-        and qweight.is_cuda
-        and torch.cuda.get_device_capability(qweight.device)[0] >= 9
-        and qweight.data_ptr() % 16 == 0
-        and qweight.shape[-1] % 8 == 0
-    )
-
-
-def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weights=None, pre_slot=-1):
+def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weights=None):
     """Launch :func:`_gemv_kernel` (one launch). Returns MODE 0: the (m_rows, N) output; MODE 1: the
     (max_rows, N // 2) SwiGLU output; MODE 2: (split_k, n_rows, N) fp32 partials for :func:`_sum_rows`."""
     qweight, scales, zeros = weight
@@ -1043,7 +967,6 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
     # PDL: a config's own "pdl" (benchmarks), else the decode-step switch (scout_mm.kernels.launch): form 2
     pdl = 0 if _interpreting() else int(cfg.get("pdl", 0)) or (2 if pdl_enabled(device) else 0)
     split_max = triton.next_power_of_2(split_k) if cfg.get("reduce_unrolled", False) and fused else 0
-    l2_ahead = cfg.get("l2_ahead", 0) if block_m == 1 and loader == 0 and _l2_prefetch_ok(qweight) else 0
     _gemv_kernel[(n_tiles, num_row_blocks, split_k)](
         x, qweight, scales, z, out, part, counters, weights, sorted_rows, block_expert, desc, m_rows, size_n, n_rows,
         top_k, n_groups, per_split, split_k, route.n_experts if direct else 0, x.stride(0),
@@ -1053,8 +976,7 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
         BLOCK_N=block_n, BLOCK_K=block_k, FUSED_SPLIT=fused, UNPACK=unpack,
         PREFETCH=cfg.get("prefetch", False), EVICT=cfg.get("evict", ""), PDL=pdl, LOADER=loader,
         STAGES=cfg["num_stages"], SPLIT_MAX=split_max, DIRECT=direct, FUSED_SUM=fused_sum,
-        TOP_K=top_k if fused_sum else 1, L2_AHEAD=l2_ahead, L2_ROLL=int(cfg.get("l2_roll", True)), L2_PRE=bool(cfg.get("l2_pre", False)) and pdl == 2,
-        PRE_SLOT=pre_slot if direct else -1, **_launch_opts({**cfg, "pdl": pdl}),
+        TOP_K=top_k if fused_sum else 1, **_launch_opts({**cfg, "pdl": pdl}),
     )  # fmt: skip
     return part if fused_sum else out
 
@@ -1185,15 +1107,11 @@ def int4_moe_experts(
     down: tuple,  # (qweight (E, I // 8, H), scales, zeros or None)
     group_size: int,
     config: dict | None = None,
-    last_slot_shared: bool = False,
 ) -> torch.Tensor:  # (tokens, hidden)
     """Triton version of :func:`scout_mm.kernels.int4_reference.int4_moe_experts`: routing on the GPU
     (:class:`scout_mm.kernels.moe.Routing`, no host sync), Int4 grouped gate_up over gathered rows, SwiGLU with
     the routing weight on the expert input, Int4 grouped down, slot sum. ``config``: one config for both
-    GEMMs (benchmarks); ``{"kind": "dequant"}`` forces dequantise + the bf16 fused MoE. ``last_slot_shared``: a
-    hint that every token's last slot is the last expert (a folded shared expert, ``scout_mm.fusion``): the decode
-    gate_up launch then asks the L2 for that expert's first weight tiles before its PDL wait (a wrong hint costs
-    bandwidth, never correctness)."""
+    GEMMs (benchmarks); ``{"kind": "dequant"}`` forces dequantise + the bf16 fused MoE."""
     hidden_size, two_inter = gate_up[0].shape[1] * 8, gate_up[0].shape[2]
     n_experts = gate_up[0].shape[0]
     _check_weight(*gate_up, group_size, 1)
@@ -1231,8 +1149,7 @@ def int4_moe_experts(
     if cfg["kind"] == "gemv" and route_block == 1 and DIRECT_DECODE_MOE:
         # decode: no routing kernel; SwiGLU inside the gate_up launch, the slot sum inside the down launch
         route = DirectRoute(topk_ids, n_experts)
-        pre_slot = top_k - 1 if last_slot_shared else -1
-        h = _launch_gemv(hidden, gate_up, group_size, 1, n_rows, route, cfg, topk_weights, pre_slot)  # (n_rows, I)
+        h = _launch_gemv(hidden, gate_up, group_size, 1, n_rows, route, cfg, topk_weights)  # (n_rows, I)
         return _launch_gemv(h, down, group_size, 2, n_rows, route, cfg)  # (tokens, H)
     route = Routing(topk_ids, n_experts, route_block)
     if cfg["kind"] == "gemv":  # decode: SwiGLU (and the K-split sum) inside the gate_up launch

@@ -184,13 +184,9 @@ class Int4Experts(nn.Module):
                 module.register_buffer(prefix + name, t)
         return module
 
-    def forward(self, hidden, topk_weights, topk_ids, last_slot_shared: bool = False):
-        """``last_slot_shared``: every token's last slot is the last expert (a prefetch hint, see
-        :func:`scout_mm.kernels.int4_moe_experts`)."""
+    def forward(self, hidden, topk_weights, topk_ids):
         gate_up, down = self.packed()
-        return kernels.int4_moe_experts(
-            hidden, topk_weights, topk_ids, gate_up, down, self.group_size, last_slot_shared=last_slot_shared
-        )
+        return kernels.int4_moe_experts(hidden, topk_weights, topk_ids, gate_up, down, self.group_size)
 
     def extra_repr(self) -> str:
         return (f"n_experts={self.n_experts}, hidden_size={self.hidden_size}, "
