@@ -536,6 +536,61 @@ def section_mma(rows_out):
         torch.cuda.empty_cache()
 
 
+def section_rows(rows_out):
+    """Row-count dispatch questions, same run: (1) the FMA GEMV at 2 rows (where int4_mma is unavailable) as one
+    3-D program per 2 rows vs one program per row vs the nibble-dot kernel; (2) the Int4 MoE at 32 tokens top-1
+    (2 rows per touched expert: GEMV with 2-row route blocks vs 1-row blocks vs nibble-dot); (3) int4_mma at 16 rows
+    with 2 or 4 warps per program on the Scout shapes (q|k|v 7168x5120 and o 5120x5120 too)."""
+    from scout_mm.kernels import int4_mma
+
+    rows_out += ["", "## Row-count dispatch (group 128, symmetric, bf16)", "",
+                 "| case | kernel | us | Int4 TB/s |", "|---|---|---|---|"]  # fmt: skip
+    gemv = dict(int4.TUNED["gemv"])
+
+    def add(case, name, t, nbytes):
+        rows_out.append(f"| {case} | {name} | {t:.1f} | {nbytes / t / 1e6:.2f} |")
+        print(rows_out[-1], flush=True)
+
+    for size_n, size_k in LINEAR_SHAPES:
+        copies = copies_for(size_k * size_n // 2)
+        pick = rotating(packed((), size_k, size_n, copies))
+        x = torch.randn(2, size_k, device="cuda", dtype=torch.bfloat16)
+        nbytes = size_k * size_n / 2
+        for name, cfg in (("FMA GEMV, 2 rows per program (3-D)", dict(gemv, rows_per_program=4)),
+                          ("FMA GEMV, 1 row per program", dict(gemv, rows_per_program=1)),
+                          ("nibble-dot gemm_small", int4.TUNED["gemm_small"]),
+                          ("shipped dispatch (int4_mma)", None)):  # fmt: skip
+            add(f"M=2 {size_n}x{size_k}", name, graph_us(lambda c=cfg, p=pick: int4.int4_linear(x, *p(), GROUP, config=c)),
+                nbytes)  # fmt: skip
+        torch.cuda.empty_cache()
+    gate_up = packed((EXPERTS,), HIDDEN, 2 * INTER, 1)[0]
+    down = packed((EXPERTS,), INTER, HIDDEN, 1)[0]
+    tokens = 32
+    x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    weights = torch.rand(tokens, 1, device="cuda", dtype=torch.bfloat16)
+    routes = [torch.randint(0, EXPERTS, (tokens, 1), device="cuda") for _ in range(8)]
+    touched = statistics.mean(len(r.unique()) for r in routes)
+    pick_r = rotating(routes)
+    for name, cfg in (("GEMV, 2-row route blocks (3-D)", dict(gemv, rows_per_program=4)),
+                      ("GEMV, 1-row route blocks", dict(gemv, rows_per_program=1)),
+                      ("nibble-dot gemm_small", int4.TUNED["gemm_small"]), ("shipped dispatch", None)):  # fmt: skip
+        t = graph_us(lambda c=cfg: int4.int4_moe_experts(x, weights, pick_r(), gate_up, down, GROUP, config=c))
+        add(f"MoE T={tokens} top-1 ({touched:.1f} experts)", name, t, touched * 3 * HIDDEN * INTER / 2)
+    del gate_up, down
+    torch.cuda.empty_cache()
+    for size_n, size_k in LINEAR_SHAPES + [(7168, 5120), (5120, 5120)]:
+        copies = copies_for(size_k * size_n // 2)
+        pick = rotating(packed((), size_k, size_n, copies))
+        x = torch.randn(16, size_k, device="cuda", dtype=torch.bfloat16)
+        for warps, occ in ((2, 4.0), (4, 4.0), (2, 8.0), (4, 8.0)):
+            cfg = int4_mma.mma_config(warps=warps, occupancy=occ)
+            t = graph_us(lambda c=cfg, p=pick: int4_mma.int4_linear_mma(x, *p(), GROUP, config=c))
+            add(f"M=16 {size_n}x{size_k}", f"int4_mma w{warps} occ{occ:g}", t, size_k * size_n / 2)
+        add(f"M=16 {size_n}x{size_k}", "shipped dispatch",
+            graph_us(lambda p=pick: int4.int4_linear(x, *p(), GROUP)), size_k * size_n / 2)  # fmt: skip
+        torch.cuda.empty_cache()
+
+
 def section_moe(rows_out):
     from scout_mm.kernels import moe
 
@@ -962,7 +1017,7 @@ def main() -> None:
             f"{' '.join(sys.argv[1:])}`"]  # fmt: skip
     sections = {"tune": lambda rows: section_tune(rows, adopt=args.adopt_tuned), "probe": section_probe,
                 "linear": section_linear, "moe": section_moe, "mma": section_mma, "scout": section_scout,
-                "profile": section_profile, "step": section_step}  # fmt: skip
+                "profile": section_profile, "step": section_step, "rows": section_rows}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         try:

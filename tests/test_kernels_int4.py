@@ -147,6 +147,19 @@ def test_split_rules(int4, monkeypatch):
             assert tiles * cap_split <= max(occ * 132, tiles) and cap_split <= floor_split
 
 
+def test_row_dispatch_rules(int4):
+    # Shipped GPU configs: the FMA GEMV runs one row per program (its multi-row form measured 4.6-6.5x slower at
+    # 2 rows), dense up to GEMV_MAX_ROWS rows; an Int4 MoE takes it only at ~1 row per touched expert (decode),
+    # the nibble-dot kernel from 2 rows per expert (32 tokens top-1 measured faster there).
+    tuned = int4.TUNED
+    assert tuned["gemv"]["rows_per_program"] == 1
+    assert int4._moe_route_block(1.0, tuned["gemv"]) == 1 and int4._moe_route_block(4.0, tuned["gemv"]) == 1
+    assert int4._moe_route_block(4.0, int4._gemv(16, 64, 4, 1, 4)) == 4  # the multi-row form, when asked for
+    for rows, moe, kind in ((1, False, "gemv"), (2, False, "gemv"), (3, False, "gemm"), (1.0, True, "gemv"),
+                            (1.4, True, "gemv"), (2.0, True, "gemm"), (8, True, "gemm")):  # fmt: skip
+        assert int4.pick_config(rows, moe=moe)["kind"] == kind, (rows, moe)
+
+
 def test_tma_fit_rules(int4):
     weight = packed_weight((), 64, 40, 32, symmetric=True)[0]
     assert int4._tma_fits(weight, 64, 16)
@@ -396,6 +409,24 @@ def test_gpu_gemv_pdl_chain_in_a_graph(gpu_int4, pdl, halve):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rows_per_program", [1, 4])
+def test_gpu_gemv_rows_per_program(gpu_int4, rows_per_program):
+    # Both forms of the FMA GEMV at 2 and 3 rows (dense) and at 2-3 rows per expert (MoE, sorted route blocks
+    # and, with one-row blocks, the direct layout), asymmetric fp16 and symmetric bf16.
+    cfg = dict(gpu_int4.TUNED["gemv"], rows_per_program=rows_per_program)
+    for m_rows, dtype, symmetric in ((2, torch.bfloat16, True), (3, torch.float16, False)):
+        weight = packed_weight((), 1024, 776, 64, symmetric, device="cuda", scale_dtype=dtype)
+        x = torch.randn(m_rows, 1024, device="cuda", dtype=dtype)
+        ref = x.double() @ reference.dequantize(*weight, 64, dtype).double()
+        assert rel(gpu_int4.int4_linear(x, *weight, 64, config=cfg), ref) < TOL[dtype]
+    for tokens, top_k in ((12, 1), (8, 2)):
+        x, weights, ids, gate_up, down = _moe_problem(tokens, 1024, 512, 4, top_k, 128, True, torch.bfloat16, "cuda")
+        out = gpu_int4.int4_moe_experts(x, weights, ids, gate_up, down, 128, config=cfg)
+        ref = _moe_reference(x.float(), weights.float(), ids, gate_up, down, 128)
+        assert rel(out, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["gemv", "gemm_small", "gemm_medium", "gemm_large", "dequant"])
 def test_gpu_every_path_asymmetric_fp16(gpu_int4, kind):
     cfg = {"kind": "dequant"} if kind == "dequant" else gpu_int4.TUNED[kind]
@@ -407,7 +438,7 @@ def test_gpu_every_path_asymmetric_fp16(gpu_int4, kind):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens, top_k", [(1, 1), (1, 2), (16, 1), (64, 2), (512, 1), (4096, 1)])
+@pytest.mark.parametrize("tokens, top_k", [(1, 1), (1, 2), (16, 1), (32, 1), (64, 2), (512, 1), (4096, 1)])
 def test_gpu_moe_scout_shapes(gpu_int4, tokens, top_k):
     hidden, inter, n_experts, group = 5120, 8192, 16, 128
     x, weights, ids, gate_up, down = _moe_problem(tokens, hidden, inter, n_experts, top_k, group, True,

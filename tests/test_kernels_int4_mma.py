@@ -46,6 +46,21 @@ def test_register_chain_is_a_k_permutation(warps, blocks, block_m):
     torch.testing.assert_close(codes.double() @ xt, expected, rtol=1e-12, atol=1e-9)
 
 
+def test_split_rules(monkeypatch):
+    # The most K splits under the per-SM ceiling, at least min_splits (capped by the steps K has); the splits
+    # are whole steps and cover K. Scout at 16 rows, 2 warps: 16384x5120 has 256 column tiles (2 splits under
+    # ~4 per SM, 4 with min_splits 4), 5120x8192 has 80 (6 splits either way).
+    monkeypatch.setattr(int4_mma, "_n_sms", lambda device: 132)
+    assert int4_mma._split(40, 256, 4.0, 1, None)[0] == 2
+    assert int4_mma._split(40, 256, 4.0, 1, None, min_splits=4)[0] == 4
+    assert int4_mma._split(64, 80, 4.0, 1, None, min_splits=4)[0] == 6
+    assert int4_mma._split(3, 256, 4.0, 1, None, min_splits=4)[0] == 3  # no more splits than steps
+    for n_groups, tiles, occ, step, least in ((40, 256, 4.0, 2, 4), (64, 80, 8.0, 1, 1), (7, 9, 2.0, 2, 3)):
+        split, per = int4_mma._split(n_groups, tiles, occ, step, None, min_splits=least)
+        assert per % step == 0 and (split - 1) * per < n_groups <= split * per
+    assert int4_mma.config_for_rows(16)["min_splits"] == 4
+
+
 def test_bad_inputs_name_the_values():
     weight = _weight(128, 64, 32, True)
     with pytest.raises(ValueError, match="rows"):
@@ -115,8 +130,9 @@ def test_gpu_matches_reference(cuda, shape, dtype, symmetric):
         dict(warps=2, step=2, occupancy=8.0, prefetch=True),
         dict(warps=4, step=2, occupancy=2.0, prefetch=False),
         dict(warps=8, step=1, occupancy=1.0, prefetch=True),
+        dict(warps=2, step=1, occupancy=0.5, prefetch=True, min_splits=8),
     ],
-    ids=["w1s1", "w2s2pf", "w4s2", "w8s1pf"],
+    ids=["w1s1", "w2s2pf", "w4s2", "w8s1pf", "w2_min_splits8"],
 )
 @pytest.mark.parametrize("m_rows", [1, 5, 16])
 def test_gpu_every_config(cuda, config, m_rows):

@@ -741,6 +741,7 @@ def _gemv(
     loader=0,
     reduce_unrolled=False,
     split_cap=False,
+    rows_per_program=4,
 ):
     """occupancy: programs per SM the K split aims for; unpack: 0 = codes as 1 + q/16 (shift + lop3 + FMA,
     sum of x per word), 1 = codes read in place (lop3 + 2 FMAs, :func:`_codes_minus`); prefetch: the next
@@ -750,10 +751,14 @@ def _gemv(
     epilogue loads every partial at once (unrolled to the next power of two of split_k); loader (one-row
     programs): 0 = register loads, 1 = ``cp.async`` pipeline, 2 = TMA pipeline, both ``stages`` deep
     (:func:`_gemv_columns`; 2 falls back to 1 where the weight does not fit a tensor descriptor); split_cap:
-    occupancy is a ceiling on programs per SM (the most K splits under it) instead of a floor."""
+    occupancy is a ceiling on programs per SM (the most K splits under it) instead of a floor;
+    rows_per_program: the most rows one program takes (dense rows, or MoE rows of one expert): 1 = the one-row
+    tiles (shipped), more = the 3-D multi-row form, which reads each weight tile once for its rows but measured
+    4.6-6.5x slower at 2 rows on an H100 (bench/results/int4_gemv_h100.md, session 5)."""
     return {"kind": "gemv", "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages,
             "occupancy": occupancy, "unpack": unpack, "prefetch": prefetch, "evict": evict, "pdl": pdl,
-            "loader": loader, "reduce_unrolled": reduce_unrolled, "split_cap": split_cap}  # fmt: skip
+            "loader": loader, "reduce_unrolled": reduce_unrolled, "split_cap": split_cap,
+            "rows_per_program": rows_per_program}  # fmt: skip
 
 
 def _gemm(block_m, block_n, block_k, warps, stages, occupancy=0, group_m=8, nibble_dots=False):
@@ -784,11 +789,16 @@ TUNED = {
         evict="evict_first",
         reduce_unrolled=True,
         split_cap=True,
+        rows_per_program=1,
     ),  # fmt: skip
     "gemm_small": _gemm(16, 256, 128, 8, 3, occupancy=4, nibble_dots=True),  # rows <= 16; 44.1 + 31.3 us
     "gemm_medium": _gemm(64, 64, 128, 4, 4, occupancy=2),  # rows <= 128
     "gemm_large": _gemm(128, 256, 64, 8, 3),
     "GEMV_MAX_ROWS": 2,
+    # MoE: the GEMV (one-row programs) up to this many rows per touched expert, the nibble-dot kernel above
+    # (2026-11-24 session 5, `--sections rows`: 32 tokens top-1, 2 rows per expert: 632 us nibble-dot vs 749 us
+    # one-row GEMV; 1 row per expert, decode: the GEMV, 34.9 us at T=1)
+    "MOE_GEMV_MAX_ROWS_PER_EXPERT": 1.5,
     "DEQUANT_MIN_ROWS": 256,
     "MOE_DEQUANT_MIN_ROWS_PER_EXPERT": 256,
 }
@@ -814,10 +824,10 @@ def _n_sms(device: torch.device) -> int:
     return 4 if device.type != "cuda" else _sm_count(device.index or 0)
 
 
-def pick_config(rows: float) -> dict:
-    """The config for a matmul of ``rows`` rows (dense M, or MoE rows per touched expert)."""
+def pick_config(rows: float, moe: bool = False) -> dict:
+    """The config for a matmul of ``rows`` rows (dense M, or with ``moe`` rows per touched expert)."""
     table = INTERPRET if _interpreting() else TUNED
-    if rows <= TUNED["GEMV_MAX_ROWS"]:
+    if rows <= TUNED["MOE_GEMV_MAX_ROWS_PER_EXPERT" if moe else "GEMV_MAX_ROWS"]:
         return table["gemv"]
     if rows <= 16:
         return table["gemm_small"]
@@ -923,7 +933,8 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
     n_groups = scales.shape[-2]
     device = x.device
     route_block, sorted_rows, block_expert, n_rows, top_k = _route_args(route, m_rows, qweight)
-    block_m = route_block if route is not None else min(4, triton.next_power_of_2(m_rows))
+    rows_per_program = cfg.get("rows_per_program", 4)
+    block_m = route_block if route is not None else min(rows_per_program, triton.next_power_of_2(m_rows))
     row_space = m_rows if route is None else route.max_rows
     num_row_blocks = triton.cdiv(row_space, block_m)
     block_n = min(cfg["BLOCK_N"], max(16, triton.next_power_of_2(n_cols)))
@@ -1095,7 +1106,7 @@ def _mma_module():
 
 def _moe_route_block(rows_per_expert: float, cfg: dict) -> int:
     if cfg["kind"] == "gemv":
-        return min(4, triton.next_power_of_2(max(1, round(rows_per_expert))))
+        return min(cfg.get("rows_per_program", 4), triton.next_power_of_2(max(1, round(rows_per_expert))))
     return cfg["BLOCK_M"]
 
 
@@ -1135,7 +1146,7 @@ def int4_moe_experts(
     n_rows = tokens * top_k
     # Rows per touched expert (shape-only estimate: no host sync).
     rows_per_expert = n_rows / min(n_experts, n_rows)
-    cfg = config or pick_config(rows_per_expert)
+    cfg = config or pick_config(rows_per_expert, moe=True)
     if cfg["kind"] == "dequant" or (
         config is None and not _interpreting() and rows_per_expert >= TUNED["MOE_DEQUANT_MIN_ROWS_PER_EXPERT"]
     ):

@@ -260,20 +260,23 @@ def emulate_operands(words: torch.Tensor, x_tile: torch.Tensor, warps: int):
 
 
 def mma_config(warps: int = 2, step: int = 1, occupancy: float = 4.0, prefetch: bool = True,
-               evict: str = "evict_first") -> dict:  # fmt: skip
+               evict: str = "evict_first", min_splits: int = 1) -> dict:  # fmt: skip
     """warps: a program covers 32 weight columns per warp (two m16 MMA tiles); step: groups per loop step
     (1 or 2; 1 where it does not divide the group count); occupancy: the K split aims at this many programs
-    per SM (a ceiling); prefetch: the next step's words are loaded before this step's math."""
+    per SM (a ceiling); min_splits: at least this many K splits (where K has the steps), above the ceiling if
+    need be (wide outputs); prefetch: the next step's words are loaded before this step's math."""
     return {"kind": "mma", "num_warps": warps, "step": step, "occupancy": occupancy, "prefetch": prefetch,
-            "evict": evict}  # fmt: skip
+            "evict": evict, "min_splits": min_splits}  # fmt: skip
 
 
-TUNED = mma_config()
 MAX_ROWS = 16
 # H100 2026-11-24 (`bench/bench_int4.py --sections mma`, bench/results/int4_gemv_h100.md), the Scout shapes
 # 16384x5120 and 5120x8192: up to 8 rows (an m8 tile) 4 warps, two groups per step led (19.9 + 13.5 us at one
-# row, 22.9 + 17.0 us at eight); 16 rows: the default config (27.3 + 18.2 us; the 8-program-per-SM split won the
-# first shape, 24.0 us, but lost the second, 23.6).
+# row, 22.9 + 17.0 us at eight); 16 rows: 2 warps, ~4 programs per SM, but at least 4 K splits (`--sections rows`,
+# session 5: 16384x5120 gets only 2 splits under the ceiling, 27.0 us; with 4 splits 24.3-24.4 us, whether by 4
+# warps or a higher ceiling; 5120x8192, 7168x5120 and 5120x5120 already have 4-6 splits and lose with more:
+# 18.5 / 16.9 / 14.6 us vs 21.9-22.1 / 18.5 / 17.1-17.7).
+TUNED = mma_config(min_splits=4)
 TUNED_FEW_ROWS = mma_config(warps=4, step=2)
 
 
@@ -282,10 +285,11 @@ def config_for_rows(m_rows: int) -> dict:
     return TUNED_FEW_ROWS if m_rows <= 8 else TUNED
 
 
-def _split(n_groups: int, tiles: int, occupancy: float, step: int, device) -> tuple[int, int]:
-    """(split_k, groups per split): the most K splits that keep programs at or under ``occupancy`` per SM;
-    every split is whole steps of ``step`` groups (the last may be shorter)."""
-    want = max(1, min(n_groups // step, int(occupancy * _n_sms(device)) // max(tiles, 1)))
+def _split(n_groups: int, tiles: int, occupancy: float, step: int, device, min_splits: int = 1) -> tuple[int, int]:
+    """(split_k, groups per split): the most K splits that keep programs at or under ``occupancy`` per SM, and
+    at least ``min_splits``; every split is whole steps of ``step`` groups (the last may be shorter)."""
+    under = int(occupancy * _n_sms(device)) // max(tiles, 1)
+    want = max(1, min(n_groups // step, max(under, min_splits)))
     per_split = triton.cdiv(triton.cdiv(n_groups, want), step) * step
     return triton.cdiv(n_groups, per_split), per_split
 
@@ -339,7 +343,7 @@ def launch(x, qweight, scales, zeros, group_size: int, cfg: dict) -> torch.Tenso
     n_groups = scales.shape[0]
     step = cfg["step"] if n_groups % cfg["step"] == 0 else 1
     n_tiles = triton.cdiv(size_n, 32 * warps)
-    split_k, per_split = _split(n_groups, n_tiles, cfg["occupancy"], step, x.device)
+    split_k, per_split = _split(n_groups, n_tiles, cfg["occupancy"], step, x.device, cfg.get("min_splits", 1))
     out = torch.empty(m_rows, size_n, dtype=x.dtype, device=x.device)
     fused = split_k > 1
     if fused:
