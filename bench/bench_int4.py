@@ -916,41 +916,74 @@ def section_profile(rows_out):
     print("\n".join(rows_out[-(len(runs) + 6) :]), flush=True)
 
 
-def section_step(rows_out):
-    """A/B of the decode-step changes of session 4 in ONE process, on the default build (what load_quantized
-    returns), same weights, prompt and token (``torch.manual_seed(0)`` before each): the session-3 launch
-    structure (MoE routing kernel + ``_sum_rows``, no PDL), the routing-free MoE, PDL alone, both (shipped),
-    and the optional decode-attention merge inside the split kernel. Then ``generate_ids`` over 64 tokens: fresh (``keep_graph=False``) vs the
-    graph and KV cache kept from the previous call."""
-    import os
+def _short_prefill_ab(model, config, rows_out, lengths=(8, 12, 14, 16, 24, 32, 64)):
+    """Prefill time of short prompts (a fresh cache each), session 5's Int4 dispatch vs session 4's (the FMA
+    GEMV's multi-row form, which the MoE took up to ~2 rows per touched expert), same process and prompts."""
+    from scout_mm.cache import KVCache
+    from scout_mm.generation import prefill
 
+    shipped_gemv, shipped_moe = dict(int4.TUNED["gemv"]), int4.TUNED["MOE_GEMV_MAX_ROWS_PER_EXPERT"]
+    dispatches = (("session 4 dispatch", dict(shipped_gemv, rows_per_program=4), 2.0),
+                  ("session 5 dispatch", shipped_gemv, shipped_moe))  # fmt: skip
+    results = {}
+    try:
+        for length in lengths:
+            prompt = _random_prompt(config, length)
+            for label, gemv, moe_rows in dispatches:
+                int4.TUNED["gemv"], int4.TUNED["MOE_GEMV_MAX_ROWS_PER_EXPERT"] = gemv, moe_rows
+                times = []
+                with torch.no_grad():
+                    embeds, _ = model.embed_inputs(prompt, validate=False)
+                    for _ in range(6):
+                        cache = KVCache(config.text, 1, "cuda", torch.bfloat16)
+                        cache.reserve(0, length + 1)
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
+                        prefill(model, cache, 0, embeds, 8192)
+                        end.record()
+                        end.synchronize()
+                        times.append(start.elapsed_time(end))
+                results[(length, label)] = statistics.median(times[1:])
+    finally:
+        int4.TUNED["gemv"], int4.TUNED["MOE_GEMV_MAX_ROWS_PER_EXPERT"] = shipped_gemv, shipped_moe
+    rows_out += ["", "### Short-prompt prefill (eager, fresh cache; median of 5 after one warm-up)", "",
+                 "| prompt tokens | session 4 dispatch ms | session 5 dispatch ms | speed-up |", "|---|---|---|---|"]  # fmt: skip
+    for length in lengths:
+        old, new = results[(length, dispatches[0][0])], results[(length, dispatches[1][0])]
+        rows_out.append(f"| {length} | {old:.2f} | {new:.2f} | {old / new:.2f}x |")
+    print("\n".join(rows_out[-(len(lengths) + 4) :]), flush=True)
+
+
+def section_step(rows_out):
+    """A/B of decode-step variants in ONE process, on the default build (what load_quantized returns), same
+    weights, prompt and token (``torch.manual_seed(0)`` before each). Session 5: the post-attention residual add +
+    RMSNorm as its own kernel before the router vs inside the router kernel (``scout_mm.moe.layer.FUSED_NORM_ROUTER``);
+    session 4's A/B (PDL, routing-free MoE, merge in the split kernel) is in bench/results/int4_decode_step_h100.md.
+    Then ``generate_ids`` over 64 tokens: fresh (``keep_graph=False``) vs the graph and KV cache kept from the
+    previous call."""
     from scout_mm.generation import generate_ids, release_decode_state
-    from scout_mm.kernels import flash_decode, int4
+    from scout_mm.moe import layer as moe_layer
 
     start = time.perf_counter()
     config, model = build_scout_int4()
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()
-    rows_out += ["", "## Scout-size decode step: PDL and decode fusions (default build)", "",
+    rows_out += ["", "## Scout-size decode step: post-attention norm inside the router kernel (default build)", "",
                  f"Built in {time.perf_counter() - start:.0f} s. GPU memory after building: {free / 1e9:.1f} of "
                  f"{total / 1e9:.1f} GB free (driver), PyTorch {torch.cuda.memory_allocated() / 1e9:.2f} GB allocated, "
-                 f"{torch.cuda.memory_reserved() / 1e9:.2f} GB reserved. Always on in every variant (not switchable): the "
-                 "residual add inside the next layer's norm, the NoPE q scale inside the decode attention kernel."]  # fmt: skip
-    variants = (("session-3 launches (routing kernel + _sum_rows), PDL off", False, False, "off"),
-                ("routing-free MoE, slot sum in the down launch, PDL off", True, False, "off"),
-                ("session-3 launches + PDL", False, False, "auto"),
-                ("routing-free MoE + PDL (shipped)", True, False, "auto"),
-                ("routing-free MoE + PDL + merge in the split kernel (FUSED_MERGE)", True, True, "auto"))  # fmt: skip
+                 f"{torch.cuda.memory_reserved() / 1e9:.2f} GB reserved."]  # fmt: skip
+    variants = (("norm kernel + router kernel (session 4)", False), ("norm inside the router kernel", True),
+                ("norm kernel + router kernel (session 4), again", False),
+                ("norm inside the router kernel, again", True))  # fmt: skip
     runs = {}
     try:
-        for label, direct, merge, pdl in variants:
-            os.environ["SCOUT_MM_PDL"] = pdl
-            int4.DIRECT_DECODE_MOE, flash_decode.FUSED_MERGE = direct, merge
+        for label, fused in variants:
+            moe_layer.FUSED_NORM_ROUTER = fused
             torch.manual_seed(0)
             runs[label] = decode_step_profile(model, config, rows_out, label)
     finally:
-        os.environ.pop("SCOUT_MM_PDL", None)
-        int4.DIRECT_DECODE_MOE, flash_decode.FUSED_MERGE = True, False
+        moe_layer.FUSED_NORM_ROUTER = True
+    _short_prefill_ab(model, config, rows_out)
     base = runs[variants[0][0]]
     rows_out += ["", "### Summary (same process, weights, prompt and token)", "",
                  "| variant | graphed ms/step | tok/s | kernels/step | kernel ms/step | speed-up | logits vs first: max abs diff, argmax |",

@@ -180,12 +180,13 @@ class DecoderLayer(nn.Module):
         else:
             x, h = self.input_layernorm(x, delta)
         attn = self.self_attn(h, rope, positions, kv_start, cache, temperature_scale)
-        x, h = self.post_attention_layernorm(x, attn)  # x + attn and its norm, one kernel at inference
         routing = None
         if self.is_moe:
-            out, topk_ids, router_logits = self.feed_forward(h)
+            # x + attn, its norm and (shared expert folded, decode) the router: one kernel at inference
+            x, out, topk_ids, router_logits = self.feed_forward.add_norm_forward(x, attn, self.post_attention_layernorm)
             routing = (topk_ids, router_logits)
         else:
+            x, h = self.post_attention_layernorm(x, attn)  # x + attn and its norm, one kernel at inference
             out = self.feed_forward(h)
         if defer_residual:
             return x, out, routing

@@ -188,6 +188,53 @@ def test_router_shared_slot_appends_expert_e_with_weight_one(fused, tokens, n_ex
     assert (ids_slot[:, top_k] == n_experts).all() and (w_slot[:, top_k] == 1.0).all()
 
 
+def _norm_router_inputs(tokens, hidden, n_experts, dtype, device="cpu"):
+    x = torch.randn(tokens, hidden, device=device).to(dtype)
+    delta = torch.randn(tokens, hidden, device=device).to(dtype)
+    norm_weight = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype)
+    weight = (torch.randn(n_experts, hidden, device=device) * hidden**-0.5).to(dtype)
+    return x, delta, norm_weight, weight
+
+
+def _same_choice(ids, ref_ids, ref_logits, top_k, margin):
+    # where the reference's k-th and (k+1)-th logits are clearly apart (and the top k distinct): same experts
+    ordered = ref_logits.float().sort(-1, descending=True).values
+    clear = (ordered[:, top_k - 1] - ordered[:, top_k] if top_k < ordered.shape[1] else ordered[:, -1]) > margin
+    sure = clear & (ordered[:, :top_k].diff(dim=-1).abs() > margin).all(-1)
+    assert torch.equal(ids[sure, :top_k], ref_ids[sure, :top_k])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "tokens, hidden, n_experts, top_k, shared",
+    [(1, 64, 16, 1, True), (3, 300, 5, 2, False), (17, 1000, 16, 1, True)],
+    ids=["decode_shared", "ragged_top2", "wide_17_tokens"],
+)
+def test_add_rms_norm_router_matches_the_two_steps(fused, tokens, hidden, n_experts, top_k, shared, dtype):
+    # One launch = add_rms_norm then router_topk: the sum and the norm bit-identical to the norm kernel's (same
+    # roundings, same one-row sum), the logits as the router kernel's on that norm, the reference within rounding.
+    x, delta, norm_weight, weight = _norm_router_inputs(tokens, hidden, n_experts, dtype)
+    summed, h, weights, ids, logits = fused.add_rms_norm_router(x, delta, norm_weight, 1e-5, weight, top_k, shared)
+    want_sum, want_h = fused.add_rms_norm(x, delta, norm_weight, 1e-5)
+    assert torch.equal(summed, want_sum) and torch.equal(h, want_h)
+    k_weights, k_ids, k_logits = fused.router_topk(h, weight, top_k, shared_slot=shared)
+    assert_rounds_like(logits, k_logits, min_equal=0.9)
+    _same_choice(ids, k_ids, k_logits, top_k, 1e-2)
+    chosen = torch.sigmoid(logits.gather(-1, ids[:, :top_k]).float()).to(dtype)
+    torch.testing.assert_close(weights[:, :top_k].float(), chosen.float(), rtol=2e-3, atol=2e-3)
+    ref = reference.add_rms_norm_router(x, delta, norm_weight, 1e-5, weight, top_k, shared_slot=shared)
+    assert_rounds_like(summed, ref[0])
+    assert_rounds_like(h, ref[1])
+    assert_rounds_like(logits, ref[4], min_equal=0.9)
+    _same_choice(ids, ref[3], ref[4], top_k, 1e-2)
+    assert ids.shape == weights.shape == (tokens, top_k + shared)
+    if shared:
+        assert (ids[:, -1] == n_experts).all() and (weights[:, -1] == 1.0).all()
+    from scout_mm.kernels import launch
+
+    assert all(int(buf.abs().sum()) == 0 for buf in launch._COUNTERS.values())
+
+
 def test_router_ties_pick_the_lowest_expert(fused):
     # Experts 1, 3 and 6 share one weight row, and every token's logit for it is the largest: three equal
     # top logits, chosen in index order.
@@ -241,6 +288,10 @@ def test_bad_inputs_name_the_values(fused):
         fused.rope_qk_norm(q, k, cos[:, :1], sin[:, :1], None)
     with pytest.raises(ValueError, match="top_k"):
         fused.router_topk(x, torch.randn(4, 64), 5)
+    with pytest.raises(ValueError, match=r"router weight \(4, 32\)"):
+        fused.add_rms_norm_router(x, x, torch.ones(64), 1e-5, torch.randn(4, 32), 1)
+    with pytest.raises(ValueError, match=r"expected \(tokens, hidden\)"):
+        fused.add_rms_norm_router(x[None], x[None], torch.ones(64), 1e-5, torch.randn(4, 64), 1)
     with pytest.raises(ValueError, match="ring_size"):
         store = torch.zeros(2, 4, 1, 8)
         fused.write_kv_decode(torch.randn(2, 1, 1, 8), torch.randn(2, 1, 1, 8), store, store, torch.zeros(2))
@@ -363,6 +414,22 @@ def test_gpu_router_scout_shapes(gpu_fused, tokens, top_k):
     assert torch.equal(ids[sure], ref_ids[sure])
     torch.testing.assert_close(weights[sure].float(), ref_weights[sure].float(), rtol=1e-2, atol=1e-2)
     assert torch.equal(weights, torch.sigmoid(logits.gather(-1, ids).float()).to(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 16, 64])
+def test_gpu_add_rms_norm_router_scout_shapes(gpu_fused, tokens):
+    x, delta, norm_weight, weight = _norm_router_inputs(tokens, 5120, 16, torch.bfloat16, "cuda")
+    summed, h, weights, ids, logits = gpu_fused.add_rms_norm_router(x, delta, norm_weight, 1e-5, weight, 1, True)
+    want_sum, want_h = gpu_fused.add_rms_norm(x, delta, norm_weight, 1e-5)
+    assert torch.equal(summed, want_sum) and torch.equal(h, want_h)
+    k_weights, k_ids, k_logits = gpu_fused.router_topk(h, weight, 1, shared_slot=True)
+    torch.testing.assert_close(logits.float(), k_logits.float(), rtol=1.6e-2, atol=1.6e-2)
+    _same_choice(ids, k_ids, k_logits, 1, 0.05)
+    assert (ids[:, -1] == 16).all() and (weights[:, -1] == 1.0).all()
+    ref = reference.add_rms_norm_router(x, delta, norm_weight, 1e-5, weight, 1, shared_slot=True)
+    torch.testing.assert_close(h.float(), ref[1].float(), rtol=1.6e-2, atol=1.6e-2)
+    _same_choice(ids, ref[3], ref[4], 1, 0.05)
 
 
 @pytest.mark.gpu

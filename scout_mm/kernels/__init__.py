@@ -188,6 +188,26 @@ def router_topk(hidden, weight, top_k, shared_slot=False):
     return fused_reference.router_topk(hidden, weight, top_k, shared_slot=shared_slot)
 
 
+def add_rms_norm_router(x, delta, norm_weight, eps, weight, top_k, shared_slot=False):
+    """``add_rms_norm`` then ``router_topk`` on the norm, for (tokens, H) ``x``/``delta``: ``(x + delta, h,
+    topk_weights, topk_ids, router_logits)``. See :func:`scout_mm.kernels.fused_reference.add_rms_norm_router`;
+    for few tokens one fused kernel, else the two steps (each dispatched as usual)."""
+    few = (
+        x.dim() == 2
+        and x.shape[0] <= ROUTER_MAX_TOKENS
+        and weight.shape[0] <= ROUTER_MAX_EXPERTS
+        and x.shape[-1] <= FUSED_MAX_NORM_DIM
+        and x.dtype == delta.dtype == norm_weight.dtype == weight.dtype
+        and delta.shape == x.shape
+    )
+    if few and use_fused(x, delta, norm_weight, weight):
+        from scout_mm.kernels import fused
+
+        return fused.add_rms_norm_router(x, delta, norm_weight, eps, weight, top_k, shared_slot=shared_slot)
+    x, h = add_rms_norm(x, delta, norm_weight, eps)
+    return (x, h) + router_topk(h, weight, top_k, shared_slot=shared_slot)
+
+
 def write_kv_decode(k, v, k_store, v_store, positions, ring_size=None, block_table=None, block_size=None):
     """One decode token per sequence into a ring or paged KV cache; returns ``kv_lens``. See
     :func:`scout_mm.kernels.fused_reference.write_kv_decode`."""

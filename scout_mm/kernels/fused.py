@@ -12,6 +12,8 @@ summation order and the fp32 ``rsqrt``/``exp`` approximations (a few bf16 ulps a
 - :func:`silu_mul`: SwiGLU's ``silu(gate) * up``.
 - :func:`router_topk`: few-token router: one program per (token, expert) logit, the last to arrive runs the
   top-k (lowest index first among equal logits) and the sigmoid of the chosen logits in fp32.
+- :func:`add_rms_norm_router`: the post-attention residual add + RMSNorm and the router in one launch (the
+  router programs each normalise the row; the expert-0 program stores the sum and the norm).
 - :func:`write_kv_decode`: one decode token per sequence into a ring or paged KV cache, plus ``kv_lens``.
 
 No backward: the dispatch (:func:`scout_mm.kernels.use_fused`) runs these only when autograd does not need
@@ -166,29 +168,60 @@ def _router_kernel(
     topk_w_ptr,  # (tokens, TOP_K)
     topk_id_ptr,  # (tokens, TOP_K) int64
     count_ptr,  # (tokens,) int32 arrival counters, zero between calls
+    delta_ptr,  # NORM: (tokens, H) added to x
+    norm_w_ptr,  # NORM: (H,) RMSNorm weight
+    sum_ptr,  # NORM: (tokens, H) out: x + delta
+    h_ptr,  # NORM: (tokens, H) out: rms_norm(x + delta) * norm weight, the experts' input
     size_h,
     n_experts,
     stride_x,
+    stride_delta,
+    eps,
     TOP_K: tl.constexpr,
     EXTRA: tl.constexpr,  # 1: one more slot per token, expert n_experts with weight 1.0 (the folded shared expert)
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    NORM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """Program (token, expert) computes one logit (all E programs of a token read the router weight in
     parallel); the last of a token's programs to arrive — counted with an atomic — runs the top-k and sigmoid.
-    The top-k outputs have ``TOP_K + EXTRA`` slots per token."""
+    The top-k outputs have ``TOP_K + EXTRA`` slots per token.
+
+    ``NORM``: the router's input is ``h = rms_norm(x + delta) * norm weight``, made here (the residual add and
+    the post-attention norm of the decoder layer, as :func:`_rms_norm_kernel` computes them: same roundings, same
+    one-row sum): every program computes the row's rstd, the expert-0 program also stores ``x + delta`` and
+    ``h``."""
     pdl_wait_and_trigger(PDL)
     token = tl.program_id(0).to(tl.int64)
     expert = tl.program_id(1)
+    dtype = logits_ptr.dtype.element_ty
+    rstd = 0.0
+    if NORM:
+        cols_h = tl.arange(0, BLOCK_H)
+        ok_h = cols_h < size_h
+        row = tl.load(x_ptr + token * stride_x + cols_h, mask=ok_h, other=0.0).to(tl.float32)
+        row += tl.load(delta_ptr + token * stride_delta + cols_h, mask=ok_h, other=0.0).to(tl.float32)
+        summed = row.to(dtype)  # the residual stream is rounded to the activation dtype (HF)
+        summed32 = summed.to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(summed32 * summed32, axis=0) / size_h + eps)
+        if expert == 0:
+            tl.store(sum_ptr + token * size_h + cols_h, summed, mask=ok_h)
+            norm_w = tl.load(norm_w_ptr + cols_h, mask=ok_h, other=0.0).to(tl.float32)
+            h = ((summed32 * rstd).to(dtype).to(tl.float32) * norm_w).to(dtype)
+            tl.store(h_ptr + token * size_h + cols_h, h, mask=ok_h)
     acc = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, size_h, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         k_ok = cols < size_h
         x = tl.load(x_ptr + token * stride_x + cols, mask=k_ok, other=0.0).to(tl.float32)
+        if NORM:  # the same elementwise steps as above, on this chunk
+            x += tl.load(delta_ptr + token * stride_delta + cols, mask=k_ok, other=0.0).to(tl.float32)
+            norm_w = tl.load(norm_w_ptr + cols, mask=k_ok, other=0.0).to(tl.float32)
+            x = ((x.to(dtype).to(tl.float32) * rstd).to(dtype).to(tl.float32) * norm_w).to(dtype).to(tl.float32)
         w = tl.load(w_ptr + expert * size_h + cols, mask=k_ok, other=0.0).to(tl.float32)
         acc += w * x
-    dtype = logits_ptr.dtype.element_ty
     # rounded like F.linear's output; the top-k runs on the rounded values
     tl.store(logits_ptr + token * n_experts + expert, tl.sum(acc, axis=0).to(dtype))
     tl.debug_barrier()  # the logit is written before the (release) arrival below
@@ -387,11 +420,45 @@ def router_topk(hidden: torch.Tensor, weight: torch.Tensor, top_k: int, shared_s
     topk_ids = torch.empty(tokens, top_k + extra, dtype=torch.int64, device=hidden.device)
     if tokens:
         _router_kernel[(tokens, n_experts)](
-            hidden, weight, logits, topk_weights, topk_ids, arrival_counters(hidden.device, tokens), size_h, n_experts,
-            hidden.stride(0), TOP_K=top_k, EXTRA=extra, BLOCK_E=triton.next_power_of_2(n_experts),
-            BLOCK_K=min(4096, triton.next_power_of_2(size_h)), num_warps=4, **pdl_args(hidden.device),
+            hidden, weight, logits, topk_weights, topk_ids, arrival_counters(hidden.device, tokens), hidden, hidden,
+            hidden, hidden, size_h, n_experts, hidden.stride(0), 0, 0.0, TOP_K=top_k, EXTRA=extra,
+            BLOCK_E=triton.next_power_of_2(n_experts), BLOCK_K=min(4096, triton.next_power_of_2(size_h)), NORM=False,
+            BLOCK_H=1, num_warps=4, **pdl_args(hidden.device),
         )  # fmt: skip
     return topk_weights, topk_ids, logits
+
+
+def add_rms_norm_router(x, delta, norm_weight, eps, weight, top_k: int, shared_slot: bool = False):
+    """:func:`add_rms_norm` then :func:`router_topk` on its output, in ONE launch (the router kernel with
+    ``NORM``): returns ``(x + delta, h, topk_weights, topk_ids, logits)`` for (tokens, H) ``x`` and ``delta``."""
+    _check_norm(x, norm_weight, delta)
+    if x.dim() != 2:
+        raise ValueError(f"x {tuple(x.shape)}; expected (tokens, hidden)")
+    tokens, size_h = x.shape
+    n_experts = weight.shape[0]
+    if weight.shape != (n_experts, size_h) or weight.dtype != x.dtype or not 1 <= top_k <= n_experts:
+        raise ValueError(f"router weight {tuple(weight.shape)} {weight.dtype}, top_k {top_k}; expected "
+                         f"(n_experts, {size_h}) {x.dtype} and 1 <= top_k <= n_experts")  # fmt: skip
+    if n_experts > ROUTER_MAX_EXPERTS:
+        raise ValueError(f"{n_experts} experts > {ROUTER_MAX_EXPERTS}; use the reference")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    delta = delta if delta.stride(-1) == 1 else delta.contiguous()
+    weight, norm_weight = weight.contiguous(), norm_weight.contiguous()
+    summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    logits = torch.empty(tokens, n_experts, dtype=x.dtype, device=x.device)
+    extra = int(bool(shared_slot))
+    topk_weights = torch.empty(tokens, top_k + extra, dtype=x.dtype, device=x.device)
+    topk_ids = torch.empty(tokens, top_k + extra, dtype=torch.int64, device=x.device)
+    if tokens:
+        block_h = triton.next_power_of_2(size_h)
+        _router_kernel[(tokens, n_experts)](
+            x, weight, logits, topk_weights, topk_ids, arrival_counters(x.device, tokens), delta, norm_weight, summed,
+            h, size_h, n_experts, x.stride(0), delta.stride(0), eps, TOP_K=top_k, EXTRA=extra,
+            BLOCK_E=triton.next_power_of_2(n_experts), BLOCK_K=min(4096, block_h), NORM=True, BLOCK_H=block_h,
+            num_warps=_norm_warps(block_h), **pdl_args(x.device),
+        )  # fmt: skip
+    return summed, h, topk_weights, topk_ids, logits
 
 
 def write_kv_decode(k, v, k_store, v_store, positions, ring_size=None, block_table=None, block_size=None):

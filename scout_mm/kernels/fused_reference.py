@@ -75,6 +75,21 @@ def router_topk(
     return topk_weights, topk_ids, router_logits
 
 
+def add_rms_norm_router(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    top_k: int,
+    shared_slot: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`add_rms_norm` then :func:`router_topk` on the norm: ``(x + delta, h, topk_weights, topk_ids,
+    router_logits)`` — a MoE decoder layer's post-attention residual add, norm and router."""
+    x, h = add_rms_norm(x, delta, norm_weight, eps)
+    return (x, h) + router_topk(h, weight, top_k, shared_slot=shared_slot)
+
+
 def append_shared_slot(
     topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,10 @@ from scout_mm import kernels
 from scout_mm.kernels import fused_reference
 from scout_mm.moe.router import Router
 
+# MoE.add_norm_forward on a folded layer: the residual add + post-attention norm inside the router kernel (one
+# launch at decode). False: the norm kernel, then the router (benchmark A/B).
+FUSED_NORM_ROUTER = True
+
 
 class SwiGLU(nn.Module):
     """``down(silu(gate(x)) * up(x))``; parameter names follow HF ``Llama4TextMLP``."""
@@ -74,6 +78,25 @@ class MoE(nn.Module):
         topk_weights, topk_ids, logits = router(hidden)  # replayed routing (training): the slot appended here
         weights, ids = fused_reference.append_shared_slot(topk_weights, topk_ids, router.weight.shape[0])
         return weights, ids, topk_ids, logits
+
+    def add_norm_forward(
+        self, x: torch.Tensor, delta: torch.Tensor, norm: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x + delta`` and this block's output on ``norm(x + delta)`` (the decoder layer's residual add and
+        post-attention RMSNorm ``norm``): ``(x + delta, out, topk_ids, router_logits)``. With the shared expert
+        folded into the routed stacks (inference), the add, the norm and the router are one kernel at decode
+        (:func:`scout_mm.kernels.add_rms_norm_router`); otherwise ``norm`` then :meth:`forward`."""
+        if not (FUSED_NORM_ROUTER and self.shared_slot and self.router.choose_experts is None):
+            x, h = norm(x, delta)
+            out, topk_ids, router_logits = self(h)
+            return x, out, topk_ids, router_logits
+        shape = x.shape
+        x, h, weights, ids, router_logits = kernels.add_rms_norm_router(
+            x.reshape(-1, shape[-1]), delta.reshape(-1, shape[-1]), norm.weight, norm.eps, self.router.weight,
+            self.router.top_k, shared_slot=True,
+        )  # fmt: skip
+        out = self.experts(h, weights, ids)
+        return x.view(shape), out.view(shape), ids[:, :-1], router_logits
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
