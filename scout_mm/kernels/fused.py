@@ -402,38 +402,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def router_topk(hidden: torch.Tensor, weight: torch.Tensor, top_k: int, shared_slot: bool = False):
-    """``shared_slot``: the top-k outputs get one more column, expert ``n_experts`` with weight 1.0 (the shared
-    expert folded into the routed stacks, :func:`scout_mm.fusion.fuse_shared_expert`)."""
-    tokens, size_h = hidden.shape
-    n_experts = weight.shape[0]
-    if weight.shape != (n_experts, size_h) or weight.dtype != hidden.dtype or not 1 <= top_k <= n_experts:
-        raise ValueError(f"router weight {tuple(weight.shape)} {weight.dtype}, top_k {top_k}; expected "
-                         f"(n_experts, {size_h}) {hidden.dtype} and 1 <= top_k <= n_experts")  # fmt: skip
-    if n_experts > ROUTER_MAX_EXPERTS:
-        raise ValueError(f"{n_experts} experts > {ROUTER_MAX_EXPERTS}; use the reference")
-    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    weight = weight.contiguous()
-    logits = torch.empty(tokens, n_experts, dtype=hidden.dtype, device=hidden.device)
-    extra = int(bool(shared_slot))
-    topk_weights = torch.empty(tokens, top_k + extra, dtype=hidden.dtype, device=hidden.device)
-    topk_ids = torch.empty(tokens, top_k + extra, dtype=torch.int64, device=hidden.device)
-    if tokens:
-        _router_kernel[(tokens, n_experts)](
-            hidden, weight, logits, topk_weights, topk_ids, arrival_counters(hidden.device, tokens), hidden, hidden,
-            hidden, hidden, size_h, n_experts, hidden.stride(0), 0, 0.0, TOP_K=top_k, EXTRA=extra,
-            BLOCK_E=triton.next_power_of_2(n_experts), BLOCK_K=min(4096, triton.next_power_of_2(size_h)), NORM=False,
-            BLOCK_H=1, num_warps=4, **pdl_args(hidden.device),
-        )  # fmt: skip
-    return topk_weights, topk_ids, logits
-
-
-def add_rms_norm_router(x, delta, norm_weight, eps, weight, top_k: int, shared_slot: bool = False):
-    """:func:`add_rms_norm` then :func:`router_topk` on its output, in ONE launch (the router kernel with
-    ``NORM``): returns ``(x + delta, h, topk_weights, topk_ids, logits)`` for (tokens, H) ``x`` and ``delta``."""
-    _check_norm(x, norm_weight, delta)
-    if x.dim() != 2:
-        raise ValueError(f"x {tuple(x.shape)}; expected (tokens, hidden)")
+def _router(x, weight, top_k: int, shared_slot: bool, norm=None):
+    """Launch :func:`_router_kernel` on (tokens, H) ``x``; ``norm`` = (delta, norm weight, eps): the kernel's
+    ``NORM`` form. Returns (topk_weights, topk_ids, logits) and, with ``norm``, (x + delta, h) first."""
     tokens, size_h = x.shape
     n_experts = weight.shape[0]
     if weight.shape != (n_experts, size_h) or weight.dtype != x.dtype or not 1 <= top_k <= n_experts:
@@ -442,23 +413,46 @@ def add_rms_norm_router(x, delta, norm_weight, eps, weight, top_k: int, shared_s
     if n_experts > ROUTER_MAX_EXPERTS:
         raise ValueError(f"{n_experts} experts > {ROUTER_MAX_EXPERTS}; use the reference")
     x = x if x.stride(-1) == 1 else x.contiguous()
-    delta = delta if delta.stride(-1) == 1 else delta.contiguous()
-    weight, norm_weight = weight.contiguous(), norm_weight.contiguous()
-    summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    weight = weight.contiguous()
     logits = torch.empty(tokens, n_experts, dtype=x.dtype, device=x.device)
     extra = int(bool(shared_slot))
     topk_weights = torch.empty(tokens, top_k + extra, dtype=x.dtype, device=x.device)
     topk_ids = torch.empty(tokens, top_k + extra, dtype=torch.int64, device=x.device)
+    block_h = triton.next_power_of_2(size_h)
+    if norm is None:
+        delta = norm_weight = summed = h = x  # unused slots
+        eps, warps = 0.0, 4
+    else:
+        delta, norm_weight, eps = norm
+        delta = delta if delta.stride(-1) == 1 else delta.contiguous()
+        norm_weight = norm_weight.contiguous()
+        summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        warps = _norm_warps(block_h)  # as the norm kernel: the same one-row sum, so the same rstd
     if tokens:
-        block_h = triton.next_power_of_2(size_h)
         _router_kernel[(tokens, n_experts)](
-            x, weight, logits, topk_weights, topk_ids, arrival_counters(x.device, tokens), delta, norm_weight, summed,
-            h, size_h, n_experts, x.stride(0), delta.stride(0), eps, TOP_K=top_k, EXTRA=extra,
-            BLOCK_E=triton.next_power_of_2(n_experts), BLOCK_K=min(4096, block_h), NORM=True, BLOCK_H=block_h,
-            num_warps=_norm_warps(block_h), **pdl_args(x.device),
+            x, weight, logits, topk_weights, topk_ids, arrival_counters(x.device, tokens), delta, norm_weight,
+            summed, h, size_h, n_experts, x.stride(0), delta.stride(0), eps, TOP_K=top_k, EXTRA=extra,
+            BLOCK_E=triton.next_power_of_2(n_experts), BLOCK_K=min(4096, block_h), NORM=norm is not None,
+            BLOCK_H=block_h if norm is not None else 1, num_warps=warps, **pdl_args(x.device),
         )  # fmt: skip
-    return summed, h, topk_weights, topk_ids, logits
+    routed = (topk_weights, topk_ids, logits)
+    return routed if norm is None else (summed, h) + routed
+
+
+def router_topk(hidden: torch.Tensor, weight: torch.Tensor, top_k: int, shared_slot: bool = False):
+    """``shared_slot``: the top-k outputs get one more column, expert ``n_experts`` with weight 1.0 (the shared
+    expert folded into the routed stacks, :func:`scout_mm.fusion.fuse_shared_expert`)."""
+    return _router(hidden, weight, top_k, shared_slot)
+
+
+def add_rms_norm_router(x, delta, norm_weight, eps, weight, top_k: int, shared_slot: bool = False):
+    """:func:`add_rms_norm` then :func:`router_topk` on its output, in ONE launch (the router kernel with
+    ``NORM``): returns ``(x + delta, h, topk_weights, topk_ids, logits)`` for (tokens, H) ``x`` and ``delta``."""
+    _check_norm(x, norm_weight, delta)
+    if x.dim() != 2:
+        raise ValueError(f"x {tuple(x.shape)}; expected (tokens, hidden)")
+    return _router(x, weight, top_k, shared_slot, norm=(delta, norm_weight, eps))
 
 
 def write_kv_decode(k, v, k_store, v_store, positions, ring_size=None, block_table=None, block_size=None):
