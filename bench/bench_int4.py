@@ -858,6 +858,21 @@ def section_scout(rows_out, profile=True):
     return config, model
 
 
+def _step_summary(rows_out, runs, base_label, logit_scale=False):
+    """The summary table of decode-step variants (``decode_step_profile`` results): time, speed-up and logits
+    against the ``base_label`` run (``logit_scale``: also the base's largest |logit|, for scale)."""
+    base = runs[base_label]
+    rows_out += ["", "### Summary (same process, weights, prompt and token)", "",
+                 f"| variant | graphed ms/step | tok/s | kernels/step | kernel ms/step | speed-up | logits vs {base_label}: "
+                 "max abs diff, argmax |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    scale = f" (logit scale {float(base['logits'].abs().max()):.3g})" if logit_scale else ""
+    for label, r in runs.items():
+        diff = float((r["logits"] - base["logits"]).abs().max())
+        same = bool((r["logits"].argmax(-1) == base["logits"].argmax(-1)).all())
+        rows_out.append(f"| {label} | {r['ms']:.2f} | {1000 / r['ms']:.1f} | {r['kernels']:.0f} | {r['busy_ms']:.2f} | "
+                        f"{base['ms'] / r['ms']:.3f}x | {diff:.3g}{scale}, {'same' if same else 'DIFFERENT'} |")  # fmt: skip
+
+
 def section_profile(rows_out):
     """The default build's decode step (8K context), profiled three times on the same weights, prompt and
     token: inference fusions off (``SCOUT_MM_FUSED=off``, separate q/k/v and gate/up projections), the fused
@@ -897,16 +912,7 @@ def section_profile(rows_out):
             runs[label] = decode_step_profile(model, config, rows_out, label)
     finally:
         os.environ.pop("SCOUT_MM_FUSED", None)
-    base = runs["fusions off"]
-    rows_out += ["", "### Summary (same process, weights, prompt and token)", "",
-                 "| variant | graphed ms/step | tok/s | kernels/step | kernel ms/step | speed-up | logits vs off: max abs diff, argmax |",
-                 "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for label, r in runs.items():
-        diff = float((r["logits"] - base["logits"]).abs().max())
-        same = bool((r["logits"].argmax(-1) == base["logits"].argmax(-1)).all())
-        rows_out.append(f"| {label} | {r['ms']:.2f} | {1000 / r['ms']:.1f} | {r['kernels']:.0f} | {r['busy_ms']:.2f} | "
-                        f"{base['ms'] / r['ms']:.2f}x | {diff:.3g} (logit scale {float(base['logits'].abs().max()):.3g}), "
-                        f"{'same' if same else 'DIFFERENT'} |")  # fmt: skip
+    _step_summary(rows_out, runs, "fusions off", logit_scale=True)
     prev = runs["fused kernels + fused projections"]
     folded = runs["fused kernels + fused projections + shared expert folded"]
     rows_out += ["", f"Shared expert folded vs not (fused kernels + projections both): {folded['ms']:.2f} vs "
@@ -984,15 +990,7 @@ def section_step(rows_out):
     finally:
         moe_layer.FUSED_NORM_ROUTER = True
     _short_prefill_ab(model, config, rows_out)
-    base = runs[variants[0][0]]
-    rows_out += ["", "### Summary (same process, weights, prompt and token)", "",
-                 "| variant | graphed ms/step | tok/s | kernels/step | kernel ms/step | speed-up | logits vs first: max abs diff, argmax |",
-                 "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for label, r in runs.items():
-        diff = float((r["logits"] - base["logits"]).abs().max())
-        same = bool((r["logits"].argmax(-1) == base["logits"].argmax(-1)).all())
-        rows_out.append(f"| {label} | {r['ms']:.2f} | {1000 / r['ms']:.1f} | {r['kernels']:.0f} | {r['busy_ms']:.2f} | "
-                        f"{base['ms'] / r['ms']:.3f}x | {diff:.3g}, {'same' if same else 'DIFFERENT'} |")  # fmt: skip
+    _step_summary(rows_out, runs, variants[0][0])
     print("\n".join(rows_out[-(len(runs) + 4) :]), flush=True)
     prompt = _random_prompt(config, 8192)
     generate_ids(model, prompt, max_new_tokens=2, eos_token_id=[], keep_graph=False)  # compile every kernel
