@@ -560,7 +560,7 @@ def section_rows(rows_out):
                           ("FMA GEMV, 1 row per program", dict(gemv, rows_per_program=1)),
                           ("nibble-dot gemm_small", int4.TUNED["gemm_small"]),
                           ("shipped dispatch (int4_mma)", None)):  # fmt: skip
-            add(f"M=2 {size_n}x{size_k}", name, graph_us(lambda c=cfg, p=pick: int4.int4_linear(x, *p(), GROUP, config=c)),
+            add(f"M=2 {size_n}x{size_k}", name, graph_us(lambda c=cfg, p=pick, x=x: int4.int4_linear(x, *p(), GROUP, config=c)),
                 nbytes)  # fmt: skip
         torch.cuda.empty_cache()
     gate_up = packed((EXPERTS,), HIDDEN, 2 * INTER, 1)[0]
@@ -574,7 +574,8 @@ def section_rows(rows_out):
     for name, cfg in (("GEMV, 2-row route blocks (3-D)", dict(gemv, rows_per_program=4)),
                       ("GEMV, 1-row route blocks", dict(gemv, rows_per_program=1)),
                       ("nibble-dot gemm_small", int4.TUNED["gemm_small"]), ("shipped dispatch", None)):  # fmt: skip
-        t = graph_us(lambda c=cfg: int4.int4_moe_experts(x, weights, pick_r(), gate_up, down, GROUP, config=c))
+        t = graph_us(lambda c=cfg, gu=gate_up, dn=down: int4.int4_moe_experts(x, weights, pick_r(), gu, dn, GROUP,
+                                                                             config=c))  # fmt: skip
         add(f"MoE T={tokens} top-1 ({touched:.1f} experts)", name, t, touched * 3 * HIDDEN * INTER / 2)
     del gate_up, down
     torch.cuda.empty_cache()
@@ -584,10 +585,10 @@ def section_rows(rows_out):
         x = torch.randn(16, size_k, device="cuda", dtype=torch.bfloat16)
         for warps, occ in ((2, 4.0), (4, 4.0), (2, 8.0), (4, 8.0)):
             cfg = int4_mma.mma_config(warps=warps, occupancy=occ)
-            t = graph_us(lambda c=cfg, p=pick: int4_mma.int4_linear_mma(x, *p(), GROUP, config=c))
+            t = graph_us(lambda c=cfg, p=pick, x=x: int4_mma.int4_linear_mma(x, *p(), GROUP, config=c))
             add(f"M=16 {size_n}x{size_k}", f"int4_mma w{warps} occ{occ:g}", t, size_k * size_n / 2)
         add(f"M=16 {size_n}x{size_k}", "shipped dispatch",
-            graph_us(lambda p=pick: int4.int4_linear(x, *p(), GROUP)), size_k * size_n / 2)  # fmt: skip
+            graph_us(lambda p=pick, x=x: int4.int4_linear(x, *p(), GROUP)), size_k * size_n / 2)  # fmt: skip
         torch.cuda.empty_cache()
 
 
