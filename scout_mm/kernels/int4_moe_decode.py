@@ -118,7 +118,7 @@ def _down_unit(
     n_rows, n_experts, hidden, inter, n_groups, per_split, split_k, stride_qe, stride_se,
     G: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UNPACK: tl.constexpr, PREFETCH: tl.constexpr, EVICT: tl.constexpr, TOP_K: tl.constexpr,
-    GATE_BLOCK_N: tl.constexpr, X_CACHE: tl.constexpr,
+    GATE_BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Down columns of one (K split, row, column tile) unit: the first weight tile is loaded, then the unit waits
     until every gate_up tile of its K range has stored its h columns. The last unit of a column tile sums the
@@ -147,7 +147,7 @@ def _down_unit(
     a_rows = (row + tl.arange(0, 1)).to(tl.int64)
     acc = _gemv_columns(h_ptr, qw, s_ptr + expert * stride_se, z_ptr + expert * stride_se, offs_n, n_ok, a_rows,
                         k_begin, k_end, hidden, inter, G, SYMMETRIC, 1, BLOCK_N, BLOCK_K, UNPACK, PREFETCH, EVICT,
-                        qw_ptr, 0, 0, 0, 1, X_CACHE, first)  # fmt: skip
+                        qw_ptr, 0, 0, 0, 1, ".cg", first)  # fmt: skip
     stride_split = n_rows * hidden
     tl.store(part_ptr + split * stride_split + row * hidden + offs_n[None, :], acc, mask=n_ok[None, :])
     tl.debug_barrier()  # every thread's partial is written before the (release) arrival below
@@ -175,8 +175,7 @@ def _moe_decode_kernel(
     stride_gu_e, stride_gu_se, stride_dn_e, stride_dn_se,
     G: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr,
     BLOCK_K: tl.constexpr, UNPACK: tl.constexpr, PREFETCH: tl.constexpr, EVICT: tl.constexpr, PDL: tl.constexpr,
-    SPLIT_MAX1: tl.constexpr, TOP_K: tl.constexpr, STATIC: tl.constexpr, DOWN_CACHE: tl.constexpr,
-    PHASES: tl.constexpr,
+    SPLIT_MAX1: tl.constexpr, TOP_K: tl.constexpr,
 ):  # fmt: skip
     """Grid: persistent programs (see the module docstring); BLOCK_N1 / BLOCK_N2: column tiles of gate_up (of
     the SwiGLU output) and of down."""
@@ -185,22 +184,14 @@ def _moe_decode_kernel(
     tiles2 = tl.cdiv(hidden, BLOCK_N2)
     units1 = tiles1 * n_rows * split1
     units = units1 + tiles2 * n_rows * split2
-    if PHASES == 1:
-        units = units1
     ticket_ptr = sync_ptr
     done_ptr = sync_ptr + 1
     ready_ptr = sync_ptr + 2
     arrive1_ptr = ready_ptr + n_rows * split2
     arrive2_ptr = arrive1_ptr + n_rows * tiles1
-    if STATIC:
-        ticket = tl.program_id(0)
-    else:
-        ticket = tl.atomic_add(ticket_ptr, 1, sem="relaxed", scope="gpu")
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="relaxed", scope="gpu")
     while ticket < units:
-        if STATIC:
-            following = ticket + tl.num_programs(0)
-        else:
-            following = tl.atomic_add(ticket_ptr, 1, sem="relaxed", scope="gpu")  # in flight during this unit
+        following = tl.atomic_add(ticket_ptr, 1, sem="relaxed", scope="gpu")  # in flight during this unit
         if ticket < units1:
             _gate_up_unit(ticket, x_ptr, gu_qw, gu_s, gu_z, ids_ptr, routing_ptr, h_ptr, part1_ptr, arrive1_ptr,
                           ready_ptr, n_rows, n_experts, inter, groups1, per_split1, split1, per_split2 * G, split2,
@@ -210,7 +201,7 @@ def _moe_decode_kernel(
             _down_unit(ticket - units1, dn_qw, dn_s, dn_z, ids_ptr, h_ptr, part2_ptr, out_ptr, arrive2_ptr,
                        ready_ptr, n_rows, n_experts, hidden, inter, groups2, per_split2, split2, stride_dn_e,
                        stride_dn_se, G, SYMMETRIC, BLOCK_N2, BLOCK_K, UNPACK, PREFETCH, EVICT, TOP_K,
-                       BLOCK_N1, DOWN_CACHE)  # fmt: skip
+                       BLOCK_N1)  # fmt: skip
         ticket = following
     # The last program to finish leaves the ticket, the readiness counters and this count at zero.
     finished = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu")
@@ -253,17 +244,13 @@ def moe_decode(hidden, topk_weights, topk_ids, gate_up, down, group_size: int, c
     pdl = 0 if _interpreting() else int(cfg.get("pdl", 0)) or (2 if pdl_enabled(device) else 0)
     symmetric = gu_z is None
     opts = _launch_opts({**cfg, "pdl": pdl})
-    if cfg.get("_maxnreg") and not _interpreting():
-        opts["maxnreg"] = cfg["_maxnreg"]
-    global LAST
-    LAST = _moe_decode_kernel[(programs,)](
+    _moe_decode_kernel[(programs,)](
         hidden, gu_qw, gu_s, gu_s if symmetric else gu_z, dn_qw, dn_s, dn_s if symmetric else dn_z,
         topk_ids.reshape(-1), topk_weights.reshape(-1), h, part1, part2, out, sync,
         n_rows, n_experts, hidden_size, inter, groups1, per_split1, split1, groups2, per_split2, split2,
         gu_qw.stride(0), gu_s.stride(0), dn_qw.stride(0), dn_s.stride(0),
         G=group_size, SYMMETRIC=symmetric, BLOCK_N1=block_n1, BLOCK_N2=block_n2, BLOCK_K=block_k, UNPACK=unpack,
         PREFETCH=cfg.get("prefetch", False), EVICT=cfg.get("evict", ""), PDL=pdl > 0,
-        SPLIT_MAX1=triton.next_power_of_2(split1), TOP_K=top_k, STATIC=cfg.get("_static", False),
-        DOWN_CACHE=cfg.get("_down_cache", ".cg"), PHASES=cfg.get("_phases", 2), **opts,
+        SPLIT_MAX1=triton.next_power_of_2(split1), TOP_K=top_k, **opts,
     )  # fmt: skip
     return out
