@@ -14,7 +14,6 @@
   build, then with the embedding table in pinned host memory, then also with an Int4 LM head — and a kernel
   profile of the last one's decode step.
 - profile: the kernel profile (torch.profiler over CUDA-graph replays) of the default build's decode step.
-- fusedmoe / moestep: the decode MoE in two launches vs one persistent launch, alone and in the Scout step.
 
 Timing: each op is captured ``CALLS`` times into one CUDA graph, rotating over weight copies (and routing
 choices) so that no weight is served from the 50 MB L2; the median over replays / CALLS is reported.
@@ -1010,81 +1009,6 @@ def section_step(rows_out):
     release_decode_state(model)
 
 
-def section_fusedmoe(rows_out):
-    """Decode MoE (Scout experts, rows per touched expert <= 1.5: the GEMV path): gate_up and down as two launches
-    (``int4.FUSED_DECODE_MOE = False``) vs one persistent launch (``scout_mm.kernels.int4_moe_decode``) at several
-    programs per SM, same process, weights and routes (top-2 = a routed expert + the folded shared one)."""
-    from scout_mm.kernels import int4_moe_decode
-
-    rows_out += ["", "## Decode MoE: two launches vs one persistent launch (Scout experts: E=16, H=5120, I=8192, bf16)",
-                 "", "| tokens x top_k | experts touched | variant | us | Int4 TB/s (touched experts) | vs two launches |",
-                 "|---|---|---|---|---|---|"]  # fmt: skip
-    gate_up = packed((EXPERTS,), HIDDEN, 2 * INTER, 1)[0]
-    down = packed((EXPERTS,), INTER, HIDDEN, 1)[0]
-    expert_bytes = 3 * HIDDEN * INTER / 2
-    shipped = dict(int4.TUNED["gemv"])
-    assert int4_moe_decode is not None
-    for tokens, top_k in ((1, 1), (1, 2), (4, 2), (8, 2)):
-        x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
-        weights = torch.rand(tokens, top_k, device="cuda", dtype=torch.bfloat16)
-        routes = [torch.rand(tokens, EXPERTS, device="cuda").argsort(dim=1)[:, :top_k] for _ in range(8)]
-        touched = statistics.mean(len(r.unique()) for r in routes)
-        pick = rotating(routes)
-        base = None
-        variants = [("two launches", False, shipped)] + [
-            (f"one launch, {per_sm:g} programs/SM", True, dict(shipped, persistent_per_sm=per_sm))
-            for per_sm in (2, 3, 4, 5, 6, 8)
-        ] + [("two launches, again", False, shipped), ("one launch (shipped), again", True, shipped)]
-        try:
-            for label, fused, cfg in variants:
-                int4.FUSED_DECODE_MOE = fused
-                t = graph_us(lambda x=x, w=weights, c=cfg, p=pick, gu=gate_up, dn=down: int4.int4_moe_experts(
-                    x, w, p(), gu, dn, GROUP, config=c))  # fmt: skip
-                base = base or t
-                rows_out.append(f"| {tokens} x {top_k} | {touched:.1f} | {label} | {t:.1f} | "
-                                f"{touched * expert_bytes / t / 1e6:.2f} | {base / t:.3f}x |")  # fmt: skip
-                print(rows_out[-1], flush=True)
-        finally:
-            int4.FUSED_DECODE_MOE = True
-    del gate_up, down
-    torch.cuda.empty_cache()
-
-
-def section_moestep(rows_out):
-    """Scout decode step (default build, 8K context): the decode MoE as two launches vs one persistent launch
-    (``int4.FUSED_DECODE_MOE``), interleaved twice, same weights, prompt and token; then the shipped step after an
-    8191-token prompt, where the chunked-attention layers see 8191 tokens (after 8192, the decode token opens a
-    new 8K chunk and those layers read only itself); then ``generate_ids`` over 64 new tokens."""
-    from scout_mm.generation import generate_ids, release_decode_state
-
-    start = time.perf_counter()
-    config, model = build_scout_int4()
-    torch.cuda.synchronize()
-    rows_out += ["", "## Scout-size decode step: decode MoE in one launch (default build)", "",
-                 f"Built in {time.perf_counter() - start:.0f} s."]  # fmt: skip
-    variants = (("MoE in two launches (session 5)", False), ("MoE in one launch", True),
-                ("MoE in two launches (session 5), again", False), ("MoE in one launch, again", True))  # fmt: skip
-    runs = {}
-    try:
-        for label, fused in variants:
-            int4.FUSED_DECODE_MOE = fused
-            torch.manual_seed(0)
-            runs[label] = decode_step_profile(model, config, rows_out, label)
-    finally:
-        int4.FUSED_DECODE_MOE = True
-    _step_summary(rows_out, runs, variants[0][0])
-    print("\n".join(rows_out[-(len(runs) + 4) :]), flush=True)
-    torch.manual_seed(0)
-    decode_step_profile(model, config, rows_out, "MoE in one launch, chunked layers mid-chunk", prompt_len=8191)
-    prompt = _random_prompt(config, 8192)
-    generate_ids(model, prompt, max_new_tokens=2, eos_token_id=[], keep_graph=True)  # compile + capture
-    out = generate_ids(model, prompt, max_new_tokens=64, eos_token_id=[], keep_graph=True)
-    rows_out += ["", f"generate_ids, 64 new tokens after an 8K prompt, decode graph kept from the call before: "
-                 f"{out.decode_tokens_per_second:.1f} tok/s ({out.decode_seconds:.3f} s)."]  # fmt: skip
-    print(rows_out[-1], flush=True)
-    release_decode_state(model)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1125,8 +1049,7 @@ def main() -> None:
             f"{' '.join(sys.argv[1:])}`"]  # fmt: skip
     sections = {"tune": lambda rows: section_tune(rows, adopt=args.adopt_tuned), "probe": section_probe,
                 "linear": section_linear, "moe": section_moe, "mma": section_mma, "scout": section_scout,
-                "profile": section_profile, "step": section_step, "rows": section_rows,
-                "fusedmoe": section_fusedmoe, "moestep": section_moestep}  # fmt: skip
+                "profile": section_profile, "step": section_step, "rows": section_rows}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         try:

@@ -7,8 +7,6 @@ kernels at Scout shapes in bf16. Inputs are fresh random draws every run.
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -309,42 +307,6 @@ def test_moe_direct_decode_layout_equals_the_sorted_layout(int4, monkeypatch, to
     assert rel(direct, _moe_reference(x, weights, ids, gate_up, down, 32)) < TOL[dtype] * 3
 
 
-# (tokens, top_k, hidden, inter, experts, group, symmetric, dtype, config changes)
-FUSED_MOE_CASES = {
-    "t1_top2_nonlocal": (1, 2, 64, 96, 8, 32, False, torch.float32, {}),
-    "t3_top3_fp16_sym": (3, 3, 64, 96, 8, 32, True, torch.float16, {}),
-    # 64-wide gate_up tiles over 32-wide down K splits: each tile raises two readiness counters
-    "t2_top1_tile_spans_splits": (2, 1, 128, 160, 4, 32, False, torch.float32, dict(BLOCK_N=64, BLOCK_K=32)),
-    "t1_top1_one_program": (1, 1, 128, 128, 4, 64, False, torch.float16, dict(persistent_per_sm=0.25)),
-}
-
-
-@pytest.mark.parametrize("case", FUSED_MOE_CASES.values(), ids=FUSED_MOE_CASES.keys())
-def test_fused_decode_moe_equals_two_launches(int4, monkeypatch, case):
-    # The one-launch decode MoE (gate_up, SwiGLU and down with readiness counters between them) must give
-    # exactly what the two launches give (same K splits and sum orders), with a non-local slot and two slots
-    # on one expert, and leave every counter (ticket, readiness, arrivals) at zero for the next call.
-    from scout_mm.kernels import int4_moe_decode, launch
-
-    tokens, top_k, hidden, inter, n_experts, group, symmetric, dtype, changes = case
-    x, weights, ids, gate_up, down = _moe_problem(tokens, hidden, inter, n_experts, top_k, group, symmetric, dtype)
-    if top_k > 1:
-        ids[0, 1] = -1  # owned by another rank
-    if tokens > 1:
-        ids[-1, :] = ids[0, 0]
-    cfg = dict(int4.INTERPRET["gemv"], occupancy=16, **changes)
-    calls = []
-    monkeypatch.setattr(int4_moe_decode, "moe_decode", lambda *a, f=int4_moe_decode.moe_decode: calls.append(1) or f(*a))
-    for _ in range(2):
-        fused = int4.int4_moe_experts(x, weights, ids, gate_up, down, group, config=cfg)
-        assert all(int(buf.abs().sum()) == 0 for buf in launch._COUNTERS.values())
-    assert len(calls) == 2  # the fused launch ran
-    monkeypatch.setattr(int4, "FUSED_DECODE_MOE", False)
-    two_launches = int4.int4_moe_experts(x, weights, ids, gate_up, down, group, config=cfg)
-    assert torch.equal(fused, two_launches)
-    assert rel(fused, _moe_reference(x, weights, ids, gate_up, down, group)) < TOL[dtype] * 3
-
-
 def test_dispatch_runs_triton_when_forced(int4, monkeypatch):
     monkeypatch.setenv("SCOUT_MM_KERNELS", "triton")
     weight = packed_weight((), 64, 40, 32, True)
@@ -488,36 +450,6 @@ def test_gpu_moe_scout_shapes(gpu_int4, tokens, top_k):
 
     ref = moe_experts(x.float(), weights.float(), ids, gu.float(), dn.float())
     assert rel(out, ref) < TOL[torch.bfloat16]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("per_sm", [0.5, 4, 16], ids=["few_programs", "shipped", "more_than_resident"])
-def test_gpu_fused_decode_moe_in_a_graph(gpu_int4, monkeypatch, per_sm):
-    # Scout experts, 1 and 8 tokens with 2 slots (routed + folded shared expert) and 1 token top-1: the one-launch
-    # decode MoE equals the two-launch path bit for bit, eagerly and replayed in a CUDA graph with new routes,
-    # whether the programs are fewer than the GPU holds or more (the ticket order keeps it deadlock-free).
-    hidden, inter, n_experts, group = 5120, 8192, 16, 128
-    cfg = dict(gpu_int4.TUNED["gemv"], persistent_per_sm=per_sm)
-    for tokens, top_k in ((1, 2), (8, 2), (1, 1)):
-        x, weights, ids, gate_up, down = _moe_problem(tokens, hidden, inter, n_experts, top_k, group, True,
-                                                      torch.bfloat16, "cuda")  # fmt: skip
-        step = functools.partial(gpu_int4.int4_moe_experts, x, weights, ids, gate_up, down, group, config=cfg)
-        step()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
-        for _ in range(3):
-            x.copy_(torch.randn_like(x))
-            ids.copy_(torch.rand(tokens, n_experts, device="cuda").argsort(dim=1)[:, :top_k])
-            graph.replay()
-            eager = step()
-            monkeypatch.setattr(gpu_int4, "FUSED_DECODE_MOE", False)
-            two_launches = step()
-            monkeypatch.setattr(gpu_int4, "FUSED_DECODE_MOE", True)
-            assert torch.equal(out, two_launches) and torch.equal(eager, two_launches)
-        ref = _moe_reference(x.float(), weights.float(), ids, gate_up, down, group)
-        assert rel(out, ref) < TOL[torch.bfloat16]
 
 
 @pytest.mark.gpu

@@ -170,16 +170,14 @@ def _group_params(s_ptrs, z_ptrs, first_k, size_n, mask, G: tl.constexpr, SYMMET
 
 @triton.jit
 def _decode_words(packed, x_row, k0, row_ok, scale, zero, SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, UNPACK: tl.constexpr, X_CACHE: tl.constexpr):  # fmt: skip
+                  BLOCK_K: tl.constexpr, UNPACK: tl.constexpr):  # fmt: skip
     """fp32 (BLOCK_K // 8, BLOCK_N): each packed word of ``packed`` (K rows k0 + 8 r .. k0 + 8 r + 7) times
-    its 8 activations from ``x_row`` (word rows past ``row_ok`` read x = 0), scaled by the word's group.
-    ``X_CACHE``: cache modifier of the activation loads (".cg" where another program of the same launch wrote
-    them: never a stale L1 line)."""
+    its 8 activations from ``x_row`` (word rows past ``row_ok`` read x = 0), scaled by the word's group."""
     dot = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
     x_sum = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
     if UNPACK == 0:
         for j in tl.static_range(8):
-            xj = tl.load(x_row + k0 + j, mask=row_ok, other=0.0, cache_modifier=X_CACHE).to(tl.float32)
+            xj = tl.load(x_row + k0 + j, mask=row_ok, other=0.0).to(tl.float32)
             dot += xj[:, None] * _unit_codes(packed, j)
             x_sum += xj
         contrib = scale * (16.0 * dot - (16.0 + zero) * x_sum[:, None])
@@ -192,14 +190,14 @@ def _decode_words(packed, x_row, k0, row_ok, scale, zero, SYMMETRIC: tl.constexp
         words_b = packed << 8  # codes 1 (s=12), 2 (s=16)
         words_c = packed >> 8  # codes 5 (s=12), 6 (s=16)
         words_d = _rotate16(packed)  # codes 7 (s=12), 0 (s=16)
-        x0 = tl.load(x_row + k0 + 0, mask=row_ok, other=0.0, cache_modifier=X_CACHE).to(tl.float32)
-        x1 = tl.load(x_row + k0 + 1, mask=row_ok, other=0.0, cache_modifier=X_CACHE).to(tl.float32)
-        x2 = tl.load(x_row + k0 + 2, mask=row_ok, other=0.0, cache_modifier=X_CACHE).to(tl.float32)
-        x3 = tl.load(x_row + k0 + 3, mask=row_ok, other=0.0, cache_modifier=X_CACHE).to(tl.float32)
-        x4 = tl.load(x_row + k0 + 4, mask=row_ok, other=0.0, cache_modifier=X_CACHE).to(tl.float32)
-        x5 = tl.load(x_row + k0 + 5, mask=row_ok, other=0.0, cache_modifier=X_CACHE).to(tl.float32)
-        x6 = tl.load(x_row + k0 + 6, mask=row_ok, other=0.0, cache_modifier=X_CACHE).to(tl.float32)
-        x7 = tl.load(x_row + k0 + 7, mask=row_ok, other=0.0, cache_modifier=X_CACHE).to(tl.float32)
+        x0 = tl.load(x_row + k0 + 0, mask=row_ok, other=0.0).to(tl.float32)
+        x1 = tl.load(x_row + k0 + 1, mask=row_ok, other=0.0).to(tl.float32)
+        x2 = tl.load(x_row + k0 + 2, mask=row_ok, other=0.0).to(tl.float32)
+        x3 = tl.load(x_row + k0 + 3, mask=row_ok, other=0.0).to(tl.float32)
+        x4 = tl.load(x_row + k0 + 4, mask=row_ok, other=0.0).to(tl.float32)
+        x5 = tl.load(x_row + k0 + 5, mask=row_ok, other=0.0).to(tl.float32)
+        x6 = tl.load(x_row + k0 + 6, mask=row_ok, other=0.0).to(tl.float32)
+        x7 = tl.load(x_row + k0 + 7, mask=row_ok, other=0.0).to(tl.float32)
         x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
         offset = 2048.0 * ((x1 + x3) + (x5 + x7)) + 128.0 * ((x0 + x2) + (x4 + x6))
         if SYMMETRIC:
@@ -223,7 +221,7 @@ def _decode_words(packed, x_row, k0, row_ok, scale, zero, SYMMETRIC: tl.constexp
         # conversion, so per code it is one lop3 and two FMAs and no sum of x is kept.
         high = packed >> 12
         for j in tl.static_range(8):
-            xj = tl.load(x_row + k0 + j, mask=row_ok, other=0.0, cache_modifier=X_CACHE).to(tl.float32)
+            xj = tl.load(x_row + k0 + j, mask=row_ok, other=0.0).to(tl.float32)
             if SYMMETRIC:
                 dot += xj[:, None] * _codes_minus(packed, high, j, 8)
             else:
@@ -262,13 +260,11 @@ def _gemv_columns(
     col0,
     LOADER: tl.constexpr,
     STAGES: tl.constexpr,
-    X_CACHE: tl.constexpr,
     first_tile=None,
 ):
     """fp32 (BLOCK_M, BLOCK_N): rows ``a_rows`` of x times columns ``offs_n`` of one weight, over
     K in [k_begin, k_end). Pointers are already offset to the expert. ``first_tile``: the first weight tile,
-    already loaded (:func:`_first_tile`, before the PDL wait), for the one-row ``PREFETCH`` path; ``X_CACHE``: see
-    :func:`_decode_words` (one-row path).
+    already loaded (:func:`_first_tile`, before the PDL wait), for the one-row ``PREFETCH`` path.
 
     Decode (BLOCK_M 1) weight loads, ``LOADER``: 0 = pointer loads in registers (``PREFETCH``: one tile
     ahead); 1 = pointer loads in a ``tl.range(num_stages=STAGES)`` loop (the pipeliner turns them into
@@ -310,7 +306,7 @@ def _gemv_columns(
                     packed = tl.load(qw_ptrs + (k0 // 8) * size_n, mask=mask, other=0, eviction_policy=EVICT)
                 scale, zero = _group_params(s_ptrs, z_ptrs, first_k, size_n, mask, G, SYMMETRIC)
                 acc2 += _decode_words(
-                    packed, x_row, k0, row_ok, scale, zero, SYMMETRIC, BLOCK_N, BLOCK_K, UNPACK, X_CACHE
+                    packed, x_row, k0, row_ok, scale, zero, SYMMETRIC, BLOCK_N, BLOCK_K, UNPACK
                 )
         else:
             for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=STAGES):
@@ -323,7 +319,7 @@ def _gemv_columns(
                     packed = tl.load(qw_ptrs + (k0 // 8) * size_n, mask=mask, other=0, eviction_policy=EVICT)
                 scale, zero = _group_params(s_ptrs, z_ptrs, first_k, size_n, mask, G, SYMMETRIC)
                 acc2 += _decode_words(packed, x_row, k0, row_ok, scale, zero, SYMMETRIC, BLOCK_N, BLOCK_K,
-                                      UNPACK, X_CACHE)  # fmt: skip
+                                      UNPACK)  # fmt: skip
         out = tl.sum(acc2, axis=0)[None, :]  # (1, BLOCK_N)
     else:
         x_ptrs = x_ptr + a_rows[:, None] * stride_x + words[None, :] * 8  # (BLOCK_M, BLOCK_K // 8)
@@ -460,11 +456,11 @@ def _gemv_kernel(
     desc_row0 = (expert * (n_groups * G // 8)).to(tl.int32)  # this expert's first word row (LOADER 2)
     out = _gemv_columns(x_ptr, qw, sp, zp, offs_n, n_ok, a_rows, k_begin, k_end, size_n, stride_x,
                         G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, UNPACK, PREFETCH, EVICT,
-                        qw_desc, desc_row0, pid_n * BLOCK_N, LOADER, STAGES, "", first)  # fmt: skip
+                        qw_desc, desc_row0, pid_n * BLOCK_N, LOADER, STAGES, first)  # fmt: skip
     if MODE == 1:
         up = _gemv_columns(x_ptr, qw, sp, zp, offs_n + n_cols, n_ok, a_rows, k_begin, k_end, size_n, stride_x,
                            G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, UNPACK, PREFETCH, EVICT,
-                           qw_desc, desc_row0, pid_n * BLOCK_N + n_cols, LOADER, STAGES, "")  # fmt: skip
+                           qw_desc, desc_row0, pid_n * BLOCK_N + n_cols, LOADER, STAGES)  # fmt: skip
     else:
         up = out
     if MODE == 2:
@@ -920,9 +916,6 @@ class DirectRoute:
 # Few-token MoE on the GEMV path: route with DirectRoute (no routing kernel) and sum the slots inside the down
 # launch (no _sum_rows launch) wherever the blocks are one row. False: Routing + _sum_rows (bench A/B).
 DIRECT_DECODE_MOE = True
-# ... and run gate_up, SwiGLU and down in ONE persistent launch (scout_mm.kernels.int4_moe_decode), the down
-# weights streaming while the last gate_up programs finish. False: two launches (bench A/B; same results).
-FUSED_DECODE_MOE = True
 
 
 def _route_args(route, m_rows, dummy):
@@ -1166,10 +1159,6 @@ def int4_moe_experts(
     route_block = _moe_route_block(rows_per_expert, cfg)
     if cfg["kind"] == "gemv" and route_block == 1 and DIRECT_DECODE_MOE:
         # decode: no routing kernel; SwiGLU inside the gate_up launch, the slot sum inside the down launch
-        if FUSED_DECODE_MOE and cfg.get("loader", 0) == 0:
-            from scout_mm.kernels.int4_moe_decode import moe_decode
-
-            return moe_decode(hidden, topk_weights, topk_ids, gate_up, down, group_size, cfg)
         route = DirectRoute(topk_ids, n_experts)
         h = _launch_gemv(hidden, gate_up, group_size, 1, n_rows, route, cfg, topk_weights)  # (n_rows, I)
         return _launch_gemv(h, down, group_size, 2, n_rows, route, cfg)  # (tokens, H)
