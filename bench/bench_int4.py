@@ -14,6 +14,8 @@
   build, then with the embedding table in pinned host memory, then also with an Int4 LM head — and a kernel
   profile of the last one's decode step.
 - profile: the kernel profile (torch.profiler over CUDA-graph replays) of the default build's decode step.
+- grid / splitstep: the decode GEMV's K-split program count (occupancy ceiling or least-makespan rule) at every
+  Scout decode shape, and the Scout decode step with each rule (plus the step with the chunked layers mid-chunk).
 
 Timing: each op is captured ``CALLS`` times into one CUDA graph, rotating over weight copies (and routing
 choices) so that no weight is served from the 50 MB L2; the median over replays / CALLS is reported.
@@ -592,6 +594,55 @@ def section_rows(rows_out):
         torch.cuda.empty_cache()
 
 
+def section_grid(rows_out):
+    """K-split program counts of the decode GEMV (one row) at every Scout decode shape — q|k|v 7168x5120,
+    o 5120x5120, the MoE's gate_up 16384x5120 and down 5120x8192 (dense, and inside the decode MoE at T=1 with
+    one and two slots) — for several ``occupancy`` ceilings (the most programs per SM the split may make; session
+    5 shipped 4.25) and the least-makespan rule (``resident_per_sm``, shipped since session 6), same run. At
+    127-128 registers a 4-warp program, an H100 SM holds 4 programs, so more launch some in a second wave."""
+    rows_out += ["", "## Decode GEMV: programs per launch (group 128, symmetric, bf16, M=1)", "",
+                 "| case | K-split rule | programs | us | Int4 TB/s |", "|---|---|---|---|---|"]  # fmt: skip
+    shipped = dict(int4.TUNED["gemv"])
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    slots = int(shipped["resident_per_sm"] * sms)
+    ceilings = [(f"ceiling {occ:g}/SM", dict(shipped, occupancy=occ, resident_per_sm=0))
+                for occ in (3.0, 3.5, 4.0, 4.25, 4.5, 5.0, 6.0)]  # fmt: skip
+    ceilings.append((f"least makespan, {shipped['resident_per_sm']:g}/SM (shipped)", shipped))
+
+    def programs(n_groups, tiles, cfg):
+        rule = (slots, cfg["split_overhead"]) if cfg["resident_per_sm"] else (0,)
+        split, _ = int4._split(n_groups, tiles, cfg["occupancy"], cfg["BLOCK_K"], GROUP, torch.device("cuda"), True, *rule)
+        return split * tiles
+
+    for size_n, size_k in [(7168, 5120), (5120, 5120), (16384, 5120), (5120, 8192)]:
+        pick = rotating(packed((), size_k, size_n, copies_for(size_k * size_n // 2)))
+        x = torch.randn(1, size_k, device="cuda", dtype=torch.bfloat16)
+        tiles = -(-size_n // shipped["BLOCK_N"])
+        for label, cfg in ceilings:
+            t = graph_us(lambda c=cfg, p=pick, x=x: int4.int4_linear(x, *p(), GROUP, config=c))
+            rows_out.append(f"| {size_n}x{size_k} | {label} | {programs(size_k // GROUP, tiles, cfg)} | {t:.1f} | "
+                            f"{size_k * size_n / 2 / t / 1e6:.2f} |")  # fmt: skip
+            print(rows_out[-1], flush=True)
+        torch.cuda.empty_cache()
+    gate_up = packed((EXPERTS,), HIDDEN, 2 * INTER, 1)[0]
+    down = packed((EXPERTS,), INTER, HIDDEN, 1)[0]
+    for top_k in (1, 2):
+        x = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+        weights = torch.rand(1, top_k, device="cuda", dtype=torch.bfloat16)
+        pick = rotating([torch.rand(1, EXPERTS, device="cuda").argsort(dim=1)[:, :top_k] for _ in range(8)])
+        for label, cfg in ceilings:
+            counts = [str(programs(n_groups, top_k * tiles, cfg))
+                      for n_groups, tiles in ((HIDDEN // GROUP, INTER // 64), (INTER // GROUP, HIDDEN // 64))]  # fmt: skip
+            t = graph_us(lambda c=cfg, p=pick, x=x, w=weights, gu=gate_up, dn=down: int4.int4_moe_experts(
+                x, w, p(), gu, dn, GROUP, config=c))  # fmt: skip
+            rows_out.append(f"| MoE T=1, {top_k} slot(s) | {label} | {' + '.join(counts)} | {t:.1f} | "
+                            f"{top_k * 3 * HIDDEN * INTER / 2 / t / 1e6:.2f} |")  # fmt: skip
+            print(rows_out[-1], flush=True)
+    rows_out.append(f"\n({sms} SMs.)")
+    del gate_up, down
+    torch.cuda.empty_cache()
+
+
 def section_moe(rows_out):
     from scout_mm.kernels import moe
 
@@ -1009,6 +1060,35 @@ def section_step(rows_out):
     release_decode_state(model)
 
 
+def section_splitstep(rows_out):
+    """Scout decode step (default build): the decode GEMV's K splits by session 5's ceiling of 4.25 programs per
+    SM vs the least-makespan rule (``TUNED["gemv"]["resident_per_sm"]``), interleaved twice, same weights, prompt
+    and token; then the shipped step after an 8191-token prompt, where the chunked-attention layers also read
+    ~8K cached tokens (after an 8192-token prompt the decode token opens a new 8K chunk, and those 36 of the 48
+    layers read only the new tokens; the 12 global layers read all of them either way)."""
+    start = time.perf_counter()
+    config, model = build_scout_int4()
+    torch.cuda.synchronize()
+    rows_out += ["", "## Scout-size decode step: decode GEMV K splits (default build)", "",
+                 f"Built in {time.perf_counter() - start:.0f} s."]  # fmt: skip
+    shipped = dict(int4.TUNED["gemv"])
+    variants = (("ceiling 4.25/SM (session 5)", dict(shipped, resident_per_sm=0)), ("least makespan", shipped),
+                ("ceiling 4.25/SM (session 5), again", dict(shipped, resident_per_sm=0)),
+                ("least makespan, again", shipped))  # fmt: skip
+    runs = {}
+    try:
+        for label, cfg in variants:
+            int4.TUNED["gemv"] = cfg
+            torch.manual_seed(0)
+            runs[label] = decode_step_profile(model, config, rows_out, label)
+    finally:
+        int4.TUNED["gemv"] = shipped
+    _step_summary(rows_out, runs, variants[0][0])
+    print("\n".join(rows_out[-(len(runs) + 4) :]), flush=True)
+    torch.manual_seed(0)
+    decode_step_profile(model, config, rows_out, "shipped, chunked layers mid-chunk", prompt_len=8191)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1049,7 +1129,8 @@ def main() -> None:
             f"{' '.join(sys.argv[1:])}`"]  # fmt: skip
     sections = {"tune": lambda rows: section_tune(rows, adopt=args.adopt_tuned), "probe": section_probe,
                 "linear": section_linear, "moe": section_moe, "mma": section_mma, "scout": section_scout,
-                "profile": section_profile, "step": section_step, "rows": section_rows}  # fmt: skip
+                "profile": section_profile, "step": section_step, "rows": section_rows,
+                "grid": section_grid, "splitstep": section_splitstep}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         try:

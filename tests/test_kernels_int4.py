@@ -147,6 +147,22 @@ def test_split_rules(int4, monkeypatch):
             assert tiles * cap_split <= max(occ * 132, tiles) and cap_split <= floor_split
 
 
+def test_least_makespan_split_rule(int4):
+    # With 4 programs resident per SM on 132 SMs: the program counts measured fastest on an H100 at the Scout
+    # decode shapes (bench_int4.py --sections grid, session 6): q|k|v 448, o 400, gate_up 512, down 560, and
+    # inside the decode MoE with 1 / 2 slots 512 + 560 / 512 + 480.
+    slots = 4 * 132
+    for n_groups, tiles, programs in ((40, 112, 448), (40, 80, 400), (40, 256, 512), (64, 80, 560),
+                                      (40, 128, 512), (64, 160, 480)):  # fmt: skip
+        split, per = int4._split(n_groups, tiles, 4.25, 256, 128, None, slots=slots)
+        assert split * tiles == programs, (n_groups, tiles)
+    for n_groups, tiles, step, n_slots in ((40, 7, 1, 8), (96, 3, 2, 16), (5, 1000, 1, 64), (1, 4, 1, 8)):
+        split, per = int4._least_makespan_split(n_groups, tiles, step, n_slots, 2.0)
+        assert per % step == 0 and (split - 1) * per < n_groups <= split * per
+    # one program per slot and equal work: no split of K beats filling every slot once
+    assert int4._least_makespan_split(64, 8, 1, 64, 2.0) == (8, 8)
+
+
 def test_row_dispatch_rules(int4):
     # Shipped GPU configs: the FMA GEMV runs one row per program (its multi-row form measured 4.6-6.5x slower at
     # 2 rows), dense up to GEMV_MAX_ROWS rows; an Int4 MoE takes it only at ~1 row per touched expert (decode),
@@ -180,6 +196,8 @@ def test_gemv_split_k_is_one_launch_and_leaves_counters_at_zero(int4, mode, unro
     # runs SwiGLU), in a loop or unrolled to a power of two (masked). Two calls in a row: the second sees the
     # counters the first left behind.
     cfg = dict(int4.INTERPRET["gemv"], occupancy=64, reduce_unrolled=unrolled, split_cap=unrolled)
+    if unrolled:
+        cfg["resident_per_sm"] = 8  # the least-makespan rule: 32 slots on the interpreter's 4 "SMs"
     for _ in range(2):
         if mode == "linear":
             weight = packed_weight((), 256, 40, 32, symmetric=False)

@@ -40,6 +40,7 @@ does that (thresholds in ``TUNED``).
 from __future__ import annotations
 
 import functools
+import heapq
 import os
 
 import torch
@@ -742,6 +743,8 @@ def _gemv(
     reduce_unrolled=False,
     split_cap=False,
     rows_per_program=4,
+    resident_per_sm=0,
+    split_overhead=2.0,
 ):
     """occupancy: programs per SM the K split aims for; unpack: 0 = codes as 1 + q/16 (shift + lop3 + FMA,
     sum of x per word), 1 = codes read in place (lop3 + 2 FMAs, :func:`_codes_minus`); prefetch: the next
@@ -754,11 +757,14 @@ def _gemv(
     occupancy is a ceiling on programs per SM (the most K splits under it) instead of a floor;
     rows_per_program: the most rows one program takes (dense rows, or MoE rows of one expert): 1 = the one-row
     tiles (shipped), more = the 3-D multi-row form, which reads each weight tile once for its rows but measured
-    4.6-6.5x slower at 2 rows on an H100 (bench/results/int4_gemv_h100.md, session 5)."""
+    4.6-6.5x slower at 2 rows on an H100 (bench/results/int4_gemv_h100.md, session 5); resident_per_sm > 0: the
+    K split is the one of least estimated finish time with this many programs resident per SM, each costing
+    ``split_overhead`` groups on top of its own (:func:`_least_makespan_split`; occupancy and split_cap unused)."""
     return {"kind": "gemv", "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages,
             "occupancy": occupancy, "unpack": unpack, "prefetch": prefetch, "evict": evict, "pdl": pdl,
             "loader": loader, "reduce_unrolled": reduce_unrolled, "split_cap": split_cap,
-            "rows_per_program": rows_per_program}  # fmt: skip
+            "rows_per_program": rows_per_program, "resident_per_sm": resident_per_sm,
+            "split_overhead": split_overhead}  # fmt: skip
 
 
 def _gemm(block_m, block_n, block_k, warps, stages, occupancy=0, group_m=8, nibble_dots=False):
@@ -778,6 +784,9 @@ TUNED = {
     # 2026-11-24 sweep #2 (bench/results/int4_gemv_h100.md): best sum over the two Scout shapes, 22.7 + 13.3 us;
     # sweep #4 (same file): the unrolled split-K epilogue, 22.4 + 13.2 us vs 23.2 + 13.6 us without it
     # sweep #5: K splits capped at 4.25 programs per SM (2 splits of 16384x5120 instead of 3; 7 of 5120x8192)
+    # session 6 (`--sections grid`): the split of least estimated finish time with 4 programs resident per SM (the
+    # kernel has 127-128 registers a thread, 4 warps: 4 programs fill an SM's 64K registers); same splits as the
+    # 4.25 ceiling at gate_up / down, and q|k|v 7168x5120 13.3 -> 11.7 us, o 5120x5120 10.8 -> 10.2-10.4 us
     "gemv": _gemv(
         64,
         256,
@@ -790,6 +799,7 @@ TUNED = {
         reduce_unrolled=True,
         split_cap=True,
         rows_per_program=1,
+        resident_per_sm=4,
     ),  # fmt: skip
     "gemm_small": _gemm(16, 256, 128, 8, 3, occupancy=4, nibble_dots=True),  # rows <= 16; 44.1 + 31.3 us
     "gemm_medium": _gemm(64, 64, 128, 4, 4, occupancy=2),  # rows <= 128
@@ -836,12 +846,56 @@ def pick_config(rows: float, moe: bool = False) -> dict:
     return table["gemm_large"]
 
 
+@functools.lru_cache(maxsize=256)
+def _least_makespan_split(n_groups: int, tiles: int, step: int, slots: int, overhead: float) -> tuple[int, int]:
+    """(split_k, groups per split) whose launch is estimated to finish first. Model: the ``tiles * split_k``
+    programs start in launch order (column tiles fastest, then K splits) on ``slots`` resident program slots, each
+    as soon as a slot frees (list scheduling), and a program takes ``overhead`` + its number of groups (time in
+    units of one group's stream per program). Ties go to fewer programs. On an H100 this picks the measured best
+    program count at all six Scout decode shapes (``bench_int4.py --sections grid``), where a fixed ceiling on
+    programs per SM lost 6-12% at q|k|v and o: one more split put a whole second wave behind the first."""
+    best = None
+    seen = set()
+    for want in range(1, triton.cdiv(n_groups, step) + 1):
+        per_split = triton.cdiv(triton.cdiv(n_groups, want), step) * step
+        split = triton.cdiv(n_groups, per_split)
+        if split in seen or tiles * split > 4 * slots:  # four waves or more never win
+            continue
+        seen.add(split)
+        free = [0.0] * min(slots, tiles * split)
+        heapq.heapify(free)
+        end = 0.0
+        for k in range(split):
+            cost = overhead + min(per_split, n_groups - k * per_split)
+            for _ in range(tiles):
+                finish = heapq.heappop(free) + cost
+                end = max(end, finish)
+                heapq.heappush(free, finish)
+        key = (end, tiles * split)
+        if best is None or key < best[0]:
+            best = (key, split, per_split)
+    if best is None:  # even one split is over four waves: no K split
+        return 1, triton.cdiv(n_groups, step) * step
+    return best[1], best[2]
+
+
 def _split(
-    n_groups: int, tiles: int, occupancy: float, block_k: int, group_size: int, device, cap: bool = False
+    n_groups: int,
+    tiles: int,
+    occupancy: float,
+    block_k: int,
+    group_size: int,
+    device,
+    cap: bool = False,
+    slots: int = 0,
+    overhead: float = 2.0,
 ) -> tuple[int, int]:
-    """(split_k, groups per split): enough programs for ``occupancy`` per SM (``cap``: the most splits that
-    keep the programs at or under ``occupancy`` per SM); each split is whole K tiles."""
+    """(split_k, groups per split); each split is whole K tiles. ``slots`` > 0: the split of least estimated
+    finish time on that many resident programs (:func:`_least_makespan_split`); else enough programs for
+    ``occupancy`` per SM (``cap``: the most splits that keep the programs at or under ``occupancy`` per SM)."""
     step = max(1, block_k // group_size)  # groups per K tile
+    if slots > 0:
+        return _least_makespan_split(n_groups, max(tiles, 1), step, slots, overhead)
     if not occupancy:
         return 1, triton.cdiv(n_groups, step) * step
     if cap:
@@ -940,8 +994,9 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
     block_n = min(cfg["BLOCK_N"], max(16, triton.next_power_of_2(n_cols)))
     n_tiles = triton.cdiv(n_cols, block_n)
     block_k = cfg["BLOCK_K"]
+    slots = int(cfg.get("resident_per_sm", 0) * _n_sms(device))
     split_k, per_split = _split(n_groups, num_row_blocks * n_tiles, cfg["occupancy"], block_k, group_size,
-                                device, cfg.get("split_cap", False))  # fmt: skip
+                                device, cfg.get("split_cap", False), slots, cfg.get("split_overhead", 2.0))  # fmt: skip
     fused = split_k > 1 and mode != 2
     direct = isinstance(route, DirectRoute)
     fused_sum = direct and mode == 2
