@@ -19,9 +19,8 @@ kernels serve both the dense linear layers and the two grouped GEMMs of the Int4
   time with 4 programs resident per SM (``resident_per_sm``, :func:`_least_makespan_split`; it replaced a cap of
   4.25 programs per SM, ``split_cap``, which put a second wave behind q|k|v and o). Optional weight loaders
   pipelined in shared memory (``loader`` 1 = cp.async, 2 = TMA tensor descriptor) measured slower on an H100:
-  their no-math stream is only ~4% faster than plain
-  register loads, because what caps a ~10-20 us stream is a ~3 us fixed cost per launch, not bytes in flight
-  (``bench/results/int4_gemv_h100.md``).
+  their no-math stream is only ~4% faster than plain register loads, because what caps a ~10-20 us stream is a
+  ~3 us fixed cost per launch, not bytes in flight (``bench/results/int4_gemv_h100.md``).
 - ``_gemm_kernel`` (more rows), ``tl.dot`` in two forms: ``NIBBLE_DOTS`` (3-16 rows) reads each packed word
   once and runs one 16-deep dot per nibble against the matching strided activation columns; the tile form
   (more rows) dequantises a whole ``(BLOCK_K, BLOCK_N)`` tile and runs one dot. Measured on an H100, the first
