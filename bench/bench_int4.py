@@ -910,6 +910,21 @@ def section_scout(rows_out, profile=True):
     return config, model
 
 
+def _step_variants(model, config, rows_out, variants, use, restore):
+    """``decode_step_profile`` of each (label, setting) of ``variants`` in order, ``use(setting)`` applied before
+    each (same prompt and token: ``torch.manual_seed(0)``) and ``use(restore)`` after all of them, even on error.
+    Returns {label: result}."""
+    runs = {}
+    try:
+        for label, setting in variants:
+            use(setting)
+            torch.manual_seed(0)
+            runs[label] = decode_step_profile(model, config, rows_out, label)
+    finally:
+        use(restore)
+    return runs
+
+
 def _step_summary(rows_out, runs, base_label, logit_scale=False):
     """The summary table of decode-step variants (``decode_step_profile`` results): time, speed-up and logits
     against the ``base_label`` run (``logit_scale``: also the base's largest |logit|, for scale)."""
@@ -1033,14 +1048,11 @@ def section_step(rows_out):
     variants = (("norm kernel + router kernel (session 4)", False), ("norm inside the router kernel", True),
                 ("norm kernel + router kernel (session 4), again", False),
                 ("norm inside the router kernel, again", True))  # fmt: skip
-    runs = {}
-    try:
-        for label, fused in variants:
-            moe_layer.FUSED_NORM_ROUTER = fused
-            torch.manual_seed(0)
-            runs[label] = decode_step_profile(model, config, rows_out, label)
-    finally:
-        moe_layer.FUSED_NORM_ROUTER = True
+
+    def use(fused):
+        moe_layer.FUSED_NORM_ROUTER = fused
+
+    runs = _step_variants(model, config, rows_out, variants, use, restore=True)
     _short_prefill_ab(model, config, rows_out)
     _step_summary(rows_out, runs, variants[0][0])
     print("\n".join(rows_out[-(len(runs) + 4) :]), flush=True)
@@ -1075,14 +1087,7 @@ def section_splitstep(rows_out):
     variants = (("ceiling 4.25/SM (session 5)", dict(shipped, resident_per_sm=0)), ("least makespan", shipped),
                 ("ceiling 4.25/SM (session 5), again", dict(shipped, resident_per_sm=0)),
                 ("least makespan, again", shipped))  # fmt: skip
-    runs = {}
-    try:
-        for label, cfg in variants:
-            int4.TUNED["gemv"] = cfg
-            torch.manual_seed(0)
-            runs[label] = decode_step_profile(model, config, rows_out, label)
-    finally:
-        int4.TUNED["gemv"] = shipped
+    runs = _step_variants(model, config, rows_out, variants, lambda cfg: int4.TUNED.update(gemv=cfg), shipped)
     _step_summary(rows_out, runs, variants[0][0])
     print("\n".join(rows_out[-(len(runs) + 4) :]), flush=True)
     torch.manual_seed(0)
