@@ -14,8 +14,6 @@
   build, then with the embedding table in pinned host memory, then also with an Int4 LM head — and a kernel
   profile of the last one's decode step.
 - profile: the kernel profile (torch.profiler over CUDA-graph replays) of the default build's decode step.
-- prefetch: weight prefetch into the L2 during the decode step's latency-bound kernels (``scout_mm.prefetch``):
-  a GEMV after a spin with and without it, and the Scout decode step with several byte budgets.
 - grid / splitstep: the decode GEMV's K-split program count (occupancy ceiling or least-makespan rule) at every
   Scout decode shape, and the Scout decode step with each rule (plus the step with the chunked layers mid-chunk).
 
@@ -1096,123 +1094,6 @@ def section_splitstep(rows_out):
     decode_step_profile(model, config, rows_out, "shipped, chunked layers mid-chunk", prompt_len=8191)
 
 
-@triton.jit
-def _touch_kernel(ptr, n_words, sink_ptr, BLOCK: tl.constexpr):
-    """Loads ``BLOCK`` int32 words per program (into the L2, kept there: evict_last) and stores nothing unless
-    their xor is a value no random weight gives in practice (keeps the loads alive)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    words = tl.load(ptr + offs, mask=offs < n_words, other=0, eviction_policy="evict_last")
-    acc = tl.xor_sum(words, axis=0)
-    if acc == 0x5EEDF00D:
-        tl.store(sink_ptr, acc)
-
-
-_SINK = {}
-
-
-def _window_call(weight, x, window_cycles, prefetch_bytes, side, how="prefetch"):
-    """One call of the prefetch probe: a ``window_cycles`` spin (one thread, standing for the latency-bound
-    kernels between two matmuls), then the GEMV of ``weight``; with ``prefetch_bytes`` > 0 the first bytes of the
-    weight (scales first) are asked of the L2 on ``side`` as the window starts (``how``: "prefetch" =
-    cp.async.bulk.prefetch.L2, "touch" = plain loads of the packed words that keep them in the L2)."""
-    from scout_mm.kernels.prefetch import l2_prefetch
-
-    qweight, scales, zeros = weight
-    main = torch.cuda.current_stream()
-    if prefetch_bytes:
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            first = min(prefetch_bytes, scales.nbytes)
-            rest = min(prefetch_bytes - first, qweight.nbytes)
-            if how == "prefetch":
-                l2_prefetch([(scales.data_ptr(), first), (qweight.data_ptr(), rest)], x.device)
-            else:
-                words = rest // 4
-                sink = _SINK.setdefault(x.device, torch.zeros(1, dtype=torch.int32, device=x.device))
-                _touch_kernel[(triton.cdiv(words, 4096),)](qweight, words, sink, BLOCK=4096, num_warps=8)
-    if window_cycles:
-        torch.cuda._sleep(window_cycles)
-    if prefetch_bytes:
-        main.wait_stream(side)
-    return int4.int4_linear(x, qweight, scales, zeros, GROUP)
-
-
-def section_prefetch(rows_out, step=True):
-    """Weight prefetch into the L2 (``scout_mm.prefetch``): (1) probe: a GEMV after a spin of ~5 / 10 us (the
-    latency-bound kernels between two matmuls) with and without asking the L2 for its first bytes as the spin
-    starts, weights rotating through >= 200 MB, and the same GEMV on one weight every call (L2-hot: the ceiling);
-    (2) the Scout decode step (default build) with prefetch off and with several byte budgets per window,
-    interleaved, same weights, prompt and token; (3) off / default budgets with the chunked layers mid-chunk (an
-    8191-token prompt: every layer reads ~8K cached tokens)."""
-    from scout_mm.prefetch import DEFAULT_BUDGETS, disable_weight_prefetch, enable_weight_prefetch
-
-    clock_khz = torch.cuda.get_device_properties(0).clock_rate
-    side = torch.cuda.Stream()
-    rows_out += ["", "## Weight prefetch into the L2: probe (GEMV after a window)", "",
-                 "| weight (N x K) | window | asked of the L2 | window + GEMV us | GEMV share us | vs nothing asked |",
-                 "|---|---|---|---|---|---|"]  # fmt: skip
-    mb = 1 << 20
-    for size_n, size_k, asks in ((5120, 5120, (0, 8 * mb, 13 * mb)), (7168, 5120, (0, 9 * mb, 18 * mb)),
-                                 (16384, 5120, (0, 16 * mb, 32 * mb))):  # fmt: skip
-        weights = packed((), size_k, size_n, copies_for(size_k * size_n // 2))
-        pick = rotating(weights)
-        x = torch.randn(1, size_k, device="cuda", dtype=torch.bfloat16)
-        alone = graph_us(lambda p=pick, x=x: int4.int4_linear(x, *p(), GROUP))
-        hot = graph_us(lambda w=weights[0], x=x: int4.int4_linear(x, *w, GROUP))
-        rows_out.append(f"| {size_n}x{size_k} | none | - | - | {alone:.1f} rotating weights, {hot:.1f} one weight "
-                        f"(L2-hot) | - |")  # fmt: skip
-        print(rows_out[-1], flush=True)
-        for window_us in (5, 10):
-            cycles = int(window_us * clock_khz / 1000)
-            spin = graph_us(lambda c=cycles: torch.cuda._sleep(c))
-            base = None
-            for ask, how in [(a, h) for a in asks for h in (("prefetch", "touch") if a else ("prefetch",))]:
-                t = graph_us(lambda p=pick, x=x, c=cycles, a=ask, h=how: _window_call(p(), x, c, a, side, h))
-                base = t if base is None else base
-                rows_out.append(f"| {size_n}x{size_k} | {spin:.1f} us | {ask / mb:.0f} MB ({how}) | {t:.1f} | "
-                                f"{t - spin:.1f} | {base / t:.3f}x |")  # fmt: skip
-                print(rows_out[-1], flush=True)
-        del pick, weights
-        torch.cuda.empty_cache()
-    if not step:
-        return
-
-    start = time.perf_counter()
-    config, model = build_scout_int4()
-    torch.cuda.synchronize()
-    rows_out += ["", "## Scout-size decode step: weight prefetch into the L2 (default build)", "",
-                 f"Built in {time.perf_counter() - start:.0f} s. Budgets: MB asked for after q|k|v / after o_proj / "
-                 "after the feed-forward."]  # fmt: skip
-
-    def budgets(a, r, n):
-        return {"attention": a * mb, "router": r * mb, "norm": n * mb}
-
-    variants = (("off", None), ("16/4/4", budgets(16, 4, 4)), ("32/8/8", budgets(32, 8, 8)),
-                ("48/12/12", budgets(48, 12, 12)), ("32/0/0", budgets(32, 0, 0)), ("0/8/8", budgets(0, 8, 8)),
-                ("off, again", None), ("64/16/16", budgets(64, 16, 16)), ("32/8/8, again", budgets(32, 8, 8)),
-                ("default", DEFAULT_BUDGETS))  # fmt: skip
-
-    def use(setting):
-        if setting is None:
-            disable_weight_prefetch(model)
-        else:
-            enable_weight_prefetch(model, setting)
-
-    runs = _step_variants(model, config, rows_out, variants, use, None)
-    _step_summary(rows_out, runs, variants[0][0])
-    print("\n".join(rows_out[-(len(runs) + 4) :]), flush=True)
-    mid = {}
-    for label, setting in (("off", None), ("default", DEFAULT_BUDGETS)):
-        use(setting)
-        torch.cuda.empty_cache()
-        torch.manual_seed(0)
-        mid[label] = decode_step_profile(model, config, rows_out, f"prefetch {label}, chunked layers mid-chunk",
-                                         prompt_len=8191)  # fmt: skip
-    _step_summary(rows_out, mid, "off")
-    print("\n".join(rows_out[-(len(mid) + 4) :]), flush=True)
-    use(None)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1254,9 +1135,7 @@ def main() -> None:
     sections = {"tune": lambda rows: section_tune(rows, adopt=args.adopt_tuned), "probe": section_probe,
                 "linear": section_linear, "moe": section_moe, "mma": section_mma, "scout": section_scout,
                 "profile": section_profile, "step": section_step, "rows": section_rows,
-                "grid": section_grid, "splitstep": section_splitstep,
-                "prefetch": section_prefetch,
-                "prefetchprobe": lambda rows: section_prefetch(rows, step=False)}  # fmt: skip
+                "grid": section_grid, "splitstep": section_splitstep}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         try:
