@@ -14,6 +14,8 @@
   build, then with the embedding table in pinned host memory, then also with an Int4 LM head — and a kernel
   profile of the last one's decode step.
 - profile: the kernel profile (torch.profiler over CUDA-graph replays) of the default build's decode step.
+- shapes: the one-row dense GEMV configs recorded per Scout decode shape vs the K-split rule, and the Scout
+  decode step with and without them.
 - grid / splitstep: the decode GEMV's K-split program count (occupancy ceiling or least-makespan rule) at every
   Scout decode shape, and the Scout decode step with each rule (plus the step with the chunked layers mid-chunk).
 
@@ -1094,6 +1096,73 @@ def section_splitstep(rows_out):
     decode_step_profile(model, config, rows_out, "shipped, chunked layers mid-chunk", prompt_len=8191)
 
 
+def section_shapes(rows_out):
+    """One-row dense GEMVs at the Scout decode shapes: the config recorded per shape (``TUNED["gemv_by_shape"]``:
+    8 warps, no K split) against the GEMV rule of session 6, interleaved over two rounds, with tinygemm in the same
+    run; then the Scout decode step (default build) with the table emptied and in place, interleaved twice, and
+    the shipped step mid-chunk (8191-token prompt)."""
+    recorded = dict(int4.TUNED["gemv_by_shape"])
+    rule = dict(int4.TUNED["gemv"])
+    rows_out += ["", "## One-row dense GEMV: recorded per-shape configs vs the rule (group 128, symmetric, bf16)", "",
+                 "| N x K | config | K splits x column tiles | round 1 us | round 2 us | Int4 TB/s (best) | vs rule | vs tinygemm |",
+                 "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for size_n, size_k in [(7168, 5120), (5120, 5120), (16384, 5120), (5120, 8192)]:
+        copies = copies_for(size_k * size_n // 2)
+        pick = rotating(packed((), size_k, size_n, copies))
+        tiny = rotating(tinygemm(size_k, size_n, copies))
+        x = torch.randn(1, size_k, device="cuda", dtype=torch.bfloat16)
+        configs = [("rule (session 6)", rule)]
+        if (size_n, size_k) in recorded:
+            cfg = dict(rule, **recorded[(size_n, size_k)])
+            configs.append((f"recorded: {cfg['BLOCK_N']}x{cfg['BLOCK_K']} tiles, {cfg['num_warps']} warps, "
+                            f"{cfg['split_k']} split", cfg))  # fmt: skip
+        times = {label: [] for label, _ in configs}
+        times["tinygemm"] = []
+        for _ in range(2):
+            for label, cfg in configs:
+                times[label].append(graph_us(lambda c=cfg, p=pick, x=x: int4.int4_linear(x, *p(), GROUP, config=c)))
+
+            def run_tiny(x=x, pick_t=tiny):
+                w, sz = pick_t()
+                return torch._weight_int4pack_mm(x, w, GROUP, sz)
+
+            times["tinygemm"].append(graph_us(run_tiny))
+        base = min(times[configs[0][0]])
+        t_tiny = min(times["tinygemm"])
+        for label, cfg in [*configs, ("tinygemm", None)]:
+            t = min(times[label])
+            if cfg is None:
+                grid = "-"
+            else:
+                tiles = -(-size_n // cfg["BLOCK_N"])
+                if cfg.get("split_k"):
+                    split = int4._fixed_split(size_k // GROUP, cfg["split_k"], cfg["BLOCK_K"], GROUP)[0]
+                else:
+                    split = int4._split(size_k // GROUP, tiles, cfg["occupancy"], cfg["BLOCK_K"], GROUP,
+                                        torch.device("cuda"), cfg["split_cap"], int(cfg["resident_per_sm"] * sms),
+                                        cfg["split_overhead"])[0]  # fmt: skip
+                grid = f"{split} x {tiles}"
+            rows_out.append(f"| {size_n}x{size_k} | {label} | {grid} | {times[label][0]:.1f} | {times[label][1]:.1f} | "
+                            f"{size_k * size_n / 2 / t / 1e6:.2f} | {base / t:.3f}x | {t_tiny / t:.2f}x |")  # fmt: skip
+            print(rows_out[-1], flush=True)
+        del pick, tiny
+        torch.cuda.empty_cache()
+
+    start = time.perf_counter()
+    config, model = build_scout_int4()
+    torch.cuda.synchronize()
+    rows_out += ["", "## Scout-size decode step: per-shape one-row GEMV configs (default build)", "",
+                 f"Built in {time.perf_counter() - start:.0f} s."]  # fmt: skip
+    variants = (("rule only (session 6)", {}), ("recorded shapes", recorded), ("rule only, again", {}),
+                ("recorded shapes, again", recorded))  # fmt: skip
+    runs = _step_variants(model, config, rows_out, variants, lambda t: int4.TUNED.update(gemv_by_shape=t), recorded)
+    _step_summary(rows_out, runs, variants[0][0])
+    print("\n".join(rows_out[-(len(runs) + 4) :]), flush=True)
+    torch.manual_seed(0)
+    decode_step_profile(model, config, rows_out, "shipped, chunked layers mid-chunk", prompt_len=8191)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1135,7 +1204,8 @@ def main() -> None:
     sections = {"tune": lambda rows: section_tune(rows, adopt=args.adopt_tuned), "probe": section_probe,
                 "linear": section_linear, "moe": section_moe, "mma": section_mma, "scout": section_scout,
                 "profile": section_profile, "step": section_step, "rows": section_rows,
-                "grid": section_grid, "splitstep": section_splitstep}  # fmt: skip
+                "grid": section_grid, "splitstep": section_splitstep,
+                "shapes": section_shapes}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         try:

@@ -176,6 +176,35 @@ def test_row_dispatch_rules(int4):
         assert int4.pick_config(rows, moe=moe)["kind"] == kind, (rows, moe)
 
 
+def test_gemv_by_shape_dispatch_and_fixed_splits(int4, monkeypatch):
+    # One-row dense GEMVs at a recorded (N, K) take that shape's overrides of the GEMV config (shipped: 8 warps,
+    # no K split at the Scout q|k|v, o and 16384x5120 shapes); two rows, the MoE and other shapes keep the rule.
+    table = {(40, 64): {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 2, "split_k": 3}}
+    monkeypatch.setitem(int4.INTERPRET, "gemv_by_shape", table)
+    picked = int4.pick_config(1, shape=(40, 64))
+    assert picked == dict(int4.INTERPRET["gemv"], **table[(40, 64)])
+    assert "split_k" not in int4.pick_config(1, shape=(40, 96)) and "split_k" not in int4.pick_config(1)
+    assert "split_k" not in int4.pick_config(2, shape=(40, 64))
+    assert "split_k" not in int4.pick_config(1.0, moe=True, shape=(40, 64))
+    for shape, overrides in int4.TUNED["gemv_by_shape"].items():
+        assert set(overrides) <= set(int4.TUNED["gemv"]) | {"split_k"}, shape
+        assert overrides["BLOCK_K"] % 128 == 0 and shape[1] % overrides["BLOCK_K"] == 0  # whole K tiles
+    # a fixed split: whole K tiles, every group in exactly one split, never more splits than asked for
+    for n_groups, splits, block_k, group in ((40, 1, 1024, 128), (40, 3, 512, 128), (7, 4, 64, 32), (5, 8, 32, 32),
+                                             (64, 6, 256, 128)):  # fmt: skip
+        split, per = int4._fixed_split(n_groups, splits, block_k, group)
+        step = max(1, block_k // group)
+        assert per % step == 0 and split <= splits and (split - 1) * per < n_groups <= split * per
+    # the kernel with the recorded override, against the reference (ragged N, a masked last K tile)
+    for size_k, size_n in ((64, 40), (96, 40)):
+        monkeypatch.setitem(int4.INTERPRET, "gemv_by_shape", {(size_n, size_k): table[(40, 64)]})
+        for dtype in (torch.float32, torch.float16):
+            weight = packed_weight((), size_k, size_n, 32, symmetric=dtype == torch.float16)
+            x = torch.randn(1, size_k).to(dtype)
+            ref = x.double() @ reference.dequantize(*weight, 32, dtype).double()
+            assert rel(int4.int4_linear(x, *weight, 32), ref) < TOL[dtype]
+
+
 def test_tma_fit_rules(int4):
     weight = packed_weight((), 64, 40, 32, symmetric=True)[0]
     assert int4._tma_fits(weight, 64, 16)
@@ -354,6 +383,17 @@ def test_gpu_linear_scout_shapes(gpu_int4, m_rows, size_n, size_k):
     out = gpu_int4.int4_linear(x, *weight, 128)
     ref = x.float() @ reference.dequantize(*weight, 128, torch.bfloat16).float()
     assert rel(out, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_gpu_gemv_recorded_shapes(gpu_int4):
+    # Every (N, K) of TUNED["gemv_by_shape"] through the shipped dispatch (one row), plus a ragged N sharing K
+    # (the rule's config), against the float reference.
+    for size_n, size_k in [*gpu_int4.TUNED["gemv_by_shape"], (5000, 5120)]:
+        weight = packed_weight((), size_k, size_n, 128, symmetric=True, device="cuda", scale_dtype=torch.bfloat16)
+        x = torch.randn(1, size_k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ reference.dequantize(*weight, 128, torch.bfloat16).float()
+        assert rel(gpu_int4.int4_linear(x, *weight, 128), ref) < TOL[torch.bfloat16], (size_n, size_k)
 
 
 GEMV_VARIANTS = {

@@ -802,6 +802,18 @@ TUNED = {
         rows_per_program=1,
         resident_per_sm=4,
     ),  # fmt: skip
+    # One-row dense GEMVs at the Scout decode shapes, (N, K) -> overrides of "gemv" above ("split_k": a fixed
+    # number of K splits). Session 7 sweep (bench/results/int4_gemv_h100.md, `--sections shapes`): 8-warp
+    # programs of 16 packed words a thread and NO K split (no partial sums, no last-arrival epilogue), with the
+    # column tile that gives one wave of at most 2 programs per SM, against the shipped rule: q|k|v 7168x5120
+    # 11.5 -> 9.3 us, o 5120x5120 10.4 -> 9.3 us, gate_up-sized 16384x5120 20.0 -> 17.1 us. Not at 5120x8192
+    # (the same tile measured 13.6 us against 11.9), nor in the MoE (within 3%): those keep the rule. Other
+    # shapes keep the rule too.
+    "gemv_by_shape": {
+        (7168, 5120): {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 8, "split_k": 1},
+        (5120, 5120): {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 8, "split_k": 1},
+        (16384, 5120): {"BLOCK_N": 64, "BLOCK_K": 512, "num_warps": 8, "split_k": 1},
+    },
     "gemm_small": _gemm(16, 256, 128, 8, 3, occupancy=4, nibble_dots=True),  # rows <= 16; 44.1 + 31.3 us
     "gemm_medium": _gemm(64, 64, 128, 4, 4, occupancy=2),  # rows <= 128
     "gemm_large": _gemm(128, 256, 64, 8, 3),
@@ -835,11 +847,13 @@ def _n_sms(device: torch.device) -> int:
     return 4 if device.type != "cuda" else _sm_count(device.index or 0)
 
 
-def pick_config(rows: float, moe: bool = False) -> dict:
-    """The config for a matmul of ``rows`` rows (dense M, or with ``moe`` rows per touched expert)."""
+def pick_config(rows: float, moe: bool = False, shape: tuple[int, int] | None = None) -> dict:
+    """The config for a matmul of ``rows`` rows (dense M, or with ``moe`` rows per touched expert); ``shape``:
+    the (N, K) of a dense weight, for the one-row GEMVs recorded per shape (``TUNED["gemv_by_shape"]``)."""
     table = INTERPRET if _interpreting() else TUNED
     if rows <= TUNED["MOE_GEMV_MAX_ROWS_PER_EXPERT" if moe else "GEMV_MAX_ROWS"]:
-        return table["gemv"]
+        by_shape = table.get("gemv_by_shape", {}).get(shape) if rows == 1 and not moe else None
+        return dict(table["gemv"], **by_shape) if by_shape else table["gemv"]
     if rows <= 16:
         return table["gemm_small"]
     if rows <= 128:
@@ -904,6 +918,14 @@ def _split(
     else:
         want = max(1, min(n_groups, triton.cdiv(int(occupancy * _n_sms(device)), max(tiles, 1))))
     per_split = triton.cdiv(triton.cdiv(n_groups, want), step) * step
+    return triton.cdiv(n_groups, per_split), per_split
+
+
+def _fixed_split(n_groups: int, splits: int, block_k: int, group_size: int) -> tuple[int, int]:
+    """(split_k, groups per split) for at most ``splits`` K splits of whole K tiles (fewer when K has fewer
+    tiles, or when whole tiles leave a split empty)."""
+    step = max(1, block_k // group_size)
+    per_split = triton.cdiv(triton.cdiv(n_groups, max(1, splits)), step) * step
     return triton.cdiv(n_groups, per_split), per_split
 
 
@@ -996,8 +1018,11 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
     n_tiles = triton.cdiv(n_cols, block_n)
     block_k = cfg["BLOCK_K"]
     slots = int(cfg.get("resident_per_sm", 0) * _n_sms(device))
-    split_k, per_split = _split(n_groups, num_row_blocks * n_tiles, cfg["occupancy"], block_k, group_size,
-                                device, cfg.get("split_cap", False), slots, cfg.get("split_overhead", 2.0))  # fmt: skip
+    if cfg.get("split_k"):
+        split_k, per_split = _fixed_split(n_groups, cfg["split_k"], block_k, group_size)
+    else:
+        split_k, per_split = _split(n_groups, num_row_blocks * n_tiles, cfg["occupancy"], block_k, group_size,
+                                    device, cfg.get("split_cap", False), slots, cfg.get("split_overhead", 2.0))  # fmt: skip
     fused = split_k > 1 and mode != 2
     direct = isinstance(route, DirectRoute)
     fused_sum = direct and mode == 2
@@ -1137,7 +1162,7 @@ def int4_linear(
             # Tensor cores for 2..16 rows (H100 2026-11-24, bench/results/int4_gemv_h100.md: 1.6-2.5x this
             # file's kernels at M = 2..16); one row stays on the GEMV, which is as fast there.
             return mma.launch(x, qweight, scales, zeros, group_size, mma.config_for_rows(m_rows))
-    cfg = config or pick_config(m_rows)
+    cfg = config or pick_config(m_rows, shape=(size_n, x.shape[1]))
     if cfg["kind"] == "dequant" or (
         config is None and not _interpreting() and m_rows >= TUNED["DEQUANT_MIN_ROWS"]
     ):
