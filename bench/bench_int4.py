@@ -1080,16 +1080,22 @@ def section_splitstep(rows_out):
     and token; then the shipped step after an 8191-token prompt, where the chunked-attention layers also read
     ~8K cached tokens (after an 8192-token prompt the decode token opens a new 8K chunk, and those 36 of the 48
     layers read only the new tokens; the 12 global layers read all of them either way)."""
-    start = time.perf_counter()
-    config, model = build_scout_int4()
-    torch.cuda.synchronize()
-    rows_out += ["", "## Scout-size decode step: decode GEMV K splits (default build)", "",
-                 f"Built in {time.perf_counter() - start:.0f} s."]  # fmt: skip
     shipped = dict(int4.TUNED["gemv"])
     variants = (("ceiling 4.25/SM (session 5)", dict(shipped, resident_per_sm=0)), ("least makespan", shipped),
                 ("ceiling 4.25/SM (session 5), again", dict(shipped, resident_per_sm=0)),
                 ("least makespan, again", shipped))  # fmt: skip
-    runs = _step_variants(model, config, rows_out, variants, lambda cfg: int4.TUNED.update(gemv=cfg), shipped)
+    _step_ab(rows_out, "decode GEMV K splits", variants, lambda cfg: int4.TUNED.update(gemv=cfg), shipped)
+
+
+def _step_ab(rows_out, title, variants, use, restore):
+    """Build the default Scout, profile its decode step under each of ``variants`` (:func:`_step_variants`),
+    summarise against the first, then profile the restored build mid-chunk (8191-token prompt)."""
+    start = time.perf_counter()
+    config, model = build_scout_int4()
+    torch.cuda.synchronize()
+    rows_out += ["", f"## Scout-size decode step: {title} (default build)", "",
+                 f"Built in {time.perf_counter() - start:.0f} s."]  # fmt: skip
+    runs = _step_variants(model, config, rows_out, variants, use, restore)
     _step_summary(rows_out, runs, variants[0][0])
     print("\n".join(rows_out[-(len(runs) + 4) :]), flush=True)
     torch.manual_seed(0)
@@ -1149,18 +1155,10 @@ def section_shapes(rows_out):
         del pick, tiny
         torch.cuda.empty_cache()
 
-    start = time.perf_counter()
-    config, model = build_scout_int4()
-    torch.cuda.synchronize()
-    rows_out += ["", "## Scout-size decode step: per-shape one-row GEMV configs (default build)", "",
-                 f"Built in {time.perf_counter() - start:.0f} s."]  # fmt: skip
     variants = (("rule only (session 6)", {}), ("recorded shapes", recorded), ("rule only, again", {}),
                 ("recorded shapes, again", recorded))  # fmt: skip
-    runs = _step_variants(model, config, rows_out, variants, lambda t: int4.TUNED.update(gemv_by_shape=t), recorded)
-    _step_summary(rows_out, runs, variants[0][0])
-    print("\n".join(rows_out[-(len(runs) + 4) :]), flush=True)
-    torch.manual_seed(0)
-    decode_step_profile(model, config, rows_out, "shipped, chunked layers mid-chunk", prompt_len=8191)
+    _step_ab(rows_out, "per-shape one-row GEMV configs", variants,
+             lambda table: int4.TUNED.update(gemv_by_shape=table), recorded)  # fmt: skip
 
 
 def main() -> None:
