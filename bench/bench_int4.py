@@ -606,15 +606,12 @@ def section_grid(rows_out):
                  "| case | K-split rule | programs | us | Int4 TB/s |", "|---|---|---|---|---|"]  # fmt: skip
     shipped = dict(int4.TUNED["gemv"])
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    slots = int(shipped["resident_per_sm"] * sms)
     ceilings = [(f"ceiling {occ:g}/SM", dict(shipped, occupancy=occ, resident_per_sm=0))
                 for occ in (3.0, 3.5, 4.0, 4.25, 4.5, 5.0, 6.0)]  # fmt: skip
     ceilings.append((f"least makespan, {shipped['resident_per_sm']:g}/SM (shipped)", shipped))
 
-    def programs(n_groups, tiles, cfg):
-        rule = (slots, cfg["split_overhead"]) if cfg["resident_per_sm"] else (0,)
-        split, _ = int4._split(n_groups, tiles, cfg["occupancy"], cfg["BLOCK_K"], GROUP, torch.device("cuda"), True, *rule)
-        return split * tiles
+    def programs(n_groups, tiles, cfg):  # the ceilings keep the shipped split_cap=True
+        return int4._gemv_split(cfg, n_groups, tiles, GROUP, torch.device("cuda"))[0] * tiles
 
     for size_n, size_k in [(7168, 5120), (5120, 5120), (16384, 5120), (5120, 8192)]:
         pick = rotating(packed((), size_k, size_n, copies_for(size_k * size_n // 2)))
@@ -1112,7 +1109,6 @@ def section_shapes(rows_out):
     rows_out += ["", "## One-row dense GEMV: recorded per-shape configs vs the rule (group 128, symmetric, bf16)", "",
                  "| N x K | config | K splits x column tiles | round 1 us | round 2 us | Int4 TB/s (best) | vs rule | vs tinygemm |",
                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for size_n, size_k in [(7168, 5120), (5120, 5120), (16384, 5120), (5120, 8192)]:
         copies = copies_for(size_k * size_n // 2)
         pick = rotating(packed((), size_k, size_n, copies))
@@ -1142,12 +1138,7 @@ def section_shapes(rows_out):
                 grid = "-"
             else:
                 tiles = -(-size_n // cfg["BLOCK_N"])
-                if cfg.get("split_k"):
-                    split = int4._fixed_split(size_k // GROUP, cfg["split_k"], cfg["BLOCK_K"], GROUP)[0]
-                else:
-                    split = int4._split(size_k // GROUP, tiles, cfg["occupancy"], cfg["BLOCK_K"], GROUP,
-                                        torch.device("cuda"), cfg["split_cap"], int(cfg["resident_per_sm"] * sms),
-                                        cfg["split_overhead"])[0]  # fmt: skip
+                split = int4._gemv_split(cfg, size_k // GROUP, tiles, GROUP, torch.device("cuda"))[0]
                 grid = f"{split} x {tiles}"
             rows_out.append(f"| {size_n}x{size_k} | {label} | {grid} | {times[label][0]:.1f} | {times[label][1]:.1f} | "
                             f"{size_k * size_n / 2 / t / 1e6:.2f} | {base / t:.3f}x | {t_tiny / t:.2f}x |")  # fmt: skip

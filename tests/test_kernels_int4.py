@@ -192,7 +192,7 @@ def test_gemv_by_shape_dispatch_and_fixed_splits(int4, monkeypatch):
     # a fixed split: whole K tiles, every group in exactly one split, never more splits than asked for
     for n_groups, splits, block_k, group in ((40, 1, 1024, 128), (40, 3, 512, 128), (7, 4, 64, 32), (5, 8, 32, 32),
                                              (64, 6, 256, 128)):  # fmt: skip
-        split, per = int4._fixed_split(n_groups, splits, block_k, group)
+        split, per = int4._split(n_groups, 1, 0, block_k, group, None, fixed=splits)
         step = max(1, block_k // group)
         assert per % step == 0 and split <= splits and (split - 1) * per < n_groups <= split * per
     # the kernel with the recorded override, against the reference (ragged N, a masked last K tile)

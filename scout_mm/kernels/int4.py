@@ -904,16 +904,20 @@ def _split(
     cap: bool = False,
     slots: int = 0,
     overhead: float = 2.0,
+    fixed: int = 0,
 ) -> tuple[int, int]:
-    """(split_k, groups per split); each split is whole K tiles. ``slots`` > 0: the split of least estimated
-    finish time on that many resident programs (:func:`_least_makespan_split`); else enough programs for
+    """(split_k, groups per split); each split is whole K tiles. ``fixed`` > 0: at most that many splits (fewer
+    when K has fewer tiles, or when whole tiles leave a split empty); else ``slots`` > 0: the split of least
+    estimated finish time on that many resident programs (:func:`_least_makespan_split`); else enough programs for
     ``occupancy`` per SM (``cap``: the most splits that keep the programs at or under ``occupancy`` per SM)."""
     step = max(1, block_k // group_size)  # groups per K tile
-    if slots > 0:
+    if fixed > 0:
+        want = fixed
+    elif slots > 0:
         return _least_makespan_split(n_groups, max(tiles, 1), step, slots, overhead)
-    if not occupancy:
+    elif not occupancy:
         return 1, triton.cdiv(n_groups, step) * step
-    if cap:
+    elif cap:
         want = max(1, min(n_groups, int(occupancy * _n_sms(device)) // max(tiles, 1)))
     else:
         want = max(1, min(n_groups, triton.cdiv(int(occupancy * _n_sms(device)), max(tiles, 1))))
@@ -921,12 +925,12 @@ def _split(
     return triton.cdiv(n_groups, per_split), per_split
 
 
-def _fixed_split(n_groups: int, splits: int, block_k: int, group_size: int) -> tuple[int, int]:
-    """(split_k, groups per split) for at most ``splits`` K splits of whole K tiles (fewer when K has fewer
-    tiles, or when whole tiles leave a split empty)."""
-    step = max(1, block_k // group_size)
-    per_split = triton.cdiv(triton.cdiv(n_groups, max(1, splits)), step) * step
-    return triton.cdiv(n_groups, per_split), per_split
+def _gemv_split(cfg: dict, n_groups: int, tiles: int, group_size: int, device) -> tuple[int, int]:
+    """:func:`_split` with a GEMV config's keys: ``split_k`` (fixed), else ``resident_per_sm`` (least makespan),
+    else ``occupancy`` / ``split_cap``."""
+    slots = int(cfg.get("resident_per_sm", 0) * _n_sms(device))
+    return _split(n_groups, tiles, cfg["occupancy"], cfg["BLOCK_K"], group_size, device, cfg.get("split_cap", False),
+                  slots, cfg.get("split_overhead", 2.0), cfg.get("split_k", 0) or 0)  # fmt: skip
 
 
 def _launch_opts(cfg: dict) -> dict:
@@ -1017,12 +1021,7 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
     block_n = min(cfg["BLOCK_N"], max(16, triton.next_power_of_2(n_cols)))
     n_tiles = triton.cdiv(n_cols, block_n)
     block_k = cfg["BLOCK_K"]
-    slots = int(cfg.get("resident_per_sm", 0) * _n_sms(device))
-    if cfg.get("split_k"):
-        split_k, per_split = _fixed_split(n_groups, cfg["split_k"], block_k, group_size)
-    else:
-        split_k, per_split = _split(n_groups, num_row_blocks * n_tiles, cfg["occupancy"], block_k, group_size,
-                                    device, cfg.get("split_cap", False), slots, cfg.get("split_overhead", 2.0))  # fmt: skip
+    split_k, per_split = _gemv_split(cfg, n_groups, num_row_blocks * n_tiles, group_size, device)
     fused = split_k > 1 and mode != 2
     direct = isinstance(route, DirectRoute)
     fused_sum = direct and mode == 2
