@@ -390,72 +390,6 @@ def section_probe(rows_out):
         torch.cuda.empty_cache()
 
 
-@triton.jit
-def _stream_tiled_kernel(qw_ptr, out_ptr, n_words, words_per_split, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                         EVICT: tl.constexpr):  # fmt: skip
-    """:func:`_stream_kernel` over the column-tiled repack of the same matrix, (N / BLOCK_N, K / 8, BLOCK_N): a
-    program's column tile (and each K split of it) is one contiguous run of memory instead of BLOCK_N words out
-    of every N-word row."""
-    tile = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, BLOCK_R)
-    base = qw_ptr + tile.to(tl.int64) * n_words * BLOCK_N
-    begin = tl.program_id(2) * words_per_split
-    end = tl.minimum(begin + words_per_split, n_words)
-    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.int32)
-    for r0 in range(begin, end, BLOCK_R):
-        mask = ((r0 + rows) < end)[:, None]
-        acc ^= tl.load(base + (r0 + rows)[:, None] * BLOCK_N + cols[None, :], mask=mask, other=0,
-                       eviction_policy=EVICT)  # fmt: skip
-    tl.store(out_ptr + tl.program_id(2) * BLOCK_N * tl.num_programs(0) + tile * BLOCK_N + cols, tl.xor_sum(acc, 0))
-
-
-# (BLOCK_N, BLOCK_K, warps, K splits; 0 = the shipped least-makespan rule) of the layout probe: the shipped one-row
-# tiles (session 7) and the rule's
-LAYOUT_TILES = [(64, 512, 8, 1), (32, 1024, 8, 1), (64, 256, 4, 0), (32, 512, 4, 0), (32, 512, 8, 2), (64, 512, 8, 2)]
-
-
-def section_layout(rows_out):
-    """Does the weight's memory layout limit the GEMV's stream? A no-math read of the same bytes in the same grid
-    (column tile x K split), from the checkpoint layout (K/8, N) — each program reads BLOCK_N words of every
-    row — and from a column-tiled repack (N/BLOCK_N, K/8, BLOCK_N), where each program's stream is contiguous."""
-    rows_out += ["", "## Probe: weight layout of the one-row GEMV's stream (no math)", "",
-                 "| N x K | tile (BLOCK_N, BLOCK_K, warps) | programs | (K/8, N) us | TB/s | column-tiled us | TB/s | "
-                 "tiled / (K/8, N) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    device = torch.device("cuda")
-    for size_n, size_k in LINEAR_SHAPES + [(2 * 16384, 5120)]:
-        nbytes = size_k * size_n // 2
-        weights = [w[0] for w in packed((), size_k, size_n, copies_for(nbytes))]
-        n_groups, n_words = size_k // GROUP, size_k // 8
-        for bn, bk, warps, fixed in LAYOUT_TILES:
-            n_tiles = triton.cdiv(size_n, bn)
-            cfg = dict(SHIPPED_GEMV, BLOCK_N=bn, BLOCK_K=bk, split_k=fixed)
-            split_k, per_split = int4._gemv_split(cfg, n_groups, n_tiles, GROUP, device)
-            out = torch.empty(split_k, size_n, dtype=torch.int32, device="cuda")
-            tiled = [w.view(n_words, n_tiles, bn).transpose(0, 1).contiguous() for w in weights]
-            pick_a, pick_b = rotating(weights), rotating(tiled)
-            args = (n_words, per_split * GROUP // 8)
-            opts = dict(BLOCK_R=bk // 8, BLOCK_N=bn, EVICT="evict_first", num_warps=warps)
-            grid = (n_tiles, 1, split_k)
-            runs = (
-                lambda grid=grid, pick=pick_a, out=out, a=(size_n, *args), o=opts: _stream_kernel[grid](pick(), out, *a, **o),
-                lambda grid=grid, pick=pick_b, out=out, a=args, o=opts: _stream_tiled_kernel[grid](pick(), out, *a, **o),
-            )  # fmt: skip
-            times = [graph_us(run) for _ in range(2) for run in runs]  # two interleaved rounds
-            t_a, t_b = min(times[0::2]), min(times[1::2])
-            rows_out.append(f"| {size_n}x{size_k} | ({bn}, {bk}, {warps}) | {n_tiles * split_k} | {t_a:.1f} | "
-                            f"{nbytes / t_a / 1e6:.2f} | {t_b:.1f} | {nbytes / t_b / 1e6:.2f} | {t_a / t_b:.3f}x |")  # fmt: skip
-            print(rows_out[-1], flush=True)
-            del tiled
-        pick = rotating(weights)
-        t = graph_us(lambda pick=pick: pick().clone())
-        rows_out.append(f"| {size_n}x{size_k} | torch clone (read + write) | - | {t:.1f} | "
-                        f"{2 * nbytes / t / 1e6:.2f} (read + write) | | | |")  # fmt: skip
-        print(rows_out[-1], flush=True)
-        del weights
-        torch.cuda.empty_cache()
-
-
 def _select_candidates(which: str) -> None:
     """``--candidates pipe | overlap | final``: the M=1 sweep is that list (:func:`_pipe_candidates`,
     :func:`_overlap_candidates`, :func:`_final_candidates`), M=16 is not swept (its kernel did not change);
@@ -1218,98 +1152,6 @@ def section_shapes(rows_out):
              lambda table: int4.TUNED.update(gemv_by_shape=table), recorded)  # fmt: skip
 
 
-# (label, overrides of TUNED["gemv"]) timed in both weight layouts by section_tiled; "shipped" = the dispatch
-TILED_CONFIGS = [
-    ("rule 64x256 w4", {}),
-    ("32x512 w4", {"BLOCK_N": 32, "BLOCK_K": 512}),
-    ("32x1024 w8 s1", {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 8, "split_k": 1}),
-    ("64x512 w8 s1", {"BLOCK_N": 64, "BLOCK_K": 512, "num_warps": 8, "split_k": 1}),
-    ("32x512 w8 s2", {"BLOCK_N": 32, "BLOCK_K": 512, "num_warps": 8, "split_k": 2}),
-    ("64x512 w8", {"BLOCK_N": 64, "BLOCK_K": 512, "num_warps": 8}),
-]
-
-
-def _moe_step(x, weights, gate_up, down, route, cfg_gu, cfg_dn, tile_n):
-    h = int4._launch_gemv(x, gate_up, GROUP, 1, route.n_rows, route, cfg_gu, weights, tile_n=tile_n)
-    return int4._launch_gemv(h, down, GROUP, 2, route.n_rows, route, cfg_dn, tile_n=tile_n)
-
-
-def section_tiled(rows_out):
-    """The one-row GEMV reading its Int4 weight in the checkpoint layout (K/8, N) and in the column-tiled layout
-    (N/t, K/8, t) (``int4.tile_columns``: each t-wide column strip one contiguous run), same kernel, same configs,
-    interleaved over two rounds (best of the two rounds' medians); outputs checked bit-identical. Dense Scout
-    decode shapes, then the decode MoE at T=1 with one slot (top-1) and two (top-1 + the folded shared expert)."""
-    rows_out += ["", "## One-row GEMV: checkpoint layout vs column-tiled weights (bf16, group 128, symmetric)", "",
-                 "| case | config | (K/8, N) us | TB/s | tiled t=32 us | tiled t=64 us | TB/s (best tiled) | "
-                 "best tiled / (K/8, N) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    rule = dict(int4.TUNED["gemv"])
-
-    def report(case, label, nbytes, times):
-        base = min(times[0])
-        by_tile = {tn: min(t) for tn, t in times.items() if tn}
-        best = min(by_tile.values())
-        cells = " | ".join(f"{by_tile[tn]:.1f}" if tn in by_tile else "-" for tn in (32, 64))
-        rows_out.append(f"| {case} | {label} | {base:.1f} | {nbytes / base / 1e6:.2f} | {cells} | "
-                        f"{nbytes / best / 1e6:.2f} | {base / best:.3f}x |")  # fmt: skip
-        print(rows_out[-1], flush=True)
-
-    for size_n, size_k in [(7168, 5120), (5120, 5120), (16384, 5120), (5120, 8192)]:
-        nbytes = size_k * size_n // 2
-        weights = packed((), size_k, size_n, copies_for(nbytes))
-        layouts = {0: weights} | {tn: [(int4.tile_columns(q, tn), s, z) for q, s, z in weights] for tn in (32, 64)}
-        x = torch.randn(1, size_k, device="cuda", dtype=torch.bfloat16)
-        shipped = int4.pick_config(1, shape=(size_n, size_k))
-        for label, cfg in [("shipped", shipped)] + [(lb, dict(rule, **o)) for lb, o in TILED_CONFIGS]:
-            ok = [tn for tn in layouts if tn == 0 or (tn >= cfg["BLOCK_N"] or cfg["BLOCK_N"] % tn == 0)]
-            ref = int4._launch_gemv(x, weights[0], GROUP, 0, 1, None, cfg)
-            for tn in ok[1:]:
-                got = int4._launch_gemv(x, layouts[tn][0], GROUP, 0, 1, None, cfg, tile_n=tn)
-                if not torch.equal(ref, got):
-                    raise AssertionError(f"{size_n}x{size_k} {label} t={tn}: tiled output differs")
-            times = {tn: [] for tn in ok}
-            for _ in range(2):
-                for tn in ok:
-                    pick = rotating(layouts[tn])
-                    times[tn].append(graph_us(lambda p=pick, c=cfg, t=tn, x=x: int4._launch_gemv(
-                        x, p(), GROUP, 0, 1, None, c, tile_n=t)))  # fmt: skip
-            report(f"{size_n}x{size_k}", label, nbytes, times)
-        del weights, layouts
-        torch.cuda.empty_cache()
-
-    gate_up = packed((EXPERTS + 1,), HIDDEN, 2 * INTER, 1)[0]
-    down = packed((EXPERTS + 1,), INTER, HIDDEN, 1)[0]
-    tiled = {tn: ((int4.tile_columns(gate_up[0], tn), *gate_up[1:]), (int4.tile_columns(down[0], tn), *down[1:]))
-             for tn in (32, 64)}  # fmt: skip
-    tiled[0] = (gate_up, down)
-    x = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
-    expert_bytes = 3 * HIDDEN * INTER / 2
-    moe_configs = [("rule / rule", rule, rule)] + [
-        (f"{lb} / {lb}", dict(rule, **o), dict(rule, **o)) for lb, o in TILED_CONFIGS[1:]
-    ] + [("64x512 w8 s1 / rule", dict(rule, **TILED_CONFIGS[3][1]), rule),
-         ("32x512 w8 s2 / 32x512 w4", dict(rule, **TILED_CONFIGS[4][1]), dict(rule, **TILED_CONFIGS[1][1]))]  # fmt: skip
-    for slots in (1, 2):
-        routes = [torch.tensor([[e, EXPERTS][:slots]], device="cuda") for e in range(EXPERTS)]
-        weights = torch.rand(1, slots, device="cuda", dtype=torch.bfloat16)
-        directs = [int4.DirectRoute(r, EXPERTS + 1) for r in routes]
-        for label, cfg_gu, cfg_dn in moe_configs:
-            ok = [tn for tn in tiled if tn == 0 or all(tn >= c["BLOCK_N"] or c["BLOCK_N"] % tn == 0
-                                                        for c in (cfg_gu, cfg_dn))]  # fmt: skip
-            ok.sort()
-            ref = _moe_step(x, weights, *tiled[0], directs[3], cfg_gu, cfg_dn, 0)
-            for tn in ok[1:]:
-                if not torch.equal(ref, _moe_step(x, weights, *tiled[tn], directs[3], cfg_gu, cfg_dn, tn)):
-                    raise AssertionError(f"MoE {slots} slots {label} t={tn}: tiled output differs")
-            times = {tn: [] for tn in ok}
-            for _ in range(2):
-                for tn in ok:
-                    pick = rotating(directs)
-                    times[tn].append(graph_us(lambda p=pick, t=tn, a=cfg_gu, b=cfg_dn, w=weights, lay=tiled[tn]: _moe_step(
-                        x, w, *lay, p(), a, b, t)))  # fmt: skip
-            report(f"MoE T=1, {slots} slot{'s' if slots > 1 else ''}", label, slots * expert_bytes, times)
-    del gate_up, down, tiled
-    torch.cuda.empty_cache()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1352,8 +1194,7 @@ def main() -> None:
                 "linear": section_linear, "moe": section_moe, "mma": section_mma, "scout": section_scout,
                 "profile": section_profile, "step": section_step, "rows": section_rows,
                 "grid": section_grid, "splitstep": section_splitstep,
-                "shapes": section_shapes, "layout": section_layout,
-                "tiled": section_tiled}  # fmt: skip
+                "shapes": section_shapes}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         try:

@@ -263,8 +263,6 @@ def _gemv_columns(
     LOADER: tl.constexpr,
     STAGES: tl.constexpr,
     first_tile=None,
-    n_words=0,
-    TILE_N: tl.constexpr = 0,
 ):
     """fp32 (BLOCK_M, BLOCK_N): rows ``a_rows`` of x times columns ``offs_n`` of one weight, over
     K in [k_begin, k_end). Pointers are already offset to the expert. ``first_tile``: the first weight tile,
@@ -283,8 +281,7 @@ def _gemv_columns(
     once per word. In fp32 ``sum x f`` loses about 2 bits to the cancellation (well below bf16/fp16
     rounding; fp32 activations stay within ~1e-6)."""
     words = tl.arange(0, BLOCK_K // 8)
-    col_off, row_stride = _word_columns(offs_n, size_n, n_words, TILE_N)
-    qw_ptrs = qw_ptr + words[:, None] * row_stride + col_off[None, :]
+    qw_ptrs = qw_ptr + words[:, None] * size_n + offs_n[None, :]
     s_ptrs = s_ptr + offs_n[None, :]
     z_ptrs = z_ptr + offs_n[None, :]
     if BLOCK_M == 1:
@@ -294,8 +291,7 @@ def _gemv_columns(
         if LOADER == 0:
             if PREFETCH:
                 if first_tile is None:
-                    packed_next = _first_tile(qw_ptr, offs_n, n_ok, k_begin, k_end, size_n, BLOCK_K, EVICT,
-                                              n_words, TILE_N)  # fmt: skip
+                    packed_next = _first_tile(qw_ptr, offs_n, n_ok, k_begin, k_end, size_n, BLOCK_K, EVICT)
                 else:
                     packed_next = first_tile
             for k0 in range(k_begin, k_end, BLOCK_K):
@@ -306,10 +302,10 @@ def _gemv_columns(
                     # Registers double-buffer the weight stream: the next tile is in flight during this one's math.
                     packed = packed_next
                     next_mask = ((first_k + BLOCK_K) < k_end)[:, None] & n_ok[None, :]
-                    packed_next = tl.load(qw_ptrs + ((k0 + BLOCK_K) // 8) * row_stride, mask=next_mask, other=0,
+                    packed_next = tl.load(qw_ptrs + ((k0 + BLOCK_K) // 8) * size_n, mask=next_mask, other=0,
                                           eviction_policy=EVICT)  # fmt: skip
                 else:
-                    packed = tl.load(qw_ptrs + (k0 // 8) * row_stride, mask=mask, other=0, eviction_policy=EVICT)
+                    packed = tl.load(qw_ptrs + (k0 // 8) * size_n, mask=mask, other=0, eviction_policy=EVICT)
                 scale, zero = _group_params(s_ptrs, z_ptrs, first_k, size_n, mask, G, SYMMETRIC)
                 acc2 += _decode_words(
                     packed, x_row, k0, row_ok, scale, zero, SYMMETRIC, BLOCK_N, BLOCK_K, UNPACK
@@ -322,13 +318,12 @@ def _gemv_columns(
                 if LOADER == 2:
                     packed = qw_desc.load([desc_row0 + k0 // 8, col0])
                 else:
-                    packed = tl.load(qw_ptrs + (k0 // 8) * row_stride, mask=mask, other=0, eviction_policy=EVICT)
+                    packed = tl.load(qw_ptrs + (k0 // 8) * size_n, mask=mask, other=0, eviction_policy=EVICT)
                 scale, zero = _group_params(s_ptrs, z_ptrs, first_k, size_n, mask, G, SYMMETRIC)
                 acc2 += _decode_words(packed, x_row, k0, row_ok, scale, zero, SYMMETRIC, BLOCK_N, BLOCK_K,
                                       UNPACK)  # fmt: skip
         out = tl.sum(acc2, axis=0)[None, :]  # (1, BLOCK_N)
     else:
-        tl.static_assert(TILE_N == 0, "the multi-row form reads the checkpoint layout only")
         x_ptrs = x_ptr + a_rows[:, None] * stride_x + words[None, :] * 8  # (BLOCK_M, BLOCK_K // 8)
         acc = tl.zeros([BLOCK_M, BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
         for k0 in range(k_begin, k_end, BLOCK_K):
@@ -350,23 +345,11 @@ def _gemv_columns(
 
 
 @triton.jit
-def _word_columns(offs_n, size_n, n_words, TILE_N: tl.constexpr):
-    """(offset of columns ``offs_n`` in word row 0, distance between word rows) of a packed weight: the checkpoint
-    layout (K // 8, N) for TILE_N 0, else the column-tiled one (N / TILE_N, K // 8, TILE_N) of ``n_words`` = K // 8
-    word rows, where each TILE_N-wide column strip is one contiguous run (:func:`tile_columns`)."""
-    if TILE_N == 0:
-        return offs_n, size_n
-    return (offs_n // TILE_N) * (n_words * TILE_N) + offs_n % TILE_N, TILE_N
-
-
-@triton.jit
-def _first_tile(qw_ptr, offs_n, n_ok, k_begin, k_end, size_n, BLOCK_K: tl.constexpr, EVICT: tl.constexpr, n_words=0,
-                TILE_N: tl.constexpr = 0):  # fmt: skip
+def _first_tile(qw_ptr, offs_n, n_ok, k_begin, k_end, size_n, BLOCK_K: tl.constexpr, EVICT: tl.constexpr):
     """The (BLOCK_K // 8, BLOCK_N) packed words of K rows [k_begin, k_begin + BLOCK_K) (zeros past k_end)."""
     words = tl.arange(0, BLOCK_K // 8)
     mask = ((k_begin + words * 8) < k_end)[:, None] & n_ok[None, :]
-    col_off, row_stride = _word_columns(offs_n, size_n, n_words, TILE_N)
-    ptrs = qw_ptr + (k_begin // 8 + words)[:, None] * row_stride + col_off[None, :]
+    ptrs = qw_ptr + (k_begin // 8 + words)[:, None] * size_n + offs_n[None, :]
     return tl.load(ptrs, mask=mask, other=0, eviction_policy=EVICT)
 
 
@@ -427,7 +410,6 @@ def _gemv_kernel(
     DIRECT: tl.constexpr,
     FUSED_SUM: tl.constexpr,
     TOP_K: tl.constexpr,
-    TILE_N: tl.constexpr = 0,
 ):
     """One launch per matmul. With K split over programs (FUSED_SPLIT), every program stores its fp32
     partial, and the last program to arrive at a (row block, column tile) — counted with an atomic — sums
@@ -452,7 +434,7 @@ def _gemv_kernel(
     # comes from the routing, an activation, so it loads nothing early).
     first = None
     if PDL == 2 and MODE == 0 and BLOCK_M == 1 and LOADER == 0 and PREFETCH:
-        first = _first_tile(qw_ptr, offs_n, n_ok, k_begin, k_end, size_n, BLOCK_K, EVICT, n_groups * G // 8, TILE_N)
+        first = _first_tile(qw_ptr, offs_n, n_ok, k_begin, k_end, size_n, BLOCK_K, EVICT)
     if PDL == 1:
         gdc_launch_dependents()
         gdc_wait()
@@ -476,12 +458,11 @@ def _gemv_kernel(
     desc_row0 = (expert * (n_groups * G // 8)).to(tl.int32)  # this expert's first word row (LOADER 2)
     out = _gemv_columns(x_ptr, qw, sp, zp, offs_n, n_ok, a_rows, k_begin, k_end, size_n, stride_x,
                         G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, UNPACK, PREFETCH, EVICT,
-                        qw_desc, desc_row0, pid_n * BLOCK_N, LOADER, STAGES, first, n_groups * G // 8, TILE_N)  # fmt: skip
+                        qw_desc, desc_row0, pid_n * BLOCK_N, LOADER, STAGES, first)  # fmt: skip
     if MODE == 1:
         up = _gemv_columns(x_ptr, qw, sp, zp, offs_n + n_cols, n_ok, a_rows, k_begin, k_end, size_n, stride_x,
                            G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, UNPACK, PREFETCH, EVICT,
-                           qw_desc, desc_row0, pid_n * BLOCK_N + n_cols, LOADER, STAGES, None, n_groups * G // 8,
-                           TILE_N)  # fmt: skip
+                           qw_desc, desc_row0, pid_n * BLOCK_N + n_cols, LOADER, STAGES)  # fmt: skip
     else:
         up = out
     if MODE == 2:
@@ -1024,27 +1005,11 @@ def _route_args(route, m_rows, dummy):
     return route.route_block, route.sorted_rows, route.block_expert, route.n_rows, route.top_k
 
 
-def tile_columns(qweight: torch.Tensor, tile_n: int) -> torch.Tensor:
-    """([E,] K // 8, N) packed words -> the column-tiled layout ([E,] N / tile_n, K // 8, tile_n): each tile_n-wide
-    column strip becomes one contiguous run (N a multiple of tile_n)."""
-    *lead, n_words, size_n = qweight.shape
-    if size_n % tile_n:
-        raise ValueError(f"N={size_n} is not a multiple of the column tile {tile_n}")
-    return qweight.reshape(*lead, n_words, size_n // tile_n, tile_n).transpose(-3, -2).contiguous()
-
-
-def untile_columns(qweight: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`tile_columns`."""
-    *lead, n_tiles, n_words, tile_n = qweight.shape
-    return qweight.transpose(-3, -2).reshape(*lead, n_words, n_tiles * tile_n).contiguous()
-
-
-def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weights=None, tile_n=0):
+def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weights=None):
     """Launch :func:`_gemv_kernel` (one launch). Returns MODE 0: the (m_rows, N) output; MODE 1: the
-    (max_rows, N // 2) SwiGLU output; MODE 2: (split_k, n_rows, N) fp32 partials for :func:`_sum_rows`.
-    ``tile_n`` > 0: the qweight is in the column-tiled layout of :func:`tile_columns`."""
+    (max_rows, N // 2) SwiGLU output; MODE 2: (split_k, n_rows, N) fp32 partials for :func:`_sum_rows`."""
     qweight, scales, zeros = weight
-    size_n = scales.shape[-1]
+    size_n = qweight.shape[-1]
     n_cols = size_n // 2 if mode == 1 else size_n
     n_groups = scales.shape[-2]
     device = x.device
@@ -1083,11 +1048,7 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
     if unpack == 2 and x.dtype == torch.float32:
         unpack = 1  # the in-place FMA-only unpack keeps ~15 bits: too few for fp32 activations
     loader = cfg.get("loader", 0) if block_m == 1 else 0  # rows > 1: the 3-D register path (LOADER 0)
-    if tile_n and block_m > 1:
-        raise ValueError("the column-tiled layout is read by the one-row GEMV only")
     desc = qweight  # any argument fills the slot when no descriptor is read
-    if loader == 2 and tile_n:
-        loader = 1  # the descriptor reads the checkpoint layout
     if loader == 2:
         if _tma_fits(qweight, block_k, block_n):
             desc = TensorDescriptor(qweight, [qweight.numel() // size_n, size_n], [size_n, 1],
@@ -1100,13 +1061,13 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
     _gemv_kernel[(n_tiles, num_row_blocks, split_k)](
         x, qweight, scales, z, out, part, counters, weights, sorted_rows, block_expert, desc, m_rows, size_n, n_rows,
         top_k, n_groups, per_split, split_k, route.n_experts if direct else 0, x.stride(0),
-        qweight.stride(0) if scales.dim() == 3 else 0, scales.stride(0) if scales.dim() == 3 else 0,
+        qweight.stride(0) if qweight.dim() == 3 else 0, scales.stride(0) if scales.dim() == 3 else 0,
         stride_split, stride_out,
         G=group_size, MODE=mode, SYMMETRIC=zeros is None, ROUTE_BLOCK=route_block, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, FUSED_SPLIT=fused, UNPACK=unpack,
         PREFETCH=cfg.get("prefetch", False), EVICT=cfg.get("evict", ""), PDL=pdl, LOADER=loader,
         STAGES=cfg["num_stages"], SPLIT_MAX=split_max, DIRECT=direct, FUSED_SUM=fused_sum,
-        TOP_K=top_k if fused_sum else 1, TILE_N=tile_n, **_launch_opts({**cfg, "pdl": pdl}),
+        TOP_K=top_k if fused_sum else 1, **_launch_opts({**cfg, "pdl": pdl}),
     )  # fmt: skip
     return part if fused_sum else out
 
