@@ -1152,6 +1152,109 @@ def section_shapes(rows_out):
              lambda table: int4.TUNED.update(gemv_by_shape=table), recorded)  # fmt: skip
 
 
+def _over(bn, bk, warps, split=0):
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps} | ({"split_k": split} if split else {})
+
+
+# Candidates of the decode MoE's per-launch sweep (section moeshapes): (label, overrides of TUNED["gemv"]).
+# gate_up: BLOCK_N counts SwiGLU columns (a program reads BLOCK_N gate + BLOCK_N up weight columns), streamed in one
+# loop as one tile of 2 BLOCK_N columns ("dual", the default) or in two loops, gate then up ("2 loops").
+MOE_GATE_UP_CANDIDATES = [("rule", {}), ("rule, dual", {"dual": True})] + [
+    (f"{bn}x{bk} w{w}" + (f" s{sp}" if sp else "") + ("" if dual else ", 2 loops"), _over(bn, bk, w, sp) | {"dual": dual})
+    for bn, bk, w, sp, dual in ((32, 1024, 8, 1, False), (64, 512, 8, 1, False), (32, 512, 8, 1, True),
+                                (32, 512, 8, 0, True), (32, 256, 4, 1, True), (32, 256, 4, 0, True), (16, 512, 4, 1, True),
+                                (16, 512, 8, 1, True), (32, 256, 8, 1, True), (64, 256, 8, 1, True))
+]  # fmt: skip
+MOE_DOWN_CANDIDATES = [("rule", {})] + [
+    (f"{bn}x{bk} w{w}" + (f" s{sp}" if sp else ""), _over(bn, bk, w, sp))
+    for bn, bk, w, sp in ((32, 512, 4, 0), (32, 512, 4, 3), (32, 256, 4, 4), (32, 256, 4, 6), (64, 256, 4, 8),
+                          (64, 256, 4, 4), (16, 512, 4, 2), (32, 512, 8, 2), (32, 1024, 8, 2), (64, 128, 4, 8))
+]  # fmt: skip
+
+
+def section_moeshapes(rows_out):
+    """The decode MoE's two one-row launches (gate_up with SwiGLU, down with the slot sum; DirectRoute, T=1) timed
+    one by one over candidate configs at one slot (top-1) and two (top-1 + the folded shared expert), interleaved
+    over two rounds (best of the two rounds' medians); every candidate's output checked against the rule's. The
+    best candidate of each launch (when it beats the rule by 2% or more) goes into a ``moe_gemv_by_shape`` table;
+    then the whole MoE with the rule and with that table, and the Scout decode step with and without it."""
+    rule = dict(int4.TUNED["gemv"])
+    shipped = dict(int4.TUNED["moe_gemv_by_shape"])
+    gate_up = packed((EXPERTS + 1,), HIDDEN, 2 * INTER, 1)[0]
+    down = packed((EXPERTS + 1,), INTER, HIDDEN, 1)[0]
+    x = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    expert_bytes = {1: 2 * HIDDEN * INTER / 2, 2: HIDDEN * INTER / 2}  # by MODE
+    rows_out += ["", "## Decode MoE launches (T=1): per-launch configs (bf16, group 128, symmetric)", "",
+                 "| launch | slots | config | K splits x programs | round 1 us | round 2 us | Int4 TB/s (best) | "
+                 "vs rule |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    table = {}
+    device = torch.device("cuda")
+    torch.set_printoptions(linewidth=200)
+    for slots in (1, 2):
+        routes = [int4.DirectRoute(torch.tensor([[e, EXPERTS][:slots]], device="cuda"), EXPERTS + 1)
+                  for e in range(EXPERTS)]  # fmt: skip
+        weights = torch.rand(1, slots, device="cuda", dtype=torch.bfloat16)
+        h = torch.randn(slots, INTER, device="cuda", dtype=torch.bfloat16)
+        for mode, weight, inp, candidates in ((1, gate_up, x, MOE_GATE_UP_CANDIDATES),
+                                              (2, down, h, MOE_DOWN_CANDIDATES)):  # fmt: skip
+            name = "gate_up + SwiGLU" if mode == 1 else "down + slot sum"
+
+            def run(cfg, route, mode=mode, weight=weight, inp=inp, slots=slots, weights=weights):
+                extra = (weights,) if mode == 1 else ()
+                return int4._launch_gemv(inp, weight, GROUP, mode, slots, route, cfg, *extra)
+
+            ref = run(rule, routes[3]).float()
+            times = {label: [] for label, _ in candidates}
+            for _ in range(2):
+                for label, over in candidates:
+                    cfg = dict(rule, **over)
+                    pick = rotating(routes)
+                    times[label].append(graph_us(lambda c=cfg, p=pick, r=run: r(c, p())))
+            for label, over in candidates:
+                cfg = dict(rule, **over)
+                err = float((run(cfg, routes[3]).float() - ref).abs().max() / ref.abs().max())
+                if err > 1e-2:
+                    raise AssertionError(f"{name} {slots} slots {label}: rel diff {err:.3g} vs the rule")
+            base = min(times["rule"])
+            for label, over in candidates:
+                cfg = dict(rule, **over)
+                n_cols = weight[0].shape[-1] // (2 if mode == 1 else 1)
+                tiles = -(-n_cols // cfg["BLOCK_N"]) * slots
+                split = int4._gemv_split(cfg, weight[1].shape[-2], tiles, GROUP, device)[0]
+                t = min(times[label])
+                rows_out.append(f"| {name} | {slots} | {label} | {split} x {split * tiles} | {times[label][0]:.1f} | "
+                                f"{times[label][1]:.1f} | {slots * expert_bytes[mode] / t / 1e6:.2f} | {base / t:.3f}x |")  # fmt: skip
+                print(rows_out[-1], flush=True)
+            best = min(candidates, key=lambda c: min(times[c[0]]))
+            if best[1] and min(times[best[0]]) <= 0.98 * base:
+                table[(weight[0].shape[-1], weight[0].shape[-2] * 8, slots)] = best[1]
+    rows_out += ["", f"Table of the best candidates: `{table}`", "",
+                 "| slots | MoE config | round 1 us | round 2 us | Int4 TB/s (best) | vs rule |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for slots in (1, 2):
+        routes = [torch.tensor([[e, EXPERTS][:slots]], device="cuda") for e in range(EXPERTS)]
+        weights = torch.rand(1, slots, device="cuda", dtype=torch.bfloat16)
+        times = {"rule": [], "table": []}
+        try:
+            for _ in range(2):
+                for label, tab in (("rule", {}), ("table", table)):
+                    int4.TUNED["moe_gemv_by_shape"] = tab
+                    pick = rotating(routes)
+                    times[label].append(graph_us(lambda p=pick, w=weights, gu=gate_up, dn=down: int4.int4_moe_experts(
+                        x, w, p(), gu, dn, GROUP)))  # fmt: skip
+        finally:
+            int4.TUNED["moe_gemv_by_shape"] = shipped
+        for label in times:
+            t = min(times[label])
+            rows_out.append(f"| {slots} | {label} | {times[label][0]:.1f} | {times[label][1]:.1f} | "
+                            f"{slots * 3 * HIDDEN * INTER / 2 / t / 1e6:.2f} | {min(times['rule']) / t:.3f}x |")  # fmt: skip
+            print(rows_out[-1], flush=True)
+    del gate_up, down
+    torch.cuda.empty_cache()
+    variants = (("rule", {}), ("table", table), ("rule, again", {}), ("table, again", table))
+    _step_ab(rows_out, "decode MoE per-launch configs", variants,
+             lambda tab: int4.TUNED.update(moe_gemv_by_shape=tab), shipped)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1194,7 +1297,7 @@ def main() -> None:
                 "linear": section_linear, "moe": section_moe, "mma": section_mma, "scout": section_scout,
                 "profile": section_profile, "step": section_step, "rows": section_rows,
                 "grid": section_grid, "splitstep": section_splitstep,
-                "shapes": section_shapes}  # fmt: skip
+                "shapes": section_shapes, "moeshapes": section_moeshapes}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         try:

@@ -354,6 +354,52 @@ def test_moe_direct_decode_layout_equals_the_sorted_layout(int4, monkeypatch, to
     assert rel(direct, _moe_reference(x, weights, ids, gate_up, down, 32)) < TOL[dtype] * 3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("tokens,top_k", [(1, 1), (1, 2), (2, 3)])
+def test_moe_decode_gate_up_as_one_tile_and_unrolled_slot_sum(int4, tokens, top_k, dtype):
+    # The decode gate_up launch streams gate and up columns as ONE tile ("dual") or in two loops, and the down
+    # launch's last-arriving program sums the K splits x slots unrolled (reduce_unrolled) or in a loop: every form
+    # matches the reference, and the two slot sums are bit-identical (same fp32 order). Ragged column tiles (inter
+    # 48 over 32-wide tiles), a masked last K tile in down (K = 48), K split in both launches, a non-local slot.
+    x, weights, ids, gate_up, down = _moe_problem(tokens, 64, 48, 5, top_k, 16, dtype == torch.float32, dtype)
+    if top_k > 1:
+        ids[0, 1] = 7  # owned by another rank
+    base = dict(int4.INTERPRET["gemv"], BLOCK_N=32, BLOCK_K=32, split_k=2)
+    ref = _moe_reference(x, weights, ids, gate_up, down, 16)
+    outs = {}
+    for dual in (True, False):
+        for unrolled in (True, False):
+            cfg = dict(base, dual=dual, reduce_unrolled=unrolled)
+            outs[dual, unrolled] = int4.int4_moe_experts(x, weights, ids, gate_up, down, 16, config=cfg)
+            assert rel(outs[dual, unrolled], ref) < TOL[dtype] * 3, (dual, unrolled)
+    assert torch.equal(outs[True, True], outs[True, False]) and torch.equal(outs[False, True], outs[False, False])
+
+
+def test_moe_gemv_by_shape_dispatch(int4, monkeypatch):
+    # The decode MoE takes the overrides recorded for each launch's (N, K, rows); a forced config and other
+    # shapes or row counts do not; the recorded Scout table holds whole K tiles of known keys.
+    x, weights, ids, gate_up, down = _moe_problem(1, 64, 64, 5, 2, 32, True, torch.float16)
+    table = {(128, 64, 2): {"BLOCK_N": 16, "BLOCK_K": 64, "split_k": 1, "dual": False},
+             (64, 64, 2): {"BLOCK_N": 16, "BLOCK_K": 32, "split_k": 3}}  # fmt: skip
+    monkeypatch.setitem(int4.INTERPRET, "moe_gemv_by_shape", table)
+    rule = int4.INTERPRET["gemv"]
+    assert int4.moe_gemv_config(rule, gate_up[0], 2) == dict(rule, **table[(128, 64, 2)])
+    assert int4.moe_gemv_config(rule, down[0], 2) == dict(rule, **table[(64, 64, 2)])
+    assert int4.moe_gemv_config(rule, gate_up[0], 1) is rule and int4.moe_gemv_config(rule, down[0], 3) is rule
+    launched = []
+    launch_gemv = int4._launch_gemv
+    monkeypatch.setattr(int4, "_launch_gemv", lambda *a, **k: launched.append(a[6]) or launch_gemv(*a, **k))
+    out = int4.int4_moe_experts(x, weights, ids, gate_up, down, 32)
+    assert launched == [dict(rule, **table[(128, 64, 2)]), dict(rule, **table[(64, 64, 2)])]
+    assert rel(out, _moe_reference(x, weights, ids, gate_up, down, 32)) < TOL[torch.float16] * 3
+    launched.clear()
+    int4.int4_moe_experts(x, weights, ids, gate_up, down, 32, config=rule)
+    assert launched == [rule, rule]
+    for (_, size_k, rows), over in int4.TUNED["moe_gemv_by_shape"].items():
+        assert set(over) <= set(int4.TUNED["gemv"]) | {"split_k", "dual"} and rows >= 1
+        assert over["BLOCK_K"] % 128 == 0 and size_k % over["BLOCK_K"] == 0  # whole K tiles at group 128
+
+
 def test_dispatch_runs_triton_when_forced(int4, monkeypatch):
     monkeypatch.setenv("SCOUT_MM_KERNELS", "triton")
     weight = packed_weight((), 64, 40, 32, True)

@@ -354,6 +354,23 @@ def _first_tile(qw_ptr, offs_n, n_ok, k_begin, k_end, size_n, BLOCK_K: tl.conste
 
 
 @triton.jit
+def _slot_partial(part_ptr, ids_ptr, row, split, offs_n, mask, n_experts, stride_split, stride_row):
+    """Split ``split``'s fp32 partial of (token, slot) row ``row`` at columns ``offs_n``; zeros for a non-local
+    slot (expert id outside [0, n_experts)). ``.cg``: read from L2, where the other programs stored it."""
+    expert = tl.load(ids_ptr + row)
+    ok = mask & (expert >= 0) & (expert < n_experts)
+    return tl.load(part_ptr + split * stride_split + row * stride_row + offs_n, mask=ok, other=0.0,
+                   cache_modifier=".cg")  # fmt: skip
+
+
+@triton.jit
+def _gate_and_up(both, BLOCK_N: tl.constexpr):
+    """(1, 2 BLOCK_N) gate columns then up columns -> the (1, BLOCK_N) gate and up halves."""
+    gate, up = tl.split(tl.trans(tl.reshape(both, (2, BLOCK_N))))
+    return gate[None, :], up[None, :]
+
+
+@triton.jit
 def _direct_layout(pid_m, ids_ptr, n_experts, top_k, MODE: tl.constexpr):
     """One-row blocks straight from the routing ids (no sorted layout): row block ``pid_m`` is (token, slot) row
     ``pid_m``; MODE 1 gathers token ``pid_m // top_k`` and writes row ``pid_m``, MODE 2 reads and writes row
@@ -410,6 +427,7 @@ def _gemv_kernel(
     DIRECT: tl.constexpr,
     FUSED_SUM: tl.constexpr,
     TOP_K: tl.constexpr,
+    DUAL: tl.constexpr,
 ):
     """One launch per matmul. With K split over programs (FUSED_SPLIT), every program stores its fp32
     partial, and the last program to arrive at a (row block, column tile) — counted with an atomic — sums
@@ -456,13 +474,25 @@ def _gemv_kernel(
     sp = s_ptr + expert * stride_se
     zp = z_ptr + expert * stride_se
     desc_row0 = (expert * (n_groups * G // 8)).to(tl.int32)  # this expert's first word row (LOADER 2)
-    out = _gemv_columns(x_ptr, qw, sp, zp, offs_n, n_ok, a_rows, k_begin, k_end, size_n, stride_x,
-                        G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, UNPACK, PREFETCH, EVICT,
+    if DUAL:
+        # MODE 1, one row: the gate columns and their up columns as ONE tile of 2 BLOCK_N columns (gate, then up),
+        # so one loop streams both (one pipeline, each x row loaded and converted once for both).
+        both = tl.arange(0, 2 * BLOCK_N)
+        gate_cols = pid_n * BLOCK_N + both % BLOCK_N
+        p_cols = gate_cols + (both // BLOCK_N) * n_cols
+        p_ok = gate_cols < n_cols
+    else:
+        p_cols = offs_n
+        p_ok = n_ok
+    out = _gemv_columns(x_ptr, qw, sp, zp, p_cols, p_ok, a_rows, k_begin, k_end, size_n, stride_x,
+                        G, SYMMETRIC, BLOCK_M, BLOCK_N * (1 + DUAL), BLOCK_K, UNPACK, PREFETCH, EVICT,
                         qw_desc, desc_row0, pid_n * BLOCK_N, LOADER, STAGES, first)  # fmt: skip
-    if MODE == 1:
+    if MODE == 1 and not DUAL:
         up = _gemv_columns(x_ptr, qw, sp, zp, offs_n + n_cols, n_ok, a_rows, k_begin, k_end, size_n, stride_x,
                            G, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, UNPACK, PREFETCH, EVICT,
                            qw_desc, desc_row0, pid_n * BLOCK_N + n_cols, LOADER, STAGES)  # fmt: skip
+    elif DUAL:
+        up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # (in ``out``)
     else:
         up = out
     if MODE == 2:
@@ -477,46 +507,49 @@ def _gemv_kernel(
             if arrived == tl.num_programs(1) * split_k - 1:
                 for token in range(n_rows // TOP_K):
                     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-                    for split in range(split_k):
-                        for slot in tl.static_range(TOP_K):
-                            row = token * TOP_K + slot
-                            slot_expert = tl.load(block_expert_ptr + row)
-                            ok = n_ok & (slot_expert >= 0) & (slot_expert < n_experts)
-                            acc += tl.load(out_ptr + split * stride_split + row * stride_out + offs_n, mask=ok,
-                                           other=0.0, cache_modifier=".cg")  # fmt: skip
+                    if SPLIT_MAX > 0:
+                        # unrolled (masked past split_k): every partial's load in flight at once, same order
+                        for split in tl.static_range(SPLIT_MAX):
+                            for slot in tl.static_range(TOP_K):
+                                acc += _slot_partial(out_ptr, block_expert_ptr, token * TOP_K + slot, split, offs_n,
+                                                     n_ok & (split < split_k), n_experts, stride_split, stride_out)  # fmt: skip
+                    else:
+                        for split in range(split_k):
+                            for slot in tl.static_range(TOP_K):
+                                acc += _slot_partial(out_ptr, block_expert_ptr, token * TOP_K + slot, split, offs_n,
+                                                     n_ok, n_experts, stride_split, stride_out)  # fmt: skip
                     tl.store(part_ptr + token * size_n + offs_n, acc.to(part_ptr.dtype.element_ty), mask=n_ok)
                 tl.atomic_xchg(counter, 0)  # ready for the next call (and the next replay of a CUDA graph)
         return
     rows_local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # row of this launch's row space
     last = True
     if FUSED_SPLIT:
-        p_ptrs = part_ptr + rows_local[:, None] * size_n + offs_n[None, :]
-        tl.store(p_ptrs + pid_k * stride_split, out, mask=n_ok[None, :])
-        if MODE == 1:
+        p_ptrs = part_ptr + rows_local[:, None] * size_n + p_cols[None, :]
+        tl.store(p_ptrs + pid_k * stride_split, out, mask=p_ok[None, :])
+        if MODE == 1 and not DUAL:
             tl.store(p_ptrs + pid_k * stride_split + n_cols, up, mask=n_ok[None, :])
         tl.debug_barrier()  # every thread's partial is written before the (release) arrival below
         counter = count_ptr + pid_m * tl.num_programs(0) + pid_n
         arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         last = arrived == split_k - 1
         if last:
-            out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            out = tl.zeros_like(out)
             up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             if SPLIT_MAX > 0:
                 # unrolled (masked past split_k): every partial's load in flight at once, summed in split order
                 for split in tl.static_range(SPLIT_MAX):
-                    in_split = n_ok[None, :] & (split < split_k)
-                    out += tl.load(
-                        p_ptrs + split * stride_split, mask=in_split, other=0.0, cache_modifier=".cg"
-                    )
-                    if MODE == 1:
+                    out += tl.load(p_ptrs + split * stride_split, mask=p_ok[None, :] & (split < split_k), other=0.0,
+                                   cache_modifier=".cg")  # fmt: skip
+                    if MODE == 1 and not DUAL:
+                        in_split = n_ok[None, :] & (split < split_k)
                         up += tl.load(p_ptrs + split * stride_split + n_cols, mask=in_split, other=0.0,
                                       cache_modifier=".cg")  # fmt: skip
             else:
                 for split in range(split_k):  # fixed order: the result does not depend on arrival order
                     # .cg: read from L2, where the other programs' stores are (never a stale L1 line)
-                    out += tl.load(p_ptrs + split * stride_split, mask=n_ok[None, :], other=0.0,
+                    out += tl.load(p_ptrs + split * stride_split, mask=p_ok[None, :], other=0.0,
                                    cache_modifier=".cg")  # fmt: skip
-                    if MODE == 1:
+                    if MODE == 1 and not DUAL:
                         up += tl.load(p_ptrs + split * stride_split + n_cols, mask=n_ok[None, :], other=0.0,
                                       cache_modifier=".cg")  # fmt: skip
             tl.atomic_xchg(counter, 0)  # ready for the next call (and the next replay of a CUDA graph)
@@ -525,14 +558,18 @@ def _gemv_kernel(
             o_ptrs = out_ptr + out_rows[:, None] * stride_out + offs_n[None, :]
             tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
         else:
+            if DUAL:
+                gate_sum, up_sum = _gate_and_up(out, BLOCK_N)
+            else:
+                gate_sum, up_sum = out, up
             # Routing weight on the expert INPUT: (w x) @ W = w (x @ W), exact as a scale of the fp32 sums.
             if DIRECT:
                 flat = rows_local
             else:
                 flat = tl.load(sorted_rows_ptr + rows_local)
             weight = tl.load(routing_ptr + flat, mask=valid, other=0.0).to(tl.float32)[:, None]
-            gate = out * weight
-            h = gate * tl.sigmoid(gate) * (up * weight)  # zero on padding rows (weight 0)
+            gate = gate_sum * weight
+            h = gate * tl.sigmoid(gate) * (up_sum * weight)  # zero on padding rows (weight 0)
             o_ptrs = out_ptr + rows_local[:, None] * stride_out + offs_n[None, :]
             tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=n_ok[None, :])
 
@@ -814,6 +851,18 @@ TUNED = {
         (5120, 5120): {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 8, "split_k": 1},
         (16384, 5120): {"BLOCK_N": 64, "BLOCK_K": 512, "num_warps": 8, "split_k": 1},
     },
+    # The decode MoE's one-row launches (DirectRoute: a few tokens, one program row per (token, slot)): (N, K of
+    # the expert weight, rows = tokens x slots) -> overrides of "gemv", for gate_up (N = 2 I) and down separately.
+    # Session 8 sweep (`bench_int4.py --sections moeshapes`, bench/results/int4_gemv_h100.md), Scout's experts at
+    # T=1: one slot (top-1) and two (top-1 + the folded shared expert). gate_up: no K split, gate and up streamed
+    # as one tile (16 packed words a thread), 21.9 -> 18.3 us at 1 slot and 38.0 -> 33.4 us at 2; down at 2 slots:
+    # 6 splits of 32-wide tiles, 23.1 -> 22.0 us (the rule stays best at 1 slot). Whole MoE: 34.9 -> 31.4 us
+    # (2.00 TB/s) at 1 slot, 60.0 -> 56.0 us at 2; Scout decode step 5.55 -> 5.46 ms. Other shapes keep the rule.
+    "moe_gemv_by_shape": {
+        (16384, 5120, 1): {"BLOCK_N": 32, "BLOCK_K": 512, "num_warps": 8, "split_k": 1},
+        (16384, 5120, 2): {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 8, "split_k": 1},
+        (5120, 8192, 2): {"BLOCK_N": 32, "BLOCK_K": 256, "split_k": 6},
+    },
     "gemm_small": _gemm(16, 256, 128, 8, 3, occupancy=4, nibble_dots=True),  # rows <= 16; 44.1 + 31.3 us
     "gemm_medium": _gemm(64, 64, 128, 4, 4, occupancy=2),  # rows <= 128
     "gemm_large": _gemm(128, 256, 64, 8, 3),
@@ -845,6 +894,14 @@ def _sm_count(device_index: int) -> int:
 
 def _n_sms(device: torch.device) -> int:
     return 4 if device.type != "cuda" else _sm_count(device.index or 0)
+
+
+def moe_gemv_config(cfg: dict, weight: torch.Tensor, n_rows: int) -> dict:
+    """``cfg`` (the decode MoE's GEMV config) with the overrides recorded for this expert weight's (N, K) at
+    ``n_rows`` one-row programs (``TUNED["moe_gemv_by_shape"]``), if any."""
+    table = INTERPRET if _interpreting() else TUNED
+    over = table.get("moe_gemv_by_shape", {}).get((weight.shape[-1], weight.shape[-2] * 8, n_rows))
+    return dict(cfg, **over) if over else cfg
 
 
 def pick_config(rows: float, moe: bool = False, shape: tuple[int, int] | None = None) -> dict:
@@ -1057,7 +1114,11 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
             loader = 1
     # PDL: a config's own "pdl" (benchmarks), else the decode-step switch (scout_mm.kernels.launch): form 2
     pdl = 0 if _interpreting() else int(cfg.get("pdl", 0)) or (2 if pdl_enabled(device) else 0)
-    split_max = triton.next_power_of_2(split_k) if cfg.get("reduce_unrolled", False) and fused else 0
+    split_max = triton.next_power_of_2(split_k) if cfg.get("reduce_unrolled", False) and (fused or fused_sum) else 0
+    # MODE 1, one row: gate and up streamed as one tile ("dual") where the two together stay at <= 16 packed words a
+    # thread; more costs registers (251 a thread at 64x256 / 4 warps: half the resident programs, 1.14x slower)
+    dual_words = 2 * block_n * block_k // 8 // (32 * cfg["num_warps"])
+    dual = mode == 1 and block_m == 1 and loader != 2 and cfg.get("dual", dual_words <= 16)
     _gemv_kernel[(n_tiles, num_row_blocks, split_k)](
         x, qweight, scales, z, out, part, counters, weights, sorted_rows, block_expert, desc, m_rows, size_n, n_rows,
         top_k, n_groups, per_split, split_k, route.n_experts if direct else 0, x.stride(0),
@@ -1067,7 +1128,7 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
         BLOCK_N=block_n, BLOCK_K=block_k, FUSED_SPLIT=fused, UNPACK=unpack,
         PREFETCH=cfg.get("prefetch", False), EVICT=cfg.get("evict", ""), PDL=pdl, LOADER=loader,
         STAGES=cfg["num_stages"], SPLIT_MAX=split_max, DIRECT=direct, FUSED_SUM=fused_sum,
-        TOP_K=top_k if fused_sum else 1, **_launch_opts({**cfg, "pdl": pdl}),
+        TOP_K=top_k if fused_sum else 1, DUAL=dual, **_launch_opts({**cfg, "pdl": pdl}),
     )  # fmt: skip
     return part if fused_sum else out
 
@@ -1240,8 +1301,9 @@ def int4_moe_experts(
     if cfg["kind"] == "gemv" and route_block == 1 and DIRECT_DECODE_MOE:
         # decode: no routing kernel; SwiGLU inside the gate_up launch, the slot sum inside the down launch
         route = DirectRoute(topk_ids, n_experts)
-        h = _launch_gemv(hidden, gate_up, group_size, 1, n_rows, route, cfg, topk_weights)  # (n_rows, I)
-        return _launch_gemv(h, down, group_size, 2, n_rows, route, cfg)  # (tokens, H)
+        cfg_gu, cfg_dn = (cfg, cfg) if config else (moe_gemv_config(cfg, w[0], n_rows) for w in (gate_up, down))
+        h = _launch_gemv(hidden, gate_up, group_size, 1, n_rows, route, cfg_gu, topk_weights)  # (n_rows, I)
+        return _launch_gemv(h, down, group_size, 2, n_rows, route, cfg_dn)  # (tokens, H)
     route = Routing(topk_ids, n_experts, route_block)
     if cfg["kind"] == "gemv":  # decode: SwiGLU (and the K-split sum) inside the gate_up launch
         h = _launch_gemv(hidden, gate_up, group_size, 1, n_rows, route, cfg, topk_weights)  # (max_rows, I)
