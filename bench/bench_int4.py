@@ -1255,6 +1255,16 @@ def section_moeshapes(rows_out):
              lambda tab: int4.TUNED.update(moe_gemv_by_shape=tab), shipped)  # fmt: skip
 
 
+def section_earlyids(rows_out):
+    """The Scout decode step with the MoE down launch reading its routing ids and first weight tile before its PDL
+    wait (``int4.EARLY_DOWN_IDS``, shipped) and after it, interleaved twice."""
+    shipped = int4.EARLY_DOWN_IDS
+    variants = (("ids after the wait", False), ("ids before the wait", True), ("ids after the wait, again", False),
+                ("ids before the wait, again", True))  # fmt: skip
+    _step_ab(rows_out, "MoE down launch: routing ids before the PDL wait", variants,
+             lambda early: setattr(int4, "EARLY_DOWN_IDS", early), shipped)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1297,7 +1307,8 @@ def main() -> None:
                 "linear": section_linear, "moe": section_moe, "mma": section_mma, "scout": section_scout,
                 "profile": section_profile, "step": section_step, "rows": section_rows,
                 "grid": section_grid, "splitstep": section_splitstep,
-                "shapes": section_shapes, "moeshapes": section_moeshapes}  # fmt: skip
+                "shapes": section_shapes, "moeshapes": section_moeshapes,
+                "earlyids": section_earlyids}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         try:

@@ -376,7 +376,7 @@ def _direct_layout(pid_m, ids_ptr, n_experts, top_k, MODE: tl.constexpr):
     ``pid_m``; MODE 1 gathers token ``pid_m // top_k`` and writes row ``pid_m``, MODE 2 reads and writes row
     ``pid_m``. Returns (expert, input row, output row, valid (1,), local): a non-local slot (id outside
     [0, E)) reads expert 0 over an empty K range, so it still takes part in the arrival counts."""
-    expert = tl.load(ids_ptr + pid_m).to(tl.int64)
+    expert = tl.load(ids_ptr + pid_m, cache_modifier=".cg").to(tl.int64)  # .cg: also safe before a PDL wait
     local = (expert >= 0) & (expert < n_experts)
     rows = pid_m + tl.arange(0, 1)
     a_rows = rows // top_k if MODE == 1 else rows
@@ -428,6 +428,7 @@ def _gemv_kernel(
     FUSED_SUM: tl.constexpr,
     TOP_K: tl.constexpr,
     DUAL: tl.constexpr,
+    EARLY_IDS: tl.constexpr,
 ):
     """One launch per matmul. With K split over programs (FUSED_SPLIT), every program stores its fp32
     partial, and the last program to arrive at a (row block, column tile) — counted with an atomic — sums
@@ -448,9 +449,17 @@ def _gemv_kernel(
     k_end = tl.minimum(k_begin + groups_per_split * G, n_groups * G)
     # PDL (scout_mm.kernels.launch): 1 = let the next kernel launch, then wait for the previous one; 2 = wait,
     # then trigger (the shipped form, one kernel ahead). Before the wait only constant weights are read: a
-    # dense matmul's first weight tile streams in during the previous kernel's tail (an MoE matmul's expert
-    # comes from the routing, an activation, so it loads nothing early).
+    # dense matmul's first weight tile streams in during the previous kernel's tail. An MoE matmul's expert
+    # comes from the routing ids, an activation, so the gate_up launch loads nothing early; EARLY_IDS (the down
+    # launch, DIRECT): its ids were written before the gate_up launch ahead of it, which passed its own wait (on
+    # the kernel that wrote them, or on one that waited for it) before it let this launch start, so they are
+    # final here: read them (from L2) and the expert's first tile before the wait.
     first = None
+    if DIRECT and EARLY_IDS:
+        expert, a_rows, out_rows, valid, local = _direct_layout(pid_m, block_expert_ptr, n_experts, top_k, MODE)
+        k_end = tl.where(local, k_end, k_begin)
+        if PDL == 2 and BLOCK_M == 1 and LOADER == 0 and PREFETCH:
+            first = _first_tile(qw_ptr + expert * stride_qe, offs_n, n_ok, k_begin, k_end, size_n, BLOCK_K, EVICT)
     if PDL == 2 and MODE == 0 and BLOCK_M == 1 and LOADER == 0 and PREFETCH:
         first = _first_tile(qw_ptr, offs_n, n_ok, k_begin, k_end, size_n, BLOCK_K, EVICT)
     if PDL == 1:
@@ -459,12 +468,12 @@ def _gemv_kernel(
     if PDL == 2:
         gdc_wait()
         gdc_launch_dependents()
-    if DIRECT:
+    if DIRECT and not EARLY_IDS:
         expert, a_rows, out_rows, valid, local = _direct_layout(
             pid_m, block_expert_ptr, n_experts, top_k, MODE
         )
         k_end = tl.where(local, k_end, k_begin)
-    else:
+    elif not DIRECT:
         expert, a_rows, out_rows, valid = _row_layout(
             pid_m, m_rows, sorted_rows_ptr, block_expert_ptr, n_rows, top_k, MODE, BLOCK_M, ROUTE_BLOCK
         )
@@ -1051,6 +1060,10 @@ class DirectRoute:
         self.ids = self.sorted_rows = self.block_expert = topk_ids.reshape(-1)
 
 
+# The decode MoE's down launch under PDL (after a form-2 gate_up launch) reads its routing ids and its expert's first
+# weight tile before its wait (see _gemv_kernel). False: after the wait, like the gate_up launch (bench A/B).
+EARLY_DOWN_IDS = True
+
 # Few-token MoE on the GEMV path: route with DirectRoute (no routing kernel) and sum the slots inside the down
 # launch (no _sum_rows launch) wherever the blocks are one row. False: Routing + _sum_rows (bench A/B).
 DIRECT_DECODE_MOE = True
@@ -1062,9 +1075,17 @@ def _route_args(route, m_rows, dummy):
     return route.route_block, route.sorted_rows, route.block_expert, route.n_rows, route.top_k
 
 
-def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weights=None):
+def _pdl_form(cfg: dict, device: torch.device) -> int:
+    """PDL form of a GEMV launch: a config's own "pdl" (benchmarks), else the decode-step switch
+    (scout_mm.kernels.launch): form 2."""
+    return 0 if _interpreting() else int(cfg.get("pdl", 0)) or (2 if pdl_enabled(device) else 0)
+
+
+def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weights=None, early_ids=False):
     """Launch :func:`_gemv_kernel` (one launch). Returns MODE 0: the (m_rows, N) output; MODE 1: the
-    (max_rows, N // 2) SwiGLU output; MODE 2: (split_k, n_rows, N) fp32 partials for :func:`_sum_rows`."""
+    (max_rows, N // 2) SwiGLU output; MODE 2: (split_k, n_rows, N) fp32 partials for :func:`_sum_rows`.
+    ``early_ids``: the caller vouches that the routing ids were final before the launch ahead of this one passed
+    its PDL wait (the MoE down launch after a form-2 gate_up launch): read them before this launch's wait."""
     qweight, scales, zeros = weight
     size_n = qweight.shape[-1]
     n_cols = size_n // 2 if mode == 1 else size_n
@@ -1112,8 +1133,7 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
                                     [block_k // 8, block_n])  # fmt: skip
         else:
             loader = 1
-    # PDL: a config's own "pdl" (benchmarks), else the decode-step switch (scout_mm.kernels.launch): form 2
-    pdl = 0 if _interpreting() else int(cfg.get("pdl", 0)) or (2 if pdl_enabled(device) else 0)
+    pdl = _pdl_form(cfg, device)
     split_max = triton.next_power_of_2(split_k) if cfg.get("reduce_unrolled", False) and (fused or fused_sum) else 0
     # MODE 1, one row: gate and up streamed as one tile ("dual") where the two together stay at <= 16 packed words a
     # thread; more costs registers (251 a thread at 64x256 / 4 warps: half the resident programs, 1.14x slower)
@@ -1128,7 +1148,8 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
         BLOCK_N=block_n, BLOCK_K=block_k, FUSED_SPLIT=fused, UNPACK=unpack,
         PREFETCH=cfg.get("prefetch", False), EVICT=cfg.get("evict", ""), PDL=pdl, LOADER=loader,
         STAGES=cfg["num_stages"], SPLIT_MAX=split_max, DIRECT=direct, FUSED_SUM=fused_sum,
-        TOP_K=top_k if fused_sum else 1, DUAL=dual, **_launch_opts({**cfg, "pdl": pdl}),
+        TOP_K=top_k if fused_sum else 1, DUAL=dual, EARLY_IDS=direct and pdl == 2 and early_ids,
+        **_launch_opts({**cfg, "pdl": pdl}),
     )  # fmt: skip
     return part if fused_sum else out
 
@@ -1303,7 +1324,8 @@ def int4_moe_experts(
         route = DirectRoute(topk_ids, n_experts)
         cfg_gu, cfg_dn = (cfg, cfg) if config else (moe_gemv_config(cfg, w[0], n_rows) for w in (gate_up, down))
         h = _launch_gemv(hidden, gate_up, group_size, 1, n_rows, route, cfg_gu, topk_weights)  # (n_rows, I)
-        return _launch_gemv(h, down, group_size, 2, n_rows, route, cfg_dn)  # (tokens, H)
+        early = EARLY_DOWN_IDS and _pdl_form(cfg_gu, hidden.device) == 2
+        return _launch_gemv(h, down, group_size, 2, n_rows, route, cfg_dn, early_ids=early)  # (tokens, H)
     route = Routing(topk_ids, n_experts, route_block)
     if cfg["kind"] == "gemv":  # decode: SwiGLU (and the K-split sum) inside the gate_up launch
         h = _launch_gemv(hidden, gate_up, group_size, 1, n_rows, route, cfg, topk_weights)  # (max_rows, I)
