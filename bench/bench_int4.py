@@ -16,6 +16,9 @@
 - profile: the kernel profile (torch.profiler over CUDA-graph replays) of the default build's decode step.
 - shapes: the one-row dense GEMV configs recorded per Scout decode shape vs the K-split rule, and the Scout
   decode step with and without them.
+- moeshapes: the decode MoE's two launches (T=1, one and two slots) timed one by one over candidate configs, the
+  whole MoE with the best of them as a ``moe_gemv_by_shape`` table, and the Scout decode step with and without it.
+- earlyids: the Scout decode step with the MoE down launch reading its routing ids before / after its PDL wait.
 - grid / splitstep: the decode GEMV's K-split program count (occupancy ceiling or least-makespan rule) at every
   Scout decode shape, and the Scout decode step with each rule (plus the step with the chunked layers mid-chunk).
 

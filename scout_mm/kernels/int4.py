@@ -14,7 +14,9 @@ kernels serve both the dense linear layers and the two grouped GEMMs of the Int4
   remove the offset (:func:`_codes_minus`); ``unpack`` 0 is the ``1 + q / 16`` form (:func:`_unit_codes`).
   K is split over programs so that even a 5120-wide output fills the GPU;
   the last program to finish a tile sums the splits in a fixed order (deterministic) and runs the epilogue,
-  so a decode matmul is ONE launch (the MoE gate_up launch also applies the routing weight and SwiGLU).
+  so a decode matmul is ONE launch (the MoE gate_up launch also applies the routing weight and SwiGLU; where it
+  fits the registers it streams a tile's gate and up columns as one tile in one loop, ``DUAL``). Per-shape configs:
+  ``TUNED["gemv_by_shape"]`` (dense, one row) and ``TUNED["moe_gemv_by_shape"]`` (the decode MoE's launches).
   Shipped: the split-K partials loaded all at once (``reduce_unrolled``) and the split of least estimated finish
   time with 4 programs resident per SM (``resident_per_sm``, :func:`_least_makespan_split`; it replaced a cap of
   4.25 programs per SM, ``split_cap``, which put a second wave behind q|k|v and o). Optional weight loaders
