@@ -1161,7 +1161,8 @@ def _over(bn, bk, warps, split=0):
 
 # Candidates of the decode MoE's per-launch sweep (section moeshapes): (label, overrides of TUNED["gemv"]).
 # gate_up: BLOCK_N counts SwiGLU columns (a program reads BLOCK_N gate + BLOCK_N up weight columns), streamed in one
-# loop as one tile of 2 BLOCK_N columns ("dual", the default) or in two loops, gate then up ("2 loops").
+# loop as one tile of 2 BLOCK_N columns ("dual"; by default where that keeps <= 16 packed words a thread, so not at
+# the rule's 64x256 / 4 warps) or in two loops, gate then up ("2 loops").
 MOE_GATE_UP_CANDIDATES = [("rule", {}), ("rule, dual", {"dual": True})] + [
     (f"{bn}x{bk} w{w}" + (f" s{sp}" if sp else "") + ("" if dual else ", 2 loops"), _over(bn, bk, w, sp) | {"dual": dual})
     for bn, bk, w, sp, dual in ((32, 1024, 8, 1, False), (64, 512, 8, 1, False), (32, 512, 8, 1, True),
@@ -1192,7 +1193,6 @@ def section_moeshapes(rows_out):
                  "vs rule |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     table = {}
     device = torch.device("cuda")
-    torch.set_printoptions(linewidth=200)
     for slots in (1, 2):
         routes = [int4.DirectRoute(torch.tensor([[e, EXPERTS][:slots]], device="cuda"), EXPERTS + 1)
                   for e in range(EXPERTS)]  # fmt: skip
@@ -1207,20 +1207,18 @@ def section_moeshapes(rows_out):
                 return int4._launch_gemv(inp, weight, GROUP, mode, slots, route, cfg, *extra)
 
             ref = run(rule, routes[3]).float()
-            times = {label: [] for label, _ in candidates}
+            configs = {label: dict(rule, **over) for label, over in candidates}
+            times = {label: [] for label in configs}
             for _ in range(2):
-                for label, over in candidates:
-                    cfg = dict(rule, **over)
+                for label, cfg in configs.items():
                     pick = rotating(routes)
                     times[label].append(graph_us(lambda c=cfg, p=pick, r=run: r(c, p())))
-            for label, over in candidates:
-                cfg = dict(rule, **over)
+            for label, cfg in configs.items():
                 err = float((run(cfg, routes[3]).float() - ref).abs().max() / ref.abs().max())
                 if err > 1e-2:
                     raise AssertionError(f"{name} {slots} slots {label}: rel diff {err:.3g} vs the rule")
             base = min(times["rule"])
-            for label, over in candidates:
-                cfg = dict(rule, **over)
+            for label, cfg in configs.items():
                 n_cols = weight[0].shape[-1] // (2 if mode == 1 else 1)
                 tiles = -(-n_cols // cfg["BLOCK_N"]) * slots
                 split = int4._gemv_split(cfg, weight[1].shape[-2], tiles, GROUP, device)[0]

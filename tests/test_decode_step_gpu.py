@@ -94,7 +94,7 @@ def _compiled(fn):
         kernels = entry[0] if isinstance(entry, tuple) else entry
         for kernel in getattr(kernels, "values", lambda: [])():
             constants = getattr(getattr(kernel, "src", None), "constants", {})
-            if name == "_gemv_kernel" and pdl_arg and constants.get(pdl_arg) is not True and constants.get(pdl_arg) == 1:
+            if name == "_gemv_kernel" and pdl_arg and constants.get(pdl_arg) == 1:
                 continue
             ptx = getattr(kernel, "asm", {}).get("ptx")
             if ptx:

@@ -457,13 +457,13 @@ def _gemv_kernel(
     # the kernel that wrote them, or on one that waited for it) before it let this launch start, so they are
     # final here: read them (from L2) and the expert's first tile before the wait.
     first = None
+    qw_first = qw_ptr  # the weight whose first tile may stream in before the wait
     if DIRECT and EARLY_IDS:
         expert, a_rows, out_rows, valid, local = _direct_layout(pid_m, block_expert_ptr, n_experts, top_k, MODE)
         k_end = tl.where(local, k_end, k_begin)
-        if PDL == 2 and BLOCK_M == 1 and LOADER == 0 and PREFETCH:
-            first = _first_tile(qw_ptr + expert * stride_qe, offs_n, n_ok, k_begin, k_end, size_n, BLOCK_K, EVICT)
-    if PDL == 2 and MODE == 0 and BLOCK_M == 1 and LOADER == 0 and PREFETCH:
-        first = _first_tile(qw_ptr, offs_n, n_ok, k_begin, k_end, size_n, BLOCK_K, EVICT)
+        qw_first = qw_ptr + expert * stride_qe
+    if PDL == 2 and (MODE == 0 or EARLY_IDS) and BLOCK_M == 1 and LOADER == 0 and PREFETCH:
+        first = _first_tile(qw_first, offs_n, n_ok, k_begin, k_end, size_n, BLOCK_K, EVICT)
     if PDL == 1:
         gdc_launch_dependents()
         gdc_wait()
