@@ -543,6 +543,62 @@ def section_mma(rows_out):
         torch.cuda.empty_cache()
 
 
+# rows -> {name: change to the shipped config of those rows}
+MMA_VARIANTS = {
+    16: {
+        "shipped": None,
+        "prefetch_x": dict(prefetch_x=True),
+        "step2": dict(step=2),
+        "step2 prefetch_x": dict(step=2, prefetch_x=True),
+        "step2, 3 splits": dict(step=2, min_splits=3),
+        "w4 step2, 3 splits": dict(warps=4, step=2, min_splits=3),
+        "w4 step2, 2 splits": dict(warps=4, step=2, min_splits=2),
+        "3 splits": dict(min_splits=3),
+    },
+    8: {"shipped": None, "prefetch_x": dict(prefetch_x=True)},
+    4: {"shipped": None, "prefetch_x": dict(prefetch_x=True)},
+    2: {"shipped": None, "prefetch_x": dict(prefetch_x=True)},
+}
+
+
+def section_mma16(rows_out, rounds: int = 2):
+    """int4_mma at 2 to 16 rows on the Scout shapes (the MoE's gate_up 16384x5120 and down 5120x8192, q|k|v
+    7168x5120, o 5120x5120): the shipped config (``config_for_rows``) against variants of it, tinygemm beside
+    them; ``rounds`` interleaved rounds, the median per case. The variants change one knob of the shipped
+    config each (or two: ``prefetch_x`` with another)."""
+    from scout_mm.kernels import int4_mma
+
+    rows_out += ["", "## int4_mma at 2 to 16 rows: config variants (group 128, symmetric, bf16)", "",
+                 "| N x K | M | kernel | us | Int4 TB/s | vs shipped | vs tinygemm |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for size_n, size_k in LINEAR_SHAPES + [(7168, 5120), (5120, 5120)]:
+        copies = copies_for(size_k * size_n // 2)
+        pick = rotating(packed((), size_k, size_n, copies))
+        pick_t = rotating(tinygemm(size_k, size_n, copies))
+        wbytes = size_k * size_n / 2
+        for m_rows, variants in MMA_VARIANTS.items():
+            x = torch.randn(m_rows, size_k, device="cuda", dtype=torch.bfloat16)
+            shipped = int4_mma.config_for_rows(m_rows)
+
+            def run_tiny(x=x, pick_t=pick_t):
+                w, sz = pick_t()
+                return torch._weight_int4pack_mm(x, w, GROUP, sz)
+
+            cases = {"tinygemm": run_tiny}
+            for name, change in variants.items():
+                cfg = dict(shipped, **(change or {}))
+                cases[name] = lambda x=x, cfg=cfg, pick=pick: int4_mma.int4_linear_mma(x, *pick(), GROUP, config=cfg)
+            times = {name: [] for name in cases}
+            for _ in range(rounds):
+                for name, fn in cases.items():
+                    times[name].append(graph_us(fn))
+            med = {name: statistics.median(t) for name, t in times.items()}
+            for name, t in med.items():
+                rows_out.append(f"| {size_n}x{size_k} | {m_rows} | {name} | {t:.1f} | {wbytes / t / 1e6:.2f} | "
+                                f"{med['shipped'] / t:.3f}x | {med['tinygemm'] / t:.2f}x |")  # fmt: skip
+                print(rows_out[-1], flush=True)
+        torch.cuda.empty_cache()
+
+
 def section_rows(rows_out):
     """Row-count dispatch questions, same run: (1) the FMA GEMV at 2 rows (where int4_mma is unavailable) as one
     3-D program per 2 rows vs one program per row vs the nibble-dot kernel; (2) the Int4 MoE at 32 tokens top-1
@@ -1305,7 +1361,7 @@ def main() -> None:
             f"{__import__('triton').__version__}. Command: `PYTHONPATH=. python bench/bench_int4.py "
             f"{' '.join(sys.argv[1:])}`"]  # fmt: skip
     sections = {"tune": lambda rows: section_tune(rows, adopt=args.adopt_tuned), "probe": section_probe,
-                "linear": section_linear, "moe": section_moe, "mma": section_mma, "scout": section_scout,
+                "linear": section_linear, "moe": section_moe, "mma": section_mma, "mma16": section_mma16, "scout": section_scout,
                 "profile": section_profile, "step": section_step, "rows": section_rows,
                 "grid": section_grid, "splitstep": section_splitstep,
                 "shapes": section_shapes, "moeshapes": section_moeshapes,

@@ -131,8 +131,14 @@ def test_gpu_matches_reference(cuda, shape, dtype, symmetric):
         dict(warps=4, step=2, occupancy=2.0, prefetch=False),
         dict(warps=8, step=1, occupancy=1.0, prefetch=True),
         dict(warps=2, step=1, occupancy=0.5, prefetch=True, min_splits=8),
+        dict(warps=2, step=1, occupancy=4.0, prefetch=True, prefetch_x=True),
+        dict(warps=4, step=2, occupancy=8.0, prefetch=True, prefetch_x=True),
+        dict(warps=1, step=2, occupancy=64.0, prefetch=False, prefetch_x=True),
+        dict(warps=2, step=1, occupancy=4.0, x_ahead=2, weight_cache=".cg"),
+        dict(warps=4, step=2, occupancy=8.0, x_ahead=1),
     ],
-    ids=["w1s1", "w2s2pf", "w4s2", "w8s1pf", "w2_min_splits8"],
+    ids=["w1s1", "w2s2pf", "w4s2", "w8s1pf", "w2_min_splits8", "w2s1pfx", "w4s2pfx", "w1s2nopf_x", "w2x2cg",
+         "w4s2x1"],
 )
 @pytest.mark.parametrize("m_rows", [1, 5, 16])
 def test_gpu_every_config(cuda, config, m_rows):

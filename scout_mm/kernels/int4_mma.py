@@ -95,10 +95,27 @@ def _code_pairs(words, offset, IS_BF16: gl.constexpr):
 
 
 @gluon.jit
-def _group_product(packed, offset, x_ptrs, xm_ok, W: gl.constexpr, KB: gl.constexpr, BLOCK_M: gl.constexpr,
+def _prefetch_x_l1(x_ptr, stride_x, m_rows, k0, k_end, BLOCK_M: gl.constexpr, SPAN: gl.constexpr, W: gl.constexpr):
+    """Ask the L1 for the 128-byte lines of activation rows ``[0, m_rows)``, columns ``[k0, k0 + SPAN)`` (clamped
+    to ``k_end``: every address stays inside x), with no register destination: the loads of a later step then hit
+    the L1 instead of waiting on the L2."""
+    per_line: gl.constexpr = 128 // x_ptr.dtype.element_ty.primitive_bitwidth * 8
+    lines: gl.constexpr = (SPAN + per_line - 1) // per_line
+    layout: gl.constexpr = gl.BlockedLayout([1, 1], [32 // lines, lines], [W, 1], [1, 0])
+    row = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout)), 1)
+    line = gl.expand_dims(gl.arange(0, lines, layout=gl.SliceLayout(0, layout)), 0)
+    k = gl.minimum(k0 + line * per_line, k_end - 1)
+    ptrs = x_ptr + gl.minimum(row, m_rows - 1) * stride_x + k
+    gl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=gl.int32,
+                              is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _group_product(packed, offset, xt, W: gl.constexpr, KB: gl.constexpr, BLOCK_M: gl.constexpr,
                    IS_BF16: gl.constexpr, acc_layout: gl.constexpr):  # fmt: skip
     """fp32 (32 W, BLOCK_M): the unscaled ``sum_k (q - zero) x`` of one group: words (8 W, 4, KB, 4) through the
-    register chain into the A operand, activations gathered in the same K order into the B operand."""
+    register chain into the A operand, the group's activations ``xt`` (BM, KB, 4, 8) gathered in the same K order
+    into the B operand."""
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=acc_layout, k_width=2)
     words = _to_operand_rows(packed, W, KB)  # (BN, KB, 4) [n, b, t]
@@ -114,7 +131,6 @@ def _group_product(packed, offset, x_ptrs, xm_ok, W: gl.constexpr, KB: gl.conste
     a = gl.join(gl.join(v0, v1), gl.join(v2, v3))  # [n, b, t, e, h, s]
     a = gl.reshape(gl.permute(a, COLS_PERM.value), (32 * W, 32 * KB))
     a = gl.convert_layout(a, a_layout, assert_trivial=True)  # compile-time proof: no data movement
-    xt = gl.load(x_ptrs, mask=xm_ok, other=0.0)  # (BM, KB, 4, 8)
     xt = gl.reshape(xt, (BLOCK_M, KB, 4, 2, 2, 2))
     xt = gl.reshape(gl.permute(xt, X_PERM.value), (32 * KB, BLOCK_M))
     xt = gl.convert_layout(xt, b_layout, assert_trivial=True)
@@ -145,7 +161,10 @@ def _mma_kernel(
     FUSED_SPLIT: gl.constexpr,
     SPLIT_MAX: gl.constexpr,
     PREFETCH: gl.constexpr,
+    PREFETCH_X: gl.constexpr,  # with PREFETCH: the next step's activations and scales too
+    X_AHEAD: gl.constexpr,  # > 0: ask the L1 for the activations of the step this many steps ahead
     EVICT: gl.constexpr,
+    WCACHE: gl.constexpr,  # cache modifier of the weight loads ("" or ".cg": past the L1, which keeps x)
 ):
     BLOCK_N: gl.constexpr = 32 * W
     KB: gl.constexpr = G // 32  # 32-row blocks per group
@@ -187,32 +206,66 @@ def _mma_kernel(
     xm_ok = (xm < m_rows) & (xk >= 0)
 
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
+    step_words: gl.constexpr = (STEP * G // 8)
     if PREFETCH:
-        nxt = gl.load(qw_ptrs, mask=qw_mask, other=0, eviction_policy=EVICT)
+        nxt = gl.load(qw_ptrs, mask=qw_mask, other=0, cache_modifier=WCACHE, eviction_policy=EVICT)
+        if PREFETCH_X:
+            # the loop below reads group i of a step from x0 / s0 (i = 0) and x1 / s1 (i = 1)
+            x0_nxt = gl.load(x_ptrs, mask=xm_ok, other=0.0)
+            s0_nxt = gl.load(s_ptrs, mask=s_mask, other=0.0)
+            if STEP == 2:
+                x1_nxt = gl.load(x_ptrs + G, mask=xm_ok, other=0.0)
+                s1_nxt = gl.load(s_ptrs + size_n, mask=s_mask, other=0.0)
+    if X_AHEAD > 0:
+        for ahead in gl.static_range(X_AHEAD):
+            _prefetch_x_l1(x_ptr, stride_x, m_rows, (g_begin + ahead * STEP) * G, n_groups * G, BLOCK_M, STEP * G, W)
     for step in range(n_steps):
+        more = step + 1 < n_steps
+        if X_AHEAD > 0:
+            _prefetch_x_l1(x_ptr, stride_x, m_rows, (g_begin + (step + X_AHEAD) * STEP) * G, n_groups * G, BLOCK_M,
+                           STEP * G, W)  # fmt: skip
         if PREFETCH:
             packed = nxt
-            nxt = gl.load(qw_ptrs + (STEP * G // 8) * size_n, mask=qw_mask & (step + 1 < n_steps), other=0,
+            nxt = gl.load(qw_ptrs + step_words * size_n, mask=qw_mask & more, other=0, cache_modifier=WCACHE,
                           eviction_policy=EVICT)  # fmt: skip
+            if PREFETCH_X:
+                x0 = x0_nxt
+                s0 = s0_nxt
+                x0_nxt = gl.load(x_ptrs + STEP * G, mask=xm_ok & more, other=0.0)
+                s0_nxt = gl.load(s_ptrs + STEP * size_n, mask=s_mask & more, other=0.0)
+                if STEP == 2:
+                    x1 = x1_nxt
+                    s1 = s1_nxt
+                    x1_nxt = gl.load(x_ptrs + 3 * G, mask=xm_ok & more, other=0.0)
+                    s1_nxt = gl.load(s_ptrs + 3 * size_n, mask=s_mask & more, other=0.0)
         else:
-            packed = gl.load(qw_ptrs, mask=qw_mask, other=0, eviction_policy=EVICT)
+            packed = gl.load(qw_ptrs, mask=qw_mask, other=0, cache_modifier=WCACHE, eviction_policy=EVICT)
+        if not (PREFETCH and PREFETCH_X):
+            x0 = gl.load(x_ptrs, mask=xm_ok, other=0.0)
+            s0 = gl.load(s_ptrs, mask=s_mask, other=0.0)
+            if STEP == 2:
+                x1 = gl.load(x_ptrs + G, mask=xm_ok, other=0.0)
+                s1 = gl.load(s_ptrs + size_n, mask=s_mask, other=0.0)
         if STEP == 2:
             halves = gl.permute(gl.reshape(packed, (8 * W, 4, 2, KB, 4)), (0, 1, 3, 4, 2))
             first, second = gl.split(halves)
             firsts = (gl.convert_layout(first, g_layout, assert_trivial=True),
                       gl.convert_layout(second, g_layout, assert_trivial=True))  # fmt: skip
+            xs = (x0, x1)
+            ss = (s0, s1)
         else:
             firsts = (gl.convert_layout(packed, g_layout, assert_trivial=True),)
+            xs = (x0,)
+            ss = (s0,)
         for i in gl.static_range(STEP):
             if SYMMETRIC:
                 offset = gl.full([8 * W, 4, KB, 4], MAGIC + 8.0, act, layout=g_layout)
             else:
                 zero = gl.load(z_ptrs + i * size_n, mask=z_mask, other=0.0)
                 offset = (zero.to(gl.float32) + MAGIC).to(act)
-            part = _group_product(firsts[i], offset, x_ptrs + i * G, xm_ok, W, KB, BLOCK_M, IS_BF16, mma)
-            scale = gl.load(s_ptrs + i * size_n, mask=s_mask, other=0.0).to(gl.float32)
-            acc += part * gl.expand_dims(scale, 1)
-        qw_ptrs += (STEP * G // 8) * size_n
+            part = _group_product(firsts[i], offset, xs[i], W, KB, BLOCK_M, IS_BF16, mma)
+            acc += part * gl.expand_dims(ss[i].to(gl.float32), 1)
+        qw_ptrs += step_words * size_n
         s_ptrs += STEP * size_n
         x_ptrs += STEP * G
         if not SYMMETRIC:
@@ -260,13 +313,18 @@ def emulate_operands(words: torch.Tensor, x_tile: torch.Tensor, warps: int):
 
 
 def mma_config(warps: int = 2, step: int = 1, occupancy: float = 4.0, prefetch: bool = True,
-               evict: str = "evict_first", min_splits: int = 1) -> dict:  # fmt: skip
+               evict: str = "evict_first", min_splits: int = 1, prefetch_x: bool = False,
+               maxnreg: int | None = None, x_ahead: int = 0, weight_cache: str = "") -> dict:  # fmt: skip
     """warps: a program covers 32 weight columns per warp (two m16 MMA tiles); step: groups per loop step
     (1 or 2; 1 where it does not divide the group count); occupancy: the K split aims at this many programs
     per SM (a ceiling); min_splits: at least this many K splits (where K has the steps), above the ceiling if
-    need be (wide outputs); prefetch: the next step's words are loaded before this step's math."""
+    need be (wide outputs); prefetch: the next step's words are loaded before this step's math; prefetch_x (with
+    prefetch): the next step's activations and group scales too; maxnreg: a register cap per thread (ptxas
+    spills above it), so that more programs fit on an SM; x_ahead: each step asks the L1 for the activations
+    of the step this many ahead; weight_cache: the weight loads' cache modifier ("" or ".cg"; ".cg" drops ``evict``)."""
     return {"kind": "mma", "num_warps": warps, "step": step, "occupancy": occupancy, "prefetch": prefetch,
-            "evict": evict, "min_splits": min_splits}  # fmt: skip
+            "evict": evict, "min_splits": min_splits, "prefetch_x": prefetch_x, "maxnreg": maxnreg,
+            "x_ahead": x_ahead, "weight_cache": weight_cache}  # fmt: skip
 
 
 MAX_ROWS = 16
@@ -356,6 +414,9 @@ def launch(x, qweight, scales, zeros, group_size: int, cfg: dict) -> torch.Tenso
         n_groups, per_split, split_k, x.stride(0), out.stride(0),
         G=group_size, STEP=step, SYMMETRIC=zeros is None, BLOCK_M=block_m, W=warps, FUSED_SPLIT=fused,
         SPLIT_MAX=triton.next_power_of_2(split_k) if fused else 1, PREFETCH=cfg["prefetch"],
-        EVICT=cfg["evict"], num_warps=warps,
+        PREFETCH_X=cfg.get("prefetch_x", False), X_AHEAD=cfg.get("x_ahead", 0),
+        EVICT="" if cfg.get("weight_cache") else cfg["evict"],
+        WCACHE=cfg.get("weight_cache", ""), num_warps=warps,
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
     )  # fmt: skip
     return out
