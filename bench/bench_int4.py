@@ -543,21 +543,24 @@ def section_mma(rows_out):
         torch.cuda.empty_cache()
 
 
-# rows -> {name: change to the shipped config of those rows}
+# rows -> {name: change to the shipped config of those rows}; session 9's candidates (its earlier runs also had
+# an L1 prefetch of x, '.cg' weight loads and register caps, all slower: bench/results/int4_gemv_h100.md)
 MMA_VARIANTS = {
     16: {
         "shipped": None,
         "prefetch_x": dict(prefetch_x=True),
-        "step2": dict(step=2),
         "step2 prefetch_x": dict(step=2, prefetch_x=True),
-        "step2, 3 splits": dict(step=2, min_splits=3),
-        "w4 step2, 3 splits": dict(warps=4, step=2, min_splits=3),
-        "w4 step2, 2 splits": dict(warps=4, step=2, min_splits=2),
+        "step2 prefetch_x, 2 splits": dict(step=2, prefetch_x=True, min_splits=2),
         "3 splits": dict(min_splits=3),
     },
-    8: {"shipped": None, "prefetch_x": dict(prefetch_x=True)},
-    4: {"shipped": None, "prefetch_x": dict(prefetch_x=True)},
-    2: {"shipped": None, "prefetch_x": dict(prefetch_x=True)},
+    **{
+        rows: {
+            "shipped": None,
+            "session 8 (no prefetch_x, 4 per SM)": dict(prefetch_x=False, occupancy=4.0),
+            "prefetch_x, 4 per SM": dict(occupancy=4.0),
+        }
+        for rows in (8, 4, 2)
+    },
 }
 
 

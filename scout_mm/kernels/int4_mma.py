@@ -95,22 +95,6 @@ def _code_pairs(words, offset, IS_BF16: gl.constexpr):
 
 
 @gluon.jit
-def _prefetch_x_l1(x_ptr, stride_x, m_rows, k0, k_end, BLOCK_M: gl.constexpr, SPAN: gl.constexpr, W: gl.constexpr):
-    """Ask the L1 for the 128-byte lines of activation rows ``[0, m_rows)``, columns ``[k0, k0 + SPAN)`` (clamped
-    to ``k_end``: every address stays inside x), with no register destination: the loads of a later step then hit
-    the L1 instead of waiting on the L2."""
-    per_line: gl.constexpr = 128 // x_ptr.dtype.element_ty.primitive_bitwidth * 8
-    lines: gl.constexpr = (SPAN + per_line - 1) // per_line
-    layout: gl.constexpr = gl.BlockedLayout([1, 1], [32 // lines, lines], [W, 1], [1, 0])
-    row = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout)), 1)
-    line = gl.expand_dims(gl.arange(0, lines, layout=gl.SliceLayout(0, layout)), 0)
-    k = gl.minimum(k0 + line * per_line, k_end - 1)
-    ptrs = x_ptr + gl.minimum(row, m_rows - 1) * stride_x + k
-    gl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=gl.int32,
-                              is_pure=False, pack=1)  # fmt: skip
-
-
-@gluon.jit
 def _group_product(packed, offset, xt, W: gl.constexpr, KB: gl.constexpr, BLOCK_M: gl.constexpr,
                    IS_BF16: gl.constexpr, acc_layout: gl.constexpr):  # fmt: skip
     """fp32 (32 W, BLOCK_M): the unscaled ``sum_k (q - zero) x`` of one group: words (8 W, 4, KB, 4) through the
@@ -162,9 +146,7 @@ def _mma_kernel(
     SPLIT_MAX: gl.constexpr,
     PREFETCH: gl.constexpr,
     PREFETCH_X: gl.constexpr,  # with PREFETCH: the next step's activations and scales too
-    X_AHEAD: gl.constexpr,  # > 0: ask the L1 for the activations of the step this many steps ahead
     EVICT: gl.constexpr,
-    WCACHE: gl.constexpr,  # cache modifier of the weight loads ("" or ".cg": past the L1, which keeps x)
 ):
     BLOCK_N: gl.constexpr = 32 * W
     KB: gl.constexpr = G // 32  # 32-row blocks per group
@@ -208,7 +190,7 @@ def _mma_kernel(
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
     step_words: gl.constexpr = (STEP * G // 8)
     if PREFETCH:
-        nxt = gl.load(qw_ptrs, mask=qw_mask, other=0, cache_modifier=WCACHE, eviction_policy=EVICT)
+        nxt = gl.load(qw_ptrs, mask=qw_mask, other=0, eviction_policy=EVICT)
         if PREFETCH_X:
             # the loop below reads group i of a step from x0 / s0 (i = 0) and x1 / s1 (i = 1)
             x0_nxt = gl.load(x_ptrs, mask=xm_ok, other=0.0)
@@ -216,18 +198,11 @@ def _mma_kernel(
             if STEP == 2:
                 x1_nxt = gl.load(x_ptrs + G, mask=xm_ok, other=0.0)
                 s1_nxt = gl.load(s_ptrs + size_n, mask=s_mask, other=0.0)
-    if X_AHEAD > 0:
-        for ahead in gl.static_range(X_AHEAD):
-            _prefetch_x_l1(x_ptr, stride_x, m_rows, (g_begin + ahead * STEP) * G, n_groups * G, BLOCK_M, STEP * G, W)
     for step in range(n_steps):
         more = step + 1 < n_steps
-        if X_AHEAD > 0:
-            _prefetch_x_l1(x_ptr, stride_x, m_rows, (g_begin + (step + X_AHEAD) * STEP) * G, n_groups * G, BLOCK_M,
-                           STEP * G, W)  # fmt: skip
         if PREFETCH:
             packed = nxt
-            nxt = gl.load(qw_ptrs + step_words * size_n, mask=qw_mask & more, other=0, cache_modifier=WCACHE,
-                          eviction_policy=EVICT)  # fmt: skip
+            nxt = gl.load(qw_ptrs + step_words * size_n, mask=qw_mask & more, other=0, eviction_policy=EVICT)
             if PREFETCH_X:
                 x0 = x0_nxt
                 s0 = s0_nxt
@@ -239,7 +214,7 @@ def _mma_kernel(
                     x1_nxt = gl.load(x_ptrs + 3 * G, mask=xm_ok & more, other=0.0)
                     s1_nxt = gl.load(s_ptrs + 3 * size_n, mask=s_mask & more, other=0.0)
         else:
-            packed = gl.load(qw_ptrs, mask=qw_mask, other=0, cache_modifier=WCACHE, eviction_policy=EVICT)
+            packed = gl.load(qw_ptrs, mask=qw_mask, other=0, eviction_policy=EVICT)
         if not (PREFETCH and PREFETCH_X):
             x0 = gl.load(x_ptrs, mask=xm_ok, other=0.0)
             s0 = gl.load(s_ptrs, mask=s_mask, other=0.0)
@@ -313,18 +288,14 @@ def emulate_operands(words: torch.Tensor, x_tile: torch.Tensor, warps: int):
 
 
 def mma_config(warps: int = 2, step: int = 1, occupancy: float = 4.0, prefetch: bool = True,
-               evict: str = "evict_first", min_splits: int = 1, prefetch_x: bool = False,
-               maxnreg: int | None = None, x_ahead: int = 0, weight_cache: str = "") -> dict:  # fmt: skip
+               evict: str = "evict_first", min_splits: int = 1, prefetch_x: bool = False) -> dict:  # fmt: skip
     """warps: a program covers 32 weight columns per warp (two m16 MMA tiles); step: groups per loop step
     (1 or 2; 1 where it does not divide the group count); occupancy: the K split aims at this many programs
     per SM (a ceiling); min_splits: at least this many K splits (where K has the steps), above the ceiling if
     need be (wide outputs); prefetch: the next step's words are loaded before this step's math; prefetch_x (with
-    prefetch): the next step's activations and group scales too; maxnreg: a register cap per thread (ptxas
-    spills above it), so that more programs fit on an SM; x_ahead: each step asks the L1 for the activations
-    of the step this many ahead; weight_cache: the weight loads' cache modifier ("" or ".cg"; ".cg" drops ``evict``)."""
+    prefetch): the next step's activations and group scales too."""
     return {"kind": "mma", "num_warps": warps, "step": step, "occupancy": occupancy, "prefetch": prefetch,
-            "evict": evict, "min_splits": min_splits, "prefetch_x": prefetch_x, "maxnreg": maxnreg,
-            "x_ahead": x_ahead, "weight_cache": weight_cache}  # fmt: skip
+            "evict": evict, "min_splits": min_splits, "prefetch_x": prefetch_x}  # fmt: skip
 
 
 MAX_ROWS = 16
@@ -334,8 +305,15 @@ MAX_ROWS = 16
 # session 5: 16384x5120 gets only 2 splits under the ceiling, 27.0 us; with 4 splits 24.3-24.4 us, whether by 4
 # warps or a higher ceiling; 5120x8192, 7168x5120 and 5120x5120 already have 4-6 splits and lose with more:
 # 18.5 / 16.9 / 14.6 us vs 21.9-22.1 / 18.5 / 17.1-17.7).
+# Up to 8 rows since session 9 (`--sections mma16`, same file): the next step's activations and scales are loaded
+# with its words (prefetch_x), which takes the 4-warp, two-group program from 128 to 166 registers, so an SM holds
+# 3 of them: the K split aims at 3 per SM (one wave). 1.04-1.18x at 2, 4 and 8 rows on all four Scout shapes (e.g.
+# 16384x5120 at 8 rows 21.7 -> 20.2 us, 5120x8192 17.3 -> 14.6 us); prefetch_x with the split still aiming at 4
+# per SM (a second wave) lost 0.88-0.92x on 16384x5120. At 16 rows nothing tried beat the config below by more
+# than 3% on every shape (prefetch_x, two groups a step, 2-3 K splits, L1 prefetch of x, '.cg' weights, a
+# register cap: 0.34-1.05x).
 TUNED = mma_config(min_splits=4)
-TUNED_FEW_ROWS = mma_config(warps=4, step=2)
+TUNED_FEW_ROWS = mma_config(warps=4, step=2, occupancy=3.0, prefetch_x=True)
 
 
 def config_for_rows(m_rows: int) -> dict:
@@ -414,9 +392,6 @@ def launch(x, qweight, scales, zeros, group_size: int, cfg: dict) -> torch.Tenso
         n_groups, per_split, split_k, x.stride(0), out.stride(0),
         G=group_size, STEP=step, SYMMETRIC=zeros is None, BLOCK_M=block_m, W=warps, FUSED_SPLIT=fused,
         SPLIT_MAX=triton.next_power_of_2(split_k) if fused else 1, PREFETCH=cfg["prefetch"],
-        PREFETCH_X=cfg.get("prefetch_x", False), X_AHEAD=cfg.get("x_ahead", 0),
-        EVICT="" if cfg.get("weight_cache") else cfg["evict"],
-        WCACHE=cfg.get("weight_cache", ""), num_warps=warps,
-        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
+        PREFETCH_X=cfg.get("prefetch_x", False), EVICT=cfg["evict"], num_warps=warps,
     )  # fmt: skip
     return out
