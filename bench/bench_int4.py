@@ -19,6 +19,8 @@
 - moeshapes: the decode MoE's two launches (T=1, one and two slots) timed one by one over candidate configs, the
   whole MoE with the best of them as a ``moe_gemv_by_shape`` table, and the Scout decode step with and without it.
 - earlyids: the Scout decode step with the MoE down launch reading its routing ids before / after its PDL wait.
+- mma16: the tensor-core few-rows kernel (``int4_mma``) at 2, 4, 8 and 16 rows on the four Scout shapes, its
+  shipped config against variants (``MMA_VARIANTS``), tinygemm beside them, interleaved rounds.
 - grid / splitstep: the decode GEMV's K-split program count (occupancy ceiling or least-makespan rule) at every
   Scout decode shape, and the Scout decode step with each rule (plus the step with the chunked layers mid-chunk).
 
