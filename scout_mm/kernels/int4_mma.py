@@ -188,7 +188,7 @@ def _mma_kernel(
     xm_ok = (xm < m_rows) & (xk >= 0)
 
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
-    step_words: gl.constexpr = (STEP * G // 8)
+    step_words: gl.constexpr = STEP * G // 8
     if PREFETCH:
         nxt = gl.load(qw_ptrs, mask=qw_mask, other=0, eviction_policy=EVICT)
         if PREFETCH_X:
@@ -309,9 +309,10 @@ MAX_ROWS = 16
 # with its words (prefetch_x), which takes the 4-warp, two-group program from 128 to 166 registers, so an SM holds
 # 3 of them: the K split aims at 3 per SM (one wave). 1.04-1.18x at 2, 4 and 8 rows on all four Scout shapes (e.g.
 # 16384x5120 at 8 rows 21.7 -> 20.2 us, 5120x8192 17.3 -> 14.6 us); prefetch_x with the split still aiming at 4
-# per SM (a second wave) lost 0.88-0.92x on 16384x5120. At 16 rows nothing tried beat the config below by more
-# than 3% on every shape (prefetch_x, two groups a step, 2-3 K splits, L1 prefetch of x, '.cg' weights, a
-# register cap: 0.34-1.05x).
+# per SM (a second wave) lost 0.85-0.92x on 16384x5120. At 16 rows no variant tried was faster on every shape
+# (0.34-1.05x: prefetch_x, two groups a step, 2-3 K splits, an L1 prefetch of x, '.cg' weight loads, a register
+# cap); the best, two groups a step with prefetch_x, gained 1-5% on the three smaller shapes and lost 1-2% on
+# 16384x5120.
 TUNED = mma_config(min_splits=4)
 TUNED_FEW_ROWS = mma_config(warps=4, step=2, occupancy=3.0, prefetch_x=True)
 
