@@ -441,6 +441,16 @@ def tinygemm(size_k, size_n, copies):
     return packs
 
 
+def tinygemm_call(x, pick_t):
+    """A call of tinygemm on ``x`` with the next of the rotating (packed weight, scales and zeros) ``pick_t``."""
+
+    def run():
+        w, sz = pick_t()
+        return torch._weight_int4pack_mm(x, w, GROUP, sz)
+
+    return run
+
+
 def section_linear(rows_out):
     rows_out += ["", "## Linear layers (group 128, symmetric, bf16)", "",
                  "| N x K | M | bf16 matmul us (TFLOPS) | tinygemm us (TB/s, TFLOPS) | ours us (TB/s, TFLOPS) | ours / tinygemm | ours / bf16 |",
@@ -462,13 +472,7 @@ def section_linear(rows_out):
             t_bf16 = graph_us(lambda x=x, p=pick_d: x @ p())
             t_ours = graph_us(lambda x=x, p=pick_q: int4.int4_linear(x, *p(), GROUP))
             if tiny is not None:
-                pick_t = rotating(tiny)
-
-                def run_tiny(x=x, pick_t=pick_t):
-                    w, sz = pick_t()
-                    return torch._weight_int4pack_mm(x, w, GROUP, sz)
-
-                t_tiny = graph_us(run_tiny)
+                t_tiny = graph_us(tinygemm_call(x, rotating(tiny)))
                 tiny_s = f"{t_tiny:.1f} ({wbytes / t_tiny / 1e6:.2f}, {flops / t_tiny / 1e6:.1f})"
                 ratio = f"{t_tiny / t_ours:.2f}x"
             else:
@@ -506,12 +510,7 @@ def section_mma(rows_out):
         best = None
         for m_rows in MMA_ROWS:
             x = torch.randn(m_rows, size_k, device="cuda", dtype=torch.bfloat16)
-
-            def run_tiny(x=x, pick_t=pick_t):
-                w, sz = pick_t()
-                return torch._weight_int4pack_mm(x, w, GROUP, sz)
-
-            t_tiny = graph_us(run_tiny)
+            t_tiny = graph_us(tinygemm_call(x, pick_t))
             t_ours = graph_us(lambda x=x, pick=pick: int4.int4_linear(x, *pick(), GROUP))
             triton_cfg = int4.pick_config(m_rows)
             t_triton = graph_us(
@@ -583,12 +582,7 @@ def section_mma16(rows_out, rounds: int = 2):
         for m_rows, variants in MMA_VARIANTS.items():
             x = torch.randn(m_rows, size_k, device="cuda", dtype=torch.bfloat16)
             shipped = int4_mma.config_for_rows(m_rows)
-
-            def run_tiny(x=x, pick_t=pick_t):
-                w, sz = pick_t()
-                return torch._weight_int4pack_mm(x, w, GROUP, sz)
-
-            cases = {"tinygemm": run_tiny}
+            cases = {"tinygemm": tinygemm_call(x, pick_t)}
             for name, change in variants.items():
                 cfg = dict(shipped, **(change or {}))
                 cases[name] = lambda x=x, cfg=cfg, pick=pick: int4_mma.int4_linear_mma(x, *pick(), GROUP, config=cfg)
@@ -1188,12 +1182,7 @@ def section_shapes(rows_out):
         for _ in range(2):
             for label, cfg in configs:
                 times[label].append(graph_us(lambda c=cfg, p=pick, x=x: int4.int4_linear(x, *p(), GROUP, config=c)))
-
-            def run_tiny(x=x, pick_t=tiny):
-                w, sz = pick_t()
-                return torch._weight_int4pack_mm(x, w, GROUP, sz)
-
-            times["tinygemm"].append(graph_us(run_tiny))
+            times["tinygemm"].append(graph_us(tinygemm_call(x, tiny)))
         base = min(times[configs[0][0]])
         t_tiny = min(times["tinygemm"])
         for label, cfg in [*configs, ("tinygemm", None)]:

@@ -907,12 +907,17 @@ def _n_sms(device: torch.device) -> int:
     return 4 if device.type != "cuda" else _sm_count(device.index or 0)
 
 
+def _by_shape(cfg: dict, table_name: str, key) -> dict:
+    """``cfg`` with the overrides recorded under ``key`` in the per-shape table ``table_name`` of the active
+    tuning table (``TUNED``, or ``INTERPRET`` under the interpreter); ``cfg`` itself where none is recorded."""
+    over = (INTERPRET if _interpreting() else TUNED).get(table_name, {}).get(key)
+    return dict(cfg, **over) if over else cfg
+
+
 def moe_gemv_config(cfg: dict, weight: torch.Tensor, n_rows: int) -> dict:
     """``cfg`` (the decode MoE's GEMV config) with the overrides recorded for this expert weight's (N, K) at
     ``n_rows`` one-row programs (``TUNED["moe_gemv_by_shape"]``), if any."""
-    table = INTERPRET if _interpreting() else TUNED
-    over = table.get("moe_gemv_by_shape", {}).get((weight.shape[-1], weight.shape[-2] * 8, n_rows))
-    return dict(cfg, **over) if over else cfg
+    return _by_shape(cfg, "moe_gemv_by_shape", (weight.shape[-1], weight.shape[-2] * 8, n_rows))
 
 
 def pick_config(rows: float, moe: bool = False, shape: tuple[int, int] | None = None) -> dict:
@@ -920,8 +925,7 @@ def pick_config(rows: float, moe: bool = False, shape: tuple[int, int] | None = 
     the (N, K) of a dense weight, for the one-row GEMVs recorded per shape (``TUNED["gemv_by_shape"]``)."""
     table = INTERPRET if _interpreting() else TUNED
     if rows <= TUNED["MOE_GEMV_MAX_ROWS_PER_EXPERT" if moe else "GEMV_MAX_ROWS"]:
-        by_shape = table.get("gemv_by_shape", {}).get(shape) if rows == 1 and not moe else None
-        return dict(table["gemv"], **by_shape) if by_shape else table["gemv"]
+        return _by_shape(table["gemv"], "gemv_by_shape", shape) if rows == 1 and not moe else table["gemv"]
     if rows <= 16:
         return table["gemm_small"]
     if rows <= 128:
