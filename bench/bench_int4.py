@@ -549,22 +549,18 @@ def section_mma(rows_out):
 MMA_VARIANTS = {
     16: {
         "shipped": None,
-        "stages 2": dict(stages=2),
-        "stages 3": dict(stages=3),
-        "stages 4": dict(stages=4),
-        "stages 3 clamp": dict(stages=3, clamp=True),
-        "stages 3, 4 warps": dict(stages=3, warps=4),
-        "stages 4, 4 warps step 2": dict(stages=4, warps=4, step=2),
-        "stages 3 prefetch_x": dict(stages=3, prefetch_x=True),
+        "prefetch_x": dict(prefetch_x=True),
+        "step2 prefetch_x": dict(step=2, prefetch_x=True),
+        "step2 prefetch_x, 2 splits": dict(step=2, prefetch_x=True, min_splits=2),
+        "3 splits": dict(min_splits=3),
     },
     **{
         rows: {
             "shipped": None,
-            "stages 3": dict(stages=3),
-            "stages 3 clamp": dict(stages=3, clamp=True),
-            "stages 2, 4 per SM": dict(stages=2, occupancy=4.0),
+            "session 8 (no prefetch_x, 4 per SM)": dict(prefetch_x=False, occupancy=4.0),
+            "prefetch_x, 4 per SM": dict(occupancy=4.0),
         }
-        for rows in (8, 2)
+        for rows in (8, 4, 2)
     },
 }
 

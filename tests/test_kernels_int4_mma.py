@@ -139,26 +139,14 @@ def test_gpu_matches_reference(cuda, shape, dtype, symmetric):
         dict(warps=2, step=1, occupancy=4.0, prefetch=True, prefetch_x=True),
         dict(warps=4, step=2, occupancy=8.0, prefetch=True, prefetch_x=True),
         dict(warps=1, step=2, occupancy=64.0, prefetch=False, prefetch_x=True),
-        dict(warps=2, step=1, occupancy=4.0, min_splits=4, clamp=True, unroll=True),
-        dict(warps=4, step=2, occupancy=3.0, prefetch_x=True, clamp=True, unroll=True),
-        dict(warps=2, step=2, occupancy=8.0, clamp=True),
-        dict(warps=1, step=1, occupancy=64.0, unroll=True),
-        dict(warps=2, step=1, occupancy=4.0, min_splits=4, stages=3),
-        dict(warps=4, step=2, occupancy=3.0, prefetch_x=True, stages=2),
-        dict(warps=1, step=2, occupancy=64.0, stages=4, clamp=True),
     ],
-    ids=["w1s1", "w2s2pf", "w4s2", "w8s1pf", "w2_min_splits8", "w2s1pfx", "w4s2pfx", "w1s2nopf_x",
-         "w2s1_clamp_unroll", "w4s2pfx_clamp_unroll", "w2s2_clamp", "w1s1_unroll", "w2s1_stages3", "w4s2pfx_stages2",
-         "w1s2_stages4_clamp"],
+    ids=["w1s1", "w2s2pf", "w4s2", "w8s1pf", "w2_min_splits8", "w2s1pfx", "w4s2pfx", "w1s2nopf_x"],
 )
 @pytest.mark.parametrize("m_rows", [1, 5, 16])
-# K 2048 (32 groups of 64); K 448 (7 groups: odd loop-step counts, the unrolled loop's tail); N 330 is not whole
-# column quads (the clamped loads fall back to masks), 332 is (the last program's out-of-range quads clamp)
-@pytest.mark.parametrize("size_k,size_n", [(2048, 328), (448, 330), (448, 332)])
-def test_gpu_every_config(cuda, config, m_rows, size_k, size_n):
-    weight = _weight(size_k, size_n, 64, False, cuda)
+def test_gpu_every_config(cuda, config, m_rows):
+    weight = _weight(2048, 328, 64, False, cuda)
     _check(
-        torch.randn(m_rows, size_k, device=cuda, dtype=torch.bfloat16),
+        torch.randn(m_rows, 2048, device=cuda, dtype=torch.bfloat16),
         weight,
         64,
         int4_mma.mma_config(**config),

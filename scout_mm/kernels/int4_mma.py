@@ -12,11 +12,11 @@ tiny). Triton's layout propagation then makes the word load, the unpacking and t
 layout (checked in the compiled TTGIR: no shared-memory conversion for the weight).
 
 Dequantisation per pair of codes (compiled path): one ``lop3`` ORs nibbles ``i`` and ``i + 4`` of a word into
-the mantissas of two 16-bit ``magic`` floats (bf16 128 + q, fp16 1024 + q), one ``sub.x2`` removes
-``magic + zero`` (exact: small integers) and one ``mul.x2`` applies the group's scale, so each weight is
-``(q - zero) * scale`` rounded once to the activation dtype — bit for bit the reference's weight. The products
-accumulate in fp32 in the MMA. K is split over programs; the last program to finish a column tile sums the
-splits in split order (deterministic), so a matmul is one launch.
+the mantissas of two 16-bit ``magic`` floats (bf16 128 + q, fp16 1024 + q) and one ``sub.x2`` removes
+``magic + zero``, leaving ``q - zero`` exactly (small integers). The MMA sums ``(q - zero) x`` of a group in
+fp32 and one fp32 multiply-add per output applies the group's scale, so no weight is ever rounded to the
+activation dtype (the reference rounds ``(q - zero) * scale`` once). K is split over programs; the last program
+to finish a column tile sums the splits in split order (deterministic), so a matmul is one launch.
 
 bf16 or fp16 activations only (the compiled unpack is 16-bit arithmetic); fp32 activations stay on
 :mod:`scout_mm.kernels.int4`'s kernels. Measured on an H100 in ``bench/results/int4_gemv_h100.md``.
@@ -28,7 +28,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from scout_mm.kernels.int4 import _n_sms, check_linear_input
 from scout_mm.kernels.launch import arrival_counters
@@ -77,16 +77,11 @@ def _to_operand_rows(tile, W: gl.constexpr, KB: gl.constexpr):
 
 
 @gluon.jit
-def _code_pairs(words, offset, IS_BF16: gl.constexpr, DIAG: gl.constexpr = 0):
+def _code_pairs(words, offset, IS_BF16: gl.constexpr):
     """``words`` int32 (..., 2), both entries the same word, codes of interest at bits 0..3 and 16..19;
     ``offset`` (..., 2) = magic + zero point in the activation dtype. One lop3 puts the two codes in the
     mantissas of two magic floats, one sub.x2 leaves ``q - zero`` (exact small integers; the group's scale is
     applied to the fp32 MMA result). pack=2: one packed register per instance."""
-    if DIAG % 4 >= 2:
-        return gl.inline_asm_elementwise(
-            "lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xEA;",
-            "=r,r,r", [words], dtype=gl.bfloat16, is_pure=True, pack=2,
-        )  # fmt: skip
     if IS_BF16:
         return gl.inline_asm_elementwise(
             "{ .reg .b32 t; lop3.b32 t, $1, 0x000F000F, 0x43004300, 0xEA; sub.rn.bf16x2 $0, t, $3; }",
@@ -101,7 +96,7 @@ def _code_pairs(words, offset, IS_BF16: gl.constexpr, DIAG: gl.constexpr = 0):
 
 @gluon.jit
 def _group_product(packed, offset, xt, W: gl.constexpr, KB: gl.constexpr, BLOCK_M: gl.constexpr,
-                   IS_BF16: gl.constexpr, acc_layout: gl.constexpr, DIAG: gl.constexpr = 0):  # fmt: skip
+                   IS_BF16: gl.constexpr, acc_layout: gl.constexpr):  # fmt: skip
     """fp32 (32 W, BLOCK_M): the unscaled ``sum_k (q - zero) x`` of one group: words (8 W, 4, KB, 4) through the
     register chain into the A operand, the group's activations ``xt`` (BM, KB, 4, 8) gathered in the same K order
     into the B operand."""
@@ -110,13 +105,13 @@ def _group_product(packed, offset, xt, W: gl.constexpr, KB: gl.constexpr, BLOCK_
     words = _to_operand_rows(packed, W, KB)  # (BN, KB, 4) [n, b, t]
     offset = _to_operand_rows(offset, W, KB)
     offset2 = gl.join(offset, offset)
-    v0 = _code_pairs(gl.join(words, words), offset2, IS_BF16, DIAG)  # (BN, KB, 4, 2) [n, b, t, e]
+    v0 = _code_pairs(gl.join(words, words), offset2, IS_BF16)  # (BN, KB, 4, 2) [n, b, t, e]
     w1 = words >> 4
-    v1 = _code_pairs(gl.join(w1, w1), offset2, IS_BF16, DIAG)
+    v1 = _code_pairs(gl.join(w1, w1), offset2, IS_BF16)
     w2 = words >> 8
-    v2 = _code_pairs(gl.join(w2, w2), offset2, IS_BF16, DIAG)
+    v2 = _code_pairs(gl.join(w2, w2), offset2, IS_BF16)
     w3 = words >> 12
-    v3 = _code_pairs(gl.join(w3, w3), offset2, IS_BF16, DIAG)
+    v3 = _code_pairs(gl.join(w3, w3), offset2, IS_BF16)
     a = gl.join(gl.join(v0, v1), gl.join(v2, v3))  # [n, b, t, e, h, s]
     a = gl.reshape(gl.permute(a, COLS_PERM.value), (32 * W, 32 * KB))
     a = gl.convert_layout(a, a_layout, assert_trivial=True)  # compile-time proof: no data movement
@@ -124,77 +119,6 @@ def _group_product(packed, offset, xt, W: gl.constexpr, KB: gl.constexpr, BLOCK_
     xt = gl.reshape(gl.permute(xt, X_PERM.value), (32 * KB, BLOCK_M))
     xt = gl.convert_layout(xt, b_layout, assert_trivial=True)
     return mma_v2(a, xt, gl.zeros([32 * W, BLOCK_M], gl.float32, layout=acc_layout))
-
-
-@gluon.jit
-def _words(qw_ptrs, qw_mask, step, n_steps, stride, EVICT: gl.constexpr, CLAMP: gl.constexpr):
-    """The packed words of loop step ``step``; past the last step, CLAMP reads the last step again (no mask: a
-    masked load first zero-fills its registers), else nothing."""
-    if CLAMP:
-        return gl.load(qw_ptrs + gl.minimum(step, n_steps - 1) * stride, eviction_policy=EVICT)
-    else:
-        return gl.load(qw_ptrs + step * stride, mask=qw_mask & (step < n_steps), other=0, eviction_policy=EVICT)
-
-
-@gluon.jit
-def _side(x_ptrs, xm_ok, s_ptrs, s_mask, step, n_steps, size_n, G: gl.constexpr, STEP: gl.constexpr,
-          CLAMP: gl.constexpr):  # fmt: skip
-    """Loop step ``step``'s activations and group scales, (x0, x1, s0, s1): group i of the step in xi / si (for
-    one group a step, x1 / s1 repeat x0 / s0). Past the last step as :func:`_words`."""
-    if CLAMP:
-        step = gl.minimum(step, n_steps - 1)
-    x_at = x_ptrs + step * (STEP * G)
-    s_at = s_ptrs + step * (STEP * size_n)
-    if CLAMP:
-        x0 = gl.load(x_at)
-        s0 = gl.load(s_at)
-    else:
-        more = step < n_steps
-        x0 = gl.load(x_at, mask=xm_ok & more, other=0.0)
-        s0 = gl.load(s_at, mask=s_mask & more, other=0.0)
-    x1 = x0
-    s1 = s0
-    if STEP == 2:
-        if CLAMP:
-            x1 = gl.load(x_at + G)
-            s1 = gl.load(s_at + size_n)
-        else:
-            x1 = gl.load(x_at + G, mask=xm_ok & more, other=0.0)
-            s1 = gl.load(s_at + size_n, mask=s_mask & more, other=0.0)
-    return x0, x1, s0, s1
-
-
-@gluon.jit
-def _step_product(acc, packed, x0, x1, s0, s1, z_ptrs, z_mask, step, size_n, G: gl.constexpr, STEP: gl.constexpr,
-                  SYMMETRIC: gl.constexpr, W: gl.constexpr, KB: gl.constexpr, BLOCK_M: gl.constexpr,
-                  IS_BF16: gl.constexpr, CLAMP: gl.constexpr, g_layout: gl.constexpr, mma: gl.constexpr,
-                  DIAG: gl.constexpr):  # fmt: skip
-    """``acc`` plus loop step ``step``'s groups: words ``packed`` (8 W, 4, STEP KB, 4), activations x0 / x1 and
-    scales s0 / s1 of its groups; each group's fp32 product is scaled by its scales."""
-    act: gl.constexpr = x0.dtype
-    MAGIC: gl.constexpr = 128.0 if IS_BF16 else 1024.0
-    if STEP == 2:
-        halves = gl.permute(gl.reshape(packed, (8 * W, 4, 2, KB, 4)), (0, 1, 3, 4, 2))
-        first, second = gl.split(halves)
-        firsts = (gl.convert_layout(first, g_layout, assert_trivial=True),
-                  gl.convert_layout(second, g_layout, assert_trivial=True))  # fmt: skip
-    else:
-        firsts = (gl.convert_layout(packed, g_layout, assert_trivial=True),)
-    xs = (x0, x1)
-    ss = (s0, s1)
-    for i in gl.static_range(STEP):
-        if SYMMETRIC:
-            offset = gl.full([8 * W, 4, KB, 4], MAGIC + 8.0, act, layout=g_layout)
-        else:
-            z_at = z_ptrs + (step * STEP + i) * size_n
-            if CLAMP:
-                zero = gl.load(z_at)
-            else:
-                zero = gl.load(z_at, mask=z_mask, other=0.0)
-            offset = (zero.to(gl.float32) + MAGIC).to(act)
-        part = _group_product(firsts[i], offset, xs[i], W, KB, BLOCK_M, IS_BF16, mma, DIAG)
-        acc += part * gl.expand_dims(ss[i].to(gl.float32), 1)
-    return acc
 
 
 @gluon.jit
@@ -222,15 +146,12 @@ def _mma_kernel(
     SPLIT_MAX: gl.constexpr,
     PREFETCH: gl.constexpr,
     PREFETCH_X: gl.constexpr,  # with PREFETCH: the next step's activations and scales too
-    UNROLL: gl.constexpr,  # with PREFETCH: two steps per loop iteration
-    DIAG: gl.constexpr,
-    STAGES: gl.constexpr,  # > 0: the words go through a ring of STAGES shared-memory buffers (cp.async)
-    CLAMP: gl.constexpr,  # no load masks: rows past M and column quads past N read the last ones (N % 4 == 0)
     EVICT: gl.constexpr,
 ):
     BLOCK_N: gl.constexpr = 32 * W
     KB: gl.constexpr = G // 32  # 32-row blocks per group
     IS_BF16: gl.constexpr = x_ptr.dtype.element_ty == gl.bfloat16
+    MAGIC: gl.constexpr = 128.0 if IS_BF16 else 1024.0
     act: gl.constexpr = x_ptr.dtype.element_ty
     # words: (8 W [gg], 4 [rr], STEP x KB [b], 4 [t]); a thread holds 4 adjacent columns x its words
     q_layout: gl.constexpr = gl.BlockedLayout([1, 4, STEP * KB, 1], [8, 1, 1, 4], [W, 1, 1, 1], [1, 2, 3, 0])
@@ -245,123 +166,85 @@ def _mma_kernel(
     g_begin = pid_k * groups_per_split
     n_steps = gl.minimum(groups_per_split, n_groups - g_begin) // STEP
 
-    quad = n0 + 4 * _index4(8 * W, 0, q_layout)  # a thread's 4 adjacent columns start here (8W, 1, 1, 1)
-    col = quad + _index4(4, 1, q_layout)  # (8W, 4, 1, 1)
+    col = n0 + 4 * _index4(8 * W, 0, q_layout) + _index4(4, 1, q_layout)  # (8W, 4, 1, 1)
     col_ok = col < size_n
-    if CLAMP:  # out-of-range quads read the last one (never stored); whole quads keep the 16-byte loads
-        col = gl.minimum(quad, size_n - 4) + _index4(4, 1, q_layout)
     word = 4 * _index4(STEP * KB, 2, q_layout) + _index4(4, 3, q_layout)  # (1, 1, STEP KB, 4)
     qw_ptrs = qw_ptr + (g_begin * (G // 8) + word) * size_n + col
     qw_mask = col_ok & (word >= 0)
     if not SYMMETRIC:
-        z_quad = n0 + 4 * _index4(8 * W, 0, g_layout)
-        if CLAMP:
-            z_quad = gl.minimum(z_quad, size_n - 4)
-        z_col = z_quad + _index4(4, 1, g_layout)
+        z_col = n0 + 4 * _index4(8 * W, 0, g_layout) + _index4(4, 1, g_layout)
         z_zero = _index4(KB, 2, g_layout) * 0 + _index4(4, 3, g_layout) * 0  # every block and t: one zero
         z_ptrs = z_ptr + g_begin * size_n + z_col + z_zero
         z_mask = (z_col < size_n) & (z_zero == 0)
-    else:
-        z_ptrs = z_ptr
-        z_mask = False
     # operand row n -> weight column (inverse of ROWS_PERM); the group scales are applied to fp32 partials
     n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
     n_col = n0 + 32 * ((n // 16) % W) + 4 * (n % 8) + 2 * (n // (16 * W)) + (n // 8) % 2
-    if CLAMP:
-        s_ptrs = s_ptr + g_begin * size_n + gl.minimum(n_col, size_n - 1)
-    else:
-        s_ptrs = s_ptr + g_begin * size_n + n_col
+    s_ptrs = s_ptr + g_begin * size_n + n_col
     s_mask = n_col < size_n
 
     xm = _index4(BLOCK_M, 0, x_layout)
     xk = 32 * _index4(KB, 1, x_layout) + 8 * _index4(4, 2, x_layout) + _index4(8, 3, x_layout)
-    if CLAMP:
-        x_ptrs = x_ptr + gl.minimum(xm, m_rows - 1) * stride_x + g_begin * G + xk
-    else:
-        x_ptrs = x_ptr + xm * stride_x + g_begin * G + xk
+    x_ptrs = x_ptr + xm * stride_x + g_begin * G + xk
     xm_ok = (xm < m_rows) & (xk >= 0)
 
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
-    stride = STEP * G // 8 * size_n  # words of one loop step
-    if STAGES > 0:
-        # the words of the next STAGES - 1 steps in flight as cp.async copies into shared memory (no registers);
-        # a thread reads back exactly the 16-byte pieces it copied (same layout), so no barrier is needed.
-        # Shared order: a thread's 4 columns, then t, then column quads (8 lanes of a quarter warp: 128
-        # contiguous bytes, no bank conflict), then blocks, then stages.
-        w_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 3, 0, 2])
-        w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 8 * W, 4, STEP * KB, 4], w_layout)
-        for i in gl.static_range(STAGES - 1):
-            async_copy.async_copy_global_to_shared(w_smem.index(i), qw_ptrs + i * stride, mask=qw_mask & (i < n_steps),
-                                                   eviction_policy=EVICT)  # fmt: skip
-            async_copy.commit_group()
+    step_words: gl.constexpr = STEP * G // 8
+    if PREFETCH:
+        nxt = gl.load(qw_ptrs, mask=qw_mask, other=0, eviction_policy=EVICT)
         if PREFETCH_X:
-            nx0, nx1, ns0, ns1 = _side(x_ptrs, xm_ok, s_ptrs, s_mask, 0, n_steps, size_n, G, STEP, CLAMP)
-        for step in range(n_steps):
-            ahead = step + STAGES - 1
-            async_copy.async_copy_global_to_shared(w_smem.index(ahead % STAGES), qw_ptrs + ahead * stride,
-                                                   mask=qw_mask & (ahead < n_steps), eviction_policy=EVICT)  # fmt: skip
-            async_copy.commit_group()
-            if PREFETCH_X:
-                x0, x1, s0, s1 = nx0, nx1, ns0, ns1
-                nx0, nx1, ns0, ns1 = _side(x_ptrs, xm_ok, s_ptrs, s_mask, step + 1, n_steps, size_n, G, STEP, CLAMP)
-            else:
-                x0, x1, s0, s1 = _side(x_ptrs, xm_ok, s_ptrs, s_mask, step, n_steps, size_n, G, STEP, CLAMP)
-            async_copy.wait_group(STAGES - 1)
-            packed = w_smem.index(step % STAGES).load(q_layout)
-            acc = _step_product(acc, packed, x0, x1, s0, s1, z_ptrs, z_mask, step, size_n, G, STEP, SYMMETRIC, W, KB,
-                                BLOCK_M, IS_BF16, CLAMP, g_layout, mma, 0)  # fmt: skip
-        async_copy.wait_group(0)
-    elif UNROLL:
-        # two steps per iteration, each step's loads issued one step ahead into registers of their own (no
-        # copies of the prefetched words at the end of an iteration)
-        cur = _words(qw_ptrs, qw_mask, 0, n_steps, stride, EVICT, CLAMP)
-        if PREFETCH_X:
-            cx0, cx1, cs0, cs1 = _side(x_ptrs, xm_ok, s_ptrs, s_mask, 0, n_steps, size_n, G, STEP, CLAMP)
-        for pair in range(n_steps // 2):
-            a = 2 * pair
-            nxt = _words(qw_ptrs, qw_mask, a + 1, n_steps, stride, EVICT, CLAMP)
-            if PREFETCH_X:
-                nx0, nx1, ns0, ns1 = _side(x_ptrs, xm_ok, s_ptrs, s_mask, a + 1, n_steps, size_n, G, STEP, CLAMP)
-            else:
-                cx0, cx1, cs0, cs1 = _side(x_ptrs, xm_ok, s_ptrs, s_mask, a, n_steps, size_n, G, STEP, CLAMP)
-            acc = _step_product(acc, cur, cx0, cx1, cs0, cs1, z_ptrs, z_mask, a, size_n, G, STEP, SYMMETRIC, W, KB,
-                                BLOCK_M, IS_BF16, CLAMP, g_layout, mma, 0)  # fmt: skip
-            cur = _words(qw_ptrs, qw_mask, a + 2, n_steps, stride, EVICT, CLAMP)
-            if PREFETCH_X:
-                cx0, cx1, cs0, cs1 = _side(x_ptrs, xm_ok, s_ptrs, s_mask, a + 2, n_steps, size_n, G, STEP, CLAMP)
-            else:
-                nx0, nx1, ns0, ns1 = _side(x_ptrs, xm_ok, s_ptrs, s_mask, a + 1, n_steps, size_n, G, STEP, CLAMP)
-            acc = _step_product(acc, nxt, nx0, nx1, ns0, ns1, z_ptrs, z_mask, a + 1, size_n, G, STEP, SYMMETRIC, W,
-                                KB, BLOCK_M, IS_BF16, CLAMP, g_layout, mma, 0)  # fmt: skip
-        if n_steps % 2 == 1:
-            final = n_steps - 1
-            if not PREFETCH_X:
-                cx0, cx1, cs0, cs1 = _side(x_ptrs, xm_ok, s_ptrs, s_mask, final, n_steps, size_n, G, STEP, CLAMP)
-            acc = _step_product(acc, cur, cx0, cx1, cs0, cs1, z_ptrs, z_mask, final, size_n, G, STEP, SYMMETRIC, W,
-                                KB, BLOCK_M, IS_BF16, CLAMP, g_layout, mma, 0)  # fmt: skip
-    else:
+            # the loop below reads group i of a step from x0 / s0 (i = 0) and x1 / s1 (i = 1)
+            x0_nxt = gl.load(x_ptrs, mask=xm_ok, other=0.0)
+            s0_nxt = gl.load(s_ptrs, mask=s_mask, other=0.0)
+            if STEP == 2:
+                x1_nxt = gl.load(x_ptrs + G, mask=xm_ok, other=0.0)
+                s1_nxt = gl.load(s_ptrs + size_n, mask=s_mask, other=0.0)
+    for step in range(n_steps):
+        more = step + 1 < n_steps
         if PREFETCH:
-            nxt = _words(qw_ptrs, qw_mask, 0, n_steps, stride, EVICT, CLAMP)
+            packed = nxt
+            nxt = gl.load(qw_ptrs + step_words * size_n, mask=qw_mask & more, other=0, eviction_policy=EVICT)
             if PREFETCH_X:
-                nx0, nx1, ns0, ns1 = _side(x_ptrs, xm_ok, s_ptrs, s_mask, 0, n_steps, size_n, G, STEP, CLAMP)
-        if DIAG % 2 == 1:
-            x0, x1, s0, s1 = _side(x_ptrs, xm_ok, s_ptrs, s_mask, 0, n_steps, size_n, G, STEP, CLAMP)
-        for step in range(n_steps):
-            if DIAG >= 4:
-                packed = _words(qw_ptrs, qw_mask, 0, n_steps, stride, EVICT, CLAMP)
-            elif PREFETCH:
-                packed = nxt
-                nxt = _words(qw_ptrs, qw_mask, step + 1, n_steps, stride, EVICT, CLAMP)
-                if PREFETCH_X:
-                    x0, x1, s0, s1 = nx0, nx1, ns0, ns1
-                    nx0, nx1, ns0, ns1 = _side(x_ptrs, xm_ok, s_ptrs, s_mask, step + 1, n_steps, size_n, G, STEP,
-                                               CLAMP)  # fmt: skip
+                x0 = x0_nxt
+                s0 = s0_nxt
+                x0_nxt = gl.load(x_ptrs + STEP * G, mask=xm_ok & more, other=0.0)
+                s0_nxt = gl.load(s_ptrs + STEP * size_n, mask=s_mask & more, other=0.0)
+                if STEP == 2:
+                    x1 = x1_nxt
+                    s1 = s1_nxt
+                    x1_nxt = gl.load(x_ptrs + 3 * G, mask=xm_ok & more, other=0.0)
+                    s1_nxt = gl.load(s_ptrs + 3 * size_n, mask=s_mask & more, other=0.0)
+        else:
+            packed = gl.load(qw_ptrs, mask=qw_mask, other=0, eviction_policy=EVICT)
+        if not (PREFETCH and PREFETCH_X):
+            x0 = gl.load(x_ptrs, mask=xm_ok, other=0.0)
+            s0 = gl.load(s_ptrs, mask=s_mask, other=0.0)
+            if STEP == 2:
+                x1 = gl.load(x_ptrs + G, mask=xm_ok, other=0.0)
+                s1 = gl.load(s_ptrs + size_n, mask=s_mask, other=0.0)
+        if STEP == 2:
+            halves = gl.permute(gl.reshape(packed, (8 * W, 4, 2, KB, 4)), (0, 1, 3, 4, 2))
+            first, second = gl.split(halves)
+            firsts = (gl.convert_layout(first, g_layout, assert_trivial=True),
+                      gl.convert_layout(second, g_layout, assert_trivial=True))  # fmt: skip
+            xs = (x0, x1)
+            ss = (s0, s1)
+        else:
+            firsts = (gl.convert_layout(packed, g_layout, assert_trivial=True),)
+            xs = (x0,)
+            ss = (s0,)
+        for i in gl.static_range(STEP):
+            if SYMMETRIC:
+                offset = gl.full([8 * W, 4, KB, 4], MAGIC + 8.0, act, layout=g_layout)
             else:
-                packed = _words(qw_ptrs, qw_mask, step, n_steps, stride, EVICT, CLAMP)
-            if not (PREFETCH and PREFETCH_X) and DIAG % 2 == 0:
-                x0, x1, s0, s1 = _side(x_ptrs, xm_ok, s_ptrs, s_mask, step, n_steps, size_n, G, STEP, CLAMP)
-            acc = _step_product(acc, packed, x0, x1, s0, s1, z_ptrs, z_mask, step, size_n, G, STEP, SYMMETRIC, W, KB,
-                                BLOCK_M, IS_BF16, CLAMP, g_layout, mma, DIAG)  # fmt: skip
+                zero = gl.load(z_ptrs + i * size_n, mask=z_mask, other=0.0)
+                offset = (zero.to(gl.float32) + MAGIC).to(act)
+            part = _group_product(firsts[i], offset, xs[i], W, KB, BLOCK_M, IS_BF16, mma)
+            acc += part * gl.expand_dims(ss[i].to(gl.float32), 1)
+        qw_ptrs += step_words * size_n
+        s_ptrs += STEP * size_n
+        x_ptrs += STEP * G
+        if not SYMMETRIC:
+            z_ptrs += STEP * size_n
 
     rows = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma)), 0)
     cols = gl.expand_dims(n_col, 1)
@@ -405,15 +288,14 @@ def emulate_operands(words: torch.Tensor, x_tile: torch.Tensor, warps: int):
 
 
 def mma_config(warps: int = 2, step: int = 1, occupancy: float = 4.0, prefetch: bool = True,
-               evict: str = "evict_first", min_splits: int = 1, prefetch_x: bool = False, unroll: bool = False,
-               clamp: bool = False) -> dict:  # fmt: skip
+               evict: str = "evict_first", min_splits: int = 1, prefetch_x: bool = False) -> dict:  # fmt: skip
     """warps: a program covers 32 weight columns per warp (two m16 MMA tiles); step: groups per loop step
     (1 or 2; 1 where it does not divide the group count); occupancy: the K split aims at this many programs
     per SM (a ceiling); min_splits: at least this many K splits (where K has the steps), above the ceiling if
     need be (wide outputs); prefetch: the next step's words are loaded before this step's math; prefetch_x (with
     prefetch): the next step's activations and group scales too."""
     return {"kind": "mma", "num_warps": warps, "step": step, "occupancy": occupancy, "prefetch": prefetch,
-            "evict": evict, "min_splits": min_splits, "prefetch_x": prefetch_x, "unroll": unroll, "clamp": clamp}  # fmt: skip
+            "evict": evict, "min_splits": min_splits, "prefetch_x": prefetch_x}  # fmt: skip
 
 
 MAX_ROWS = 16
@@ -511,7 +393,6 @@ def launch(x, qweight, scales, zeros, group_size: int, cfg: dict) -> torch.Tenso
         n_groups, per_split, split_k, x.stride(0), out.stride(0),
         G=group_size, STEP=step, SYMMETRIC=zeros is None, BLOCK_M=block_m, W=warps, FUSED_SPLIT=fused,
         SPLIT_MAX=triton.next_power_of_2(split_k) if fused else 1, PREFETCH=cfg["prefetch"],
-        PREFETCH_X=cfg.get("prefetch_x", False), UNROLL=cfg.get("unroll", False) and cfg["prefetch"],
-        CLAMP=cfg.get("clamp", False) and size_n % 4 == 0, DIAG=cfg.get("diag", 0), STAGES=cfg.get("stages", 0), EVICT=cfg["evict"], num_warps=warps,
+        PREFETCH_X=cfg.get("prefetch_x", False), EVICT=cfg["evict"], num_warps=warps,
     )  # fmt: skip
     return out
