@@ -549,18 +549,18 @@ def section_mma(rows_out):
 MMA_VARIANTS = {
     16: {
         "shipped": None,
-        "wgmma, 3 per SM": dict(kind="wgmma", warps=4, occupancy=3.0, min_splits=1),
-        "wgmma, 3 per SM, >= 3 splits": dict(kind="wgmma", warps=4, occupancy=3.0, min_splits=3),
-        "wgmma, 2 per SM": dict(kind="wgmma", warps=4, occupancy=2.0, min_splits=1),
-        "wgmma, 4 splits": dict(kind="wgmma", warps=4, min_splits=4),
+        "prefetch_x": dict(prefetch_x=True),
+        "step2 prefetch_x": dict(step=2, prefetch_x=True),
+        "step2 prefetch_x, 2 splits": dict(step=2, prefetch_x=True, min_splits=2),
+        "3 splits": dict(min_splits=3),
     },
     **{
         rows: {
             "shipped": None,
-            "wgmma, 3 per SM": dict(kind="wgmma", warps=4, occupancy=3.0, min_splits=1, step=1, prefetch_x=False),
-            "wgmma, 2 per SM": dict(kind="wgmma", warps=4, occupancy=2.0, min_splits=1, step=1, prefetch_x=False),
+            "session 8 (no prefetch_x, 4 per SM)": dict(prefetch_x=False, occupancy=4.0),
+            "prefetch_x, 4 per SM": dict(occupancy=4.0),
         }
-        for rows in (8, 2)
+        for rows in (8, 4, 2)
     },
 }
 

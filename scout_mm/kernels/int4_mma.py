@@ -29,7 +29,6 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from scout_mm.kernels.int4 import _n_sms, check_linear_input
 from scout_mm.kernels.launch import arrival_counters
@@ -268,112 +267,6 @@ def _mma_kernel(
     if last:
         gl.store(out_ptr + rows * stride_out + cols, acc.to(act), mask=n_ok & (rows < m_rows))
 
-@gluon.jit
-def _wgmma_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, m_rows, size_n, n_groups, groups_per_split, split_k,
-    stride_x, stride_out,
-    G: gl.constexpr, SYMMETRIC: gl.constexpr, BLOCK_M: gl.constexpr, FUSED_SPLIT: gl.constexpr,
-    SPLIT_MAX: gl.constexpr, EVICT: gl.constexpr,
-):  # fmt: skip
-    """EXPERIMENT: one warpgroup (4 warps), 128 weight columns, one group per step; the dequantised weight is the
-    register A operand of a wgmma, the step's activations are staged once in shared memory (operand K order)."""
-    W: gl.constexpr = 4
-    BLOCK_N: gl.constexpr = 128
-    KB: gl.constexpr = G // 32
-    BK: gl.constexpr = G
-    act: gl.constexpr = x_ptr.dtype.element_ty
-    IS_BF16: gl.constexpr = act == gl.bfloat16
-    MAGIC: gl.constexpr = 128.0 if IS_BF16 else 1024.0
-    q_layout: gl.constexpr = gl.BlockedLayout([1, 4, KB, 1], [8, 1, 1, 4], [W, 1, 1, 1], [1, 2, 3, 0])
-    # activations (BM, KB, 4, 8): 16 bytes a thread, no copies across warps
-    x_layout: gl.constexpr = gl.BlockedLayout([1, 1, 1, 8], [8, 1, 4, 1], [BLOCK_M // 8, W // (BLOCK_M // 8), 1, 1], [3, 2, 1, 0])
-    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, BLOCK_M, 16])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-    x_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BK], act)
-    x_smem = gl.allocate_shared_memory(act, [2, BLOCK_M, BK], x_sl)
-
-    pid_n = gl.program_id(0)
-    pid_k = gl.program_id(1)
-    n0 = pid_n * BLOCK_N
-    g_begin = pid_k * groups_per_split
-    n_steps = gl.minimum(groups_per_split, n_groups - g_begin)
-
-    col = n0 + 4 * _index4(8 * W, 0, q_layout) + _index4(4, 1, q_layout)
-    col_ok = col < size_n
-    word = 4 * _index4(KB, 2, q_layout) + _index4(4, 3, q_layout)
-    qw_ptrs = qw_ptr + (g_begin * (G // 8) + word) * size_n + col
-    qw_mask = col_ok & (word >= 0)
-    if not SYMMETRIC:
-        z_col = n0 + 4 * _index4(8 * W, 0, q_layout) + _index4(4, 1, q_layout)
-        z_zero = _index4(KB, 2, q_layout) * 0 + _index4(4, 3, q_layout) * 0
-        z_ptrs = z_ptr + g_begin * size_n + z_col + z_zero
-        z_mask = (z_col < size_n) & (z_zero == 0)
-    n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_l))
-    n_col = n0 + 32 * ((n // 16) % W) + 4 * (n % 8) + 2 * (n // (16 * W)) + (n // 8) % 2
-    s_ptrs = s_ptr + g_begin * size_n + n_col
-    s_mask = n_col < size_n
-    xm = _index4(BLOCK_M, 0, x_layout)
-    xk = 32 * _index4(KB, 1, x_layout) + 8 * _index4(4, 2, x_layout) + _index4(8, 3, x_layout)
-    x_ptrs = x_ptr + xm * stride_x + g_begin * G + xk
-    xm_ok = (xm < m_rows) & (xk >= 0)
-
-    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=acc_l)
-    zero_acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=acc_l)
-    stride = G // 8 * size_n
-    nxt = gl.load(qw_ptrs, mask=qw_mask, other=0, eviction_policy=EVICT)
-    for step in range(n_steps):
-        packed = nxt
-        nxt = gl.load(qw_ptrs + (step + 1) * stride, mask=qw_mask & (step + 1 < n_steps), other=0, eviction_policy=EVICT)
-        xv = gl.load(x_ptrs + step * G, mask=xm_ok, other=0.0)
-        sc = gl.load(s_ptrs + step * size_n, mask=s_mask, other=0.0)
-        # activations in operand K order: (BM, KB, t, e, s, h) -> (BM, KB, s, h, t, e)
-        xt = gl.reshape(xv, (BLOCK_M, KB, 4, 2, 2, 2))
-        xt = gl.reshape(gl.permute(xt, (0, 1, 4, 5, 2, 3)), (BLOCK_M, BK))
-        buf = x_smem.index(step % 2)
-        buf.store(xt)
-        fence_async_shared()
-        gl.thread_barrier()
-        if SYMMETRIC:
-            offset = gl.full([8 * W, 4, KB, 4], MAGIC + 8.0, act, layout=q_layout)
-        else:
-            zero = gl.load(z_ptrs + step * size_n, mask=z_mask, other=0.0)
-            offset = (zero.to(gl.float32) + MAGIC).to(act)
-        words = _to_operand_rows(packed, W, KB)
-        offs = _to_operand_rows(offset, W, KB)
-        offset2 = gl.join(offs, offs)
-        v0 = _code_pairs(gl.join(words, words), offset2, IS_BF16)
-        w1 = words >> 4
-        v1 = _code_pairs(gl.join(w1, w1), offset2, IS_BF16)
-        w2 = words >> 8
-        v2 = _code_pairs(gl.join(w2, w2), offset2, IS_BF16)
-        w3 = words >> 12
-        v3 = _code_pairs(gl.join(w3, w3), offset2, IS_BF16)
-        a = gl.join(gl.join(v0, v1), gl.join(v2, v3))
-        a = gl.reshape(gl.permute(a, COLS_PERM.value), (BLOCK_N, BK))
-        a = gl.convert_layout(a, a_layout, assert_trivial=True)
-        part = warpgroup_mma(a, buf.permute((1, 0)), zero_acc, use_acc=False)
-        acc += part * gl.expand_dims(sc.to(gl.float32), 1)
-
-    rows = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_l)), 0)
-    cols = gl.expand_dims(n_col, 1)
-    n_ok = cols < size_n
-    last = True
-    if FUSED_SPLIT:
-        p_ptrs = part_ptr + rows * size_n + cols
-        gl.store(p_ptrs + pid_k * BLOCK_M * size_n, acc, mask=n_ok)
-        gl.thread_barrier()
-        counter = count_ptr + pid_n
-        arrived = gl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        last = arrived == split_k - 1
-        if last:
-            acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=acc_l)
-            for split in gl.static_range(SPLIT_MAX):
-                acc += gl.load(p_ptrs + split * BLOCK_M * size_n, mask=n_ok & (split < split_k), other=0.0,
-                               cache_modifier=".cg")  # fmt: skip
-            gl.atomic_xchg(counter, 0)
-    if last:
-        gl.store(out_ptr + rows * stride_out + cols, acc.to(act), mask=n_ok & (rows < m_rows))
-
 
 def emulate_operands(words: torch.Tensor, x_tile: torch.Tensor, warps: int):
     """CPU model of the kernel's register chain for one (BLOCK_N, BLOCK_K) step, with the same reshape /
@@ -495,14 +388,6 @@ def launch(x, qweight, scales, zeros, group_size: int, cfg: dict) -> torch.Tenso
         counters = arrival_counters(x.device, n_tiles)
     else:
         part, counters = out, out
-    if cfg.get("kind") == "wgmma":
-        _wgmma_kernel[(n_tiles, split_k)](
-            x, qweight, scales, zeros if zeros is not None else scales, out, part, counters, m_rows, size_n,
-            n_groups, per_split, split_k, x.stride(0), out.stride(0),
-            G=group_size, SYMMETRIC=zeros is None, BLOCK_M=block_m, FUSED_SPLIT=fused,
-            SPLIT_MAX=triton.next_power_of_2(split_k) if fused else 1, EVICT=cfg["evict"], num_warps=4,
-        )  # fmt: skip
-        return out
     _mma_kernel[(n_tiles, split_k)](
         x, qweight, scales, zeros if zeros is not None else scales, out, part, counters, m_rows, size_n,
         n_groups, per_split, split_k, x.stride(0), out.stride(0),
