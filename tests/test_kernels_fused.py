@@ -49,7 +49,9 @@ DTYPE_IDS = ["fp32", "fp16"]
 
 def assert_rounds_like(out, ref, min_equal=0.97):
     """fp32: within 1e-5 relative. Half precision: within 2 ulps, and nearly every element bit-identical (a
-    missing or extra rounding step would make a large share differ by one ulp)."""
+    missing or extra rounding step would make a large share differ by one ulp): at most 3% of the elements differ,
+    or 2 of a small tensor (the decode case has 32 per head group; a legitimate 1-ulp tie-break difference in 2
+    of them is 6%, while a missing rounding step changes about half)."""
     assert out.dtype == ref.dtype and out.shape == ref.shape
     assert torch.isfinite(out).all()
     if out.dtype == torch.float32:
@@ -57,8 +59,9 @@ def assert_rounds_like(out, ref, min_equal=0.97):
         return
     eps = torch.finfo(out.dtype).eps
     torch.testing.assert_close(out.float(), ref.float(), rtol=2 * eps, atol=2 * eps * float(ref.abs().max()))
-    equal = (out == ref).float().mean().item()
-    assert equal >= min_equal, f"only {equal:.3f} of the elements are bit-identical"
+    differ = int((out != ref).sum())
+    allowed = max(2, int((1 - min_equal) * out.numel()))
+    assert differ <= allowed, f"{differ} of {out.numel()} elements are not bit-identical (at most {allowed})"
 
 
 # ---------------------------------------------------------------------------------------------------- norms
