@@ -544,23 +544,21 @@ def section_mma(rows_out):
         torch.cuda.empty_cache()
 
 
-# rows -> {name: change to the shipped config of those rows}. Session 11's candidates: the split's activations
-# copied once into shared memory (x_smem). Earlier candidates and their results: bench/results/int4_gemv_h100.md.
+# rows -> {name: change to the shipped config of those rows}; session 9's candidates (its earlier runs also had
+# an L1 prefetch of x, '.cg' weight loads and register caps, all slower: bench/results/int4_gemv_h100.md)
 MMA_VARIANTS = {
     16: {
         "shipped": None,
-        "prefetch_s": dict(prefetch_s=True),
-        "k_fastest": dict(k_fastest=True),
-        "k_fastest prefetch_s": dict(k_fastest=True, prefetch_s=True),
-        "x_smem w4": dict(warps=4, x_smem=True),
-        "x_smem w4 prefetch_s": dict(warps=4, x_smem=True, prefetch_s=True),
-        "x_smem w4 k_fastest": dict(warps=4, x_smem=True, k_fastest=True),
+        "prefetch_x": dict(prefetch_x=True),
+        "step2 prefetch_x": dict(step=2, prefetch_x=True),
+        "step2 prefetch_x, 2 splits": dict(step=2, prefetch_x=True, min_splits=2),
+        "3 splits": dict(min_splits=3),
     },
     **{
         rows: {
             "shipped": None,
-            "x_smem": dict(x_smem=True),
-            "k_fastest": dict(k_fastest=True),
+            "session 8 (no prefetch_x, 4 per SM)": dict(prefetch_x=False, occupancy=4.0),
+            "prefetch_x, 4 per SM": dict(occupancy=4.0),
         }
         for rows in (8, 4, 2)
     },

@@ -28,7 +28,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy, mbarrier, mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from scout_mm.kernels.int4 import _n_sms, check_linear_input
 from scout_mm.kernels.launch import arrival_counters
@@ -122,17 +122,6 @@ def _group_product(packed, offset, xt, W: gl.constexpr, KB: gl.constexpr, BLOCK_
 
 
 @gluon.jit
-def _x_from_shared(x_smem, group, KB: gl.constexpr, BLOCK_M: gl.constexpr, W: gl.constexpr,
-                   x_layout: gl.constexpr):  # fmt: skip
-    """(BM, KB, 4, 8) activations of the split's ``group`` from the shared copy (groups, KB, BM, 4, 8), in
-    ``x_layout`` (the layout of the global loads): thread (m, t) reads 16 contiguous bytes per 32-row block, so a
-    warp's read of one block is one contiguous 512-byte run (no bank conflict)."""
-    s_layout: gl.constexpr = gl.BlockedLayout([KB, 1, 1, 8], [1, 8, 4, 1], [1, 1, W, 1], [3, 0, 2, 1])
-    x = gl.permute(x_smem.index(group).load(s_layout), (1, 0, 2, 3))
-    return gl.convert_layout(x, x_layout, assert_trivial=True)
-
-
-@gluon.jit
 def _mma_kernel(
     x_ptr,  # (M, K) activations, bf16 / fp16
     qw_ptr,  # (K // 8, N) int32
@@ -158,10 +147,6 @@ def _mma_kernel(
     PREFETCH: gl.constexpr,
     PREFETCH_X: gl.constexpr,  # with PREFETCH: the next step's activations and scales too
     EVICT: gl.constexpr,
-    X_SMEM: gl.constexpr,  # the split's activations copied once into shared memory (cp.async), read from there
-    SPLIT_GROUPS: gl.constexpr,  # X_SMEM: groups per split (the shared buffer's size)
-    PREFETCH_S: gl.constexpr,  # with PREFETCH: the next step's scales (PREFETCH_X implies it)
-    K_FASTEST: gl.constexpr,  # grid (splits, column tiles): consecutive programs share a column tile
 ):
     BLOCK_N: gl.constexpr = 32 * W
     KB: gl.constexpr = G // 32  # 32-row blocks per group
@@ -175,12 +160,8 @@ def _mma_kernel(
     x_layout: gl.constexpr = gl.BlockedLayout([1, KB, 1, 8], [8, 1, 4, 1], [1, 1, W, 1], [3, 1, 2, 0])
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
 
-    if K_FASTEST:
-        pid_k = gl.program_id(0)
-        pid_n = gl.program_id(1)
-    else:
-        pid_n = gl.program_id(0)
-        pid_k = gl.program_id(1)
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
     n0 = pid_n * BLOCK_N
     g_begin = pid_k * groups_per_split
     n_steps = gl.minimum(groups_per_split, n_groups - g_begin) // STEP
@@ -208,81 +189,38 @@ def _mma_kernel(
 
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
     step_words: gl.constexpr = STEP * G // 8
-    PF_X: gl.constexpr = PREFETCH and PREFETCH_X and not X_SMEM  # the next step's activations in registers
-    PF_S: gl.constexpr = PREFETCH and (PREFETCH_X or PREFETCH_S)  # the next step's scales in registers
     if PREFETCH:
         nxt = gl.load(qw_ptrs, mask=qw_mask, other=0, eviction_policy=EVICT)
-        # the loop below reads group i of a step from x0 / s0 (i = 0) and x1 / s1 (i = 1)
-        if PF_X:
+        if PREFETCH_X:
+            # the loop below reads group i of a step from x0 / s0 (i = 0) and x1 / s1 (i = 1)
             x0_nxt = gl.load(x_ptrs, mask=xm_ok, other=0.0)
-        if PF_S:
             s0_nxt = gl.load(s_ptrs, mask=s_mask, other=0.0)
-        if STEP == 2:
-            if PF_X:
+            if STEP == 2:
                 x1_nxt = gl.load(x_ptrs + G, mask=xm_ok, other=0.0)
-            if PF_S:
                 s1_nxt = gl.load(s_ptrs + size_n, mask=s_mask, other=0.0)
-    if X_SMEM:
-        # one copy of the split's activations per program, all issued after the first words' loads: (groups, KB
-        # [b], BM [m], 4 [t], 8 [j]) = x[m, (g_begin + group) G + 32 b + 8 t + j]; rows past m_rows and groups
-        # past the split's end are zero-filled. Group g's barrier completes once every thread's copies up to g
-        # have landed, so the loop waits for its own group only and makes no global activation loads.
-        WK: gl.constexpr = W if W < KB else KB
-        c_layout: gl.constexpr = gl.BlockedLayout([1, 1, 1, 8], [1, 8, 4, 1], [WK, W // WK, 1, 1], [3, 2, 1, 0])
-        x_smem = gl.allocate_shared_memory(act, [SPLIT_GROUPS, KB, BLOCK_M, 4, 8],
-                                           gl.SwizzledSharedLayout(1, 1, 1, order=[3, 2, 1, 0]))  # fmt: skip
-        bars = gl.allocate_shared_memory(gl.int64, [SPLIT_GROUPS, 1], mbarrier.MBarrierLayout())
-        for group in gl.static_range(SPLIT_GROUPS):
-            mbarrier.init(bars.index(group), count=32 * W)
-        gl.thread_barrier()  # the barriers are initialised before any thread arrives
-        cb = _index4(KB, 0, c_layout)
-        cm = _index4(BLOCK_M, 1, c_layout)
-        c_ptrs = x_ptr + cm * stride_x + g_begin * G + 32 * cb + 8 * _index4(4, 2, c_layout) + _index4(8, 3, c_layout)
-        c_ok = (cm < m_rows) & (cb >= 0)
-        groups_here = gl.minimum(groups_per_split, n_groups - g_begin)
-        for group in gl.static_range(SPLIT_GROUPS):
-            async_copy.async_copy_global_to_shared(x_smem.index(group), c_ptrs + group * G,
-                                                   mask=c_ok & (group < groups_here))  # fmt: skip
-            async_copy.mbarrier_arrive(bars.index(group), increment_count=False)
-        gl.thread_barrier()  # (orders the copies before the loop's reads for the compiler; the data waits below)
     for step in range(n_steps):
         more = step + 1 < n_steps
         if PREFETCH:
             packed = nxt
             nxt = gl.load(qw_ptrs + step_words * size_n, mask=qw_mask & more, other=0, eviction_policy=EVICT)
-            if PF_X:
+            if PREFETCH_X:
                 x0 = x0_nxt
-            if PF_S:
                 s0 = s0_nxt
-            if PF_X:
                 x0_nxt = gl.load(x_ptrs + STEP * G, mask=xm_ok & more, other=0.0)
-            if PF_S:
                 s0_nxt = gl.load(s_ptrs + STEP * size_n, mask=s_mask & more, other=0.0)
-            if STEP == 2:
-                if PF_X:
+                if STEP == 2:
                     x1 = x1_nxt
-                if PF_S:
                     s1 = s1_nxt
-                if PF_X:
                     x1_nxt = gl.load(x_ptrs + 3 * G, mask=xm_ok & more, other=0.0)
-                if PF_S:
                     s1_nxt = gl.load(s_ptrs + 3 * size_n, mask=s_mask & more, other=0.0)
         else:
             packed = gl.load(qw_ptrs, mask=qw_mask, other=0, eviction_policy=EVICT)
-        if not (PF_X or X_SMEM):
+        if not (PREFETCH and PREFETCH_X):
             x0 = gl.load(x_ptrs, mask=xm_ok, other=0.0)
-        if not PF_S:
             s0 = gl.load(s_ptrs, mask=s_mask, other=0.0)
-        if STEP == 2:
-            if not (PF_X or X_SMEM):
-                x1 = gl.load(x_ptrs + G, mask=xm_ok, other=0.0)
-            if not PF_S:
-                s1 = gl.load(s_ptrs + size_n, mask=s_mask, other=0.0)
-        if X_SMEM:
-            mbarrier.wait(bars.index(STEP * step + STEP - 1), 0)
-            x0 = _x_from_shared(x_smem, STEP * step, KB, BLOCK_M, W, x_layout)
             if STEP == 2:
-                x1 = _x_from_shared(x_smem, STEP * step + 1, KB, BLOCK_M, W, x_layout)
+                x1 = gl.load(x_ptrs + G, mask=xm_ok, other=0.0)
+                s1 = gl.load(s_ptrs + size_n, mask=s_mask, other=0.0)
         if STEP == 2:
             halves = gl.permute(gl.reshape(packed, (8 * W, 4, 2, KB, 4)), (0, 1, 3, 4, 2))
             first, second = gl.split(halves)
@@ -350,23 +288,17 @@ def emulate_operands(words: torch.Tensor, x_tile: torch.Tensor, warps: int):
 
 
 def mma_config(warps: int = 2, step: int = 1, occupancy: float = 4.0, prefetch: bool = True,
-               evict: str = "evict_first", min_splits: int = 1, prefetch_x: bool = False,
-               x_smem: bool = False, prefetch_s: bool = False,
-               k_fastest: bool = False) -> dict:  # fmt: skip
+               evict: str = "evict_first", min_splits: int = 1, prefetch_x: bool = False) -> dict:  # fmt: skip
     """warps: a program covers 32 weight columns per warp (two m16 MMA tiles); step: groups per loop step
     (1 or 2; 1 where it does not divide the group count); occupancy: the K split aims at this many programs
     per SM (a ceiling); min_splits: at least this many K splits (where K has the steps), above the ceiling if
     need be (wide outputs); prefetch: the next step's words are loaded before this step's math; prefetch_x (with
-    prefetch): the next step's activations and group scales too; x_smem: a program copies its split's activations
-    into shared memory once (up to ``X_SMEM_MAX_BYTES``) and its loop reads them there (prefetch_x then
-    prefetches the scales only)."""
+    prefetch): the next step's activations and group scales too."""
     return {"kind": "mma", "num_warps": warps, "step": step, "occupancy": occupancy, "prefetch": prefetch,
-            "evict": evict, "min_splits": min_splits, "prefetch_x": prefetch_x, "x_smem": x_smem,
-            "prefetch_s": prefetch_s, "k_fastest": k_fastest}  # fmt: skip
+            "evict": evict, "min_splits": min_splits, "prefetch_x": prefetch_x}  # fmt: skip
 
 
 MAX_ROWS = 16
-X_SMEM_MAX_BYTES = 64 * 1024  # per program: several programs share an SM's 228 KB
 # H100 2026-11-24 (`bench/bench_int4.py --sections mma`, bench/results/int4_gemv_h100.md), the Scout shapes
 # 16384x5120 and 5120x8192: up to 8 rows (an m8 tile) 4 warps, two groups per step led (19.9 + 13.5 us at one
 # row, 22.9 + 17.0 us at eight); 16 rows: 2 warps, ~4 programs per SM, but at least 4 K splits (`--sections rows`,
@@ -450,24 +382,17 @@ def launch(x, qweight, scales, zeros, group_size: int, cfg: dict) -> torch.Tenso
     n_tiles = triton.cdiv(size_n, 32 * warps)
     split_k, per_split = _split(n_groups, n_tiles, cfg["occupancy"], step, x.device, cfg.get("min_splits", 1))
     out = torch.empty(m_rows, size_n, dtype=x.dtype, device=x.device)
-    # the shared copy of a split's activations, where asked for and small enough (else the per-step loads);
-    # cp.async moves 16 aligned bytes, so an unaligned view is copied first
-    x_smem = cfg.get("x_smem", False) and per_split * group_size * block_m * x.element_size() <= X_SMEM_MAX_BYTES
-    if x_smem and x.data_ptr() % 16:
-        x = x.clone()
     fused = split_k > 1
     if fused:
         part = torch.empty(split_k, block_m, size_n, dtype=torch.float32, device=x.device)
         counters = arrival_counters(x.device, n_tiles)
     else:
         part, counters = out, out
-    k_fastest = cfg.get("k_fastest", False)
-    _mma_kernel[(split_k, n_tiles) if k_fastest else (n_tiles, split_k)](
+    _mma_kernel[(n_tiles, split_k)](
         x, qweight, scales, zeros if zeros is not None else scales, out, part, counters, m_rows, size_n,
         n_groups, per_split, split_k, x.stride(0), out.stride(0),
         G=group_size, STEP=step, SYMMETRIC=zeros is None, BLOCK_M=block_m, W=warps, FUSED_SPLIT=fused,
         SPLIT_MAX=triton.next_power_of_2(split_k) if fused else 1, PREFETCH=cfg["prefetch"],
-        PREFETCH_X=cfg.get("prefetch_x", False), EVICT=cfg["evict"], X_SMEM=x_smem,
-        SPLIT_GROUPS=per_split if x_smem else 1, PREFETCH_S=cfg.get("prefetch_s", False), K_FASTEST=k_fastest, num_warps=warps,
+        PREFETCH_X=cfg.get("prefetch_x", False), EVICT=cfg["evict"], num_warps=warps,
     )  # fmt: skip
     return out
