@@ -74,9 +74,28 @@ def iter_checkpoint(path: str) -> Iterator[tuple[str, str, callable]]:
                 yield file, key, load
 
 
+def _reject_quantized(path: str) -> None:
+    """A float load of a quantized checkpoint would fail on its first packed tensor; say what it is instead."""
+    with open(os.path.join(path, "config.json")) as f:
+        quant = json.load(f).get("quantization_config")
+    if quant is None:
+        return
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method == "scout_mm_int4":  # scout_mm.quant.format.QUANT_METHOD (not imported: quant imports this module)
+        raise CheckpointError(
+            f"{path} is a scout_mm Int4 checkpoint (quantization_config in config.json): load it with "
+            "scout_mm.quant.load_quantized(path), or pass --int4 to scripts/generate.py"
+        )
+    raise CheckpointError(
+        f"{path}: quantization_config with quant_method={method!r} is not supported; scout_mm loads float "
+        "checkpoints and its own Int4 format (scripts/quantize.py, scout_mm/quant/FORMAT.md)"
+    )
+
+
 def load_pretrained(cls, path, dtype=None, device="cpu"):
     path = os.fspath(path)
     config = ScoutConfig.from_hf(path)
+    _reject_quantized(path)
     with torch.device("meta"):
         model = cls(config)
     params = dict(model.named_parameters(remove_duplicate=False))

@@ -1,15 +1,18 @@
-"""Answer an image+text prompt with a scout_mm / HF Llama 4 checkpoint and report tokens/s.
+r"""Answer an image+text prompt with a scout_mm / HF Llama 4 checkpoint and report tokens/s.
 
     python scripts/generate.py --model PATH --image a.png [--image b.png] --prompt "..." \
         [--max-new-tokens N] [--temperature T] [--stream] [--device cuda] [--dtype bfloat16] [--int4]
     python scripts/generate.py --demo     # the shipped trained tiny model on the built-in example image
 
---int4: the model is an Int4 checkpoint (scripts/quantize.py); with --demo, the tiny model quantized (RTN).
+--int4: the model is an Int4 checkpoint (scripts/quantize.py; one is recognised from its config.json without the
+flag); with --demo, the tiny model quantized (RTN).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from importlib.resources import files
 
@@ -20,6 +23,7 @@ from scout_mm import Processor, ScoutConfig, ScoutForConditionalGeneration
 from scout_mm.fusion import fuse_projections, fuse_shared_expert
 from scout_mm.generation import GenerateOutput
 from scout_mm.quant import load_quantized, quantize_model, quantized_bytes
+from scout_mm.quant.format import QUANT_METHOD
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXAMPLE_IMAGE = str(files("scout_mm") / "assets" / "example.png")
@@ -44,7 +48,7 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPU")
-    parser.add_argument("--int4", action="store_true", help="Int4 checkpoint (with --demo: quantize it, RTN)")
+    parser.add_argument("--int4", action="store_true", help="Int4 checkpoint (found from config.json when not given; with --demo: quantize it, RTN)")
     args = parser.parse_args()
     if not args.demo and not args.model:
         parser.error("pass --model PATH, or --demo for the built-in tiny model")
@@ -75,6 +79,10 @@ def main() -> None:
         images = args.image or [EXAMPLE_IMAGE]
         prompt = args.prompt or "What shapes are in the image?"
     else:
+        if not args.int4 and _is_int4_checkpoint(args.model):
+            print(f"{args.model}: Int4 checkpoint (quantization_config in config.json): loading it as Int4",
+                  file=sys.stderr)  # fmt: skip
+            args.int4 = True
         load = load_quantized if args.int4 else ScoutForConditionalGeneration.from_pretrained
         model = load(args.model, dtype=dtype, device=args.device)
         processor = Processor.from_config(model.config, tokenizer_path=args.model)
@@ -104,6 +112,17 @@ def main() -> None:
             + (f", peak GPU memory {peak:.2f} GB]" if peak is not None else "]"),
             file=sys.stderr,
         )
+
+
+def _is_int4_checkpoint(path: str) -> bool:
+    """Whether ``path``'s config.json declares the scout_mm Int4 format (a missing or broken config.json is left
+    to the loader, which names the problem)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            quant = json.load(f).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD
 
 
 def _run(model, processor, prompt, images, stream: bool, sampling: dict) -> GenerateOutput:

@@ -1,4 +1,4 @@
-"""Quantize a scout_mm / HF Llama 4 checkpoint to Int4, one decoder layer at a time.
+r"""Quantize a scout_mm / HF Llama 4 checkpoint to Int4, one decoder layer at a time.
 
     python scripts/quantize.py --model PATH --out PATH [--method rtn|gptq] [--group-size 128] \
         [--asymmetric] [--scale-dtype bfloat16|float16] [--skip PATTERN ...] [--quantize-lm-head] \

@@ -330,6 +330,27 @@ def test_cli_demo_prints_answer_and_speed():
         assert any(colour in out.stdout for colour in ("red", "green", "blue")), out.stdout
 
 
+def test_cli_quantize_then_generate_recognises_int4(tmp_path):
+    """scripts/quantize.py on the shipped tiny model, then scripts/generate.py on its output without --int4: the
+    Int4 checkpoint is recognised from its config.json, loaded as Int4, and still names the image's colours."""
+    import subprocess
+    import sys
+
+    int4_dir = tmp_path / "int4"
+    subprocess.run(
+        [sys.executable, "scripts/quantize.py", "--model", "scout_mm/assets/tiny", "--out", str(int4_dir),
+         "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "scripts/generate.py", "--model", str(int4_dir), "--image", "scout_mm/assets/example.png",
+         "--prompt", "What shapes are in the image?", "--max-new-tokens", "12", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    assert "loading it as Int4" in out.stderr and "Int4 model:" in out.stderr, out.stderr
+    assert any(colour in out.stdout for colour in ("red", "green", "blue")), out.stdout
+
+
 def test_cli_rejects_missing_model():
     import subprocess
     import sys

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -321,6 +322,17 @@ def test_bad_int4_checkpoints_and_options_raise_clear_errors(tmp_path):
     save_quantized(quantize_model(model, QuantConfig(group_size=32)), tmp_path / "q")
     with pytest.raises(CheckpointError, match="already quantized"):
         quantize_checkpoint(tmp_path / "q", tmp_path / "again", QuantConfig(group_size=32))
+    with pytest.raises(CheckpointError, match="Int4 checkpoint .*load_quantized"):
+        type(model).from_pretrained(tmp_path / "q")  # the float loader names the Int4 one
+    foreign = tmp_path / "fp8"
+    shutil.copytree(tmp_path / "float", foreign)
+    with open(foreign / "config.json") as f:
+        hf = json.load(f)
+    hf["quantization_config"] = {"quant_method": "fbgemm_fp8"}
+    with open(foreign / "config.json", "w") as f:
+        json.dump(hf, f)
+    with pytest.raises(CheckpointError, match="quant_method='fbgemm_fp8' is not supported"):
+        type(model).from_pretrained(foreign)
     with pytest.raises(ValueError, match="device meta"):
         load_quantized(tmp_path / "q", device="meta")
     with pytest.raises(ValueError, match="dtype torch.int8"):
