@@ -84,7 +84,7 @@ def _reject_quantized(path: str) -> None:
     if method == "scout_mm_int4":  # scout_mm.quant.format.QUANT_METHOD (not imported: quant imports this module)
         raise CheckpointError(
             f"{path} is a scout_mm Int4 checkpoint (quantization_config in config.json): load it with "
-            "scout_mm.quant.load_quantized(path), or pass --int4 to scripts/generate.py"
+            "scout_mm.quant.load_quantized(path) (scripts/generate.py does so by itself)"
         )
     raise CheckpointError(
         f"{path}: quantization_config with quant_method={method!r} is not supported; scout_mm loads float "

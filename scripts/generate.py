@@ -48,7 +48,10 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPU")
-    parser.add_argument("--int4", action="store_true", help="Int4 checkpoint (found from config.json when not given; with --demo: quantize it, RTN)")
+    parser.add_argument(
+        "--int4", action="store_true",
+        help="Int4 checkpoint (found from config.json when not given; with --demo: quantize it, RTN)",
+    )  # fmt: skip
     args = parser.parse_args()
     if not args.demo and not args.model:
         parser.error("pass --model PATH, or --demo for the built-in tiny model")
