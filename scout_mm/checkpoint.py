@@ -74,14 +74,26 @@ def iter_checkpoint(path: str) -> Iterator[tuple[str, str, callable]]:
                 yield file, key, load
 
 
+def quantization_config(path: str | os.PathLike):
+    """The ``quantization_config`` entry of folder ``path``'s config.json as stored; None when there is none (a
+    float checkpoint), or when config.json is missing or unreadable (the loaders name that problem)."""
+    try:
+        with open(os.path.join(os.fspath(path), "config.json")) as f:
+            hf = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return hf.get("quantization_config") if isinstance(hf, dict) else None
+
+
 def _reject_quantized(path: str) -> None:
     """A float load of a quantized checkpoint would fail on its first packed tensor; say what it is instead."""
-    with open(os.path.join(path, "config.json")) as f:
-        quant = json.load(f).get("quantization_config")
+    quant = quantization_config(path)
     if quant is None:
         return
+    from scout_mm.quant.format import QUANT_METHOD  # here: scout_mm.quant imports this module
+
     method = quant.get("quant_method") if isinstance(quant, dict) else None
-    if method == "scout_mm_int4":  # scout_mm.quant.format.QUANT_METHOD (not imported: quant imports this module)
+    if method == QUANT_METHOD:
         raise CheckpointError(
             f"{path} is a scout_mm Int4 checkpoint (quantization_config in config.json): load it with "
             "scout_mm.quant.load_quantized(path) (scripts/generate.py does so by itself)"

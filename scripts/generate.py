@@ -11,8 +11,6 @@ flag); with --demo, the tiny model quantized (RTN).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from importlib.resources import files
 
@@ -20,6 +18,7 @@ import torch
 
 import scout_mm
 from scout_mm import Processor, ScoutConfig, ScoutForConditionalGeneration
+from scout_mm.checkpoint import quantization_config
 from scout_mm.fusion import fuse_projections, fuse_shared_expert
 from scout_mm.generation import GenerateOutput
 from scout_mm.quant import load_quantized, quantize_model, quantized_bytes
@@ -120,11 +119,7 @@ def main() -> None:
 def _is_int4_checkpoint(path: str) -> bool:
     """Whether ``path``'s config.json declares the scout_mm Int4 format (a missing or broken config.json is left
     to the loader, which names the problem)."""
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            quant = json.load(f).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        return False
+    quant = quantization_config(path)
     return isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD
 
 
