@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import time
 
 import torch
@@ -43,7 +42,13 @@ def main() -> None:
     )
     parser.add_argument("--max-shard-size", default="5GB")
     args = parser.parse_args()
+    try:
+        run(args)
+    except (OSError, ValueError) as e:  # bad paths, options or checkpoints (CheckpointError is a ValueError)
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
 
+
+def run(args: argparse.Namespace) -> None:
     skip = tuple(args.skip) if args.skip is not None else default_skip()
     if args.quantize_lm_head:
         skip = tuple(s for s in skip if s != "lm_head")
@@ -60,14 +65,6 @@ def main() -> None:
     start = time.perf_counter()
     quantize_checkpoint(args.model, args.out, cfg, calibration, device=args.device,
                         dtype=DTYPES[args.dtype] if args.dtype else None, max_shard_size=args.max_shard_size)  # fmt: skip
-    for name in (
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "processor_config.json",
-    ):
-        if os.path.exists(os.path.join(args.model, name)):
-            shutil.copy2(os.path.join(args.model, name), os.path.join(args.out, name))
     print(f"{args.model} ({_size(args.model) / 1e9:.2f} GB) -> {args.out} ({_size(args.out) / 1e9:.2f} GB), "
           f"{args.method}, group {args.group_size}, {time.perf_counter() - start:.1f} s")  # fmt: skip
 

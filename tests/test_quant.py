@@ -410,3 +410,271 @@ def test_loader_fuses_projections_and_fused_models_refuse_to_save(tmp_path):
     save_quantized(unfuse_projections(fused), tmp_path / "again")
     assert torch.equal(logits(load_quantized(tmp_path / "again", dtype=torch.float32, device="cpu"), ids),
                        logits(plain, ids))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- bad input, clearly
+
+
+def saved_int4(tmp_path, **cfg) -> str:
+    folder = tmp_path / "q"
+    save_quantized(quantize_model(small_model(seed=12), QuantConfig(**{"group_size": 32, **cfg})), folder)
+    return str(folder)
+
+
+def edit_config(folder, fn) -> None:
+    with open(os.path.join(folder, "config.json")) as f:
+        hf = json.load(f)
+    fn(hf)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf, f)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_save_load_round_trip_with_fp16_scales(tmp_path, group_size, symmetric):
+    cfg = QuantConfig(group_size=group_size, symmetric=symmetric, scale_dtype="float16")
+    model = quantize_model(small_model(vision=True, seed=13), cfg)
+    save_quantized(model, tmp_path / "q", max_shard_size="100KB")
+    loaded = load_quantized(tmp_path / "q", dtype=torch.float32, device="cpu")
+    assert loaded.quant_config == cfg
+    ids = random_ids(2, 16)
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+
+
+def test_quant_config_rejects_values_of_the_wrong_type():
+    # Each of these used to be accepted: 64.0 failed deep in torch.empty, "false" is truthy (symmetric), a
+    # bare string skip list became its characters (skipping almost every module), a bad damping failed in GPTQ.
+    for kwargs, message in [
+        (dict(group_size=64.0), "group_size=64.0"),
+        (dict(bits=4.0), "bits=4.0"),
+        (dict(symmetric="false"), "symmetric='false'"),
+        (dict(skip="router"), "skip='router'"),
+        (dict(skip=["router", ""]), "skip has \\[''\\]"),
+        (dict(gptq_damp=-0.01), "gptq_damp=-0.01"),
+        (dict(gptq_damp="0.01"), "gptq_damp='0.01'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            QuantConfig(**kwargs)
+    stored = QuantConfig(group_size=32).to_dict()
+    with pytest.raises(ValueError, match="lacks \\['group_size'\\]"):
+        QuantConfig.from_dict({k: v for k, v in stored.items() if k != "group_size"})  # not the default 128
+    with pytest.raises(ValueError, match="format_version=True"):
+        QuantConfig.from_dict({**stored, "format_version": True})
+    with pytest.raises(ValueError, match="quantization_config is a list"):
+        QuantConfig.from_dict([stored])
+
+
+def test_load_names_the_bad_config_json(tmp_path):
+    folder = saved_int4(tmp_path)
+    edit_config(folder, lambda hf: hf["quantization_config"].update(group_size=32.0))
+    with pytest.raises(CheckpointError, match="config.json: bad quantization_config: group_size=32.0"):
+        load_quantized(folder, device="cpu")  # was: TypeError from torch.empty
+    edit_config(folder, lambda hf: hf["quantization_config"].update(group_size=32, symmetric="false"))
+    with pytest.raises(CheckpointError, match="symmetric='false'"):
+        load_quantized(folder, device="cpu")  # was: "36 tensors match nothing" (loaded as symmetric)
+    edit_config(
+        folder, lambda hf: (hf["quantization_config"].update(symmetric=True), hf.update(num_hidden_layers=3))
+    )
+    with pytest.raises(CheckpointError, match="config.json: moe_layers"):
+        load_quantized(folder, device="cpu")  # was: a ValueError naming no file
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        load_quantized(folder, device="cpu")  # was: a bare JSONDecodeError
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        f.write("[]")
+    with pytest.raises(CheckpointError, match="config.json holds a JSON list"):
+        load_quantized(folder, device="cpu")  # was: AttributeError
+    with pytest.raises(FileNotFoundError, match="checkpoint folder .*config.json does not exist"):
+        load_quantized(os.path.join(folder, "config.json"), device="cpu")
+
+
+def test_load_rejects_corrupt_scales_zeros_and_duplicated_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = saved_int4(tmp_path, symmetric=False)
+    file = os.path.join(folder, "model.safetensors")
+    good = load_file(file)
+    key = "language_model.model.layers.1.self_attn.o_proj"
+    for name, value, message in [
+        ("scales", float("nan"), "non-finite scales"),
+        ("zeros", 16.0, "zero points"),
+    ]:
+        tensors = dict(good)
+        tensors[f"{key}.{name}"] = tensors[f"{key}.{name}"].clone().fill_(value)
+        save_file(tensors, file)
+        with pytest.raises(CheckpointError, match=f"'{key}.{name}' holds {message}"):
+            load_quantized(folder, dtype=torch.float32, device="cpu")  # was: loaded, NaN / wrong outputs
+    # One tensor in two shards: which copy is loaded depended on shard order.
+    save_file(good, file)
+    save_file({f"{key}.scales": good[f"{key}.scales"]}, os.path.join(folder, "extra.safetensors"))
+    names = ["model.safetensors", "extra.safetensors"]
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": {k: names[0] for k in good} | {f"{key}.scales": names[1]}}, f)
+    with pytest.raises(CheckpointError, match=f"'{key}.scales' is stored twice"):
+        load_quantized(folder, dtype=torch.float32, device="cpu")
+
+
+def test_device_errors_are_clear(tmp_path, monkeypatch):
+    folder = saved_int4(tmp_path)
+    model = small_model(seed=12)
+    model.save_pretrained(tmp_path / "float")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = QuantConfig(group_size=32)
+    for call in (
+        lambda d: load_quantized(folder, device=d),
+        lambda d: quantize_checkpoint(tmp_path / "float", tmp_path / "out", cfg, device=d),
+    ):
+        with pytest.raises(ValueError, match="device 'cuda': CUDA is not available"):
+            call("cuda")  # was: RuntimeError "Found no NVIDIA driver" from deep inside the first .to()
+        with pytest.raises(ValueError, match="device 'gpu' is not a device name"):
+            call("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="device 'cuda:3': this machine has 1 CUDA device"):
+        load_quantized(folder, device="cuda:3")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_quantize_checkpoint_refuses_its_source_as_output(tmp_path):
+    model = small_model(seed=14)
+    model.save_pretrained(tmp_path / "float")
+    for dst in (tmp_path / "float", str(tmp_path / "float") + os.sep):
+        with pytest.raises(ValueError, match="is the source checkpoint"):
+            # was: the float weights replaced by the Int4 ones
+            quantize_checkpoint(tmp_path / "float", dst, QuantConfig(group_size=32))
+    reloaded = type(model).from_pretrained(tmp_path / "float")
+    ids = random_ids(1, 8)
+    assert torch.equal(logits(reloaded, ids), logits(model, ids))
+
+
+def test_quantize_checkpoint_checks_everything_before_quantizing(tmp_path, monkeypatch):
+    small_model(vision=True, seed=15).save_pretrained(tmp_path / "float")
+    quantized = []
+    real = quantize_module._quantize_layer
+    monkeypatch.setattr(quantize_module, "_quantize_layer", lambda *a: quantized.append(a[1]) or real(*a))
+    (tmp_path / "a_file").write_text("x")
+    cases = [
+        (dict(dtype=torch.int8), ValueError, "dtype torch.int8"),  # was: int8 embeddings, then a weight error
+        (dict(dtype=torch.float64), ValueError, "dtype torch.float64"),  # was: a float64 checkpoint
+        (dict(max_shard_size="lots"), ValueError, "max_shard_size='lots'"),  # was: int('LOTS'), at the end
+        (dict(dst=tmp_path / "a_file"), NotADirectoryError, "not a folder"),  # was: after quantizing
+        # The vision tower's patch embedding (input dim 588) is only reached after every decoder layer:
+        (dict(cfg=QuantConfig(group_size=32, skip=("router", "norm"))), ValueError, "input dim 588"),
+    ]
+    for options, error, message in cases:
+        options = {"dst": tmp_path / "out", "cfg": QuantConfig(group_size=32), **options}
+        with pytest.raises(error, match=message):
+            quantize_checkpoint(tmp_path / "float", options.pop("dst"), options.pop("cfg"), **options)
+    assert quantized == [] and sorted(os.listdir(tmp_path)) == ["a_file", "float"]
+
+
+def test_quantize_checkpoint_copies_tokenizer_and_processor_files(tmp_path):
+    # They go into the temporary folder before it is renamed: the Int4 folder never appears without them (the
+    # CLI used to copy the tokenizer files afterwards, and never preprocessor_config.json, read by Processor).
+    small_model(seed=16).save_pretrained(tmp_path / "float")
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        (tmp_path / "float" / name).write_text(f'{{"name": "{name}"}}')
+    quantize_checkpoint(tmp_path / "float", tmp_path / "int4", QuantConfig(group_size=32))
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        assert (tmp_path / "int4" / name).read_text() == f'{{"name": "{name}"}}'
+
+
+def test_pack_int4_rejects_codes_out_of_range():
+    for bad in (16, -1):
+        codes = torch.zeros(8, 4, dtype=torch.int64)
+        codes[3, 1] = bad
+        with pytest.raises(ValueError, match="expected 4-bit codes in \\[0, 15\\]"):
+            pack_int4(codes)  # was: spilled into the neighbouring rows' nibbles
+
+
+def test_quantizers_reject_non_finite_weights():
+    from scout_mm.quant import Hessian, quantize_gptq
+
+    weight = torch.randn(64, 8)
+    weight[5, 2] = float("nan")
+    with pytest.raises(ValueError, match="1 non-finite values"):
+        quantize_rtn(weight, 32)  # was: codes 0 (= -8 * scale 1) for the NaN's group
+    hessian = Hessian(64, "cpu")
+    hessian.add(torch.randn(16, 64))
+    with pytest.raises(ValueError, match="1 non-finite values"):
+        quantize_gptq(weight, hessian, 32)
+    model = small_model(seed=17)
+    with torch.no_grad():
+        model.language_model.model.layers[2].feed_forward.experts.down_proj[1, 0, 0] = float("inf")
+    with pytest.raises(
+        ValueError, match=r"layers\.2\.feed_forward\.experts\.down_proj\[1\]: weight has 1 non-finite"
+    ):
+        quantize_model(model, QuantConfig(group_size=32))
+
+
+def test_quantize_model_refuses_an_already_quantized_model():
+    model = quantize_model(small_model(seed=18), QuantConfig(group_size=32))
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(model, QuantConfig(group_size=64))  # was: relabelled group 64, saved unloadable
+
+
+def test_save_quantized_refuses_modules_that_disagree_with_quant_config(tmp_path):
+    from scout_mm.quant.format import DEFAULT_SKIP
+
+    # Each of these used to write a checkpoint that its own config.json could not load.
+    model = quantize_model(small_model(seed=19), QuantConfig(group_size=32))
+    for wrong, message in [
+        (QuantConfig(group_size=64), "\\(32, True, torch.bfloat16\\), but quant_config says \\(64, True"),
+        (QuantConfig(group_size=32, symmetric=False), "but quant_config says \\(32, False"),
+        (QuantConfig(group_size=32, scale_dtype="float16"), "torch.float16\\)"),
+        (
+            QuantConfig(group_size=32, skip=(*DEFAULT_SKIP, "self_attn")),
+            "self_attn.q_proj is Int4, but quant_config.skip",
+        ),
+        (
+            QuantConfig(group_size=32, skip=("router", "norm", "embed_tokens")),
+            "quantizes \\['language_model.lm_head'\\]",
+        ),
+    ]:
+        model.quant_config = wrong
+        with pytest.raises(ValueError, match=message):
+            save_quantized(model, tmp_path / "q")
+    assert not os.listdir(tmp_path)
+
+
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    import runpy
+
+    scripts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+    missing = str(tmp_path / "missing")
+    for script, args in [
+        ("quantize.py", ["--model", missing, "--out", str(tmp_path / "out"), "--device", "cpu"]),
+        ("int4_generate.py", ["--model", missing, "--prompt", "hi", "--device", "cpu"]),
+    ]:
+        monkeypatch.setattr("sys.argv", [os.path.join(scripts, script), *args])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(os.path.join(scripts, script), run_name="__main__")
+        err = capsys.readouterr().err + str(exit_info.value.code)
+        assert exit_info.value.code != 0 and "Traceback" not in err, err
+        # was: a traceback ending in FileNotFoundError
+        assert f"{script}: error:" in err and missing in err, err
+
+
+def test_int4_checkpoint_gets_ordinary_permissions(tmp_path):
+    # Was 0700 (tempfile.mkdtemp, renamed into place) with 0600 shards: unreadable to any other user.
+    folder = saved_int4(tmp_path)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(folder).st_mode & 0o777 == 0o777 & ~umask
+    assert os.stat(os.path.join(folder, "model.safetensors")).st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_interrupted_quantize_leaves_no_folder(tmp_path, monkeypatch):
+    small_model(seed=20).save_pretrained(tmp_path / "float")
+    real = quantize_module._quantize_layer
+
+    def interrupted(layer, prefix, *args):
+        if prefix.endswith(".2"):
+            raise KeyboardInterrupt
+        return real(layer, prefix, *args)
+
+    monkeypatch.setattr(quantize_module, "_quantize_layer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(tmp_path / "float", tmp_path / "int4", QuantConfig(group_size=32))
+    assert sorted(os.listdir(tmp_path)) == ["float"]

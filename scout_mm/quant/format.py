@@ -30,6 +30,8 @@ FORMAT_VERSION = 1
 GROUP_SIZES = (32, 64, 128)
 SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 METHODS = ("rtn", "gptq")
+# Besides quant_method and format_version: the keys deciding the stored tensors' shapes, dtypes and selection.
+REQUIRED_KEYS = ("bits", "group_size", "symmetric", "scale_dtype", "skip")
 # Substrings of module names that stay in their float dtype. The router stays float because a flipped top-1
 # choice changes a token's whole expert; norms, embeddings and the vision tower are small or sensitive.
 DEFAULT_SKIP = ("router", "norm", "vision_model", "multi_modal_projector", "embed_tokens", "lm_head")
@@ -54,18 +56,30 @@ class QuantConfig:
     bits: int = 4
 
     def __post_init__(self):
+        # A bare string would become a tuple of its characters, each a substring of most module names.
+        if isinstance(self.skip, str) or not isinstance(self.skip, (list, tuple)):
+            raise ValueError(f"skip={self.skip!r}; expected a list of module-name substrings")
         self.skip = tuple(self.skip)
         self.validate()
 
     def validate(self) -> None:
-        if self.bits != 4:
-            raise ValueError(f"bits={self.bits}; only 4-bit weights are supported")
-        if self.group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size={self.group_size}; expected one of {GROUP_SIZES}")
-        if self.scale_dtype not in SCALE_DTYPES:
+        # Exact types: a config.json edited to ``64.0`` or ``"false"`` must not load as something else.
+        if not _is_int(self.bits) or self.bits != 4:
+            raise ValueError(f"bits={self.bits!r}; only 4-bit weights are supported")
+        if not _is_int(self.group_size) or self.group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size={self.group_size!r}; expected one of {GROUP_SIZES}")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric={self.symmetric!r}; expected true or false")
+        if not isinstance(self.scale_dtype, str) or self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype={self.scale_dtype!r}; expected one of {sorted(SCALE_DTYPES)}")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}; expected one of {METHODS}")
+        bad_skip = [p for p in self.skip if not isinstance(p, str) or not p]
+        if bad_skip:
+            raise ValueError(f"skip has {bad_skip}; expected non-empty module-name substrings")
+        damp = self.gptq_damp
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < float("inf"):
+            raise ValueError(f"gptq_damp={damp!r}; expected a positive number (e.g. 0.01)")
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
@@ -82,12 +96,14 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"quantization_config is a {type(d).__name__}; expected a JSON object")
         d = dict(d)
         method = d.pop("quant_method", None)
         if method != QUANT_METHOD:
             raise ValueError(f"quantization_config quant_method={method!r}; expected {QUANT_METHOD!r}")
         version = d.pop("format_version", None)
-        if version != FORMAT_VERSION:
+        if not _is_int(version) or version != FORMAT_VERSION:
             raise ValueError(
                 f"quantization_config format_version={version!r}; this code reads {FORMAT_VERSION}"
             )
@@ -95,7 +111,17 @@ class QuantConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"quantization_config has unknown keys {unknown}")
+        # A default in place of a missing key would read the tensors against a layout they may not have.
+        missing = [k for k in REQUIRED_KEYS if k not in d]
+        if missing:
+            raise ValueError(
+                f"quantization_config lacks {missing}; a checkpoint's config names all of {REQUIRED_KEYS}"
+            )
         return cls(**d)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -103,6 +129,10 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     size_k = codes.shape[-2]
     if size_k % 8:
         raise ValueError(f"K={size_k} must be a multiple of 8 to pack 8 codes per int32")
+    if codes.numel() and not bool(((codes >= 0) & (codes <= 15)).all()):  # would spill into other nibbles
+        raise ValueError(
+            f"codes span [{codes.min().item()}, {codes.max().item()}]; expected 4-bit codes in [0, 15]"
+        )
     nibbles = codes.to(torch.int64).unflatten(-2, (size_k // 8, 8))  # (..., K // 8, 8, N)
     shifts = torch.arange(0, 32, 4, device=codes.device, dtype=torch.int64)
     words = (nibbles << shifts[:, None]).sum(dim=-2)  # disjoint bits: the sum is a bitwise or
@@ -136,6 +166,21 @@ def codes_for(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
     return (torch.round(weight / scale) + zero).clamp(0, 15)
 
 
+def check_weight(weight: torch.Tensor, group_size: int) -> None:
+    """ValueError unless ``weight (..., K, N)`` is a finite float matrix whose K the group size divides."""
+    if not weight.is_floating_point():
+        raise ValueError(f"weight dtype {weight.dtype}; expected a floating-point weight")
+    if weight.dim() < 2:
+        raise ValueError(f"weight shape {tuple(weight.shape)}; expected (..., K, N)")
+    size_k = weight.shape[-2]
+    if not _is_int(group_size) or group_size <= 0 or size_k % group_size:
+        raise ValueError(f"K={size_k} (the input dim) is not a multiple of group size {group_size}")
+    # A NaN or inf would become a NaN/inf scale or a clamped code: garbage that loads without complaint.
+    if not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(f"weight has {bad} non-finite values (NaN or inf); cannot quantize it")
+
+
 def quantize_rtn(
     weight: torch.Tensor,  # (..., K, N)
     group_size: int,
@@ -143,11 +188,8 @@ def quantize_rtn(
     scale_dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest group quantization -> (qweight, scales, zeros or None) in the packed layout."""
-    if not weight.is_floating_point():
-        raise ValueError(f"weight dtype {weight.dtype}; expected a floating-point weight")
+    check_weight(weight, group_size)
     size_k = weight.shape[-2]
-    if size_k % group_size:
-        raise ValueError(f"K={size_k} (the input dim) is not a multiple of group size {group_size}")
     w = weight.float().transpose(-1, -2).unflatten(-1, (size_k // group_size, group_size))  # (..., N, K/G, G)
     scale, zero = group_params(w, symmetric, scale_dtype)  # (..., N, K/G)
     codes = codes_for(w, scale[..., None], zero[..., None]).flatten(-2).transpose(-1, -2)  # (..., K, N)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from scout_mm.quant.format import _packed, codes_for, group_params
+from scout_mm.quant.format import _packed, check_weight, codes_for, group_params
 
 BLOCK = 128  # columns updated together (lazy batch updates); a multiple of every allowed group size
 
@@ -54,9 +54,8 @@ def quantize_gptq(
     damp: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ-quantize one weight -> (qweight, scales, zeros or None) in the packed layout."""
+    check_weight(weight, group_size)
     size_k, size_n = weight.shape
-    if size_k % group_size:
-        raise ValueError(f"K={size_k} (the input dim) is not a multiple of group size {group_size}")
     device = hessian.matrix.device
     w = weight.to(device=device, dtype=torch.float32).T.contiguous()  # (N, K): rows are output channels
     h = hessian.matrix.clone()

@@ -16,19 +16,27 @@ from scout_mm.checkpoint import CheckpointError, iter_checkpoint
 from scout_mm.config import ScoutConfig
 from scout_mm.quant.format import QuantConfig
 from scout_mm.quant.modules import HostEmbedding, Int4Experts, Int4Linear, offload_embeddings
-from scout_mm.quant.quantize import replace_with_empty_int4
+from scout_mm.quant.quantize import FLOAT_DTYPES, replace_with_empty_int4, resolve_device
 
-ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+ACTIVATION_DTYPES = FLOAT_DTYPES
 EMBEDDING_KEY = "language_model.model.embed_tokens.weight"
 
 
 def read_quant_config(path: str | os.PathLike) -> tuple[dict, QuantConfig]:
     """(the raw config.json dict, its QuantConfig); CheckpointError when the folder is not an Int4 checkpoint."""
-    file = os.path.join(os.fspath(path), "config.json")
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist (or is not a folder)")
+    file = os.path.join(path, "config.json")
     if not os.path.exists(file):
         raise FileNotFoundError(f"no config.json at {file}")
     with open(file) as f:
-        hf = json.load(f)
+        try:
+            hf = json.load(f)
+        except ValueError as e:
+            raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(hf).__name__}; expected an object")
     quant = hf.get("quantization_config")
     if quant is None:
         raise CheckpointError(
@@ -59,7 +67,7 @@ def load_quantized(
     ``fuse_shared``: each MoE layer's shared expert as one more expert of its Int4 routed stacks
     (:func:`scout_mm.fusion.fuse_shared_expert`: shared + routed in one grouped launch per GEMM; undone by
     ``unfuse_projections`` as well)."""
-    device = torch.device(device)
+    device = resolve_device(device)
     if host_embeddings and device.type != "cuda":
         raise ValueError(
             f"host_embeddings=True keeps the table in pinned host memory for a CUDA model; device={device}"
@@ -70,7 +78,10 @@ def load_quantized(
         raise ValueError(f"dtype {dtype}; expected one of {ACTIVATION_DTYPES}")
     path = os.fspath(path)
     hf, cfg = read_quant_config(path)
-    config = ScoutConfig.from_hf(hf)
+    try:
+        config = ScoutConfig.from_hf(hf)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: {e}") from e
     from scout_mm.model import ScoutForConditionalGeneration
 
     with torch.device("meta"):
@@ -90,12 +101,14 @@ def load_quantized(
     expected.update(packed)
     if config.tie_word_embeddings and isinstance(model.language_model.lm_head, nn.Linear):
         expected.pop("language_model.lm_head.weight", None)
-    loaded, unexpected = set(), []
+    loaded, unexpected = {}, []
     for file, key, load in iter_checkpoint(path):
         target = expected.get(key)
         if target is None:
             unexpected.append(key)
             continue
+        if key in loaded:
+            raise CheckpointError(f"{path}: tensor {key!r} is stored twice, in {loaded[key]} and {file}")
         tensor = load()
         if tuple(tensor.shape) != tuple(target.shape):
             raise CheckpointError(
@@ -107,6 +120,7 @@ def load_quantized(
                 raise CheckpointError(
                     f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected {target.dtype}"
                 )
+            _check_scales_zeros(file, key, tensor)
             tensor = tensor.to(device)
         elif not tensor.is_floating_point():
             raise CheckpointError(f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected floating point")
@@ -115,13 +129,13 @@ def load_quantized(
         else:
             tensor = tensor.to(device=device, dtype=dtype)
         _assign(model, key, tensor)
-        loaded.add(key)
+        loaded[key] = file
     if unexpected:
         raise CheckpointError(
             f"{path}: {len(unexpected)} tensors match nothing in the config + quantization_config, e.g. "
             f"{unexpected[:5]}"
         )
-    missing = sorted(set(expected) - loaded)
+    missing = sorted(set(expected) - set(loaded))
     if missing:
         raise CheckpointError(
             f"{path}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[:5]}"
@@ -144,6 +158,17 @@ def load_quantized(
             # left for KV caches (and what nvidia-smi shows) is not held in PyTorch's cache (13 GB for Scout).
             torch.cuda.empty_cache()
     return model.eval()
+
+
+def _check_scales_zeros(file: str, key: str, tensor: torch.Tensor) -> None:
+    """Values no quantizer writes (a NaN/inf scale, a zero point off the integers 0..15) mean a corrupt file,
+    and would give NaN or silently wrong outputs; codes cannot be checked (every int32 is 8 valid codes)."""
+    if key.endswith("scales") and not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(f"{file}: tensor {key!r} holds non-finite scales (NaN or inf)")
+    if key.endswith("zeros") and not bool(
+        ((tensor >= 0) & (tensor <= 15) & (tensor == tensor.round())).all()
+    ):
+        raise CheckpointError(f"{file}: tensor {key!r} holds zero points outside the integers 0..15")
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,10 @@ from scout_mm.quant.gptq import Hessian, quantize_gptq
 from scout_mm.quant.modules import Int4Experts, Int4Linear, check_divisible
 
 LAYERS = "language_model.model.layers."
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Files beside the weights that the processor reads: copied into the Int4 folder before it is moved in place.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json",
+              "preprocessor_config.json")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -60,13 +64,16 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, attr, module)
 
 
-def _quantize_weight(weight, cfg: QuantConfig, hessian: Hessian | None):
+def _quantize_weight(name: str, weight, cfg: QuantConfig, hessian: Hessian | None):
     """(K, N) float weight -> packed tensors, by GPTQ when a Hessian with rows is given, else RTN."""
-    if hessian is not None and hessian.rows > 0:
-        return quantize_gptq(
-            weight, hessian, cfg.group_size, cfg.symmetric, cfg.torch_scale_dtype, cfg.gptq_damp
-        )
-    return quantize_rtn(weight, cfg.group_size, cfg.symmetric, cfg.torch_scale_dtype)
+    try:
+        if hessian is not None and hessian.rows > 0:
+            return quantize_gptq(
+                weight, hessian, cfg.group_size, cfg.symmetric, cfg.torch_scale_dtype, cfg.gptq_damp
+            )
+        return quantize_rtn(weight, cfg.group_size, cfg.symmetric, cfg.torch_scale_dtype)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from e
 
 
 def quantize_module(
@@ -76,7 +83,7 @@ def quantize_module(
     hessians = hessians or {}
     if isinstance(module, nn.Linear):
         check_divisible(name, module.in_features, cfg.group_size)
-        packed = _quantize_weight(module.weight.detach().T, cfg, hessians.get(name))
+        packed = _quantize_weight(name, module.weight.detach().T, cfg, hessians.get(name))
         qmodule = Int4Linear.from_packed(packed, cfg, module.bias, name)
     elif isinstance(module, Experts):
         n_experts, hidden_size, two_inter = module.gate_up_proj.shape
@@ -84,10 +91,10 @@ def quantize_module(
         gate_h = hessians.get(name + ".gate_up_proj", [None] * n_experts)
         down_h = hessians.get(name + ".down_proj", [None] * n_experts)
         # One expert at a time: the fp32 copies of a Scout expert stack would be 8 GB.
-        gate_up = [
-            _quantize_weight(module.gate_up_proj[e].detach(), cfg, gate_h[e]) for e in range(n_experts)
-        ]
-        down = [_quantize_weight(module.down_proj[e].detach(), cfg, down_h[e]) for e in range(n_experts)]
+        gate_up = [_quantize_weight(f"{name}.gate_up_proj[{e}]", module.gate_up_proj[e].detach(), cfg,
+                                    gate_h[e]) for e in range(n_experts)]  # fmt: skip
+        down = [_quantize_weight(f"{name}.down_proj[{e}]", module.down_proj[e].detach(), cfg, down_h[e])
+                for e in range(n_experts)]  # fmt: skip
         qmodule.set_packed(_stack(gate_up), _stack(down))
     else:
         raise TypeError(f"{name}: cannot quantize a {type(module).__name__}")
@@ -104,18 +111,51 @@ def _quantize_in_place(root: nn.Module, cfg: QuantConfig, prefix: str = "", hess
         _set_module(root, local, quantize_module(full, module, cfg, hessians))
 
 
+def _empty_int4(name: str, module: nn.Module, cfg: QuantConfig) -> nn.Module:
+    """The Int4 module (meta buffers) replacing target ``module``; ValueError when ``cfg`` cannot fit it."""
+    if isinstance(module, nn.Linear):
+        return Int4Linear(module.in_features, module.out_features, cfg, module.bias is not None, "meta", name)
+    n_experts, hidden_size, two_inter = module.gate_up_proj.shape
+    return Int4Experts(n_experts, hidden_size, two_inter // 2, cfg, "meta", name)
+
+
 def replace_with_empty_int4(model: nn.Module, cfg: QuantConfig) -> None:
     """Swap every target for an Int4 module with empty (meta) buffers: the skeleton an Int4 checkpoint loads
     into. Same selection as quantization, so the module tree always matches the saved tensors."""
     for name, module in quant_targets(model, cfg):
-        if isinstance(module, nn.Linear):
-            new = Int4Linear(
-                module.in_features, module.out_features, cfg, module.bias is not None, "meta", name
+        _set_module(model, name, _empty_int4(name, module, cfg))
+
+
+def _check_quantizable(model: nn.Module, cfg: QuantConfig) -> None:
+    """Every target fits ``cfg`` (group size dividing its input dims), checked before any weight is quantized:
+    a target outside the decoder layers would otherwise fail only after all of them (an hour for Scout)."""
+    if getattr(model, "quant_config", None) is not None or any(
+        isinstance(m, (Int4Linear, Int4Experts)) for m in model.modules()
+    ):
+        raise ValueError("model is already quantized (it holds Int4 modules); quantize a float model")
+    for name, module in quant_targets(model, cfg):
+        _empty_int4(name, module, cfg)
+
+
+def _check_matches_config(model: nn.Module, cfg: QuantConfig) -> None:
+    """The modules are what a loader rebuilds from ``cfg`` (targets Int4 with its group size, zeros and scale
+    dtype; nothing else Int4), so a saved checkpoint always loads."""
+    left = [name for name, _ in quant_targets(model, cfg)]
+    if left:
+        raise ValueError(f"quant_config quantizes {left[:3]}, but the model holds them in float")
+    for name, module in model.named_modules():
+        if not isinstance(module, (Int4Linear, Int4Experts)):
+            continue
+        if cfg.skips(name):
+            raise ValueError(f"{name} is Int4, but quant_config.skip {list(cfg.skip)} keeps it in float")
+        scales = module.scales if isinstance(module, Int4Linear) else module.gate_up_scales
+        zeros = module.zeros if isinstance(module, Int4Linear) else module.gate_up_zeros
+        found = (module.group_size, zeros is None, scales.dtype)
+        expected = (cfg.group_size, cfg.symmetric, cfg.torch_scale_dtype)
+        if found != expected:
+            raise ValueError(
+                f"{name}: (group_size, symmetric, scale dtype) = {found}, but quant_config says {expected}"
             )
-        else:
-            n_experts, hidden_size, two_inter = module.gate_up_proj.shape
-            new = Int4Experts(n_experts, hidden_size, two_inter // 2, cfg, "meta", name)
-        _set_module(model, name, new)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -209,6 +249,42 @@ def _quantize_layer(layer, prefix, inputs, text_cfg, cfg: QuantConfig):
     return [run_layer(layer, x, text_cfg) for x in inputs]
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; ValueError when it is not a device name or names a GPU this machine
+    lacks (instead of a driver error from the first tensor moved there)."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(
+            f"device {device!r} is not a device name; expected e.g. 'cuda', 'cuda:1' or 'cpu'"
+        ) from e
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine; use device='cpu'")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return resolved
+
+
+def _shard_limit(max_shard_size: int | str) -> int:
+    try:
+        limit = _parse_size(max_shard_size)
+    except (AttributeError, TypeError, ValueError):
+        limit = None
+    if not isinstance(limit, int) or limit <= 0:
+        raise ValueError(
+            f"max_shard_size={max_shard_size!r}; expected a positive byte count or a size like '5GB'"
+        )
+    return limit
+
+
+def _check_output(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"output path {path} exists and is not a folder")
+
+
 def _check_method(cfg: QuantConfig, calibration) -> None:
     if cfg.method == "gptq" and not calibration:
         raise ValueError("method='gptq' needs calibration samples (see scout_mm.quant.calibration_set)")
@@ -229,6 +305,7 @@ def quantize_model(model, cfg: QuantConfig | None = None, calibration: list[dict
     :func:`scout_mm.quant.calibration_set`)."""
     cfg = cfg or QuantConfig()
     _check_method(cfg, calibration)
+    _check_quantizable(model, cfg)
     inputs = _embed_calibration(model, calibration) if cfg.method == "gptq" else None
     layers = model.language_model.model.layers
     for i, layer in enumerate(tqdm(layers, desc="quantizing", unit="layer", leave=False)):
@@ -294,7 +371,7 @@ class _ShardWriter:
     """Writes a state dict piece by piece into size-bounded safetensors shards of a temporary folder."""
 
     def __init__(self, folder: str, max_shard_size: int | str):
-        self.folder, self.limit = folder, _parse_size(max_shard_size)
+        self.folder, self.limit = folder, _shard_limit(max_shard_size)
         self.pending, self.pending_bytes, self.shards, self.weight_map, self.total = {}, 0, [], {}, 0
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -347,11 +424,18 @@ def _state_to_save(model: nn.Module, names_under: str | None = None) -> dict[str
 def _write_atomically(path: str, write) -> None:
     """``write(tmp_folder)`` then move the folder into place (keeping tokenizer files already there)."""
     path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Not tempfile.mkdtemp, and safetensors writes its files 0600: the folder and shards get the permissions a
+    # plain mkdir / open would give, so a checkpoint quantized by one user can be served by another.
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    os.mkdir(tmp)
     try:
         write(tmp)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        for name in os.listdir(tmp):
+            if name.endswith(".safetensors"):
+                os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -363,6 +447,9 @@ def save_quantized(model, path, max_shard_size: int | str = "5GB") -> None:
     cfg = getattr(model, "quant_config", None)
     if cfg is None:
         raise ValueError("model is not quantized (no quant_config); run scout_mm.quant.quantize_model first")
+    _check_matches_config(model, cfg)
+    _shard_limit(max_shard_size)
+    _check_output(os.fspath(path))
 
     def write(tmp):
         writer = _ShardWriter(tmp, max_shard_size)
@@ -386,17 +473,28 @@ def quantize_checkpoint(
 
     Peak memory: the tensors outside the decoder layers (embeddings, LM head, vision tower) plus one layer,
     on ``device`` (``dtype``: compute dtype of the float tensors, default as stored; they are saved in it).
+    The tokenizer and processor files of ``src`` (``SIDE_FILES``) are copied along. ``dst`` must not be
+    ``src``; an existing checkpoint there is replaced once the new one is complete.
     """
     cfg = cfg or QuantConfig()
     _check_method(cfg, calibration)
-    src = os.fspath(src)
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype {dtype}; expected None (as stored) or one of {FLOAT_DTYPES}")
+    device = resolve_device(device)
+    _shard_limit(max_shard_size)
+    src, dst = os.fspath(src), os.fspath(dst)
     config = ScoutConfig.from_hf(src)
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise ValueError(f"dst {dst} is the source checkpoint {src}: write the Int4 checkpoint to another "
+                         "folder (this one would lose its float weights)")  # fmt: skip
+    _check_output(dst)
     if "quantization_config" in config.hf_extra or "quantization_config" in config.text.hf_extra:
         raise CheckpointError(f"{src} is already quantized (its config.json has a quantization_config)")
     from scout_mm.model import ScoutForConditionalGeneration
 
     with torch.device("meta"):
         model = ScoutForConditionalGeneration(config)
+    _check_quantizable(model, cfg)
     names = [n for n, _ in model.named_parameters()]
     source = _Source(src, config, set(n for n, _ in model.named_parameters(remove_duplicate=False)))
     outside = [n for n in names if not n.startswith(LAYERS)]
@@ -421,5 +519,8 @@ def quantize_checkpoint(
         _quantize_in_place(model, cfg)
         writer.add({k: v for k, v in _state_to_save(model).items() if not k.startswith(LAYERS)})
         writer.finish(_hf_config(config, cfg, saved_dtype))
+        for name in SIDE_FILES:
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
 
     _write_atomically(dst, write)
