@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 
 import torch
@@ -25,6 +25,10 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _TEXT_ONLY_PREFIX = "language_model."  # HF Llama4ForCausalLM keys lack it
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_embedding.freqs_ci")  # old non-persistent buffers
+# Float checkpoints hold these; anything else (fp8, ints) needs a quantization_config we do not read.
+SUPPORTED_DTYPES = {
+    str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+}
 
 
 class CheckpointError(ValueError):
@@ -40,9 +44,11 @@ def checkpoint_files(path: str) -> list[str]:
         try:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
-        files = sorted(set(weight_map.values()))
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(
+                f"{index} is not a valid safetensors index (a 'weight_map' object of tensor -> file): {e!r}"
+            ) from e
         missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
         if missing:
             raise CheckpointError(f"{index} names shard files that are missing: {missing}")
@@ -104,10 +110,59 @@ def _reject_quantized(path: str) -> None:
     )
 
 
+def _check_dtype(dtype) -> torch.dtype | None:
+    """``dtype`` as a torch dtype (``"bfloat16"`` and the like accepted), or a ValueError naming the choices."""
+    if dtype is None or dtype in SUPPORTED_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in SUPPORTED_DTYPES:
+        return SUPPORTED_DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(SUPPORTED_DTYPES)} or None")
+
+
+def _check_device(device) -> torch.device:
+    """``device`` as a torch device that exists on this machine, or a ValueError saying why not."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device: {e}") from e
+    if device.type == "cuda":
+        count = torch.cuda.device_count()  # 0 without a driver, and does not initialise CUDA
+        if count == 0:
+            raise ValueError(f"device {str(device)!r}: no CUDA device on this machine")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s)")
+    elif device.type not in ("cpu", "meta"):
+        try:
+            torch.empty(0, device=device)
+        except RuntimeError as e:
+            raise ValueError(f"device {str(device)!r} is not available on this machine: {e}") from e
+    return device
+
+
+def _config_dtype(path: str) -> torch.dtype | None:
+    """The dtype config.json names (``dtype``, as transformers 5 writes it, else ``torch_dtype``); a value that
+    names no float type disagrees with a float checkpoint, so it is an error rather than ignored."""
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    named = [(key, hf[key]) for key in ("dtype", "torch_dtype") if hf.get(key) is not None]
+    for key, value in named:
+        if not isinstance(value, str) or value.removeprefix("torch.") not in SUPPORTED_DTYPES:
+            raise CheckpointError(
+                f"{path}: config.json {key}={value!r} is not a supported float dtype; expected one of "
+                f"{sorted(SUPPORTED_DTYPES)}"
+            )
+    return SUPPORTED_DTYPES[named[0][1].removeprefix("torch.")] if named else None
+
+
 def load_pretrained(cls, path, dtype=None, device="cpu"):
+    """Build ``cls`` from the checkpoint folder ``path``. ``dtype=None`` is transformers' ``dtype="auto"``: the
+    dtype config.json names, else the first stored tensor's, so a checkpoint of mixed dtypes loads as one."""
     path = os.fspath(path)
+    dtype = _check_dtype(dtype)
+    device = _check_device(device)
     config = ScoutConfig.from_hf(path)
     _reject_quantized(path)
+    dtype = dtype or _config_dtype(path)
     with torch.device("meta"):
         model = cls(config)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -120,7 +175,15 @@ def load_pretrained(cls, path, dtype=None, device="cpu"):
         iter_checkpoint(path), total=len(expected), desc="loading", unit="tensor", leave=False
     ):
         name = _TEXT_ONLY_PREFIX + key if text_only and not key.startswith(_TEXT_ONLY_PREFIX) else key
-        if name.endswith(_IGNORED_SUFFIXES) or (skip_shared and ".shared_expert." in name):
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if skip_shared and ".shared_expert." in name:
+            # We write zeros there (HF always has a shared expert); anything else is a model we would not run.
+            if load().any():
+                raise CheckpointError(
+                    f"{file}: tensor {key!r} is not zero, but config.json says use_shared_expert=false; "
+                    "drop that key to load the shared expert"
+                )
             continue
         if name not in params:
             unexpected.append(key)
@@ -132,9 +195,12 @@ def load_pretrained(cls, path, dtype=None, device="cpu"):
                 f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, but the config "
                 f"expects {tuple(target.shape)}"
             )
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected floating point")
-        tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        if tensor.dtype not in SUPPORTED_DTYPES.values():
+            raise CheckpointError(
+                f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected one of {sorted(SUPPORTED_DTYPES)}"
+            )
+        dtype = dtype or tensor.dtype
+        tensor = tensor.to(device=device, dtype=dtype)
         _assign(model, name, tensor)
         loaded.add(name)
     if unexpected:
@@ -167,14 +233,22 @@ def _assign(model, name: str, tensor: torch.Tensor) -> None:
 
 
 def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    s = size.strip().upper()
-    for unit in sorted(units, key=len, reverse=True):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * units[unit])
-    return int(s)
+    """Bytes from an int or a string like ``"5GB"``, ``"500MiB"``, ``"40KB"``."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    try:
+        if isinstance(size, int):
+            n = size
+        else:
+            s = size.strip().upper()
+            unit = next((u for u in sorted(units, key=len, reverse=True) if s.endswith(u)), "B")
+            n = int(float(s.removesuffix(unit)) * units[unit])
+    except (AttributeError, ValueError):
+        n = 0
+    if n <= 0:
+        raise ValueError(
+            f"max_shard_size={size!r}; expected a positive byte count such as 5GB, 500MB or 40KB"
+        )
+    return n
 
 
 def hf_state_dict(model) -> dict[str, torch.Tensor]:
@@ -198,6 +272,24 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
     return state
 
 
+def hf_config_for_save(config: ScoutConfig, dtype: torch.dtype) -> dict:
+    """The config.json dict to write beside weights of ``dtype``: ``config.to_hf()`` with the dtype stated
+    under both names (transformers 5 reads ``dtype`` first, so a stale one from a loaded config would win) and
+    ``attn_temperature_tuning`` as the bool that transformers 5 requires (HF Scout's file stores the int 4)."""
+    hf = config.to_hf()
+    name = str(dtype).removeprefix("torch.")
+    hf["torch_dtype"] = hf["dtype"] = name
+    for sub in (hf.get("text_config"), hf.get("vision_config")):
+        for key in ("torch_dtype", "dtype"):
+            if isinstance(sub, dict) and key in sub:
+                sub[key] = name
+    text = hf.get("text_config", hf)
+    text["attn_temperature_tuning"] = bool(text["attn_temperature_tuning"])
+    if config.vision is None:
+        hf["architectures"] = ["Llama4ForCausalLM"]
+    return hf
+
+
 def save_pretrained(model, path, max_shard_size: int | str = "5GB") -> None:
     path = os.path.abspath(os.fspath(path))
     limit = _parse_size(max_shard_size)
@@ -211,22 +303,25 @@ def save_pretrained(model, path, max_shard_size: int | str = "5GB") -> None:
             size = 0
         shards[-1][key] = tensor
         size += nbytes
-    parent = os.path.dirname(path) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Not tempfile.mkdtemp (a 0700 folder), and safetensors writes its files 0600 (fixed below): a checkpoint
+    # gets the permissions a plain mkdir / open would give, so one user's save can be read by another.
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    os.mkdir(tmp)
     try:
-        hf_config = model.config.to_hf()
-        hf_config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-        if model.config.vision is None:
-            hf_config["architectures"] = ["Llama4ForCausalLM"]
+        hf_config = hf_config_for_save(model.config, model.dtype)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2, sort_keys=True)
+        umask = os.umask(0o022)  # the only way to read it
+        os.umask(umask)
+        file_mode = 0o666 & ~umask
         weight_map = {}
         n = len(shards)
         for i, shard in enumerate(tqdm(shards, desc="saving", unit="shard", leave=False)):
             name = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in shard.items()}
             save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt"})
+            os.chmod(os.path.join(tmp, name), file_mode)
             weight_map.update(dict.fromkeys(shard, name))
         if n > 1:
             total = sum(t.numel() * t.element_size() for t in state.values())

@@ -97,11 +97,16 @@ class TextConfig:
             raise ValueError(f"moe_layers {bad} out of range for {self.num_hidden_layers} layers")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act={self.hidden_act!r}; only 'silu' (SwiGLU) is supported")
-        if self.rope_scaling is not None and self.rope_scaling.get("rope_type", "llama3") not in (
-            "llama3",
-            "default",
-        ):
-            raise ValueError(f"rope_scaling type {self.rope_scaling.get('rope_type')!r}; expected 'llama3'")
+        if self.rope_scaling:
+            # Older configs spell the key "type"; HF reads either.
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "llama3"))
+            if kind not in ("llama3", "default"):
+                raise ValueError(f"rope_scaling type {kind!r}; expected 'llama3'")
+            missing = [k for k in _ROPE_SCALING_KEYS if k not in self.rope_scaling]
+            if self.rope_scaling.get("rope_type", "llama3") != "default" and missing:
+                raise ValueError(
+                    f"rope_scaling {self.rope_scaling} lacks {missing}, needed for llama3 scaling"
+                )
 
     def uses_rope(self, layer_idx: int) -> bool:
         """RoPE layers use chunked local attention and QK-norm; the others (NoPE) attend globally."""
@@ -215,8 +220,13 @@ class ScoutConfig:
             with open(path) as f:
                 try:
                     source = json.load(f)
-                except json.JSONDecodeError as e:
+                except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
                     raise ValueError(f"{path} is not valid JSON: {e}") from e
+            if not isinstance(source, dict):
+                raise ValueError(f"{path} holds a JSON {type(source).__name__}; expected an object")
+        for key in ("text_config", "vision_config"):
+            if not isinstance(source.get(key, {}), (dict, type(None))):
+                raise ValueError(f"config {key} is a {type(source[key]).__name__}; expected an object")
         d = copy.deepcopy(source)
         model_type = d.get("model_type")
         if model_type == "llama4_text" or ("text_config" not in d and model_type != "llama4"):
@@ -229,14 +239,21 @@ class ScoutConfig:
         text = _text_from_hf(d.pop("text_config", None) or {})
         vision_dict = d.pop("vision_config", None)
         vision = _vision_from_hf(vision_dict) if vision_dict is not None else None
-        known = {"boi_token_index", "eoi_token_index", "image_token_index", "tie_word_embeddings"}
+        known = {"boi_token_index", "eoi_token_index", "image_token_index"}
         kwargs = {k: d.pop(k) for k in list(d) if k in known}
         d.pop("model_type")
-        return cls(text=text, vision=vision, hf_extra=d, **kwargs)
+        # HF ties the LM head by text_config.tie_word_embeddings (the text model ties its own weights); a
+        # top-level value that disagrees has no effect there, and is only kept to be written back.
+        if d.get("tie_word_embeddings", text.tie_word_embeddings) == text.tie_word_embeddings:
+            d.pop("tie_word_embeddings", None)
+        return cls(
+            text=text, vision=vision, tie_word_embeddings=text.tie_word_embeddings, hf_extra=d, **kwargs
+        )
 
     def to_hf(self) -> dict:
         """The HF ``config.json`` dict (``llama4`` with vision, ``llama4_text`` without)."""
         text = _text_to_hf(self.text)
+        text["tie_word_embeddings"] = self.tie_word_embeddings  # what the model does; HF reads it here
         if self.vision is None:
             return text
         out = {
@@ -264,10 +281,20 @@ _VISION_FIELDS = {f.name for f in dataclasses.fields(VisionConfig)} - {"hf_extra
 _ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
+# Where our dataclass defaults (Scout's values) differ from HF's: a key absent from config.json means HF's.
+_HF_TEXT_DEFAULTS = {
+    "max_position_embeddings": 4096 * 32,
+    "pad_token_id": None,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+_HF_VISION_DEFAULTS = {"hidden_size": 768, "vision_output_dim": 7680, "image_size": 448}
+
+
 def _text_from_hf(d: dict) -> TextConfig:
     d = copy.deepcopy(d)
     d.pop("model_type", None)
-    kwargs = {k: d.pop(k) for k in list(d) if k in _TEXT_FIELDS}
+    kwargs = {**_HF_TEXT_DEFAULTS, **{k: d.pop(k) for k in list(d) if k in _TEXT_FIELDS}}
     # Either the legacy pair (rope_theta, rope_scaling) or transformers-5 rope_parameters; remember which.
     rope_parameters = d.pop("rope_parameters", None)
     rope_theta = d.pop("rope_theta", None)
@@ -283,7 +310,7 @@ def _text_from_hf(d: dict) -> TextConfig:
     text = TextConfig(**kwargs, hf_extra=d)
     layer_types = d.get("layer_types")  # kept in hf_extra for the round trip; must agree with no_rope_layers
     if layer_types is not None:
-        derived = ["chunked_attention" if r else "full_attention" for r in text.no_rope_layers]
+        derived = _layer_types(text, len(text.no_rope_layers))
         if list(layer_types) != derived[: len(layer_types)]:
             raise ValueError(
                 f"layer_types {layer_types} disagree with no_rope_layers {text.no_rope_layers}: RoPE layers "
@@ -305,13 +332,20 @@ def _text_to_hf(t: TextConfig) -> dict:
         out["rope_theta"] = t.rope_theta
         out["rope_scaling"] = copy.deepcopy(t.rope_scaling)
     out.update(extra)
+    if "layer_types" in out:  # derived from no_rope_layers, which may have changed since it was read
+        out["layer_types"] = _layer_types(t, t.num_hidden_layers)
     return out
+
+
+def _layer_types(t: TextConfig, n_layers: int) -> list[str]:
+    """transformers 5's per-layer attention kinds: RoPE layers are chunked, NoPE layers full."""
+    return ["chunked_attention" if r else "full_attention" for r in t.no_rope_layers[:n_layers]]
 
 
 def _vision_from_hf(d: dict) -> VisionConfig:
     d = copy.deepcopy(d)
     d.pop("model_type", None)
-    kwargs = {k: d.pop(k) for k in list(d) if k in _VISION_FIELDS}
+    kwargs = {**_HF_VISION_DEFAULTS, **{k: d.pop(k) for k in list(d) if k in _VISION_FIELDS}}
     rope_parameters = d.pop("rope_parameters", None)
     if rope_parameters is not None:
         kwargs["rope_theta"] = rope_parameters.get("rope_theta", 10000.0)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 
 import torch
 
 from scout_mm import ScoutForConditionalGeneration, count_parameters
+from scout_mm.checkpoint import _parse_size
 
 PROCESSOR_FILES = (
     "tokenizer.json",
@@ -33,18 +35,32 @@ def main() -> None:
     )
     parser.add_argument("--src", required=True, help="checkpoint folder (config.json + safetensors)")
     parser.add_argument("--dst", required=True, help="output folder (written atomically)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="cast weights (default: the dtype config.json states)",
+    )
     parser.add_argument("--max-shard-size", default="5GB")
     args = parser.parse_args()
-    model = ScoutForConditionalGeneration.from_pretrained(args.src, dtype=DTYPES.get(args.dtype))
+    try:
+        _parse_size(args.max_shard_size)
+        model = ScoutForConditionalGeneration.from_pretrained(args.src, dtype=DTYPES.get(args.dtype))
+    except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+        sys.exit(f"convert_hf.py: error: {e}")
     counts = count_parameters(model)
     print(
         f"loaded {args.src}: {counts['total'] / 1e9:.3f}B parameters ({counts['active'] / 1e9:.3f}B active)"
     )
-    model.save_pretrained(args.dst, max_shard_size=args.max_shard_size)
+    try:
+        model.save_pretrained(args.dst, max_shard_size=args.max_shard_size)
+    except OSError as e:
+        sys.exit(f"convert_hf.py: error: cannot write {args.dst}: {e}")
     for name in PROCESSOR_FILES:
-        if os.path.isfile(os.path.join(args.src, name)):
-            shutil.copy2(os.path.join(args.src, name), os.path.join(args.dst, name))
+        source, target = os.path.join(args.src, name), os.path.join(args.dst, name)
+        # With --dst = --src the files are already there (save_pretrained keeps them).
+        if os.path.isfile(source) and not (os.path.exists(target) and os.path.samefile(source, target)):
+            shutil.copy2(source, target)
     print(f"saved {args.dst}")
 
 

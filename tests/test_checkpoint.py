@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -233,3 +234,178 @@ def test_convert_script_recasts_reshards_and_keeps_processor_files(tmp_path):
     ids = torch.randint(3, 290, (1, 9))
     with torch.no_grad():
         assert max_rel_err(converted.float()(ids).logits, model.to(torch.bfloat16).float()(ids).logits) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------- audit regressions
+def test_hf_tie_flag_in_text_config_decides(tmp_path):
+    """HF ties by text_config.tie_word_embeddings; a top-level True over an untied text config is inert."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    cfg = tiny_config(vision=True)
+    hf_config = {**cfg.to_hf(), "tie_word_embeddings": True}  # text_config still says False
+    hf = Llama4ForConditionalGeneration(Llama4Config(**hf_config, attn_implementation="eager")).eval()
+    assert hf.language_model.lm_head.weight is not hf.language_model.model.embed_tokens.weight
+    hf.save_pretrained(tmp_path / "h")
+    ours = ScoutForConditionalGeneration.from_pretrained(tmp_path / "h")
+    assert _same_logits(ours, hf, _inputs(cfg, True)) < TOL
+
+
+def test_our_tied_model_stays_tied_in_hf(tmp_path):
+    from transformers import Llama4ForCausalLM
+
+    cfg = dataclasses.replace(tiny_config(vision=False), tie_word_embeddings=True)  # text.tie stays False
+    ours = ScoutForConditionalGeneration(cfg).eval()
+    ours.save_pretrained(tmp_path / "m")
+    hf = Llama4ForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+    assert _same_logits(ours, hf, _inputs(cfg, False)) < TOL
+    again = ScoutForConditionalGeneration.from_pretrained(tmp_path / "m")
+    assert _same_logits(ours, again, _inputs(cfg, False)) == 0.0
+
+
+def test_resave_states_the_new_dtype_for_transformers_5(tmp_path):
+    """transformers 5 writes `dtype`; a stale one carried over from the source config would win over ours."""
+    from transformers import Llama4ForCausalLM
+
+    cfg = tiny_config(vision=False)
+    hf_model(cfg).save_pretrained(tmp_path / "h")  # config.json: "dtype": "float32"
+    ScoutForConditionalGeneration.from_pretrained(tmp_path / "h", dtype=torch.bfloat16).save_pretrained(
+        tmp_path / "m"
+    )
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (saved["dtype"], saved["torch_dtype"]) == ("bfloat16", "bfloat16")
+    assert Llama4ForCausalLM.from_pretrained(tmp_path / "m").dtype == torch.bfloat16
+
+
+def test_saved_config_loads_in_transformers_5_with_scouts_int_temperature_tuning(tmp_path):
+    from transformers import Llama4ForCausalLM
+
+    model = ScoutForConditionalGeneration(tiny_config(vision=False, attn_temperature_tuning=4)).eval()
+    model.save_pretrained(tmp_path / "m")  # HF Scout's config.json stores 4; transformers 5 wants a bool
+    hf = Llama4ForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+    assert _same_logits(model, hf, _inputs(model.config, False)) < TOL
+
+
+def test_mixed_dtype_checkpoint_loads_in_the_config_dtype(saved):
+    state = load_file(saved / "model.safetensors")
+    state = {k: v.bfloat16() if "router" in k else v for k, v in state.items()}
+    save_file(state, saved / "model.safetensors", metadata={"format": "pt"})
+    model = ScoutForConditionalGeneration.from_pretrained(saved)  # config.json says float32, as HF "auto"
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    with torch.no_grad():
+        model(torch.randint(3, 290, (1, 9)))
+
+
+def test_unsupported_dtype_argument_or_device(saved):
+    for dtype in (torch.int8, torch.float8_e4m3fn, "int4"):
+        with pytest.raises(ValueError, match=rf"dtype .*{str(dtype).removeprefix('torch.')}.*bfloat16"):
+            ScoutForConditionalGeneration.from_pretrained(saved, dtype=dtype)
+    model = ScoutForConditionalGeneration.from_pretrained(saved, dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    for device in ("cuda:99", "nodevice"):
+        with pytest.raises(ValueError, match=f"device '{device}'"):
+            ScoutForConditionalGeneration.from_pretrained(saved, device=device)
+
+
+def test_unsupported_stored_or_declared_dtype(saved):
+    state = load_file(saved / "model.safetensors")
+    config = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**config, "torch_dtype": "int8"}))
+    with pytest.raises(CheckpointError, match="torch_dtype='int8'"):
+        ScoutForConditionalGeneration.from_pretrained(saved)
+    (saved / "config.json").write_text(json.dumps(config))
+    state["model.norm.weight"] = state["model.norm.weight"].to(torch.float8_e4m3fn)
+    save_file(state, saved / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="model.norm.weight.*float8_e4m3fn"):
+        ScoutForConditionalGeneration.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("index", ['{"weight_map": ["model.safetensors"]}', "[1, 2]", '{"weight_map": 3}'])
+def test_malformed_index(saved, index):
+    (saved / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match="not a valid safetensors index"):
+        ScoutForConditionalGeneration.from_pretrained(saved)
+
+
+def test_saved_checkpoint_is_not_private(tmp_path):
+    old = os.umask(0o022)
+    try:
+        ScoutForConditionalGeneration(tiny_config(vision=False)).save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755
+    assert {(tmp_path / "m" / f).stat().st_mode & 0o777 for f in os.listdir(tmp_path / "m")} == {0o644}
+
+
+def test_failed_save_over_a_checkpoint_keeps_it(tmp_path, monkeypatch):
+    import scout_mm.checkpoint as ckpt
+
+    cfg = tiny_config(vision=False)
+    first = ScoutForConditionalGeneration(cfg).eval()
+    first.save_pretrained(tmp_path / "m")
+    calls = []
+
+    def fails_on_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return save_file(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", fails_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        ScoutForConditionalGeneration(cfg).save_pretrained(tmp_path / "m", max_shard_size="40KB")
+    assert os.listdir(tmp_path) == ["m"]
+    kept = ScoutForConditionalGeneration.from_pretrained(tmp_path / "m")
+    assert _same_logits(first, kept, _inputs(cfg, False)) == 0.0
+
+
+@pytest.mark.parametrize("size", ["abc", "5G B", 0, "-1MB"])
+def test_bad_max_shard_size_is_named(tmp_path, size):
+    model = ScoutForConditionalGeneration(tiny_config(vision=False))
+    with pytest.raises(ValueError, match=f"max_shard_size={size!r}"):
+        model.save_pretrained(tmp_path / "m", max_shard_size=size)
+    assert os.listdir(tmp_path) == []
+
+
+def _convert(monkeypatch, *args):
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["convert_hf.py", *map(str, args)])
+    runpy.run_path("scripts/convert_hf.py", run_name="__main__")
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--src", "{tmp}/none", "--dst", "{tmp}/out"], "no config.json"),
+        (["--src", "{saved}", "--dst", "{tmp}/out", "--max-shard-size", "lots"], "max_shard_size='lots'"),
+        (["--src", "{saved}", "--dst", "/proc/no/such/dir"], "cannot write /proc/no/such/dir"),
+    ],
+)
+def test_convert_script_errors_are_one_line(saved, monkeypatch, capsys, args, match):
+    args = [a.format(tmp=saved.parent, saved=saved) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        _convert(monkeypatch, *args)
+    message = str(exit_info.value.code)
+    assert message.startswith("convert_hf.py: error:") and "\n" not in message
+    assert re.search(match, message)
+
+
+def test_convert_script_in_place_keeps_processor_files(saved, monkeypatch):
+    (saved / "tokenizer.json").write_text("{}")
+    _convert(monkeypatch, "--src", saved, "--dst", saved, "--dtype", "bfloat16")
+    assert (saved / "tokenizer.json").read_text() == "{}"
+    model = ScoutForConditionalGeneration.from_pretrained(saved)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_nonzero_shared_expert_is_not_dropped_silently(tmp_path):
+    ScoutForConditionalGeneration(tiny_config(vision=False, use_shared_expert=False)).save_pretrained(
+        tmp_path
+    )
+    state = load_file(tmp_path / "model.safetensors")
+    key = "model.layers.0.feed_forward.shared_expert.up_proj.weight"
+    assert not state[key].any()  # the zeros we write for HF
+    state[key] = torch.randn(state[key].shape)  # e.g. edited in transformers afterwards
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"{key}.*use_shared_expert=false"):
+        ScoutForConditionalGeneration.from_pretrained(tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -209,3 +210,61 @@ def test_overrides():
     cfg = ScoutConfig.from_preset("tiny", num_hidden_layers=8)
     assert cfg.text.num_hidden_layers == 8
     assert len(cfg.text.no_rope_layers) >= 8
+
+
+def test_tie_word_embeddings_is_read_from_text_config_as_hf_does():
+    # transformers ties the LM head by text_config.tie_word_embeddings; the top-level value has no effect.
+    tiny = ScoutConfig.from_preset("tiny").to_hf()
+    for top, text in [(True, False), (False, True)]:
+        hf = copy.deepcopy(tiny)
+        hf["tie_word_embeddings"], hf["text_config"]["tie_word_embeddings"] = top, text
+        cfg = ScoutConfig.from_hf(copy.deepcopy(hf))
+        assert cfg.tie_word_embeddings is text
+        assert cfg.to_hf() == hf  # the inert top-level value is written back as it was
+    # Built in Python with only the top-level flag set: the model ties, so the HF text config must say so.
+    for vision in (True, False):
+        cfg = ScoutConfig.from_preset("tiny")
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=True, vision=cfg.vision if vision else None)
+        out = cfg.to_hf()
+        assert out.get("text_config", out)["tie_word_embeddings"] is True
+        assert ScoutConfig.from_hf(out).tie_word_embeddings is True
+
+
+def test_keys_missing_from_config_json_mean_hf_defaults():
+    text = {"model_type": "llama4_text", "num_hidden_layers": 2, "vocab_size": 320}
+    cfg = ScoutConfig.from_hf(text)
+    assert (cfg.text.pad_token_id, cfg.text.bos_token_id, cfg.text.eos_token_id) == (None, 1, 2)
+    assert cfg.text.max_position_embeddings == 131072
+    vision = {k: v for k, v in SCOUT_HF_CONFIG["vision_config"].items() if k != "image_size"}
+    cfg = ScoutConfig.from_hf({**SCOUT_HF_CONFIG, "vision_config": vision})
+    assert cfg.vision.image_size == 448
+
+
+@pytest.mark.parametrize(
+    "scaling, match",
+    [
+        ({"type": "linear", "factor": 2.0}, "rope_scaling type 'linear'"),
+        ({"rope_type": "llama3", "factor": 8.0}, "lacks.*low_freq_factor"),
+    ],
+)
+def test_unusable_rope_scaling_is_rejected(scaling, match):
+    with pytest.raises(ValueError, match=match):
+        TextConfig(rope_scaling=scaling)
+
+
+@pytest.mark.parametrize("content", ["[]", '"llama4"', '{"model_type": "llama4", "text_config": 3}'])
+def test_config_json_that_is_not_an_object(tmp_path, content):
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(ValueError, match="expected an object"):
+        ScoutConfig.from_hf(tmp_path)
+
+
+def test_layer_types_follow_edited_layers():
+    from transformers import Llama4Config
+
+    hf5 = Llama4Config(**ScoutConfig.from_preset("tiny").to_hf()).to_dict()  # writes layer_types
+    cfg = ScoutConfig.from_hf(hf5)
+    cfg.text = dataclasses.replace(cfg.text, num_hidden_layers=2, no_rope_layers=[0, 1], moe_layers=[1])
+    out = cfg.to_hf()["text_config"]
+    assert out["layer_types"] == ["full_attention", "chunked_attention"]
+    assert ScoutConfig.from_hf(cfg.to_hf()).text.no_rope_layers == [0, 1]
