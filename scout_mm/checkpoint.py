@@ -119,24 +119,25 @@ def _check_dtype(dtype) -> torch.dtype | None:
     raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(SUPPORTED_DTYPES)} or None")
 
 
-def _check_device(device) -> torch.device:
-    """``device`` as a torch device that exists on this machine, or a ValueError saying why not."""
+def check_device(device) -> torch.device:
+    """``device`` as a torch device that exists on this machine, or a ValueError saying why not (instead of a
+    driver error from the first tensor moved there)."""
     try:
-        device = torch.device(device)
+        resolved = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device {device!r} is not a torch device: {e}") from e
-    if device.type == "cuda":
-        count = torch.cuda.device_count()  # 0 without a driver, and does not initialise CUDA
-        if count == 0:
-            raise ValueError(f"device {str(device)!r}: no CUDA device on this machine")
-        if device.index is not None and device.index >= count:
+        raise ValueError(f"device {device!r} is not a device name; expected e.g. 'cuda', 'cuda:1' or 'cpu'") from e
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine; use device='cpu'")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
             raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s)")
-    elif device.type not in ("cpu", "meta"):
+    elif resolved.type not in ("cpu", "meta"):
         try:
-            torch.empty(0, device=device)
+            torch.empty(0, device=resolved)
         except RuntimeError as e:
             raise ValueError(f"device {str(device)!r} is not available on this machine: {e}") from e
-    return device
+    return resolved
 
 
 def _config_dtype(path: str) -> torch.dtype | None:
@@ -159,7 +160,7 @@ def load_pretrained(cls, path, dtype=None, device="cpu"):
     dtype config.json names, else the first stored tensor's, so a checkpoint of mixed dtypes loads as one."""
     path = os.fspath(path)
     dtype = _check_dtype(dtype)
-    device = _check_device(device)
+    device = check_device(device)
     config = ScoutConfig.from_hf(path)
     _reject_quantized(path)
     dtype = dtype or _config_dtype(path)
@@ -232,7 +233,7 @@ def _assign(model, name: str, tensor: torch.Tensor) -> None:
     module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
 
 
-def _parse_size(size: int | str) -> int:
+def parse_size(size: int | str) -> int:
     """Bytes from an int or a string like ``"5GB"``, ``"500MiB"``, ``"40KB"``."""
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     try:
@@ -292,7 +293,7 @@ def hf_config_for_save(config: ScoutConfig, dtype: torch.dtype) -> dict:
 
 def save_pretrained(model, path, max_shard_size: int | str = "5GB") -> None:
     path = os.path.abspath(os.fspath(path))
-    limit = _parse_size(max_shard_size)
+    limit = parse_size(max_shard_size)
     state = hf_state_dict(model)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -303,30 +304,41 @@ def save_pretrained(model, path, max_shard_size: int | str = "5GB") -> None:
             size = 0
         shards[-1][key] = tensor
         size += nbytes
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    # Not tempfile.mkdtemp (a 0700 folder), and safetensors writes its files 0600 (fixed below): a checkpoint
-    # gets the permissions a plain mkdir / open would give, so one user's save can be read by another.
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-    os.mkdir(tmp)
-    try:
-        hf_config = hf_config_for_save(model.config, model.dtype)
+
+    def write(tmp):
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2, sort_keys=True)
-        umask = os.umask(0o022)  # the only way to read it
-        os.umask(umask)
-        file_mode = 0o666 & ~umask
+            json.dump(hf_config_for_save(model.config, model.dtype), f, indent=2, sort_keys=True)
         weight_map = {}
         n = len(shards)
         for i, shard in enumerate(tqdm(shards, desc="saving", unit="shard", leave=False)):
             name = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in shard.items()}
             save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt"})
-            os.chmod(os.path.join(tmp, name), file_mode)
             weight_map.update(dict.fromkeys(shard, name))
         if n > 1:
             total = sum(t.numel() * t.element_size() for t in state.values())
             with open(os.path.join(tmp, INDEX_NAME), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+    write_folder_atomically(path, write)
+
+
+def write_folder_atomically(path: str | os.PathLike, write) -> None:
+    """``write(tmp)`` fills a new folder beside ``path``, which then replaces ``path`` (:func:`_replace_dir`); on
+    any error, nothing at ``path`` changes and the temporary folder goes. The folder and its safetensors files
+    get the permissions a plain mkdir / open would (not tempfile.mkdtemp's 0700, nor the 0600 safetensors
+    writes), so a checkpoint one user saves can be read by another."""
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    os.mkdir(tmp)
+    try:
+        write(tmp)
+        umask = os.umask(0o022)  # the only way to read it
+        os.umask(umask)
+        for name in os.listdir(tmp):
+            if name.endswith(".safetensors"):
+                os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

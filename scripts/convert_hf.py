@@ -15,7 +15,7 @@ import sys
 import torch
 
 from scout_mm import ScoutForConditionalGeneration, count_parameters
-from scout_mm.checkpoint import _parse_size
+from scout_mm.checkpoint import parse_size
 
 PROCESSOR_FILES = (
     "tokenizer.json",
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--max-shard-size", default="5GB")
     args = parser.parse_args()
     try:
-        _parse_size(args.max_shard_size)
+        parse_size(args.max_shard_size)
         model = ScoutForConditionalGeneration.from_pretrained(args.src, dtype=DTYPES.get(args.dtype))
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError
         sys.exit(f"convert_hf.py: error: {e}")

@@ -678,3 +678,41 @@ def test_interrupted_quantize_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(tmp_path / "float", tmp_path / "int4", QuantConfig(group_size=32))
     assert sorted(os.listdir(tmp_path)) == ["float"]
+
+
+def test_quantize_checkpoint_reads_sources_as_from_pretrained_does(tmp_path):
+    # Same rules as the float loader: one dtype (config.json's) for a mixed-dtype checkpoint, no float8
+    # tensors, no non-zero shared expert dropped under use_shared_expert=false; the Int4 config.json states the
+    # dtype under both keys transformers reads and keeps a loadable attn_temperature_tuning.
+    from safetensors.torch import load_file, save_file
+
+    model = small_model(seed=21)
+    model.save_pretrained(tmp_path / "float")
+    weights = tmp_path / "float" / "model.safetensors"
+    state = load_file(weights)
+    mixed = {k: v.bfloat16() if "router" in k else v for k, v in state.items()}
+    save_file(mixed, weights, metadata={"format": "pt"})
+    quantize_checkpoint(tmp_path / "float", tmp_path / "int4", QuantConfig(group_size=32))
+    hf = json.loads((tmp_path / "int4" / "config.json").read_text())
+    assert hf["torch_dtype"] == hf["dtype"] == "float32"
+    assert isinstance(hf.get("text_config", hf)["attn_temperature_tuning"], bool)
+    stored = load_file(tmp_path / "int4" / "model.safetensors")
+    assert {t.dtype for k, t in stored.items() if not k.endswith(("qweight", "scales"))} == {torch.float32}
+    load_quantized(tmp_path / "int4", device="cpu")
+
+    bad = dict(state)
+    bad[next(k for k in state if k.endswith("post_attention_layernorm.weight"))] = state[
+        next(k for k in state if k.endswith("post_attention_layernorm.weight"))
+    ].to(torch.float8_e4m3fn)
+    save_file(bad, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="post_attention_layernorm.*float8_e4m3fn"):
+        quantize_checkpoint(tmp_path / "float", tmp_path / "int4b", QuantConfig(group_size=32))
+
+    config_file = tmp_path / "float" / "config.json"
+    config = json.loads(config_file.read_text())
+    config.get("text_config", config)["use_shared_expert"] = False
+    config_file.write_text(json.dumps(config))
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="shared_expert.*not zero"):
+        quantize_checkpoint(tmp_path / "float", tmp_path / "int4c", QuantConfig(group_size=32))
+    assert not (tmp_path / "int4b").exists() and not (tmp_path / "int4c").exists()

@@ -12,11 +12,11 @@ import os
 import torch
 from torch import nn
 
-from scout_mm.checkpoint import CheckpointError, iter_checkpoint
+from scout_mm.checkpoint import CheckpointError, check_device, iter_checkpoint
 from scout_mm.config import ScoutConfig
 from scout_mm.quant.format import QuantConfig
 from scout_mm.quant.modules import HostEmbedding, Int4Experts, Int4Linear, offload_embeddings
-from scout_mm.quant.quantize import FLOAT_DTYPES, replace_with_empty_int4, resolve_device
+from scout_mm.quant.quantize import FLOAT_DTYPES, replace_with_empty_int4
 
 ACTIVATION_DTYPES = FLOAT_DTYPES
 EMBEDDING_KEY = "language_model.model.embed_tokens.weight"
@@ -67,7 +67,7 @@ def load_quantized(
     ``fuse_shared``: each MoE layer's shared expert as one more expert of its Int4 routed stacks
     (:func:`scout_mm.fusion.fuse_shared_expert`: shared + routed in one grouped launch per GEMM; undone by
     ``unfuse_projections`` as well)."""
-    device = resolve_device(device)
+    device = check_device(device)
     if host_embeddings and device.type != "cuda":
         raise ValueError(
             f"host_embeddings=True keeps the table in pinned host memory for a CUDA model; device={device}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +25,14 @@ from tqdm.auto import tqdm
 from scout_mm.checkpoint import (
     _IGNORED_SUFFIXES,
     _TEXT_ONLY_PREFIX,
+    SUPPORTED_DTYPES,
     CheckpointError,
-    _parse_size,
-    _replace_dir,
+    _config_dtype,
+    check_device,
     checkpoint_files,
+    hf_config_for_save,
+    parse_size,
+    write_folder_atomically,
 )
 from scout_mm.config import ScoutConfig
 from scout_mm.moe import Experts
@@ -249,37 +252,6 @@ def _quantize_layer(layer, prefix, inputs, text_cfg, cfg: QuantConfig):
     return [run_layer(layer, x, text_cfg) for x in inputs]
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``device`` as a ``torch.device``; ValueError when it is not a device name or names a GPU this machine
-    lacks (instead of a driver error from the first tensor moved there)."""
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(
-            f"device {device!r} is not a device name; expected e.g. 'cuda', 'cuda:1' or 'cpu'"
-        ) from e
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: CUDA is not available on this machine; use device='cpu'")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-    return resolved
-
-
-def _shard_limit(max_shard_size: int | str) -> int:
-    try:
-        limit = _parse_size(max_shard_size)
-    except (AttributeError, TypeError, ValueError):
-        limit = None
-    if not isinstance(limit, int) or limit <= 0:
-        raise ValueError(
-            f"max_shard_size={max_shard_size!r}; expected a positive byte count or a size like '5GB'"
-        )
-    return limit
-
-
 def _check_output(path: str) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"output path {path} exists and is not a folder")
@@ -334,7 +306,13 @@ class _Source:
                 if name.endswith(_IGNORED_SUFFIXES):
                     continue
                 if not config.text.use_shared_expert and ".shared_expert." in name:
-                    continue  # the all-zero shared expert of HF-layout checkpoints of models without one
+                    # the all-zero shared expert of HF-layout checkpoints of models without one
+                    if handle.get_tensor(key).any():
+                        raise CheckpointError(
+                            f"{file}: tensor {key!r} is not zero, but config.json says use_shared_expert=false; "
+                            "drop that key to quantize the shared expert"
+                        )
+                    continue
                 if name not in expected:
                     unexpected.append(key)
                 self.where[name] = (file, key)
@@ -344,6 +322,12 @@ class _Source:
             raise CheckpointError(
                 f"{path}: {len(unexpected)} tensors match no parameter, e.g. {unexpected[:5]}"
             )
+
+    def first_dtype(self) -> torch.dtype | None:
+        """The dtype of the first stored tensor (None without tensors)."""
+        for file, key in self.where.values():
+            return self.handles[file].get_slice(key)[0:1].dtype
+        return None
 
     def load_into(self, model: nn.Module, names: list[str], device, dtype) -> None:
         params = dict(model.named_parameters(remove_duplicate=False))
@@ -358,12 +342,12 @@ class _Source:
                     f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, but the config expects "
                     f"{tuple(target.shape)}"
                 )
-            if not tensor.is_floating_point():
+            if tensor.dtype not in SUPPORTED_DTYPES.values():
                 raise CheckpointError(
-                    f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected floating point"
+                    f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected one of {sorted(SUPPORTED_DTYPES)}"
                 )
             module_name, _, attr = name.rpartition(".")
-            tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
+            tensor = tensor.to(device=device, dtype=dtype)
             model.get_submodule(module_name)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
@@ -371,7 +355,7 @@ class _ShardWriter:
     """Writes a state dict piece by piece into size-bounded safetensors shards of a temporary folder."""
 
     def __init__(self, folder: str, max_shard_size: int | str):
-        self.folder, self.limit = folder, _shard_limit(max_shard_size)
+        self.folder, self.limit = folder, parse_size(max_shard_size)
         self.pending, self.pending_bytes, self.shards, self.weight_map, self.total = {}, 0, [], {}, 0
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -406,8 +390,7 @@ class _ShardWriter:
 
 
 def _hf_config(config: ScoutConfig, cfg: QuantConfig, dtype: torch.dtype) -> dict:
-    hf = config.to_hf()
-    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    hf = hf_config_for_save(config, dtype)
     hf["quantization_config"] = cfg.to_dict()
     return hf
 
@@ -421,34 +404,13 @@ def _state_to_save(model: nn.Module, names_under: str | None = None) -> dict[str
     return state
 
 
-def _write_atomically(path: str, write) -> None:
-    """``write(tmp_folder)`` then move the folder into place (keeping tokenizer files already there)."""
-    path = os.path.abspath(os.fspath(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    # Not tempfile.mkdtemp, and safetensors writes its files 0600: the folder and shards get the permissions a
-    # plain mkdir / open would give, so a checkpoint quantized by one user can be served by another.
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-    os.mkdir(tmp)
-    try:
-        write(tmp)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        for name in os.listdir(tmp):
-            if name.endswith(".safetensors"):
-                os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_quantized(model, path, max_shard_size: int | str = "5GB") -> None:
     """Write a model quantized by :func:`quantize_model` (config.json with ``quantization_config``)."""
     cfg = getattr(model, "quant_config", None)
     if cfg is None:
         raise ValueError("model is not quantized (no quant_config); run scout_mm.quant.quantize_model first")
     _check_matches_config(model, cfg)
-    _shard_limit(max_shard_size)
+    parse_size(max_shard_size)
     _check_output(os.fspath(path))
 
     def write(tmp):
@@ -456,7 +418,7 @@ def save_quantized(model, path, max_shard_size: int | str = "5GB") -> None:
         writer.add(_state_to_save(model))
         writer.finish(_hf_config(model.config, cfg, model.dtype))
 
-    _write_atomically(path, write)
+    write_folder_atomically(path, write)
 
 
 @torch.no_grad()
@@ -472,7 +434,8 @@ def quantize_checkpoint(
     """Quantize the checkpoint at ``src`` into an Int4 checkpoint at ``dst``, one decoder layer at a time.
 
     Peak memory: the tensors outside the decoder layers (embeddings, LM head, vision tower) plus one layer,
-    on ``device`` (``dtype``: compute dtype of the float tensors, default as stored; they are saved in it).
+    on ``device`` (``dtype``: compute dtype of the float tensors, saved in it; default: the dtype config.json
+    names, else the first stored tensor's, as ``from_pretrained`` loads).
     The tokenizer and processor files of ``src`` (``SIDE_FILES``) are copied along. ``dst`` must not be
     ``src``; an existing checkpoint there is replaced once the new one is complete.
     """
@@ -480,8 +443,8 @@ def quantize_checkpoint(
     _check_method(cfg, calibration)
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype {dtype}; expected None (as stored) or one of {FLOAT_DTYPES}")
-    device = resolve_device(device)
-    _shard_limit(max_shard_size)
+    device = check_device(device)
+    parse_size(max_shard_size)
     src, dst = os.fspath(src), os.fspath(dst)
     config = ScoutConfig.from_hf(src)
     if os.path.exists(dst) and os.path.samefile(src, dst):
@@ -497,6 +460,7 @@ def quantize_checkpoint(
     _check_quantizable(model, cfg)
     names = [n for n, _ in model.named_parameters()]
     source = _Source(src, config, set(n for n, _ in model.named_parameters(remove_duplicate=False)))
+    dtype = dtype or _config_dtype(src) or source.first_dtype()  # one dtype for all, as from_pretrained loads
     outside = [n for n in names if not n.startswith(LAYERS)]
     if config.tie_word_embeddings:
         outside = [n for n in outside if n != "language_model.lm_head.weight"]
@@ -504,7 +468,6 @@ def quantize_checkpoint(
     if config.tie_word_embeddings:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
     inputs = _embed_calibration(model, calibration) if cfg.method == "gptq" else None
-    saved_dtype = dtype or model.get_input_embeddings().weight.dtype
 
     def write(tmp):
         nonlocal inputs
@@ -518,9 +481,9 @@ def quantize_checkpoint(
             layers[i] = layers[i].to("meta")  # free the layer before the next one is read
         _quantize_in_place(model, cfg)
         writer.add({k: v for k, v in _state_to_save(model).items() if not k.startswith(LAYERS)})
-        writer.finish(_hf_config(config, cfg, saved_dtype))
+        writer.finish(_hf_config(config, cfg, dtype))
         for name in SIDE_FILES:
             if os.path.isfile(os.path.join(src, name)):
                 shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
 
-    _write_atomically(dst, write)
+    write_folder_atomically(dst, write)
