@@ -59,6 +59,8 @@ def render_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bo
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             raise ValueError(f"message {i} is {message!r}; expected a dict with 'role' and 'content'")
+        if not isinstance(message["role"], str) or not message["role"]:
+            raise ValueError(f"message {i}: role {message['role']!r}; expected a string such as 'user'")
         if "tool_calls" in message:
             raise ValueError(f"message {i}: tool_calls are not supported by this chat template")
     out = [SPECIAL_TOKENS["bos"]]
@@ -93,6 +95,8 @@ def _render_content(content, index: int, allow_images: bool = True) -> str:
     for part in content:
         kind = part.get("type") if isinstance(part, Mapping) else None
         if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"message {index}: text part {part!r}; expected a 'text' string")
             rendered.append(part["text"])
         elif kind == "image" and allow_images:
             rendered.append(IMAGE_PLACEHOLDER)

@@ -8,22 +8,27 @@ shapes and no host synchronisation so it can be compiled / CUDA-graphed.
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from scout_mm.cache import KVCache
 
 DEFAULT_PREFILL_PIECE = 8192
+GENERATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @dataclass
 class SamplingParams:
-    """HF-compatible sampling settings; :meth:`validate` names any value out of range."""
+    """HF-compatible sampling settings; :meth:`validate` names any value out of range.
+
+    As in HF, ``top_k=0`` and ``top_p=1`` turn those filters off and ``top_p=0`` keeps the most likely token
+    only. ``temperature=0`` means greedy decoding (whatever ``do_sample`` says)."""
 
     max_new_tokens: int = 64
     do_sample: bool = False
@@ -33,19 +38,44 @@ class SamplingParams:
     min_p: float | None = None
     repetition_penalty: float = 1.0
 
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
     def validate(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r}; expected an int >= 1")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature}; expected > 0")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k={self.top_k!r}; expected an int >= 1 or None")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p}; expected 0 < top_p <= 1")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature}; expected >= 0 (0 = greedy)")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 0):
+            raise ValueError(f"top_k={self.top_k!r}; expected an int >= 0 (0 or None = no top-k filter)")
+        if self.top_p is not None and not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}; expected 0 <= top_p <= 1")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p={self.min_p}; expected 0 <= min_p <= 1")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty={self.repetition_penalty}; expected > 0")
+        if not self.do_sample:
+            # As HF: sampling settings do nothing in greedy decoding; say so rather than ignore them quietly.
+            ignored = [
+                f"{name}={value}"
+                for name, value, off in (
+                    ("temperature", self.temperature, (0, 1)),
+                    ("top_k", self.top_k, (None, 0)),
+                    ("top_p", self.top_p, (None, 1)),
+                    ("min_p", self.min_p, (None, 0)),
+                )
+                if value not in off
+            ]
+            if ignored:
+                warnings.warn(
+                    f"{', '.join(ignored)} ignored: do_sample=False decodes greedily; pass do_sample=True to sample",
+                    stacklevel=2,
+                )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass
@@ -53,6 +83,7 @@ class GenerateOutput:
     sequences: torch.Tensor  # (batch, prompt_len + new), HF layout: prompt as given, then new tokens / pad
     prompt_tokens: int = 0  # real (unpadded) prompt tokens over the batch
     new_tokens: int = 0  # generated tokens over the batch, up to and including each stop
+    new_lengths: list[int] = field(default_factory=list)  # the same per sequence; pad_token_id after it
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     finished: list[bool] = field(default_factory=list)
@@ -196,10 +227,10 @@ def process_logits(
         seen = torch.gather(scores, 1, history)
         seen = torch.where(seen < 0, seen * params.repetition_penalty, seen / params.repetition_penalty)
         scores = scores.scatter(1, history, seen)
-    if not params.do_sample:
+    if params.greedy:
         return scores
     scores = scores / params.temperature
-    if params.top_k is not None:
+    if params.top_k:
         kth = torch.topk(scores, min(params.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if params.top_p is not None and params.top_p < 1.0:
@@ -216,7 +247,7 @@ def process_logits(
 
 
 def sample(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    if not params.do_sample:
+    if params.greedy:
         return scores.argmax(-1)
     return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
 
@@ -238,22 +269,36 @@ def generate_steps(
     cuda_graph: bool = True,
     keep_graph: bool = True,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(tokens (batch,), active (batch,) bool)``, both on the host, after each decoding step (the
-    first comes from prefill). Sequences stop at an EOS token or a stop string; ``active`` is False from the
+    """An iterator of ``(tokens (batch,), active (batch,) bool)``, both on the host, after each decoding step
+    (the first comes from prefill). Sequences stop at an EOS token or a stop string; ``active`` is False from the
     step after. On CUDA the next step is already queued when a step's tokens are yielded. ``keep_graph``: reuse
-    the KV cache and captured decode graph of the previous call when they fit (:func:`decode_state`)."""
+    the KV cache and captured decode graph of the previous call when they fit (:func:`decode_state`).
+
+    The arguments are checked here, before the first step: bad input raises at the call, not mid-stream."""
     params = params or SamplingParams()
     params.validate()
     config = model.config.text
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids shape {tuple(input_ids.shape)}; expected (batch, prompt_len > 0)")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex():
+        raise TypeError(
+            f"input_ids is {type(input_ids).__name__} {getattr(input_ids, 'dtype', '')}; expected an integer "
+            "torch.Tensor of shape (batch, prompt_len)"
+        )
+    if input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise ValueError(f"input_ids shape {tuple(input_ids.shape)}; expected (batch > 0, prompt_len > 0)")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}"
         )
+    if prefill_piece is not None and (not _is_int(prefill_piece) or prefill_piece < 1):
+        raise ValueError(f"prefill_piece={prefill_piece!r}; expected an int >= 1 or None")
     device = model.device
+    if model.dtype not in GENERATION_DTYPES or device.type == "meta":
+        raise ValueError(
+            f"model is {model.dtype} on {device}; generation needs weights in one of "
+            f"{[str(d).removeprefix('torch.') for d in GENERATION_DTYPES]} on a real device"
+        )
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device).bool()
     if pixel_values is not None:
         pixel_values = pixel_values.to(device)  # the vision tower casts to its own dtype
@@ -262,32 +307,44 @@ def generate_steps(
         raise ValueError(f"prompt {lengths.index(0)} is empty (no tokens under attention_mask)")
     longest = max(lengths)
     limit = config.max_position_embeddings
+    if longest >= limit:
+        raise ValueError(
+            f"prompt of {longest} tokens leaves no room to generate: the model maximum is {limit} positions "
+            "(max_position_embeddings); shorten the prompt"
+        )
     if longest + params.max_new_tokens > limit:
-        if not truncate or longest >= limit:
+        if not truncate:
             raise ValueError(
                 f"prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds the model "
-                f"maximum of {limit} positions"
-                + ("" if truncate else " (pass truncate=True to generate fewer)")
+                f"maximum of {limit} positions (pass truncate=True to generate at most {limit - longest})"
             )
         params = SamplingParams(**{**params.__dict__, "max_new_tokens": limit - longest})
+    eos = set(_token_ids(eos_token_id, config.eos_token_ids, "eos_token_id"))
     stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+    if not all(isinstance(s, str) and s for s in stop_strings):
+        raise ValueError(f"stop_strings={stop_strings!r}; expected non-empty strings")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer (pass tokenizer=processor)")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-
     need = [n + params.max_new_tokens for n in lengths]
-    state = decode_state(model, need, device, keep=keep_graph and cuda_graph and device.type == "cuda")
+    keep = keep_graph and cuda_graph and device.type == "cuda"
+    return _run_steps(model, need, keep, input_ids, pixel_values, attention_mask, params, lengths, eos,
+                      stop_strings, tokenizer, generator, prefill_piece, stats, cuda_graph)  # fmt: skip
+
+
+@torch.no_grad()
+def _run_steps(model, need, keep, *args):
+    state = decode_state(model, need, model.device, keep=keep)
     state.busy = True
     try:
-        yield from _generate_steps(model, state, input_ids, pixel_values, attention_mask, params, lengths, eos_token_id,
-                                   stop_strings, tokenizer, generator, prefill_piece, stats, cuda_graph)  # fmt: skip
+        yield from _generate_steps(model, state, *args)
     finally:
         state.busy = False
 
 
-def _generate_steps(model, state, input_ids, pixel_values, attention_mask, params, lengths, eos_token_id,
+def _generate_steps(model, state, input_ids, pixel_values, attention_mask, params, lengths, eos,
                     stop_strings, tokenizer, generator, prefill_piece, stats, cuda_graph):  # fmt: skip
     config, device, batch, cache = model.config.text, input_ids.device, input_ids.shape[0], state.cache
     piece = min(prefill_piece or DEFAULT_PREFILL_PIECE, config.attention_chunk_size or DEFAULT_PREFILL_PIECE)
@@ -308,7 +365,6 @@ def _generate_steps(model, state, input_ids, pixel_values, attention_mask, param
 
     history = input_ids  # for the repetition penalty, as HF: the padded prompt + generated tokens
     positions = torch.tensor(lengths, device=device)[:, None]
-    eos = set(_as_list(eos_token_id, config.eos_token_ids))
     active = [True] * batch  # host-side: a row stops after its EOS token / stop string
     texts = [[] for _ in range(batch)] if stop_strings else None
     step_fn = lambda tokens, positions: decode_one_token(model, tokens, positions, cache)  # noqa: E731
@@ -415,7 +471,7 @@ def generate_ids(
     params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
     if pad_token_id is None:
         pad_token_id = model.config.text.pad_token_id if model.config.text.pad_token_id is not None else 0
-    stats = GenerateOutput(sequences=input_ids)
+    stats = GenerateOutput(sequences=input_ids, new_lengths=[0] * len(input_ids))
     new = []
     steps = generate_steps(
         model, input_ids, pixel_values, attention_mask, params, eos_token_id, stop_strings, tokenizer, seed,
@@ -425,6 +481,7 @@ def generate_ids(
         streamer.put(input_ids.cpu())
     for tokens, active in steps:
         tokens = torch.where(active, tokens, pad_token_id)
+        stats.new_lengths = [n + a for n, a in zip(stats.new_lengths, active.tolist(), strict=True)]
         new.append(tokens)
         if streamer is not None:
             streamer.put(tokens)
@@ -470,10 +527,21 @@ def _hit_stop_string(texts, tokens, stop_strings, tokenizer) -> list[bool]:
     return hits
 
 
-def _as_list(value, default) -> list[int]:
+def _token_ids(value, default, name: str) -> list[int]:
+    """None -> ``default``; an id, a list of ids or an integer tensor -> a list of ids."""
     if value is None:
         return list(default)
-    return [value] if isinstance(value, int) else list(value)
+    if isinstance(value, torch.Tensor) and not value.is_floating_point():
+        value = value.flatten().tolist()
+    elif _is_int(value):
+        value = [value]
+    if (
+        isinstance(value, (str, bytes))
+        or not isinstance(value, Sequence)
+        or not all(_is_int(v) for v in value)
+    ):
+        raise TypeError(f"{name}={value!r}; expected a token id, a list of token ids, or None")
+    return [int(v) for v in value]
 
 
 def _sync(device: torch.device) -> None:
@@ -497,7 +565,8 @@ def generate(
     ``prompt`` is the user's text (images go before it unless it holds ``<|image|>`` placeholders), a list
     of chat messages (``{"role", "content"}``; image parts take ``images`` in order or carry their own), or
     a list of user texts for a batch (then returns a list of texts; streaming needs a single prompt).
-    ``images``: PIL images or paths. ``sampling``: the keyword arguments of :func:`generate_ids`.
+    ``images``: PIL images, paths or uint8 arrays/tensors. ``sampling``: the keyword arguments of
+    :func:`generate_ids` (``temperature=0`` is greedy; ``eos_token_id`` defaults to the processor's stop tokens).
     ``stats``: a :class:`GenerateOutput` to fill with token counts and prefill/decode timings.
     """
     batched = isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(p, str) for p in prompt)
@@ -507,9 +576,16 @@ def generate(
         if stream:
             raise ValueError("stream=True takes a single prompt, not a batch")
         images_per_prompt = images if images is not None else [None] * len(prompt)
-        if len(images_per_prompt) != len(prompt):
-            raise ValueError(f"{len(prompt)} prompts but {len(images_per_prompt)} image lists")
-        chats = [_as_messages(p, imgs) for p, imgs in zip(prompt, images_per_prompt, strict=True)]
+        if not isinstance(images_per_prompt, (list, tuple)) or len(images_per_prompt) != len(prompt):
+            given = len(images_per_prompt) if isinstance(images_per_prompt, (list, tuple)) else "no list of"
+            raise ValueError(
+                f"{len(prompt)} prompts but {given} image lists; expected one entry per prompt (an image, a list "
+                "of images, or None)"
+            )
+        chats = [
+            _as_messages(p, imgs, i)
+            for i, (p, imgs) in enumerate(zip(prompt, images_per_prompt, strict=True))
+        ]
         flat_images = [img for imgs in images_per_prompt for img in _as_image_list(imgs)] or None
     else:
         chats = [_as_messages(prompt, images)]
@@ -519,39 +595,42 @@ def generate(
         chats, add_generation_prompt=True, tokenize=True, images=flat_images, padding_side="left"
     )
     sampling.setdefault("tokenizer", processor)
-    if "eos_token_id" not in sampling:
-        sampling["eos_token_id"] = processor.stop_token_ids
+    # None (HF's "use the default") or a single id: the answer is cut at these, so they must be a list here.
+    sampling["eos_token_id"] = _token_ids(
+        sampling.get("eos_token_id"), processor.stop_token_ids, "eos_token_id"
+    )
     kwargs = dict(
         input_ids=inputs["input_ids"],
         pixel_values=inputs.get("pixel_values"),
         attention_mask=inputs["attention_mask"],
     )
     if stream:
-        return _stream_text(model, processor, kwargs, sampling, stats)
-    with torch.no_grad():
-        out = generate_ids(model, **kwargs, **sampling)
+        names = [f.name for f in fields(SamplingParams)]
+        params = SamplingParams(**{k: sampling.pop(k) for k in names if k in sampling})
+        sampling.pop("pad_token_id", None)
+        if sampling.pop("streamer", None) is not None:
+            raise ValueError("stream=True and streamer= are two ways to stream; pass one")
+        # generate_steps checks the input now, so bad input raises here rather than at the first piece.
+        steps = generate_steps(model, **kwargs, params=params, stats=stats, **sampling)
+        return _stream_text(steps, processor, set(sampling["eos_token_id"]))
+    out = generate_ids(model, **kwargs, **sampling)
     if stats is not None:
         stats.__dict__.update(out.__dict__)
     prompt_len = inputs["input_ids"].shape[1]
     answers = []
-    for row in out.sequences[:, prompt_len:].tolist():
-        answers.append(processor.decode(_until_stop(row, sampling["eos_token_id"]), skip_special_tokens=True))
+    for row, n_new in zip(out.sequences[:, prompt_len:].tolist(), out.new_lengths, strict=True):
+        # Only the tokens up to the row's stop: after it the row holds pad_token_id, which may be a plain token.
+        answer = _until_stop(row[:n_new], sampling["eos_token_id"])
+        answers.append(processor.decode(answer, skip_special_tokens=True))
     return answers if batched else answers[0]
 
 
-def _stream_text(model, processor, kwargs, sampling, stats) -> Iterator[str]:
-    names = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
-    params = SamplingParams(**{k: sampling.pop(k) for k in names if k in sampling})
-    sampling.pop("pad_token_id", None)
-    if sampling.pop("streamer", None) is not None:
-        raise ValueError("stream=True and streamer= are two ways to stream; pass one")
+def _stream_text(steps: Iterator, processor, stops: set[int]) -> Iterator[str]:
     delta = TextDelta(processor)
-    stops = set(sampling["eos_token_id"])
-    with torch.no_grad():
-        for tokens, active in generate_steps(model, **kwargs, params=params, stats=stats, **sampling):
-            token = int(tokens[0])
-            if not bool(active[0]) or token in stops:
-                break
+    for tokens, active in steps:
+        # Not `break` at the stop: the steps end by themselves right after it, and run to the end to fill stats.
+        token = int(tokens[0])
+        if bool(active[0]) and token not in stops:
             piece = delta.push(token)
             if piece:
                 yield piece
@@ -560,8 +639,8 @@ def _stream_text(model, processor, kwargs, sampling, stats) -> Iterator[str]:
         yield rest
 
 
-def _until_stop(ids: list[int], stops) -> list[int]:
-    stops = {stops} if isinstance(stops, int) else set(stops)
+def _until_stop(ids: list[int], stops: list[int]) -> list[int]:
+    stops = set(stops)
     for i, token in enumerate(ids):
         if token in stops:
             return ids[:i]
@@ -574,10 +653,10 @@ def _as_image_list(images) -> list:
     return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
-def _as_messages(prompt, images) -> list[dict]:
+def _as_messages(prompt, images, index: int | None = None) -> list[dict]:
     if isinstance(prompt, str):
         if not prompt.strip():
-            raise ValueError("empty prompt")
+            raise ValueError("empty prompt" if index is None else f"prompt {index} is empty")
         parts = []
         if "<|image|>" not in prompt:
             parts = [{"type": "image"} for _ in _as_image_list(images)]

@@ -302,6 +302,13 @@ class Processor:
         texts = _as_text_batch(text)
         flat_images = flatten_images(images)
         counts = [t.count(IMAGE_PLACEHOLDER) for t in texts]
+        per_sample = _per_sample_counts(images)
+        if per_sample is not None and per_sample != counts:
+            # Flattened, they would still add up and each image would silently go to another sample's placeholder.
+            raise ValueError(
+                f"images per sample {per_sample} but {IMAGE_PLACEHOLDER} placeholders per sample {counts}; "
+                "expected one list of images per text, one image per placeholder"
+            )
         if sum(counts) != len(flat_images):
             raise ValueError(
                 f"the text has {sum(counts)} {IMAGE_PLACEHOLDER} placeholders (per sample: {counts}) but "
@@ -363,6 +370,15 @@ def _read_json(path: Path) -> dict[str, Any]:
             return json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def _per_sample_counts(images) -> list[int] | None:
+    """Image counts when ``images`` is a list of per-sample lists, else None."""
+    if not isinstance(images, Sequence) or isinstance(images, str) or not images:
+        return None
+    if not all(isinstance(item, Sequence) and not isinstance(item, str) for item in images):
+        return None
+    return [len(item) for item in images]
 
 
 def _as_text_batch(text) -> list[str]:

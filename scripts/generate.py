@@ -54,6 +54,10 @@ def main() -> None:
     args = parser.parse_args()
     if not args.demo and not args.model:
         parser.error("pass --model PATH, or --demo for the built-in tiny model")
+    if args.temperature < 0:
+        parser.error(f"--temperature {args.temperature}: expected >= 0 (0 = greedy)")
+    if args.top_p is not None and args.temperature == 0:
+        parser.error("--top-p samples: pass --temperature > 0 with it (--temperature 0 is greedy)")
     dtype = (
         DTYPES[args.dtype]
         if args.dtype

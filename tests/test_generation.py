@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from scout_mm.cache import KVCache
-from scout_mm.generation import SamplingParams, generate_ids, process_logits
+from scout_mm.generation import GenerateOutput, SamplingParams, generate_ids, process_logits
 from scout_mm.model import ScoutForConditionalGeneration
 from tests.helpers import hf_model, ours_from_hf, tiny_config
 
@@ -227,6 +227,41 @@ def test_sampling_is_deterministic_with_a_seed_and_top_k_1_is_greedy():
     )
 
 
+def test_temperature_zero_is_greedy():
+    cfg = tiny_config(vision=False)
+    model = ScoutForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 290, (2, 9))
+    kw = dict(max_new_tokens=8, eos_token_id=[])
+    greedy = model.generate(ids, **kw)
+    assert torch.equal(model.generate(ids, temperature=0.0, **kw), greedy)
+    assert torch.equal(model.generate(ids, do_sample=True, temperature=0.0, seed=1, **kw), greedy)
+
+
+def test_top_k_0_disables_top_k_and_top_p_0_keeps_the_top_token_as_hf():
+    cfg = tiny_config(vision=False)
+    model = ScoutForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 290, (2, 9))
+    kw = dict(max_new_tokens=8, eos_token_id=[], do_sample=True, temperature=1.5, seed=4)
+    assert torch.equal(model.generate(ids, top_k=0, **kw), model.generate(ids, **kw))
+    greedy = model.generate(ids, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(model.generate(ids, top_p=0.0, **kw), greedy)
+
+
+def test_sampling_settings_without_do_sample_warn():
+    import warnings
+
+    cfg = tiny_config(vision=False)
+    model = ScoutForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 290, (1, 9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # defaults and temperature=0 say nothing
+        greedy = model.generate(ids, max_new_tokens=4, eos_token_id=[])
+        model.generate(ids, max_new_tokens=4, eos_token_id=[], temperature=0.0)
+    with pytest.warns(UserWarning, match="temperature=0.7, top_p=0.9 ignored: do_sample=False"):
+        out = model.generate(ids, max_new_tokens=4, eos_token_id=[], temperature=0.7, top_p=0.9)
+    assert torch.equal(out, greedy)
+
+
 # ------------------------------------------------------------------------------------------- text API
 @pytest.fixture(scope="module")
 def tiny_model_and_processor():
@@ -276,6 +311,60 @@ def test_stop_strings_stop_generation(tiny_model_and_processor):
     assert stop in processor.decode(out.sequences[0, ids.shape[1] :].tolist())
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_text_api_takes_eos_token_id_none_or_int(tiny_model_and_processor, stream):
+    import scout_mm
+
+    model, processor = tiny_model_and_processor
+    kw = dict(max_new_tokens=6, stream=stream)
+    expected = scout_mm.generate(model, processor, "Hello", max_new_tokens=6)
+    for eos in (None, processor.eot_token_id, torch.tensor(processor.eot_token_id)):
+        answer = scout_mm.generate(model, processor, "Hello", eos_token_id=eos, **kw)
+        assert (answer if not stream else "".join(answer)) == expected
+
+
+def test_text_api_answer_ends_at_its_stop_string_whatever_the_pad_id(tiny_model_and_processor):
+    """Row 0 stops at a stop string while row 1 goes on: row 0 is then padded with pad_token_id, which here is a
+    plain token; the answer must not decode that padding."""
+    import scout_mm
+
+    model, processor = tiny_model_and_processor
+    prompts = ["Some prompt text", "Another, longer prompt text"]
+    free = scout_mm.generate(model, processor, prompts, max_new_tokens=16, eos_token_id=[])
+    start = len(free[0]) // 3
+    stop = next(free[0][i : i + 2] for i in range(start, len(free[0])) if free[0][i : i + 2] not in free[1])
+    pad = processor.encode("zq", add_special_tokens=False)[0]
+    stats = GenerateOutput(sequences=torch.empty(0))
+    answers = scout_mm.generate(model, processor, prompts, max_new_tokens=16, eos_token_id=[], stop_strings=[stop],
+                                pad_token_id=pad, stats=stats)  # fmt: skip
+    assert stats.finished == [True, False] and stats.new_lengths[0] < stats.new_lengths[1] == 16
+    assert stop in answers[0] and free[0].startswith(answers[0])
+    assert answers[1] == free[1]
+
+
+def test_stream_checks_its_input_at_the_call(tiny_model_and_processor):
+    import scout_mm
+
+    model, processor = tiny_model_and_processor
+    for bad, match in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=10**6), "exceeds")]:
+        with pytest.raises(ValueError, match=match):
+            scout_mm.generate(model, processor, "Hello", stream=True, **bad)  # no iteration needed
+
+
+def test_stream_fills_decode_stats(tiny_model_and_processor):
+    """A stream that ends at a stop token still reports its decode time and finished flags."""
+    import scout_mm
+
+    model, processor = tiny_model_and_processor
+    ids = processor.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=True)["input_ids"]
+    free = generate_ids(model, ids, max_new_tokens=12, eos_token_id=[]).sequences
+    kw = dict(max_new_tokens=12, eos_token_id=[int(free[0, -4])])  # a stop token the answer reaches
+    stats = GenerateOutput(sequences=torch.empty(0))
+    pieces = list(scout_mm.generate(model, processor, "Hello", stream=True, stats=stats, **kw))
+    assert "".join(pieces) == scout_mm.generate(model, processor, "Hello", **kw)
+    assert stats.new_tokens > 0 and stats.decode_seconds > 0 and stats.finished == [True]
+
+
 # ------------------------------------------------------------------------------------------- bad input
 def test_bad_generation_inputs():
     cfg = tiny_config(vision=False)  # max_position_embeddings=512
@@ -287,9 +376,9 @@ def test_bad_generation_inputs():
     short = ids[:, :5]
     for bad, match in [
         (dict(max_new_tokens=0), "max_new_tokens"),
-        (dict(do_sample=True, temperature=0.0), "temperature"),
+        (dict(do_sample=True, temperature=-1.0), "temperature"),
         (dict(top_p=1.5), "top_p"),
-        (dict(top_k=0), "top_k"),
+        (dict(top_k=-1), "top_k"),
         (dict(min_p=-0.1), "min_p"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
         (dict(stop_strings=["x"]), "tokenizer"),
@@ -298,6 +387,54 @@ def test_bad_generation_inputs():
             model.generate(short, **bad)
     with pytest.raises(ValueError, match="empty"):
         model.generate(short, attention_mask=torch.zeros_like(short))
+
+
+def test_malformed_generation_arguments_are_named():
+    import numpy as np
+
+    cfg = tiny_config(vision=False)
+    model = ScoutForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 290, (2, 5))
+    for bad, error, match in [
+        (dict(input_ids=ids[:0]), ValueError, r"input_ids shape \(0, 5\)"),
+        (dict(input_ids=ids.tolist()), TypeError, "expected an integer torch.Tensor"),
+        (dict(input_ids=ids.float()), TypeError, "expected an integer torch.Tensor"),
+        (dict(eos_token_id="2"), TypeError, "eos_token_id='2'"),
+        (dict(stop_strings=[""], tokenizer=object()), ValueError, "non-empty strings"),
+        (dict(prefill_piece=-2), ValueError, "prefill_piece=-2"),
+        (dict(max_new_tokens=True), ValueError, "max_new_tokens=True"),
+        (dict(do_sample=True, temperature=-0.5), ValueError, "temperature=-0.5"),
+        (dict(do_sample=True, top_k=-1), ValueError, "top_k=-1"),
+    ]:
+        with pytest.raises(error, match=match):
+            generate_ids(model, **{"input_ids": ids, "max_new_tokens": 3, **bad})
+    # numpy ints and integer tensors are ids too
+    out = generate_ids(model, ids, max_new_tokens=np.int64(3), eos_token_id=torch.tensor(2), do_sample=True,
+                       top_k=np.int64(5), seed=0)  # fmt: skip
+    assert out.sequences.shape == (2, 5 + max(out.new_lengths)) and max(out.new_lengths) <= 3
+
+
+def test_unsupported_model_dtype_or_meta_device_is_named():
+    cfg = tiny_config(vision=False)
+    ids = torch.randint(3, 290, (1, 5))
+    model = ScoutForConditionalGeneration(cfg).eval().to(torch.float8_e4m3fn)
+    with pytest.raises(
+        ValueError, match="model is torch.float8_e4m3fn on cpu; generation needs weights in one of"
+    ):
+        model.generate(ids, max_new_tokens=2)
+    with torch.device("meta"):
+        model = ScoutForConditionalGeneration(cfg)
+    with pytest.raises(ValueError, match="on meta; generation needs"):
+        model.generate(ids, max_new_tokens=2)
+
+
+def test_prompt_filling_the_context_is_named():
+    cfg = tiny_config(vision=False)  # max_position_embeddings=512
+    model = ScoutForConditionalGeneration(cfg).eval()
+    with pytest.raises(ValueError, match="prompt of 512 tokens leaves no room"):
+        model.generate(torch.randint(3, 290, (1, 512)), max_new_tokens=1, truncate=True)
+    with pytest.raises(ValueError, match="pass truncate=True to generate at most 12"):
+        model.generate(torch.randint(3, 290, (1, 500)), max_new_tokens=20)
 
 
 def test_bad_text_api_inputs(tiny_model_and_processor):
@@ -310,6 +447,18 @@ def test_bad_text_api_inputs(tiny_model_and_processor):
         scout_mm.generate(model, processor, "Look", images=["/no/such/image.png"])
     with pytest.raises(TypeError):
         scout_mm.generate(model, processor, "Look", images=[42])
+
+
+def test_batch_needs_one_image_entry_per_prompt(tiny_model_and_processor):
+    from PIL import Image
+
+    import scout_mm
+
+    model, processor = tiny_model_and_processor
+    image = Image.new("RGB", (40, 30), (0, 0, 255))
+    for images in (image, [image]):
+        with pytest.raises(ValueError, match="2 prompts but .* image lists; expected one entry per prompt"):
+            scout_mm.generate(model, processor, ["Look", "Hi"], images=images, max_new_tokens=2)
 
 
 def test_cli_demo_prints_answer_and_speed():
@@ -357,6 +506,26 @@ def test_cli_rejects_missing_model():
 
     out = subprocess.run([sys.executable, "scripts/generate.py"], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "--model" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--temperature", "-1"], "--temperature -1.0: expected >= 0"),
+        (["--top-p", "0.9"], "--top-p samples: pass --temperature > 0"),
+    ],
+)
+def test_cli_rejects_bad_sampling_flags(monkeypatch, capsys, argv, match):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("generate_cli", "scripts/generate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    monkeypatch.setattr(sys, "argv", ["generate.py", "--demo", *argv])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert match in capsys.readouterr().err
 
 
 def test_paged_blocks_across_many_small_blocks(monkeypatch):

@@ -128,6 +128,25 @@ def test_arrays_and_tensors_match_hf(layout, kind):
     assert (pixel_values - expected["pixel_values"].float()).abs().max() <= 1e-5
 
 
+def test_ambiguous_array_layout_warns():
+    """(3, W, 3) may be a 3-row RGB strip or a 3-channel image 3 pixels wide: read as channels first, as HF does,
+    but not silently."""
+    processor = ImageProcessor(tile_size=168, max_patches=4)
+    with pytest.warns(UserWarning, match=r"tensor shape \(3, 500, 3\) may be \(C, H, W\) or \(H, W, C\)"):
+        _, grids = processor([np.zeros((3, 500, 3), np.uint8)])
+    assert grids == [(3, 1)]  # read as 500 x 3: tall
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for unambiguous in [
+            np.zeros((20, 500, 3), np.uint8),
+            np.zeros((3, 20, 500), np.uint8),
+            np.zeros((9, 3), np.uint8),
+        ]:
+            processor([unambiguous])
+
+
 def test_path_input_equals_pil_input(tmp_path):
     image = random_image(200, 300)
     image.save(tmp_path / "image.png")
@@ -331,6 +350,18 @@ def test_placeholder_image_mismatch(builtin, text, n_images, match):
         builtin(text, [random_image(20, 20) for _ in range(n_images)] or None)
 
 
+def test_per_sample_image_lists_must_match_their_texts(builtin):
+    image = random_image(20, 20)
+    with pytest.raises(
+        ValueError, match=r"images per sample \[0, 1\] but .* placeholders per sample \[1, 0\]"
+    ):
+        builtin(["<|image|> a", "b"], [[], [image]])
+    with pytest.raises(ValueError, match=r"images per sample \[1\] but .* per sample \[1, 0\]"):
+        builtin(["<|image|> a", "b"], [[image]])
+    out = builtin(["<|image|> a", "b"], [[image], []])  # matching lists, and a flat list, are fine
+    assert torch.equal(out["input_ids"], builtin(["<|image|> a", "b"], [image])["input_ids"])
+
+
 def test_bad_text(builtin):
     with pytest.raises(TypeError, match="expected a string or a list of strings"):
         builtin(["ok", 3])
@@ -379,6 +410,15 @@ def test_bad_chat_messages(builtin):
         builtin.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "image"}]}], tokenize=True
         )
+
+
+def test_chat_roles_and_text_parts_must_be_strings(builtin):
+    with pytest.raises(ValueError, match="message 0: role None; expected a string"):
+        builtin.apply_chat_template([{"role": None, "content": "hi"}])
+    with pytest.raises(ValueError, match="message 0: text part .*; expected a 'text' string"):
+        builtin.apply_chat_template([{"role": "user", "content": [{"type": "text"}]}])
+    with pytest.raises(ValueError, match="message 0: text part .*; expected a 'text' string"):
+        builtin.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": 5}]}])
 
 
 def test_bad_configuration(tmp_path):

@@ -201,3 +201,15 @@ def test_wrong_tile_size_is_rejected():
     cfg = make_cfg(**CONFIGS["h64_s56"])
     with pytest.raises(ValueError, match="expected"):
         VisionEncoder(cfg)(torch.zeros(1, 3, 42, 42))
+
+
+def test_integer_pixel_values_are_rejected():
+    """Raw 0..255 tiles cast as they are would be read as normalised values: a silent wrong answer."""
+    cfg = make_cfg(**CONFIGS["h64_s56"])
+    encoder = VisionEncoder(cfg)
+    with pytest.raises(TypeError, match="pixel_values dtype torch.uint8; expected floating point"):
+        encoder(torch.zeros(1, 3, 56, 56, dtype=torch.uint8))
+    with pytest.raises(
+        ValueError, match=r"pixel_values shape \(3, 56, 56\); expected \(n_tiles, 3, 56, 56\)"
+    ):
+        encoder(torch.zeros(3, 56, 56))

@@ -177,10 +177,17 @@ class VisionEncoder(nn.Module):
         self.rotary_embedding.reset()
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        n_tiles, channels, height, width = pixel_values.shape
         expected = (self.cfg.num_channels, self.cfg.image_size, self.cfg.image_size)
-        if (channels, height, width) != expected:
-            raise ValueError(f"pixel_values tiles are {(channels, height, width)}; expected {expected}")
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            shape = ", ".join(map(str, expected))
+            raise ValueError(f"pixel_values shape {tuple(pixel_values.shape)}; expected (n_tiles, {shape})")
+        if not pixel_values.is_floating_point():
+            # Integer pixels are raw 0..255 values: cast as they are, they would be read as normalised ones.
+            raise TypeError(
+                f"pixel_values dtype {pixel_values.dtype}; expected floating point (normalised tiles from "
+                "Processor / ImageProcessor)"
+            )
+        n_tiles = pixel_values.shape[0]
         weight = self.patch_embedding.linear.weight
         x = self.patch_embedding(pixel_values.to(weight.dtype))  # (n_tiles, n_patches, hidden)
         # HF appends the class token after the patches; RoPE and the positional table follow that order.

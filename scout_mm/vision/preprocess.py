@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -87,7 +88,8 @@ def _pil_to_rgb(image: Image.Image, index: int) -> torch.Tensor:
 def _tensor_to_rgb(image: torch.Tensor, index: int) -> torch.Tensor:
     if image.dtype != torch.uint8:
         raise TypeError(f"image {index}: tensor dtype {image.dtype}; expected torch.uint8 (values 0..255)")
-    if image.ndim == 2:
+    gray = image.ndim == 2
+    if gray:
         image = image.unsqueeze(0)
     if image.ndim != 3:
         raise ValueError(
@@ -100,6 +102,14 @@ def _tensor_to_rgb(image: torch.Tensor, index: int) -> torch.Tensor:
                 f"image {index}: tensor shape {tuple(image.shape)}; expected 1, 3 or 4 channels first or last"
             )
         image = image.permute(2, 0, 1)
+    elif image.shape[-1] in (1, 3, 4) and not gray:
+        # Channels first, as HF decides; it warns too, since e.g. a (3, 5000, 3) RGB strip is then read as a
+        # 5000 x 3 image instead of 3 x 5000.
+        warnings.warn(
+            f"image {index}: tensor shape {tuple(image.shape)} may be (C, H, W) or (H, W, C); read as (C, H, W). "
+            "Pass a PIL image to avoid the ambiguity",
+            stacklevel=2,
+        )
     if image.shape[-1] == 0 or image.shape[-2] == 0:
         raise ValueError(f"image {index}: empty image of shape {tuple(image.shape)}")
     if image.shape[0] == 1:
