@@ -967,6 +967,92 @@ def section_scout(rows_out, profile=True):
     return config, model
 
 
+LONG_PROMPTS = (32768, 131072, 262144)
+
+
+def _long_prompt(model, config, rows_out, label, length):
+    """One row of ``section_longctx``: a ``length``-token prompt through ``generate_ids`` twice (2 new tokens:
+    compile + capture; then 64 new tokens on the kept graph and KV cache), prefill and decode tokens/s, KV cache
+    and peak GPU memory. Returns False when the prompt does not fit in GPU memory."""
+    from scout_mm.generation import _STATE_ATTR, generate_ids, release_decode_state
+
+    release_decode_state(model)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    prompt = _random_prompt(config, length)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a decode step that falls back to eager must not pass silently
+            generate_ids(model, prompt, max_new_tokens=2, eos_token_id=[])
+            out = generate_ids(model, prompt, max_new_tokens=64, eos_token_id=[])
+    except torch.OutOfMemoryError as e:
+        release_decode_state(model)
+        del prompt
+        torch.cuda.empty_cache()
+        rows_out.append(f"| {label} | {length:,} | out of GPU memory: {str(e).splitlines()[0][:160]} | | | | |")
+        print(rows_out[-1], flush=True)
+        return False
+    cache = model.__dict__[_STATE_ATTR].cache.memory_bytes()
+    peak = torch.cuda.max_memory_allocated()
+    rows_out.append(f"| {label} | {length:,} | {out.prefill_tokens_per_second:,.0f} ({out.prefill_seconds:.1f} s) | "
+                    f"{out.decode_tokens_per_second:.1f} | {cache['ring'] / 1e9:.2f} + {cache['global'] / 1e9:.2f} | "
+                    f"{peak / 1e9:.1f} | {torch.cuda.get_device_properties(0).total_memory / 1e9:.1f} |")  # fmt: skip
+    print(rows_out[-1], flush=True)
+    release_decode_state(model)
+    return True
+
+
+def section_longctx(rows_out):
+    """Scout-size Int4 on one GPU with long prompts (``LONG_PROMPTS``, ``--prompts``): the default build, then the
+    lean one (embedding table in pinned host memory, Int4 LM head) for the lengths the default could not hold."""
+    from scout_mm.quant import offload_embeddings, quantized_bytes
+
+    config, model = build_scout_int4()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    rows_out += ["", "## Scout-size Int4 with long prompts (random weights, batch 1)", "",
+                 f"Default build: {_sizes(quantized_bytes(model))}. Each prompt goes through `generate_ids` twice: "
+                 "2 new tokens (compile, capture), then 64 new tokens on the kept decode graph and KV cache (greedy, "
+                 "stop checks included, no capture); the row is the second call. KV cache: ring buffers of the "
+                 "chunked RoPE layers (one 8K chunk each) + block pools of the global NoPE layers.", "",
+                 "| build | prompt tokens | prefill tok/s (s) | decode tok/s (64 new) | KV cache GB (ring + global) "
+                 "| peak GPU GB | GPU GB |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    print("\n".join(rows_out[-6:]), flush=True)
+    left = []
+    for length in LONG_PROMPTS:
+        if not _long_prompt(model, config, rows_out, "default", length):
+            left = [n for n in LONG_PROMPTS if n >= length]
+            break
+    if left:
+        offload_embeddings(model)
+        int4_lm_head(model)
+        torch.cuda.empty_cache()
+        rows_out.append(f"| lean: {_sizes(quantized_bytes(model))} | | | | | | |")
+        for length in left:
+            if not _long_prompt(model, config, rows_out, "lean (host embeddings, Int4 LM head)", length):
+                break
+
+
+def section_dequantpasses(rows_out):
+    """The prefill MoE's dequantised experts in one pass vs passes of ``int4.MOE_DEQUANT_MAX_BYTES`` and twice
+    that (the default build, same process, interleaved): prefill speed and peak memory of long prompts."""
+    config, model = build_scout_int4()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    budget = int4.MOE_DEQUANT_MAX_BYTES
+    rows_out += ["", "## Prefill MoE: experts dequantised in one pass vs in passes (Scout-size Int4, default build)",
+                 "", "| build | prompt tokens | prefill tok/s (s) | decode tok/s (64 new) | KV cache GB (ring + global) "
+                 "| peak GPU GB | GPU GB |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    try:
+        for length in (32768, 131072):
+            for limit in (1 << 62, budget, 2 * budget) * 2:
+                label = "one pass" if limit == 1 << 62 else f"passes of {limit / 2**30:g} GiB"
+                int4.MOE_DEQUANT_MAX_BYTES = limit
+                _long_prompt(model, config, rows_out, label, length)
+    finally:
+        int4.MOE_DEQUANT_MAX_BYTES = budget
+
+
 def _step_variants(model, config, rows_out, variants, use, restore):
     """``decode_step_profile`` of each (label, setting) of ``variants`` in order, ``use(setting)`` applied before
     each (same prompt and token: ``torch.manual_seed(0)``) and ``use(restore)`` after all of them, even on error.
@@ -1339,9 +1425,14 @@ def main() -> None:
     parser.add_argument(
         "--tokens", default=None, help="moe section: comma-separated T (default 1,16,64,512,4096)"
     )
+    parser.add_argument(
+        "--prompts", default=None, help="longctx section: comma-separated prompt lengths (default 32K,128K,256K)"
+    )
     args = parser.parse_args()
     _select_candidates(args.candidates)
-    global ROWS, TOKENS
+    global ROWS, TOKENS, LONG_PROMPTS
+    if args.prompts:
+        LONG_PROMPTS = tuple(int(v) for v in args.prompts.split(","))
     if args.rows:
         ROWS = [int(v) for v in args.rows.split(",")]
     if args.tokens:
@@ -1359,7 +1450,8 @@ def main() -> None:
                 "profile": section_profile, "step": section_step, "rows": section_rows,
                 "grid": section_grid, "splitstep": section_splitstep,
                 "shapes": section_shapes, "moeshapes": section_moeshapes,
-                "earlyids": section_earlyids}  # fmt: skip
+                "earlyids": section_earlyids, "longctx": section_longctx,
+                "dequantpasses": section_dequantpasses}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         try:

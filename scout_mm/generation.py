@@ -101,21 +101,51 @@ class GenerateOutput:
 def prefill(model, cache: KVCache, seq: int, inputs_embeds: torch.Tensor, piece: int) -> torch.Tensor:
     """Run one sequence's prompt embeddings (1, length, hidden) through the model into row ``seq`` of the
     cache, in pieces of at most ``piece`` tokens cut at chunk boundaries. Returns the last logits (vocab,)."""
-    length = inputs_embeds.shape[1]
+    return prefill_pieces(model, cache, seq, inputs_embeds.shape[1], lambda a, b: inputs_embeds[:, a:b], piece)
+
+
+def prefill_pieces(model, cache: KVCache, seq: int, length: int, embed, piece: int) -> torch.Tensor:
+    """:func:`prefill` of a ``length``-token prompt whose embeddings ``embed(start, end)`` (1, end - start,
+    hidden) gives piece by piece, as each piece is reached."""
     chunk = cache.chunk_size or length
     cache.reserve(seq, length)
     start = 0
     logits = None
     while start < length:
         end = min(start + piece, (start // chunk + 1) * chunk, length)
-        positions = torch.arange(start, end, device=inputs_embeds.device)[None]
+        positions = torch.arange(start, end, device=cache.device)[None]
         cache.begin_prefill(seq, start)
         logits = model(
-            inputs_embeds=inputs_embeds[:, start:end], position_ids=positions, cache=cache, logits_to_keep=1
+            inputs_embeds=embed(start, end), position_ids=positions, cache=cache, logits_to_keep=1
         ).logits
         start = end
     cache.end_prefill()
     return logits[0, -1]
+
+
+class _PromptPieces:
+    """The embeddings of sequence ``b``'s real tokens (under ``attention_mask``), piece by piece: token
+    embeddings, with the image tokens' rows of ``image_embeds`` (all sequences' image tokens in order, as
+    ``model.image_token_embeddings`` gives them) in place. Equal to slicing ``model.embed_inputs`` of the batch."""
+
+    def __init__(self, model, input_ids, attention_mask, image_embeds, b: int):
+        self.model, self.image_embeds = model, image_embeds
+        columns = attention_mask[b].nonzero()[:, 0]  # the real tokens, whichever side the padding is on
+        self.ids = input_ids[b, columns][None]
+        if image_embeds is not None:
+            is_image = input_ids == model.config.image_token_index
+            # index into image_embeds of each real token's image row (image tokens under padding count too,
+            # as in embed_inputs): those of earlier sequences, then those of this row before the column
+            before = is_image[:b].sum() + is_image[b].cumsum(0) - is_image[b].long()
+            self.first_row = before[columns]
+            self.is_image = is_image[b, columns]
+
+    def embed(self, start: int, end: int) -> torch.Tensor:
+        ids = self.ids[:, start:end]
+        if self.image_embeds is None:
+            return self.model.embed_tokens(ids)
+        first, count = int(self.first_row[start]), int(self.is_image[start:end].sum())
+        return self.model.embed_tokens(ids, self.image_embeds[first : first + count])
 
 
 def decode_one_token(model, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -350,12 +380,14 @@ def _generate_steps(model, state, input_ids, pixel_values, attention_mask, param
     piece = min(prefill_piece or DEFAULT_PREFILL_PIECE, config.attention_chunk_size or DEFAULT_PREFILL_PIECE)
     _sync(device)
     start = time.perf_counter()
-    embeds, _ = model.embed_inputs(input_ids, pixel_values)
+    # Embedded piece by piece as prefill reaches them: a long prompt's embeddings never exist whole (2.7 GB for
+    # 256K tokens of Scout). The images go through the vision tower once, here.
+    _, image_embeds = model.image_token_embeddings(input_ids, pixel_values)
     first_logits = []
     for b in range(batch):
         cache.reserve(b, lengths[b] + params.max_new_tokens)
-        row = embeds[b : b + 1, attention_mask[b]]  # the real tokens, whichever side the padding is on
-        first_logits.append(prefill(model, cache, b, row, piece))
+        pieces = _PromptPieces(model, input_ids, attention_mask, image_embeds, b)
+        first_logits.append(prefill_pieces(model, cache, b, lengths[b], pieces.embed, piece))
     logits = torch.stack(first_logits)
     _sync(device)
     if stats is not None:

@@ -369,18 +369,45 @@ class ScoutForConditionalGeneration(nn.Module):
         """Token embeddings with image features in place of the image tokens (early fusion).
 
         Returns (inputs_embeds (batch, seq, hidden), image features or None)."""
+        image_features, image_embeds = self.image_token_embeddings(input_ids, pixel_values, validate)
+        return self.embed_tokens(input_ids, image_embeds), image_features
+
+    def image_token_embeddings(
+        self, input_ids, pixel_values=None, validate: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(the vision tower's features (n_tiles, tokens_per_tile, vision_output_dim), their projections
+        (n_image_tokens, hidden): what replaces the image tokens of ``input_ids``, in order), or (None, None)
+        without ``pixel_values``. Checks that there are as many image tokens as features, and with ``validate``
+        that the token ids are within the vocabulary."""
         if validate:
             _check_token_ids(input_ids, self.config.text.vocab_size)
-        inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is None:
-            if not validate or self.config.vision is None:
-                return inputs_embeds, None
-            if bool((input_ids == self.config.image_token_index).any()):
+            n = 0
+            if validate and self.config.vision is not None:
                 n = int((input_ids == self.config.image_token_index).sum())
+            if n:
                 raise ValueError(f"input_ids hold {n} image tokens but no pixel_values were given")
-            return inputs_embeds, None
+            return None, None
         image_features = self.get_image_features(pixel_values)
-        return self._merge_image_features(input_ids, inputs_embeds, image_features), image_features
+        projected = self.multi_modal_projector(image_features.flatten(0, 1))  # (n_image_tokens, hidden)
+        n_tokens = int((input_ids == self.config.image_token_index).sum())
+        if n_tokens != projected.shape[0]:
+            n_tiles = image_features.shape[0]
+            raise ValueError(
+                f"input_ids hold {n_tokens} image tokens (id {self.config.image_token_index}) but pixel_values "
+                f"give {n_tiles} tiles x {image_features.shape[1]} = {projected.shape[0]} image features"
+            )
+        return image_features, projected
+
+    def embed_tokens(self, input_ids, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, seq, hidden): the token embeddings of ``input_ids``, its image tokens replaced in order by the
+        rows of ``image_embeds`` (as many, unchecked). A prompt can be embedded piece by piece: each piece takes
+        the rows of its own image tokens."""
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        if image_embeds is None:
+            return inputs_embeds
+        image_mask = input_ids == self.config.image_token_index
+        return inputs_embeds.masked_scatter(image_mask[..., None], image_embeds.to(inputs_embeds.dtype))
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(n_tiles, 3, tile, tile) -> (n_tiles, tokens_per_tile, vision_output_dim)."""
@@ -393,19 +420,6 @@ class ScoutForConditionalGeneration(nn.Module):
                 f"pixel_values shape {tuple(pixel_values.shape)}; expected (n_tiles, {', '.join(map(str, expected))})"
             )
         return self.vision_model(pixel_values)
-
-    def _merge_image_features(self, input_ids, inputs_embeds, image_features):
-        projected = self.multi_modal_projector(image_features.flatten(0, 1))  # (n_image_tokens, hidden)
-        image_mask = input_ids == self.config.image_token_index
-        n_tokens = int(image_mask.sum())
-        if n_tokens != projected.shape[0]:
-            n_tiles = image_features.shape[0]
-            raise ValueError(
-                f"input_ids hold {n_tokens} image tokens (id {self.config.image_token_index}) but pixel_values "
-                f"give {n_tiles} tiles x {image_features.shape[1]} = {projected.shape[0]} image features"
-            )
-        projected = projected.to(inputs_embeds.dtype)
-        return inputs_embeds.masked_scatter(image_mask[..., None], projected)
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, **kwargs) -> torch.Tensor:

@@ -174,6 +174,34 @@ def test_prefill_pieces_never_exceed_a_chunk(monkeypatch):
     assert sum(seen) == 45 and max(seen) <= 6
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_prompt_embedded_piece_by_piece_equals_the_batch_embedding(side):
+    # Prefill embeds each piece as it is reached (a long prompt's embeddings never exist whole); every piece
+    # must equal the slice of the whole batch's embeddings, image rows included, whatever the padding.
+    from scout_mm.generation import _PromptPieces
+
+    cfg = tiny_config(vision=True)
+    model = ScoutForConditionalGeneration(cfg).eval()
+    rows = [_prompt(cfg, 7, 1), _prompt(cfg, 3), _prompt(cfg, 5, 2)]
+    longest = max(ids.shape[1] for ids, _ in rows)
+    input_ids = torch.zeros(3, longest, dtype=torch.long)
+    attention_mask = torch.zeros(3, longest, dtype=torch.bool)
+    for b, (ids, _) in enumerate(rows):
+        cols = slice(longest - ids.shape[1], longest) if side == "left" else slice(0, ids.shape[1])
+        input_ids[b, cols], attention_mask[b, cols] = ids[0], True
+    pixels = torch.cat([p for _, p in rows if p is not None])
+    with torch.no_grad():
+        whole, _ = model.embed_inputs(input_ids, pixels)
+        _, image_embeds = model.image_token_embeddings(input_ids, pixels)
+        for b in range(3):
+            expected = whole[b : b + 1, attention_mask[b]]
+            pieces = _PromptPieces(model, input_ids, attention_mask, image_embeds, b)
+            length = expected.shape[1]
+            for start, end in ((0, 1), (1, 4), (2, 3), (0, length), (3, length), (length - 1, length)):
+                if start < length:  # prefill asks for pieces that start inside the prompt
+                    assert torch.equal(pieces.embed(start, end), expected[:, start:end]), (b, start, end)
+
+
 # ------------------------------------------------------------------------------------------- sampling
 def _hf_processed(logits, history, **kw):
     from transformers.generation import logits_process as lp

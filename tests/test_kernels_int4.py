@@ -331,6 +331,36 @@ def test_moe_skewed_routing_and_non_local_slots(int4):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("per_pass,sizes", [(1, [1] * 5), (2, [2, 2, 1]), (3, [3, 2]), (4, [3, 2])])
+def test_moe_dequant_in_passes_of_experts(int4, monkeypatch, per_pass, sizes, top_k, dtype):
+    # The budget set to ``per_pass`` experts' bytes: the fewest passes, of even size, against one pass over all
+    # 5: equal bit for bit up to two slots per token, within rounding with three. Non-local slots (expert
+    # parallelism: ids < 0 or >= E) stay non-local in every pass.
+    tokens, hidden, inter, n_experts, group = 23, 64, 32, 5, 32
+    x, weights, ids, gate_up, down = _moe_problem(
+        tokens, hidden, inter, n_experts, top_k, group, False, dtype
+    )
+    ids[0, 0], ids[1, -1] = -1, n_experts + 2
+    one_pass = int4.int4_moe_experts(x, weights, ids, gate_up, down, group, config={"kind": "dequant"})
+    expert_bytes = (hidden * 2 * inter + inter * hidden) * torch.finfo(dtype).bits // 8
+    monkeypatch.setattr(int4, "MOE_DEQUANT_MAX_BYTES", per_pass * expert_bytes)
+    from scout_mm.kernels import moe
+
+    calls = []
+    fused = moe.moe_experts
+    monkeypatch.setattr(moe, "moe_experts", lambda *args: calls.append(args[3].shape[0]) or fused(*args))
+    passes = int4.int4_moe_experts(x, weights, ids, gate_up, down, group, config={"kind": "dequant"})
+    assert calls == sizes
+    assert passes.dtype == dtype and passes.shape == x.shape
+    if top_k <= 2:
+        assert torch.equal(passes, one_pass)
+    else:
+        assert rel(passes, one_pass) < TOL[dtype]
+    assert rel(passes, _moe_reference(x, weights, ids, gate_up, down, group)) < TOL[dtype] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("tokens,top_k", [(1, 1), (1, 3), (2, 2), (3, 3)])
 def test_moe_direct_decode_layout_equals_the_sorted_layout(int4, monkeypatch, tokens, top_k, dtype):
     # Few tokens: rows straight from the routing ids (no routing kernel) and the slot sum inside the down
