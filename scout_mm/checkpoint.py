@@ -19,12 +19,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from scout_mm.config import ScoutConfig
+from scout_mm.config import ScoutConfig, is_int
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _TEXT_ONLY_PREFIX = "language_model."  # HF Llama4ForCausalLM keys lack it
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_embedding.freqs_ci")  # old non-persistent buffers
+LM_HEAD = "language_model.lm_head.weight"
+# Files beside the weights that the tokenizer / processor / generate read: carried into converted and Int4 copies.
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json",
+                   "preprocessor_config.json", "chat_template.json", "generation_config.json")  # fmt: skip
 # Float checkpoints hold these; anything else (fp8, ints) needs a quantization_config we do not read.
 SUPPORTED_DTYPES = {
     str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -110,13 +114,18 @@ def _reject_quantized(path: str) -> None:
     )
 
 
-def _check_dtype(dtype) -> torch.dtype | None:
-    """``dtype`` as a torch dtype (``"bfloat16"`` and the like accepted), or a ValueError naming the choices."""
-    if dtype is None or dtype in SUPPORTED_DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in SUPPORTED_DTYPES:
-        return SUPPORTED_DTYPES[dtype.removeprefix("torch.")]
-    raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(SUPPORTED_DTYPES)} or None")
+def check_dtype(dtype, allowed: tuple[torch.dtype, ...] | None = None) -> torch.dtype | None:
+    """``dtype`` as one of the ``allowed`` torch dtypes (names such as ``"bfloat16"`` accepted), or None for None /
+    ``"auto"`` (transformers' spelling of "as the checkpoint says"); a ValueError naming the choices otherwise."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, str):
+        dtype = SUPPORTED_DTYPES.get(dtype.removeprefix("torch."), dtype)
+    allowed = allowed or tuple(SUPPORTED_DTYPES.values())
+    if dtype not in allowed:
+        names = [str(d).removeprefix("torch.") for d in allowed]
+        raise ValueError(f"dtype {dtype!r} is not supported; expected one of {names}, 'auto' or None")
+    return dtype
 
 
 def check_device(device) -> torch.device:
@@ -125,10 +134,14 @@ def check_device(device) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device {device!r} is not a device name; expected e.g. 'cuda', 'cuda:1' or 'cpu'") from e
+        raise ValueError(
+            f"device {device!r} is not a device name; expected e.g. 'cuda', 'cuda:1' or 'cpu'"
+        ) from e
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine; use device='cpu'")
+            raise ValueError(
+                f"device {str(device)!r}: CUDA is not available on this machine; use device='cpu'"
+            )
         count = torch.cuda.device_count()
         if resolved.index is not None and resolved.index >= count:
             raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s)")
@@ -141,8 +154,8 @@ def check_device(device) -> torch.device:
 
 
 def _config_dtype(path: str) -> torch.dtype | None:
-    """The dtype config.json names (``dtype``, as transformers 5 writes it, else ``torch_dtype``); a value that
-    names no float type disagrees with a float checkpoint, so it is an error rather than ignored."""
+    """The dtype config.json names (``dtype``, as transformers 5 writes it, and/or ``torch_dtype``; None when it
+    names none, or two that disagree); a value that names no float type is an error rather than ignored."""
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
     named = [(key, hf[key]) for key in ("dtype", "torch_dtype") if hf.get(key) is not None]
@@ -152,14 +165,16 @@ def _config_dtype(path: str) -> torch.dtype | None:
                 f"{path}: config.json {key}={value!r} is not a supported float dtype; expected one of "
                 f"{sorted(SUPPORTED_DTYPES)}"
             )
-    return SUPPORTED_DTYPES[named[0][1].removeprefix("torch.")] if named else None
+    names = {value.removeprefix("torch.") for _, value in named}
+    # Two that disagree (scout_mm before it wrote both kept a stale "dtype" from its source): trust the tensors.
+    return SUPPORTED_DTYPES[names.pop()] if len(names) == 1 else None
 
 
 def load_pretrained(cls, path, dtype=None, device="cpu"):
     """Build ``cls`` from the checkpoint folder ``path``. ``dtype=None`` is transformers' ``dtype="auto"``: the
     dtype config.json names, else the first stored tensor's, so a checkpoint of mixed dtypes loads as one."""
     path = os.fspath(path)
-    dtype = _check_dtype(dtype)
+    dtype = check_dtype(dtype)
     device = check_device(device)
     config = ScoutConfig.from_hf(path)
     _reject_quantized(path)
@@ -209,9 +224,17 @@ def load_pretrained(cls, path, dtype=None, device="cpu"):
             f"{path}: {len(unexpected)} tensors match no parameter of the config, e.g. {unexpected[:5]}"
         )
     missing = [n for n in expected if n not in loaded]
+    if missing == [LM_HEAD] and config.hf_extra.get("tie_word_embeddings") is True:
+        # Written by scout_mm before it stated the flag in text_config: a top-level true and no LM head stored.
+        config.tie_word_embeddings = config.text.tie_word_embeddings = True
+        del config.hf_extra["tie_word_embeddings"]
+        missing = []
     if missing:
+        untied = (
+            " (the LM head is untied: text_config.tie_word_embeddings is false)" if LM_HEAD in missing else ""
+        )
         raise CheckpointError(
-            f"{path}: {len(missing)} parameters missing from the checkpoint, e.g. {missing[:5]}"
+            f"{path}: {len(missing)} parameters missing from the checkpoint, e.g. {missing[:5]}{untied}"
         )
     if config.tie_word_embeddings:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
@@ -222,7 +245,7 @@ def _param_names(model) -> list[str]:
     """Parameter names a checkpoint must provide (a tied LM head comes with the embedding)."""
     names = [n for n, _ in model.named_parameters()]
     if model.config.tie_word_embeddings:
-        names = [n for n in names if n != "language_model.lm_head.weight"]
+        names = [n for n in names if n != LM_HEAD]
     return names
 
 
@@ -234,16 +257,17 @@ def _assign(model, name: str, tensor: torch.Tensor) -> None:
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string like ``"5GB"``, ``"500MiB"``, ``"40KB"``."""
+    """Bytes from a count or a string like ``"5GB"``, ``"500MiB"``, ``"40KB"``; ValueError unless positive."""
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    n = 0
     try:
-        if isinstance(size, int):
-            n = size
-        else:
+        if isinstance(size, str):
             s = size.strip().upper()
             unit = next((u for u in sorted(units, key=len, reverse=True) if s.endswith(u)), "B")
             n = int(float(s.removesuffix(unit)) * units[unit])
-    except (AttributeError, ValueError):
+        elif is_int(size) or (isinstance(size, float) and size.is_integer()):
+            n = int(size)
+    except (ValueError, OverflowError):  # not a number; inf
         n = 0
     if n <= 0:
         raise ValueError(

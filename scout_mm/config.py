@@ -2,7 +2,9 @@
 
 Field names follow HF ``Llama4TextConfig`` / ``Llama4VisionConfig`` so that users can read one against the
 other. Anything in an HF config that we do not model (``torch_dtype``, ``architectures``, ...) is kept in
-``hf_extra`` and written back unchanged, so ``ScoutConfig.from_hf(d).to_hf() == d`` up to key order.
+``hf_extra`` and written back unchanged, so ``ScoutConfig.from_hf(d).to_hf() == d`` up to key order for the configs
+transformers writes; a hand-written one comes back with HF's defaults for the keys it left out,
+``text_config.tie_word_embeddings`` stated, and ``layer_types`` (transformers 5) derived from ``no_rope_layers``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,7 +71,7 @@ class TextConfig:
     hf_extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        if self.no_rope_layers is None:
+        if not self.no_rope_layers:  # None or [] (HF Scout's config.json): the default pattern, as in HF
             self.no_rope_layers = [
                 int((i + 1) % self.no_rope_layer_interval != 0) for i in range(self.num_hidden_layers)
             ]
@@ -103,7 +106,7 @@ class TextConfig:
             if kind not in ("llama3", "default"):
                 raise ValueError(f"rope_scaling type {kind!r}; expected 'llama3'")
             missing = [k for k in _ROPE_SCALING_KEYS if k not in self.rope_scaling]
-            if self.rope_scaling.get("rope_type", "llama3") != "default" and missing:
+            if kind != "default" and missing:
                 raise ValueError(
                     f"rope_scaling {self.rope_scaling} lacks {missing}, needed for llama3 scaling"
                 )
@@ -194,6 +197,12 @@ class ScoutConfig:
     tie_word_embeddings: bool = False
     hf_extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self):
+        # One flag in effect: HF keeps it in text_config, the model reads this one; asking either ties.
+        self.tie_word_embeddings = self.text.tie_word_embeddings = bool(
+            self.tie_word_embeddings or self.text.tie_word_embeddings
+        )
+
     # ------------------------------------------------------------------ presets
     @classmethod
     def from_preset(cls, name: str, **text_overrides) -> ScoutConfig:
@@ -278,6 +287,13 @@ class ScoutConfig:
 # HF text-config keys that map 1:1 onto TextConfig fields.
 _TEXT_FIELDS = {f.name for f in dataclasses.fields(TextConfig)} - {"hf_extra", "rope_theta", "rope_scaling"}
 _VISION_FIELDS = {f.name for f in dataclasses.fields(VisionConfig)} - {"hf_extra", "rope_theta"}
+
+
+def is_int(value) -> bool:
+    """An integer (Python or numpy), not a bool: what options that count things accept."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 _ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 

@@ -8,16 +8,17 @@ shapes and no host synchronisation so it can be compiled / CUDA-graphed.
 
 from __future__ import annotations
 
-import numbers
 import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 
 from scout_mm.cache import KVCache
+from scout_mm.config import is_int
 
 DEFAULT_PREFILL_PIECE = 8192
 GENERATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -43,11 +44,11 @@ class SamplingParams:
         return not self.do_sample or self.temperature == 0
 
     def validate(self) -> None:
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r}; expected an int >= 1")
         if not self.temperature >= 0:
             raise ValueError(f"temperature={self.temperature}; expected >= 0 (0 = greedy)")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 0):
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 0):
             raise ValueError(f"top_k={self.top_k!r}; expected an int >= 0 (0 or None = no top-k filter)")
         if self.top_p is not None and not 0 <= self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p}; expected 0 <= top_p <= 1")
@@ -74,10 +75,6 @@ class SamplingParams:
                 )
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 @dataclass
 class GenerateOutput:
     sequences: torch.Tensor  # (batch, prompt_len + new), HF layout: prompt as given, then new tokens / pad
@@ -101,7 +98,9 @@ class GenerateOutput:
 def prefill(model, cache: KVCache, seq: int, inputs_embeds: torch.Tensor, piece: int) -> torch.Tensor:
     """Run one sequence's prompt embeddings (1, length, hidden) through the model into row ``seq`` of the
     cache, in pieces of at most ``piece`` tokens cut at chunk boundaries. Returns the last logits (vocab,)."""
-    return prefill_pieces(model, cache, seq, inputs_embeds.shape[1], lambda a, b: inputs_embeds[:, a:b], piece)
+    return prefill_pieces(
+        model, cache, seq, inputs_embeds.shape[1], lambda a, b: inputs_embeds[:, a:b], piece
+    )
 
 
 def prefill_pieces(model, cache: KVCache, seq: int, length: int, embed, piece: int) -> torch.Tensor:
@@ -321,7 +320,7 @@ def generate_steps(
         raise ValueError(
             f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}"
         )
-    if prefill_piece is not None and (not _is_int(prefill_piece) or prefill_piece < 1):
+    if prefill_piece is not None and (not is_int(prefill_piece) or prefill_piece < 1):
         raise ValueError(f"prefill_piece={prefill_piece!r}; expected an int >= 1 or None")
     device = model.device
     if model.dtype not in GENERATION_DTYPES or device.type == "meta":
@@ -423,6 +422,7 @@ def _generate_steps(model, state, input_ids, pixel_values, attention_mask, param
         was_active = torch.tensor(active)
         if stats is not None:
             stats.new_tokens += sum(active)
+            stats.new_lengths = [n + a for n, a in zip(stats.new_lengths or [0] * batch, active, strict=True)]
         going = _still_active(active, tokens_host, eos, texts, stop_strings, tokenizer)
         yield tokens_host, was_active
         if step == last or not going:
@@ -500,10 +500,13 @@ def generate_ids(
     ``put(tokens)`` / ``end()`` calls. On CUDA the decode step runs as a captured CUDA graph unless
     ``cuda_graph=False``; with ``keep_graph`` (default) the graph and its KV cache stay on the model for the next
     call of the same batch size (:func:`decode_state`; :func:`release_decode_state` frees them)."""
+    # None = the default, as in transformers' generation config
+    temperature = 1.0 if temperature is None else temperature
+    repetition_penalty = 1.0 if repetition_penalty is None else repetition_penalty
     params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
     if pad_token_id is None:
         pad_token_id = model.config.text.pad_token_id if model.config.text.pad_token_id is not None else 0
-    stats = GenerateOutput(sequences=input_ids, new_lengths=[0] * len(input_ids))
+    stats = GenerateOutput(sequences=input_ids)
     new = []
     steps = generate_steps(
         model, input_ids, pixel_values, attention_mask, params, eos_token_id, stop_strings, tokenizer, seed,
@@ -513,7 +516,6 @@ def generate_ids(
         streamer.put(input_ids.cpu())
     for tokens, active in steps:
         tokens = torch.where(active, tokens, pad_token_id)
-        stats.new_lengths = [n + a for n, a in zip(stats.new_lengths, active.tolist(), strict=True)]
         new.append(tokens)
         if streamer is not None:
             streamer.put(tokens)
@@ -560,17 +562,19 @@ def _hit_stop_string(texts, tokens, stop_strings, tokenizer) -> list[bool]:
 
 
 def _token_ids(value, default, name: str) -> list[int]:
-    """None -> ``default``; an id, a list of ids or an integer tensor -> a list of ids."""
+    """None -> ``default``; an id, a list of ids or an integer tensor / array -> a list of ids."""
     if value is None:
         return list(default)
-    if isinstance(value, torch.Tensor) and not value.is_floating_point():
+    if isinstance(value, np.ndarray) and value.dtype.kind in "iu":
+        value = value.reshape(-1).tolist()
+    elif isinstance(value, torch.Tensor) and not value.is_floating_point():
         value = value.flatten().tolist()
-    elif _is_int(value):
+    elif is_int(value):
         value = [value]
     if (
         isinstance(value, (str, bytes))
         or not isinstance(value, Sequence)
-        or not all(_is_int(v) for v in value)
+        or not all(is_int(v) for v in value)
     ):
         raise TypeError(f"{name}={value!r}; expected a token id, a list of token ids, or None")
     return [int(v) for v in value]

@@ -15,17 +15,8 @@ import sys
 import torch
 
 from scout_mm import ScoutForConditionalGeneration, count_parameters
-from scout_mm.checkpoint import parse_size
+from scout_mm.checkpoint import PROCESSOR_FILES, parse_size
 
-PROCESSOR_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "processor_config.json",
-    "preprocessor_config.json",
-    "chat_template.json",
-    "generation_config.json",
-)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -11,6 +11,7 @@ flag); with --demo, the tiny model quantized (RTN).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib.resources import files
 
@@ -141,5 +142,13 @@ def _run(model, processor, prompt, images, stream: bool, sampling: dict) -> Gene
     return stats
 
 
+def cli() -> None:
+    """:func:`main`, with a missing or bad checkpoint, image or option reported in one line (no traceback)."""
+    try:
+        main()
+    except (OSError, ValueError) as e:
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

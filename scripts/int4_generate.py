@@ -13,9 +13,5 @@ import sys
 
 if __name__ == "__main__":
     sys.argv.insert(1, "--int4")
-    try:
-        runpy.run_path(
-            os.path.join(os.path.dirname(os.path.abspath(__file__)), "generate.py"), run_name="__main__"
-        )
-    except (OSError, ValueError) as e:  # a missing or bad checkpoint, image or option: one line
-        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+    generate = os.path.join(os.path.dirname(os.path.abspath(__file__)), "generate.py")
+    runpy.run_path(generate, run_name="generate")["cli"]()  # errors and usage under this script's name

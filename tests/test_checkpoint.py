@@ -409,3 +409,29 @@ def test_nonzero_shared_expert_is_not_dropped_silently(tmp_path):
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=f"{key}.*use_shared_expert=false"):
         ScoutForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_checkpoints_written_before_the_dtype_and_tie_fixes_still_load(tmp_path):
+    # scout_mm's older writer kept a stale "dtype" from its source config next to the right torch_dtype, and
+    # put a tied model's flag at the top level only (text_config false, no LM head stored).
+    cfg = dataclasses.replace(tiny_config(vision=True), tie_word_embeddings=True)
+    model = ScoutForConditionalGeneration(cfg).eval()
+    model.save_pretrained(tmp_path / "m")
+    config_file = tmp_path / "m" / "config.json"
+    hf = json.loads(config_file.read_text())
+    hf["dtype"], hf["torch_dtype"] = "bfloat16", "float32"
+    hf["tie_word_embeddings"], hf["text_config"]["tie_word_embeddings"] = True, False
+    config_file.write_text(json.dumps(hf))
+    assert not any("lm_head" in k for k in load_file(tmp_path / "m" / "model.safetensors"))
+    loaded = ScoutForConditionalGeneration.from_pretrained(tmp_path / "m")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}  # the tensors', not the stale key's
+    assert loaded.config.tie_word_embeddings
+    assert loaded.language_model.lm_head.weight is loaded.language_model.model.embed_tokens.weight
+    ids = torch.randint(3, 290, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    # untied with no LM head stored: the error says why
+    hf["tie_word_embeddings"] = False
+    config_file.write_text(json.dumps(hf))
+    with pytest.raises(CheckpointError, match="lm_head.*untied"):
+        ScoutForConditionalGeneration.from_pretrained(tmp_path / "m")

@@ -268,3 +268,18 @@ def test_layer_types_follow_edited_layers():
     out = cfg.to_hf()["text_config"]
     assert out["layer_types"] == ["full_attention", "chunked_attention"]
     assert ScoutConfig.from_hf(cfg.to_hf()).text.no_rope_layers == [0, 1]
+
+
+def test_hf_spellings_of_defaults_and_one_tie_flag():
+    # HF Scout's config.json has "no_rope_layers": [] (HF: the default pattern) and older configs spell
+    # rope_scaling's kind "type"; tie_word_embeddings asked for on the text config (e.g. by a preset override)
+    # ties the model.
+    text = TextConfig(num_hidden_layers=8, no_rope_layers=[], no_rope_layer_interval=4)
+    assert text.no_rope_layers == [1, 1, 1, 0, 1, 1, 1, 0]
+    assert TextConfig(rope_scaling={"type": "default"}).rope_scaling == {"type": "default"}
+    with pytest.raises(ValueError, match="lacks"):
+        TextConfig(rope_scaling={"type": "llama3", "factor": 8.0})
+    tied = ScoutConfig.from_preset("tiny", tie_word_embeddings=True)
+    assert tied.tie_word_embeddings and tied.text.tie_word_embeddings
+    assert tied.to_hf()["text_config"]["tie_word_embeddings"] is True
+    assert ScoutConfig.from_hf(tied.to_hf()).tie_word_embeddings

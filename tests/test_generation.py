@@ -391,6 +391,22 @@ def test_stream_fills_decode_stats(tiny_model_and_processor):
     pieces = list(scout_mm.generate(model, processor, "Hello", stream=True, stats=stats, **kw))
     assert "".join(pieces) == scout_mm.generate(model, processor, "Hello", **kw)
     assert stats.new_tokens > 0 and stats.decode_seconds > 0 and stats.finished == [True]
+    assert stats.new_lengths == [stats.new_tokens]
+
+
+def test_none_sampling_values_mean_defaults_and_numpy_eos_ids():
+    # transformers' generation config passes None for "default"; ids may come as numpy arrays.
+    import numpy as np
+
+    model = ScoutForConditionalGeneration(tiny_config(vision=False)).eval()
+    ids = torch.randint(3, 290, (1, 6))
+    base = generate_ids(model, ids, max_new_tokens=5, eos_token_id=[])
+    same = generate_ids(model, ids, max_new_tokens=5, eos_token_id=[], temperature=None, repetition_penalty=None)
+    assert torch.equal(same.sequences, base.sequences)
+    stop = int(base.sequences[0, -3])
+    by_array = generate_ids(model, ids, max_new_tokens=5, eos_token_id=np.array([stop]))
+    by_list = generate_ids(model, ids, max_new_tokens=5, eos_token_id=[stop])
+    assert torch.equal(by_array.sequences, by_list.sequences) and by_array.new_lengths == by_list.new_lengths
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -534,6 +550,11 @@ def test_cli_rejects_missing_model():
 
     out = subprocess.run([sys.executable, "scripts/generate.py"], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "--model" in out.stderr
+    out = subprocess.run(
+        [sys.executable, "scripts/generate.py", "--model", "/no/such/folder", "--prompt", "hi"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "/no/such/folder" in out.stderr
 
 
 @pytest.mark.parametrize(

@@ -716,3 +716,23 @@ def test_quantize_checkpoint_reads_sources_as_from_pretrained_does(tmp_path):
     with pytest.raises(CheckpointError, match="shared_expert.*not zero"):
         quantize_checkpoint(tmp_path / "float", tmp_path / "int4c", QuantConfig(group_size=32))
     assert not (tmp_path / "int4b").exists() and not (tmp_path / "int4c").exists()
+
+
+def test_numpy_and_string_options(tmp_path):
+    # Options as Python callers pass them: numpy ints, a set of skip patterns, dtype names and "auto".
+    import numpy as np
+
+    cfg = QuantConfig(group_size=np.int64(32), skip={"router", "norm", "lm_head", "embed_tokens"})
+    assert type(cfg.group_size) is int and cfg.skip == ("embed_tokens", "lm_head", "norm", "router")
+    json.dumps(cfg.to_dict())  # plain JSON types
+    model = small_model(seed=23)
+    model.save_pretrained(tmp_path / "float")
+    quantize_checkpoint(tmp_path / "float", tmp_path / "int4", cfg, dtype="bfloat16")
+    hf = json.loads((tmp_path / "int4" / "config.json").read_text())
+    assert hf["torch_dtype"] == hf["dtype"] == "bfloat16"
+    auto = load_quantized(tmp_path / "int4", dtype="auto", device="cpu")
+    assert auto.get_input_embeddings().weight.dtype == torch.bfloat16
+    named = load_quantized(tmp_path / "int4", dtype="float32", device="cpu")
+    assert named.get_input_embeddings().weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype.*int8.*auto"):
+        load_quantized(tmp_path / "int4", dtype=torch.int8, device="cpu")

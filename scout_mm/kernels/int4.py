@@ -1346,12 +1346,12 @@ def int4_moe_experts(
 # Expert bytes the prefill MoE dequantises at a time. Scout's 17 experts (16 routed + the folded shared one) are
 # 4.3 GB in bf16, on top of the weights and the KV cache. In passes of at most 2 GiB (6 + 6 + 5 experts, 1.5 GB)
 # the peak of a long prompt's prefill on an H100 drops by 2.7 GB (71.3 vs 74.0 GB at 128K tokens) for 1.6-2.1%
-# of prefill speed; passes of 4 experts (1 GiB) gave 3.5-5% slower prefill (bench/results/int4_scout_h100.md).
+# of prefill speed; passes of 4 experts (1 GiB) cost 3.8-4.9% (bench/results/int4_long_prompts_h100.md).
 MOE_DEQUANT_MAX_BYTES = 2 << 30
 
 
 def _dequant_moe(hidden, topk_weights, topk_ids, gate_up, down, group_size: int) -> torch.Tensor:
-    """Many rows per expert: the experts dequantised to the activation dtype, then the bf16/fp16 fused MoE, in
+    """Many rows per expert: the experts dequantised to the activation dtype, then the fused MoE in that dtype, in
     the fewest passes of at most ``MOE_DEQUANT_MAX_BYTES`` of experts each. A pass sees its experts' slots as local (ids shifted
     to the pass) and every other slot as non-local; the passes' outputs are added in place. Up to two slots per
     token this equals one pass bit for bit: either way each slot's row is rounded to the activation dtype, and

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from scout_mm.config import is_int
 from scout_mm.kernels.int4_reference import SYMMETRIC_ZERO, dequantize, unpack_int4
 
 __all__ = [
@@ -57,16 +58,17 @@ class QuantConfig:
 
     def __post_init__(self):
         # A bare string would become a tuple of its characters, each a substring of most module names.
-        if isinstance(self.skip, str) or not isinstance(self.skip, (list, tuple)):
+        if isinstance(self.skip, str) or not isinstance(self.skip, (list, tuple, set, frozenset)):
             raise ValueError(f"skip={self.skip!r}; expected a list of module-name substrings")
-        self.skip = tuple(self.skip)
+        self.skip = tuple(sorted(self.skip)) if isinstance(self.skip, (set, frozenset)) else tuple(self.skip)
         self.validate()
+        self.bits, self.group_size = int(self.bits), int(self.group_size)  # numpy ints: plain ints for JSON
 
     def validate(self) -> None:
         # Exact types: a config.json edited to ``64.0`` or ``"false"`` must not load as something else.
-        if not _is_int(self.bits) or self.bits != 4:
+        if not is_int(self.bits) or self.bits != 4:
             raise ValueError(f"bits={self.bits!r}; only 4-bit weights are supported")
-        if not _is_int(self.group_size) or self.group_size not in GROUP_SIZES:
+        if not is_int(self.group_size) or self.group_size not in GROUP_SIZES:
             raise ValueError(f"group_size={self.group_size!r}; expected one of {GROUP_SIZES}")
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"symmetric={self.symmetric!r}; expected true or false")
@@ -103,7 +105,7 @@ class QuantConfig:
         if method != QUANT_METHOD:
             raise ValueError(f"quantization_config quant_method={method!r}; expected {QUANT_METHOD!r}")
         version = d.pop("format_version", None)
-        if not _is_int(version) or version != FORMAT_VERSION:
+        if not is_int(version) or version != FORMAT_VERSION:
             raise ValueError(
                 f"quantization_config format_version={version!r}; this code reads {FORMAT_VERSION}"
             )
@@ -118,10 +120,6 @@ class QuantConfig:
                 f"quantization_config lacks {missing}; a checkpoint's config names all of {REQUIRED_KEYS}"
             )
         return cls(**d)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -173,7 +171,7 @@ def check_weight(weight: torch.Tensor, group_size: int) -> None:
     if weight.dim() < 2:
         raise ValueError(f"weight shape {tuple(weight.shape)}; expected (..., K, N)")
     size_k = weight.shape[-2]
-    if not _is_int(group_size) or group_size <= 0 or size_k % group_size:
+    if not is_int(group_size) or group_size <= 0 or size_k % group_size:
         raise ValueError(f"K={size_k} (the input dim) is not a multiple of group size {group_size}")
     # A NaN or inf would become a NaN/inf scale or a clamped code: garbage that loads without complaint.
     if not bool(torch.isfinite(weight).all()):

@@ -12,7 +12,14 @@ import os
 import torch
 from torch import nn
 
-from scout_mm.checkpoint import CheckpointError, check_device, iter_checkpoint
+from scout_mm.checkpoint import (
+    SUPPORTED_DTYPES,
+    CheckpointError,
+    _config_dtype,
+    check_device,
+    check_dtype,
+    iter_checkpoint,
+)
 from scout_mm.config import ScoutConfig
 from scout_mm.quant.format import QuantConfig
 from scout_mm.quant.modules import HostEmbedding, Int4Experts, Int4Linear, offload_embeddings
@@ -58,7 +65,7 @@ def load_quantized(
     fuse_shared: bool = True,
 ):
     """An Int4 checkpoint (written by ``scripts/quantize.py`` / :func:`scout_mm.quant.save_quantized`) as a
-    ready model: packed weights as stored, every float tensor in ``dtype`` (the activation dtype), all on
+    ready model: packed weights as stored, every float tensor in ``dtype`` (the activation dtype; None or ``"auto"``: the one they were saved in), all on
     ``device`` (``cuda``: the Triton kernels; ``cpu``: the PyTorch references). ``host_embeddings``: keep
     the token-embedding table in pinned host memory (:class:`HostEmbedding`; saves its bytes of GPU memory,
     2.07 GB for Scout; it is read to the host and never passes through the device). ``fuse``: q|k|v and
@@ -74,14 +81,16 @@ def load_quantized(
         )
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"device {device}; Int4 models run on 'cuda' (Triton kernels) or 'cpu' (references)")
-    if dtype not in ACTIVATION_DTYPES:
-        raise ValueError(f"dtype {dtype}; expected one of {ACTIVATION_DTYPES}")
+    dtype = check_dtype(dtype, ACTIVATION_DTYPES)
     path = os.fspath(path)
     hf, cfg = read_quant_config(path)
     try:
         config = ScoutConfig.from_hf(hf)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{os.path.join(path, 'config.json')}: {e}") from e
+    if dtype is None:  # None / "auto": the dtype the float tensors were saved in
+        dtype = _config_dtype(path) or torch.bfloat16
+        dtype = dtype if dtype in ACTIVATION_DTYPES else torch.float32
     from scout_mm.model import ScoutForConditionalGeneration
 
     with torch.device("meta"):
@@ -122,8 +131,10 @@ def load_quantized(
                 )
             _check_scales_zeros(file, key, tensor)
             tensor = tensor.to(device)
-        elif not tensor.is_floating_point():
-            raise CheckpointError(f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected floating point")
+        elif tensor.dtype not in SUPPORTED_DTYPES.values():
+            raise CheckpointError(
+                f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected one of {sorted(SUPPORTED_DTYPES)}"
+            )
         elif host_embeddings and key == EMBEDDING_KEY:
             tensor = tensor.to(dtype=dtype)  # stays on the host: never takes device memory
         else:

@@ -25,10 +25,12 @@ from tqdm.auto import tqdm
 from scout_mm.checkpoint import (
     _IGNORED_SUFFIXES,
     _TEXT_ONLY_PREFIX,
+    PROCESSOR_FILES,
     SUPPORTED_DTYPES,
     CheckpointError,
     _config_dtype,
     check_device,
+    check_dtype,
     checkpoint_files,
     hf_config_for_save,
     parse_size,
@@ -42,9 +44,6 @@ from scout_mm.quant.modules import Int4Experts, Int4Linear, check_divisible
 
 LAYERS = "language_model.model.layers."
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# Files beside the weights that the processor reads: copied into the Int4 folder before it is moved in place.
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json",
-              "preprocessor_config.json")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -436,13 +435,12 @@ def quantize_checkpoint(
     Peak memory: the tensors outside the decoder layers (embeddings, LM head, vision tower) plus one layer,
     on ``device`` (``dtype``: compute dtype of the float tensors, saved in it; default: the dtype config.json
     names, else the first stored tensor's, as ``from_pretrained`` loads).
-    The tokenizer and processor files of ``src`` (``SIDE_FILES``) are copied along. ``dst`` must not be
+    The tokenizer and processor files of ``src`` (``checkpoint.PROCESSOR_FILES``) are copied along. ``dst`` must not be
     ``src``; an existing checkpoint there is replaced once the new one is complete.
     """
     cfg = cfg or QuantConfig()
     _check_method(cfg, calibration)
-    if dtype is not None and dtype not in FLOAT_DTYPES:
-        raise ValueError(f"dtype {dtype}; expected None (as stored) or one of {FLOAT_DTYPES}")
+    dtype = check_dtype(dtype, FLOAT_DTYPES)
     device = check_device(device)
     parse_size(max_shard_size)
     src, dst = os.fspath(src), os.fspath(dst)
@@ -460,7 +458,10 @@ def quantize_checkpoint(
     _check_quantizable(model, cfg)
     names = [n for n, _ in model.named_parameters()]
     source = _Source(src, config, set(n for n, _ in model.named_parameters(remove_duplicate=False)))
-    dtype = dtype or _config_dtype(src) or source.first_dtype()  # one dtype for all, as from_pretrained loads
+    # One dtype for all, as from_pretrained loads (float64 stored or named: computed and saved in float32).
+    dtype = dtype or _config_dtype(src) or source.first_dtype()
+    if dtype not in FLOAT_DTYPES:
+        dtype = torch.float32
     outside = [n for n in names if not n.startswith(LAYERS)]
     if config.tie_word_embeddings:
         outside = [n for n in outside if n != "language_model.lm_head.weight"]
@@ -482,7 +483,7 @@ def quantize_checkpoint(
         _quantize_in_place(model, cfg)
         writer.add({k: v for k, v in _state_to_save(model).items() if not k.startswith(LAYERS)})
         writer.finish(_hf_config(config, cfg, dtype))
-        for name in SIDE_FILES:
+        for name in PROCESSOR_FILES:
             if os.path.isfile(os.path.join(src, name)):
                 shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
 
