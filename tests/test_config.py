@@ -283,3 +283,40 @@ def test_hf_spellings_of_defaults_and_one_tie_flag():
     assert tied.tie_word_embeddings and tied.text.tie_word_embeddings
     assert tied.to_hf()["text_config"]["tie_word_embeddings"] is True
     assert ScoutConfig.from_hf(tied.to_hf()).tie_word_embeddings
+
+
+def test_published_scout_config_json_reads_as_the_preset():
+    # The key values of Llama-4-Scout-17B-16E-Instruct's config.json (transformers 4.51 layout), including its
+    # "no_rope_layers": [] and int attn_temperature_tuning, read as the scout-17b-16e preset's model.
+    text = {
+        "model_type": "llama4_text", "attention_bias": False, "attention_chunk_size": 8192, "attn_scale": 0.1,
+        "attn_temperature_tuning": 4, "bos_token_id": 200000, "eos_token_id": [200001, 200007, 200008],
+        "floor_scale": 8192, "head_dim": 128, "hidden_act": "silu", "hidden_size": 5120,
+        "interleave_moe_layer_step": 1, "intermediate_size": 8192, "intermediate_size_mlp": 16384,
+        "max_position_embeddings": 10485760, "no_rope_layers": [], "num_attention_heads": 40,
+        "num_experts_per_tok": 1, "num_hidden_layers": 48, "num_key_value_heads": 8, "num_local_experts": 16,
+        "pad_token_id": 200018, "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "use_qk_norm": True,
+        "rope_scaling": {"factor": 16.0, "high_freq_factor": 1.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "router_aux_loss_coef": 0.001, "torch_dtype": "bfloat16", "vocab_size": 202048,
+    }  # fmt: skip
+    vision = {
+        "model_type": "llama4_vision_model", "hidden_act": "gelu", "hidden_size": 1408, "image_size": 336,
+        "intermediate_size": 5632, "multi_modal_projector_bias": False, "norm_eps": 1e-05,
+        "num_attention_heads": 16, "num_channels": 3, "num_hidden_layers": 34, "patch_size": 14,
+        "pixel_shuffle_ratio": 0.5, "projector_input_dim": 4096, "projector_output_dim": 4096, "rope_theta": 10000,
+        "vision_feature_layer": -1, "vision_feature_select_strategy": "default", "vision_output_dim": 4096,
+    }  # fmt: skip
+    hf = {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"], "boi_token_index": 200080,
+          "eoi_token_index": 200081, "image_token_index": 200092, "tie_word_embeddings": False,
+          "torch_dtype": "bfloat16", "text_config": text, "vision_config": vision}  # fmt: skip
+    config = ScoutConfig.from_hf(hf)
+    preset = ScoutConfig.from_preset("scout-17b-16e")
+    assert config.text.no_rope_layers == [1, 1, 1, 0] * 12 == preset.text.no_rope_layers
+    assert count_parameters(config) == count_parameters(preset)
+    for name in ("hidden_size", "num_hidden_layers", "num_local_experts", "num_experts_per_tok", "moe_layers",
+                 "attention_chunk_size", "rope_scaling", "use_qk_norm", "vocab_size"):  # fmt: skip
+        assert getattr(config.text, name) == getattr(preset.text, name), name
+    assert not config.tie_word_embeddings
+    again = ScoutConfig.from_hf(config.to_hf())
+    assert again.text == config.text and again.vision == config.vision
