@@ -153,7 +153,7 @@ def check_device(device) -> torch.device:
     return resolved
 
 
-def _config_dtype(path: str) -> torch.dtype | None:
+def config_dtype(path: str) -> torch.dtype | None:
     """The dtype config.json names (``dtype``, as transformers 5 writes it, and/or ``torch_dtype``; None when it
     names none, or two that disagree); a value that names no float type is an error rather than ignored."""
     with open(os.path.join(path, "config.json")) as f:
@@ -178,43 +178,24 @@ def load_pretrained(cls, path, dtype=None, device="cpu"):
     device = check_device(device)
     config = ScoutConfig.from_hf(path)
     _reject_quantized(path)
-    dtype = dtype or _config_dtype(path)
+    dtype = dtype or config_dtype(path)
     with torch.device("meta"):
         model = cls(config)
     params = dict(model.named_parameters(remove_duplicate=False))
-    text_only = config.vision is None
-    skip_shared = not config.text.use_shared_expert
     loaded: set[str] = set()
     unexpected: list[str] = []
     expected = _param_names(model)
     for file, key, load in tqdm(
         iter_checkpoint(path), total=len(expected), desc="loading", unit="tensor", leave=False
     ):
-        name = _TEXT_ONLY_PREFIX + key if text_only and not key.startswith(_TEXT_ONLY_PREFIX) else key
-        if name.endswith(_IGNORED_SUFFIXES):
-            continue
-        if skip_shared and ".shared_expert." in name:
-            # We write zeros there (HF always has a shared expert); anything else is a model we would not run.
-            if load().any():
-                raise CheckpointError(
-                    f"{file}: tensor {key!r} is not zero, but config.json says use_shared_expert=false; "
-                    "drop that key to load the shared expert"
-                )
+        name = param_name(key, config, file, load)
+        if name is None:
             continue
         if name not in params:
             unexpected.append(key)
             continue
-        target = params[name]
         tensor = load()
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise CheckpointError(
-                f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, but the config "
-                f"expects {tuple(target.shape)}"
-            )
-        if tensor.dtype not in SUPPORTED_DTYPES.values():
-            raise CheckpointError(
-                f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected one of {sorted(SUPPORTED_DTYPES)}"
-            )
+        check_float_tensor(file, key, tensor, params[name].shape)
         dtype = dtype or tensor.dtype
         tensor = tensor.to(device=device, dtype=dtype)
         _assign(model, name, tensor)
@@ -239,6 +220,36 @@ def load_pretrained(cls, path, dtype=None, device="cpu"):
     if config.tie_word_embeddings:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
     return model.eval()
+
+
+def param_name(key: str, config: ScoutConfig, file: str, load) -> str | None:
+    """Our parameter name for checkpoint tensor ``key`` of ``file`` (HF text-only checkpoints lack the
+    ``language_model.`` prefix), or None for a tensor that is not loaded: an old non-persistent buffer, or the
+    all-zero shared expert HF-layout checkpoints carry for a model without one (``load()`` checks it is zero)."""
+    name = _TEXT_ONLY_PREFIX + key if config.vision is None and not key.startswith(_TEXT_ONLY_PREFIX) else key
+    if name.endswith(_IGNORED_SUFFIXES):
+        return None
+    if not config.text.use_shared_expert and ".shared_expert." in name:
+        # We write zeros there (HF always has a shared expert); anything else is a model we would not run.
+        if load().any():
+            raise CheckpointError(
+                f"{file}: tensor {key!r} is not zero, but config.json says use_shared_expert=false; drop that "
+                "key to use the shared expert"
+            )
+        return None
+    return name
+
+
+def check_float_tensor(file: str, key: str, tensor: torch.Tensor, shape) -> None:
+    """CheckpointError unless float tensor ``key`` of ``file`` has ``shape`` and a supported dtype."""
+    if tuple(tensor.shape) != tuple(shape):
+        raise CheckpointError(
+            f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, but the config expects {tuple(shape)}"
+        )
+    if tensor.dtype not in SUPPORTED_DTYPES.values():
+        raise CheckpointError(
+            f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected one of {sorted(SUPPORTED_DTYPES)}"
+        )
 
 
 def _param_names(model) -> list[str]:

@@ -411,15 +411,9 @@ class ScoutForConditionalGeneration(nn.Module):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(n_tiles, 3, tile, tile) -> (n_tiles, tokens_per_tile, vision_output_dim)."""
-        vcfg = self.config.vision
         if self.vision_model is None:
             raise ValueError("pixel_values given, but this is a text-only model (config.vision is None)")
-        expected = (vcfg.num_channels, vcfg.image_size, vcfg.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"pixel_values shape {tuple(pixel_values.shape)}; expected (n_tiles, {', '.join(map(str, expected))})"
-            )
-        return self.vision_model(pixel_values)
+        return self.vision_model(pixel_values)  # checks the shape and dtype
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, **kwargs) -> torch.Tensor:

@@ -15,9 +15,9 @@ from torch import nn
 from scout_mm.checkpoint import (
     SUPPORTED_DTYPES,
     CheckpointError,
-    _config_dtype,
     check_device,
     check_dtype,
+    config_dtype,
     iter_checkpoint,
 )
 from scout_mm.config import ScoutConfig
@@ -89,7 +89,7 @@ def load_quantized(
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{os.path.join(path, 'config.json')}: {e}") from e
     if dtype is None:  # None / "auto": the dtype the float tensors were saved in
-        dtype = _config_dtype(path) or torch.bfloat16
+        dtype = config_dtype(path) or torch.bfloat16
         dtype = dtype if dtype in ACTIVATION_DTYPES else torch.float32
     from scout_mm.model import ScoutForConditionalGeneration
 

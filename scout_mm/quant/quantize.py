@@ -11,6 +11,7 @@ vision tower or the LM head when they are taken off the skip list) are quantized
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -23,16 +24,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from scout_mm.checkpoint import (
-    _IGNORED_SUFFIXES,
-    _TEXT_ONLY_PREFIX,
     PROCESSOR_FILES,
-    SUPPORTED_DTYPES,
     CheckpointError,
-    _config_dtype,
     check_device,
     check_dtype,
+    check_float_tensor,
     checkpoint_files,
+    config_dtype,
     hf_config_for_save,
+    param_name,
     parse_size,
     write_folder_atomically,
 )
@@ -292,7 +292,6 @@ class _Source:
 
     def __init__(self, path: str, config: ScoutConfig, expected: set[str]):
         self.handles, self.where = {}, {}
-        text_only = config.vision is None
         unexpected = []
         for file in checkpoint_files(path):
             try:
@@ -301,16 +300,8 @@ class _Source:
                 raise CheckpointError(f"cannot read {file}: corrupt or not a safetensors file ({e})") from e
             self.handles[file] = handle
             for key in handle.keys():
-                name = _TEXT_ONLY_PREFIX + key if text_only and not key.startswith(_TEXT_ONLY_PREFIX) else key
-                if name.endswith(_IGNORED_SUFFIXES):
-                    continue
-                if not config.text.use_shared_expert and ".shared_expert." in name:
-                    # the all-zero shared expert of HF-layout checkpoints of models without one
-                    if handle.get_tensor(key).any():
-                        raise CheckpointError(
-                            f"{file}: tensor {key!r} is not zero, but config.json says use_shared_expert=false; "
-                            "drop that key to quantize the shared expert"
-                        )
+                name = param_name(key, config, file, functools.partial(handle.get_tensor, key))
+                if name is None:
                     continue
                 if name not in expected:
                     unexpected.append(key)
@@ -335,16 +326,7 @@ class _Source:
                 raise CheckpointError(f"parameter {name!r} is missing from the checkpoint")
             file, key = self.where[name]
             tensor = self.handles[file].get_tensor(key)
-            target = params[name]
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise CheckpointError(
-                    f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, but the config expects "
-                    f"{tuple(target.shape)}"
-                )
-            if tensor.dtype not in SUPPORTED_DTYPES.values():
-                raise CheckpointError(
-                    f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected one of {sorted(SUPPORTED_DTYPES)}"
-                )
+            check_float_tensor(file, key, tensor, params[name].shape)
             module_name, _, attr = name.rpartition(".")
             tensor = tensor.to(device=device, dtype=dtype)
             model.get_submodule(module_name)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
@@ -459,7 +441,7 @@ def quantize_checkpoint(
     names = [n for n, _ in model.named_parameters()]
     source = _Source(src, config, set(n for n, _ in model.named_parameters(remove_duplicate=False)))
     # One dtype for all, as from_pretrained loads (float64 stored or named: computed and saved in float32).
-    dtype = dtype or _config_dtype(src) or source.first_dtype()
+    dtype = dtype or config_dtype(src) or source.first_dtype()
     if dtype not in FLOAT_DTYPES:
         dtype = torch.float32
     outside = [n for n in names if not n.startswith(LAYERS)]
