@@ -605,6 +605,29 @@ def test_gpu_moe_dequant_path_and_graph_capture(gpu_int4):
     assert rel(out, _moe_reference(x.float(), weights.float(), ids, gate_up, down, 64)) < TOL[torch.bfloat16]
 
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_gpu_moe_dequant_passes_equal_one_pass(gpu_int4, monkeypatch, top_k):
+    # The long-prompt path as Scout runs it (17 experts, >= 256 rows per expert, bf16, the tuned fused-MoE
+    # configs): passes of 6 + 6 + 5 experts give the same bits as one pass.
+    tokens, hidden, inter, n_experts, group = 8192, 512, 1024, 17, 128
+    x, weights, ids, gate_up, down = _moe_problem(
+        tokens, hidden, inter, n_experts, top_k, group, True, torch.bfloat16, "cuda"
+    )
+    ids[:5, 0] = -1  # non-local slots stay non-local in every pass
+    assert tokens * top_k / n_experts >= gpu_int4.TUNED["MOE_DEQUANT_MIN_ROWS_PER_EXPERT"]
+    monkeypatch.setattr(gpu_int4, "MOE_DEQUANT_MAX_BYTES", 1 << 62)
+    one_pass = gpu_int4.int4_moe_experts(x, weights, ids, gate_up, down, group)
+    expert_bytes = 3 * hidden * inter * 2
+    monkeypatch.setattr(gpu_int4, "MOE_DEQUANT_MAX_BYTES", 6 * expert_bytes)
+    passes = gpu_int4.int4_moe_experts(x, weights, ids, gate_up, down, group)
+    assert torch.equal(passes, one_pass)
+    # the reference takes local ids only: a non-local slot is a slot of weight 0 (SwiGLU(0) = 0)
+    local_weights = weights.float().masked_fill(ids < 0, 0.0)
+    expected = reference.int4_moe_experts(x.float(), local_weights, ids.clamp(min=0), gate_up, down, group)
+    assert rel(passes, expected) < TOL[torch.bfloat16]
+
 @pytest.mark.gpu
 def test_gpu_gather_rows_from_pinned_host_table_in_a_graph(gpu_int4):
     # The table stays in pinned host memory; the kernel reads it over the bus, also inside a CUDA graph.
