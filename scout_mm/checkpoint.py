@@ -66,7 +66,9 @@ def checkpoint_files(path: str) -> list[str]:
 
 
 def iter_checkpoint(path: str) -> Iterator[tuple[str, str, callable]]:
-    """Yield (file, key, load) for every tensor; ``load()`` reads that one tensor from the mmapped shard."""
+    """Yield (file, key, load) for every tensor; ``load()`` reads that one tensor from the mmapped shard. A
+    tensor stored in two shards is a CheckpointError (which copy is meant is unknowable)."""
+    seen: dict[str, str] = {}
     for file in checkpoint_files(path):
         try:
             handle = safe_open(file, framework="pt", device="cpu")
@@ -74,6 +76,9 @@ def iter_checkpoint(path: str) -> Iterator[tuple[str, str, callable]]:
             raise CheckpointError(f"cannot read {file}: corrupt or not a safetensors file ({e})") from e
         with handle:
             for key in handle.keys():
+                if key in seen:
+                    raise CheckpointError(f"{path}: tensor {key!r} is stored twice, in {seen[key]} and {file}")
+                seen[key] = file
 
                 def load(key=key, handle=handle, file=file):
                     try:

@@ -39,6 +39,11 @@ class SamplingParams:
     min_p: float | None = None
     repetition_penalty: float = 1.0
 
+    def __post_init__(self):
+        # None = the default, as in transformers' generation config
+        self.temperature = 1.0 if self.temperature is None else self.temperature
+        self.repetition_penalty = 1.0 if self.repetition_penalty is None else self.repetition_penalty
+
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
@@ -500,9 +505,6 @@ def generate_ids(
     ``put(tokens)`` / ``end()`` calls. On CUDA the decode step runs as a captured CUDA graph unless
     ``cuda_graph=False``; with ``keep_graph`` (default) the graph and its KV cache stay on the model for the next
     call of the same batch size (:func:`decode_state`; :func:`release_decode_state` frees them)."""
-    # None = the default, as in transformers' generation config
-    temperature = 1.0 if temperature is None else temperature
-    repetition_penalty = 1.0 if repetition_penalty is None else repetition_penalty
     params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
     if pad_token_id is None:
         pad_token_id = model.config.text.pad_token_id if model.config.text.pad_token_id is not None else 0

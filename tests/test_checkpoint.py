@@ -435,3 +435,14 @@ def test_checkpoints_written_before_the_dtype_and_tie_fixes_still_load(tmp_path)
     config_file.write_text(json.dumps(hf))
     with pytest.raises(CheckpointError, match="lm_head.*untied"):
         ScoutForConditionalGeneration.from_pretrained(tmp_path / "m")
+
+
+def test_tensor_stored_in_two_shards_is_refused(saved):
+    # Which copy would load depended on shard order (Int4 and quantize's reader: test_quant.py).
+    tensors = load_file(saved / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("model.norm.weight"))  # text-only: HF's unprefixed names
+    save_file({key: tensors[key] + 1}, saved / "extra.safetensors", metadata={"format": "pt"})
+    index = {"weight_map": dict.fromkeys(tensors, "model.safetensors") | {key: "extra.safetensors"}}
+    (saved / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"'{key}' is stored twice"):
+        ScoutForConditionalGeneration.from_pretrained(saved)

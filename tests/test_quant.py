@@ -736,3 +736,17 @@ def test_numpy_and_string_options(tmp_path):
     assert named.get_input_embeddings().weight.dtype == torch.float32
     with pytest.raises(ValueError, match="dtype.*int8.*auto"):
         load_quantized(tmp_path / "int4", dtype=torch.int8, device="cpu")
+
+
+def test_quantize_checkpoint_refuses_a_tensor_stored_twice(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    small_model(seed=24).save_pretrained(tmp_path / "float")
+    tensors = load_file(tmp_path / "float" / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("model.norm.weight"))
+    save_file({key: tensors[key] + 1}, tmp_path / "float" / "extra.safetensors", metadata={"format": "pt"})
+    index = {"weight_map": dict.fromkeys(tensors, "model.safetensors") | {key: "extra.safetensors"}}
+    (tmp_path / "float" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="norm.weight' is stored twice"):
+        quantize_checkpoint(tmp_path / "float", tmp_path / "int4", QuantConfig(group_size=32))
+    assert not (tmp_path / "int4").exists()

@@ -1351,9 +1351,9 @@ MOE_DEQUANT_MAX_BYTES = 2 << 30
 
 
 def _dequant_moe(hidden, topk_weights, topk_ids, gate_up, down, group_size: int) -> torch.Tensor:
-    """Many rows per expert: the experts dequantised to the activation dtype, then the fused MoE in that dtype, in
-    the fewest passes of at most ``MOE_DEQUANT_MAX_BYTES`` of experts each. A pass sees its experts' slots as local (ids shifted
-    to the pass) and every other slot as non-local; the passes' outputs are added in place. Up to two slots per
+    """Many rows per expert: the experts dequantised to the activation dtype, then the fused MoE in that dtype,
+    in the fewest passes of at most ``MOE_DEQUANT_MAX_BYTES`` of experts each. A pass sees its experts' slots as
+    local (ids shifted to the pass) and every other slot as non-local; the passes' outputs are added in place. Up to two slots per
     token this equals one pass bit for bit (each slot's row is rounded to the activation dtype, and the two rows
     are added once and rounded once) as long as the passes run the fused-MoE tile configs one pass would: the
     tuned ones from ``MOE_DEQUANT_MIN_ROWS_PER_EXPERT`` rows per expert up all reduce K alike (GPU test). With

@@ -65,8 +65,9 @@ def load_quantized(
     fuse_shared: bool = True,
 ):
     """An Int4 checkpoint (written by ``scripts/quantize.py`` / :func:`scout_mm.quant.save_quantized`) as a
-    ready model: packed weights as stored, every float tensor in ``dtype`` (the activation dtype; None or ``"auto"``: the one they were saved in), all on
-    ``device`` (``cuda``: the Triton kernels; ``cpu``: the PyTorch references). ``host_embeddings``: keep
+    ready model: packed weights as stored, every float tensor in ``dtype`` (the activation dtype; None or
+    ``"auto"``: the one they were saved in), all on ``device`` (``cuda``: the Triton kernels; ``cpu``: the
+    PyTorch references). ``host_embeddings``: keep
     the token-embedding table in pinned host memory (:class:`HostEmbedding`; saves its bytes of GPU memory,
     2.07 GB for Scout; it is read to the host and never passes through the device). ``fuse``: q|k|v and
     gate|up projections as one Int4 matmul each (:func:`scout_mm.fusion.fuse_projections`: fewer decode
@@ -110,14 +111,12 @@ def load_quantized(
     expected.update(packed)
     if config.tie_word_embeddings and isinstance(model.language_model.lm_head, nn.Linear):
         expected.pop("language_model.lm_head.weight", None)
-    loaded, unexpected = {}, []
+    loaded, unexpected = set(), []
     for file, key, load in iter_checkpoint(path):
         target = expected.get(key)
         if target is None:
             unexpected.append(key)
             continue
-        if key in loaded:
-            raise CheckpointError(f"{path}: tensor {key!r} is stored twice, in {loaded[key]} and {file}")
         tensor = load()
         if tuple(tensor.shape) != tuple(target.shape):
             raise CheckpointError(
@@ -140,13 +139,13 @@ def load_quantized(
         else:
             tensor = tensor.to(device=device, dtype=dtype)
         _assign(model, key, tensor)
-        loaded[key] = file
+        loaded.add(key)
     if unexpected:
         raise CheckpointError(
             f"{path}: {len(unexpected)} tensors match nothing in the config + quantization_config, e.g. "
             f"{unexpected[:5]}"
         )
-    missing = sorted(set(expected) - set(loaded))
+    missing = sorted(set(expected) - loaded)
     if missing:
         raise CheckpointError(
             f"{path}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[:5]}"

@@ -305,6 +305,10 @@ class _Source:
                     continue
                 if name not in expected:
                     unexpected.append(key)
+                if name in self.where:  # as iter_checkpoint: which copy is meant is unknowable
+                    raise CheckpointError(
+                        f"{path}: tensor {key!r} is stored twice, in {self.where[name][0]} and {file}"
+                    )
                 self.where[name] = (file, key)
         if any(k.endswith("qweight") for k in self.where):
             raise CheckpointError(f"{path} is already quantized (it holds packed qweight tensors)")
