@@ -240,10 +240,13 @@ def test_add_rms_norm_router_matches_the_two_steps(fused, tokens, hidden, n_expe
 
 def test_router_ties_pick_the_lowest_expert(fused):
     # Experts 1, 3 and 6 share one weight row, and every token's logit for it is the largest: three equal
-    # top logits, chosen in index order.
-    shared = torch.randn(64)
-    x = torch.randn(4, 64) + 0.5 * shared  # x . shared ~ 32 +- 8: far above the other experts' ~0.01
-    weight = torch.randn(8, 64) * 1e-3
+    # top logits, chosen in index order. Seeded, and x is shifted along the shared row so that x . shared is
+    # exactly 0.5 |shared|^2 (~32) for every token, far above the other experts' ~0.01 whatever the draw.
+    gen = torch.Generator().manual_seed(7)
+    shared = torch.randn(64, generator=gen)
+    x = torch.randn(4, 64, generator=gen)
+    x += (0.5 - (x @ shared) / shared.dot(shared))[:, None] * shared
+    weight = torch.randn(8, 64, generator=gen) * 1e-3
     weight[[1, 3, 6]] = shared
     weights, ids, logits = fused.router_topk(x, weight, 3)
     assert (logits[:, [1, 3, 6]] == logits.max(-1, keepdim=True).values).all()

@@ -750,3 +750,28 @@ def test_quantize_checkpoint_refuses_a_tensor_stored_twice(tmp_path):
     with pytest.raises(CheckpointError, match="norm.weight' is stored twice"):
         quantize_checkpoint(tmp_path / "float", tmp_path / "int4", QuantConfig(group_size=32))
     assert not (tmp_path / "int4").exists()
+
+
+@pytest.mark.parametrize("vision", [True, False], ids=["conditional_generation", "causal_lm"])
+def test_quantize_checkpoint_written_by_transformers(tmp_path, vision):
+    # A checkpoint saved by transformers itself (its key names, its fused (E, H, 2I) expert tensors, sharded)
+    # quantizes shard by shard to exactly what quantizing the float model in memory gives; that float model is
+    # transformers' own.
+    from tests.helpers import hf_model
+
+    cfg = tiny_config(vision=vision, hidden_size=128, intermediate_size=64, num_local_experts=4,
+                      num_experts_per_tok=1, use_shared_expert=True)  # fmt: skip
+    hf = hf_model(cfg, seed=31)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="200KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    qcfg = QuantConfig(group_size=32, symmetric=False)
+    quantize_checkpoint(tmp_path / "hf", tmp_path / "int4", qcfg)
+    loaded = load_quantized(tmp_path / "int4", dtype=torch.float32, device="cpu")
+    float_model = ScoutForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    in_memory = quantize_model(copy.deepcopy(float_model), qcfg)
+    ids = random_ids(2, 16)
+    out = logits(loaded, ids)
+    assert torch.equal(out, logits(in_memory, ids))
+    with torch.no_grad():
+        reference = hf(input_ids=ids).logits
+    assert rel(logits(float_model, ids), reference) < 1e-5
