@@ -840,15 +840,16 @@ def _random_prompt(config, length):
     return torch.randint(0, ordinary, (1, length), device="cuda")
 
 
-def decode_step_profile(model, config, rows_out, label, prompt_len=8192):
+def decode_step_profile(model, config, rows_out, label, prompt_len=8192, reserve=None):
     """Prefill ``prompt_len`` random tokens, then time the decode step eager and CUDA-graphed, and profile the
-    graphed step's kernels (torch.profiler: name, launches, device time per step)."""
+    graphed step's kernels (torch.profiler: name, launches, device time per step). ``reserve``: the KV cache's
+    reservation in tokens (default ``prompt_len + 64``)."""
     from scout_mm.cache import KVCache
     from scout_mm.generation import GraphedDecode, decode_one_token, prefill
 
     text = config.text
     cache = KVCache(text, 1, "cuda", torch.bfloat16)
-    cache.reserve(0, prompt_len + 64)
+    cache.reserve(0, reserve or prompt_len + 64)
     prompt = _random_prompt(config, prompt_len)
     with torch.no_grad():
         embeds, _ = model.embed_inputs(prompt, validate=False)
@@ -1402,6 +1403,48 @@ def section_earlyids(rows_out):
              lambda early: setattr(int4, "EARLY_DOWN_IDS", early), shipped)  # fmt: skip
 
 
+def section_decodesplits(rows_out, rounds: int = 2):
+    """Decode attention's split-K in the Scout decode step (default build): the splits over the live keys with
+    ``flash_decode.MIN_SPLIT_KEYS`` of 512 / 256 / 128 / 64, at three cache states (a new 8K chunk, mid-chunk,
+    8K live keys in a 64K reservation), interleaved ``rounds`` times. ``BASELINE_FLASH_DECODE=path``: also the
+    decode attention of that file (e.g. ``git show 01c1633:scout_mm/kernels/flash_decode.py``, the splits over
+    the reserved capacity) as the first variant."""
+    import importlib.util
+    import os
+
+    from scout_mm.kernels import flash_decode
+
+    shipped_fn, shipped_min = flash_decode.decode_attention, flash_decode.MIN_SPLIT_KEYS
+    baseline = os.environ.get("BASELINE_FLASH_DECODE")
+    variants = [(f"live-key splits, MIN_SPLIT_KEYS {n}", (shipped_fn, n)) for n in (512, 256, 128, 64)]
+    if baseline:
+        spec = importlib.util.spec_from_file_location("_baseline_flash_decode", baseline)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        variants.insert(0, ("baseline: splits over the capacity, 512 keys min", (module.decode_attention, 0)))
+
+    def use(setting):
+        flash_decode.decode_attention, flash_decode.MIN_SPLIT_KEYS = setting
+
+    config, model = build_scout_int4()
+    for prompt_len, reserve, what in ((8192, None, "a new 8K chunk (position 8192)"),
+                                      (8191, None, "mid-chunk (position 8191)"),
+                                      (8192, 65536, "8K live keys, cache reserved for 64K")):  # fmt: skip
+        rows_out += ["", f"## Decode attention splits in the Scout decode step: {what}"]
+        runs = {}
+        try:
+            for round_ in range(rounds):
+                for label, setting in variants:
+                    use(setting)
+                    torch.manual_seed(0)
+                    key = label if round_ == 0 else f"{label}, again"
+                    runs[key] = decode_step_profile(model, config, rows_out, key, prompt_len, reserve)
+        finally:
+            use((shipped_fn, shipped_min))
+        _step_summary(rows_out, runs, variants[0][0])
+        print("\n".join(rows_out[-(len(runs) + 4) :]), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1451,7 +1494,7 @@ def main() -> None:
                 "grid": section_grid, "splitstep": section_splitstep,
                 "shapes": section_shapes, "moeshapes": section_moeshapes,
                 "earlyids": section_earlyids, "longctx": section_longctx,
-                "dequantpasses": section_dequantpasses}  # fmt: skip
+                "dequantpasses": section_dequantpasses, "decodesplits": section_decodesplits}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         try:

@@ -70,3 +70,36 @@ def test_bad_q_scale_shape_names_it(flash_decode):
     q, k, v, kw = _problem(2, 4, 2, 1, 20, 16, None, torch.float32)
     with pytest.raises(ValueError, match="q_scale shape"):
         flash_decode.decode_attention(q, k, v, **{**kw, "q_scale": torch.ones(3, 1)})
+
+
+@pytest.mark.parametrize("paged_block", [None, 8], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("n_splits", [None, 5], ids=["auto_splits", "five_splits"])
+def test_splits_cover_the_live_keys_of_a_large_reservation(flash_decode, monkeypatch, paged_block, n_splits):
+    # A cache reserved for 600 keys holding 1..300 (one sequence's window starting past 0): every split that
+    # should hold keys does, the empty ones add nothing, and the result is the reference's.
+    from scout_mm.kernels.reference import decode_attention as reference
+
+    monkeypatch.setattr(flash_decode, "MIN_SPLIT_KEYS", 40)
+    q, k, v, kw = _problem(4, 4, 2, 1, 600, 16, paged_block, torch.float32)
+    kw["kv_lens"] = torch.tensor([1, 37, 300, 290], dtype=torch.int32)
+    kw["kv_start"] = torch.tensor([0, 5, 0, 130], dtype=torch.int32)
+    seen = {}
+    real_merge = flash_decode.merge_states
+
+    def spy(part_out, part_lse, **kwargs):
+        seen["lse"] = part_lse.view(part_lse.shape[0], 4, 4)  # (split, batch, heads)
+        return real_merge(part_out, part_lse, **kwargs)
+
+    monkeypatch.setattr(flash_decode, "merge_states", spy)
+    out, lse = flash_decode.decode_attention(q, k, v, n_splits=n_splits, **kw)
+    ref_out, ref_lse = reference(q.double(), k.double(), v.double(), **kw)
+    assert float((out.double() - ref_out).norm() / ref_out.norm()) < 1e-5
+    assert float((lse.double() - ref_lse).abs().max()) < 1e-4
+    # splits holding keys, per sequence: tiles of 16 keys (the interpreter's BLOCK_N) from kv_start's tile
+    splits = seen["lse"].shape[0]
+    min_split = 40 if n_splits is None else 1
+    for b, (length, start) in enumerate(zip([1, 37, 300, 290], [0, 5, 0, 130], strict=True)):
+        live = length - start // 16 * 16
+        split_len = -(-max(-(-live // splits), min_split) // 16) * 16
+        used = torch.isfinite(seen["lse"][:, b]).all(-1)
+        assert used.tolist() == [i * split_len < live for i in range(splits)]

@@ -13,8 +13,10 @@ of the contiguous capacity). The ``q_len`` queries are the sequence's last posit
 key index ``kv_lens[b] - q_len + j`` and sees keys ``[kv_start[b], that index]`` (causal among the new
 tokens; ``kv_start`` skips left padding, or keys outside a local window).
 
-Split-K: the keys of each (sequence, kv head) are cut into ``n_splits`` equal ranges, one program each, so
-that one long sequence still fills the GPU. A program takes all ``group * q_len`` query rows of its kv head
+Split-K: the live keys ``[kv_start, kv_lens)`` of each (sequence, kv head) are cut into ``n_splits`` equal
+ranges of whole key tiles, one program each, so that one long sequence still fills the GPU. The ranges are
+computed in the kernel from ``kv_lens``, not from the cache's capacity: a cache reserved for far more tokens
+than it holds (and a CUDA graph replayed as the sequence grows) still spreads the keys over every split. A program takes all ``group * q_len`` query rows of its kv head
 as the rows of one matmul, so each K/V byte is read once for the whole group. Each split writes its
 normalised partial output and log-sum-exp; :func:`merge_states` combines them. The same merge combines
 attention over disjoint key sets computed any other way (sparse blocks, offloaded blocks, a local window).
@@ -40,7 +42,7 @@ def _decode_split_kernel(
     Q, K, V, BlockTable, KVLens, KVStart, QScale, PartOut, PartLse, Out, Lse, Counters,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,  # paged: (block, head, slot)
-    stride_table, n_kv_heads, n_rows, n_splits, capacity, split_len, block_size, qk_scale,
+    stride_table, n_kv_heads, n_rows, n_splits, capacity, min_split, block_size, qk_scale,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGED: tl.constexpr, HAS_LENS: tl.constexpr, HAS_KV_START: tl.constexpr,
     HAS_Q_SCALE: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr,
@@ -70,9 +72,13 @@ def _decode_split_kernel(
     if HAS_KV_START:
         kv0 = tl.load(KVStart + b)
     t = kv_len - Q_LEN + qi  # key index of each query row
-    split_lo = split * split_len
-    lo = split_lo + tl.maximum(kv0 - split_lo, 0) // BLOCK_N * BLOCK_N
-    hi = tl.minimum(split_lo + split_len, kv_len)
+    # The splits share the live keys [kv0, kv_len) (read here, so a CUDA graph replayed at another length
+    # still spreads them over every split), in whole BLOCK_N tiles of at least min_split keys each.
+    live_lo = kv0 // BLOCK_N * BLOCK_N
+    split_len = tl.cdiv(tl.maximum(kv_len - live_lo, 0), n_splits)
+    split_len = tl.cdiv(tl.maximum(split_len, min_split), BLOCK_N) * BLOCK_N
+    lo = live_lo + split * split_len
+    hi = tl.minimum(lo + split_len, kv_len)
 
     if not PAGED:
         K += b64 * stride_kb + kv_h * stride_kh
@@ -211,10 +217,17 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+# The shortest split worth a program of its own, in keys (rounded up to whole tiles): a sequence shorter than
+# n_splits * MIN_SPLIT_KEYS leaves its last splits empty (they only write an empty partial). 64 was the fastest
+# of 512 / 256 / 128 / 64 in the Scout decode step on an H100 at three cache states
+# (bench/results/int4_decode_step_h100.md, session 13).
+MIN_SPLIT_KEYS = 64
+
+
 def _n_splits(batch: int, n_kv_heads: int, capacity: int, layout: str, device: torch.device) -> int:
-    # Enough programs to give every SM its share, but no split shorter than 512 keys.
+    # Enough programs to give every SM its share, but no more splits than a full cache has MIN_SPLIT_KEYS runs.
     want = max(1, -(-_PROGRAMS_PER_SM_BY_LAYOUT[layout] * _sm_count(device) // (batch * n_kv_heads)))
-    return max(1, min(want, capacity // 512))
+    return max(1, min(want, capacity // MIN_SPLIT_KEYS))
 
 
 def decode_attention(
@@ -256,9 +269,12 @@ def decode_attention(
     q = q if q.stride(-1) == 1 else q.contiguous()
     layout = "paged" if paged else "contiguous"
     block_n, num_warps, num_stages = config or (_CUDA_CONFIG[layout] if q.is_cuda else _INTERPRET_CONFIG)
-    n_splits = n_splits or _n_splits(batch, n_kv_heads, capacity, layout, q.device)
-    split_len = triton.cdiv(triton.cdiv(capacity, n_splits), block_n) * block_n
-    n_splits = triton.cdiv(capacity, split_len)
+    if n_splits is None:
+        n_splits, min_split = _n_splits(batch, n_kv_heads, capacity, layout, q.device), MIN_SPLIT_KEYS
+    elif n_splits < 1:
+        raise ValueError(f"n_splits={n_splits}; expected >= 1")
+    else:
+        min_split = 1  # as asked: the live keys over n_splits, however few
     n_rows = batch * n_heads * q_len
     part_out = torch.empty(n_splits, n_rows, head_dim, device=q.device, dtype=torch.float32)
     part_lse = torch.empty(n_splits, n_rows, device=q.device, dtype=torch.float32)
@@ -277,7 +293,7 @@ def decode_attention(
     _decode_split_kernel[(n_splits, batch * n_kv_heads)](
         q, k, v, table, lens, starts, scales, part_out, part_lse, out, lse, counters,
         q.stride(0), q.stride(1), q.stride(2), *strides_k, *strides_v,
-        table.stride(0) if paged else 0, n_kv_heads, n_rows, n_splits, capacity, split_len, block_size,
+        table.stride(0) if paged else 0, n_kv_heads, n_rows, n_splits, capacity, min_split, block_size,
         scale * _LOG2E, GROUP=group, Q_LEN=q_len, BLOCK_M=max(16, triton.next_power_of_2(group * q_len)),
         HEAD_DIM=head_dim, BLOCK_N=block_n, PAGED=paged, HAS_LENS=kv_lens is not None,
         HAS_KV_START=kv_start is not None, HAS_Q_SCALE=q_scale is not None, FUSED_MERGE=fused_merge,
