@@ -1445,6 +1445,41 @@ def section_decodesplits(rows_out, rounds: int = 2):
         print("\n".join(rows_out[-(len(runs) + 4) :]), flush=True)
 
 
+def section_baselineab(rows_out, rounds: int = 3):
+    """The Scout decode step (default build, 8K context) with some kernels of a module swapped for those of an
+    older copy of it, interleaved ``rounds`` times with the working tree's. ``BASELINE_AB=module:path:name,name``,
+    e.g. ``scout_mm.kernels.fused:/tmp/fused_old.py:_router_kernel,_rms_norm_kernel`` with ``/tmp/fused_old.py``
+    from ``git show REV:scout_mm/kernels/fused.py``: the named globals of the module are the baseline's while the
+    baseline runs (their launch wrappers stay the working tree's, so the kernels' signatures must match)."""
+    import importlib
+    import importlib.util
+    import os
+
+    module_name, path, names = os.environ["BASELINE_AB"].split(":")
+    module = importlib.import_module(module_name)
+    spec = importlib.util.spec_from_file_location("_baseline_copy", path)
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    names = names.split(",")
+    current = {n: getattr(module, n) for n in names}
+    baseline = {n: getattr(old, n) for n in names}
+
+    def use(kernels):
+        for name, value in kernels.items():
+            setattr(module, name, value)
+
+    label = f"{module_name}: {', '.join(names)}"
+    variants = []
+    for round_ in range(rounds):
+        again = "" if round_ == 0 else ", again" if round_ == 1 else f", round {round_ + 1}"
+        variants += [(f"baseline ({os.path.basename(path)}){again}", baseline), (f"working tree{again}", current)]
+    config, model = build_scout_int4()
+    rows_out += ["", f"## Decode step A/B: {label}"]
+    runs = _step_variants(model, config, rows_out, variants, use, restore=current)
+    _step_summary(rows_out, runs, variants[0][0])
+    print("\n".join(rows_out[-(len(runs) + 4) :]), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1494,7 +1529,8 @@ def main() -> None:
                 "grid": section_grid, "splitstep": section_splitstep,
                 "shapes": section_shapes, "moeshapes": section_moeshapes,
                 "earlyids": section_earlyids, "longctx": section_longctx,
-                "dequantpasses": section_dequantpasses, "decodesplits": section_decodesplits}  # fmt: skip
+                "dequantpasses": section_dequantpasses, "decodesplits": section_decodesplits,
+                "baselineab": section_baselineab}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         try:

@@ -50,11 +50,13 @@ def _rms_norm_kernel(
     BLOCK_H: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_wait_and_trigger(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < size_h
     dtype = out_ptr.dtype.element_ty
+    if HAS_WEIGHT:  # a parameter, written by no kernel of the step: loaded while the previous kernel runs
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    pdl_wait_and_trigger(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_DELTA:
         delta = tl.load(delta_ptr + row * stride_delta + cols, mask=mask, other=0.0).to(tl.float32)
@@ -64,7 +66,6 @@ def _rms_norm_kernel(
     rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / size_h + eps)
     y = (x * rstd).to(dtype)  # cast back before the weight multiply, as HF
     if HAS_WEIGHT:
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         y = (y.to(tl.float32) * w).to(dtype)
     tl.store(out_ptr + row * size_h + cols, y, mask=mask)
 
@@ -192,38 +193,39 @@ def _router_kernel(
     ``NORM``: the router's input is ``h = rms_norm(x + delta) * norm weight``, made here (the residual add and
     the post-attention norm of the decoder layer, as :func:`_rms_norm_kernel` computes them: same roundings, same
     one-row sum): every program computes the row's rstd, the expert-0 program also stores ``x + delta`` and
-    ``h``."""
-    pdl_wait_and_trigger(PDL)
+    ``h``, and the whole row's logit is one pass over registers: the router and norm weights (parameters, written
+    by no kernel of the step) are loaded before the PDL wait, while the previous kernel runs."""
     token = tl.program_id(0).to(tl.int64)
     expert = tl.program_id(1)
     dtype = logits_ptr.dtype.element_ty
-    rstd = 0.0
     if NORM:
         cols_h = tl.arange(0, BLOCK_H)
         ok_h = cols_h < size_h
+        w_row = tl.load(w_ptr + expert * size_h + cols_h, mask=ok_h, other=0.0).to(tl.float32)
+        norm_w = tl.load(norm_w_ptr + cols_h, mask=ok_h, other=0.0).to(tl.float32)
+    pdl_wait_and_trigger(PDL)
+    if NORM:
         row = tl.load(x_ptr + token * stride_x + cols_h, mask=ok_h, other=0.0).to(tl.float32)
         row += tl.load(delta_ptr + token * stride_delta + cols_h, mask=ok_h, other=0.0).to(tl.float32)
         summed = row.to(dtype)  # the residual stream is rounded to the activation dtype (HF)
         summed32 = summed.to(tl.float32)
         rstd = tl.math.rsqrt(tl.sum(summed32 * summed32, axis=0) / size_h + eps)
+        h = ((summed32 * rstd).to(dtype).to(tl.float32) * norm_w).to(dtype)
         if expert == 0:
             tl.store(sum_ptr + token * size_h + cols_h, summed, mask=ok_h)
-            norm_w = tl.load(norm_w_ptr + cols_h, mask=ok_h, other=0.0).to(tl.float32)
-            h = ((summed32 * rstd).to(dtype).to(tl.float32) * norm_w).to(dtype)
             tl.store(h_ptr + token * size_h + cols_h, h, mask=ok_h)
-    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, size_h, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        k_ok = cols < size_h
-        x = tl.load(x_ptr + token * stride_x + cols, mask=k_ok, other=0.0).to(tl.float32)
-        if NORM:  # the same elementwise steps as above, on this chunk
-            x += tl.load(delta_ptr + token * stride_delta + cols, mask=k_ok, other=0.0).to(tl.float32)
-            norm_w = tl.load(norm_w_ptr + cols, mask=k_ok, other=0.0).to(tl.float32)
-            x = ((x.to(dtype).to(tl.float32) * rstd).to(dtype).to(tl.float32) * norm_w).to(dtype).to(tl.float32)
-        w = tl.load(w_ptr + expert * size_h + cols, mask=k_ok, other=0.0).to(tl.float32)
-        acc += w * x
+        logit = tl.sum(w_row * h.to(tl.float32), axis=0)
+    else:
+        acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, size_h, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            k_ok = cols < size_h
+            x = tl.load(x_ptr + token * stride_x + cols, mask=k_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + expert * size_h + cols, mask=k_ok, other=0.0).to(tl.float32)
+            acc += w * x
+        logit = tl.sum(acc, axis=0)
     # rounded like F.linear's output; the top-k runs on the rounded values
-    tl.store(logits_ptr + token * n_experts + expert, tl.sum(acc, axis=0).to(dtype))
+    tl.store(logits_ptr + token * n_experts + expert, logit.to(dtype))
     tl.debug_barrier()  # the logit is written before the (release) arrival below
     arrived = tl.atomic_add(count_ptr + token, 1, sem="acq_rel", scope="gpu")
     if arrived == n_experts - 1:
