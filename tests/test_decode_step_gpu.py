@@ -80,7 +80,7 @@ _MEMORY = re.compile(r"\b(st\.global|atom\.|red\.|ld\.global|cp\.async|ld\.volat
 # Kernels of the decode step that must be compiled with PDL, and which may read (constant weights) before the wait.
 _STEP_KERNELS = ("_rms_norm_kernel", "_router_kernel", "_write_kv_kernel", "_rope_qk_norm_kernel",
                  "_decode_split_kernel", "_gemv_kernel")  # fmt: skip
-_PREFETCH_OK = ("_gemv_kernel",)
+_PREFETCH_OK = ("_gemv_kernel", "_router_kernel", "_rms_norm_kernel")  # load constant weights early
 
 
 def _compiled(fn):
@@ -104,8 +104,8 @@ def _compiled(fn):
 @pytest.mark.skipif(not _hopper(), reason="PDL needs sm_90")
 def test_pdl_kernels_wait_before_touching_memory(monkeypatch):
     # The PDL contract (scout_mm/kernels/launch.py): in the compiled code of every kernel the step launched with
-    # PDL, griddepcontrol.wait comes before any store or atomic, and before any load except a GEMV's early
-    # weight tile; the trigger comes after the wait.
+    # PDL, griddepcontrol.wait comes before any store or atomic, and before any load except the early loads of
+    # constant weights (a GEMV's first tile, the router's and the norms' weights); the trigger comes after it.
     from scout_mm.kernels import flash_decode, fused, int4
 
     model = int4_decode_model(1)
