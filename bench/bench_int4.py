@@ -1405,26 +1405,32 @@ def section_earlyids(rows_out):
 
 def section_decodesplits(rows_out, rounds: int = 2):
     """Decode attention's split-K in the Scout decode step (default build): the splits over the live keys with
-    ``flash_decode.MIN_SPLIT_KEYS`` of 512 / 256 / 128 / 64, at three cache states (a new 8K chunk, mid-chunk,
-    8K live keys in a 64K reservation), interleaved ``rounds`` times. ``BASELINE_FLASH_DECODE=path``: also the
-    decode attention of that file (e.g. ``git show 01c1633:scout_mm/kernels/flash_decode.py``, the splits over
-    the reserved capacity) as the first variant."""
+    ``flash_decode.MIN_SPLIT_KEYS_BY_LAYOUT`` (contiguous = the chunked layers' rings, paged = the global layers)
+    set per variant (``DECODE_SPLIT_MINS="c/p,c/p,..."``, default ``512/512,256/256,128/128,64/64``), at three
+    cache states (a new 8K chunk, mid-chunk, 8K live keys in a 64K reservation), interleaved ``rounds`` times.
+    ``BASELINE_FLASH_DECODE=path``: also the decode attention of that file (e.g. ``git show
+    01c1633:scout_mm/kernels/flash_decode.py``, the splits over the reserved capacity) as the first variant."""
     import importlib.util
     import os
 
     from scout_mm.kernels import flash_decode
 
-    shipped_fn, shipped_min = flash_decode.decode_attention, flash_decode.MIN_SPLIT_KEYS
+    shipped_fn, shipped_min = flash_decode.decode_attention, dict(flash_decode.MIN_SPLIT_KEYS_BY_LAYOUT)
     baseline = os.environ.get("BASELINE_FLASH_DECODE")
-    variants = [(f"live-key splits, MIN_SPLIT_KEYS {n}", (shipped_fn, n)) for n in (512, 256, 128, 64)]
+    mins = os.environ.get("DECODE_SPLIT_MINS", "512/512,256/256,128/128,64/64").split(",")
+    variants = []
+    for pair in mins:
+        contiguous, paged = (int(v) for v in pair.split("/"))
+        variants.append((f"live-key splits, min keys contiguous {contiguous} / paged {paged}",
+                         (shipped_fn, {"contiguous": contiguous, "paged": paged})))  # fmt: skip
     if baseline:
         spec = importlib.util.spec_from_file_location("_baseline_flash_decode", baseline)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        variants.insert(0, ("baseline: splits over the capacity, 512 keys min", (module.decode_attention, 0)))
+        variants.insert(0, ("baseline: splits over the capacity, 512 keys min", (module.decode_attention, shipped_min)))
 
     def use(setting):
-        flash_decode.decode_attention, flash_decode.MIN_SPLIT_KEYS = setting
+        flash_decode.decode_attention, flash_decode.MIN_SPLIT_KEYS_BY_LAYOUT = setting
 
     config, model = build_scout_int4()
     for prompt_len, reserve, what in ((8192, None, "a new 8K chunk (position 8192)"),

@@ -79,7 +79,7 @@ def test_splits_cover_the_live_keys_of_a_large_reservation(flash_decode, monkeyp
     # should hold keys does, the empty ones add nothing, and the result is the reference's.
     from scout_mm.kernels.reference import decode_attention as reference
 
-    monkeypatch.setattr(flash_decode, "MIN_SPLIT_KEYS", 40)
+    monkeypatch.setattr(flash_decode, "MIN_SPLIT_KEYS_BY_LAYOUT", {"contiguous": 40, "paged": 40})
     q, k, v, kw = _problem(4, 4, 2, 1, 600, 16, paged_block, torch.float32)
     kw["kv_lens"] = torch.tensor([1, 37, 300, 290], dtype=torch.int32)
     kw["kv_start"] = torch.tensor([0, 5, 0, 130], dtype=torch.int32)

@@ -217,17 +217,18 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-# The shortest split worth a program of its own, in keys (rounded up to whole tiles): a sequence shorter than
-# n_splits * MIN_SPLIT_KEYS leaves its last splits empty (they only write an empty partial). 64 was the fastest
-# of 512 / 256 / 128 / 64 in the Scout decode step on an H100 at three cache states
-# (bench/results/int4_decode_step_h100.md, session 13).
-MIN_SPLIT_KEYS = 64
+# The shortest split worth a program of its own, in keys (rounded up to whole tiles), per layout: it also caps
+# the programs launched at capacity / minimum, and a sequence shorter than n_splits * minimum leaves its last
+# splits empty (they only write an empty partial). Picked in the Scout decode step on an H100 (8K chunked rings
+# contiguous, the global layers paged; bench/results/int4_decode_step_h100.md, session 13): contiguous 1024 of
+# 64..4096 (fewer, longer splits: 8 a head on an 8K ring), paged 64 of 32..512 (64 splits of 128 keys at 8K).
+MIN_SPLIT_KEYS_BY_LAYOUT = {"contiguous": 1024, "paged": 64}
 
 
 def _n_splits(batch: int, n_kv_heads: int, capacity: int, layout: str, device: torch.device) -> int:
-    # Enough programs to give every SM its share, but no more splits than a full cache has MIN_SPLIT_KEYS runs.
+    # Enough programs to give every SM its share, but no more splits than a full cache has minimum-length runs.
     want = max(1, -(-_PROGRAMS_PER_SM_BY_LAYOUT[layout] * _sm_count(device) // (batch * n_kv_heads)))
-    return max(1, min(want, capacity // MIN_SPLIT_KEYS))
+    return max(1, min(want, capacity // MIN_SPLIT_KEYS_BY_LAYOUT[layout]))
 
 
 def decode_attention(
@@ -270,7 +271,8 @@ def decode_attention(
     layout = "paged" if paged else "contiguous"
     block_n, num_warps, num_stages = config or (_CUDA_CONFIG[layout] if q.is_cuda else _INTERPRET_CONFIG)
     if n_splits is None:
-        n_splits, min_split = _n_splits(batch, n_kv_heads, capacity, layout, q.device), MIN_SPLIT_KEYS
+        n_splits = _n_splits(batch, n_kv_heads, capacity, layout, q.device)
+        min_split = MIN_SPLIT_KEYS_BY_LAYOUT[layout]
     elif n_splits < 1:
         raise ValueError(f"n_splits={n_splits}; expected >= 1")
     else:
