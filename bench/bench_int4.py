@@ -1406,7 +1406,8 @@ def section_earlyids(rows_out):
 def section_decodesplits(rows_out, rounds: int = 2):
     """Decode attention's split-K in the Scout decode step (default build): the splits over the live keys with
     ``flash_decode.MIN_SPLIT_KEYS_BY_LAYOUT`` (contiguous = the chunked layers' rings, paged = the global layers)
-    set per variant (``DECODE_SPLIT_MINS="c/p,c/p,..."``, default ``512/512,256/256,128/128,64/64``), at three
+    set per variant (``DECODE_SPLIT_MINS="c/p,c/p,..."``, default ``512/512,256/256,128/128,64/64``; an item
+    ``c/p/BLOCK_N.warps.stages`` also sets the paged launch config), at three
     cache states (a new 8K chunk, mid-chunk, 8K live keys in a 64K reservation), interleaved ``rounds`` times.
     ``BASELINE_FLASH_DECODE=path``: also the decode attention of that file (e.g. ``git show
     01c1633:scout_mm/kernels/flash_decode.py``, the splits over the reserved capacity) as the first variant."""
@@ -1416,21 +1417,26 @@ def section_decodesplits(rows_out, rounds: int = 2):
     from scout_mm.kernels import flash_decode
 
     shipped_fn, shipped_min = flash_decode.decode_attention, dict(flash_decode.MIN_SPLIT_KEYS_BY_LAYOUT)
+    shipped_cfg = dict(flash_decode._CUDA_CONFIG)
     baseline = os.environ.get("BASELINE_FLASH_DECODE")
     mins = os.environ.get("DECODE_SPLIT_MINS", "512/512,256/256,128/128,64/64").split(",")
     variants = []
-    for pair in mins:
-        contiguous, paged = (int(v) for v in pair.split("/"))
-        variants.append((f"live-key splits, min keys contiguous {contiguous} / paged {paged}",
-                         (shipped_fn, {"contiguous": contiguous, "paged": paged})))  # fmt: skip
+    for item in mins:  # "contiguous/paged" minimums, optionally "/BLOCK_N.warps.stages" of the paged launch
+        contiguous, paged, *paged_cfg = item.split("/")
+        cfg = dict(shipped_cfg, paged=tuple(int(v) for v in paged_cfg[0].split("."))) if paged_cfg else shipped_cfg
+        label = f"live-key splits, min keys contiguous {contiguous} / paged {paged}" + (
+            f", paged (BLOCK_N, warps, stages) {cfg['paged']}" if paged_cfg else "")  # fmt: skip
+        variants.append((label, (shipped_fn, {"contiguous": int(contiguous), "paged": int(paged)}, cfg)))
     if baseline:
         spec = importlib.util.spec_from_file_location("_baseline_flash_decode", baseline)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        variants.insert(0, ("baseline: splits over the capacity, 512 keys min", (module.decode_attention, shipped_min)))
+        variants.insert(0, ("baseline: splits over the capacity, 512 keys min",
+                            (module.decode_attention, shipped_min, shipped_cfg)))  # fmt: skip
 
     def use(setting):
-        flash_decode.decode_attention, flash_decode.MIN_SPLIT_KEYS_BY_LAYOUT = setting
+        fn, flash_decode.MIN_SPLIT_KEYS_BY_LAYOUT, flash_decode._CUDA_CONFIG = setting
+        flash_decode.decode_attention = fn
 
     config, model = build_scout_int4()
     for prompt_len, reserve, what in ((8192, None, "a new 8K chunk (position 8192)"),
@@ -1446,7 +1452,7 @@ def section_decodesplits(rows_out, rounds: int = 2):
                     key = label if round_ == 0 else f"{label}, again"
                     runs[key] = decode_step_profile(model, config, rows_out, key, prompt_len, reserve)
         finally:
-            use((shipped_fn, shipped_min))
+            use((shipped_fn, shipped_min, shipped_cfg))
         _step_summary(rows_out, runs, variants[0][0])
         print("\n".join(rows_out[-(len(runs) + 4) :]), flush=True)
 
