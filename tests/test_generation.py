@@ -285,9 +285,15 @@ def test_sampling_settings_without_do_sample_warn():
         warnings.simplefilter("error")  # defaults and temperature=0 say nothing
         greedy = model.generate(ids, max_new_tokens=4, eos_token_id=[])
         model.generate(ids, max_new_tokens=4, eos_token_id=[], temperature=0.0)
-    with pytest.warns(UserWarning, match="temperature=0.7, top_p=0.9 ignored: do_sample=False"):
+    with pytest.warns(UserWarning, match="temperature=0.7, top_p=0.9 ignored: do_sample=False") as record:
         out = model.generate(ids, max_new_tokens=4, eos_token_id=[], temperature=0.7, top_p=0.9)
     assert torch.equal(out, greedy)
+    assert [w.filename for w in record] == [__file__]  # the warning points at the caller's line
+    from scout_mm.generation import generate_ids
+
+    with pytest.warns(UserWarning, match="top_k=5 ignored") as record:
+        generate_ids(model, ids, max_new_tokens=2, eos_token_id=[], top_k=5)
+    assert [w.filename for w in record] == [__file__]
 
 
 # ------------------------------------------------------------------------------------------- text API
