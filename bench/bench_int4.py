@@ -1407,8 +1407,8 @@ def section_decodesplits(rows_out, rounds: int = 2):
     """Decode attention's split-K in the Scout decode step (default build): the splits over the live keys with
     ``flash_decode.MIN_SPLIT_KEYS_BY_LAYOUT`` (contiguous = the chunked layers' rings, paged = the global layers)
     set per variant (``DECODE_SPLIT_MINS="c/p,c/p,..."``, default ``512/512,256/256,128/128,64/64``; an item
-    ``c/p/BLOCK_N.warps.stages`` also sets the paged launch config), at three
-    cache states (a new 8K chunk, mid-chunk, 8K live keys in a 64K reservation), interleaved ``rounds`` times.
+    ``c/p/BLOCK_N.warps.stages`` also sets the paged launch config), at three cache states (a new 8K chunk,
+    mid-chunk, 8K live keys in a 64K reservation), interleaved ``rounds`` times.
     ``BASELINE_FLASH_DECODE=path``: also the decode attention of that file (e.g. ``git show
     01c1633:scout_mm/kernels/flash_decode.py``, the splits over the reserved capacity) as the first variant."""
     import importlib.util

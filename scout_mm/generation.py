@@ -82,7 +82,7 @@ class SamplingParams:
 
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning point at the first frame outside scout_mm (the user's call of
-    ``generate`` / ``model.generate`` / ``SamplingParams``), whatever the depth of the calls inside the package;
+    ``generate`` / ``generate_ids`` / ``model.generate``), whatever the depth of the calls inside the package;
     to be passed by the function that calls ``warnings.warn``. Decorator frames between (``torch.no_grad``'s, the
     ``__init__`` that dataclasses generate, which calls ``__post_init__``) are skipped too."""
     import contextlib

@@ -16,10 +16,11 @@ tokens; ``kv_start`` skips left padding, or keys outside a local window).
 Split-K: the live keys ``[kv_start, kv_lens)`` of each (sequence, kv head) are cut into ``n_splits`` equal
 ranges of whole key tiles, one program each, so that one long sequence still fills the GPU. The ranges are
 computed in the kernel from ``kv_lens``, not from the cache's capacity: a cache reserved for far more tokens
-than it holds (and a CUDA graph replayed as the sequence grows) still spreads the keys over every split. A program takes all ``group * q_len`` query rows of its kv head
-as the rows of one matmul, so each K/V byte is read once for the whole group. Each split writes its
-normalised partial output and log-sum-exp; :func:`merge_states` combines them. The same merge combines
-attention over disjoint key sets computed any other way (sparse blocks, offloaded blocks, a local window).
+than it holds (and a CUDA graph replayed as the sequence grows) still spreads the keys over every split. A
+program takes all ``group * q_len`` query rows of its kv head as the rows of one matmul, so each K/V byte is
+read once for the whole group. Each split writes its normalised partial output and log-sum-exp;
+:func:`merge_states` combines them. The same merge combines attention over disjoint key sets computed any
+other way (sparse blocks, offloaded blocks, a local window).
 """
 
 from __future__ import annotations
