@@ -1438,11 +1438,18 @@ def section_decodesplits(rows_out, rounds: int = 2):
         fn, flash_decode.MIN_SPLIT_KEYS_BY_LAYOUT, flash_decode._CUDA_CONFIG = setting
         flash_decode.decode_attention = fn
 
+    _three_cache_states(rows_out, "Decode attention splits", variants, use, (shipped_fn, shipped_min, shipped_cfg),
+                        rounds)  # fmt: skip
+
+
+def _three_cache_states(rows_out, title, variants, use, restore, rounds):
+    """The Scout decode step (default build) under each of ``variants`` at three cache states (a new 8K chunk,
+    mid-chunk, 8K live keys in a 64K reservation), interleaved ``rounds`` times, ``use(restore)`` at the end."""
     config, model = build_scout_int4()
     for prompt_len, reserve, what in ((8192, None, "a new 8K chunk (position 8192)"),
                                       (8191, None, "mid-chunk (position 8191)"),
                                       (8192, 65536, "8K live keys, cache reserved for 64K")):  # fmt: skip
-        rows_out += ["", f"## Decode attention splits in the Scout decode step: {what}"]
+        rows_out += ["", f"## {title} in the Scout decode step: {what}"]
         runs = {}
         try:
             for round_ in range(rounds):
@@ -1452,9 +1459,26 @@ def section_decodesplits(rows_out, rounds: int = 2):
                     key = label if round_ == 0 else f"{label}, again"
                     runs[key] = decode_step_profile(model, config, rows_out, key, prompt_len, reserve)
         finally:
-            use((shipped_fn, shipped_min, shipped_cfg))
+            use(restore)
         _step_summary(rows_out, runs, variants[0][0])
         print("\n".join(rows_out[-(len(runs) + 4) :]), flush=True)
+
+
+def section_fusedmerge(rows_out, rounds: int = 2):
+    """Decode attention's split merge inside the split kernel (the last split to arrive merges; up to 16 splits
+    unrolled) vs the separate merge kernel, per layout (``flash_decode.FUSED_MERGE_BY_LAYOUT``: contiguous = the
+    chunked layers' 8K rings, 8 splits a head; paged = the global layers, 64), at the three cache states of
+    ``decodesplits``."""
+    from scout_mm.kernels import flash_decode
+
+    shipped = dict(flash_decode.FUSED_MERGE_BY_LAYOUT)
+    variants = [(f"merge in the split kernel: contiguous {c}, paged {p}", {"contiguous": c, "paged": p})
+                for c, p in ((False, False), (True, False), (False, True), (True, True))]  # fmt: skip
+
+    def use(setting):
+        flash_decode.FUSED_MERGE_BY_LAYOUT = setting
+
+    _three_cache_states(rows_out, "Decode attention merge", variants, use, shipped, rounds)
 
 
 def section_baselineab(rows_out, rounds: int = 3):
@@ -1542,7 +1566,7 @@ def main() -> None:
                 "shapes": section_shapes, "moeshapes": section_moeshapes,
                 "earlyids": section_earlyids, "longctx": section_longctx,
                 "dequantpasses": section_dequantpasses, "decodesplits": section_decodesplits,
-                "baselineab": section_baselineab}  # fmt: skip
+                "baselineab": section_baselineab, "fusedmerge": section_fusedmerge}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         try:

@@ -45,14 +45,15 @@ def _problem(batch, n_heads, n_kv_heads, q_len, capacity, head_dim, paged_block,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("paged_block", [None, 8], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("shape", [(1, 4, 2, 1, 70, 16), (3, 6, 2, 2, 45, 32)], ids=["b1_q1", "b3_q2"])
-def test_merge_in_split_kernel_and_q_scale(flash_decode, monkeypatch, shape, paged_block, dtype):
+@pytest.mark.parametrize("n_splits", [3, 20], ids=["unrolled_merge", "looped_merge"])  # the in-kernel merge's forms
+def test_merge_in_split_kernel_and_q_scale(flash_decode, monkeypatch, shape, paged_block, dtype, n_splits):
     from scout_mm.kernels.reference import decode_attention as reference
 
     q, k, v, kw = _problem(*shape, paged_block, dtype)
     outs = {}
     for merge in (True, False):
         monkeypatch.setattr(flash_decode, "FUSED_MERGE", merge)
-        outs[merge] = flash_decode.decode_attention(q, k, v, n_splits=3, **kw)
+        outs[merge] = flash_decode.decode_attention(q, k, v, n_splits=n_splits, **kw)
     # the reference on the scaled query rounded to the activation dtype, as the kernel rounds it
     q_scaled = (q * kw["q_scale"][:, None, :, None].to(dtype)).double()
     ref_out, ref_lse = reference(q_scaled, k.double(), v.double(), **{**kw, "q_scale": None})

@@ -132,12 +132,22 @@ def _decode_split_kernel(
             m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights 0, output 0, LSE -inf
             total = tl.sum(tl.exp(lses - m[None, :]), 0)
             merged = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-            for p in range(n_splits):
-                w = tl.exp(tl.load(PartLse + p * n_rows + out_row, mask=row_ok, other=float("-inf"),
-                                   cache_modifier=".cg") - m)  # fmt: skip
-                o = tl.load(PartOut + (p * n_rows + out_row)[:, None] * HEAD_DIM + dims[None, :],
-                            mask=row_ok[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
-                merged += o * w[:, None]
+            if BLOCK_P <= 16:
+                # unrolled (masked past n_splits): every split's partial in flight at once, summed in split order
+                for p in tl.static_range(BLOCK_P):
+                    ok = row_ok & (p < n_splits)
+                    w = tl.exp(tl.load(PartLse + p * n_rows + out_row, mask=ok, other=float("-inf"),
+                                       cache_modifier=".cg") - m)  # fmt: skip
+                    o = tl.load(PartOut + (p * n_rows + out_row)[:, None] * HEAD_DIM + dims[None, :],
+                                mask=ok[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+                    merged += o * w[:, None]
+            else:
+                for p in range(n_splits):
+                    w = tl.exp(tl.load(PartLse + p * n_rows + out_row, mask=row_ok, other=float("-inf"),
+                                       cache_modifier=".cg") - m)  # fmt: skip
+                    o = tl.load(PartOut + (p * n_rows + out_row)[:, None] * HEAD_DIM + dims[None, :],
+                                mask=row_ok[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+                    merged += o * w[:, None]
             merged = merged / tl.where(total == 0.0, 1.0, total)[:, None]
             tl.store(Out + out_row[:, None] * HEAD_DIM + dims[None, :], merged.to(Out.dtype.element_ty),
                      mask=row_ok[:, None])  # fmt: skip
@@ -209,8 +219,10 @@ _INTERPRET_CONFIG = (16, 4, 1)
 # True: the last split program to finish a (sequence, kv head) merges the splits (one launch per call instead
 # of two). Measured slower on an H100 in the Scout decode step (bench/results/int4_decode_step_h100.md, session
 # 4: split kernel 16.3 us vs 10.1 + 1.9 us for split + merge kernel): the one merging program's loop over the
-# splits is a serial chain of L2 round trips, longer than a second (PDL-overlapped) launch. Off; kept as an option.
-FUSED_MERGE = False
+# splits was a serial chain of L2 round trips, longer than a second (PDL-overlapped) launch; up to 16 splits
+# the loop is now unrolled (all loads in flight). None: per layout (FUSED_MERGE_BY_LAYOUT); True / False: always.
+FUSED_MERGE = None
+FUSED_MERGE_BY_LAYOUT = {"contiguous": False, "paged": False}
 
 
 @functools.cache
@@ -286,7 +298,7 @@ def decode_attention(
     starts = kv_start.to(device=q.device, dtype=torch.int32) if kv_start is not None else dummy
     table = block_table.to(device=q.device, dtype=torch.int32) if paged else dummy
     scales = q_scale.to(device=q.device, dtype=torch.float32).contiguous() if q_scale is not None else dummy
-    fused_merge = FUSED_MERGE
+    fused_merge = FUSED_MERGE_BY_LAYOUT[layout] if FUSED_MERGE is None else FUSED_MERGE
     if fused_merge:
         out = torch.empty(n_rows, head_dim, device=q.device, dtype=q.dtype)
         lse = torch.empty(n_rows, device=q.device, dtype=torch.float32)
