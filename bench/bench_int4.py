@@ -1456,7 +1456,7 @@ def _three_cache_states(rows_out, title, variants, use, restore, rounds):
                 for label, setting in variants:
                     use(setting)
                     torch.manual_seed(0)
-                    key = label if round_ == 0 else f"{label}, again"
+                    key = label if round_ == 0 else f"{label}, again" if round_ == 1 else f"{label}, round {round_ + 1}"
                     runs[key] = decode_step_profile(model, config, rows_out, key, prompt_len, reserve)
         finally:
             use(restore)
@@ -1516,6 +1516,101 @@ def section_baselineab(rows_out, rounds: int = 3):
     print("\n".join(rows_out[-(len(runs) + 4) :]), flush=True)
 
 
+# In-step candidates of the dense one-row GEMVs (section instep): overrides of TUNED["gemv"]; {} = the rule.
+DENSE_STEP_CANDIDATES = [("rule", {})] + [
+    (f"{bn}x{bk} w{w}" + (f" s{sp}" if sp else ""), _over(bn, bk, w, sp))
+    for bn, bk, w, sp in ((32, 1024, 8, 1), (32, 512, 8, 1), (64, 512, 8, 1), (32, 1024, 4, 1), (16, 1024, 4, 1),
+                          (32, 512, 4, 2), (64, 1024, 8, 1), (32, 2048, 8, 1))
+]  # fmt: skip
+
+
+def section_instep(rows_out, rounds: int = 2):
+    """The decode GEMVs' per-shape configs chosen inside the Scout decode step rather than alone: for each of the
+    four launches of a layer (q|k|v, o, the MoE gate_up and down at 2 slots), the graphed step (default build, 8K
+    context, one prefill, mean of 30 replays) with each candidate config of that launch, the others as shipped,
+    interleaved ``rounds`` times. Prints a table per launch; adopts nothing."""
+    from scout_mm.cache import KVCache
+    from scout_mm.generation import GraphedDecode, prefill
+
+    config, model = build_scout_int4()
+    text = config.text
+    cache = KVCache(text, 1, "cuda", torch.bfloat16)
+    cache.reserve(0, 8192 + 64)
+    torch.manual_seed(0)
+    prompt = _random_prompt(config, 8192)
+    launches = (("q|k|v 7168x5120", "gemv_by_shape", (7168, 5120), DENSE_STEP_CANDIDATES),
+                ("o 5120x5120", "gemv_by_shape", (5120, 5120), DENSE_STEP_CANDIDATES),
+                ("MoE gate_up, 2 slots", "moe_gemv_by_shape", (16384, 5120, 2), MOE_GATE_UP_CANDIDATES),
+                ("MoE down, 2 slots", "moe_gemv_by_shape", (5120, 8192, 2), MOE_DOWN_CANDIDATES))  # fmt: skip
+    with torch.no_grad():
+        embeds, _ = model.embed_inputs(prompt, validate=False)
+        prefill(model, cache, 0, embeds, 8192)
+        tokens = torch.randint(0, text.vocab_size, (1, 1), device="cuda")
+        positions = torch.full((1, 1), 8192, device="cuda")
+
+        def step_ms():
+            graphed = GraphedDecode(model, cache, tokens, positions)
+            for _ in range(3):
+                graphed(tokens, positions)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(30):
+                logits = graphed(tokens, positions)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 30, logits[0].float().clone()
+
+        for name, table_name, key, candidates in launches:
+            table = int4.TUNED[table_name]
+            shipped = table.get(key)
+            candidates = [("shipped", shipped or {}), *candidates]
+            times = {label: [] for label, _ in candidates}
+            first = None
+            try:
+                for _ in range(rounds):
+                    for label, over in candidates:
+                        if over:
+                            table[key] = over
+                        else:
+                            table.pop(key, None)
+                        ms, logits = step_ms()
+                        times[label].append(ms)
+                        first = logits if first is None else first
+                        if not torch.equal(logits.argmax(-1), first.argmax(-1)):
+                            raise AssertionError(f"{name} {label}: the step's argmax changed")
+            finally:
+                if shipped is None:
+                    table.pop(key, None)
+                else:
+                    table[key] = shipped
+            base = min(times["shipped"])
+            rows_out += ["", f"## Decode step with the {name} launch's config swept (shipped: {shipped})", "",
+                         "| config | step ms per round | best | vs shipped |", "|---|---|---|---|"]  # fmt: skip
+            for label, _ in candidates:
+                best = min(times[label])
+                rows_out.append(f"| {label} | "
+                                f"{' / '.join(f'{t:.3f}' for t in times[label])} | {best:.3f} | {base / best:.3f}x |")  # fmt: skip
+            print("\n".join(rows_out[-(len(candidates) + 4) :]), flush=True)
+
+
+def section_downtable(rows_out, rounds: int = 3):
+    """The decode MoE's down launch at 2 slots with session 8's recorded config (32x256 tiles, 6 K splits: the
+    fastest alone) vs the GEMV rule (what ``instep`` found faster inside the step), at the three cache states of
+    ``decodesplits``, interleaved ``rounds`` times."""
+    key, session8 = (5120, 8192, 2), {"BLOCK_N": 32, "BLOCK_K": 256, "split_k": 6}
+    table = int4.TUNED["moe_gemv_by_shape"]
+    shipped = table.get(key)
+    variants = [("down at 2 slots: session 8's 32x256, 6 splits", session8), ("down at 2 slots: the rule", None)]
+
+    def use(over):
+        if over:
+            table[key] = over
+        else:
+            table.pop(key, None)
+
+    _three_cache_states(rows_out, "MoE down config", variants, use, shipped, rounds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1566,7 +1661,8 @@ def main() -> None:
                 "shapes": section_shapes, "moeshapes": section_moeshapes,
                 "earlyids": section_earlyids, "longctx": section_longctx,
                 "dequantpasses": section_dequantpasses, "decodesplits": section_decodesplits,
-                "baselineab": section_baselineab, "fusedmerge": section_fusedmerge}  # fmt: skip
+                "baselineab": section_baselineab, "fusedmerge": section_fusedmerge,
+                "instep": section_instep, "downtable": section_downtable}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         try:

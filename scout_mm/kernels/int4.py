@@ -866,13 +866,14 @@ TUNED = {
     # the expert weight, rows = tokens x slots) -> overrides of "gemv", for gate_up (N = 2 I) and down separately.
     # Session 8 sweep (`bench_int4.py --sections moeshapes`, bench/results/int4_gemv_h100.md), Scout's experts at
     # T=1: one slot (top-1) and two (top-1 + the folded shared expert). gate_up: no K split, gate and up streamed
-    # as one tile (16 packed words a thread), 21.9 -> 18.3 us at 1 slot and 38.0 -> 33.4 us at 2; down at 2 slots:
-    # 6 splits of 32-wide tiles, 23.1 -> 22.0 us (the rule stays best at 1 slot). Whole MoE: 34.9 -> 31.4 us
-    # (2.00 TB/s) at 1 slot, 60.0 -> 56.0 us at 2; Scout decode step 5.55 -> 5.46 ms. Other shapes keep the rule.
+    # as one tile (16 packed words a thread), 21.9 -> 18.3 us at 1 slot and 38.0 -> 33.4 us at 2. Whole MoE: 34.9 ->
+    # 31.4 us (2.00 TB/s) at 1 slot; Scout decode step 5.55 -> 5.46 ms. Other shapes keep the rule. Session 8 also
+    # recorded down at 2 slots (6 splits of 32-wide tiles, 23.1 -> 22.0 us alone); session 13 dropped it: inside
+    # the decode step the rule is 0.8-1.5% faster (`--sections instep`, `--sections downtable`,
+    # bench/results/int4_decode_step_h100.md).
     "moe_gemv_by_shape": {
         (16384, 5120, 1): {"BLOCK_N": 32, "BLOCK_K": 512, "num_warps": 8, "split_k": 1},
         (16384, 5120, 2): {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 8, "split_k": 1},
-        (5120, 8192, 2): {"BLOCK_N": 32, "BLOCK_K": 256, "split_k": 6},
     },
     "gemm_small": _gemm(16, 256, 128, 8, 3, occupancy=4, nibble_dots=True),  # rows <= 16; 44.1 + 31.3 us
     "gemm_medium": _gemm(64, 64, 128, 4, 4, occupancy=2),  # rows <= 128
