@@ -77,7 +77,9 @@ def iter_checkpoint(path: str) -> Iterator[tuple[str, str, callable]]:
         with handle:
             for key in handle.keys():
                 if key in seen:
-                    raise CheckpointError(f"{path}: tensor {key!r} is stored twice, in {seen[key]} and {file}")
+                    raise CheckpointError(
+                        f"{path}: tensor {key!r} is stored twice, in {seen[key]} and {file}"
+                    )
                 seen[key] = file
 
                 def load(key=key, handle=handle, file=file):
@@ -297,7 +299,7 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
     config = model.config
     state = {}
     for name, tensor in model.state_dict().items():
-        if config.tie_word_embeddings and name == "language_model.lm_head.weight":
+        if config.tie_word_embeddings and name == LM_HEAD:
             continue
         state[name] = tensor
     if not config.text.use_shared_expert:

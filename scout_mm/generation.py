@@ -83,15 +83,15 @@ class SamplingParams:
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning point at the first frame outside scout_mm (the user's call of
     ``generate`` / ``generate_ids`` / ``model.generate``), whatever the depth of the calls inside the package;
-    to be passed by the function that calls ``warnings.warn``. Decorator frames between (``torch.no_grad``'s, the
-    ``__init__`` that dataclasses generate, which calls ``__post_init__``) are skipped too."""
+    to be passed by the function that calls ``warnings.warn``. Decorator frames between (``torch.no_grad``'s,
+    contextlib's) are skipped too."""
     import contextlib
     import sys
 
     import torch.utils._contextlib as torch_contextlib
 
     package = os.path.dirname(os.path.abspath(__file__))
-    wrappers = {"<string>", contextlib.__file__, torch_contextlib.__file__}
+    wrappers = {contextlib.__file__, torch_contextlib.__file__}
     frame, level = sys._getframe(1), 1
     while frame is not None and (
         frame.f_code.co_filename.startswith(package) or frame.f_code.co_filename in wrappers

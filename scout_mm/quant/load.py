@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from scout_mm.checkpoint import (
+    LM_HEAD,
     SUPPORTED_DTYPES,
     CheckpointError,
     check_device,
@@ -110,7 +111,7 @@ def load_quantized(
     }
     expected.update(packed)
     if config.tie_word_embeddings and isinstance(model.language_model.lm_head, nn.Linear):
-        expected.pop("language_model.lm_head.weight", None)
+        expected.pop(LM_HEAD, None)
     loaded, unexpected = set(), []
     for file, key, load in iter_checkpoint(path):
         target = expected.get(key)

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from scout_mm.checkpoint import (
+    LM_HEAD,
     PROCESSOR_FILES,
     CheckpointError,
     check_device,
@@ -383,7 +384,7 @@ def _hf_config(config: ScoutConfig, cfg: QuantConfig, dtype: torch.dtype) -> dic
 def _state_to_save(model: nn.Module, names_under: str | None = None) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     if model.config.tie_word_embeddings and isinstance(model.language_model.lm_head, nn.Linear):
-        state.pop("language_model.lm_head.weight", None)
+        state.pop(LM_HEAD, None)
     if names_under is not None:
         state = {k: v for k, v in state.items() if k.startswith(names_under)}
     return state
@@ -450,7 +451,7 @@ def quantize_checkpoint(
         dtype = torch.float32
     outside = [n for n in names if not n.startswith(LAYERS)]
     if config.tie_word_embeddings:
-        outside = [n for n in outside if n != "language_model.lm_head.weight"]
+        outside = [n for n in outside if n != LM_HEAD]
     source.load_into(model, outside, device, dtype)
     if config.tie_word_embeddings:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
