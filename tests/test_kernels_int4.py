@@ -605,7 +605,6 @@ def test_gpu_moe_dequant_path_and_graph_capture(gpu_int4):
     assert rel(out, _moe_reference(x.float(), weights.float(), ids, gate_up, down, 64)) < TOL[torch.bfloat16]
 
 
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_gpu_moe_dequant_passes_equal_one_pass(gpu_int4, monkeypatch, top_k):
@@ -627,6 +626,7 @@ def test_gpu_moe_dequant_passes_equal_one_pass(gpu_int4, monkeypatch, top_k):
     local_weights = weights.float().masked_fill(ids < 0, 0.0)
     expected = reference.int4_moe_experts(x.float(), local_weights, ids.clamp(min=0), gate_up, down, group)
     assert rel(passes, expected) < TOL[torch.bfloat16]
+
 
 @pytest.mark.gpu
 def test_gpu_gather_rows_from_pinned_host_table_in_a_graph(gpu_int4):
