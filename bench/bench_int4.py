@@ -1393,6 +1393,151 @@ def section_moeshapes(rows_out):
              lambda tab: int4.TUNED.update(moe_gemv_by_shape=tab), shipped)  # fmt: skip
 
 
+# Stream-K candidates (section streamk): BLOCK_N x BLOCK_K, warps, programs per SM. ``STREAMK_CANDIDATES`` env:
+# "bn.bk.w.pps,..." replaces the list.
+STREAMK_CANDIDATES = [(32, 512, 8, 2), (32, 1024, 8, 2), (32, 256, 8, 2), (64, 512, 8, 2), (64, 256, 8, 2),
+                      (32, 512, 4, 4), (16, 1024, 8, 2), (64, 256, 4, 4), (32, 512, 8, 3)]  # fmt: skip
+
+
+def _streamk_candidates():
+    import os
+
+    spec = os.environ.get("STREAMK_CANDIDATES")
+    cands = [tuple(int(v) for v in item.split(".")) for item in spec.split(",")] if spec else STREAMK_CANDIDATES
+    return {f"stream-K {bn}x{bk} w{w} x{pps}/SM": int4._gemv_streamk(bn, bk, w, pps) for bn, bk, w, pps in cands}
+
+
+def section_streamk(rows_out, rounds: int = 2):
+    """The stream-K one-row GEMV (``int4._gemv_streamk_kernel``: every program an equal run of (BLOCK_K, BLOCK_N)
+    units) against the shipped dispatch: dense one-row GEMVs at the Scout decode shapes (and the lean build's Int4
+    LM head), the decode MoE's down launch at 1 and 2 slots (against the shipped rule launch) and the whole MoE at
+    T=1; tinygemm in the same run. Outputs checked against the shipped path. Then the Scout decode step with the
+    best candidates (``STREAMK_STEP="dense,down"``: candidate labels' indices; default the fastest at o / down)."""
+    import os
+
+    cands = _streamk_candidates()
+    rows_out += ["", "## Stream-K one-row GEMV vs the shipped dispatch (group 128, symmetric, bf16)", "",
+                 "| N x K | kernel | round 1 us | round 2 us | Int4 TB/s (best) | vs shipped | vs tinygemm |",
+                 "|---|---|---|---|---|---|---|"]  # fmt: skip
+    best = {}
+    for size_n, size_k in [(5120, 5120), (7168, 5120), (5120, 8192), (16384, 5120), (202048, 5120)]:
+        copies = copies_for(size_k * size_n // 2)
+        pick = rotating(packed((), size_k, size_n, copies))
+        tiny = rotating(tinygemm(size_k, size_n, copies)) if size_n < 100000 else None
+        x = torch.randn(1, size_k, device="cuda", dtype=torch.bfloat16)
+        w0 = pick()
+        ref = int4.int4_linear(x, *w0, GROUP).float()
+        configs = {"shipped": None, **cands}
+        for label, cfg in cands.items():
+            err = float((int4.int4_linear(x, *w0, GROUP, config=cfg).float() - ref).abs().max() / ref.abs().max())
+            if err > 1e-2:
+                raise AssertionError(f"{size_n}x{size_k} {label}: rel diff {err:.3g} vs the shipped path")
+        times = {label: [] for label in configs}
+        times["tinygemm"] = []
+        for _ in range(rounds):
+            for label, cfg in configs.items():
+                times[label].append(graph_us(lambda c=cfg, p=pick, x=x: int4.int4_linear(x, *p(), GROUP, config=c)))
+            if tiny is not None:
+                times["tinygemm"].append(graph_us(tinygemm_call(x, tiny)))
+        base = min(times["shipped"])
+        t_tiny = min(times["tinygemm"]) if tiny is not None else None
+        for label in [*configs, "tinygemm"]:
+            if not times[label]:
+                continue
+            t = min(times[label])
+            vs_tiny = f"{t_tiny / t:.2f}x" if t_tiny else "-"
+            rows_out.append(f"| {size_n}x{size_k} | {label} | " + " | ".join(f"{v:.1f}" for v in times[label][:2]) +
+                            f" | {size_k * size_n / 2 / t / 1e6:.2f} | {base / t:.3f}x | {vs_tiny} |")  # fmt: skip
+            print(rows_out[-1], flush=True)
+        best[(size_n, size_k)] = min(cands, key=lambda c: min(times[c]))
+        del pick, tiny, w0
+        torch.cuda.empty_cache()
+
+    rule = dict(int4.TUNED["gemv"])
+    moe_gu = packed((EXPERTS + 1,), HIDDEN, 2 * INTER, 1)[0]
+    moe_dn = packed((EXPERTS + 1,), INTER, HIDDEN, 1)[0]
+    x = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    rows_out += ["", "| MoE launch (T=1) | slots | kernel | round 1 us | round 2 us | Int4 TB/s (best) | vs shipped |",
+                 "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for slots in (1, 2):
+        ids_list = [torch.tensor([[e, EXPERTS][:slots]], device="cuda") for e in range(EXPERTS)]
+        routes = [int4.DirectRoute(ids, EXPERTS + 1) for ids in ids_list]
+        h = torch.randn(slots, INTER, device="cuda", dtype=torch.bfloat16)
+        shipped_cfg = int4.moe_gemv_config(rule, moe_dn[0], slots)
+
+        def run(cfg, route, h=h, slots=slots, shipped_cfg=shipped_cfg):
+            if cfg is None:
+                return int4._launch_gemv(h, moe_dn, GROUP, 2, slots, route, shipped_cfg)
+            return int4._launch_gemv_streamk(h, moe_dn, GROUP, cfg, 1, route.ids, EXPERTS + 1, slots)
+
+        ref = run(None, routes[3]).float()
+        configs = {"shipped (rule, slot sum in the launch)": None, **cands}
+        for label, cfg in cands.items():
+            err = float((run(cfg, routes[3]).float() - ref).abs().max() / ref.abs().max())
+            if err > 1e-2:
+                raise AssertionError(f"down {slots} slots {label}: rel diff {err:.3g} vs the shipped launch")
+        times = {label: [] for label in configs}
+        for _ in range(rounds):
+            for label, cfg in configs.items():
+                p = rotating(routes)
+                times[label].append(graph_us(lambda c=cfg, p=p, run=run: run(c, p())))
+        base = min(times[next(iter(configs))])
+        for label in configs:
+            t = min(times[label])
+            rows_out.append(f"| down + slot sum | {slots} | {label} | " + " | ".join(f"{v:.1f}" for v in times[label][:2]) +
+                            f" | {slots * HIDDEN * INTER / 2 / t / 1e6:.2f} | {base / t:.3f}x |")  # fmt: skip
+            print(rows_out[-1], flush=True)
+        best[("down", slots)] = min(cands, key=lambda c: min(times[c]))
+    rows_out += ["", "| whole MoE (T=1) | slots | down launch | round 1 us | round 2 us | Int4 TB/s (best) | vs shipped |",
+                 "|---|---|---|---|---|---|---|"]  # fmt: skip
+    shipped_down = int4.TUNED["moe_down_streamk"]
+    try:
+        for slots in (1, 2):
+            ids_list = [torch.tensor([[e, EXPERTS][:slots]], device="cuda") for e in range(EXPERTS)]
+            weights = torch.rand(1, slots, device="cuda", dtype=torch.bfloat16)
+            variants = {"shipped": shipped_down, best[("down", slots)]: cands[best[("down", slots)]]}
+            times = {label: [] for label in variants}
+            for _ in range(rounds):
+                for label, cfg in variants.items():
+                    int4.TUNED["moe_down_streamk"] = cfg
+                    p = rotating(ids_list)
+                    times[label].append(graph_us(lambda p=p, w=weights: int4.int4_moe_experts(
+                        x, w, p(), moe_gu, moe_dn, GROUP)))  # fmt: skip
+            for label in variants:
+                t = min(times[label])
+                rows_out.append(f"| MoE | {slots} | {label} | " + " | ".join(f"{v:.1f}" for v in times[label][:2]) +
+                                f" | {slots * 3 * HIDDEN * INTER / 2 / t / 1e6:.2f} | {min(times['shipped']) / t:.3f}x |")  # fmt: skip
+                print(rows_out[-1], flush=True)
+    finally:
+        int4.TUNED["moe_down_streamk"] = shipped_down
+    moe_gu = moe_dn = None
+    torch.cuda.empty_cache()
+    rows_out += ["", f"Fastest candidates: `{best}`"]
+    print(rows_out[-1], flush=True)
+    if os.environ.get("STREAMK_STEP") == "none":
+        return
+    labels = list(cands)
+    if os.environ.get("STREAMK_STEP"):
+        dense_label, down_label = (labels[int(i)] for i in os.environ["STREAMK_STEP"].split(","))
+    else:
+        dense_label, down_label = best[(5120, 5120)], best[("down", 2)]
+    shipped = (dict(int4.TUNED["gemv_streamk"]), int4.TUNED["ONE_ROW_STREAMK"], int4.TUNED["moe_down_streamk"])
+
+    def use(setting):
+        dense, down_cfg = setting
+        int4.TUNED["ONE_ROW_STREAMK"] = dense is not None
+        int4.TUNED["gemv_streamk"] = dense if dense is not None else shipped[0]
+        int4.TUNED["moe_down_streamk"] = down_cfg
+
+    variants = (("shipped", (cands[dense_label] if shipped[1] else None, shipped[2])),
+                (f"MoE down: {down_label}", (None, cands[down_label])),
+                (f"dense one-row: {dense_label}", (cands[dense_label], None)),
+                ("both", (cands[dense_label], cands[down_label])),
+                ("shipped, again", (cands[dense_label] if shipped[1] else None, shipped[2])),
+                ("both, again", (cands[dense_label], cands[down_label])))  # fmt: skip
+    _step_ab(rows_out, "stream-K one-row GEMVs", variants, use, (shipped[0] if shipped[1] else None, shipped[2]))
+
+
 def section_earlyids(rows_out):
     """The Scout decode step with the MoE down launch reading its routing ids and first weight tile before its PDL
     wait (``int4.EARLY_DOWN_IDS``, shipped) and after it, interleaved twice."""
@@ -1674,7 +1819,7 @@ def main() -> None:
                 "dequantpasses": section_dequantpasses, "decodesplits": section_decodesplits,
                 "baselineab": section_baselineab, "fusedmerge": section_fusedmerge,
                 "instep": section_instep, "downtable": section_downtable,
-                "instephead": lambda rows: section_instep(rows, lean=True)}  # fmt: skip
+                "instephead": lambda rows: section_instep(rows, lean=True), "streamk": section_streamk}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         try:

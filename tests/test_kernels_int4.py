@@ -241,6 +241,78 @@ def test_gemv_split_k_is_one_launch_and_leaves_counters_at_zero(int4, mode, unro
         assert all(int(buf.abs().sum()) == 0 for buf in launch._COUNTERS.values())
 
 
+# (M, K, N, group, BLOCK_N, BLOCK_K, programs): programs from 1 (one run over every tile) to more than the units
+# (one unit each): runs that start and end inside a tile, span several tiles, or lie inside one; ragged N; a
+# BLOCK_K that does not divide K (halved to one that does); several output rows.
+STREAMK_CASES = [
+    (1, 256, 40, 32, 16, 64, 1),
+    (1, 256, 40, 32, 16, 64, 5),
+    (1, 256, 40, 32, 16, 64, 7),
+    (1, 256, 40, 32, 16, 64, 12),
+    (1, 256, 40, 32, 16, 64, 50),
+    (1, 192, 24, 64, 16, 128, 3),
+    (3, 128, 48, 32, 32, 32, 11),
+]
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", STREAMK_CASES, ids=[f"m{c[0]}k{c[1]}n{c[2]}p{c[6]}" for c in STREAMK_CASES])
+def test_gemv_streamk_matches_reference(int4, case, dtype, symmetric):
+    from scout_mm.kernels import launch
+
+    m_rows, size_k, size_n, group, block_n, block_k, programs = case
+    weight = packed_weight((), size_k, size_n, group, symmetric)
+    x = torch.randn(m_rows, size_k).to(dtype)
+    ref = x.double() @ reference.dequantize(*weight, group, dtype).double()
+    cfg = dict(int4.INTERPRET["gemv_streamk"], BLOCK_N=block_n, BLOCK_K=block_k, programs=programs)
+    outs = [int4.int4_linear(x, *weight, group, config=cfg) for _ in range(2)]  # the 2nd sees the 1st's counters
+    assert outs[0].dtype == dtype and outs[0].shape == (m_rows, size_n)
+    assert rel(outs[0], ref) < TOL[dtype]
+    assert torch.equal(outs[0], outs[1])  # partials summed in program order: the same bits every call
+    assert all(int(buf.abs().sum()) == 0 for buf in launch._COUNTERS.values())
+
+
+def test_gemv_streamk_unit_ranges_cover_the_work_once(int4):
+    # Every unit belongs to exactly one program's run, runs differ by at most one unit, and the program the
+    # kernel's fixup computes for a unit (the last one whose run starts at or before it) owns it.
+    for total in (1, 7, 40, 800, 5120):
+        for programs in (1, 3, 8, 264, total):
+            if programs > total:
+                continue
+            starts = [p * total // programs for p in range(programs + 1)]
+            sizes = [b - a for a, b in zip(starts, starts[1:])]
+            assert starts[0] == 0 and starts[-1] == total and max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+            for u in {0, total // 3, total - 1}:
+                owner = ((u + 1) * programs - 1) // total
+                assert starts[owner] <= u < starts[owner + 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("tokens,top_k,programs", [(1, 1, 5), (1, 2, 7), (1, 2, 1), (2, 3, 9), (3, 2, 40)])
+def test_moe_down_streamk_matches_reference(int4, monkeypatch, tokens, top_k, programs, dtype):
+    # The decode MoE's down launch as stream-K: the (token, slot) rows of a token are the K of its output row, so
+    # the slot sum is the stream-K reduction. A non-local slot (another rank's expert) counts zero; ragged column
+    # tiles (hidden 48 over 32-wide tiles); two calls leave the counters at zero and give the same bits.
+    from scout_mm.kernels import launch
+
+    x, weights, ids, gate_up, down = _moe_problem(tokens, 48, 64, 6, top_k, 16, False, dtype)
+    if top_k > 1:
+        ids[0, 1] = 9  # owned by another rank
+    if tokens > 1:
+        ids[1, :] = ids[0, 0]  # every slot of token 1 on one expert
+    streamk = dict(int4.INTERPRET["gemv_streamk"], BLOCK_N=32, programs=programs)
+    monkeypatch.setitem(int4.INTERPRET, "moe_down_streamk", streamk)
+    launched = []
+    real = int4._launch_gemv_streamk
+    monkeypatch.setattr(int4, "_launch_gemv_streamk", lambda *a, **k: launched.append(a[3]) or real(*a, **k))
+    outs = [int4.int4_moe_experts(x, weights, ids, gate_up, down, 16) for _ in range(2)]
+    assert launched == [streamk, streamk]  # the down launch took the stream-K kernel
+    assert torch.equal(outs[0], outs[1])
+    assert all(int(buf.abs().sum()) == 0 for buf in launch._COUNTERS.values())
+    assert rel(outs[0], _moe_reference(x, weights, ids, gate_up, down, 16)) < TOL[dtype] * 3
+
+
 def test_gather_rows_kernel(int4):
     table = torch.randn(50, 24)
     ids = torch.randint(0, 50, (3, 7))
@@ -540,6 +612,66 @@ def test_gpu_gemv_pdl_chain_in_a_graph(gpu_int4, pdl, halve):
                 torch.bfloat16
             ).float() * factor
         assert rel(out, ref) < TOL[torch.bfloat16]
+
+
+STREAMK_GPU_CONFIGS = {
+    "shipped": {},
+    "32x1024_w8": dict(BLOCK_N=32, BLOCK_K=1024),
+    "64x256_w4_pps4": dict(BLOCK_N=64, BLOCK_K=256, num_warps=4, programs_per_sm=4),
+    "no_pdl_unpack1": dict(pdl=0, unpack=1),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("over", STREAMK_GPU_CONFIGS.values(), ids=STREAMK_GPU_CONFIGS.keys())
+def test_gpu_gemv_streamk(gpu_int4, over):
+    # The stream-K one-row GEMV at Scout's decode shapes and ragged ones (N off the tile, K not a multiple of
+    # BLOCK_K, fp16 / fp32, asymmetric), several rows, and the decode MoE's down launch (2 slots, a non-local
+    # one), against the fp64 product; then as a PDL chain in a CUDA graph (each GEMV reads the previous output).
+    from scout_mm.kernels import launch
+
+    cfg = dict(gpu_int4.TUNED["gemv_streamk"], **over)
+    for m_rows, size_n, size_k, group, symmetric, dtype in [(1, 5120, 5120, 128, True, torch.bfloat16),
+                                                            (1, 7168, 5120, 128, True, torch.bfloat16),
+                                                            (1, 5120, 8192, 128, True, torch.bfloat16),
+                                                            (1, 16384, 5120, 128, True, torch.bfloat16),
+                                                            (3, 5000, 5120, 128, True, torch.bfloat16),
+                                                            (1, 776, 1536, 64, False, torch.float16),
+                                                            (2, 200, 384, 32, False, torch.float32)]:  # fmt: skip
+        scale_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+        weight = packed_weight((), size_k, size_n, group, symmetric, device="cuda", scale_dtype=scale_dtype)
+        x = torch.randn(m_rows, size_k, device="cuda", dtype=dtype)
+        ref = x.double() @ reference.dequantize(*weight, group, dtype).double()
+        assert rel(gpu_int4.int4_linear(x, *weight, group, config=cfg), ref) < TOL[dtype], (size_n, size_k)
+    x, weights, ids, gate_up, down = _moe_problem(2, 1024, 512, 8, 2, 128, True, torch.bfloat16, "cuda")
+    ids[1, 1] = 11  # another rank's expert
+    h = gpu_int4._launch_gemv(x, gate_up, 128, 1, 4, gpu_int4.DirectRoute(ids, 8), gpu_int4.TUNED["gemv"], weights)
+    out = gpu_int4._launch_gemv_streamk(h, down, 128, cfg, 2, ids.reshape(-1), 8, 2)
+    assert rel(out, _moe_reference(x.float(), weights.float(), ids, gate_up, down, 128)) < TOL[torch.bfloat16]
+
+    chain_w = [packed_weight((), 2048, 2048, 128, True, device="cuda", scale_dtype=torch.bfloat16) for _ in range(4)]
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+
+    def chain():
+        y = x
+        for w in chain_w:
+            y = gpu_int4.int4_linear(y, *w, 128, config=cfg)
+        return y
+
+    chain()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        ref = x.float()
+        for w in chain_w:
+            ref = (ref @ reference.dequantize(*w, 128, torch.bfloat16).float()).to(torch.bfloat16).float()
+        assert rel(out, ref) < TOL[torch.bfloat16]
+    torch.cuda.synchronize()
+    assert all(int(buf.abs().sum()) == 0 for buf in launch._COUNTERS.values())
 
 
 @pytest.mark.gpu
