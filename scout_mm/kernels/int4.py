@@ -586,151 +586,6 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _sk_unit(u, n_tiles, units_per_slot, SLOTS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Unit ``u`` of a stream-K launch: (output tile, unit within the tile, output row, column tile, input row,
-    first K row). Units run K fastest, then the slots of a row (MoE: its top-k (token, slot) rows, whose sum is
-    the output row), then column tiles, then output rows."""
-    units_per_tile = SLOTS * units_per_slot
-    tile = u // units_per_tile
-    kk = u % units_per_tile
-    r = tile // n_tiles
-    t = tile % n_tiles
-    row = r * SLOTS + kk // units_per_slot
-    k0 = (kk % units_per_slot) * BLOCK_K
-    return tile, kk, r, t, row, k0
-
-
-@triton.jit
-def _sk_expert(ids_ptr, row, live, n_experts, MOE: tl.constexpr, EARLY: tl.constexpr):
-    """(expert, local) of input row ``row``: its routing id (MoE; a non-local id, or a row past the end (not
-    ``live``), reads expert 0 and counts as 0), else (0, True). ``EARLY``: read before the PDL wait, from L2
-    (see :func:`_gemv_kernel`'s EARLY_IDS)."""
-    if MOE:
-        if EARLY:
-            expert = tl.load(ids_ptr + row, mask=live, other=-1, cache_modifier=".cg").to(tl.int64)
-        else:
-            expert = tl.load(ids_ptr + row, mask=live, other=-1).to(tl.int64)
-        local = (expert >= 0) & (expert < n_experts)
-        return tl.where(local, expert, 0), local
-    return (row * 0).to(tl.int64), row >= 0
-
-
-@triton.jit
-def _sk_words(qw_ptr, ids_ptr, u, live, size_n, n_tiles, units_per_slot, n_experts, stride_qe,
-              SLOTS: tl.constexpr, MOE: tl.constexpr, EARLY: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, EVICT: tl.constexpr):  # fmt: skip
-    """The (BLOCK_K // 8, BLOCK_N) packed words of unit ``u`` (zeros where not ``live``)."""
-    tile, kk, r, t, row, k0 = _sk_unit(u, n_tiles, units_per_slot, SLOTS, BLOCK_K)
-    expert, local = _sk_expert(ids_ptr, row, live, n_experts, MOE, EARLY)
-    offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = (offs_n < size_n) & local & live
-    words = tl.arange(0, BLOCK_K // 8)
-    ptrs = qw_ptr + expert * stride_qe + (k0 // 8 + words)[:, None] * size_n + offs_n[None, :]
-    return tl.load(ptrs, mask=ok[None, :], other=0, eviction_policy=EVICT)
-
-
-@triton.jit
-def _sk_first_unit(pid, n_programs, total_units):
-    return (total_units.to(tl.int64) * pid // n_programs).to(tl.int32)  # int64: no overflow of the product
-
-
-@triton.jit
-def _gemv_streamk_kernel(
-    x_ptr,  # (input rows, K) activations
-    qw_ptr,  # ([E,] K // 8, N) int32
-    s_ptr,  # ([E,] K // G, N)
-    z_ptr,  # ([E,] K // G, N) or a dummy (SYMMETRIC)
-    out_ptr,  # (output rows, N)
-    part_ptr,  # (programs, 2, BLOCK_N) fp32: a program's partial sums of its first and last tile
-    count_ptr,  # int32 arrival counters, one per output tile, zero between calls
-    ids_ptr,  # MOE: (input rows,) expert of each (token, slot) row
-    size_n,
-    n_tiles,
-    units_per_slot,
-    total_units,
-    n_experts,
-    stride_x,
-    stride_qe,
-    stride_se,
-    stride_out,
-    G: tl.constexpr,
-    SYMMETRIC: tl.constexpr,
-    SLOTS: tl.constexpr,
-    MOE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    UNPACK: tl.constexpr,
-    EVICT: tl.constexpr,
-    PDL: tl.constexpr,
-    EARLY_IDS: tl.constexpr,
-):
-    """Stream-K one-row GEMV: the (output row, column tile, K) work is cut into units of (BLOCK_K, BLOCK_N)
-    weights and every program takes an equal contiguous run of units, so each SM streams the same number of
-    bytes whatever the shape (the tiled grid leaves some SMs with one program more: o 5120x5120 as 160 programs
-    of 32 columns runs at the time of 264). A tile a program covers whole is written directly; a tile shared by
-    programs (at most the first and last of each run) gets each one's fp32 partial, and the last to arrive at
-    the tile's counter sums them in program order (deterministic) and writes the output. MoE (``MOE``): the
-    ``SLOTS`` (token, slot) rows of a token are the K of one output row, so the slot sum is the same reduction
-    (the decode MoE's down launch)."""
-    pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
-    u_begin = _sk_first_unit(pid, n_programs, total_units)
-    u_end = _sk_first_unit(pid + 1, n_programs, total_units)
-    units_per_tile = SLOTS * units_per_slot
-    words = tl.arange(0, BLOCK_K // 8)
-    cols = tl.arange(0, BLOCK_N)
-    # PDL form 2 (see _gemv_kernel): only constant weights before the wait (MoE: with EARLY_IDS, the ids too)
-    early: tl.constexpr = PDL and (not MOE or EARLY_IDS)
-    if early:
-        packed_next = _sk_words(qw_ptr, ids_ptr, u_begin, u_begin < u_end, size_n, n_tiles, units_per_slot,
-                                n_experts, stride_qe, SLOTS, MOE, EARLY_IDS, BLOCK_N, BLOCK_K, EVICT)  # fmt: skip
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-    if not early:
-        packed_next = _sk_words(qw_ptr, ids_ptr, u_begin, u_begin < u_end, size_n, n_tiles, units_per_slot,
-                                n_experts, stride_qe, SLOTS, MOE, False, BLOCK_N, BLOCK_K, EVICT)  # fmt: skip
-    acc = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
-    for u in range(u_begin, u_end):
-        packed = packed_next
-        # registers double-buffer the weight stream, across tile boundaries too
-        packed_next = _sk_words(qw_ptr, ids_ptr, u + 1, u + 1 < u_end, size_n, n_tiles, units_per_slot, n_experts,
-                                stride_qe, SLOTS, MOE, False, BLOCK_N, BLOCK_K, EVICT)  # fmt: skip
-        tile, kk, r, t, row, k0 = _sk_unit(u, n_tiles, units_per_slot, SLOTS, BLOCK_K)
-        expert, local = _sk_expert(ids_ptr, row, row >= 0, n_experts, MOE, False)
-        offs_n = t * BLOCK_N + cols
-        n_ok = offs_n < size_n
-        first_k = k0 + words * 8
-        row_ok = (first_k >= 0) & local
-        scale, zero = _group_params(s_ptr + expert * stride_se + offs_n[None, :],
-                                    z_ptr + expert * stride_se + offs_n[None, :], first_k, size_n,
-                                    row_ok[:, None] & n_ok[None, :], G, SYMMETRIC)  # fmt: skip
-        x_row = x_ptr + row.to(tl.int64) * stride_x + words * 8
-        acc += _decode_words(packed, x_row, k0, row_ok, scale, zero, SYMMETRIC, BLOCK_N, BLOCK_K, UNPACK)
-        if (kk == units_per_tile - 1) | (u == u_end - 1):  # the end of a tile or of this program's run
-            total = tl.sum(acc, axis=0)
-            acc = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
-            o_ptrs = out_ptr + r.to(tl.int64) * stride_out + offs_n
-            tile_u0 = tile * units_per_tile
-            if (tile_u0 >= u_begin) & (tile_u0 + units_per_tile <= u_end):
-                tl.store(o_ptrs, total.to(out_ptr.dtype.element_ty), mask=n_ok)
-            else:
-                # a shared tile: slot 0 = the tile this run starts in, 1 = the one it ends in
-                tl.store(part_ptr + (pid * 2 + (tile_u0 > u_begin).to(tl.int32)) * BLOCK_N + cols, total)
-                tl.debug_barrier()  # every thread's partial is written before the (release) arrival below
-                p_first = ((tile_u0 + 1).to(tl.int64) * n_programs - 1) // total_units  # owner of tile_u0
-                p_last = ((tile_u0 + units_per_tile).to(tl.int64) * n_programs - 1) // total_units
-                arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-                if arrived == p_last - p_first:
-                    total = tl.zeros([BLOCK_N], dtype=tl.float32)
-                    for q in range(p_first, p_last + 1):  # program order: independent of arrival order
-                        q_idx = (tile_u0 > _sk_first_unit(q, n_programs, total_units)).to(tl.int32)
-                        total += tl.load(part_ptr + (q * 2 + q_idx) * BLOCK_N + cols, cache_modifier=".cg")
-                    tl.store(o_ptrs, total.to(out_ptr.dtype.element_ty), mask=n_ok)
-                    tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next call (and graph replay)
-
-
-@triton.jit
 def _gemm_kernel(
     x_ptr,
     qw_ptr,
@@ -961,13 +816,6 @@ def _gemv(
             "split_overhead": split_overhead}  # fmt: skip
 
 
-def _gemv_streamk(block_n, block_k, warps, programs_per_sm, unpack=2, evict="evict_first"):
-    """One-row stream-K GEMV (:func:`_gemv_streamk_kernel`): units of (block_k, block_n) weights, split evenly
-    over ``programs_per_sm`` programs per SM of ``warps`` warps each."""
-    return {"kind": "gemv_streamk", "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": 1,
-            "programs_per_sm": programs_per_sm, "unpack": unpack, "evict": evict}  # fmt: skip
-
-
 def _gemm(block_m, block_n, block_k, warps, stages, occupancy=0, group_m=8, nibble_dots=False):
     """occupancy 0 = no K split; nibble_dots: the few-rows variant of the kernel (BLOCK_K >= 128)."""
     return {"kind": "gemm", "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps,
@@ -1027,9 +875,6 @@ TUNED = {
         (16384, 5120, 1): {"BLOCK_N": 32, "BLOCK_K": 512, "num_warps": 8, "split_k": 1},
         (16384, 5120, 2): {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 8, "split_k": 1},
     },
-    "gemv_streamk": _gemv_streamk(32, 512, 8, 2),
-    "ONE_ROW_STREAMK": False,
-    "moe_down_streamk": None,
     "gemm_small": _gemm(16, 256, 128, 8, 3, occupancy=4, nibble_dots=True),  # rows <= 16; 44.1 + 31.3 us
     "gemm_medium": _gemm(64, 64, 128, 4, 4, occupancy=2),  # rows <= 128
     "gemm_large": _gemm(128, 256, 64, 8, 3),
@@ -1044,8 +889,6 @@ TUNED = {
 
 INTERPRET = {
     "gemv": _gemv(16, 64, 4, 1, 4, unpack=2, prefetch=True, reduce_unrolled=True),
-    "gemv_streamk": _gemv_streamk(16, 64, 4, 2),
-    "moe_down_streamk": None,
     "gemm_small": _gemm(16, 16, 128, 4, 1, occupancy=2, nibble_dots=True),
     "gemm_medium": _gemm(16, 32, 32, 4, 1, occupancy=1),
     "gemm_large": _gemm(32, 32, 32, 4, 1),
@@ -1083,8 +926,6 @@ def pick_config(rows: float, moe: bool = False, shape: tuple[int, int] | None = 
     the (N, K) of a dense weight, for the one-row GEMVs recorded per shape (``TUNED["gemv_by_shape"]``)."""
     table = INTERPRET if _interpreting() else TUNED
     if rows <= TUNED["MOE_GEMV_MAX_ROWS_PER_EXPERT" if moe else "GEMV_MAX_ROWS"]:
-        if rows == 1 and not moe and table.get("ONE_ROW_STREAMK"):
-            return table["gemv_streamk"]
         return _by_shape(table["gemv"], "gemv_by_shape", shape) if rows == 1 and not moe else table["gemv"]
     if rows <= 16:
         return table["gemm_small"]
@@ -1320,47 +1161,6 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
     return part if fused_sum else out
 
 
-def _streamk_block_k(block_k: int, size_k: int) -> int:
-    """The config's BLOCK_K, halved until it divides K (a stream-K unit never straddles the end of K)."""
-    while size_k % block_k:
-        block_k //= 2
-    return block_k
-
-
-def _launch_gemv_streamk(x, weight, group_size, cfg, rows_out, ids=None, n_experts=0, slots=1, early_ids=False):
-    """Launch :func:`_gemv_streamk_kernel` (one launch) for ``rows_out`` output rows. Dense (``ids`` None): x is
-    (rows_out, K). MoE (the decode down launch): x is the (rows_out * slots, K) (token, slot) rows, ``ids`` their
-    experts, and each output row is the sum of its token's slots. Programs: ``cfg["programs"]`` if given, else
-    ``programs_per_sm`` per SM, at most one per unit. Returns (rows_out, N) in x.dtype."""
-    qweight, scales, zeros = weight
-    size_k, size_n = qweight.shape[-2] * 8, qweight.shape[-1]
-    device = x.device
-    block_n = min(cfg["BLOCK_N"], max(16, triton.next_power_of_2(size_n)))
-    block_k = _streamk_block_k(cfg["BLOCK_K"], size_k)
-    n_tiles = triton.cdiv(size_n, block_n)
-    units_per_slot = size_k // block_k
-    total = rows_out * n_tiles * slots * units_per_slot
-    programs = cfg.get("programs") or int(cfg["programs_per_sm"] * _n_sms(device))
-    programs = max(1, min(programs, total))
-    out = torch.empty(rows_out, size_n, dtype=x.dtype, device=device)
-    part = torch.empty(programs, 2, block_n, dtype=torch.float32, device=device)
-    counters = arrival_counters(device, rows_out * n_tiles)
-    unpack = cfg.get("unpack", 1)
-    if unpack == 2 and x.dtype == torch.float32:
-        unpack = 1  # the in-place FMA-only unpack keeps ~15 bits: too few for fp32 activations
-    pdl = _pdl_form(cfg, device) == 2
-    moe = ids is not None
-    _gemv_streamk_kernel[(programs,)](
-        x, qweight, scales, zeros if zeros is not None else scales, out, part, counters,
-        ids if moe else counters, size_n, n_tiles, units_per_slot, total, n_experts, x.stride(0),
-        qweight.stride(0) if qweight.dim() == 3 else 0, scales.stride(0) if scales.dim() == 3 else 0, out.stride(0),
-        G=group_size, SYMMETRIC=zeros is None, SLOTS=slots, MOE=moe, BLOCK_N=block_n, BLOCK_K=block_k,
-        UNPACK=unpack, EVICT=cfg.get("evict", ""), PDL=pdl, EARLY_IDS=moe and pdl and early_ids,
-        **_launch_opts({**cfg, "pdl": pdl}),
-    )  # fmt: skip
-    return out
-
-
 def _matmul(x, weight, group_size, mode, m_rows, route, cfg):
     """Launch the tl.dot GEMM kernel; returns (split_k, rows, N) partials (fp32 when split_k > 1)."""
     qweight, scales, zeros = weight
@@ -1455,8 +1255,6 @@ def int4_linear(
         config is None and not _interpreting() and m_rows >= TUNED["DEQUANT_MIN_ROWS"]
     ):
         return x @ dequantize(qweight, scales, zeros, group_size, x.dtype)
-    if cfg["kind"] == "gemv_streamk":
-        return _launch_gemv_streamk(x, (qweight, scales, zeros), group_size, cfg, m_rows)
     if cfg["kind"] == "gemv":
         return _launch_gemv(x, (qweight, scales, zeros), group_size, 0, m_rows, None, cfg)
     result = _matmul(x, (qweight, scales, zeros), group_size, 0, m_rows, None, cfg)
@@ -1529,10 +1327,6 @@ def int4_moe_experts(
         cfg_gu, cfg_dn = (cfg, cfg) if config else (moe_gemv_config(cfg, w[0], n_rows) for w in (gate_up, down))
         h = _launch_gemv(hidden, gate_up, group_size, 1, n_rows, route, cfg_gu, topk_weights)  # (n_rows, I)
         early = EARLY_DOWN_IDS and _pdl_form(cfg_gu, hidden.device) == 2
-        streamk = (INTERPRET if _interpreting() else TUNED).get("moe_down_streamk") if config is None else None
-        if streamk is not None:
-            return _launch_gemv_streamk(h, down, group_size, streamk, tokens, route.ids, n_experts, top_k,
-                                        early_ids=early)  # fmt: skip
         return _launch_gemv(h, down, group_size, 2, n_rows, route, cfg_dn, early_ids=early)  # (tokens, H)
     route = Routing(topk_ids, n_experts, route_block)
     if cfg["kind"] == "gemv":  # decode: SwiGLU (and the K-split sum) inside the gate_up launch
