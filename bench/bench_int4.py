@@ -1393,6 +1393,64 @@ def section_moeshapes(rows_out):
              lambda tab: int4.TUNED.update(moe_gemv_by_shape=tab), shipped)  # fmt: skip
 
 
+def section_tailsplit(rows_out, rounds: int = 2):
+    """One-row dense GEMVs with the column tiles past one whole tile a SM K-split (``tail_split`` of the GEMV config,
+    ``TAIL`` in ``int4._gemv_kernel``) against the config recorded per shape, at the Scout decode shapes; outputs
+    checked against it. Then the Scout decode step (default build) with the fastest tail config per shape added to
+    ``TUNED["gemv_by_shape"]``, interleaved."""
+    recorded = dict(int4.TUNED["gemv_by_shape"])
+    rule = dict(int4.TUNED["gemv"])
+    device = torch.device("cuda")
+    rows_out += ["", "## One-row dense GEMV: the tiles past one wave K-split (group 128, symmetric, bf16)", "",
+                 "| N x K | config | programs | round 1 us | round 2 us | Int4 TB/s (best) | vs recorded |",
+                 "|---|---|---|---|---|---|---|"]  # fmt: skip
+    table = dict(recorded)
+    for size_n, size_k in [(5120, 5120), (7168, 5120), (16384, 5120), (5120, 8192)]:
+        base_cfg = dict(rule, **recorded.get((size_n, size_k), {}))
+        configs = {"recorded" if (size_n, size_k) in recorded else "rule": base_cfg}
+        for over in ({}, {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 8, "split_k": 1}):
+            for split in (2, 3, 4, 5):
+                cfg = dict(base_cfg, **over, tail_split=split)
+                label = f"{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']}, tail split {split}"
+                configs.setdefault(label, cfg)
+        copies = copies_for(size_k * size_n // 2)
+        pick = rotating(packed((), size_k, size_n, copies))
+        x = torch.randn(1, size_k, device="cuda", dtype=torch.bfloat16)
+        w0 = pick()
+        ref = int4.int4_linear(x, *w0, GROUP, config=base_cfg).float()
+        for label, cfg in configs.items():
+            err = float((int4.int4_linear(x, *w0, GROUP, config=cfg).float() - ref).abs().max() / ref.abs().max())
+            if err > 1e-2:
+                raise AssertionError(f"{size_n}x{size_k} {label}: rel diff {err:.3g} vs the recorded config")
+        times = {label: [] for label in configs}
+        for _ in range(rounds):
+            for label, cfg in configs.items():
+                times[label].append(graph_us(lambda c=cfg, p=pick, x=x: int4.int4_linear(x, *p(), GROUP, config=c)))
+        first = next(iter(configs))
+        base = min(times[first])
+        for label, cfg in configs.items():
+            tiles = -(-size_n // cfg["BLOCK_N"])
+            split, _ = int4._gemv_split(cfg, size_k // GROUP, tiles, GROUP, device)
+            full = min(tiles, int4._n_sms(device))
+            progs = f"{full} + {tiles - full} x {cfg['tail_split']}" if "tail_split" in cfg and full < tiles else f"{tiles} x {split}"
+            t = min(times[label])
+            rows_out.append(f"| {size_n}x{size_k} | {label} | {progs} | " + " | ".join(f"{v:.1f}" for v in times[label][:2]) +
+                            f" | {size_k * size_n / 2 / t / 1e6:.2f} | {base / t:.3f}x |")  # fmt: skip
+            print(rows_out[-1], flush=True)
+        best = min(configs, key=lambda c: min(times[c]))
+        if best != first and min(times[best]) <= 0.98 * base:
+            table[(size_n, size_k)] = {k: configs[best][k] for k in ("BLOCK_N", "BLOCK_K", "num_warps", "split_k",
+                                                                     "tail_split") if k in configs[best]}  # fmt: skip
+        del pick, w0
+        torch.cuda.empty_cache()
+    rows_out += ["", f"Table: `{table}`"]
+    print(rows_out[-1], flush=True)
+    variants = (("recorded", recorded), ("with tail splits", table), ("recorded, again", recorded),
+                ("with tail splits, again", table))  # fmt: skip
+    _step_ab(rows_out, "one-row GEMV tail splits", variants,
+             lambda tab: int4.TUNED.update(gemv_by_shape=tab), recorded)  # fmt: skip
+
+
 def section_earlyids(rows_out):
     """The Scout decode step with the MoE down launch reading its routing ids and first weight tile before its PDL
     wait (``int4.EARLY_DOWN_IDS``, shipped) and after it, interleaved twice."""
@@ -1674,7 +1732,7 @@ def main() -> None:
                 "dequantpasses": section_dequantpasses, "decodesplits": section_decodesplits,
                 "baselineab": section_baselineab, "fusedmerge": section_fusedmerge,
                 "instep": section_instep, "downtable": section_downtable,
-                "instephead": lambda rows: section_instep(rows, lean=True)}  # fmt: skip
+                "instephead": lambda rows: section_instep(rows, lean=True), "tailsplit": section_tailsplit}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         try:

@@ -187,7 +187,7 @@ def test_gemv_by_shape_dispatch_and_fixed_splits(int4, monkeypatch):
     assert "split_k" not in int4.pick_config(2, shape=(40, 64))
     assert "split_k" not in int4.pick_config(1.0, moe=True, shape=(40, 64))
     for shape, overrides in int4.TUNED["gemv_by_shape"].items():
-        assert set(overrides) <= set(int4.TUNED["gemv"]) | {"split_k"}, shape
+        assert set(overrides) <= set(int4.TUNED["gemv"]) | {"split_k", "tail_split", "tail_full_per_sm"}, shape
         assert overrides["BLOCK_K"] % 128 == 0 and shape[1] % overrides["BLOCK_K"] == 0  # whole K tiles
     # a fixed split: whole K tiles, every group in exactly one split, never more splits than asked for
     for n_groups, splits, block_k, group in ((40, 1, 1024, 128), (40, 3, 512, 128), (7, 4, 64, 32), (5, 8, 32, 32),
@@ -239,6 +239,38 @@ def test_gemv_split_k_is_one_launch_and_leaves_counters_at_zero(int4, mode, unro
             ref = _moe_reference(x, weights, ids, gate_up, down, 32)
         assert rel(out, ref) < TOL[torch.float32]
         assert all(int(buf.abs().sum()) == 0 for buf in launch._COUNTERS.values())
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("size_n,full_per_sm,tail_split", [(200, 1, 3), (200, 1, 4), (40, 0.25, 2), (56, 0.5, 8)])
+def test_gemv_tail_split(int4, monkeypatch, size_n, full_per_sm, tail_split, dtype, symmetric):
+    # One-row dense GEMV with the column tiles past the first wave (tail_full_per_sm whole tiles a "SM", 4 SMs
+    # under the interpreter) K-split tail_split ways: whole tiles store directly, tail tiles sum their partials in
+    # split order. Ragged N (200 and 56 over 16-wide tiles), K of 8 groups in 2 or 4 splits of whole 2-group K
+    # tiles (3 asked gives 2, 8 gives 4), counters left at zero, the same bits on a second call.
+    from scout_mm.kernels import launch
+
+    weight = packed_weight((), 256, size_n, 32, symmetric)
+    x = torch.randn(1, 256).to(dtype)
+    cfg = dict(int4.INTERPRET["gemv"], tail_split=tail_split, tail_full_per_sm=full_per_sm)
+    launched = []
+    kernel = int4._gemv_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(int4, "_gemv_kernel", Spy())
+    outs = [int4.int4_linear(x, *weight, 32, config=cfg) for _ in range(2)]
+    full = int(full_per_sm * 4)
+    splits = {3: 2, 4: 4, 2: 2, 8: 4}[tail_split]  # whole K tiles (2 groups each): at most 4 splits
+    assert launched[0] == (full + (-(-size_n // 16) - full) * splits, 1, 1)  # the TAIL grid ran
+    ref = x.double() @ reference.dequantize(*weight, 32, dtype).double()
+    assert rel(outs[0], ref) < TOL[dtype]
+    assert torch.equal(outs[0], outs[1])
+    assert all(int(buf.abs().sum()) == 0 for buf in launch._COUNTERS.values())
 
 
 def test_gather_rows_kernel(int4):
@@ -483,6 +515,8 @@ GEMV_VARIANTS = {
     "cp_async_unpack2": dict(unpack=2, prefetch=False, loader=1, num_stages=4),
     "reduce_loop": dict(unpack=2, prefetch=True, reduce_unrolled=False),
     "pdl2_reduce_unrolled": dict(unpack=2, prefetch=True, pdl=2, reduce_unrolled=True),
+    "tail_split3": dict(unpack=2, prefetch=True, tail_split=3),
+    "tail_split5_32x1024_w8": dict(BLOCK_N=32, BLOCK_K=1024, num_warps=8, split_k=1, tail_split=5),
 }
 
 

@@ -431,6 +431,8 @@ def _gemv_kernel(
     TOP_K: tl.constexpr,
     DUAL: tl.constexpr,
     EARLY_IDS: tl.constexpr,
+    TAIL: tl.constexpr = False,
+    full_tiles=0,
 ):
     """One launch per matmul. With K split over programs (FUSED_SPLIT), every program stores its fp32
     partial, and the last program to arrive at a (row block, column tile) — counted with an atomic — sums
@@ -440,15 +442,28 @@ def _gemv_kernel(
     ``FUSED_SUM`` (``DIRECT`` layouts), the last program to arrive at a column tile sums them itself.
 
     ``DIRECT`` (MoE, one-row blocks): the rows come straight from the routing ids (:func:`_direct_layout`,
-    ``block_expert_ptr`` = the (n_rows,) ids, n_groups.. as usual), so no routing kernel runs before."""
+    ``block_expert_ptr`` = the (n_rows,) ids, n_groups.. as usual), so no routing kernel runs before.
+
+    ``TAIL`` (MODE 0, one-dimensional grid): programs below ``full_tiles`` take column tile ``pid`` over the whole
+    of K and store it; the rest split the remaining tiles' K ``split_k`` ways (split-major, so programs of one
+    split start side by side) through the partial sums above. With one whole tile a SM, the tiles a wave cannot
+    hold spread thin over every SM instead of doubling the work of a few."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     n_cols = size_n // 2 if MODE == 1 else size_n  # MODE 1: program columns index the SwiGLU output
+    if TAIL:
+        tail_pid = tl.maximum(pid_n - full_tiles, 0)
+        whole = pid_n < full_tiles
+        n_tail = tl.cdiv(n_cols, BLOCK_N) - full_tiles
+        pid_k = tl.where(whole, 0, tail_pid // n_tail)
+        pid_n = tl.where(whole, pid_n, full_tiles + tail_pid % n_tail)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < n_cols
     k_begin = pid_k * groups_per_split * G
     k_end = tl.minimum(k_begin + groups_per_split * G, n_groups * G)
+    if TAIL:
+        k_end = tl.where(whole, n_groups * G, k_end)
     # PDL (scout_mm.kernels.launch): 1 = let the next kernel launch, then wait for the previous one; 2 = wait,
     # then trigger (the shipped form, one kernel ahead). Before the wait only constant weights are read: a
     # dense matmul's first weight tile streams in during the previous kernel's tail. An MoE matmul's expert
@@ -532,6 +547,11 @@ def _gemv_kernel(
                     tl.store(part_ptr + token * size_n + offs_n, acc.to(part_ptr.dtype.element_ty), mask=n_ok)
                 tl.atomic_xchg(counter, 0)  # ready for the next call (and the next replay of a CUDA graph)
         return
+    if TAIL:
+        if whole:  # a whole tile: no partial sums
+            o_ptrs = out_ptr + out_rows[:, None] * stride_out + offs_n[None, :]
+            tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+            return
     rows_local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # row of this launch's row space
     last = True
     if FUSED_SPLIT:
@@ -808,7 +828,10 @@ def _gemv(
     tiles (shipped), more = the 3-D multi-row form, which reads each weight tile once for its rows but measured
     4.6-6.5x slower at 2 rows on an H100 (bench/results/int4_gemv_h100.md, session 5); resident_per_sm > 0: the
     K split is the one of least estimated finish time with this many programs resident per SM, each costing
-    ``split_overhead`` groups on top of its own (:func:`_least_makespan_split`; occupancy and split_cap unused)."""
+    ``split_overhead`` groups on top of its own (:func:`_least_makespan_split`; occupancy and split_cap unused).
+    Per-shape keys (``TUNED["gemv_by_shape"]``): ``split_k`` a fixed number of K splits; ``tail_split`` (one dense
+    row): ``tail_full_per_sm`` (default 1) whole column tiles a SM, the tiles past them K-split that many ways
+    (``TAIL`` in :func:`_gemv_kernel`)."""
     return {"kind": "gemv", "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages,
             "occupancy": occupancy, "unpack": unpack, "prefetch": prefetch, "evict": evict, "pdl": pdl,
             "loader": loader, "reduce_unrolled": reduce_unrolled, "split_cap": split_cap,
@@ -857,10 +880,14 @@ TUNED = {
     # 11.5 -> 9.3 us, o 5120x5120 10.4 -> 9.3 us, gate_up-sized 16384x5120 20.0 -> 17.1 us. Not at 5120x8192
     # (the same tile measured 13.6 us against 11.9), nor in the MoE (within 3%): those keep the rule. Other
     # shapes keep the rule too.
+    # Session 14 (`--sections tailsplit`): at 5120x8192 the same 32x1024 / 8-warp tiles, one whole tile a SM and
+    # the 28 tiles past that wave K-split 4 ways (``tail_split``): 12.0 -> 11.3-11.4 us. At the other three shapes
+    # every tail split was 0.56-1.00x the entries here.
     "gemv_by_shape": {
         (7168, 5120): {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 8, "split_k": 1},
         (5120, 5120): {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 8, "split_k": 1},
         (16384, 5120): {"BLOCK_N": 64, "BLOCK_K": 512, "num_warps": 8, "split_k": 1},
+        (5120, 8192): {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 8, "split_k": 1, "tail_split": 4},
     },
     # The decode MoE's one-row launches (DirectRoute: a few tokens, one program row per (token, slot)): (N, K of
     # the expert weight, rows = tokens x slots) -> overrides of "gemv", for gate_up (N = 2 I) and down separately.
@@ -1107,6 +1134,15 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
     n_tiles = triton.cdiv(n_cols, block_n)
     block_k = cfg["BLOCK_K"]
     split_k, per_split = _gemv_split(cfg, n_groups, num_row_blocks * n_tiles, group_size, device)
+    grid = (n_tiles, num_row_blocks, split_k)
+    full_tiles = 0
+    if cfg.get("tail_split", 0) > 1 and mode == 0 and route is None and block_m == 1 and num_row_blocks == 1:
+        # one whole column tile per program up to tail_full_per_sm a SM, the rest K-split (TAIL in the kernel)
+        full = min(n_tiles, int(cfg.get("tail_full_per_sm", 1) * _n_sms(device)))
+        tail_split, tail_per_split = _split(n_groups, 0, 0, block_k, group_size, device, fixed=cfg["tail_split"])
+        if 0 < full < n_tiles and tail_split > 1:
+            full_tiles, split_k, per_split = full, tail_split, tail_per_split
+            grid = (full + (n_tiles - full) * split_k, 1, 1)
     fused = split_k > 1 and mode != 2
     direct = isinstance(route, DirectRoute)
     fused_sum = direct and mode == 2
@@ -1118,7 +1154,7 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
         out = torch.empty(split_k, n_rows, size_n, dtype=torch.float32, device=device)
     if fused:
         part = torch.empty(split_k, num_row_blocks * block_m, size_n, dtype=torch.float32, device=device)
-        counters = arrival_counters(device, num_row_blocks * n_tiles)
+        counters = arrival_counters(device, num_row_blocks * grid[0])
         stride_split, stride_out = part.stride(0), out.stride(0)
     elif fused_sum:  # part: the (tokens, N) sum of the slots, written by the last program of each column tile
         part = torch.empty(n_rows // top_k, size_n, dtype=x.dtype, device=device)
@@ -1146,7 +1182,7 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
     # thread; more costs registers (251 a thread at 64x256 / 4 warps: half the resident programs, 1.14x slower)
     dual_words = 2 * block_n * block_k // 8 // (32 * cfg["num_warps"])
     dual = mode == 1 and block_m == 1 and loader != 2 and cfg.get("dual", dual_words <= 16)
-    _gemv_kernel[(n_tiles, num_row_blocks, split_k)](
+    _gemv_kernel[grid](
         x, qweight, scales, z, out, part, counters, weights, sorted_rows, block_expert, desc, m_rows, size_n, n_rows,
         top_k, n_groups, per_split, split_k, route.n_experts if direct else 0, x.stride(0),
         qweight.stride(0) if qweight.dim() == 3 else 0, scales.stride(0) if scales.dim() == 3 else 0,
@@ -1156,7 +1192,7 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
         PREFETCH=cfg.get("prefetch", False), EVICT=cfg.get("evict", ""), PDL=pdl, LOADER=loader,
         STAGES=cfg["num_stages"], SPLIT_MAX=split_max, DIRECT=direct, FUSED_SUM=fused_sum,
         TOP_K=top_k if fused_sum else 1, DUAL=dual, EARLY_IDS=direct and pdl == 2 and early_ids,
-        **_launch_opts({**cfg, "pdl": pdl}),
+        TAIL=full_tiles > 0, full_tiles=full_tiles, **_launch_opts({**cfg, "pdl": pdl}),
     )  # fmt: skip
     return part if fused_sum else out
 
