@@ -446,8 +446,9 @@ def _gemv_kernel(
 
     ``TAIL`` (MODE 0, one-dimensional grid): programs below ``full_tiles`` take column tile ``pid`` over the whole
     of K and store it; the rest split the remaining tiles' K ``split_k`` ways (split-major, so programs of one
-    split start side by side) through the partial sums above. With one whole tile a SM, the tiles a wave cannot
-    hold spread thin over every SM instead of doubling the work of a few."""
+    split start side by side) through the partial sums above: the tiles one wave cannot hold are spread thin over
+    the SMs instead of doubling the work of a few. On an H100 that pays at 5120x8192 only (bench/results/
+    int4_gemv_h100.md, session 14)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
