@@ -33,6 +33,8 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 SUPPORTED_DTYPES = {
     str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 }
+# The --dtype choices of the scripts: float64 loads, but no script runs a model in it.
+DTYPE_NAMES = {name: d for name, d in SUPPORTED_DTYPES.items() if d != torch.float64}
 
 
 class CheckpointError(ValueError):

@@ -12,12 +12,8 @@ import os
 import shutil
 import sys
 
-import torch
-
 from scout_mm import ScoutForConditionalGeneration, count_parameters
-from scout_mm.checkpoint import PROCESSOR_FILES, parse_size
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from scout_mm.checkpoint import DTYPE_NAMES, PROCESSOR_FILES, parse_size
 
 
 def main() -> None:
@@ -28,7 +24,7 @@ def main() -> None:
     parser.add_argument("--dst", required=True, help="output folder (written atomically)")
     parser.add_argument(
         "--dtype",
-        choices=sorted(DTYPES),
+        choices=sorted(DTYPE_NAMES),
         default=None,
         help="cast weights (default: the dtype config.json states)",
     )
@@ -36,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         parse_size(args.max_shard_size)
-        model = ScoutForConditionalGeneration.from_pretrained(args.src, dtype=DTYPES.get(args.dtype))
+        model = ScoutForConditionalGeneration.from_pretrained(args.src, dtype=DTYPE_NAMES.get(args.dtype))
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError
         sys.exit(f"convert_hf.py: error: {e}")
     counts = count_parameters(model)

@@ -19,13 +19,12 @@ import torch
 
 import scout_mm
 from scout_mm import Processor, ScoutConfig, ScoutForConditionalGeneration
-from scout_mm.checkpoint import quantization_config
+from scout_mm.checkpoint import DTYPE_NAMES, quantization_config
 from scout_mm.fusion import fuse_projections, fuse_shared_expert
 from scout_mm.generation import GenerateOutput
 from scout_mm.quant import load_quantized, quantize_model, quantized_bytes
 from scout_mm.quant.format import QUANT_METHOD
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXAMPLE_IMAGE = str(files("scout_mm") / "assets" / "example.png")
 # The tiny preset trained on the synthetic image-text tasks (configs/tiny.yaml, bench/results/train_tiny_h100.md).
 TRAINED_TINY = files("scout_mm") / "assets" / "tiny"
@@ -47,7 +46,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPU")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="default: bfloat16 on GPU")
     parser.add_argument(
         "--int4", action="store_true",
         help="Int4 checkpoint (found from config.json when not given; with --demo: quantize it, RTN)",
@@ -60,7 +59,7 @@ def main() -> None:
     if args.top_p is not None and args.temperature == 0:
         parser.error("--top-p samples: pass --temperature > 0 with it (--temperature 0 is greedy)")
     dtype = (
-        DTYPES[args.dtype]
+        DTYPE_NAMES[args.dtype]
         if args.dtype
         else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     )

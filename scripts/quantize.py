@@ -14,11 +14,10 @@ import time
 
 import torch
 
+from scout_mm.checkpoint import DTYPE_NAMES
 from scout_mm.config import ScoutConfig
 from scout_mm.quant import QuantConfig, calibration_set, quantize_checkpoint
 from scout_mm.quant.format import DEFAULT_SKIP, default_skip
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main() -> None:
@@ -38,7 +37,7 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=16, help="GPTQ: processor-made samples")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="compute dtype (default: stored)"
+        "--dtype", choices=sorted(DTYPE_NAMES), default=None, help="compute dtype (default: stored)"
     )
     parser.add_argument("--max-shard-size", default="5GB")
     args = parser.parse_args()
@@ -64,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
         calibration = calibration_set(processor, args.calibration_samples)
     start = time.perf_counter()
     quantize_checkpoint(args.model, args.out, cfg, calibration, device=args.device,
-                        dtype=DTYPES[args.dtype] if args.dtype else None, max_shard_size=args.max_shard_size)  # fmt: skip
+                        dtype=DTYPE_NAMES[args.dtype] if args.dtype else None, max_shard_size=args.max_shard_size)  # fmt: skip
     print(f"{args.model} ({_size(args.model) / 1e9:.2f} GB) -> {args.out} ({_size(args.out) / 1e9:.2f} GB), "
           f"{args.method}, group {args.group_size}, {time.perf_counter() - start:.1f} s")  # fmt: skip
 

@@ -14,10 +14,10 @@ from torch import nn
 
 from scout_mm.checkpoint import (
     LM_HEAD,
-    SUPPORTED_DTYPES,
     CheckpointError,
     check_device,
     check_dtype,
+    check_float_tensor,
     config_dtype,
     iter_checkpoint,
 )
@@ -131,14 +131,11 @@ def load_quantized(
                 )
             _check_scales_zeros(file, key, tensor)
             tensor = tensor.to(device)
-        elif tensor.dtype not in SUPPORTED_DTYPES.values():
-            raise CheckpointError(
-                f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected one of {sorted(SUPPORTED_DTYPES)}"
-            )
-        elif host_embeddings and key == EMBEDDING_KEY:
-            tensor = tensor.to(dtype=dtype)  # stays on the host: never takes device memory
         else:
-            tensor = tensor.to(device=device, dtype=dtype)
+            check_float_tensor(file, key, tensor, target.shape)
+            # the host-resident embedding table stays on the host: it never takes device memory
+            on_host = host_embeddings and key == EMBEDDING_KEY
+            tensor = tensor.to(dtype=dtype) if on_host else tensor.to(device=device, dtype=dtype)
         _assign(model, key, tensor)
         loaded.add(key)
     if unexpected:
@@ -164,7 +161,7 @@ def load_quantized(
         from scout_mm.fusion import fuse_shared_expert
 
         fuse_shared_expert(model)
-        if torch.device(device).type == "cuda":
+        if device.type == "cuda":
             # The fold replaced each layer's expert stacks: hand the old ones back to the driver, so the memory
             # left for KV caches (and what nvidia-smi shows) is not held in PyTorch's cache (13 GB for Scout).
             torch.cuda.empty_cache()
