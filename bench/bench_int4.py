@@ -591,10 +591,13 @@ def _xs(**change):
 
 XS_VARIANTS = {
     16: {"shipped": None, "x_shared": _xs(),
+         "x_shared step2 pfx": _xs(step=2, prefetch_x=True),
          **{f"x_shared w{w} step{st} {'pfx' if pfx else 'pf'} occ{o:g}": _xs(
              num_warps=w, step=st, prefetch_x=pfx, occupancy=o, min_splits=1) for w, st, pfx, o in (
-             (4, 2, True, 2.0), (4, 2, True, 3.0), (4, 2, False, 3.0), (4, 1, True, 3.0), (8, 2, True, 2.0))}},  # fmt: skip
-    **{rows: {"shipped": None, "x_shared": _xs(), "x_shared occ4": _xs(occupancy=4.0)} for rows in (8, 1)},
+             (4, 2, True, 2.0), (4, 2, True, 3.0), (4, 2, True, 4.0), (4, 1, True, 3.0), (4, 2, False, 3.0),
+             (8, 2, True, 1.5), (8, 2, True, 2.0))}},  # fmt: skip
+    **{rows: {"shipped": None, "x_shared": _xs(), "x_shared occ4": _xs(occupancy=4.0),
+              "x_shared w8 occ2": _xs(num_warps=8, occupancy=2.0)} for rows in (8, 1)},
 }
 
 

@@ -29,7 +29,6 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from scout_mm.kernels.int4 import _n_sms, check_linear_input
 from scout_mm.kernels.launch import arrival_counters
@@ -210,15 +209,9 @@ def _mma_kernel(
         ck = 32 * _index4(KB, 1, xc_layout) + 8 * _index4(4, 2, xc_layout) + _index4(8, 3, xc_layout)
         c_ptrs = x_ptr + cm * stride_x + g_begin * G + ck
         c_mask = (cm < m_rows) & (ck >= 0)
-        # one barrier a group, completed by every thread's copies of it (cp.async arrivals): the loop waits for
-        # each group just before its product, so the copies overlap the first groups' math
-        x_ready = gl.allocate_shared_memory(gl.int64, [X_GROUPS, 1], mbarrier.MBarrierLayout())
-        for g in gl.static_range(X_GROUPS):
-            mbarrier.init(x_ready.index(g), count=32 * W)
-        _barrier()  # the barriers are initialised before any thread arrives
         for g in range(n_here):
             async_copy.async_copy_global_to_shared(x_all.index(g), c_ptrs + g * G, mask=c_mask)
-            async_copy.mbarrier_arrive(x_ready.index(g), increment_count=False)
+        async_copy.commit_group()
 
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
     step_words: gl.constexpr = STEP * G // 8
@@ -233,6 +226,9 @@ def _mma_kernel(
                 s1_nxt = gl.load(s_ptrs + size_n, mask=s_mask, other=0.0)
                 if X_GROUPS == 0:
                     x1_nxt = gl.load(x_ptrs + G, mask=xm_ok, other=0.0)
+    if X_GROUPS > 0:
+        async_copy.wait_group(0)
+        _barrier()  # every thread's copies have landed
     for step in range(n_steps):
         more = step + 1 < n_steps
         if PREFETCH:
@@ -261,10 +257,8 @@ def _mma_kernel(
                 if STEP == 2:
                     x1 = gl.load(x_ptrs + G, mask=xm_ok, other=0.0)
         if X_GROUPS > 0:
-            mbarrier.wait(x_ready.index(STEP * step), 0)
             x0 = x_all.index(STEP * step).load(x_layout)
             if STEP == 2:
-                mbarrier.wait(x_ready.index(STEP * step + 1), 0)
                 x1 = x_all.index(STEP * step + 1).load(x_layout)
         if STEP == 2:
             halves = gl.permute(gl.reshape(packed, (8 * W, 4, 2, KB, 4)), (0, 1, 3, 4, 2))
