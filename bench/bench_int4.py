@@ -23,8 +23,6 @@
   shipped config against variants (``MMA_VARIANTS``), tinygemm beside them, interleaved rounds.
 - mmapipe: the same at 16, 8 and 1 rows for the shared-memory ring (``int4_mma`` stages: cp.async, session 15)
   against the shipped register-prefetch configs (``PIPE_VARIANTS``).
-- xshared: the same for the activations copied into shared memory once per program (``int4_mma`` x_shared,
-  ``XS_VARIANTS``).
 - grid / splitstep: the decode GEMV's K-split program count (occupancy ceiling or least-makespan rule) at every
   Scout decode shape, and the Scout decode step with each rule (plus the step with the chunked layers mid-chunk).
 
@@ -581,23 +579,6 @@ PIPE_VARIANTS = {
         (4, 8, 2.0), (8, 4, 2.0), (8, 6, 1.5))}},  # fmt: skip
     **{rows: {"shipped": None, **{f"ring w{w} s{s} occ{o:g}": _pipe(w, s, o) for w, s, o in (
         (4, 4, 3.0), (4, 6, 2.0), (4, 4, 4.0), (8, 4, 2.0))}} for rows in (8, 1)},  # fmt: skip
-}
-
-
-# rows -> {name: change}: the split's activations in shared memory once per program (int4_mma x_shared), session 15
-def _xs(**change):
-    return dict(x_shared=True, **change)
-
-
-XS_VARIANTS = {
-    16: {"shipped": None, "x_shared": _xs(),
-         "x_shared step2 pfx": _xs(step=2, prefetch_x=True),
-         **{f"x_shared w{w} step{st} {'pfx' if pfx else 'pf'} occ{o:g}": _xs(
-             num_warps=w, step=st, prefetch_x=pfx, occupancy=o, min_splits=1) for w, st, pfx, o in (
-             (4, 2, True, 2.0), (4, 2, True, 3.0), (4, 2, True, 4.0), (4, 1, True, 3.0), (4, 2, False, 3.0),
-             (8, 2, True, 1.5), (8, 2, True, 2.0))}},  # fmt: skip
-    **{rows: {"shipped": None, "x_shared": _xs(), "x_shared occ4": _xs(occupancy=4.0),
-              "x_shared w8 occ2": _xs(num_warps=8, occupancy=2.0)} for rows in (8, 1)},
 }
 
 
@@ -1763,7 +1744,6 @@ def main() -> None:
     sections = {"tune": lambda rows: section_tune(rows, adopt=args.adopt_tuned), "probe": section_probe,
                 "linear": section_linear, "moe": section_moe, "mma": section_mma, "mma16": section_mma16, "scout": section_scout,
                 "mmapipe": lambda rows: section_mma16(rows, variants=PIPE_VARIANTS, title="shared-memory ring"),
-                "xshared": lambda rows: section_mma16(rows, variants=XS_VARIANTS, title="activations in shared memory"),
                 "profile": section_profile, "step": section_step, "rows": section_rows,
                 "grid": section_grid, "splitstep": section_splitstep,
                 "shapes": section_shapes, "moeshapes": section_moeshapes,

@@ -118,15 +118,14 @@ SHAPES = {
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["registers", "ring", "x_shared"])
+@pytest.mark.parametrize("ring", [False, True], ids=["registers", "ring"])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_gpu_matches_reference(cuda, shape, dtype, symmetric, kernel):
+def test_gpu_matches_reference(cuda, shape, dtype, symmetric, ring):
     m_rows, size_k, size_n, group = shape
     weight = _weight(size_k, size_n, group, symmetric, cuda, scale_dtype=dtype)
-    config = {"registers": None, "ring": int4_mma.mma_config(warps=4, stages=4, occupancy=3.0),
-              "x_shared": int4_mma.mma_config(warps=4, step=2, occupancy=3.0, prefetch_x=True, x_shared=True)}[kernel]
+    config = int4_mma.mma_config(warps=4, stages=4, occupancy=3.0) if ring else None
     _check(torch.randn(m_rows, size_k, device=cuda).to(dtype), weight, group, config)
 
 
@@ -137,23 +136,8 @@ def test_gpu_ring_misaligned_rows(cuda):
     flat = torch.randn(16 * 512 + 1, device=cuda, dtype=torch.bfloat16)
     x = flat[1:].view(16, 512)
     assert x.data_ptr() % 16
-    for config in (int4_mma.mma_config(warps=2, stages=3, occupancy=4.0), int4_mma.mma_config(x_shared=True)):
-        torch.testing.assert_close(_check(x, weight, 128, config), _check(x.clone(), weight, 128, config), rtol=0,
-                                   atol=0)  # fmt: skip
-
-
-@pytest.mark.gpu
-def test_gpu_x_shared_more_splits_where_k_is_long(cuda, monkeypatch):
-    """x_shared holds a split's activations in at most X_SHARED_BYTES: a long K gets more K splits than the
-    occupancy ceiling asks for, and is still right."""
-    monkeypatch.setattr(int4_mma, "X_SHARED_BYTES", 16 * 128 * 2 * 4)  # 4 groups of 128 at 16 rows
-    splits = []
-    split = int4_mma._split
-    monkeypatch.setattr(int4_mma, "_split", lambda *args: splits.append(split(*args)) or splits[-1])
-    weight = _weight(128 * 40, 264, 128, True, cuda)
-    x = torch.randn(16, 128 * 40, device=cuda, dtype=torch.bfloat16)
-    _check(x, weight, 128, int4_mma.mma_config(warps=4, step=2, occupancy=0.01, x_shared=True))
-    assert splits == [(10, 4)]
+    config = int4_mma.mma_config(warps=2, stages=3, occupancy=4.0)
+    torch.testing.assert_close(_check(x, weight, 128, config), _check(x.clone(), weight, 128, config), rtol=0, atol=0)
 
 
 @pytest.mark.gpu
@@ -174,13 +158,9 @@ def test_gpu_x_shared_more_splits_where_k_is_long(cuda, monkeypatch):
         dict(warps=4, stages=6, occupancy=2.0),
         dict(warps=8, stages=3, occupancy=1.0),
         dict(warps=1, stages=2, occupancy=4.0),
-        # the activations in shared memory: one and two groups a step, with and without prefetches
-        dict(warps=4, step=2, occupancy=3.0, prefetch=True, prefetch_x=True, x_shared=True),
-        dict(warps=2, step=1, occupancy=4.0, prefetch=True, x_shared=True, min_splits=4),
-        dict(warps=8, step=2, occupancy=64.0, prefetch=False, x_shared=True),
     ],
     ids=["w1s1", "w2s2pf", "w4s2", "w8s1pf", "w2_min_splits8", "w2s1pfx", "w4s2pfx", "w1s2nopf_x", "ring_w4s4_short",
-         "ring_w4s6", "ring_w8s3", "ring_w1s2", "xs_w4s2pfx", "xs_w2s1pf", "xs_w8s2"],
+         "ring_w4s6", "ring_w8s3", "ring_w1s2"],
 )
 @pytest.mark.parametrize("m_rows", [1, 5, 16])
 def test_gpu_every_config(cuda, config, m_rows):

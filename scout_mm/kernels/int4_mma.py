@@ -33,13 +33,6 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from scout_mm.kernels.int4 import _n_sms, check_linear_input
 from scout_mm.kernels.launch import arrival_counters
 
-# Shared-memory orders (no swizzle) of the words (8 W [gg], 4 [rr], KB [b], 4 [t]) and the activations (BM [m], KB
-# [b], 4 [t], 8 [j]): a thread's 4 columns of the word rows t = 0..3 side by side (rr, t, gg, b), activations
-# (j, t, m, b). A lane (t, gg) / (t, m) reads 16 bytes and the 8 lanes of one access phase (4 t x 2 gg / 2 m)
-# touch 8 different 16-byte bank groups: no bank conflicts (``gl.bank_conflicts`` = 0, both reads and copies).
-W_SHARED_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, order=[1, 3, 0, 2]))
-X_SHARED_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, order=[3, 2, 0, 1]))
-
 # A CTA-wide barrier (``thread_barrier`` up to Triton 3.6, ``barrier`` in later Gluon)
 _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
@@ -155,10 +148,8 @@ def _mma_kernel(
     FUSED_SPLIT: gl.constexpr,
     SPLIT_MAX: gl.constexpr,
     PREFETCH: gl.constexpr,
-    PREFETCH_X: gl.constexpr,  # with PREFETCH: the next step's activations (unless X_GROUPS) and scales too
+    PREFETCH_X: gl.constexpr,  # with PREFETCH: the next step's activations and scales too
     EVICT: gl.constexpr,
-    X_GROUPS: gl.constexpr = 0,  # > 0: the split's activations (at most X_GROUPS groups) in shared memory
-    XW: gl.constexpr = 1,  # X_GROUPS: warps along the 32-row blocks in the activations' copy
 ):
     BLOCK_N: gl.constexpr = 32 * W
     KB: gl.constexpr = G // 32  # 32-row blocks per group
@@ -176,8 +167,7 @@ def _mma_kernel(
     pid_k = gl.program_id(1)
     n0 = pid_n * BLOCK_N
     g_begin = pid_k * groups_per_split
-    n_here = gl.minimum(groups_per_split, n_groups - g_begin)
-    n_steps = n_here // STEP
+    n_steps = gl.minimum(groups_per_split, n_groups - g_begin) // STEP
 
     col = n0 + 4 * _index4(8 * W, 0, q_layout) + _index4(4, 1, q_layout)  # (8W, 4, 1, 1)
     col_ok = col < size_n
@@ -200,66 +190,40 @@ def _mma_kernel(
     x_ptrs = x_ptr + xm * stride_x + g_begin * G + xk
     xm_ok = (xm < m_rows) & (xk >= 0)
 
-    if X_GROUPS > 0:
-        # every group of the split's activations copied once per program (not once per warp); the MMA operands
-        # are then read from shared memory just before each group's product (no activations held in registers)
-        xc_layout: gl.constexpr = gl.BlockedLayout([1, 1, 1, 8], [8, 1, 4, 1], [W // XW, XW, 1, 1], [3, 1, 2, 0])
-        x_all = gl.allocate_shared_memory(act, [X_GROUPS, BLOCK_M, KB, 4, 8], X_SHARED_LAYOUT)
-        cm = _index4(BLOCK_M, 0, xc_layout)
-        ck = 32 * _index4(KB, 1, xc_layout) + 8 * _index4(4, 2, xc_layout) + _index4(8, 3, xc_layout)
-        c_ptrs = x_ptr + cm * stride_x + g_begin * G + ck
-        c_mask = (cm < m_rows) & (ck >= 0)
-        for g in range(n_here):
-            async_copy.async_copy_global_to_shared(x_all.index(g), c_ptrs + g * G, mask=c_mask)
-        async_copy.commit_group()
-
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
     step_words: gl.constexpr = STEP * G // 8
     if PREFETCH:
         nxt = gl.load(qw_ptrs, mask=qw_mask, other=0, eviction_policy=EVICT)
         if PREFETCH_X:
             # the loop below reads group i of a step from x0 / s0 (i = 0) and x1 / s1 (i = 1)
+            x0_nxt = gl.load(x_ptrs, mask=xm_ok, other=0.0)
             s0_nxt = gl.load(s_ptrs, mask=s_mask, other=0.0)
-            if X_GROUPS == 0:
-                x0_nxt = gl.load(x_ptrs, mask=xm_ok, other=0.0)
             if STEP == 2:
+                x1_nxt = gl.load(x_ptrs + G, mask=xm_ok, other=0.0)
                 s1_nxt = gl.load(s_ptrs + size_n, mask=s_mask, other=0.0)
-                if X_GROUPS == 0:
-                    x1_nxt = gl.load(x_ptrs + G, mask=xm_ok, other=0.0)
-    if X_GROUPS > 0:
-        async_copy.wait_group(0)
-        _barrier()  # every thread's copies have landed
     for step in range(n_steps):
         more = step + 1 < n_steps
         if PREFETCH:
             packed = nxt
             nxt = gl.load(qw_ptrs + step_words * size_n, mask=qw_mask & more, other=0, eviction_policy=EVICT)
             if PREFETCH_X:
+                x0 = x0_nxt
                 s0 = s0_nxt
+                x0_nxt = gl.load(x_ptrs + STEP * G, mask=xm_ok & more, other=0.0)
                 s0_nxt = gl.load(s_ptrs + STEP * size_n, mask=s_mask & more, other=0.0)
-                if X_GROUPS == 0:
-                    x0 = x0_nxt
-                    x0_nxt = gl.load(x_ptrs + STEP * G, mask=xm_ok & more, other=0.0)
                 if STEP == 2:
+                    x1 = x1_nxt
                     s1 = s1_nxt
+                    x1_nxt = gl.load(x_ptrs + 3 * G, mask=xm_ok & more, other=0.0)
                     s1_nxt = gl.load(s_ptrs + 3 * size_n, mask=s_mask & more, other=0.0)
-                    if X_GROUPS == 0:
-                        x1 = x1_nxt
-                        x1_nxt = gl.load(x_ptrs + 3 * G, mask=xm_ok & more, other=0.0)
         else:
             packed = gl.load(qw_ptrs, mask=qw_mask, other=0, eviction_policy=EVICT)
         if not (PREFETCH and PREFETCH_X):
+            x0 = gl.load(x_ptrs, mask=xm_ok, other=0.0)
             s0 = gl.load(s_ptrs, mask=s_mask, other=0.0)
             if STEP == 2:
+                x1 = gl.load(x_ptrs + G, mask=xm_ok, other=0.0)
                 s1 = gl.load(s_ptrs + size_n, mask=s_mask, other=0.0)
-            if X_GROUPS == 0:
-                x0 = gl.load(x_ptrs, mask=xm_ok, other=0.0)
-                if STEP == 2:
-                    x1 = gl.load(x_ptrs + G, mask=xm_ok, other=0.0)
-        if X_GROUPS > 0:
-            x0 = x_all.index(STEP * step).load(x_layout)
-            if STEP == 2:
-                x1 = x_all.index(STEP * step + 1).load(x_layout)
         if STEP == 2:
             halves = gl.permute(gl.reshape(packed, (8 * W, 4, 2, KB, 4)), (0, 1, 3, 4, 2))
             first, second = gl.split(halves)
@@ -371,8 +335,13 @@ def _mma_pipe_kernel(
     # and the rows allow)
     xc_layout: gl.constexpr = gl.BlockedLayout([1, 1, 1, 8], [8, 1, 4, 1], [W // XW, XW, 1, 1], [3, 1, 2, 0])
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
-    w_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, 8 * W, 4, KB, 4], W_SHARED_LAYOUT)
-    x_bufs = gl.allocate_shared_memory(act, [STAGES, BLOCK_M, KB, 4, 8], X_SHARED_LAYOUT)
+    # Shared memory, no swizzle; a lane (t, gg) reads 16 bytes, and the order puts a thread's 4 columns of the
+    # word rows t = 0..3 side by side (rr, t, gg, b): the 8 lanes of one 16-byte access phase (4 t x 2 gg) touch
+    # 8 different 16-byte bank groups. Activations (m, b, t, j) ordered (j, t, m, b) for the same reason.
+    w_order: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 3, 0, 2])
+    x_order: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[3, 2, 0, 1])
+    w_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, 8 * W, 4, KB, 4], w_order)
+    x_bufs = gl.allocate_shared_memory(act, [STAGES, BLOCK_M, KB, 4, 8], x_order)
 
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
@@ -450,22 +419,18 @@ def emulate_operands(words: torch.Tensor, x_tile: torch.Tensor, warps: int):
 
 def mma_config(warps: int = 2, step: int = 1, occupancy: float = 4.0, prefetch: bool = True,
                evict: str = "evict_first", min_splits: int = 1, prefetch_x: bool = False,
-               stages: int = 0, x_shared: bool = False) -> dict:  # fmt: skip
+               stages: int = 0) -> dict:  # fmt: skip
     """warps: a program covers 32 weight columns per warp (two m16 MMA tiles); step: groups per loop step
     (1 or 2; 1 where it does not divide the group count); occupancy: the K split aims at this many programs
     per SM (a ceiling); min_splits: at least this many K splits (where K has the steps), above the ceiling if
     need be (wide outputs); prefetch: the next step's words are loaded before this step's math; prefetch_x (with
     prefetch): the next step's activations and group scales too. stages >= 2: :func:`_mma_pipe_kernel`, a ring of
-    that many groups in shared memory filled by ``cp.async`` (step, prefetch and prefetch_x do not apply).
-    x_shared (stages 0): the split's activations copied into shared memory once per program, at most
-    X_SHARED_BYTES (more K splits where K needs them); prefetch_x then prefetches only the scales."""
+    that many groups in shared memory filled by ``cp.async`` (step, prefetch and prefetch_x do not apply)."""
     return {"kind": "mma", "num_warps": warps, "step": step, "occupancy": occupancy, "prefetch": prefetch,
-            "evict": evict, "min_splits": min_splits, "prefetch_x": prefetch_x, "stages": stages,
-            "x_shared": x_shared}  # fmt: skip
+            "evict": evict, "min_splits": min_splits, "prefetch_x": prefetch_x, "stages": stages}  # fmt: skip
 
 
 MAX_ROWS = 16
-X_SHARED_BYTES = 64 * 1024  # x_shared: a program's activations in shared memory at most
 # H100 2026-11-24 (`bench/bench_int4.py --sections mma`, bench/results/int4_gemv_h100.md), the Scout shapes
 # 16384x5120 and 5120x8192: up to 8 rows (an m8 tile) 4 warps, two groups per step led (19.9 + 13.5 us at one
 # row, 22.9 + 17.0 us at eight); 16 rows: 2 warps, ~4 programs per SM, but at least 4 K splits (`--sections rows`,
@@ -546,18 +511,14 @@ def launch(x, qweight, scales, zeros, group_size: int, cfg: dict) -> torch.Tenso
     (:func:`scout_mm.kernels.int4.int4_linear`: the weight and shapes, then :func:`supported`)."""
     warps, m_rows, size_n = cfg["num_warps"], x.shape[0], qweight.shape[-1]
     x = x.contiguous()
-    stages, x_shared = cfg.get("stages", 0), cfg.get("x_shared", False) and not cfg.get("stages", 0)
-    if (stages or x_shared) and x.data_ptr() % 16:
+    stages = cfg.get("stages", 0)
+    if stages and x.data_ptr() % 16:
         x = x.clone()  # cp.async copies 16 bytes at a time: an aligned start (rows are 64-byte multiples)
     block_m = 8 if m_rows <= 8 else 16
     n_groups = scales.shape[0]
     step = cfg["step"] if n_groups % cfg["step"] == 0 and not stages else 1
     n_tiles = triton.cdiv(size_n, 32 * warps)
-    min_splits = cfg.get("min_splits", 1)
-    if x_shared:  # no more groups per split than fit
-        most = max(step, X_SHARED_BYTES // (block_m * group_size * x.element_size()) // step * step)
-        min_splits = max(min_splits, triton.cdiv(n_groups, most))
-    split_k, per_split = _split(n_groups, n_tiles, cfg["occupancy"], step, x.device, min_splits)
+    split_k, per_split = _split(n_groups, n_tiles, cfg["occupancy"], step, x.device, cfg.get("min_splits", 1))
     out = torch.empty(m_rows, size_n, dtype=x.dtype, device=x.device)
     fused = split_k > 1
     if fused:
@@ -573,6 +534,5 @@ def launch(x, qweight, scales, zeros, group_size: int, cfg: dict) -> torch.Tenso
         _mma_pipe_kernel[(n_tiles, split_k)](*args, STAGES=stages, XW=min(warps, group_size // 32), **common)
     else:
         _mma_kernel[(n_tiles, split_k)](*args, STEP=step, PREFETCH=cfg["prefetch"],
-                                        PREFETCH_X=cfg.get("prefetch_x", False), X_GROUPS=per_split if x_shared else 0,
-                                        XW=min(warps, group_size // 32), **common)  # fmt: skip
+                                        PREFETCH_X=cfg.get("prefetch_x", False), **common)  # fmt: skip
     return out
