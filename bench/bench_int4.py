@@ -21,8 +21,6 @@
 - earlyids: the Scout decode step with the MoE down launch reading its routing ids before / after its PDL wait.
 - mma16: the tensor-core few-rows kernel (``int4_mma``) at 2, 4, 8 and 16 rows on the four Scout shapes, its
   shipped config against variants (``MMA_VARIANTS``), tinygemm beside them, interleaved rounds.
-- mmapipe: the same at 16, 8 and 1 rows for the shared-memory ring (``int4_mma`` stages: cp.async, session 15)
-  against the shipped register-prefetch configs (``PIPE_VARIANTS``).
 - grid / splitstep: the decode GEMV's K-split program count (occupancy ceiling or least-makespan rule) at every
   Scout decode shape, and the Scout decode step with each rule (plus the step with the chunked layers mid-chunk).
 
@@ -567,41 +565,25 @@ MMA_VARIANTS = {
 }
 
 
-# rows -> {name: change}: the shared-memory ring (int4_mma stages >= 2, cp.async) against the shipped register
-# prefetch, session 15. Each change sets every knob the ring reads (warps, stages, the K split's ceiling).
-def _pipe(warps, stages, occupancy):
-    return dict(num_warps=warps, stages=stages, occupancy=occupancy, min_splits=1)
-
-
-PIPE_VARIANTS = {
-    16: {"shipped": None, **{f"ring w{w} s{s} occ{o:g}": _pipe(w, s, o) for w, s, o in (
-        (2, 4, 4.0), (2, 6, 4.0), (4, 3, 3.0), (4, 4, 2.0), (4, 4, 3.0), (4, 4, 4.0), (4, 6, 2.0), (4, 6, 3.0),
-        (4, 8, 2.0), (8, 4, 2.0), (8, 6, 1.5))}},  # fmt: skip
-    **{rows: {"shipped": None, **{f"ring w{w} s{s} occ{o:g}": _pipe(w, s, o) for w, s, o in (
-        (4, 4, 3.0), (4, 6, 2.0), (4, 4, 4.0), (8, 4, 2.0))}} for rows in (8, 1)},  # fmt: skip
-}
-
-
-def section_mma16(rows_out, rounds: int = 2, variants=None, title="config variants"):
+def section_mma16(rows_out, rounds: int = 2):
     """int4_mma at 2 to 16 rows on the Scout shapes (the MoE's gate_up 16384x5120 and down 5120x8192, q|k|v
     7168x5120, o 5120x5120): the shipped config (``config_for_rows``) against variants of it, tinygemm beside
     them; ``rounds`` interleaved rounds, the median per case. The variants change one knob of the shipped
     config each (or two: ``prefetch_x`` with another)."""
     from scout_mm.kernels import int4_mma
 
-    rows_out += ["", f"## int4_mma at {'/'.join(map(str, variants or MMA_VARIANTS))} rows: {title} (group 128, "
-                 "symmetric, bf16)", "",
+    rows_out += ["", "## int4_mma at 2 to 16 rows: config variants (group 128, symmetric, bf16)", "",
                  "| N x K | M | kernel | us | Int4 TB/s | vs shipped | vs tinygemm |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for size_n, size_k in LINEAR_SHAPES + [(7168, 5120), (5120, 5120)]:
         copies = copies_for(size_k * size_n // 2)
         pick = rotating(packed((), size_k, size_n, copies))
         pick_t = rotating(tinygemm(size_k, size_n, copies))
         wbytes = size_k * size_n / 2
-        for m_rows, changes in (variants or MMA_VARIANTS).items():
+        for m_rows, variants in MMA_VARIANTS.items():
             x = torch.randn(m_rows, size_k, device="cuda", dtype=torch.bfloat16)
             shipped = int4_mma.config_for_rows(m_rows)
             cases = {"tinygemm": tinygemm_call(x, pick_t)}
-            for name, change in changes.items():
+            for name, change in variants.items():
                 cfg = dict(shipped, **(change or {}))
                 cases[name] = lambda x=x, cfg=cfg, pick=pick: int4_mma.int4_linear_mma(x, *pick(), GROUP, config=cfg)
             times = {name: [] for name in cases}
@@ -1743,7 +1725,6 @@ def main() -> None:
             f"{' '.join(sys.argv[1:])}`"]  # fmt: skip
     sections = {"tune": lambda rows: section_tune(rows, adopt=args.adopt_tuned), "probe": section_probe,
                 "linear": section_linear, "moe": section_moe, "mma": section_mma, "mma16": section_mma16, "scout": section_scout,
-                "mmapipe": lambda rows: section_mma16(rows, variants=PIPE_VARIANTS, title="shared-memory ring"),
                 "profile": section_profile, "step": section_step, "rows": section_rows,
                 "grid": section_grid, "splitstep": section_splitstep,
                 "shapes": section_shapes, "moeshapes": section_moeshapes,

@@ -28,13 +28,10 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from scout_mm.kernels.int4 import _n_sms, check_linear_input
 from scout_mm.kernels.launch import arrival_counters
-
-# A CTA-wide barrier (``thread_barrier`` up to Triton 3.6, ``barrier`` in later Gluon)
-_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 BF16_MAGIC = 0x43004300  # bf16 128.0 twice: a code q in the low mantissa bits reads as 128 + q (exact)
 FP16_MAGIC = 0x64006400  # fp16 1024.0 twice
@@ -249,18 +246,6 @@ def _mma_kernel(
         if not SYMMETRIC:
             z_ptrs += STEP * size_n
 
-    _finish(acc, out_ptr, part_ptr, count_ptr, n_col, m_rows, size_n, split_k, stride_out, pid_n, pid_k,
-            BLOCK_M, FUSED_SPLIT, SPLIT_MAX)
-
-
-@gluon.jit
-def _finish(acc, out_ptr, part_ptr, count_ptr, n_col, m_rows, size_n, split_k, stride_out, pid_n, pid_k,
-            BLOCK_M: gl.constexpr, FUSED_SPLIT: gl.constexpr, SPLIT_MAX: gl.constexpr):  # fmt: skip
-    """Store a program's (BLOCK_N, BLOCK_M) fp32 sums ``acc`` (operand row -> weight column ``n_col``): straight
-    to ``out`` without a K split; with one, as this split's partial, and the last program of the column tile to
-    arrive adds every split's partial in split order and stores the sum."""
-    mma: gl.constexpr = acc.type.layout
-    act: gl.constexpr = out_ptr.dtype.element_ty
     rows = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma)), 0)
     cols = gl.expand_dims(n_col, 1)
     n_ok = cols < size_n
@@ -268,12 +253,12 @@ def _finish(acc, out_ptr, part_ptr, count_ptr, n_col, m_rows, size_n, split_k, s
     if FUSED_SPLIT:
         p_ptrs = part_ptr + rows * size_n + cols  # (BN, BM)
         gl.store(p_ptrs + pid_k * BLOCK_M * size_n, acc, mask=n_ok)
-        _barrier()  # every thread's partial is written before the (release) arrival below
+        gl.thread_barrier()  # every thread's partial is written before the (release) arrival below
         counter = count_ptr + pid_n
         arrived = gl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         last = arrived == split_k - 1
         if last:
-            acc = gl.zeros(acc.shape, gl.float32, layout=mma)
+            acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
             for split in gl.static_range(SPLIT_MAX):  # fixed order: independent of arrival order
                 # .cg: read from L2, where the other programs' stores are (never a stale L1 line)
                 acc += gl.load(p_ptrs + split * BLOCK_M * size_n, mask=n_ok & (split < split_k), other=0.0,
@@ -281,121 +266,6 @@ def _finish(acc, out_ptr, part_ptr, count_ptr, n_col, m_rows, size_n, split_k, s
             gl.atomic_xchg(counter, 0)  # ready for the next call (and the next replay of a CUDA graph)
     if last:
         gl.store(out_ptr + rows * stride_out + cols, acc.to(act), mask=n_ok & (rows < m_rows))
-
-
-@gluon.jit
-def _copy_group(w_buf, x_buf, qw_ptrs, x_ptrs, qw_mask, x_mask, group, n_here, size_n, G: gl.constexpr,
-                EVICT: gl.constexpr):  # fmt: skip
-    """Start the asynchronous copy of group ``group`` of this split (its packed words and activations) into
-    ``w_buf`` / ``x_buf``; a group past the split's ``n_here`` is copied as zeros (masked)."""
-    ok = group < n_here
-    async_copy.async_copy_global_to_shared(w_buf, qw_ptrs + group * (G // 8) * size_n, mask=qw_mask & ok,
-                                           eviction_policy=EVICT)  # fmt: skip
-    async_copy.async_copy_global_to_shared(x_buf, x_ptrs + group * G, mask=x_mask & ok)
-
-
-@gluon.jit
-def _mma_pipe_kernel(
-    x_ptr,  # (M, K) activations, bf16 / fp16
-    qw_ptr,  # (K // 8, N) int32
-    s_ptr,  # (K // G, N)
-    z_ptr,  # (K // G, N) or a dummy (SYMMETRIC)
-    out_ptr,  # (M, N) in x's dtype
-    part_ptr,  # FUSED_SPLIT: (SPLIT, BLOCK_M, N) fp32 partial sums of the K splits
-    count_ptr,  # FUSED_SPLIT: int32 arrival counters, one per column tile, zero between calls
-    m_rows,
-    size_n,
-    n_groups,
-    groups_per_split,
-    split_k,
-    stride_x,
-    stride_out,
-    G: gl.constexpr,
-    SYMMETRIC: gl.constexpr,
-    BLOCK_M: gl.constexpr,
-    W: gl.constexpr,  # warps; BLOCK_N = 32 W weight columns per program
-    FUSED_SPLIT: gl.constexpr,
-    SPLIT_MAX: gl.constexpr,
-    STAGES: gl.constexpr,  # groups in the shared-memory ring (STAGES - 1 copies in flight)
-    XW: gl.constexpr,  # warps along the 32-row blocks in the activations' copy (the rest along the rows)
-    EVICT: gl.constexpr,
-):
-    """:func:`_mma_kernel` with the words and activations of each group copied (``cp.async``) into a ring of
-    STAGES shared-memory slots, STAGES - 1 groups ahead of the math: more weight bytes in flight per program
-    than a register prefetch holds, and the activations read from global memory once per program instead of once
-    per warp. One group per slot; the register chain from the words to the MMA is the same."""
-    BLOCK_N: gl.constexpr = 32 * W
-    KB: gl.constexpr = G // 32
-    IS_BF16: gl.constexpr = x_ptr.dtype.element_ty == gl.bfloat16
-    MAGIC: gl.constexpr = 128.0 if IS_BF16 else 1024.0
-    act: gl.constexpr = x_ptr.dtype.element_ty
-    g_layout: gl.constexpr = gl.BlockedLayout([1, 4, KB, 1], [8, 1, 1, 4], [W, 1, 1, 1], [1, 2, 3, 0])
-    x_layout: gl.constexpr = gl.BlockedLayout([1, KB, 1, 8], [8, 1, 4, 1], [1, 1, W, 1], [3, 1, 2, 0])
-    # the activations' copy: 16 bytes a thread, the warps over blocks and rows (no warp copies twice where KB
-    # and the rows allow)
-    xc_layout: gl.constexpr = gl.BlockedLayout([1, 1, 1, 8], [8, 1, 4, 1], [W // XW, XW, 1, 1], [3, 1, 2, 0])
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
-    # Shared memory, no swizzle; a lane (t, gg) reads 16 bytes, and the order puts a thread's 4 columns of the
-    # word rows t = 0..3 side by side (rr, t, gg, b): the 8 lanes of one 16-byte access phase (4 t x 2 gg) touch
-    # 8 different 16-byte bank groups. Activations (m, b, t, j) ordered (j, t, m, b) for the same reason.
-    w_order: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 3, 0, 2])
-    x_order: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[3, 2, 0, 1])
-    w_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, 8 * W, 4, KB, 4], w_order)
-    x_bufs = gl.allocate_shared_memory(act, [STAGES, BLOCK_M, KB, 4, 8], x_order)
-
-    pid_n = gl.program_id(0)
-    pid_k = gl.program_id(1)
-    n0 = pid_n * BLOCK_N
-    g_begin = pid_k * groups_per_split
-    n_here = gl.minimum(groups_per_split, n_groups - g_begin)
-
-    col = n0 + 4 * _index4(8 * W, 0, g_layout) + _index4(4, 1, g_layout)  # (8W, 4, 1, 1)
-    word = 4 * _index4(KB, 2, g_layout) + _index4(4, 3, g_layout)  # (1, 1, KB, 4)
-    qw_ptrs = qw_ptr + (g_begin * (G // 8) + word) * size_n + col
-    qw_mask = (col < size_n) & (word >= 0)
-    if not SYMMETRIC:
-        z_zero = _index4(KB, 2, g_layout) * 0 + _index4(4, 3, g_layout) * 0  # every block and t: one zero
-        z_ptrs = z_ptr + g_begin * size_n + col + z_zero
-        z_mask = (col < size_n) & (z_zero == 0)
-    n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-    n_col = n0 + 32 * ((n // 16) % W) + 4 * (n % 8) + 2 * (n // (16 * W)) + (n // 8) % 2
-    s_ptrs = s_ptr + g_begin * size_n + n_col
-    s_mask = n_col < size_n
-    xm = _index4(BLOCK_M, 0, xc_layout)
-    xk = 32 * _index4(KB, 1, xc_layout) + 8 * _index4(4, 2, xc_layout) + _index4(8, 3, xc_layout)
-    x_ptrs = x_ptr + xm * stride_x + g_begin * G + xk
-    x_mask = (xm < m_rows) & (xk >= 0)
-
-    for i in gl.static_range(STAGES - 1):
-        _copy_group(w_bufs.index(i), x_bufs.index(i), qw_ptrs, x_ptrs, qw_mask, x_mask, i, n_here, size_n, G,
-                    EVICT)  # fmt: skip
-        async_copy.commit_group()
-    s_nxt = gl.load(s_ptrs, mask=s_mask, other=0.0)
-    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
-    for group in range(n_here):
-        slot = group % STAGES
-        scale = s_nxt
-        s_nxt = gl.load(s_ptrs + (group + 1) * size_n, mask=s_mask & (group + 1 < n_here), other=0.0)
-        if SYMMETRIC:
-            offset = gl.full([8 * W, 4, KB, 4], MAGIC + 8.0, act, layout=g_layout)
-        else:
-            zero = gl.load(z_ptrs + group * size_n, mask=z_mask, other=0.0)
-        async_copy.wait_group(STAGES - 2)  # this thread's copies of ``group`` have landed
-        _barrier()  # ... and every thread's; all reads of the slot refilled below are done
-        ahead = group + STAGES - 1
-        _copy_group(w_bufs.index(ahead % STAGES), x_bufs.index(ahead % STAGES), qw_ptrs, x_ptrs, qw_mask, x_mask,
-                    ahead, n_here, size_n, G, EVICT)  # fmt: skip
-        async_copy.commit_group()
-        words = w_bufs.index(slot).load(g_layout)
-        xt = x_bufs.index(slot).load(x_layout)
-        if not SYMMETRIC:
-            offset = (zero.to(gl.float32) + MAGIC).to(act)
-        part = _group_product(words, offset, xt, W, KB, BLOCK_M, IS_BF16, mma)
-        acc += part * gl.expand_dims(scale.to(gl.float32), 1)
-    async_copy.wait_group(0)  # no copy outlives the program (the last ones are masked, zeros)
-
-    _finish(acc, out_ptr, part_ptr, count_ptr, n_col, m_rows, size_n, split_k, stride_out, pid_n, pid_k,
-            BLOCK_M, FUSED_SPLIT, SPLIT_MAX)
 
 
 def emulate_operands(words: torch.Tensor, x_tile: torch.Tensor, warps: int):
@@ -418,16 +288,14 @@ def emulate_operands(words: torch.Tensor, x_tile: torch.Tensor, warps: int):
 
 
 def mma_config(warps: int = 2, step: int = 1, occupancy: float = 4.0, prefetch: bool = True,
-               evict: str = "evict_first", min_splits: int = 1, prefetch_x: bool = False,
-               stages: int = 0) -> dict:  # fmt: skip
+               evict: str = "evict_first", min_splits: int = 1, prefetch_x: bool = False) -> dict:  # fmt: skip
     """warps: a program covers 32 weight columns per warp (two m16 MMA tiles); step: groups per loop step
     (1 or 2; 1 where it does not divide the group count); occupancy: the K split aims at this many programs
     per SM (a ceiling); min_splits: at least this many K splits (where K has the steps), above the ceiling if
     need be (wide outputs); prefetch: the next step's words are loaded before this step's math; prefetch_x (with
-    prefetch): the next step's activations and group scales too. stages >= 2: :func:`_mma_pipe_kernel`, a ring of
-    that many groups in shared memory filled by ``cp.async`` (step, prefetch and prefetch_x do not apply)."""
+    prefetch): the next step's activations and group scales too."""
     return {"kind": "mma", "num_warps": warps, "step": step, "occupancy": occupancy, "prefetch": prefetch,
-            "evict": evict, "min_splits": min_splits, "prefetch_x": prefetch_x, "stages": stages}  # fmt: skip
+            "evict": evict, "min_splits": min_splits, "prefetch_x": prefetch_x}  # fmt: skip
 
 
 MAX_ROWS = 16
@@ -498,11 +366,8 @@ def int4_linear_mma(
             f"x on {x.device}; the tensor-core Int4 kernel (Gluon, mma.sync) needs a CUDA sm_80+ GPU"
         )
     cfg = config or TUNED
-    if cfg["num_warps"] not in (1, 2, 4, 8) or cfg["step"] not in (1, 2) or cfg.get("stages", 0) in (1,):
-        raise ValueError(
-            f"config num_warps={cfg['num_warps']}, step={cfg['step']}, stages={cfg.get('stages', 0)}; expected "
-            "1/2/4/8, 1/2 and 0 (register prefetch) or >= 2"
-        )
+    if cfg["num_warps"] not in (1, 2, 4, 8) or cfg["step"] not in (1, 2):
+        raise ValueError(f"config num_warps={cfg['num_warps']}, step={cfg['step']}; expected 1/2/4/8 and 1/2")
     return launch(x, qweight, scales, zeros, group_size, cfg)
 
 
@@ -511,12 +376,9 @@ def launch(x, qweight, scales, zeros, group_size: int, cfg: dict) -> torch.Tenso
     (:func:`scout_mm.kernels.int4.int4_linear`: the weight and shapes, then :func:`supported`)."""
     warps, m_rows, size_n = cfg["num_warps"], x.shape[0], qweight.shape[-1]
     x = x.contiguous()
-    stages = cfg.get("stages", 0)
-    if stages and x.data_ptr() % 16:
-        x = x.clone()  # cp.async copies 16 bytes at a time: an aligned start (rows are 64-byte multiples)
     block_m = 8 if m_rows <= 8 else 16
     n_groups = scales.shape[0]
-    step = cfg["step"] if n_groups % cfg["step"] == 0 and not stages else 1
+    step = cfg["step"] if n_groups % cfg["step"] == 0 else 1
     n_tiles = triton.cdiv(size_n, 32 * warps)
     split_k, per_split = _split(n_groups, n_tiles, cfg["occupancy"], step, x.device, cfg.get("min_splits", 1))
     out = torch.empty(m_rows, size_n, dtype=x.dtype, device=x.device)
@@ -526,13 +388,11 @@ def launch(x, qweight, scales, zeros, group_size: int, cfg: dict) -> torch.Tenso
         counters = arrival_counters(x.device, n_tiles)
     else:
         part, counters = out, out
-    common = dict(G=group_size, SYMMETRIC=zeros is None, BLOCK_M=block_m, W=warps, FUSED_SPLIT=fused,
-                  SPLIT_MAX=triton.next_power_of_2(split_k) if fused else 1, EVICT=cfg["evict"], num_warps=warps)
-    args = (x, qweight, scales, zeros if zeros is not None else scales, out, part, counters, m_rows, size_n,
-            n_groups, per_split, split_k, x.stride(0), out.stride(0))  # fmt: skip
-    if stages:
-        _mma_pipe_kernel[(n_tiles, split_k)](*args, STAGES=stages, XW=min(warps, group_size // 32), **common)
-    else:
-        _mma_kernel[(n_tiles, split_k)](*args, STEP=step, PREFETCH=cfg["prefetch"],
-                                        PREFETCH_X=cfg.get("prefetch_x", False), **common)  # fmt: skip
+    _mma_kernel[(n_tiles, split_k)](
+        x, qweight, scales, zeros if zeros is not None else scales, out, part, counters, m_rows, size_n,
+        n_groups, per_split, split_k, x.stride(0), out.stride(0),
+        G=group_size, STEP=step, SYMMETRIC=zeros is None, BLOCK_M=block_m, W=warps, FUSED_SPLIT=fused,
+        SPLIT_MAX=triton.next_power_of_2(split_k) if fused else 1, PREFETCH=cfg["prefetch"],
+        PREFETCH_X=cfg.get("prefetch_x", False), EVICT=cfg["evict"], num_warps=warps,
+    )  # fmt: skip
     return out
