@@ -67,21 +67,28 @@ def checkpoint_files(path: str) -> list[str]:
     raise CheckpointError(f"no {SINGLE_NAME} or {INDEX_NAME} in {path}")
 
 
+def open_shard(file: str):
+    """``safe_open`` of one shard (memory-mapped, CPU), a CheckpointError naming the file if it is unreadable."""
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {file}: corrupt or not a safetensors file ({e})") from e
+
+
+def stored_twice(path: str, key: str, first: str, second: str) -> CheckpointError:
+    """The error for a tensor found in two shards (which copy is meant is unknowable)."""
+    return CheckpointError(f"{path}: tensor {key!r} is stored twice, in {first} and {second}")
+
+
 def iter_checkpoint(path: str) -> Iterator[tuple[str, str, callable]]:
     """Yield (file, key, load) for every tensor; ``load()`` reads that one tensor from the mmapped shard. A
     tensor stored in two shards is a CheckpointError (which copy is meant is unknowable)."""
     seen: dict[str, str] = {}
     for file in checkpoint_files(path):
-        try:
-            handle = safe_open(file, framework="pt", device="cpu")
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"cannot read {file}: corrupt or not a safetensors file ({e})") from e
-        with handle:
+        with open_shard(file) as handle:
             for key in handle.keys():
                 if key in seen:
-                    raise CheckpointError(
-                        f"{path}: tensor {key!r} is stored twice, in {seen[key]} and {file}"
-                    )
+                    raise stored_twice(path, key, seen[key], file)
                 seen[key] = file
 
                 def load(key=key, handle=handle, file=file):
@@ -104,15 +111,22 @@ def quantization_config(path: str | os.PathLike):
     return hf.get("quantization_config") if isinstance(hf, dict) else None
 
 
+def is_int4_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether folder ``path``'s config.json declares the scout_mm Int4 format (False for a float checkpoint, and
+    for a missing or unreadable config.json, which the loaders name)."""
+    from scout_mm.quant.format import QUANT_METHOD  # here: scout_mm.quant imports this module
+
+    quant = quantization_config(path)
+    return isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD
+
+
 def _reject_quantized(path: str) -> None:
     """A float load of a quantized checkpoint would fail on its first packed tensor; say what it is instead."""
     quant = quantization_config(path)
     if quant is None:
         return
-    from scout_mm.quant.format import QUANT_METHOD  # here: scout_mm.quant imports this module
-
     method = quant.get("quant_method") if isinstance(quant, dict) else None
-    if method == QUANT_METHOD:
+    if is_int4_checkpoint(path):
         raise CheckpointError(
             f"{path} is a scout_mm Int4 checkpoint (quantization_config in config.json): load it with "
             "scout_mm.quant.load_quantized(path) (scripts/generate.py does so by itself)"
@@ -318,21 +332,8 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def hf_config_for_save(config: ScoutConfig, dtype: torch.dtype) -> dict:
-    """The config.json dict to write beside weights of ``dtype``: ``config.to_hf()`` with the dtype stated
-    under both names (transformers 5 reads ``dtype`` first, so a stale one from a loaded config would win) and
-    ``attn_temperature_tuning`` as the bool that transformers 5 requires (HF Scout's file stores the int 4)."""
-    hf = config.to_hf()
-    name = str(dtype).removeprefix("torch.")
-    hf["torch_dtype"] = hf["dtype"] = name
-    for sub in (hf.get("text_config"), hf.get("vision_config")):
-        for key in ("torch_dtype", "dtype"):
-            if isinstance(sub, dict) and key in sub:
-                sub[key] = name
-    text = hf.get("text_config", hf)
-    text["attn_temperature_tuning"] = bool(text["attn_temperature_tuning"])
-    if config.vision is None:
-        hf["architectures"] = ["Llama4ForCausalLM"]
-    return hf
+    """The config.json dict to write beside weights of ``dtype`` (:meth:`ScoutConfig.to_hf_file`)."""
+    return config.to_hf_file(dtype)
 
 
 def save_pretrained(model, path, max_shard_size: int | str = "5GB") -> None:

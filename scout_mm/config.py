@@ -279,9 +279,37 @@ class ScoutConfig:
             out[k] = copy.deepcopy(v)
         return out
 
-    def save(self, directory: str | os.PathLike) -> None:
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(self.to_hf(), f, indent=2, sort_keys=True)
+    def to_hf_file(self, dtype=None) -> dict:
+        """The config.json dict to write (beside weights of ``dtype``, a torch dtype or its name, when given):
+        :meth:`to_hf` with the dtype stated under both names (transformers 5 reads ``dtype`` first, so a stale
+        one from a loaded config would win), ``attn_temperature_tuning`` as the bool that transformers 5
+        requires (HF Scout's file stores the int 4), and a text-only model named ``Llama4ForCausalLM``."""
+        hf = self.to_hf()
+        if dtype is not None:
+            name = str(dtype).removeprefix("torch.")
+            hf["torch_dtype"] = hf["dtype"] = name
+            for sub in (hf.get("text_config"), hf.get("vision_config")):
+                for key in ("torch_dtype", "dtype"):
+                    if isinstance(sub, dict) and key in sub:
+                        sub[key] = name
+        text = hf.get("text_config", hf)
+        text["attn_temperature_tuning"] = bool(text["attn_temperature_tuning"])
+        if self.vision is None:
+            hf["architectures"] = ["Llama4ForCausalLM"]
+        return hf
+
+    def save(self, directory: str | os.PathLike, dtype=None) -> None:
+        """Write ``directory``/config.json (:meth:`to_hf_file`): to a temporary name first, then renamed, so an
+        interrupted save never leaves a half-written file."""
+        final = os.path.join(os.fspath(directory), "config.json")
+        tmp = f"{final}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.to_hf_file(dtype), f, indent=2, sort_keys=True)
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 # HF text-config keys that map 1:1 onto TextConfig fields.

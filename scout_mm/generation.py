@@ -148,21 +148,32 @@ def prefill_pieces(model, cache: KVCache, seq: int, length: int, embed, piece: i
 
 
 class _PromptPieces:
-    """The embeddings of sequence ``b``'s real tokens (under ``attention_mask``), piece by piece: token
-    embeddings, with the image tokens' rows of ``image_embeds`` (all sequences' image tokens in order, as
-    ``model.image_token_embeddings`` gives them) in place. Equal to slicing ``model.embed_inputs`` of the batch."""
+    """The embeddings of one sequence's real tokens (under ``attention_mask``), piece by piece: token embeddings,
+    with the image tokens' rows of ``image_embeds`` (all sequences' image tokens in order, as
+    ``model.image_token_embeddings`` gives them) in place. Equal to slicing ``model.embed_inputs`` of the batch.
+    Made for every sequence at once by :meth:`for_batch`."""
 
-    def __init__(self, model, input_ids, attention_mask, image_embeds, b: int):
-        self.model, self.image_embeds = model, image_embeds
-        columns = attention_mask[b].nonzero()[:, 0]  # the real tokens, whichever side the padding is on
-        self.ids = input_ids[b, columns][None]
+    def __init__(self, model, ids, image_embeds, first_row=None, is_image=None):
+        self.model, self.ids, self.image_embeds = model, ids, image_embeds
+        self.first_row, self.is_image = first_row, is_image
+
+    @classmethod
+    def for_batch(cls, model, input_ids, attention_mask, image_embeds) -> list[_PromptPieces]:
         if image_embeds is not None:
             is_image = input_ids == model.config.image_token_index
-            # index into image_embeds of each real token's image row (image tokens under padding count too,
-            # as in embed_inputs): those of earlier sequences, then those of this row before the column
-            before = is_image[:b].sum() + is_image[b].cumsum(0) - is_image[b].long()
-            self.first_row = before[columns]
-            self.is_image = is_image[b, columns]
+            # index into image_embeds of every token's image row (image tokens under padding count too, as in
+            # embed_inputs): the image tokens before it in the batch, row by row
+            flat = is_image.flatten().long()
+            rows = (flat.cumsum(0) - flat).view(is_image.shape)
+        pieces = []
+        for b in range(input_ids.shape[0]):
+            columns = attention_mask[b].nonzero()[:, 0]  # the real tokens, whichever side the padding is on
+            ids = input_ids[b, columns][None]
+            if image_embeds is None:
+                pieces.append(cls(model, ids, None))
+            else:
+                pieces.append(cls(model, ids, image_embeds, rows[b, columns], is_image[b, columns]))
+        return pieces
 
     def embed(self, start: int, end: int) -> torch.Tensor:
         ids = self.ids[:, start:end]
@@ -408,9 +419,8 @@ def _generate_steps(model, state, input_ids, pixel_values, attention_mask, param
     # 256K tokens of Scout). The images go through the vision tower once, here.
     _, image_embeds = model.image_token_embeddings(input_ids, pixel_values)
     first_logits = []
-    for b in range(batch):
+    for b, pieces in enumerate(_PromptPieces.for_batch(model, input_ids, attention_mask, image_embeds)):
         cache.reserve(b, lengths[b] + params.max_new_tokens)
-        pieces = _PromptPieces(model, input_ids, attention_mask, image_embeds, b)
         first_logits.append(prefill_pieces(model, cache, b, lengths[b], pieces.embed, piece))
     logits = torch.stack(first_logits)
     _sync(device)

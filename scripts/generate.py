@@ -19,11 +19,10 @@ import torch
 
 import scout_mm
 from scout_mm import Processor, ScoutConfig, ScoutForConditionalGeneration
-from scout_mm.checkpoint import DTYPE_NAMES, quantization_config
+from scout_mm.checkpoint import DTYPE_NAMES, is_int4_checkpoint
 from scout_mm.fusion import fuse_projections, fuse_shared_expert
 from scout_mm.generation import GenerateOutput
 from scout_mm.quant import load_quantized, quantize_model, quantized_bytes
-from scout_mm.quant.format import QUANT_METHOD
 
 EXAMPLE_IMAGE = str(files("scout_mm") / "assets" / "example.png")
 # The tiny preset trained on the synthetic image-text tasks (configs/tiny.yaml, bench/results/train_tiny_h100.md).
@@ -85,7 +84,7 @@ def main() -> None:
         images = args.image or [EXAMPLE_IMAGE]
         prompt = args.prompt or "What shapes are in the image?"
     else:
-        if not args.int4 and _is_int4_checkpoint(args.model):
+        if not args.int4 and is_int4_checkpoint(args.model):
             print(f"{args.model}: Int4 checkpoint (quantization_config in config.json): loading it as Int4",
                   file=sys.stderr)  # fmt: skip
             args.int4 = True
@@ -118,13 +117,6 @@ def main() -> None:
             + (f", peak GPU memory {peak:.2f} GB]" if peak is not None else "]"),
             file=sys.stderr,
         )
-
-
-def _is_int4_checkpoint(path: str) -> bool:
-    """Whether ``path``'s config.json declares the scout_mm Int4 format (a missing or broken config.json is left
-    to the loader, which names the problem)."""
-    quant = quantization_config(path)
-    return isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD
 
 
 def _run(model, processor, prompt, images, stream: bool, sampling: dict) -> GenerateOutput:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 
 import pytest
+import torch
 
 from scout_mm.config import ScoutConfig, TextConfig, VisionConfig
 from scout_mm.model import count_parameters
@@ -158,6 +160,30 @@ def test_text_only_config_from_causal_lm():
 def test_config_file_path(tmp_path):
     ScoutConfig.from_preset("tiny").save(tmp_path)
     assert ScoutConfig.from_hf(tmp_path).text == ScoutConfig.from_hf(tmp_path / "config.json").text
+    assert os.listdir(tmp_path) == ["config.json"]  # written under a temporary name, then renamed
+
+
+def test_saved_config_is_what_transformers_reads(tmp_path):
+    """ScoutConfig.save writes what checkpoints write: the dtype under both names, attn_temperature_tuning as a
+    bool (HF Scout's own file has the int 4, which transformers 5 rejects), and transformers loads it."""
+    from transformers import AutoConfig
+
+    hf = copy.deepcopy(SCOUT_HF_CONFIG)
+    hf["text_config"]["attn_temperature_tuning"] = 4
+    ScoutConfig.from_hf(hf).save(tmp_path, dtype=torch.float16)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["dtype"] == saved["torch_dtype"] == "float16"
+    assert saved["text_config"]["attn_temperature_tuning"] is True
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert loaded.text_config.attn_temperature_tuning is True
+    # the same model; only the stated dtype (in hf_extra) and the bool's spelling changed
+    reloaded, original = ScoutConfig.from_hf(tmp_path).text, ScoutConfig.from_hf(hf).text
+    assert reloaded.attn_temperature_tuning is True and reloaded.hf_extra["torch_dtype"] == "float16"
+    same = dict(attn_temperature_tuning=4, hf_extra={})
+    assert dataclasses.replace(reloaded, **same) == dataclasses.replace(original, hf_extra={})
+    text_only = ScoutConfig.from_hf(hf["text_config"])
+    text_only.save(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["Llama4ForCausalLM"]
 
 
 @pytest.mark.parametrize(

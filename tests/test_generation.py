@@ -193,9 +193,12 @@ def test_prompt_embedded_piece_by_piece_equals_the_batch_embedding(side):
     with torch.no_grad():
         whole, _ = model.embed_inputs(input_ids, pixels)
         _, image_embeds = model.image_token_embeddings(input_ids, pixels)
-        for b in range(3):
+        batch_pieces = _PromptPieces.for_batch(model, input_ids, attention_mask, image_embeds)
+        text_only = _PromptPieces.for_batch(model, input_ids, attention_mask, None)
+        for b, pieces in enumerate(batch_pieces):
             expected = whole[b : b + 1, attention_mask[b]]
-            pieces = _PromptPieces(model, input_ids, attention_mask, image_embeds, b)
+            ids = input_ids[b : b + 1, attention_mask[b]]
+            assert torch.equal(text_only[b].embed(0, ids.shape[1]), model.embed_tokens(ids))
             length = expected.shape[1]
             for start, end in ((0, 1), (1, 4), (2, 3), (0, length), (3, length), (length - 1, length)):
                 if start < length:  # prefill asks for pieces that start inside the prompt

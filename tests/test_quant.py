@@ -752,6 +752,23 @@ def test_quantize_checkpoint_refuses_a_tensor_stored_twice(tmp_path):
     assert not (tmp_path / "int4").exists()
 
 
+def test_quantize_checkpoint_names_a_corrupt_shard_and_int4_detection(tmp_path):
+    from scout_mm.checkpoint import is_int4_checkpoint
+
+    small_model(seed=25).save_pretrained(tmp_path / "float")
+    assert not is_int4_checkpoint(tmp_path / "float") and not is_int4_checkpoint(tmp_path / "missing")
+    quantize_checkpoint(tmp_path / "float", tmp_path / "int4", QuantConfig(group_size=32))
+    assert is_int4_checkpoint(tmp_path / "int4")
+    config = json.loads((tmp_path / "int4" / "config.json").read_text())
+    config["quantization_config"]["quant_method"] = "gptq"  # someone else's format
+    (tmp_path / "int4" / "config.json").write_text(json.dumps(config))
+    assert not is_int4_checkpoint(tmp_path / "int4")
+    (tmp_path / "float" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00not a header")
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupt or not a safetensors file"):
+        quantize_checkpoint(tmp_path / "float", tmp_path / "int4b", QuantConfig(group_size=32))
+    assert not (tmp_path / "int4b").exists()
+
+
 @pytest.mark.parametrize("vision", [True, False], ids=["conditional_generation", "causal_lm"])
 def test_quantize_checkpoint_written_by_transformers(tmp_path, vision):
     # A checkpoint saved by transformers itself (its key names, its fused (E, H, 2I) expert tensors, sharded)

@@ -18,7 +18,6 @@ import shutil
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -33,8 +32,10 @@ from scout_mm.checkpoint import (
     checkpoint_files,
     config_dtype,
     hf_config_for_save,
+    open_shard,
     param_name,
     parse_size,
+    stored_twice,
     write_folder_atomically,
 )
 from scout_mm.config import ScoutConfig
@@ -295,10 +296,7 @@ class _Source:
         self.handles, self.where = {}, {}
         unexpected = []
         for file in checkpoint_files(path):
-            try:
-                handle = safe_open(file, framework="pt", device="cpu")
-            except Exception as e:
-                raise CheckpointError(f"cannot read {file}: corrupt or not a safetensors file ({e})") from e
+            handle = open_shard(file)
             self.handles[file] = handle
             for key in handle.keys():
                 name = param_name(key, config, file, functools.partial(handle.get_tensor, key))
@@ -307,9 +305,7 @@ class _Source:
                 if name not in expected:
                     unexpected.append(key)
                 if name in self.where:  # as iter_checkpoint: which copy is meant is unknowable
-                    raise CheckpointError(
-                        f"{path}: tensor {key!r} is stored twice, in {self.where[name][0]} and {file}"
-                    )
+                    raise stored_twice(path, key, self.where[name][0], file)
                 self.where[name] = (file, key)
         if any(k.endswith("qweight") for k in self.where):
             raise CheckpointError(f"{path} is already quantized (it holds packed qweight tensors)")
