@@ -585,7 +585,9 @@ def section_mma16(rows_out, rounds: int = 2):
             cases = {"tinygemm": tinygemm_call(x, pick_t)}
             for name, change in variants.items():
                 cfg = dict(shipped, **(change or {}))
-                cases[name] = lambda x=x, cfg=cfg, pick=pick: int4_mma.int4_linear_mma(x, *pick(), GROUP, config=cfg)
+                cases[name] = lambda x=x, cfg=cfg, pick=pick: int4_mma.int4_linear_mma(
+                    x, *pick(), GROUP, config=cfg
+                )
             times = {name: [] for name in cases}
             for _ in range(rounds):
                 for name, fn in cases.items():
@@ -990,7 +992,9 @@ def _long_prompt(model, config, rows_out, label, length):
         release_decode_state(model)
         del prompt
         torch.cuda.empty_cache()
-        rows_out.append(f"| {label} | {length:,} | out of GPU memory: {str(e).splitlines()[0][:160]} | | | | |")
+        rows_out.append(
+            f"| {label} | {length:,} | out of GPU memory: {str(e).splitlines()[0][:160]} | | | | |"
+        )
         print(rows_out[-1], flush=True)
         return False
     cache = model.__dict__[_STATE_ATTR].cache.memory_bytes()
@@ -1154,7 +1158,10 @@ def _short_prefill_ab(model, config, rows_out, lengths=(8, 12, 14, 16, 24, 32, 6
                     for _ in range(6):
                         cache = KVCache(config.text, 1, "cuda", torch.bfloat16)
                         cache.reserve(0, length + 1)
-                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start, end = (
+                            torch.cuda.Event(enable_timing=True),
+                            torch.cuda.Event(enable_timing=True),
+                        )
                         start.record()
                         prefill(model, cache, 0, embeds, 8192)
                         end.record()
@@ -1268,7 +1275,9 @@ def section_shapes(rows_out):
         times["tinygemm"] = []
         for _ in range(2):
             for label, cfg in configs:
-                times[label].append(graph_us(lambda c=cfg, p=pick, x=x: int4.int4_linear(x, *p(), GROUP, config=c)))
+                times[label].append(
+                    graph_us(lambda c=cfg, p=pick, x=x: int4.int4_linear(x, *p(), GROUP, config=c))
+                )
             times["tinygemm"].append(graph_us(tinygemm_call(x, tiny)))
         base = min(times[configs[0][0]])
         t_tiny = min(times["tinygemm"])
@@ -1419,20 +1428,28 @@ def section_tailsplit(rows_out, rounds: int = 2):
         w0 = pick()
         ref = int4.int4_linear(x, *w0, GROUP, config=base_cfg).float()
         for label, cfg in configs.items():
-            err = float((int4.int4_linear(x, *w0, GROUP, config=cfg).float() - ref).abs().max() / ref.abs().max())
+            err = float(
+                (int4.int4_linear(x, *w0, GROUP, config=cfg).float() - ref).abs().max() / ref.abs().max()
+            )
             if err > 1e-2:
                 raise AssertionError(f"{size_n}x{size_k} {label}: rel diff {err:.3g} vs the recorded config")
         times = {label: [] for label in configs}
         for _ in range(rounds):
             for label, cfg in configs.items():
-                times[label].append(graph_us(lambda c=cfg, p=pick, x=x: int4.int4_linear(x, *p(), GROUP, config=c)))
+                times[label].append(
+                    graph_us(lambda c=cfg, p=pick, x=x: int4.int4_linear(x, *p(), GROUP, config=c))
+                )
         first = next(iter(configs))
         base = min(times[first])
         for label, cfg in configs.items():
             tiles = -(-size_n // cfg["BLOCK_N"])
             split, _ = int4._gemv_split(cfg, size_k // GROUP, tiles, GROUP, device)
             full = min(tiles, int4._n_sms(device))
-            progs = f"{full} + {tiles - full} x {cfg['tail_split']}" if "tail_split" in cfg and full < tiles else f"{tiles} x {split}"
+            progs = (
+                f"{full} + {tiles - full} x {cfg['tail_split']}"
+                if "tail_split" in cfg and full < tiles
+                else f"{tiles} x {split}"
+            )
             t = min(times[label])
             rows_out.append(f"| {size_n}x{size_k} | {label} | {progs} | " + " | ".join(f"{v:.1f}" for v in times[label][:2]) +
                             f" | {size_k * size_n / 2 / t / 1e6:.2f} | {base / t:.3f}x |")  # fmt: skip
@@ -1481,7 +1498,11 @@ def section_decodesplits(rows_out, rounds: int = 2):
     variants = []
     for item in mins:  # "contiguous/paged" minimums, optionally "/BLOCK_N.warps.stages" of the paged launch
         contiguous, paged, *paged_cfg = item.split("/")
-        cfg = dict(shipped_cfg, paged=tuple(int(v) for v in paged_cfg[0].split("."))) if paged_cfg else shipped_cfg
+        cfg = (
+            dict(shipped_cfg, paged=tuple(int(v) for v in paged_cfg[0].split(".")))
+            if paged_cfg
+            else shipped_cfg
+        )
         label = f"live-key splits, min keys contiguous {contiguous} / paged {paged}" + (
             f", paged (BLOCK_N, warps, stages) {cfg['paged']}" if paged_cfg else "")  # fmt: skip
         variants.append((label, (shipped_fn, {"contiguous": int(contiguous), "paged": int(paged)}, cfg)))
@@ -1514,7 +1535,13 @@ def _three_cache_states(rows_out, title, variants, use, restore, rounds):
                 for label, setting in variants:
                     use(setting)
                     torch.manual_seed(0)
-                    key = label if round_ == 0 else f"{label}, again" if round_ == 1 else f"{label}, round {round_ + 1}"
+                    key = (
+                        label
+                        if round_ == 0
+                        else f"{label}, again"
+                        if round_ == 1
+                        else f"{label}, round {round_ + 1}"
+                    )
                     runs[key] = decode_step_profile(model, config, rows_out, key, prompt_len, reserve)
         finally:
             use(restore)
@@ -1566,7 +1593,10 @@ def section_baselineab(rows_out, rounds: int = 3):
     variants = []
     for round_ in range(rounds):
         again = "" if round_ == 0 else ", again" if round_ == 1 else f", round {round_ + 1}"
-        variants += [(f"baseline ({os.path.basename(path)}){again}", baseline), (f"working tree{again}", current)]
+        variants += [
+            (f"baseline ({os.path.basename(path)}){again}", baseline),
+            (f"working tree{again}", current),
+        ]
     config, model = build_scout_int4()
     rows_out += ["", f"## Decode step A/B: {label}"]
     runs = _step_variants(model, config, rows_out, variants, use, restore=current)
@@ -1669,7 +1699,10 @@ def section_downtable(rows_out, rounds: int = 3):
     key, session8 = (5120, 8192, 2), {"BLOCK_N": 32, "BLOCK_K": 256, "split_k": 6}
     table = int4.TUNED["moe_gemv_by_shape"]
     shipped = table.get(key)
-    variants = [("down at 2 slots: session 8's 32x256, 6 splits", session8), ("down at 2 slots: the rule", None)]
+    variants = [
+        ("down at 2 slots: session 8's 32x256, 6 splits", session8),
+        ("down at 2 slots: the rule", None),
+    ]
 
     def use(over):
         if over:
@@ -1704,7 +1737,9 @@ def main() -> None:
         "--tokens", default=None, help="moe section: comma-separated T (default 1,16,64,512,4096)"
     )
     parser.add_argument(
-        "--prompts", default=None, help="longctx section: comma-separated prompt lengths (default 32K,128K,256K)"
+        "--prompts",
+        default=None,
+        help="longctx section: comma-separated prompt lengths (default 32K,128K,256K)",
     )
     args = parser.parse_args()
     _select_candidates(args.candidates)

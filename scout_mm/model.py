@@ -183,7 +183,9 @@ class DecoderLayer(nn.Module):
         routing = None
         if self.is_moe:
             # x + attn, its norm and (shared expert folded, decode) the router: one kernel at inference
-            x, out, topk_ids, router_logits = self.feed_forward.add_norm_forward(x, attn, self.post_attention_layernorm)
+            x, out, topk_ids, router_logits = self.feed_forward.add_norm_forward(
+                x, attn, self.post_attention_layernorm
+            )
             routing = (topk_ids, router_logits)
         else:
             x, h = self.post_attention_layernorm(x, attn)  # x + attn and its norm, one kernel at inference

@@ -410,13 +410,19 @@ def test_none_sampling_values_mean_defaults_and_numpy_eos_ids():
     model = ScoutForConditionalGeneration(tiny_config(vision=False)).eval()
     ids = torch.randint(3, 290, (1, 6))
     base = generate_ids(model, ids, max_new_tokens=5, eos_token_id=[])
-    same = generate_ids(model, ids, max_new_tokens=5, eos_token_id=[], temperature=None, repetition_penalty=None)
+    same = generate_ids(
+        model, ids, max_new_tokens=5, eos_token_id=[], temperature=None, repetition_penalty=None
+    )
     assert torch.equal(same.sequences, base.sequences)
     stop = int(base.sequences[0, -3])
     from scout_mm.generation import generate_steps
 
-    params = SamplingParams(max_new_tokens=5, temperature=None, repetition_penalty=None)  # streams take None too
-    streamed = torch.stack([tokens for tokens, _ in generate_steps(model, ids, params=params, eos_token_id=[])], 1)
+    params = SamplingParams(
+        max_new_tokens=5, temperature=None, repetition_penalty=None
+    )  # streams take None too
+    streamed = torch.stack(
+        [tokens for tokens, _ in generate_steps(model, ids, params=params, eos_token_id=[])], 1
+    )
     assert torch.equal(streamed, base.sequences[:, ids.shape[1] :])
     by_array = generate_ids(model, ids, max_new_tokens=5, eos_token_id=np.array([stop]))
     by_list = generate_ids(model, ids, max_new_tokens=5, eos_token_id=[stop])

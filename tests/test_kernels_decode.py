@@ -45,7 +45,9 @@ def _problem(batch, n_heads, n_kv_heads, q_len, capacity, head_dim, paged_block,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("paged_block", [None, 8], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("shape", [(1, 4, 2, 1, 70, 16), (3, 6, 2, 2, 45, 32)], ids=["b1_q1", "b3_q2"])
-@pytest.mark.parametrize("n_splits", [3, 20], ids=["unrolled_merge", "looped_merge"])  # the in-kernel merge's forms
+@pytest.mark.parametrize(
+    "n_splits", [3, 20], ids=["unrolled_merge", "looped_merge"]
+)  # the in-kernel merge's forms
 def test_merge_in_split_kernel_and_q_scale(flash_decode, monkeypatch, shape, paged_block, dtype, n_splits):
     from scout_mm.kernels.reference import decode_attention as reference
 

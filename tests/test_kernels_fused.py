@@ -202,7 +202,9 @@ def _norm_router_inputs(tokens, hidden, n_experts, dtype, device="cpu"):
 def _same_choice(ids, ref_ids, ref_logits, top_k, margin):
     # where the reference's k-th and (k+1)-th logits are clearly apart (and the top k distinct): same experts
     ordered = ref_logits.float().sort(-1, descending=True).values
-    clear = (ordered[:, top_k - 1] - ordered[:, top_k] if top_k < ordered.shape[1] else ordered[:, -1]) > margin
+    clear = (
+        ordered[:, top_k - 1] - ordered[:, top_k] if top_k < ordered.shape[1] else ordered[:, -1]
+    ) > margin
     sure = clear & (ordered[:, :top_k].diff(dim=-1).abs() > margin).all(-1)
     assert torch.equal(ids[sure, :top_k], ref_ids[sure, :top_k])
 
@@ -217,7 +219,9 @@ def test_add_rms_norm_router_matches_the_two_steps(fused, tokens, hidden, n_expe
     # One launch = add_rms_norm then router_topk: the sum and the norm bit-identical to the norm kernel's (same
     # roundings, same one-row sum), the logits as the router kernel's on that norm, the reference within rounding.
     x, delta, norm_weight, weight = _norm_router_inputs(tokens, hidden, n_experts, dtype)
-    summed, h, weights, ids, logits = fused.add_rms_norm_router(x, delta, norm_weight, 1e-5, weight, top_k, shared)
+    summed, h, weights, ids, logits = fused.add_rms_norm_router(
+        x, delta, norm_weight, 1e-5, weight, top_k, shared
+    )
     want_sum, want_h = fused.add_rms_norm(x, delta, norm_weight, 1e-5)
     assert torch.equal(summed, want_sum) and torch.equal(h, want_h)
     k_weights, k_ids, k_logits = fused.router_topk(h, weight, top_k, shared_slot=shared)
@@ -426,7 +430,9 @@ def test_gpu_router_scout_shapes(gpu_fused, tokens, top_k):
 @pytest.mark.parametrize("tokens", [1, 16, 64])
 def test_gpu_add_rms_norm_router_scout_shapes(gpu_fused, tokens):
     x, delta, norm_weight, weight = _norm_router_inputs(tokens, 5120, 16, torch.bfloat16, "cuda")
-    summed, h, weights, ids, logits = gpu_fused.add_rms_norm_router(x, delta, norm_weight, 1e-5, weight, 1, True)
+    summed, h, weights, ids, logits = gpu_fused.add_rms_norm_router(
+        x, delta, norm_weight, 1e-5, weight, 1, True
+    )
     want_sum, want_h = gpu_fused.add_rms_norm(x, delta, norm_weight, 1e-5)
     assert torch.equal(summed, want_sum) and torch.equal(h, want_h)
     k_weights, k_ids, k_logits = gpu_fused.router_topk(h, weight, 1, shared_slot=True)

@@ -187,7 +187,9 @@ def test_gemv_by_shape_dispatch_and_fixed_splits(int4, monkeypatch):
     assert "split_k" not in int4.pick_config(2, shape=(40, 64))
     assert "split_k" not in int4.pick_config(1.0, moe=True, shape=(40, 64))
     for shape, overrides in int4.TUNED["gemv_by_shape"].items():
-        assert set(overrides) <= set(int4.TUNED["gemv"]) | {"split_k", "tail_split", "tail_full_per_sm"}, shape
+        assert set(overrides) <= set(int4.TUNED["gemv"]) | {"split_k", "tail_split", "tail_full_per_sm"}, (
+            shape
+        )
         assert overrides["BLOCK_K"] % 128 == 0 and shape[1] % overrides["BLOCK_K"] == 0  # whole K tiles
     # a fixed split: whole K tiles, every group in exactly one split, never more splits than asked for
     for n_groups, splits, block_k, group in ((40, 1, 1024, 128), (40, 3, 512, 128), (7, 4, 64, 32), (5, 8, 32, 32),
@@ -243,7 +245,9 @@ def test_gemv_split_k_is_one_launch_and_leaves_counters_at_zero(int4, mode, unro
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("size_n,full_per_sm,tail_split", [(200, 1, 3), (200, 1, 4), (40, 0.25, 2), (56, 0.5, 8)])
+@pytest.mark.parametrize(
+    "size_n,full_per_sm,tail_split", [(200, 1, 3), (200, 1, 4), (40, 0.25, 2), (56, 0.5, 8)]
+)
 def test_gemv_tail_split(int4, monkeypatch, size_n, full_per_sm, tail_split, dtype, symmetric):
     # One-row dense GEMV with the column tiles past the first wave (tail_full_per_sm whole tiles a "SM", 4 SMs
     # under the interpreter) K-split tail_split ways: whole tiles store directly, tail tiles sum their partials in
@@ -434,7 +438,9 @@ def test_moe_decode_gate_up_as_one_tile_and_unrolled_slot_sum(int4, tokens, top_
             cfg = dict(base, dual=dual, reduce_unrolled=unrolled)
             outs[dual, unrolled] = int4.int4_moe_experts(x, weights, ids, gate_up, down, 16, config=cfg)
             assert rel(outs[dual, unrolled], ref) < TOL[dtype] * 3, (dual, unrolled)
-    assert torch.equal(outs[True, True], outs[True, False]) and torch.equal(outs[False, True], outs[False, False])
+    assert torch.equal(outs[True, True], outs[True, False]) and torch.equal(
+        outs[False, True], outs[False, False]
+    )
 
 
 def test_moe_gemv_by_shape_dispatch(int4, monkeypatch):
@@ -447,7 +453,9 @@ def test_moe_gemv_by_shape_dispatch(int4, monkeypatch):
     rule = int4.INTERPRET["gemv"]
     assert int4.moe_gemv_config(rule, gate_up[0], 2) == dict(rule, **table[(128, 64, 2)])
     assert int4.moe_gemv_config(rule, down[0], 2) == dict(rule, **table[(64, 64, 2)])
-    assert int4.moe_gemv_config(rule, gate_up[0], 1) is rule and int4.moe_gemv_config(rule, down[0], 3) is rule
+    assert (
+        int4.moe_gemv_config(rule, gate_up[0], 1) is rule and int4.moe_gemv_config(rule, down[0], 3) is rule
+    )
     launched = []
     launch_gemv = int4._launch_gemv
     monkeypatch.setattr(int4, "_launch_gemv", lambda *a, **k: launched.append(a[6]) or launch_gemv(*a, **k))
@@ -498,7 +506,9 @@ def test_gpu_gemv_recorded_shapes(gpu_int4):
     # Every (N, K) of TUNED["gemv_by_shape"] through the shipped dispatch (one row), plus a ragged N sharing K
     # (the rule's config), against the float reference.
     for size_n, size_k in [*gpu_int4.TUNED["gemv_by_shape"], (5000, 5120)]:
-        weight = packed_weight((), size_k, size_n, 128, symmetric=True, device="cuda", scale_dtype=torch.bfloat16)
+        weight = packed_weight(
+            (), size_k, size_n, 128, symmetric=True, device="cuda", scale_dtype=torch.bfloat16
+        )
         x = torch.randn(1, size_k, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ reference.dequantize(*weight, 128, torch.bfloat16).float()
         assert rel(gpu_int4.int4_linear(x, *weight, 128), ref) < TOL[torch.bfloat16], (size_n, size_k)
@@ -588,7 +598,9 @@ def test_gpu_gemv_rows_per_program(gpu_int4, rows_per_program):
         ref = x.double() @ reference.dequantize(*weight, 64, dtype).double()
         assert rel(gpu_int4.int4_linear(x, *weight, 64, config=cfg), ref) < TOL[dtype]
     for tokens, top_k in ((12, 1), (8, 2)):
-        x, weights, ids, gate_up, down = _moe_problem(tokens, 1024, 512, 4, top_k, 128, True, torch.bfloat16, "cuda")
+        x, weights, ids, gate_up, down = _moe_problem(
+            tokens, 1024, 512, 4, top_k, 128, True, torch.bfloat16, "cuda"
+        )
         out = gpu_int4.int4_moe_experts(x, weights, ids, gate_up, down, 128, config=cfg)
         ref = _moe_reference(x.float(), weights.float(), ids, gate_up, down, 128)
         assert rel(out, ref) < TOL[torch.bfloat16]

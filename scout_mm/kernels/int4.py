@@ -475,7 +475,9 @@ def _gemv_kernel(
     first = None
     qw_first = qw_ptr  # the weight whose first tile may stream in before the wait
     if DIRECT and EARLY_IDS:
-        expert, a_rows, out_rows, valid, local = _direct_layout(pid_m, block_expert_ptr, n_experts, top_k, MODE)
+        expert, a_rows, out_rows, valid, local = _direct_layout(
+            pid_m, block_expert_ptr, n_experts, top_k, MODE
+        )
         k_end = tl.where(local, k_end, k_begin)
         qw_first = qw_ptr + expert * stride_qe
     if PDL == 2 and (MODE == 0 or EARLY_IDS) and BLOCK_M == 1 and LOADER == 0 and PREFETCH:
@@ -963,7 +965,9 @@ def pick_config(rows: float, moe: bool = False, shape: tuple[int, int] | None = 
 
 
 @functools.lru_cache(maxsize=256)
-def _least_makespan_split(n_groups: int, tiles: int, step: int, slots: int, overhead: float) -> tuple[int, int]:
+def _least_makespan_split(
+    n_groups: int, tiles: int, step: int, slots: int, overhead: float
+) -> tuple[int, int]:
     """(split_k, groups per split) whose launch is estimated to finish first. Model: the ``tiles * split_k``
     programs start in launch order (column tiles fastest, then K splits) on ``slots`` resident program slots, each
     as soon as a slot frees (list scheduling), and a program takes ``overhead`` + its number of groups (time in
@@ -1140,7 +1144,9 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
     if cfg.get("tail_split", 0) > 1 and mode == 0 and route is None and block_m == 1 and num_row_blocks == 1:
         # one whole column tile per program up to tail_full_per_sm a SM, the rest K-split (TAIL in the kernel)
         full = min(n_tiles, int(cfg.get("tail_full_per_sm", 1) * _n_sms(device)))
-        tail_split, tail_per_split = _split(n_groups, 0, 0, block_k, group_size, device, fixed=cfg["tail_split"])
+        tail_split, tail_per_split = _split(
+            n_groups, 0, 0, block_k, group_size, device, fixed=cfg["tail_split"]
+        )
         if 0 < full < n_tiles and tail_split > 1:
             full_tiles, split_k, per_split = full, tail_split, tail_per_split
             grid = (full + (n_tiles - full) * split_k, 1, 1)
@@ -1178,7 +1184,9 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
         else:
             loader = 1
     pdl = _pdl_form(cfg, device)
-    split_max = triton.next_power_of_2(split_k) if cfg.get("reduce_unrolled", False) and (fused or fused_sum) else 0
+    split_max = (
+        triton.next_power_of_2(split_k) if cfg.get("reduce_unrolled", False) and (fused or fused_sum) else 0
+    )
     # MODE 1, one row: gate and up streamed as one tile ("dual") where the two together stay at <= 16 packed words a
     # thread; more costs registers (251 a thread at 64x256 / 4 warps: half the resident programs, 1.14x slower)
     dual_words = 2 * block_n * block_k // 8 // (32 * cfg["num_warps"])
@@ -1361,7 +1369,9 @@ def int4_moe_experts(
     if cfg["kind"] == "gemv" and route_block == 1 and DIRECT_DECODE_MOE:
         # decode: no routing kernel; SwiGLU inside the gate_up launch, the slot sum inside the down launch
         route = DirectRoute(topk_ids, n_experts)
-        cfg_gu, cfg_dn = (cfg, cfg) if config else (moe_gemv_config(cfg, w[0], n_rows) for w in (gate_up, down))
+        cfg_gu, cfg_dn = (
+            (cfg, cfg) if config else (moe_gemv_config(cfg, w[0], n_rows) for w in (gate_up, down))
+        )
         h = _launch_gemv(hidden, gate_up, group_size, 1, n_rows, route, cfg_gu, topk_weights)  # (n_rows, I)
         early = EARLY_DOWN_IDS and _pdl_form(cfg_gu, hidden.device) == 2
         return _launch_gemv(h, down, group_size, 2, n_rows, route, cfg_dn, early_ids=early)  # (tokens, H)

@@ -322,7 +322,9 @@ def config_for_rows(m_rows: int) -> dict:
     return TUNED_FEW_ROWS if m_rows <= 8 else TUNED
 
 
-def _split(n_groups: int, tiles: int, occupancy: float, step: int, device, min_splits: int = 1) -> tuple[int, int]:
+def _split(
+    n_groups: int, tiles: int, occupancy: float, step: int, device, min_splits: int = 1
+) -> tuple[int, int]:
     """(split_k, groups per split): the most K splits that keep programs at or under ``occupancy`` per SM, and
     at least ``min_splits``; every split is whole steps of ``step`` groups (the last may be shorter)."""
     under = int(occupancy * _n_sms(device)) // max(tiles, 1)
