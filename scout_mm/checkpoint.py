@@ -331,11 +331,6 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
     return state
 
 
-def hf_config_for_save(config: ScoutConfig, dtype: torch.dtype) -> dict:
-    """The config.json dict to write beside weights of ``dtype`` (:meth:`ScoutConfig.to_hf_file`)."""
-    return config.to_hf_file(dtype)
-
-
 def save_pretrained(model, path, max_shard_size: int | str = "5GB") -> None:
     path = os.path.abspath(os.fspath(path))
     limit = parse_size(max_shard_size)
@@ -352,7 +347,7 @@ def save_pretrained(model, path, max_shard_size: int | str = "5GB") -> None:
 
     def write(tmp):
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config_for_save(model.config, model.dtype), f, indent=2, sort_keys=True)
+            json.dump(model.config.to_hf_file(model.dtype), f, indent=2, sort_keys=True)
         weight_map = {}
         n = len(shards)
         for i, shard in enumerate(tqdm(shards, desc="saving", unit="shard", leave=False)):

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import numbers
 import os
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -302,7 +303,7 @@ class ScoutConfig:
         """Write ``directory``/config.json (:meth:`to_hf_file`): to a temporary name first, then renamed, so an
         interrupted save never leaves a half-written file."""
         final = os.path.join(os.fspath(directory), "config.json")
-        tmp = f"{final}.tmp-{os.getpid()}"
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
         try:
             with open(tmp, "w") as f:
                 json.dump(self.to_hf_file(dtype), f, indent=2, sort_keys=True)

@@ -31,7 +31,6 @@ from scout_mm.checkpoint import (
     check_float_tensor,
     checkpoint_files,
     config_dtype,
-    hf_config_for_save,
     open_shard,
     param_name,
     parse_size,
@@ -372,7 +371,7 @@ class _ShardWriter:
 
 
 def _hf_config(config: ScoutConfig, cfg: QuantConfig, dtype: torch.dtype) -> dict:
-    hf = hf_config_for_save(config, dtype)
+    hf = config.to_hf_file(dtype)
     hf["quantization_config"] = cfg.to_dict()
     return hf
 
