@@ -21,6 +21,7 @@
 - earlyids: the Scout decode step with the MoE down launch reading its routing ids before / after its PDL wait.
 - mma16: the tensor-core few-rows kernel (``int4_mma``) at 2, 4, 8 and 16 rows on the four Scout shapes, its
   shipped config against variants (``MMA_VARIANTS``), tinygemm beside them, interleaved rounds.
+- ropewrite: the Scout decode step with the RoPE layers' rotation and KV write in one kernel and in two.
 - grid / splitstep: the decode GEMV's K-split program count (occupancy ceiling or least-makespan rule) at every
   Scout decode shape, and the Scout decode step with each rule (plus the step with the chunked layers mid-chunk).
 
@@ -1478,6 +1479,18 @@ def section_earlyids(rows_out):
              lambda early: setattr(int4, "EARLY_DOWN_IDS", early), shipped)  # fmt: skip
 
 
+def section_ropewrite(rows_out):
+    """The Scout decode step with the RoPE layers' rotation and KV cache write in one kernel
+    (``cache.ROPE_WRITES_KV``, shipped) and as two launches, interleaved twice."""
+    from scout_mm import cache
+
+    shipped = cache.ROPE_WRITES_KV
+    variants = (("RoPE, then the KV write", False), ("RoPE + KV write, one kernel", True),
+                ("RoPE, then the KV write, again", False), ("RoPE + KV write, one kernel, again", True))  # fmt: skip
+    _step_ab(rows_out, "RoPE layers: rotation and KV write in one kernel", variants,
+             lambda fused: setattr(cache, "ROPE_WRITES_KV", fused), shipped)  # fmt: skip
+
+
 def section_decodesplits(rows_out, rounds: int = 2):
     """Decode attention's split-K in the Scout decode step (default build): the splits over the live keys with
     ``flash_decode.MIN_SPLIT_KEYS_BY_LAYOUT`` (contiguous = the chunked layers' rings, paged = the global layers)
@@ -1767,7 +1780,8 @@ def main() -> None:
                 "dequantpasses": section_dequantpasses, "decodesplits": section_decodesplits,
                 "baselineab": section_baselineab, "fusedmerge": section_fusedmerge,
                 "instep": section_instep, "downtable": section_downtable,
-                "instephead": lambda rows: section_instep(rows, lean=True), "tailsplit": section_tailsplit}  # fmt: skip
+                "instephead": lambda rows: section_instep(rows, lean=True), "tailsplit": section_tailsplit,
+                "ropewrite": section_ropewrite}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         try:

@@ -25,6 +25,10 @@ import torch
 from scout_mm import kernels
 from scout_mm.config import TextConfig
 
+# Decode on RoPE layers: the rotation of q and k and the cache write in one kernel (kernels.rope_write_kv_decode);
+# False: RoPE, then the write (two launches). A switch for benchmarks (bench_int4.py --sections ropewrite).
+ROPE_WRITES_KV = True
+
 
 @dataclass
 class KVView:
@@ -165,18 +169,33 @@ class KVCache:
         values = pool_v[table].flatten(0, 1)[: start + q_len]
         return KVView(keys.transpose(0, 1)[None], values.transpose(0, 1)[None], q_start=start)
 
-    def _update_decode(self, layer, k, v, positions) -> KVView:
+    def update_rope(self, layer, q, k, v, positions, cos, sin, eps) -> tuple[torch.Tensor, KVView]:
+        """:meth:`update` for a RoPE layer, given its q, k before RoPE (+ QK-norm when ``eps`` is not None): returns
+        (rotated q, what to attend over). Decode does the rotation and the cache write in one kernel."""
+        if self._prefill_seq is not None or not ROPE_WRITES_KV:
+            q, k = kernels.rope_qk_norm(q, k, cos, sin, eps)
+            return q, self.update(layer, k, v, positions)
+        return self._update_decode(layer, k, v, positions, q=q, rope=(cos, sin, eps))
+
+    def _update_decode(self, layer, k, v, positions, q=None, rope=None):
         # One new token per sequence at its own position: graph-friendly (no host sync, fixed shapes); one
-        # kernel at inference (kernels.write_kv_decode), index writes otherwise.
+        # kernel at inference (kernels.write_kv_decode, or kernels.rope_write_kv_decode with ``rope``), index
+        # writes otherwise. Returns the view, or with ``rope`` (rotated q, view).
         if k.shape[1] != 1:
             raise ValueError(f"decode writes one token per sequence; got {k.shape[1]}")
         pos = positions[:, -1]
         if layer in self._ring:
-            ring_k, ring_v = self._ring[layer]
-            kv_lens = kernels.write_kv_decode(k, v, ring_k, ring_v, pos, ring_size=self.chunk_size)
-            return KVView(ring_k.transpose(1, 2), ring_v.transpose(1, 2), kv_lens=kv_lens)
-        pool_k, pool_v = self._pool[layer]
-        kv_lens = kernels.write_kv_decode(
-            k, v, pool_k, pool_v, pos, block_table=self.block_table, block_size=self.block_size
-        )
-        return KVView(pool_k, pool_v, kv_lens=kv_lens, block_table=self.block_table)
+            k_store, v_store = self._ring[layer]
+            where = dict(ring_size=self.chunk_size)
+        else:
+            k_store, v_store = self._pool[layer]
+            where = dict(block_table=self.block_table, block_size=self.block_size)
+        if rope is None:
+            kv_lens = kernels.write_kv_decode(k, v, k_store, v_store, pos, **where)
+        else:
+            q, kv_lens = kernels.rope_write_kv_decode(q, k, v, *rope, k_store, v_store, pos, **where)
+        if layer in self._ring:
+            view = KVView(k_store.transpose(1, 2), v_store.transpose(1, 2), kv_lens=kv_lens)
+        else:
+            view = KVView(k_store, v_store, kv_lens=kv_lens, block_table=self.block_table)
+        return view if rope is None else (q, view)

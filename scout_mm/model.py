@@ -103,7 +103,10 @@ class Attention(nn.Module):
         q = q.view(batch, seq, self.n_heads, self.head_dim)
         k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
         v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
-        if self.use_rope:  # QK-norm only ever applies on RoPE layers (qk_norm_eps is None elsewhere)
+        view = None
+        if self.use_rope and cache is not None:  # the cache rotates too (one kernel with the write at decode)
+            q, view = cache.update_rope(self.layer_idx, q, k, v, positions, *rope, self.qk_norm_eps)
+        elif self.use_rope:  # QK-norm only ever applies on RoPE layers (qk_norm_eps is None elsewhere)
             q, k = kernels.rope_qk_norm(q, k, *rope, self.qk_norm_eps)
         q_scale = None
         if self.temperature is not None:
@@ -124,7 +127,8 @@ class Attention(nn.Module):
             )
         else:
             # The cache hands back only keys this layer may see: its chunk (ring layers) or everything.
-            view = cache.update(self.layer_idx, k, v, positions)
+            if view is None:
+                view = cache.update(self.layer_idx, k, v, positions)
             if view.kv_lens is not None:
                 out, _ = kernels.decode_attention(
                     q,

@@ -286,6 +286,45 @@ def test_write_kv_decode_matches_reference(fused, layout, dtype):
     assert torch.equal(k_store, ref_k) and torch.equal(v_store, ref_v)
 
 
+def _kv_store(layout, batch, n_kv_heads, head_dim, dtype, device="cpu", ring=8, block_size=4, blocks=8):
+    if layout == "ring":
+        shape, kwargs = (batch, ring, n_kv_heads, head_dim), dict(ring_size=ring)
+    else:
+        table = torch.randperm(batch * blocks, device=device).view(batch, blocks).to(torch.int32)
+        shape, kwargs = (
+            (batch * blocks, block_size, n_kv_heads, head_dim),
+            dict(block_table=table, block_size=block_size),
+        )
+    return [torch.randn(shape, device=device).to(dtype) for _ in range(2)], kwargs
+
+
+@pytest.mark.parametrize("eps", [None, 1e-5], ids=["rope", "rope_qk_norm"])
+@pytest.mark.parametrize("layout", ["ring", "paged"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("head_dim", [16, 34], ids=["dim16", "dim34_masked_tail"])
+def test_rope_write_kv_decode_matches_the_two_kernels(fused, head_dim, dtype, layout, eps):
+    """One launch (RoPE + QK-norm of q and k, the rotated keys and the values into the cache) writes exactly what
+    rope_qk_norm then write_kv_decode write, and its q and keys round like the PyTorch reference's."""
+    batch, n_heads, n_kv_heads = 3, 4, 2
+    q, k, cos, sin = _rope_inputs(batch, 1, n_heads, n_kv_heads, head_dim, dtype)
+    v = torch.randn_like(k)
+    positions = torch.randint(0, 30, (batch, 2))[:, -1]  # a strided view, as the cache passes it
+    (k_store, v_store), kwargs = _kv_store(layout, batch, n_kv_heads, head_dim, dtype)
+    two_k, two_v = k_store.clone(), v_store.clone()
+    ref_k, ref_v = k_store.clone(), v_store.clone()
+    out_q, lens = fused.rope_write_kv_decode(q, k, v, cos, sin, eps, k_store, v_store, positions, **kwargs)
+    rot_q, rot_k = fused.rope_qk_norm(q, k, cos, sin, eps)
+    two_lens = fused.write_kv_decode(rot_k, v, two_k, two_v, positions, **kwargs)
+    assert torch.equal(out_q, rot_q) and torch.equal(lens, two_lens) and lens.dtype == torch.int32
+    assert torch.equal(k_store, two_k) and torch.equal(v_store, two_v)
+    ref_q, ref_lens = reference.rope_write_kv_decode(
+        q, k, v, cos, sin, eps, ref_k, ref_v, positions, **kwargs
+    )
+    assert_rounds_like(out_q, ref_q)
+    assert_rounds_like(k_store, ref_k)
+    assert torch.equal(v_store, ref_v) and torch.equal(lens, ref_lens)
+
+
 # ------------------------------------------------------------------------------------------- bad inputs
 def test_bad_inputs_name_the_values(fused):
     x = torch.randn(2, 64)
@@ -305,6 +344,10 @@ def test_bad_inputs_name_the_values(fused):
     with pytest.raises(ValueError, match="ring_size"):
         store = torch.zeros(2, 4, 1, 8)
         fused.write_kv_decode(torch.randn(2, 1, 1, 8), torch.randn(2, 1, 1, 8), store, store, torch.zeros(2))
+    with pytest.raises(ValueError, match="expected one token"):
+        q, k, cos, sin = _rope_inputs(2, 2, 2, 1, 8, torch.float32)
+        store = torch.zeros(2, 4, 1, 8)
+        fused.rope_write_kv_decode(q, k, k, cos, sin, None, store, store, torch.zeros(2), ring_size=4)
 
 
 # ------------------------------------------------------------------------------------------- dispatch
@@ -359,7 +402,9 @@ def test_model_logits_with_fused_kernels_match_the_pytorch_path(fused, dtype, mo
 
 
 def test_cached_generation_with_fused_kernels_equals_the_pytorch_path(fused, monkeypatch):
-    # Decode steps: router kernel, KV writes into ring (RoPE layers) and paged (NoPE layers) caches.
+    # Decode steps: router kernel, KV writes into ring (RoPE layers, with the rotation) and paged (NoPE layers)
+    # caches.
+    from scout_mm import cache as cache_module
     from scout_mm.fusion import fuse_projections
 
     model = _model(torch.float32, seed=torch.seed() % 2**31)
@@ -372,6 +417,8 @@ def test_cached_generation_with_fused_kernels_equals_the_pytorch_path(fused, mon
     out = model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
     assert torch.equal(out, ref)
     fuse_projections(model)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[]), ref)
+    monkeypatch.setattr(cache_module, "ROPE_WRITES_KV", False)  # RoPE, then the KV write: two launches
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[]), ref)
 
 
@@ -442,6 +489,25 @@ def test_gpu_add_rms_norm_router_scout_shapes(gpu_fused, tokens):
     ref = reference.add_rms_norm_router(x, delta, norm_weight, 1e-5, weight, 1, shared_slot=True)
     torch.testing.assert_close(h.float(), ref[1].float(), rtol=1.6e-2, atol=1.6e-2)
     _same_choice(ids, ref[3], ref[4], 1, 0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["ring", "paged"])
+def test_gpu_rope_write_kv_decode_scout_shapes(gpu_fused, layout):
+    batch, n_heads, n_kv_heads, head_dim = 4, 40, 8, 128
+    q, k, cos, sin = _rope_inputs(batch, 1, n_heads, n_kv_heads, head_dim, torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    positions = torch.randint(0, 20000, (batch,), device="cuda")
+    (k_store, v_store), kwargs = _kv_store(
+        layout, batch, n_kv_heads, head_dim, torch.bfloat16, "cuda", 8192, 256, 80
+    )
+    two_k, two_v = k_store.clone(), v_store.clone()
+    out_q, lens = gpu_fused.rope_write_kv_decode(
+        q, k, v, cos, sin, 1e-5, k_store, v_store, positions, **kwargs
+    )
+    rot_q, rot_k = gpu_fused.rope_qk_norm(q, k, cos, sin, 1e-5)
+    assert torch.equal(lens, gpu_fused.write_kv_decode(rot_k, v, two_k, two_v, positions, **kwargs))
+    assert torch.equal(out_q, rot_q) and torch.equal(k_store, two_k) and torch.equal(v_store, two_v)
 
 
 @pytest.mark.gpu

@@ -217,3 +217,16 @@ def write_kv_decode(k, v, k_store, v_store, positions, ring_size=None, block_tab
 
         return fused.write_kv_decode(k, v, k_store, v_store, positions, **kwargs)
     return fused_reference.write_kv_decode(k, v, k_store, v_store, positions, **kwargs)
+
+
+def rope_write_kv_decode(q, k, v, cos, sin, eps, k_store, v_store, positions, ring_size=None, block_table=None,
+                         block_size=None):  # fmt: skip
+    """A RoPE layer's decode token: RoPE (+ QK-norm) of q and k, the rotated keys and the values written into a
+    ring or paged KV cache; returns (rotated q, kv_lens). One launch where the fused kernels run. See
+    :func:`scout_mm.kernels.fused_reference.rope_write_kv_decode`."""
+    kwargs = dict(ring_size=ring_size, block_table=block_table, block_size=block_size)
+    if use_fused(q, k, v) and k_store.is_contiguous() and v_store.is_contiguous():
+        from scout_mm.kernels import fused
+
+        return fused.rope_write_kv_decode(q, k, v, cos, sin, eps, k_store, v_store, positions, **kwargs)
+    return fused_reference.rope_write_kv_decode(q, k, v, cos, sin, eps, k_store, v_store, positions, **kwargs)

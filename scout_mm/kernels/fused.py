@@ -106,6 +106,18 @@ def _rope_head(src, dst, cos_row, sin_row, half, eps, NORM: tl.constexpr, BLOCK:
 
 
 @triton.jit
+def _kv_row(pos_ptr, table_ptr, b, stride_pos, stride_table, slots, PAGED: tl.constexpr):
+    """(storage row, keys visible after the write) of sequence ``b``'s decode token: ring slot ``pos % slots`` of
+    row ``b`` (the visible keys: the chunk's prefix up to the slot), or the block table's block (all ``pos + 1``)."""
+    pos = tl.load(pos_ptr + b * stride_pos).to(tl.int64)
+    slot = pos % slots
+    if PAGED:
+        block = tl.load(table_ptr + b * stride_table + pos // slots).to(tl.int64)
+        return block * slots + slot, pos + 1
+    return b * slots + slot, slot + 1
+
+
+@triton.jit
 def _rope_qk_norm_kernel(
     q_ptr,  # (batch, seq, n_heads, D), last dim contiguous
     k_ptr,  # (batch, seq, n_kv_heads, D)
@@ -126,9 +138,21 @@ def _rope_qk_norm_kernel(
     stride_cb,
     stride_cs,
     eps,
+    v_ptr,  # WRITE_KV: (batch, 1, n_kv_heads, D) new values, last dim contiguous
+    v_store_ptr,  # WRITE_KV: the cache storage (as _write_kv_kernel's); k_out_ptr is the key storage
+    pos_ptr,
+    table_ptr,
+    lens_ptr,
+    slots,
+    stride_vb,
+    stride_vh,
+    stride_pos,
+    stride_table,
     NORM: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
+    WRITE_KV: tl.constexpr = False,  # decode (seq 1): rotated keys and the values go straight into the cache
+    PAGED: tl.constexpr = False,
 ):
     pdl_wait_and_trigger(PDL)
     token = tl.program_id(0).to(tl.int64)
@@ -143,7 +167,17 @@ def _rope_qk_norm_kernel(
     else:
         kv_head = head - n_heads
         src = k_ptr + b * stride_kb + s * stride_ks + kv_head * stride_kh
-        dst = k_out_ptr + (token * n_kv_heads + kv_head) * (2 * half)
+        if WRITE_KV:
+            row, kv_len = _kv_row(pos_ptr, table_ptr, b, stride_pos, stride_table, slots, PAGED)
+            dst = k_out_ptr + (row * n_kv_heads + kv_head) * (2 * half)
+            dims = tl.arange(0, 2 * BLOCK)
+            mask = dims < 2 * half
+            value = tl.load(v_ptr + b * stride_vb + kv_head * stride_vh + dims, mask=mask)
+            tl.store(v_store_ptr + (row * n_kv_heads + kv_head) * (2 * half) + dims, value, mask=mask)
+            if kv_head == 0:
+                tl.store(lens_ptr + b, kv_len.to(tl.int32))
+        else:
+            dst = k_out_ptr + (token * n_kv_heads + kv_head) * (2 * half)
     _rope_head(src, dst, cos_row, sin_row, half, eps, NORM, BLOCK)
 
 
@@ -274,15 +308,7 @@ def _write_kv_kernel(
     pdl_wait_and_trigger(PDL)
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    pos = tl.load(pos_ptr + b * stride_pos).to(tl.int64)
-    slot = pos % slots
-    if PAGED:
-        block = tl.load(table_ptr + b * stride_table + pos // slots).to(tl.int64)
-        row = block * slots + slot
-        kv_len = pos + 1
-    else:
-        row = b * slots + slot
-        kv_len = slot + 1
+    row, kv_len = _kv_row(pos_ptr, table_ptr, b, stride_pos, stride_table, slots, PAGED)
     dims = tl.arange(0, BLOCK_D)
     mask = dims < head_dim
     dst = (row * n_kv_heads + head) * head_dim + dims
@@ -362,9 +388,8 @@ def add_residual(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     return out
 
 
-def rope_qk_norm(q, k, cos, sin, eps):
+def _check_rope(q, k, cos, sin):
     batch, seq, n_heads, head_dim = q.shape
-    n_kv_heads = k.shape[2]
     if k.shape[:2] != q.shape[:2] or k.shape[3] != head_dim or head_dim % 2 or k.dtype != q.dtype:
         raise ValueError(f"q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}; expected (batch, seq, "
                          "heads, even head_dim) with the same batch, seq, head_dim and dtype")  # fmt: skip
@@ -373,20 +398,53 @@ def rope_qk_norm(q, k, cos, sin, eps):
         raise ValueError(
             f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)}; expected ({batch} or 1, {seq}, {half})"
         )
+
+
+def _launch_rope(q, k, cos, sin, eps, q_out, k_dst, kv_args=(), **kv_consts):
+    """One program per (token, head): q heads into ``q_out``, k heads into ``k_dst`` (a like-shaped tensor, or
+    with ``kv_args`` (WRITE_KV) the key storage of the cache)."""
+    batch, seq, n_heads, head_dim = q.shape
+    half = head_dim // 2
+    stride_cb = cos.stride(0) if cos.shape[0] > 1 else 0
+    block = triton.next_power_of_2(half)
+    kv_args = kv_args or (q, q, q, q, q, 1, 0, 0, 0, 0)  # unused without WRITE_KV
+    _rope_qk_norm_kernel[(batch * seq, n_heads + k.shape[2])](
+        q, k, q_out, k_dst, cos, sin, seq, n_heads, k.shape[2], half, q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), stride_cb, cos.stride(1), eps if eps is not None else 0.0,
+        *kv_args, NORM=eps is not None, BLOCK=block, num_warps=1 if block <= 64 else 2, **kv_consts,
+        **pdl_args(q.device),
+    )  # fmt: skip
+
+
+def rope_qk_norm(q, k, cos, sin, eps):
+    _check_rope(q, k, cos, sin)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    if batch * seq:
-        stride_cb = cos.stride(0) if cos.shape[0] > 1 else 0
-        block = triton.next_power_of_2(half)
-        _rope_qk_norm_kernel[(batch * seq, n_heads + n_kv_heads)](
-            q, k, q_out, k_out, cos, sin, seq, n_heads, n_kv_heads, half, q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2), stride_cb, cos.stride(1), eps if eps is not None else 0.0,
-            NORM=eps is not None, BLOCK=block, num_warps=1 if block <= 64 else 2, **pdl_args(q.device),
-        )  # fmt: skip
+    if q.shape[0] * q.shape[1]:
+        _launch_rope(q, k, cos, sin, eps, q_out, k_out)
     return q_out, k_out
+
+
+def rope_write_kv_decode(q, k, v, cos, sin, eps, k_store, v_store, positions, ring_size=None, block_table=None,
+                         block_size=None):  # fmt: skip
+    """:func:`rope_qk_norm` and :func:`write_kv_decode` in one launch: the rotated (and normed) keys and the values
+    go straight into the cache. Returns (rotated q, kv_lens)."""
+    _check_rope(q, k, cos, sin)
+    slots, table, paged = _check_kv_store(k, v, k_store, v_store, ring_size, block_table, block_size)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    kv_lens = torch.empty(q.shape[0], dtype=torch.int32, device=q.device)
+    table = table if paged else kv_lens
+    kv_args = (v, v_store, positions, table, kv_lens, slots, v.stride(0), v.stride(2), positions.stride(0),
+               table.stride(0))  # fmt: skip
+    _launch_rope(q, k, cos, sin, eps, q_out, k_store, kv_args, WRITE_KV=True, PAGED=paged)
+    return q_out, kv_lens
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -457,7 +515,8 @@ def add_rms_norm_router(x, delta, norm_weight, eps, weight, top_k: int, shared_s
     return _router(x, weight, top_k, shared_slot, norm=(delta, norm_weight, eps))
 
 
-def write_kv_decode(k, v, k_store, v_store, positions, ring_size=None, block_table=None, block_size=None):
+def _check_kv_store(k, v, k_store, v_store, ring_size, block_table, block_size):
+    """Check one decode token's keys/values against the cache storage; returns (slots, block table, paged)."""
     batch, q_len, n_kv_heads, head_dim = k.shape
     if q_len != 1 or v.shape != k.shape:
         raise ValueError(
@@ -472,14 +531,20 @@ def write_kv_decode(k, v, k_store, v_store, positions, ring_size=None, block_tab
         raise ValueError(
             f"KV storage {tuple(k_store.shape)} must be contiguous (.., .., {n_kv_heads}, {head_dim})"
         )
+    paged = block_table is not None
+    return (block_size if paged else ring_size), block_table, paged
+
+
+def write_kv_decode(k, v, k_store, v_store, positions, ring_size=None, block_table=None, block_size=None):
+    batch, _, n_kv_heads, head_dim = k.shape
+    slots, block_table, paged = _check_kv_store(k, v, k_store, v_store, ring_size, block_table, block_size)
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         k, v = k.contiguous(), v.contiguous()
     kv_lens = torch.empty(batch, dtype=torch.int32, device=k.device)
-    paged = block_table is not None
     table = block_table if paged else kv_lens
     _write_kv_kernel[(batch, n_kv_heads)](
         k, v, k_store, v_store, positions, table, kv_lens, n_kv_heads, head_dim,
-        block_size if paged else ring_size, k.stride(0), k.stride(2), v.stride(0), v.stride(2),
+        slots, k.stride(0), k.stride(2), v.stride(0), v.stride(2),
         positions.stride(0), table.stride(0), PAGED=paged, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=1,
         **pdl_args(k.device),
     )  # fmt: skip

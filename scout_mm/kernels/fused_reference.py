@@ -123,3 +123,24 @@ def write_kv_decode(
     k_store[blocks, positions % block_size] = k[:, 0]
     v_store[blocks, positions % block_size] = v[:, 0]
     return (positions + 1).to(torch.int32)
+
+
+def rope_write_kv_decode(
+    q: torch.Tensor,  # (batch, 1, n_heads, head_dim)
+    k: torch.Tensor,  # (batch, 1, n_kv_heads, head_dim)
+    v: torch.Tensor,
+    cos: torch.Tensor,  # (batch or 1, 1, head_dim // 2) fp32
+    sin: torch.Tensor,
+    eps: float | None,
+    k_store: torch.Tensor,
+    v_store: torch.Tensor,
+    positions: torch.Tensor,  # (batch,)
+    ring_size: int | None = None,
+    block_table: torch.Tensor | None = None,
+    block_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A RoPE layer's decode token: :func:`rope_qk_norm` on q and k, then :func:`write_kv_decode` of the rotated
+    keys and the values. Returns (rotated q, kv_lens)."""
+    q, k = rope_qk_norm(q, k, cos, sin, eps)
+    kv_lens = write_kv_decode(k, v, k_store, v_store, positions, ring_size, block_table, block_size)
+    return q, kv_lens
