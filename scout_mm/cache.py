@@ -12,8 +12,8 @@
 Positions are per sequence (no padding inside the cache): a batch of prompts of different lengths is
 prefilled sequence by sequence, then decoded together, each sequence at its own position.
 
-Attention asks the cache for its keys and values through :meth:`KVCache.update` and never touches the
-storage itself.
+Attention asks the cache for its keys and values through :meth:`KVCache.update` (RoPE layers:
+:meth:`KVCache.update_rope`, which also rotates q and k) and never touches the storage itself.
 """
 
 from __future__ import annotations
