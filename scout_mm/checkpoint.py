@@ -111,13 +111,17 @@ def quantization_config(path: str | os.PathLike):
     return hf.get("quantization_config") if isinstance(hf, dict) else None
 
 
+def _declares_int4(quant) -> bool:
+    """Whether a ``quantization_config`` entry (as stored; None without one) names the scout_mm Int4 format."""
+    from scout_mm.quant.format import QUANT_METHOD  # here: scout_mm.quant imports this module
+
+    return isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD
+
+
 def is_int4_checkpoint(path: str | os.PathLike) -> bool:
     """Whether folder ``path``'s config.json declares the scout_mm Int4 format (False for a float checkpoint, and
     for a missing or unreadable config.json, which the loaders name)."""
-    from scout_mm.quant.format import QUANT_METHOD  # here: scout_mm.quant imports this module
-
-    quant = quantization_config(path)
-    return isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD
+    return _declares_int4(quantization_config(path))
 
 
 def _reject_quantized(path: str) -> None:
@@ -125,12 +129,12 @@ def _reject_quantized(path: str) -> None:
     quant = quantization_config(path)
     if quant is None:
         return
-    method = quant.get("quant_method") if isinstance(quant, dict) else None
-    if is_int4_checkpoint(path):
+    if _declares_int4(quant):
         raise CheckpointError(
             f"{path} is a scout_mm Int4 checkpoint (quantization_config in config.json): load it with "
             "scout_mm.quant.load_quantized(path) (scripts/generate.py does so by itself)"
         )
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
     raise CheckpointError(
         f"{path}: quantization_config with quant_method={method!r} is not supported; scout_mm loads float "
         "checkpoints and its own Int4 format (scripts/quantize.py, scout_mm/quant/FORMAT.md)"
