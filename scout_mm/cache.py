@@ -145,7 +145,7 @@ class KVCache:
         """
         if self._prefill_seq is not None:
             return self._update_prefill(layer, k, v)
-        return self._update_decode(layer, k, v, positions)
+        return self._update_decode(layer, k, v, positions)[1]
 
     def _update_prefill(self, layer, k, v) -> KVView:
         seq, start, q_len = self._prefill_seq, self._prefill_start, k.shape[1]
@@ -177,14 +177,15 @@ class KVCache:
             return q, self.update(layer, k, v, positions)
         return self._update_decode(layer, k, v, positions, q=q, rope=(cos, sin, eps))
 
-    def _update_decode(self, layer, k, v, positions, q=None, rope=None):
+    def _update_decode(self, layer, k, v, positions, q=None, rope=None) -> tuple[torch.Tensor | None, KVView]:
         # One new token per sequence at its own position: graph-friendly (no host sync, fixed shapes); one
         # kernel at inference (kernels.write_kv_decode, or kernels.rope_write_kv_decode with ``rope``), index
-        # writes otherwise. Returns the view, or with ``rope`` (rotated q, view).
+        # writes otherwise. Returns (q, rotated with ``rope``; the view).
         if k.shape[1] != 1:
             raise ValueError(f"decode writes one token per sequence; got {k.shape[1]}")
         pos = positions[:, -1]
-        if layer in self._ring:
+        ring = layer in self._ring
+        if ring:
             k_store, v_store = self._ring[layer]
             where = dict(ring_size=self.chunk_size)
         else:
@@ -194,8 +195,6 @@ class KVCache:
             kv_lens = kernels.write_kv_decode(k, v, k_store, v_store, pos, **where)
         else:
             q, kv_lens = kernels.rope_write_kv_decode(q, k, v, *rope, k_store, v_store, pos, **where)
-        if layer in self._ring:
-            view = KVView(k_store.transpose(1, 2), v_store.transpose(1, 2), kv_lens=kv_lens)
-        else:
-            view = KVView(k_store, v_store, kv_lens=kv_lens, block_table=self.block_table)
-        return view if rope is None else (q, view)
+        if ring:
+            return q, KVView(k_store.transpose(1, 2), v_store.transpose(1, 2), kv_lens=kv_lens)
+        return q, KVView(k_store, v_store, kv_lens=kv_lens, block_table=self.block_table)
