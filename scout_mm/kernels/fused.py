@@ -416,12 +416,22 @@ def _launch_rope(q, k, cos, sin, eps, q_out, k_dst, kv_args=(), **kv_consts):
     )  # fmt: skip
 
 
-def rope_qk_norm(q, k, cos, sin, eps):
+def _rope_operands(q, k, cos, sin):
+    """Checked q, k (last dim contiguous), fp32 cos / sin tables, and the rotated q's output tensor."""
     _check_rope(q, k, cos, sin)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
-    cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return (
+        q,
+        k,
+        cos.float().contiguous(),
+        sin.float().contiguous(),
+        torch.empty(q.shape, dtype=q.dtype, device=q.device),
+    )
+
+
+def rope_qk_norm(q, k, cos, sin, eps):
+    q, k, cos, sin, q_out = _rope_operands(q, k, cos, sin)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if q.shape[0] * q.shape[1]:
         _launch_rope(q, k, cos, sin, eps, q_out, k_out)
@@ -432,13 +442,9 @@ def rope_write_kv_decode(q, k, v, cos, sin, eps, k_store, v_store, positions, ri
                          block_size=None):  # fmt: skip
     """:func:`rope_qk_norm` and :func:`write_kv_decode` in one launch: the rotated (and normed) keys and the values
     go straight into the cache. Returns (rotated q, kv_lens)."""
-    _check_rope(q, k, cos, sin)
+    q, k, cos, sin, q_out = _rope_operands(q, k, cos, sin)
     slots, table, paged = _check_kv_store(k, v, k_store, v_store, ring_size, block_table, block_size)
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
-    cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     kv_lens = torch.empty(q.shape[0], dtype=torch.int32, device=q.device)
     table = table if paged else kv_lens
     kv_args = (v, v_store, positions, table, kv_lens, slots, v.stride(0), v.stride(2), positions.stride(0),
