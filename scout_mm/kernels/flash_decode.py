@@ -39,6 +39,18 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _weighted_part(PartOut, PartLse, p, n_rows, out_row, dims, ok, m, HEAD_DIM: tl.constexpr):
+    """Split ``p``'s normalised partial rows times ``exp(lse - m)`` (zeros where not ``ok``); read from the L2
+    (``.cg``), where the other programs' stores are."""
+    w = tl.exp(
+        tl.load(PartLse + p * n_rows + out_row, mask=ok, other=float("-inf"), cache_modifier=".cg") - m
+    )
+    o = tl.load(PartOut + (p * n_rows + out_row)[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None], other=0.0,
+                cache_modifier=".cg")  # fmt: skip
+    return o * w[:, None]
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, K, V, BlockTable, KVLens, KVStart, QScale, PartOut, PartLse, Out, Lse, Counters,
     stride_qb, stride_qh, stride_qm,
@@ -135,19 +147,11 @@ def _decode_split_kernel(
             if BLOCK_P <= 16:
                 # unrolled (masked past n_splits): every split's partial in flight at once, summed in split order
                 for p in tl.static_range(BLOCK_P):
-                    ok = row_ok & (p < n_splits)
-                    w = tl.exp(tl.load(PartLse + p * n_rows + out_row, mask=ok, other=float("-inf"),
-                                       cache_modifier=".cg") - m)  # fmt: skip
-                    o = tl.load(PartOut + (p * n_rows + out_row)[:, None] * HEAD_DIM + dims[None, :],
-                                mask=ok[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
-                    merged += o * w[:, None]
+                    merged += _weighted_part(PartOut, PartLse, p, n_rows, out_row, dims, row_ok & (p < n_splits), m,
+                                             HEAD_DIM)  # fmt: skip
             else:
                 for p in range(n_splits):
-                    w = tl.exp(tl.load(PartLse + p * n_rows + out_row, mask=row_ok, other=float("-inf"),
-                                       cache_modifier=".cg") - m)  # fmt: skip
-                    o = tl.load(PartOut + (p * n_rows + out_row)[:, None] * HEAD_DIM + dims[None, :],
-                                mask=row_ok[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
-                    merged += o * w[:, None]
+                    merged += _weighted_part(PartOut, PartLse, p, n_rows, out_row, dims, row_ok, m, HEAD_DIM)
             merged = merged / tl.where(total == 0.0, 1.0, total)[:, None]
             tl.store(Out + out_row[:, None] * HEAD_DIM + dims[None, :], merged.to(Out.dtype.element_ty),
                      mask=row_ok[:, None])  # fmt: skip
