@@ -74,7 +74,7 @@ def test_training_step_on_gpu_reduces_loss(kernels, monkeypatch):
         (out.loss + 0.01 * out.aux_loss).backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
     assert losses[-1] < losses[0] - 1.0
 
 
