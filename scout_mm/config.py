@@ -300,17 +300,27 @@ class ScoutConfig:
         return hf
 
     def save(self, directory: str | os.PathLike, dtype=None) -> None:
-        """Write ``directory``/config.json (:meth:`to_hf_file`): to a temporary name first, then renamed, so an
+        """Write ``directory``/config.json (:meth:`to_hf_file`) with :func:`write_text_atomically`, so an
         interrupted save never leaves a half-written file."""
-        final = os.path.join(os.fspath(directory), "config.json")
-        tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
-        try:
-            with open(tmp, "w") as f:
-                json.dump(self.to_hf_file(dtype), f, indent=2, sort_keys=True)
-            os.replace(tmp, final)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        text = json.dumps(self.to_hf_file(dtype), indent=2, sort_keys=True)
+        write_text_atomically(os.path.join(os.fspath(directory), "config.json"), text)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary name beside ``path``, flushed to disk, then rename it over ``path``: readers
+    see the old file or the whole new one, never a part. On any error the temporary file goes and ``path`` is
+    unchanged."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # HF text-config keys that map 1:1 onto TextConfig fields.

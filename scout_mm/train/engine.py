@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from scout_mm import Processor, ScoutConfig, ScoutForConditionalGeneration
+from scout_mm.config import write_text_atomically
 from scout_mm.train.config import TrainConfig
 from scout_mm.train.routing import RoutingTap, enable_activation_checkpointing, moe_modules
 
@@ -242,12 +243,12 @@ class Checkpointer:
         barrier()
         if self.rank == 0:
             meta = {"world_size": _world_size(), "zero_stage": int(self.engine.zero_optimization_stage())}
-            _write_atomic(os.path.join(self.directory, partial, META), json.dumps(meta))
+            write_text_atomically(os.path.join(self.directory, partial, META), json.dumps(meta))
             final = os.path.join(self.directory, tag)
             if os.path.exists(final):  # saving the same step again (e.g. the final save)
                 shutil.rmtree(final)
             os.rename(os.path.join(self.directory, partial), final)
-            _write_atomic(os.path.join(self.directory, LATEST), tag)
+            write_text_atomically(os.path.join(self.directory, LATEST), tag)
             self._prune(keep_tag=tag)
         barrier()
         return tag
@@ -381,15 +382,6 @@ def _world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
