@@ -1059,7 +1059,7 @@ def section_dequantpasses(rows_out):
         int4.MOE_DEQUANT_MAX_BYTES = budget
 
 
-def _step_variants(model, config, rows_out, variants, use, restore):
+def _step_variants(model, config, rows_out, variants, use, restore, prompt_len=8192, reserve=None):
     """``decode_step_profile`` of each (label, setting) of ``variants`` in order, ``use(setting)`` applied before
     each (same prompt and token: ``torch.manual_seed(0)``) and ``use(restore)`` after all of them, even on error.
     Returns {label: result}."""
@@ -1068,10 +1068,17 @@ def _step_variants(model, config, rows_out, variants, use, restore):
         for label, setting in variants:
             use(setting)
             torch.manual_seed(0)
-            runs[label] = decode_step_profile(model, config, rows_out, label)
+            runs[label] = decode_step_profile(model, config, rows_out, label, prompt_len, reserve)
     finally:
         use(restore)
     return runs
+
+
+def _in_rounds(variants, rounds):
+    """``variants`` repeated ``rounds`` times, round-major (interleaved), labels suffixed ", again" (round 2) and
+    ", round N" (later rounds)."""
+    suffixes = [""] + [", again" if r == 1 else f", round {r + 1}" for r in range(1, rounds)]
+    return [(f"{label}{suffix}", setting) for suffix in suffixes for label, setting in variants]
 
 
 def _step_summary(rows_out, runs, base_label, logit_scale=False):
@@ -1542,22 +1549,8 @@ def _three_cache_states(rows_out, title, variants, use, restore, rounds):
                                       (8191, None, "mid-chunk (position 8191)"),
                                       (8192, 65536, "8K live keys, cache reserved for 64K")):  # fmt: skip
         rows_out += ["", f"## {title} in the Scout decode step: {what}"]
-        runs = {}
-        try:
-            for round_ in range(rounds):
-                for label, setting in variants:
-                    use(setting)
-                    torch.manual_seed(0)
-                    key = (
-                        label
-                        if round_ == 0
-                        else f"{label}, again"
-                        if round_ == 1
-                        else f"{label}, round {round_ + 1}"
-                    )
-                    runs[key] = decode_step_profile(model, config, rows_out, key, prompt_len, reserve)
-        finally:
-            use(restore)
+        runs = _step_variants(model, config, rows_out, _in_rounds(variants, rounds), use, restore, prompt_len,
+                              reserve)  # fmt: skip
         _step_summary(rows_out, runs, variants[0][0])
         print("\n".join(rows_out[-(len(runs) + 4) :]), flush=True)
 
@@ -1603,13 +1596,9 @@ def section_baselineab(rows_out, rounds: int = 3):
             setattr(module, name, value)
 
     label = f"{module_name}: {', '.join(names)}"
-    variants = []
-    for round_ in range(rounds):
-        again = "" if round_ == 0 else ", again" if round_ == 1 else f", round {round_ + 1}"
-        variants += [
-            (f"baseline ({os.path.basename(path)}){again}", baseline),
-            (f"working tree{again}", current),
-        ]
+    variants = _in_rounds(
+        [(f"baseline ({os.path.basename(path)})", baseline), ("working tree", current)], rounds
+    )
     config, model = build_scout_int4()
     rows_out += ["", f"## Decode step A/B: {label}"]
     runs = _step_variants(model, config, rows_out, variants, use, restore=current)
