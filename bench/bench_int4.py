@@ -1606,6 +1606,14 @@ def section_baselineab(rows_out, rounds: int = 3):
     print("\n".join(rows_out[-(len(runs) + 4) :]), flush=True)
 
 
+def _set_entry(table: dict, key, over) -> None:
+    """``table[key] = over``, or no entry for ``key`` where ``over`` is empty or None (the rule applies)."""
+    if over:
+        table[key] = over
+    else:
+        table.pop(key, None)
+
+
 # In-step candidates of the dense one-row GEMVs (section instep): overrides of TUNED["gemv"]; {} = the rule.
 DENSE_STEP_CANDIDATES = [("rule", {})] + [
     (f"{bn}x{bk} w{w}" + (f" s{sp}" if sp else ""), _over(bn, bk, w, sp))
@@ -1669,10 +1677,7 @@ def section_instep(rows_out, rounds: int = 2, lean: bool = False):
             try:
                 for _ in range(rounds):
                     for label, over in candidates:
-                        if over:
-                            table[key] = over
-                        else:
-                            table.pop(key, None)
+                        _set_entry(table, key, over)
                         ms, logits = step_ms()
                         times[label].append(ms)
                         first = logits if first is None else first
@@ -1680,10 +1685,7 @@ def section_instep(rows_out, rounds: int = 2, lean: bool = False):
                         if diff > 2e-2:  # a config may change the fp32 summation order, not the result
                             raise AssertionError(f"{name} {label}: logits differ by {diff:.3g} (relative)")
             finally:
-                if shipped is None:
-                    table.pop(key, None)
-                else:
-                    table[key] = shipped
+                _set_entry(table, key, shipped)
             base = min(times["shipped"])
             rows_out += ["", f"## Decode step with the {name} launch's config swept (shipped: {shipped})", "",
                          "| config | step ms per round | best | vs shipped |", "|---|---|---|---|"]  # fmt: skip
@@ -1706,13 +1708,8 @@ def section_downtable(rows_out, rounds: int = 3):
         ("down at 2 slots: the rule", None),
     ]
 
-    def use(over):
-        if over:
-            table[key] = over
-        else:
-            table.pop(key, None)
-
-    _three_cache_states(rows_out, "MoE down config", variants, use, shipped, rounds)
+    _three_cache_states(rows_out, "MoE down config", variants, lambda over: _set_entry(table, key, over), shipped,
+                        rounds)  # fmt: skip
 
 
 def main() -> None:
