@@ -6,8 +6,14 @@
   prefix ``[0, p % chunk]`` of its ring. This memory does not grow with the prompt.
 - Global (NoPE) layers keep every position in a shared pool of fixed-size blocks
   ``(n_blocks, block_size, n_kv_heads, head_dim)`` with a block table per sequence, so later work can
-  add FP8 blocks, CPU offload and top-k block selection without changing this interface. The pool is
+  add CPU offload and top-k block selection without changing this interface. The pool is
   preallocated for what :meth:`KVCache.reserve` asks and grows when a reservation does not fit.
+  ``kv_dtype="fp8"`` stores it as e4m3 with one fp32 power-of-two scale per (token, kv head) row
+  (:func:`scout_mm.kernels.reference.quantize_kv_fp8`): half the bytes of bf16 (plus 1/32 for the scales),
+  so a long prompt needs about half the memory and decode reads about half as much. Reads dequantise
+  exactly (:func:`scout_mm.kernels.reference.dequantize_kv`); the cost is the rounding of every cached key
+  and value to 3 mantissa bits (relative error at most 1/16). The chunked layers' rings (one chunk, a
+  fixed size) stay in the model's dtype.
 
 Positions are per sequence (no padding inside the cache): a batch of prompts of different lengths is
 prefilled sequence by sequence, then decoded together, each sequence at its own position.
@@ -24,10 +30,27 @@ import torch
 
 from scout_mm import kernels
 from scout_mm.config import TextConfig
+from scout_mm.kernels.reference import FP8_KV_DTYPE, dequantize_kv, quantize_kv_fp8
 
 # Decode on RoPE layers: the rotation of q and k and the cache write in one kernel (kernels.rope_write_kv_decode);
 # False: RoPE, then the write (two launches). A switch for benchmarks (bench_int4.py --sections ropewrite).
 ROPE_WRITES_KV = True
+
+_FP8_NAMES = ("fp8", "float8", "float8_e4m3fn", "fp8_e4m3")
+
+
+def resolve_kv_dtype(kv_dtype, dtype: torch.dtype) -> torch.dtype:
+    """The global layers' storage dtype for ``kv_dtype``: None / ``"auto"`` / the model's ``dtype`` -> ``dtype``;
+    ``"fp8"`` (or ``torch.float8_e4m3fn``) -> e4m3. Anything else raises, naming what is accepted."""
+    if kv_dtype is None or kv_dtype == "auto" or kv_dtype == dtype:
+        return dtype
+    name = str(kv_dtype).removeprefix("torch.").lower() if isinstance(kv_dtype, (str, torch.dtype)) else None
+    if name in _FP8_NAMES:
+        return FP8_KV_DTYPE
+    raise ValueError(
+        f"kv_cache_dtype={kv_dtype!r}; expected None or 'auto' (the model's {str(dtype).removeprefix('torch.')}) or 'fp8' (e4m3, per-row "
+        "scales, the global layers only)"
+    )
 
 
 @dataclass
@@ -45,6 +68,8 @@ class KVView:
     q_start: int = 0
     kv_lens: torch.Tensor | None = None
     block_table: torch.Tensor | None = None
+    k_scale: torch.Tensor | None = None  # decode, FP8 store: its rows' scales (k's layout, no head_dim)
+    v_scale: torch.Tensor | None = None
 
 
 class KVCache:
@@ -56,7 +81,9 @@ class KVCache:
         dtype: torch.dtype,
         block_size: int = 256,
         initial_blocks: int = 0,
+        kv_dtype: torch.dtype | str | None = None,
     ):
+        """``kv_dtype``: the global layers' storage, the model's ``dtype`` (None) or ``"fp8"`` (module docstring)."""
         self.batch_size = batch_size
         self.block_size = block_size
         self.chunk_size = config.attention_chunk_size
@@ -74,13 +101,22 @@ class KVCache:
                 torch.zeros(ring, device=device, dtype=dtype),
             )
         self.global_layers = [i for i in range(config.num_hidden_layers) if i not in self._ring]
+        self.kv_dtype = resolve_kv_dtype(kv_dtype, dtype)
+        self.fp8 = self.kv_dtype == FP8_KV_DTYPE
         self._pool: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # FP8 pools' row scales: (n_blocks, block_size, n_kv_heads) fp32
+        self._scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i in self.global_layers:
             pool = (initial_blocks, block_size, *shape)
             self._pool[i] = (
-                torch.zeros(pool, device=device, dtype=dtype),
-                torch.zeros(pool, device=device, dtype=dtype),
+                torch.zeros(pool, device=device, dtype=self.kv_dtype),
+                torch.zeros(pool, device=device, dtype=self.kv_dtype),
             )
+            if self.fp8:
+                self._scales[i] = (
+                    torch.zeros(pool[:-1], device=device, dtype=torch.float32),
+                    torch.zeros(pool[:-1], device=device, dtype=torch.float32),
+                )
         self.block_table = torch.zeros(batch_size, 0, dtype=torch.int32, device=device)
         self._n_blocks = [0] * batch_size  # blocks owned per sequence
         self._free: list[int] = list(range(initial_blocks))
@@ -107,21 +143,24 @@ class KVCache:
 
     def _grow(self, n_blocks: int) -> None:
         old = next(iter(self._pool.values()))[0].shape[0]
-        for i, (k, v) in self._pool.items():
-            extra = torch.zeros((n_blocks, *k.shape[1:]), device=k.device, dtype=k.dtype)
-            self._pool[i] = (torch.cat([k, extra]), torch.cat([v, extra.clone()]))
+        for store in (self._pool, self._scales):
+            for i, (k, v) in store.items():
+                extra = torch.zeros((n_blocks, *k.shape[1:]), device=k.device, dtype=k.dtype)
+                store[i] = (torch.cat([k, extra]), torch.cat([v, extra.clone()]))
         self._free.extend(range(old, old + n_blocks))
 
     def storage_key(self) -> tuple[int, ...]:
         """Addresses of every storage tensor (rings, pools, block table): a CUDA graph captured over this cache
         stays valid while they are unchanged (a growing pool or block table moves them)."""
-        tensors = [t for pair in (*self._ring.values(), *self._pool.values()) for t in pair]
+        stores = (*self._ring.values(), *self._pool.values(), *self._scales.values())
+        tensors = [t for pair in stores for t in pair]
         return tuple(t.data_ptr() for t in (*tensors, self.block_table)) + tuple(self.block_table.shape)
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held by ring (chunked) layers and by global layers' block pools."""
+        """Bytes held by ring (chunked) layers and by global layers' block pools (with an FP8 pool's scales)."""
         ring = sum(k.numel() * k.element_size() * 2 for k, _ in self._ring.values())
-        pool = sum(k.numel() * k.element_size() * 2 for k, _ in self._pool.values())
+        pools = (*self._pool.values(), *self._scales.values())
+        pool = sum(k.numel() * k.element_size() * 2 for k, _ in pools)
         return {"ring": ring, "global": pool}
 
     # ------------------------------------------------------------------ modes
@@ -158,21 +197,29 @@ class KVCache:
             ring_v[seq, offset : offset + q_len] = v[0]
             keys, values = ring_k[seq : seq + 1, : offset + q_len], ring_v[seq : seq + 1, : offset + q_len]
             return KVView(keys.transpose(1, 2), values.transpose(1, 2), q_start=offset)
-        pool_k, pool_v = self._pool[layer]
         index = torch.arange(start, start + q_len, device=k.device)
-        blocks = self.block_table[seq, index // self.block_size].long()
-        pool_k[blocks, index % self.block_size] = k[0]
-        pool_v[blocks, index % self.block_size] = v[0]
+        where = (self.block_table[seq, index // self.block_size].long(), index % self.block_size)
         n_blocks = -(-(start + q_len) // self.block_size)
         table = self.block_table[seq, :n_blocks].long()
-        keys = pool_k[table].flatten(0, 1)[: start + q_len]  # (start + q_len, n_kv_heads, head_dim)
-        values = pool_v[table].flatten(0, 1)[: start + q_len]
-        return KVView(keys.transpose(0, 1)[None], values.transpose(0, 1)[None], q_start=start)
+        seen = []
+        for j, new in enumerate((k, v)):
+            store = self._pool[layer][j]
+            if not self.fp8:
+                store[where] = new[0]
+                seen.append(store[table].flatten(0, 1)[: start + q_len])  # (start + q_len, heads, head_dim)
+                continue
+            # The new rows are quantised and stored first, then everything is read back dequantised: the piece
+            # attends over exactly the keys and values that decode will read later.
+            scales = self._scales[layer][j]
+            store[where], scales[where] = quantize_kv_fp8(new[0])
+            stored = store[table].flatten(0, 1)[: start + q_len]
+            seen.append(dequantize_kv(stored, scales[table].flatten(0, 1)[: start + q_len], new.dtype))
+        return KVView(seen[0].transpose(0, 1)[None], seen[1].transpose(0, 1)[None], q_start=start)
 
     def update_rope(self, layer, q, k, v, positions, cos, sin, eps) -> tuple[torch.Tensor, KVView]:
         """:meth:`update` for a RoPE layer, given its q, k before RoPE (+ QK-norm when ``eps`` is not None): returns
         (rotated q, what to attend over). Decode does the rotation and the cache write in one kernel."""
-        if self._prefill_seq is not None or not ROPE_WRITES_KV:
+        if self._prefill_seq is not None or not ROPE_WRITES_KV or (self.fp8 and layer not in self._ring):
             q, k = kernels.rope_qk_norm(q, k, cos, sin, eps)
             return q, self.update(layer, k, v, positions)
         return self._update_decode(layer, k, v, positions, q=q, rope=(cos, sin, eps))
@@ -192,9 +239,15 @@ class KVCache:
             k_store, v_store = self._pool[layer]
             where = dict(block_table=self.block_table, block_size=self.block_size)
         if rope is None:
-            kv_lens = kernels.write_kv_decode(k, v, k_store, v_store, pos, **where)
+            k_scale, v_scale = self._scales.get(layer, (None, None))
+            kv_lens = kernels.write_kv_decode(
+                k, v, k_store, v_store, pos, **where, k_scale_store=k_scale, v_scale_store=v_scale
+            )
         else:
             q, kv_lens = kernels.rope_write_kv_decode(q, k, v, *rope, k_store, v_store, pos, **where)
         if ring:
             return q, KVView(k_store.transpose(1, 2), v_store.transpose(1, 2), kv_lens=kv_lens)
-        return q, KVView(k_store, v_store, kv_lens=kv_lens, block_table=self.block_table)
+        k_scale, v_scale = self._scales.get(layer, (None, None))
+        return q, KVView(
+            k_store, v_store, kv_lens=kv_lens, block_table=self.block_table, k_scale=k_scale, v_scale=v_scale
+        )

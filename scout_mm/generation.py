@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-from scout_mm.cache import KVCache
+from scout_mm.cache import KVCache, resolve_kv_dtype
 from scout_mm.config import is_int
 
 DEFAULT_PREFILL_PIECE = 8192
@@ -248,26 +248,30 @@ _GRAPH_ENV = ("SCOUT_MM_KERNELS", "SCOUT_MM_FUSED", "SCOUT_MM_PDL")
 _STATE_ATTR = "_scout_decode_state"
 
 
-def _state_key(model, batch: int, device: torch.device) -> tuple:
+def _state_key(model, batch: int, device: torch.device, kv_dtype: torch.dtype) -> tuple:
     weights = tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in (*model.parameters(), *model.buffers()))
-    return (batch, device, model.dtype, hash(weights), tuple(os.environ.get(k, "") for k in _GRAPH_ENV))
+    env = tuple(os.environ.get(k, "") for k in _GRAPH_ENV)
+    return (batch, device, model.dtype, kv_dtype, hash(weights), env)
 
 
-def decode_state(model, need: list[int], device: torch.device, keep: bool) -> _DecodeState:
+def decode_state(
+    model, need: list[int], device: torch.device, keep: bool, kv_cache_dtype=None
+) -> _DecodeState:
     """A KV cache (and perhaps a captured decode graph) for a generation of ``len(need)`` sequences of at most
     ``need[b]`` tokens each. ``keep``: reuse and keep the one left on the model by the previous call when batch,
-    device, dtype, the weights (every parameter and buffer, by address) and the kernel switches are the same and
-    its cache already holds ``need`` — a generate call then skips the capture (one eager step + the capture:
-    ~0.1-0.2 s at Scout size). Otherwise a fresh one (the kept one is dropped first: a growing cache next to the
-    old one and its graph can run a large model out of memory)."""
-    key = _state_key(model, len(need), device)
+    device, dtype, KV cache dtype, the weights (every parameter and buffer, by address) and the kernel switches are
+    the same and its cache already holds ``need`` — a generate call then skips the capture (one eager step + the
+    capture: ~0.1-0.2 s at Scout size). Otherwise a fresh one (the kept one is dropped first: a growing cache next
+    to the old one and its graph can run a large model out of memory). ``kv_cache_dtype``: see :class:`KVCache`."""
+    kv_dtype = resolve_kv_dtype(kv_cache_dtype, model.dtype)
+    key = _state_key(model, len(need), device, kv_dtype)
     state = model.__dict__.get(_STATE_ATTR) if keep else None
     if state is not None and not state.busy:
         if state.key == key and all(n <= r for n, r in zip(need, state.reserved, strict=True)):
             return state
         release_decode_state(model)
         state = None
-    fresh = _DecodeState(key, KVCache(model.config.text, len(need), device, model.dtype))
+    fresh = _DecodeState(key, KVCache(model.config.text, len(need), device, model.dtype, kv_dtype=kv_dtype))
     # KVCache.reserve hands out whole blocks: what the cache holds without growing
     block = fresh.cache.block_size
     fresh.reserved = [-(-n // block) * block for n in need]
@@ -333,11 +337,13 @@ def generate_steps(
     stats: GenerateOutput | None = None,
     cuda_graph: bool = True,
     keep_graph: bool = True,
+    kv_cache_dtype: str | torch.dtype | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """An iterator of ``(tokens (batch,), active (batch,) bool)``, both on the host, after each decoding step
     (the first comes from prefill). Sequences stop at an EOS token or a stop string; ``active`` is False from the
     step after. On CUDA the next step is already queued when a step's tokens are yielded. ``keep_graph``: reuse
     the KV cache and captured decode graph of the previous call when they fit (:func:`decode_state`).
+    ``kv_cache_dtype="fp8"`` keeps the global layers' KV cache in e4m3 (:class:`scout_mm.cache.KVCache`).
 
     The arguments are checked here, before the first step: bad input raises at the call, not mid-stream."""
     params = params or SamplingParams()
@@ -395,13 +401,14 @@ def generate_steps(
         generator = torch.Generator(device=device).manual_seed(seed)
     need = [n + params.max_new_tokens for n in lengths]
     keep = keep_graph and cuda_graph and device.type == "cuda"
-    return _run_steps(model, need, keep, input_ids, pixel_values, attention_mask, params, lengths, eos,
+    kv_dtype = resolve_kv_dtype(kv_cache_dtype, model.dtype)  # raises here, before the first step
+    return _run_steps(model, need, keep, kv_dtype, input_ids, pixel_values, attention_mask, params, lengths, eos,
                       stop_strings, tokenizer, generator, prefill_piece, stats, cuda_graph)  # fmt: skip
 
 
 @torch.no_grad()
-def _run_steps(model, need, keep, *args):
-    state = decode_state(model, need, model.device, keep=keep)
+def _run_steps(model, need, keep, kv_dtype, *args):
+    state = decode_state(model, need, model.device, keep=keep, kv_cache_dtype=kv_dtype)
     state.busy = True
     try:
         yield from _generate_steps(model, state, *args)
@@ -529,12 +536,15 @@ def generate_ids(
     truncate: bool = False,
     cuda_graph: bool = True,
     keep_graph: bool = True,
+    kv_cache_dtype: str | torch.dtype | None = None,
 ) -> GenerateOutput:
     """HF-compatible generation; returns the sequences (prompt as given + new tokens, ``pad_token_id`` after
     a sequence stops) with token counts and prefill/decode timings. ``streamer`` gets HF's
     ``put(tokens)`` / ``end()`` calls. On CUDA the decode step runs as a captured CUDA graph unless
     ``cuda_graph=False``; with ``keep_graph`` (default) the graph and its KV cache stay on the model for the next
-    call of the same batch size (:func:`decode_state`; :func:`release_decode_state` frees them)."""
+    call of the same batch size (:func:`decode_state`; :func:`release_decode_state` frees them).
+    ``kv_cache_dtype="fp8"``: the global layers' KV cache in e4m3 with per-row scales, about half the memory and
+    decode traffic of a long prompt (:class:`scout_mm.cache.KVCache`); None (default) keeps the model's dtype."""
     params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
     if pad_token_id is None:
         pad_token_id = model.config.text.pad_token_id if model.config.text.pad_token_id is not None else 0
@@ -542,7 +552,7 @@ def generate_ids(
     new = []
     steps = generate_steps(
         model, input_ids, pixel_values, attention_mask, params, eos_token_id, stop_strings, tokenizer, seed,
-        prefill_piece, truncate, stats, cuda_graph, keep_graph,
+        prefill_piece, truncate, stats, cuda_graph, keep_graph, kv_cache_dtype,
     )  # fmt: skip
     if streamer is not None:
         streamer.put(input_ids.cpu())

@@ -138,6 +138,8 @@ class Attention(nn.Module):
                     kv_lens=view.kv_lens,
                     block_table=view.block_table,
                     q_scale=q_scale,
+                    k_scale=view.k_scale,
+                    v_scale=view.v_scale,
                 )
             else:
                 out = kernels.attention(q, view.k, view.v, scale=scale, q_start=view.q_start, q_scale=q_scale)

@@ -60,10 +60,12 @@ def attention(q, k, v, *, scale, chunk_size=None, q_start=0, kv_start=None, q_sc
     return reference.attention(q, k, v, **kwargs)
 
 
-def decode_attention(q, k, v, *, scale, kv_lens=None, block_table=None, kv_start=None, q_scale=None):
-    """Few-token attention over a contiguous or paged KV cache; returns (out, lse). See
-    :func:`scout_mm.kernels.flash_decode.decode_attention` for the layouts."""
-    kwargs = dict(scale=scale, kv_lens=kv_lens, block_table=block_table, kv_start=kv_start, q_scale=q_scale)
+def decode_attention(q, k, v, *, scale, kv_lens=None, block_table=None, kv_start=None, q_scale=None, k_scale=None,
+                     v_scale=None):  # fmt: skip
+    """Few-token attention over a contiguous or paged KV cache, FP8 with ``k_scale`` / ``v_scale``; returns (out,
+    lse). See :func:`scout_mm.kernels.flash_decode.decode_attention` for the layouts."""
+    kwargs = dict(scale=scale, kv_lens=kv_lens, block_table=block_table, kv_start=kv_start, q_scale=q_scale,
+                  k_scale=k_scale, v_scale=v_scale)  # fmt: skip
     if use_triton(q):
         from scout_mm.kernels import flash_decode
 
@@ -208,10 +210,12 @@ def add_rms_norm_router(x, delta, norm_weight, eps, weight, top_k, shared_slot=F
     return (x, h) + router_topk(h, weight, top_k, shared_slot=shared_slot)
 
 
-def write_kv_decode(k, v, k_store, v_store, positions, ring_size=None, block_table=None, block_size=None):
-    """One decode token per sequence into a ring or paged KV cache; returns ``kv_lens``. See
-    :func:`scout_mm.kernels.fused_reference.write_kv_decode`."""
-    kwargs = dict(ring_size=ring_size, block_table=block_table, block_size=block_size)
+def write_kv_decode(k, v, k_store, v_store, positions, ring_size=None, block_table=None, block_size=None,
+                    k_scale_store=None, v_scale_store=None):  # fmt: skip
+    """One decode token per sequence into a ring or paged KV cache (FP8 with its scale stores); returns
+    ``kv_lens``. See :func:`scout_mm.kernels.fused_reference.write_kv_decode`."""
+    kwargs = dict(ring_size=ring_size, block_table=block_table, block_size=block_size, k_scale_store=k_scale_store,
+                  v_scale_store=v_scale_store)  # fmt: skip
     if use_fused(k, v) and k_store.is_contiguous() and v_store.is_contiguous():
         from scout_mm.kernels import fused
 

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from scout_mm.kernels.launch import arrival_counters, pdl_args, pdl_wait_and_trigger
+from scout_mm.kernels.reference import FP8_KV_DTYPE
 
 _LOG2E = 1.4426950408889634
 
@@ -52,13 +53,15 @@ def _weighted_part(PartOut, PartLse, p, n_rows, out_row, dims, ok, m, HEAD_DIM: 
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, BlockTable, KVLens, KVStart, QScale, PartOut, PartLse, Out, Lse, Counters,
+    Q, K, V, KScale, VScale, BlockTable, KVLens, KVStart, QScale, PartOut, PartLse, Out, Lse, Counters,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,  # paged: (block, head, slot)
+    stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,  # KV_FP8: the scales', same order
     stride_table, n_kv_heads, n_rows, n_splits, capacity, min_split, block_size, qk_scale,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGED: tl.constexpr, HAS_LENS: tl.constexpr, HAS_KV_START: tl.constexpr,
-    HAS_Q_SCALE: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr,
+    HAS_Q_SCALE: tl.constexpr, KV_FP8: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_P: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_wait_and_trigger(PDL)
     split = tl.program_id(0)
@@ -96,6 +99,8 @@ def _decode_split_kernel(
     if not PAGED:
         K += b64 * stride_kb + kv_h * stride_kh
         V += b64 * stride_vb + kv_h * stride_vh
+        KScale += b64 * stride_ksb + kv_h * stride_ksh
+        VScale += b64 * stride_vsb + kv_h * stride_vsh
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -107,10 +112,16 @@ def _decode_split_kernel(
             slot = cols % block_size
             k_off = block.to(tl.int64) * stride_kb + slot * stride_kn + kv_h * stride_kh
             v_off = block.to(tl.int64) * stride_vb + slot * stride_vn + kv_h * stride_vh
+            ks_off = block.to(tl.int64) * stride_ksb + slot * stride_ksn + kv_h * stride_ksh
+            vs_off = block.to(tl.int64) * stride_vsb + slot * stride_vsn + kv_h * stride_vsh
         else:
             k_off = cols * stride_kn
             v_off = cols * stride_vn
+            ks_off = cols * stride_ksn
+            vs_off = cols * stride_vsn
         k = tl.load(K + k_off[:, None] + dims[None, :], mask=col_ok[:, None], other=0.0)
+        if KV_FP8:  # e4m3 times its row's power-of-two scale (exact in fp32), in q's dtype: dequantize_kv
+            k = (k.to(tl.float32) * tl.load(KScale + ks_off, mask=col_ok, other=0.0)[:, None]).to(q.dtype)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         visible = (cols[None, :] <= t[:, None]) & (cols[None, :] >= kv0) & col_ok[None, :]
         qk = tl.where(visible, qk, float("-inf"))
@@ -119,6 +130,8 @@ def _decode_split_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + v_off[:, None] + dims[None, :], mask=col_ok[:, None], other=0.0)
+        if KV_FP8:
+            v = (v.to(tl.float32) * tl.load(VScale + vs_off, mask=col_ok, other=0.0)[:, None]).to(q.dtype)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     empty = l_i == 0.0
@@ -248,6 +261,25 @@ def _n_splits(batch: int, n_kv_heads: int, capacity: int, layout: str, device: t
     return max(1, min(want, capacity // MIN_SPLIT_KEYS_BY_LAYOUT[layout]))
 
 
+def _check_fp8_cache(q, k, v, k_scale, v_scale) -> bool:
+    """True for an FP8 cache: e4m3 ``k`` and ``v`` with fp32 ``k_scale`` / ``v_scale`` shaped as them without the
+    last dim. A cache of q's dtype takes no scales."""
+    fp8 = k.dtype == FP8_KV_DTYPE
+    if v.dtype != k.dtype or fp8 != (k_scale is not None) or fp8 != (v_scale is not None):
+        raise ValueError(
+            f"k {k.dtype}, v {v.dtype}, scales given: {k_scale is not None} / {v_scale is not None}; an FP8 cache "
+            f"({FP8_KV_DTYPE}) needs k_scale and v_scale, a {q.dtype} cache none"
+        )
+    if not fp8 and k.dtype != q.dtype:
+        raise ValueError(f"k/v {k.dtype} vs q {q.dtype}: the cache holds q's dtype or {FP8_KV_DTYPE}")
+    for name, scale, kv in (("k_scale", k_scale, k), ("v_scale", v_scale, v)) if fp8 else ():
+        if scale.dtype != torch.float32 or scale.shape != kv.shape[:-1]:
+            raise ValueError(
+                f"{name} {tuple(scale.shape)} {scale.dtype}; expected float32 {tuple(kv.shape)[:-1]}"
+            )
+    return fp8
+
+
 def decode_attention(
     q: torch.Tensor,  # (batch, n_heads, q_len, head_dim)
     k: torch.Tensor,  # contiguous (batch, n_kv_heads, capacity, head_dim) | paged (n_blocks, block_size, n_kv_heads, head_dim)
@@ -258,25 +290,30 @@ def decode_attention(
     block_table: torch.Tensor | None = None,  # (batch, max_blocks) int32: paged layout
     kv_start: torch.Tensor | None = None,  # (batch,) int32
     q_scale: torch.Tensor | None = None,  # (batch, q_len)
+    k_scale: torch.Tensor | None = None,  # FP8 cache: fp32 scale of each row, k's layout without head_dim
+    v_scale: torch.Tensor | None = None,
     n_splits: int | None = None,
     config: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (batch, n_heads, q_len, head_dim), (batch, n_heads, q_len) fp32 LSE
-    """Split-K flash-decoding over a contiguous or paged KV cache (layouts in the module docstring).
+    """Split-K flash-decoding over a contiguous or paged KV cache (layouts in the module docstring), in q's dtype
+    or FP8 (e4m3 ``k`` / ``v`` with ``k_scale`` / ``v_scale``, each row dequantised as
+    :func:`scout_mm.kernels.reference.dequantize_kv` does before it is used).
     Returns the output and the natural-log LSE of each query row, for :func:`merge_states`."""
     batch, n_heads, q_len, head_dim = q.shape
     paged = block_table is not None
+    kv_fp8 = _check_fp8_cache(q, k, v, k_scale, v_scale)
+    # strides as (block, head, slot) when paged, else (batch, head, key); the scales' without head_dim
+    order = (0, 2, 1) if paged else (0, 1, 2)
+    strides_k, strides_v = (tuple(t.stride(i) for i in order) for t in (k, v))
+    strides_scales = tuple(t.stride(i) for t in (k_scale, v_scale) for i in order) if kv_fp8 else (0,) * 6
     if paged:
         block_size, n_kv_heads = k.shape[1], k.shape[2]
         capacity = block_table.shape[1] * block_size
-        strides_k = (k.stride(0), k.stride(2), k.stride(1))  # (block, head, slot)
-        strides_v = (v.stride(0), v.stride(2), v.stride(1))
         if kv_lens is None:
             raise ValueError("a paged cache needs kv_lens")
     else:
         n_kv_heads, capacity = k.shape[1], k.shape[2]
         block_size = 1
-        strides_k = (k.stride(0), k.stride(1), k.stride(2))
-        strides_v = (v.stride(0), v.stride(1), v.stride(2))
     if n_heads % n_kv_heads:
         raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
     if k.stride(-1) != 1 or v.stride(-1) != 1:
@@ -309,13 +346,14 @@ def decode_attention(
         counters = arrival_counters(q.device, batch * n_kv_heads)
     else:
         out, lse, counters = part_out, part_lse, table
+    kv_scales = (k_scale, v_scale) if kv_fp8 else (dummy, dummy)
     _decode_split_kernel[(n_splits, batch * n_kv_heads)](
-        q, k, v, table, lens, starts, scales, part_out, part_lse, out, lse, counters,
-        q.stride(0), q.stride(1), q.stride(2), *strides_k, *strides_v,
+        q, k, v, *kv_scales, table, lens, starts, scales, part_out, part_lse, out, lse, counters,
+        q.stride(0), q.stride(1), q.stride(2), *strides_k, *strides_v, *strides_scales,
         table.stride(0) if paged else 0, n_kv_heads, n_rows, n_splits, capacity, min_split, block_size,
         scale * _LOG2E, GROUP=group, Q_LEN=q_len, BLOCK_M=max(16, triton.next_power_of_2(group * q_len)),
         HEAD_DIM=head_dim, BLOCK_N=block_n, PAGED=paged, HAS_LENS=kv_lens is not None,
-        HAS_KV_START=kv_start is not None, HAS_Q_SCALE=q_scale is not None, FUSED_MERGE=fused_merge,
+        HAS_KV_START=kv_start is not None, HAS_Q_SCALE=q_scale is not None, KV_FP8=kv_fp8, FUSED_MERGE=fused_merge,
         # BLOCK_P only matters to the in-kernel merge: a constant otherwise, so a new split count compiles nothing
         BLOCK_P=triton.next_power_of_2(n_splits) if fused_merge else 1, num_warps=num_warps, num_stages=num_stages,
         **pdl_args(q.device),

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from scout_mm.kernels import FUSED_MAX_NORM_DIM, ROUTER_MAX_EXPERTS
 from scout_mm.kernels.launch import arrival_counters, pdl_args, pdl_wait_and_trigger
+from scout_mm.kernels.reference import FP8_KV_DTYPE
 
 # ----------------------------------------------------------------------------------------------------------
 # Kernels
@@ -284,11 +285,50 @@ def _router_kernel(
 
 
 @triton.jit
+def _fp8_kv_scale_bits(amax):
+    """:func:`scout_mm.kernels.reference.fp8_kv_scale` of a row's ``max|x|`` (fp32): the power of two ``s``, as
+    (s, 1 / s), from the bits of ``amax`` (exact; no division)."""
+    bits = amax.to(tl.int32, bitcast=True)
+    exp = ((bits >> 23) & 0xFF) - 127 - 8 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    exp = tl.minimum(tl.maximum(exp, -110), 120)
+    return ((exp + 127) << 23).to(tl.float32, bitcast=True), ((127 - exp) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_e4m3(y):
+    """``y`` (fp32, ``|y| <= 448``) rounded to the nearest e4m3 value (ties to even), still fp32: normal values
+    keep 3 mantissa bits, subnormal ones (below 2^-6) are multiples of 2^-9. The conversion to fp8 after it is
+    then exact, whichever instruction does it (Triton's CPU interpreter mis-rounds values that carry into the
+    next binade, e.g. 127.4 -> 64)."""
+    bits = y.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+    magnitude = (tl.abs(y) + 24576.0) - 24576.0  # 24576 = 1.5 * 2^14: its ulp is 2^-9
+    sign = bits & -0x80000000  # y's sign bit (a negative y that rounds to zero gives -0, as the reference)
+    subnormal = (magnitude.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    return tl.where(tl.abs(y) >= 0.015625, normal, subnormal)
+
+
+@triton.jit
+def _store_kv_row(store_ptr, scale_ptr, dst, value, mask, FP8: tl.constexpr):
+    """One cached row (a token's key or value of one kv head): as given, or (``FP8``) as e4m3 values and their
+    power-of-two scale (:func:`scout_mm.kernels.reference.quantize_kv_fp8`, bit for bit)."""
+    if FP8:
+        x = value.to(tl.float32)
+        scale, inverse = _fp8_kv_scale_bits(tl.max(tl.where(mask, tl.abs(x), 0.0), 0))
+        tl.store(store_ptr + dst, _round_e4m3(x * inverse).to(store_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr, scale)
+    else:
+        tl.store(store_ptr + dst, value, mask=mask)
+
+
+@triton.jit
 def _write_kv_kernel(
     k_ptr,  # (batch, 1, n_kv_heads, D) new keys, last dim contiguous
     v_ptr,
     k_store_ptr,  # contiguous ring (batch, ring, n_kv_heads, D) or pool (n_blocks, block_size, n_kv_heads, D)
     v_store_ptr,
+    k_scale_ptr,  # FP8: contiguous (.., .., n_kv_heads) fp32 scales of the stored rows, else unused
+    v_scale_ptr,
     pos_ptr,  # (batch,) positions
     table_ptr,  # (batch, max_blocks) int32 block table, or unused (ring)
     lens_ptr,  # (batch,) int32 out
@@ -302,6 +342,7 @@ def _write_kv_kernel(
     stride_pos,
     stride_table,
     PAGED: tl.constexpr,
+    FP8: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -312,12 +353,11 @@ def _write_kv_kernel(
     dims = tl.arange(0, BLOCK_D)
     mask = dims < head_dim
     dst = (row * n_kv_heads + head) * head_dim + dims
-    tl.store(
-        k_store_ptr + dst, tl.load(k_ptr + b * stride_kb + head * stride_kh + dims, mask=mask), mask=mask
-    )
-    tl.store(
-        v_store_ptr + dst, tl.load(v_ptr + b * stride_vb + head * stride_vh + dims, mask=mask), mask=mask
-    )
+    scale_at = row * n_kv_heads + head
+    key = tl.load(k_ptr + b * stride_kb + head * stride_kh + dims, mask=mask)
+    _store_kv_row(k_store_ptr, k_scale_ptr + scale_at, dst, key, mask, FP8)
+    value = tl.load(v_ptr + b * stride_vb + head * stride_vh + dims, mask=mask)
+    _store_kv_row(v_store_ptr, v_scale_ptr + scale_at, dst, value, mask, FP8)
     if head == 0:
         tl.store(lens_ptr + b, kv_len.to(tl.int32))
 
@@ -444,6 +484,7 @@ def rope_write_kv_decode(q, k, v, cos, sin, eps, k_store, v_store, positions, ri
     go straight into the cache. Returns (rotated q, kv_lens)."""
     q, k, cos, sin, q_out = _rope_operands(q, k, cos, sin)
     slots, table, paged = _check_kv_store(k, v, k_store, v_store, ring_size, block_table, block_size)
+    _check_kv_scales(k_store, v_store, None, None)  # an FP8 store takes RoPE, then write_kv_decode
     v = v if v.stride(-1) == 1 else v.contiguous()
     kv_lens = torch.empty(q.shape[0], dtype=torch.int32, device=q.device)
     table = table if paged else kv_lens
@@ -541,17 +582,39 @@ def _check_kv_store(k, v, k_store, v_store, ring_size, block_table, block_size):
     return (block_size if paged else ring_size), block_table, paged
 
 
-def write_kv_decode(k, v, k_store, v_store, positions, ring_size=None, block_table=None, block_size=None):
+def _check_kv_scales(k_store, v_store, k_scale_store, v_scale_store) -> bool:
+    """True for an FP8 store (e4m3 rows + their fp32 scales, contiguous, shaped as the store without its last
+    dim); False for a store of the model's dtype (no scales)."""
+    fp8 = k_store.dtype == FP8_KV_DTYPE
+    scaled = (k_scale_store is not None, v_scale_store is not None)
+    if v_store.dtype != k_store.dtype or scaled != (fp8, fp8):
+        raise ValueError(
+            f"KV storage {k_store.dtype} / {v_store.dtype} with scales {scaled}: an {FP8_KV_DTYPE} store (keys and values) "
+            "needs k_scale_store and v_scale_store, any other store none"
+        )
+    for scale in (k_scale_store, v_scale_store) if fp8 else ():
+        if scale.dtype != torch.float32 or scale.shape != k_store.shape[:-1] or not scale.is_contiguous():
+            raise ValueError(
+                f"KV scales {tuple(scale.shape)} {scale.dtype}; expected contiguous float32 "
+                f"{tuple(k_store.shape[:-1])}"
+            )
+    return fp8
+
+
+def write_kv_decode(k, v, k_store, v_store, positions, ring_size=None, block_table=None, block_size=None,
+                    k_scale_store=None, v_scale_store=None):  # fmt: skip
     batch, _, n_kv_heads, head_dim = k.shape
     slots, block_table, paged = _check_kv_store(k, v, k_store, v_store, ring_size, block_table, block_size)
+    fp8 = _check_kv_scales(k_store, v_store, k_scale_store, v_scale_store)
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         k, v = k.contiguous(), v.contiguous()
     kv_lens = torch.empty(batch, dtype=torch.int32, device=k.device)
     table = block_table if paged else kv_lens
+    scales = (k_scale_store, v_scale_store) if fp8 else (kv_lens, kv_lens)
     _write_kv_kernel[(batch, n_kv_heads)](
-        k, v, k_store, v_store, positions, table, kv_lens, n_kv_heads, head_dim,
+        k, v, k_store, v_store, *scales, positions, table, kv_lens, n_kv_heads, head_dim,
         slots, k.stride(0), k.stride(2), v.stride(0), v.stride(2),
-        positions.stride(0), table.stride(0), PAGED=paged, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=1,
-        **pdl_args(k.device),
+        positions.stride(0), table.stride(0), PAGED=paged, FP8=fp8, BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=1, **pdl_args(k.device),
     )  # fmt: skip
     return kv_lens

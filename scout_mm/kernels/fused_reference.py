@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from scout_mm.kernels import reference
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """``rms_norm(x) * weight`` over the last dim: normalised in fp32 and cast back BEFORE the weight multiply,
@@ -109,20 +111,25 @@ def write_kv_decode(
     ring_size: int | None = None,
     block_table: torch.Tensor | None = None,  # (batch, max_blocks) int32, paged pool only
     block_size: int | None = None,
+    k_scale_store: torch.Tensor | None = None,  # FP8 store: (.., .., n_kv_heads) fp32 scales of its rows
+    v_scale_store: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write one decode token per sequence into a KV cache; returns the keys each sequence now sees
     ``kv_lens (batch,) int32``. Ring: slot ``p % ring_size`` of the sequence's ring (kv_lens = slot + 1).
-    Paged pool: slot ``p % block_size`` of block ``block_table[b, p // block_size]`` (kv_lens = p + 1)."""
+    Paged pool: slot ``p % block_size`` of block ``block_table[b, p // block_size]`` (kv_lens = p + 1).
+    An FP8 store (``k_scale_store`` / ``v_scale_store`` given) gets :func:`reference.quantize_kv_fp8` rows."""
     rows = torch.arange(k.shape[0], device=k.device)
     if ring_size is not None:
-        slot = positions % ring_size
-        k_store[rows, slot] = k[:, 0]
-        v_store[rows, slot] = v[:, 0]
-        return (slot + 1).to(torch.int32)
-    blocks = block_table[rows, positions // block_size].long()
-    k_store[blocks, positions % block_size] = k[:, 0]
-    v_store[blocks, positions % block_size] = v[:, 0]
-    return (positions + 1).to(torch.int32)
+        where, lens = (rows, positions % ring_size), positions % ring_size + 1
+    else:
+        blocks = block_table[rows, positions // block_size].long()
+        where, lens = (blocks, positions % block_size), positions + 1
+    for new, store, scales in ((k, k_store, k_scale_store), (v, v_store, v_scale_store)):
+        if scales is None:
+            store[where] = new[:, 0]
+        else:
+            store[where], scales[where] = reference.quantize_kv_fp8(new[:, 0])
+    return lens.to(torch.int32)
 
 
 def rope_write_kv_decode(

@@ -183,6 +183,37 @@ def _grouped_mm_ok(rows, gate_up_proj, down_proj) -> bool:
     )
 
 
+# FP8 KV cache (e4m3, the global layers' optional storage; scout_mm.cache): one power-of-two scale per stored row
+# (a token's key or value of one kv head). A power of two keeps dequantisation exact (an e4m3 value times 2^e is
+# exact in fp32 and bf16), so every path that reads the cache sees the same dequantised keys and values.
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_KV_MAX = 448.0  # largest finite e4m3fn value, 1.75 * 2^8
+FP8_KV_EXP_RANGE = (-110, 120)  # the scale's exponent is clamped here (an all-zero row gets 2^-110)
+
+
+def fp8_kv_scale(x: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two ``s`` with ``max|x| <= 448 s`` per row (last dim), as fp32 ``(*x.shape[:-1])``.
+
+    Computed on the bits of ``max|x|`` (no division, so the Triton write kernel gets the same scale): with
+    ``max|x| = m 2^E``, ``m`` in [1, 2), the exponent is ``E - 8``, one more when ``m > 1.75``."""
+    amax = x.float().abs().amax(-1)
+    bits = amax.view(torch.int32)
+    exp = ((bits >> 23) & 0xFF) - 127 - 8 + ((bits & 0x7FFFFF) > 0x600000).to(torch.int32)
+    exp = exp.clamp(*FP8_KV_EXP_RANGE)
+    return ((exp + 127) << 23).view(torch.float32)
+
+
+def quantize_kv_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x (..., head_dim)`` -> (e4m3 values, fp32 scales ``(...)``): ``x / scale`` rounded to nearest even."""
+    scale = fp8_kv_scale(x)
+    return (x.float() / scale[..., None]).to(FP8_KV_DTYPE), scale
+
+
+def dequantize_kv(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """e4m3 values times their row's scale (exact in fp32), cast to ``dtype`` (exact for bf16)."""
+    return (values.float() * scale[..., None]).to(dtype)
+
+
 def decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -193,9 +224,17 @@ def decode_attention(
     block_table: torch.Tensor | None = None,
     kv_start: torch.Tensor | None = None,
     q_scale: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch reference of :func:`scout_mm.kernels.flash_decode.decode_attention` (layouts there): gathers the paged blocks, then a masked softmax in fp32."""
+    """Plain-PyTorch reference of :func:`scout_mm.kernels.flash_decode.decode_attention` (layouts there): gathers the
+    paged blocks, then a masked softmax in fp32. An FP8 cache (``k_scale`` / ``v_scale``: its rows' scales, the
+    layout of ``k`` / ``v`` without the last dim) is first dequantised to q's dtype (:func:`dequantize_kv`)."""
     batch, n_heads, q_len, head_dim = q.shape
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("an FP8 KV cache needs both k_scale and v_scale")
+    if k_scale is not None:
+        k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
     if block_table is not None:
         # (batch, max_blocks, block_size, n_kv_heads, d) -> (batch, n_kv_heads, capacity, d)
         k = k[block_table.long()].flatten(1, 2).transpose(1, 2)
