@@ -974,10 +974,11 @@ def section_scout(rows_out, profile=True):
 LONG_PROMPTS = (32768, 131072, 262144)
 
 
-def _long_prompt(model, config, rows_out, label, length):
+def _long_prompt(model, config, rows_out, label, length, kv_cache_dtype=None, warm=True):
     """One row of ``section_longctx``: a ``length``-token prompt through ``generate_ids`` twice (2 new tokens:
-    compile + capture; then 64 new tokens on the kept graph and KV cache), prefill and decode tokens/s, KV cache
-    and peak GPU memory. Returns False when the prompt does not fit in GPU memory."""
+    compile + capture; then 64 new tokens on the kept graph and KV cache; ``warm=False``: the second call only, its
+    decode time then includes the capture), prefill and decode tokens/s, KV cache and peak GPU memory. Returns the
+    generated tokens, or None when the prompt does not fit in GPU memory."""
     from scout_mm.generation import _STATE_ATTR, generate_ids, release_decode_state
 
     release_decode_state(model)
@@ -987,8 +988,11 @@ def _long_prompt(model, config, rows_out, label, length):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a decode step that falls back to eager must not pass silently
-            generate_ids(model, prompt, max_new_tokens=2, eos_token_id=[])
-            out = generate_ids(model, prompt, max_new_tokens=64, eos_token_id=[])
+            if warm:
+                generate_ids(model, prompt, max_new_tokens=2, eos_token_id=[], kv_cache_dtype=kv_cache_dtype)
+            out = generate_ids(
+                model, prompt, max_new_tokens=64, eos_token_id=[], kv_cache_dtype=kv_cache_dtype
+            )
     except torch.OutOfMemoryError as e:
         release_decode_state(model)
         del prompt
@@ -997,7 +1001,7 @@ def _long_prompt(model, config, rows_out, label, length):
             f"| {label} | {length:,} | out of GPU memory: {str(e).splitlines()[0][:160]} | | | | |"
         )
         print(rows_out[-1], flush=True)
-        return False
+        return None
     cache = model.__dict__[_STATE_ATTR].cache.memory_bytes()
     peak = torch.cuda.max_memory_allocated()
     rows_out.append(f"| {label} | {length:,} | {out.prefill_tokens_per_second:,.0f} ({out.prefill_seconds:.1f} s) | "
@@ -1005,7 +1009,7 @@ def _long_prompt(model, config, rows_out, label, length):
                     f"{peak / 1e9:.1f} | {torch.cuda.get_device_properties(0).total_memory / 1e9:.1f} |")  # fmt: skip
     print(rows_out[-1], flush=True)
     release_decode_state(model)
-    return True
+    return out.sequences[0, length:].cpu()
 
 
 def section_longctx(rows_out):
@@ -1026,7 +1030,7 @@ def section_longctx(rows_out):
     print("\n".join(rows_out[-6:]), flush=True)
     left = []
     for length in LONG_PROMPTS:
-        if not _long_prompt(model, config, rows_out, "default", length):
+        if _long_prompt(model, config, rows_out, "default", length) is None:
             left = [n for n in LONG_PROMPTS if n >= length]
             break
     if left:
@@ -1035,8 +1039,41 @@ def section_longctx(rows_out):
         torch.cuda.empty_cache()
         rows_out.append(f"| lean: {_sizes(quantized_bytes(model))} | | | | | | |")
         for length in left:
-            if not _long_prompt(model, config, rows_out, "lean (host embeddings, Int4 LM head)", length):
+            if _long_prompt(model, config, rows_out, "lean (host embeddings, Int4 LM head)", length) is None:
                 break
+
+
+FIT_PROMPTS = (393216, 524288)
+
+
+def section_longkv(rows_out):
+    """The global layers' KV cache in the model's dtype (bf16) vs FP8 (``kv_cache_dtype="fp8"``), the default build:
+    the same prompts (``LONG_PROMPTS``) both ways, interleaved, then longer prompts (``FIT_PROMPTS``) with FP8 only,
+    one call each (its decode time includes the capture), up to the first that does not fit."""
+    from scout_mm.quant import quantized_bytes
+
+    config, model = build_scout_int4()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    rows_out += ["", "## Scout-size Int4, long prompts: bf16 vs FP8 KV cache of the global layers (random weights, "
+                 "batch 1)", "", f"Default build: {_sizes(quantized_bytes(model))}. Rows as in the long-prompt table "
+                 "(the second of two `generate_ids` calls, 64 new tokens, greedy).", "",
+                 "| KV cache | prompt tokens | prefill tok/s (s) | decode tok/s (64 new) | KV cache GB (ring + global) "
+                 "| peak GPU GB | GPU GB |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    print("\n".join(rows_out[-6:]), flush=True)
+    agree = []
+    for length in LONG_PROMPTS:
+        tokens = [_long_prompt(model, config, rows_out, kv or "bf16", length, kv) for kv in (None, "fp8")]
+        if all(t is not None for t in tokens):
+            same = int((tokens[0] == tokens[1]).int().cumprod(0).sum())
+            agree.append(f"{length:,}: the first {same} of 64 greedy tokens identical")
+    for length in FIT_PROMPTS:
+        if _long_prompt(model, config, rows_out, "fp8 (one call)", length, "fp8", warm=False) is None:
+            break
+    rows_out += ["", "Greedy tokens, FP8 vs bf16 KV cache (random weights: near-uniform logits, so this only shows the "
+                 "caches hold the same sequence; accuracy on a trained model is in `tests/test_kv_fp8.py`): "
+                 + "; ".join(agree) + "."]  # fmt: skip
+    print(rows_out[-1], flush=True)
 
 
 def section_dequantpasses(rows_out):
@@ -1740,11 +1777,18 @@ def main() -> None:
         default=None,
         help="longctx section: comma-separated prompt lengths (default 32K,128K,256K)",
     )
+    parser.add_argument(
+        "--fit-prompts",
+        default=None,
+        help="longkv section: longer prompts tried with FP8 only (default 384K,512K)",
+    )
     args = parser.parse_args()
     _select_candidates(args.candidates)
-    global ROWS, TOKENS, LONG_PROMPTS
+    global ROWS, TOKENS, LONG_PROMPTS, FIT_PROMPTS
     if args.prompts:
         LONG_PROMPTS = tuple(int(v) for v in args.prompts.split(","))
+    if args.fit_prompts:
+        FIT_PROMPTS = tuple(int(v) for v in args.fit_prompts.split(",") if v)
     if args.rows:
         ROWS = [int(v) for v in args.rows.split(",")]
     if args.tokens:
@@ -1762,7 +1806,7 @@ def main() -> None:
                 "profile": section_profile, "step": section_step, "rows": section_rows,
                 "grid": section_grid, "splitstep": section_splitstep,
                 "shapes": section_shapes, "moeshapes": section_moeshapes,
-                "earlyids": section_earlyids, "longctx": section_longctx,
+                "earlyids": section_earlyids, "longctx": section_longctx, "longkv": section_longkv,
                 "dequantpasses": section_dequantpasses, "decodesplits": section_decodesplits,
                 "baselineab": section_baselineab, "fusedmerge": section_fusedmerge,
                 "instep": section_instep, "downtable": section_downtable,

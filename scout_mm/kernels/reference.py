@@ -211,6 +211,10 @@ def quantize_kv_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_kv(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """e4m3 values times their row's scale (exact in fp32), cast to ``dtype`` (exact for bf16)."""
+    if dtype in (torch.bfloat16, torch.float32):
+        # the same numbers without an fp32 temporary (a long prompt's gathered keys are gigabytes): a 4-bit
+        # significand times a power of two in fp32's exponent range is exact in either dtype
+        return values.to(dtype) * scale.to(dtype)[..., None]
     return (values.float() * scale[..., None]).to(dtype)
 
 
