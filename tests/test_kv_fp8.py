@@ -267,10 +267,16 @@ def _check_decode_kernel(flash_decode, shape, paged_block, dtype, n_splits=None,
     out, lse = flash_decode.decode_attention(
         q, k, v, k_scale=k_scale, v_scale=v_scale, n_splits=n_splits, **kw
     )
-    # the same kernel over the cache dequantised to q's dtype (reference.dequantize_kv): the same numbers in
+    # the same kernel over the cache dequantised to q's dtype (reference.dequantize_kv): the same numbers go into
+    # its dot products. Bit for bit in the interpreter; compiled, the two loops may schedule their MMAs differently
+    # (registers vs shared memory), which changes fp32 rounding only.
     k_full, v_full = dequantize_kv(k, k_scale, dtype), dequantize_kv(v, v_scale, dtype)
     same_out, same_lse = flash_decode.decode_attention(q, k_full, v_full, n_splits=n_splits, **kw)
-    assert torch.equal(out, same_out) and torch.equal(lse, same_lse)
+    if device == "cpu":
+        assert torch.equal(out, same_out) and torch.equal(lse, same_lse)
+    else:
+        assert float((out.float() - same_out.float()).norm() / same_out.float().norm()) < 2e-3
+        assert float((lse - same_lse).abs().max()) < 1e-4
     ref_out, ref_lse = reference.decode_attention(q.double(), k_full.double(), v_full.double(), **kw)
     also_ref, _ = reference.decode_attention(q, k, v, k_scale=k_scale, v_scale=v_scale, **kw)
     assert torch.equal(also_ref, reference.decode_attention(q, k_full, v_full, **kw)[0])
@@ -288,7 +294,11 @@ def test_write_kernel_matches_reference_bit_for_bit(kernels_interpreted, dtype, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("paged_block", [None, 8, 5], ids=["contiguous", "paged", "paged_odd_block"])
 @pytest.mark.parametrize("shape", [(1, 4, 2, 1, 70, 16), (3, 6, 2, 2, 45, 32)], ids=["b1_q1", "b3_q2"])
-def test_decode_kernel_reads_fp8_as_dequantized(kernels_interpreted, shape, paged_block, dtype):
+@pytest.mark.parametrize("form", [1, 2], ids=["dequantized_tiles", "folded_scales"])
+def test_decode_kernel_reads_fp8_as_dequantized(
+    kernels_interpreted, monkeypatch, shape, paged_block, dtype, form
+):
+    monkeypatch.setattr(kernels_interpreted[1], "KV_FP8_FORM", form)
     _check_decode_kernel(kernels_interpreted[1], shape, paged_block, dtype, n_splits=3)
 
 
@@ -327,9 +337,11 @@ def test_gpu_write_kernel_bit_for_bit(ring):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("paged_block", [None, 256, 100], ids=["contiguous", "paged", "paged_odd_block"])
-def test_gpu_decode_kernel_reads_fp8_as_dequantized(paged_block):
+@pytest.mark.parametrize("form", [1, 2], ids=["dequantized_tiles", "folded_scales"])
+def test_gpu_decode_kernel_reads_fp8_as_dequantized(monkeypatch, paged_block, form):
     from scout_mm.kernels import flash_decode
 
+    monkeypatch.setattr(flash_decode, "KV_FP8_FORM", form)
     # Scout's attention shape (40 query heads over 8 kv heads, head_dim 128), ragged lengths up to 20K keys
     _check_decode_kernel(flash_decode, (2, 40, 8, 1, 20000, 128), paged_block, torch.bfloat16, device="cuda",
                          tol=1e-2)  # fmt: skip

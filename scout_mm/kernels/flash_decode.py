@@ -120,9 +120,15 @@ def _decode_split_kernel(
             ks_off = cols * stride_ksn
             vs_off = cols * stride_vsn
         k = tl.load(K + k_off[:, None] + dims[None, :], mask=col_ok[:, None], other=0.0)
-        if KV_FP8:  # e4m3 times its row's power-of-two scale (exact in fp32), in q's dtype: dequantize_kv
+        # KV_FP8 1: e4m3 times its row's power-of-two scale (exact in fp32), in q's dtype, as dequantize_kv
+        if KV_FP8 == 1:
             k = (k.to(tl.float32) * tl.load(KScale + ks_off, mask=col_ok, other=0.0)[:, None]).to(q.dtype)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        if KV_FP8 == 2:
+            # the scale applied to the scores instead: a power of two commutes with every fp32 product and sum
+            k_scale = tl.load(KScale + ks_off, mask=col_ok, other=0.0)
+            qk = tl.dot(q, tl.trans(k.to(q.dtype))) * (k_scale * qk_scale)[None, :]
+        else:
+            qk = tl.dot(q, tl.trans(k)) * qk_scale
         visible = (cols[None, :] <= t[:, None]) & (cols[None, :] >= kv0) & col_ok[None, :]
         qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -130,9 +136,14 @@ def _decode_split_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + v_off[:, None] + dims[None, :], mask=col_ok[:, None], other=0.0)
-        if KV_FP8:
-            v = (v.to(tl.float32) * tl.load(VScale + vs_off, mask=col_ok, other=0.0)[:, None]).to(q.dtype)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        if KV_FP8 == 2 and q.dtype == tl.bfloat16:
+            # bf16: the value scale on the probabilities instead (p * 2^e rounds as p does, in bf16's fp32 range)
+            p_v = p * tl.load(VScale + vs_off, mask=col_ok, other=0.0)[None, :]
+            acc = tl.dot(p_v.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
+        else:
+            if KV_FP8 != 0:
+                v = (v.to(tl.float32) * tl.load(VScale + vs_off, mask=col_ok, other=0.0)[:, None]).to(q.dtype)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -240,6 +251,10 @@ _INTERPRET_CONFIG = (16, 4, 1)
 # the loop is now unrolled (all loads in flight). None: per layout (FUSED_MERGE_BY_LAYOUT); True / False: always.
 FUSED_MERGE = None
 FUSED_MERGE_BY_LAYOUT = {"contiguous": False, "paged": False}
+# How the split kernel reads an FP8 cache: 1 = each K / V tile dequantised to q's dtype as it is loaded
+# (reference.dequantize_kv); 2 = the e4m3 tiles converted only, the key scales applied to the scores and (bf16) the
+# value scales to the probabilities. The same products either way (powers of two). Benchmark: bench/bench_kv_fp8.py.
+KV_FP8_FORM = 2
 
 
 @functools.cache
@@ -353,7 +368,8 @@ def decode_attention(
         table.stride(0) if paged else 0, n_kv_heads, n_rows, n_splits, capacity, min_split, block_size,
         scale * _LOG2E, GROUP=group, Q_LEN=q_len, BLOCK_M=max(16, triton.next_power_of_2(group * q_len)),
         HEAD_DIM=head_dim, BLOCK_N=block_n, PAGED=paged, HAS_LENS=kv_lens is not None,
-        HAS_KV_START=kv_start is not None, HAS_Q_SCALE=q_scale is not None, KV_FP8=kv_fp8, FUSED_MERGE=fused_merge,
+        HAS_KV_START=kv_start is not None, HAS_Q_SCALE=q_scale is not None, KV_FP8=KV_FP8_FORM if kv_fp8 else 0,
+        FUSED_MERGE=fused_merge,
         # BLOCK_P only matters to the in-kernel merge: a constant otherwise, so a new split count compiles nothing
         BLOCK_P=triton.next_power_of_2(n_splits) if fused_merge else 1, num_warps=num_warps, num_stages=num_stages,
         **pdl_args(q.device),

@@ -1,0 +1,117 @@
+"""Decode attention over the global layers' KV cache: bf16 vs FP8 (e4m3 + per-row scales), on one GPU.
+
+    PYTHONPATH=$PWD python bench/bench_kv_fp8.py [--lengths 8192,131072,262144,524288] [--rounds 2] [--out F.md]
+
+Scout's global-layer shape (40 query heads over 8 kv heads, head_dim 128, batch 1, one new token), a paged pool of
+256-key blocks per layer, 12 layers (Scout's global layers) called in turn inside one CUDA graph, so every call
+reads its cache from HBM (12 caches never fit in the L2). Per variant: us per layer call (median of graph replays,
+split kernel + merge), the cache bytes read per second, and the ratio to the bf16 cache in the same round. The FP8
+variants: ``KV_FP8_FORM`` 1 (tiles dequantised as loaded) and 2 (scales folded into scores / probabilities), at the
+shipped paged launch config and others ``(BLOCK_N, warps, stages)``. Each FP8 result is checked against the bf16
+kernel over the dequantised cache before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_attention import time_graph_ms  # noqa: E402
+
+from scout_mm.kernels import flash_decode  # noqa: E402
+from scout_mm.kernels.reference import dequantize_kv, quantize_kv_fp8  # noqa: E402
+
+N_HEADS, N_KV_HEADS, HEAD_DIM, BLOCK, LAYERS = 40, 8, 128, 256, 12
+FP8_CONFIGS = [(32, 4, 3), (64, 4, 3), (64, 8, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3)]
+
+
+def _caches(length: int):
+    """12 layers' paged caches of ``length`` keys (random, shuffled blocks): bf16, and FP8 with its scales."""
+    n_blocks = -(-length // BLOCK)
+    table = torch.randperm(n_blocks, device="cuda").int()[None]
+    layers = []
+    for _ in range(LAYERS):
+        pair = []
+        for size in (4.0, 1.0):  # keys larger than values, each row its own size
+            x = torch.randn(n_blocks, BLOCK, N_KV_HEADS, HEAD_DIM, device="cuda")
+            x *= torch.rand(n_blocks, BLOCK, N_KV_HEADS, 1, device="cuda") * size
+            values, scale = quantize_kv_fp8(x)
+            pair.append((dequantize_kv(values, scale, torch.bfloat16), values, scale))
+            del x
+        layers.append(pair)
+    return table, layers
+
+
+def _call(q, layers, table, lens, fp8: bool, config):
+    def run():
+        out = None
+        for (k_full, k8, ks), (v_full, v8, vs) in layers:
+            if fp8:
+                out, _ = flash_decode.decode_attention(q, k8, v8, k_scale=ks, v_scale=vs, scale=HEAD_DIM**-0.5,
+                                                       kv_lens=lens, block_table=table, config=config)  # fmt: skip
+            else:
+                out, _ = flash_decode.decode_attention(q, k_full, v_full, scale=HEAD_DIM**-0.5, kv_lens=lens,
+                                                       block_table=table, config=config)  # fmt: skip
+        return out
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--lengths", default="8192,131072,262144,524288")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    shipped, shipped_form = flash_decode._CUDA_CONFIG["paged"], flash_decode.KV_FP8_FORM
+    rows = [f"# Decode attention, bf16 vs FP8 KV cache, on {torch.cuda.get_device_name()}", "",
+            f"Date {datetime.date.today()}, torch {torch.__version__}, triton {__import__('triton').__version__}. "
+            f"Command: `PYTHONPATH=$PWD python bench/bench_kv_fp8.py {' '.join(sys.argv[1:])}`. Shipped paged config "
+            f"{shipped}, shipped FP8 form {shipped_form}.", "",
+            "| keys | round | variant | us / layer | cache GB/s read | vs bf16 |", "|---|---|---|---|---|---|"]  # fmt: skip
+    print("\n".join(rows), flush=True)
+    for length in (int(v) for v in args.lengths.split(",")):
+        table, layers = _caches(length)
+        q = torch.randn(1, N_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        lens = torch.tensor([length], device="cuda", dtype=torch.int32)
+        bytes_bf16 = 2 * length * N_KV_HEADS * HEAD_DIM * 2
+        bytes_fp8 = 2 * length * N_KV_HEADS * (HEAD_DIM + 4)
+        variants = [("bf16", False, 1, shipped)]
+        variants += [(f"fp8 form 1 {shipped}", True, 1, shipped)]
+        variants += [(f"fp8 form 2 {c}", True, 2, c) for c in FP8_CONFIGS]
+        reference = _call(q, layers[-1:], table, lens, False, shipped)().float()
+        for round_ in range(args.rounds):
+            base = None
+            for label, fp8, form, config in variants:
+                flash_decode.KV_FP8_FORM = form
+                fn = _call(q, layers, table, lens, fp8, config)
+                if round_ == 0:
+                    got = _call(q, layers[-1:], table, lens, fp8, config)().float()
+                    err = float((got - reference).norm() / reference.norm())
+                    assert err < 1e-2, (
+                        f"{label}: relative error {err:.2e} vs the bf16 kernel on the dequantised cache"
+                    )
+                us = time_graph_ms(fn, calls=10) * 1000 / LAYERS
+                base = base or us
+                gbs = (bytes_fp8 if fp8 else bytes_bf16) / us / 1e3
+                rows.append(
+                    f"| {length:,} | {round_ + 1} | {label} | {us:.1f} | {gbs:,.0f} | {base / us:.2f}x |"
+                )
+                print(rows[-1], flush=True)
+        flash_decode.KV_FP8_FORM = shipped_form
+        del layers
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
