@@ -1071,7 +1071,7 @@ def section_longkv(rows_out):
         if _long_prompt(model, config, rows_out, "fp8 (one call)", length, "fp8", warm=False) is None:
             break
     rows_out += ["", "Greedy tokens, FP8 vs bf16 KV cache (random weights: near-uniform logits, so this only shows the "
-                 "caches hold the same sequence; accuracy on a trained model is in `tests/test_kv_fp8.py`): "
+                 "caches hold the same sequence; the model-level checks are in `tests/test_kv_fp8.py`): "
                  + "; ".join(agree) + "."]  # fmt: skip
     print(rows_out[-1], flush=True)
 

@@ -71,10 +71,11 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     shipped, shipped_form = flash_decode._CUDA_CONFIG["paged"], flash_decode.KV_FP8_FORM
+    shipped_fp8 = flash_decode._CUDA_CONFIG_FP8["paged"]
     rows = [f"# Decode attention, bf16 vs FP8 KV cache, on {torch.cuda.get_device_name()}", "",
             f"Date {datetime.date.today()}, torch {torch.__version__}, triton {__import__('triton').__version__}. "
             f"Command: `PYTHONPATH=$PWD python bench/bench_kv_fp8.py {' '.join(sys.argv[1:])}`. Shipped paged config "
-            f"{shipped}, shipped FP8 form {shipped_form}.", "",
+            f"{shipped} (bf16), {shipped_fp8} (FP8), shipped FP8 form {shipped_form}.", "",
             "| keys | round | variant | us / layer | cache GB/s read | vs bf16 |", "|---|---|---|---|---|---|"]  # fmt: skip
     print("\n".join(rows), flush=True)
     for length in (int(v) for v in args.lengths.split(",")):

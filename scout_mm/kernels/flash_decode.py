@@ -242,6 +242,9 @@ def _interpreting() -> bool:
 # re-sweep timed under CUDA graphs (bench_attention.py --tune, 2026-11-24) put these within 1% of its best
 # (contiguous 2.88 / 3.09 TB/s at 128K / 1M, paged 2.85 / 3.02; bench/results/attention_h100*.md).
 _CUDA_CONFIG = {"contiguous": (128, 4, 3), "paged": (32, 4, 3)}
+# An FP8 cache (per layout): converting e4m3 tiles makes the loop issue-bound at 32-key tiles (0.66-0.74x the bf16
+# cache at (32, 4, 3)); 128-key tiles give 1.08-1.11x at 128K-512K keys (H100, bench/results/kv_fp8_h100.md).
+_CUDA_CONFIG_FP8 = {"contiguous": (128, 4, 3), "paged": (128, 4, 3)}
 _PROGRAMS_PER_SM_BY_LAYOUT = {"contiguous": 4, "paged": 4}
 _INTERPRET_CONFIG = (16, 4, 1)
 # True: the last split program to finish a (sequence, kv head) merges the splits (one launch per call instead
@@ -253,7 +256,8 @@ FUSED_MERGE = None
 FUSED_MERGE_BY_LAYOUT = {"contiguous": False, "paged": False}
 # How the split kernel reads an FP8 cache: 1 = each K / V tile dequantised to q's dtype as it is loaded
 # (reference.dequantize_kv); 2 = the e4m3 tiles converted only, the key scales applied to the scores and (bf16) the
-# value scales to the probabilities. The same products either way (powers of two). Benchmark: bench/bench_kv_fp8.py.
+# value scales to the probabilities. The same products either way (powers of two). On an H100 (bench/bench_kv_fp8.py):
+# form 1 1.06-1.08x the bf16 cache at 32-key tiles, form 2 1.08-1.11x at 128-key tiles (the shipped pair).
 KV_FP8_FORM = 2
 
 
@@ -338,7 +342,8 @@ def decode_attention(
         raise ValueError(f"q_scale shape {tuple(q_scale.shape)}; expected {(batch, q_len)}")
     q = q if q.stride(-1) == 1 else q.contiguous()
     layout = "paged" if paged else "contiguous"
-    block_n, num_warps, num_stages = config or (_CUDA_CONFIG[layout] if q.is_cuda else _INTERPRET_CONFIG)
+    cuda_config = (_CUDA_CONFIG_FP8 if kv_fp8 else _CUDA_CONFIG)[layout]
+    block_n, num_warps, num_stages = config or (cuda_config if q.is_cuda else _INTERPRET_CONFIG)
     if n_splits is None:
         n_splits = _n_splits(batch, n_kv_heads, capacity, layout, q.device)
         min_split = MIN_SPLIT_KEYS_BY_LAYOUT[layout]
