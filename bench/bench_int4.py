@@ -974,6 +974,14 @@ def section_scout(rows_out, profile=True):
 LONG_PROMPTS = (32768, 131072, 262144)
 
 
+def _long_table(rows_out, title: str, intro: str, first_column: str) -> None:
+    """The heading, note and column header of a table of :func:`_long_prompt` rows."""
+    rows_out += ["", f"## {title}", "", intro, "",
+                 f"| {first_column} | prompt tokens | prefill tok/s (s) | decode tok/s (64 new) | KV cache GB (ring + "
+                 "global) | peak GPU GB | GPU GB |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    print("\n".join(rows_out[-6:]), flush=True)
+
+
 def _long_prompt(model, config, rows_out, label, length, kv_cache_dtype=None, warm=True):
     """One row of ``section_longctx``: a ``length``-token prompt through ``generate_ids`` twice (2 new tokens:
     compile + capture; then 64 new tokens on the kept graph and KV cache; ``warm=False``: the second call only, its
@@ -1020,14 +1028,11 @@ def section_longctx(rows_out):
     config, model = build_scout_int4()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    rows_out += ["", "## Scout-size Int4 with long prompts (random weights, batch 1)", "",
-                 f"Default build: {_sizes(quantized_bytes(model))}. Each prompt goes through `generate_ids` twice: "
-                 "2 new tokens (compile, capture), then 64 new tokens on the kept decode graph and KV cache (greedy, "
-                 "stop checks included, no capture); the row is the second call. KV cache: ring buffers of the "
-                 "chunked RoPE layers (one 8K chunk each) + block pools of the global NoPE layers.", "",
-                 "| build | prompt tokens | prefill tok/s (s) | decode tok/s (64 new) | KV cache GB (ring + global) "
-                 "| peak GPU GB | GPU GB |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    print("\n".join(rows_out[-6:]), flush=True)
+    _long_table(rows_out, "Scout-size Int4 with long prompts (random weights, batch 1)",
+                f"Default build: {_sizes(quantized_bytes(model))}. Each prompt goes through `generate_ids` twice: "
+                "2 new tokens (compile, capture), then 64 new tokens on the kept decode graph and KV cache (greedy, "
+                "stop checks included, no capture); the row is the second call. KV cache: ring buffers of the "
+                "chunked RoPE layers (one 8K chunk each) + block pools of the global NoPE layers.", "build")  # fmt: skip
     left = []
     for length in LONG_PROMPTS:
         if _long_prompt(model, config, rows_out, "default", length) is None:
@@ -1055,12 +1060,9 @@ def section_longkv(rows_out):
     config, model = build_scout_int4()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    rows_out += ["", "## Scout-size Int4, long prompts: bf16 vs FP8 KV cache of the global layers (random weights, "
-                 "batch 1)", "", f"Default build: {_sizes(quantized_bytes(model))}. Rows as in the long-prompt table "
-                 "(the second of two `generate_ids` calls, 64 new tokens, greedy).", "",
-                 "| KV cache | prompt tokens | prefill tok/s (s) | decode tok/s (64 new) | KV cache GB (ring + global) "
-                 "| peak GPU GB | GPU GB |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    print("\n".join(rows_out[-6:]), flush=True)
+    _long_table(rows_out, "Scout-size Int4, long prompts: bf16 vs FP8 KV cache of the global layers (random weights, "
+                "batch 1)", f"Default build: {_sizes(quantized_bytes(model))}. Rows as in the long-prompt table (the "
+                "second of two `generate_ids` calls, 64 new tokens, greedy).", "KV cache")  # fmt: skip
     agree = []
     for length in LONG_PROMPTS:
         tokens = [_long_prompt(model, config, rows_out, kv or "bf16", length, kv) for kv in (None, "fp8")]
