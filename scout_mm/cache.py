@@ -47,8 +47,9 @@ def resolve_kv_dtype(kv_dtype, dtype: torch.dtype) -> torch.dtype:
     name = str(kv_dtype).removeprefix("torch.").lower() if isinstance(kv_dtype, (str, torch.dtype)) else None
     if name in _FP8_NAMES:
         return FP8_KV_DTYPE
+    model_dtype = str(dtype).removeprefix("torch.")
     raise ValueError(
-        f"kv_cache_dtype={kv_dtype!r}; expected None or 'auto' (the model's {str(dtype).removeprefix('torch.')}) or 'fp8' (e4m3, per-row "
+        f"kv_cache_dtype={kv_dtype!r}; expected None or 'auto' (the model's {model_dtype}) or 'fp8' (e4m3, per-row "
         "scales, the global layers only)"
     )
 
@@ -238,8 +239,8 @@ class KVCache:
         else:
             k_store, v_store = self._pool[layer]
             where = dict(block_table=self.block_table, block_size=self.block_size)
+        k_scale, v_scale = self._scales.get(layer, (None, None))  # (None, None) but for an FP8 pool
         if rope is None:
-            k_scale, v_scale = self._scales.get(layer, (None, None))
             kv_lens = kernels.write_kv_decode(
                 k, v, k_store, v_store, pos, **where, k_scale_store=k_scale, v_scale_store=v_scale
             )
@@ -247,7 +248,6 @@ class KVCache:
             q, kv_lens = kernels.rope_write_kv_decode(q, k, v, *rope, k_store, v_store, pos, **where)
         if ring:
             return q, KVView(k_store.transpose(1, 2), v_store.transpose(1, 2), kv_lens=kv_lens)
-        k_scale, v_scale = self._scales.get(layer, (None, None))
         return q, KVView(
             k_store, v_store, kv_lens=kv_lens, block_table=self.block_table, k_scale=k_scale, v_scale=v_scale
         )

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from scout_mm.kernels.launch import arrival_counters, pdl_args, pdl_wait_and_trigger
-from scout_mm.kernels.reference import FP8_KV_DTYPE
+from scout_mm.kernels.reference import FP8_KV_DTYPE, check_kv_scales
 
 _LOG2E = 1.4426950408889634
 
@@ -281,21 +281,10 @@ def _n_splits(batch: int, n_kv_heads: int, capacity: int, layout: str, device: t
 
 
 def _check_fp8_cache(q, k, v, k_scale, v_scale) -> bool:
-    """True for an FP8 cache: e4m3 ``k`` and ``v`` with fp32 ``k_scale`` / ``v_scale`` shaped as them without the
-    last dim. A cache of q's dtype takes no scales."""
-    fp8 = k.dtype == FP8_KV_DTYPE
-    if v.dtype != k.dtype or fp8 != (k_scale is not None) or fp8 != (v_scale is not None):
-        raise ValueError(
-            f"k {k.dtype}, v {v.dtype}, scales given: {k_scale is not None} / {v_scale is not None}; an FP8 cache "
-            f"({FP8_KV_DTYPE}) needs k_scale and v_scale, a {q.dtype} cache none"
-        )
+    """True for an FP8 cache (:func:`scout_mm.kernels.reference.check_kv_scales`); any other holds q's dtype."""
+    fp8 = check_kv_scales(k, v, k_scale, v_scale)
     if not fp8 and k.dtype != q.dtype:
         raise ValueError(f"k/v {k.dtype} vs q {q.dtype}: the cache holds q's dtype or {FP8_KV_DTYPE}")
-    for name, scale, kv in (("k_scale", k_scale, k), ("v_scale", v_scale, v)) if fp8 else ():
-        if scale.dtype != torch.float32 or scale.shape != kv.shape[:-1]:
-            raise ValueError(
-                f"{name} {tuple(scale.shape)} {scale.dtype}; expected float32 {tuple(kv.shape)[:-1]}"
-            )
     return fp8
 
 

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from scout_mm.kernels import FUSED_MAX_NORM_DIM, ROUTER_MAX_EXPERTS
 from scout_mm.kernels.launch import arrival_counters, pdl_args, pdl_wait_and_trigger
-from scout_mm.kernels.reference import FP8_KV_DTYPE
+from scout_mm.kernels.reference import check_kv_scales
 
 # ----------------------------------------------------------------------------------------------------------
 # Kernels
@@ -583,22 +583,9 @@ def _check_kv_store(k, v, k_store, v_store, ring_size, block_table, block_size):
 
 
 def _check_kv_scales(k_store, v_store, k_scale_store, v_scale_store) -> bool:
-    """True for an FP8 store (e4m3 rows + their fp32 scales, contiguous, shaped as the store without its last
-    dim); False for a store of the model's dtype (no scales)."""
-    fp8 = k_store.dtype == FP8_KV_DTYPE
-    scaled = (k_scale_store is not None, v_scale_store is not None)
-    if v_store.dtype != k_store.dtype or scaled != (fp8, fp8):
-        raise ValueError(
-            f"KV storage {k_store.dtype} / {v_store.dtype} with scales {scaled}: an {FP8_KV_DTYPE} store (keys and values) "
-            "needs k_scale_store and v_scale_store, any other store none"
-        )
-    for scale in (k_scale_store, v_scale_store) if fp8 else ():
-        if scale.dtype != torch.float32 or scale.shape != k_store.shape[:-1] or not scale.is_contiguous():
-            raise ValueError(
-                f"KV scales {tuple(scale.shape)} {scale.dtype}; expected contiguous float32 "
-                f"{tuple(k_store.shape[:-1])}"
-            )
-    return fp8
+    """True for an FP8 store (:func:`scout_mm.kernels.reference.check_kv_scales`, contiguous scales)."""
+    return check_kv_scales(k_store, v_store, k_scale_store, v_scale_store, ("k_scale_store", "v_scale_store"),
+                           contiguous=True)  # fmt: skip
 
 
 def write_kv_decode(k, v, k_store, v_store, positions, ring_size=None, block_table=None, block_size=None,

@@ -203,6 +203,31 @@ def fp8_kv_scale(x: torch.Tensor) -> torch.Tensor:
     return ((exp + 127) << 23).view(torch.float32)
 
 
+def check_kv_scales(k, v, k_scale, v_scale, names=("k_scale", "v_scale"), contiguous: bool = False) -> bool:
+    """True for an FP8 cache: e4m3 ``k`` and ``v`` with fp32 scales shaped as them without the last dim (and
+    contiguous, if asked); False for a cache of any other dtype, which takes no scales. Raises otherwise, naming
+    the argument (``names``: what the caller calls the two scales)."""
+    fp8 = k.dtype == FP8_KV_DTYPE
+    given = (k_scale is not None, v_scale is not None)
+    if v.dtype != k.dtype or given != (fp8, fp8):
+        raise ValueError(
+            f"k {k.dtype}, v {v.dtype} with {names[0]} / {names[1]} given: {given[0]} / {given[1]}; an {FP8_KV_DTYPE}"
+            f" cache needs {names[0]} and {names[1]} (pass both {names[0]} and {names[1]} with it, neither with "
+            "any other cache)"
+        )
+    for name, scale in zip(names, (k_scale, v_scale), strict=True) if fp8 else ():
+        if (
+            scale.dtype != torch.float32
+            or scale.shape != k.shape[:-1]
+            or (contiguous and not scale.is_contiguous())
+        ):
+            raise ValueError(
+                f"KV scales: {name} {tuple(scale.shape)} {scale.dtype}; expected {'contiguous ' * contiguous}float32 "
+                f"{tuple(k.shape)[:-1]}"
+            )
+    return fp8
+
+
 def quantize_kv_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x (..., head_dim)`` -> (e4m3 values, fp32 scales ``(...)``): ``x / scale`` rounded to nearest even."""
     scale = fp8_kv_scale(x)
@@ -235,9 +260,7 @@ def decode_attention(
     paged blocks, then a masked softmax in fp32. An FP8 cache (``k_scale`` / ``v_scale``: its rows' scales, the
     layout of ``k`` / ``v`` without the last dim) is first dequantised to q's dtype (:func:`dequantize_kv`)."""
     batch, n_heads, q_len, head_dim = q.shape
-    if (k_scale is None) != (v_scale is None):
-        raise ValueError("an FP8 KV cache needs both k_scale and v_scale")
-    if k_scale is not None:
+    if check_kv_scales(k, v, k_scale, v_scale):
         k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
     if block_table is not None:
         # (batch, max_blocks, block_size, n_kv_heads, d) -> (batch, n_kv_heads, capacity, d)
