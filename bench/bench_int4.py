@@ -1449,120 +1449,6 @@ def section_moeshapes(rows_out):
              lambda tab: int4.TUNED.update(moe_gemv_by_shape=tab), shipped)  # fmt: skip
 
 
-def _fused_candidates():
-    """Configs of the one-launch decode MoE (``int4._moe_fused``): (h columns a program, gate_up K step, down
-    columns a step, warps, down form)."""
-    out = [("shipped", dict(int4.TUNED["moe_fused"]))]
-    for bn, bk, dn, warps, form in ((64, 128, 512, 4, 1), (64, 256, 512, 8, 2), (64, 128, 512, 4, 2),
-                                    (64, 128, 256, 4, 2), (32, 256, 512, 4, 2), (128, 128, 512, 8, 2)):  # fmt: skip
-        cfg = dict(int4._moe_fused(bn, bk, dn, warps), down_form=form)
-        if cfg != out[0][1]:
-            out.append((f"{bn}x{bk}, down {dn} form {form}, {warps} warps", cfg))
-    return out
-
-
-def _fused_halves(rows_out, x, weights, routes, experts, slots, label, cfg):
-    """One config's launch taken apart: the whole MoE, the partials launch alone, its gate_up half alone, its down
-    half alone, the partial sum alone."""
-    part_of = {}
-
-    def partials(phases, ids):
-        c = dict(cfg, phases=phases, h=part_of["h"]) if phases == 2 else dict(cfg, phases=phases)
-        route = int4.DirectRoute(ids, EXPERTS + 1)
-        return int4._moe_fused_partials(x, weights, route, experts["gate_up"], experts["down"], GROUP, c)
-
-    part_of["h"] = torch.randn(slots, INTER, device="cuda", dtype=torch.bfloat16)
-    part = partials(3, routes[0])
-    out = torch.empty(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
-    ids = routes[0].reshape(-1)
-    times = {}
-    for name, fn in (("whole", lambda p: int4.int4_moe_experts(x, weights, p(), experts["gate_up"], experts["down"],
-                                                                GROUP, config=cfg)),
-                     ("partials launch", lambda p: partials(3, p())), ("gate_up half", lambda p: partials(1, p())),
-                     ("down half", lambda p: partials(2, p())),
-                     ("partial sum", lambda p: int4._sum_rows(part, out, ids, EXPERTS + 1, slots, cfg["sum_block"],
-                                                              cfg["sum_unroll"], cfg["sum_warps"]))):  # fmt: skip
-        pick = rotating(routes)
-        times[name] = graph_us(lambda f=fn, p=pick: f(p))
-    rows_out.append(f"| {slots} | {label} | " + " | ".join(f"{t:.1f}" for t in times.values()) + " |")
-    print(rows_out[-1], flush=True)
-
-
-def section_moefused(rows_out, rounds: int = 2):
-    """The decode MoE (T=1, one slot and two: top-1 + the folded shared expert; Scout's 17 experts) as two launches
-    (gate_up + SwiGLU, then down + slot sum: ``FUSED_DECODE_MOE = False``) and as one launch + the partial sum
-    (:func:`int4._moe_fused_kernel`) over candidate configs, interleaved rounds (best of the rounds' medians),
-    outputs checked against the two launches; then the Scout decode step with each (default build)."""
-    shipped_switch, shipped_cfg = int4.FUSED_DECODE_MOE, dict(int4.TUNED["moe_fused"])
-    experts = {"gate_up": packed((EXPERTS + 1,), HIDDEN, 2 * INTER, 1)[0],
-               "down": packed((EXPERTS + 1,), INTER, HIDDEN, 1)[0]}  # fmt: skip
-    x = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
-    rows_out += ["", "## Decode MoE (T=1): two launches vs one launch + the partial sum (bf16, group 128, symmetric)",
-                 "", "| slots | variant | " + " | ".join(f"round {r + 1} us" for r in range(rounds)) +
-                 " | Int4 TB/s (best) | vs two launches | max rel diff vs two launches |",
-                 "|---|---|" + "---|" * rounds + "---|---|---|"]  # fmt: skip
-    candidates = _fused_candidates()
-    best_cfg = {}
-    for slots in (1, 2):
-        routes = [torch.tensor([[e, EXPERTS][:slots]], device="cuda") for e in range(EXPERTS)]
-        weights = torch.rand(1, slots, device="cuda", dtype=torch.bfloat16)
-
-        def run(cfg, ids, weights=weights):
-            int4.FUSED_DECODE_MOE = cfg is not None
-            try:
-                return int4.int4_moe_experts(
-                    x, weights, ids, experts["gate_up"], experts["down"], GROUP, config=cfg
-                )
-            finally:
-                int4.FUSED_DECODE_MOE = shipped_switch
-
-        variants = [("two launches (shipped configs)", None)] + candidates
-        ref = run(None, routes[3]).float()
-        times = {label: [] for label, _ in variants}
-        for _ in range(rounds):
-            for label, cfg in variants:
-                pick = rotating(routes)
-                times[label].append(graph_us(lambda c=cfg, p=pick: run(c, p())))
-        base = min(times[variants[0][0]])
-        for label, cfg in variants:
-            err = float((run(cfg, routes[3]).float() - ref).abs().max() / ref.abs().max())
-            t = min(times[label])
-            rows_out.append(f"| {slots} | {label} | " + " | ".join(f"{v:.1f}" for v in times[label]) +
-                            f" | {slots * 3 * HIDDEN * INTER / 2 / t / 1e6:.2f} | {base / t:.3f}x | {err:.2g} |")  # fmt: skip
-            print(rows_out[-1], flush=True)
-            if err > 1e-2:
-                raise AssertionError(f"{label} at {slots} slots: rel diff {err:.3g} vs the two launches")
-        best_cfg[slots] = min(candidates, key=lambda c: min(times[c[0]]))
-        best_ratio = base / min(times[best_cfg[slots][0]])
-    rows_out += ["", "### The one launch taken apart (us)", "",
-                 "| slots | config | whole | partials launch | its gate_up half | its down half | partial sum |",
-                 "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for slots in (1, 2):
-        routes = [torch.tensor([[e, EXPERTS][:slots]], device="cuda") for e in range(EXPERTS)]
-        weights = torch.rand(1, slots, device="cuda", dtype=torch.bfloat16)
-        for label, cfg in candidates:
-            _fused_halves(rows_out, x, weights, routes, experts, slots, label, cfg)
-    experts.clear()
-    torch.cuda.empty_cache()
-    best = best_cfg[2]
-    rows_out.append(f"\nBest at 2 slots: {best[0]} `{best[1]}`.")
-
-    def use(setting):
-        int4.FUSED_DECODE_MOE, int4.TUNED["moe_fused"] = setting
-
-    if best_ratio < 1.0:
-        rows_out.append(
-            "No one-launch config beats the two launches at 2 slots: the decode step is not timed."
-        )
-        return
-    variants = [("two launches", (False, shipped_cfg)), ("one launch, shipped config", (True, shipped_cfg))]
-    if best[0] != "shipped":
-        variants.append((f"one launch, {best[0]}", (True, best[1])))
-    _step_ab(
-        rows_out, "decode MoE in one launch", _in_rounds(variants, rounds), use, (shipped_switch, shipped_cfg)
-    )
-
-
 def section_tailsplit(rows_out, rounds: int = 2):
     """One-row dense GEMVs with the column tiles past one whole tile a SM K-split (``tail_split`` of the GEMV config,
     ``TAIL`` in ``int4._gemv_kernel``) against the config recorded per shape, at the Scout decode shapes; outputs
@@ -1927,7 +1813,7 @@ def main() -> None:
                 "baselineab": section_baselineab, "fusedmerge": section_fusedmerge,
                 "instep": section_instep, "downtable": section_downtable,
                 "instephead": lambda rows: section_instep(rows, lean=True), "tailsplit": section_tailsplit,
-                "ropewrite": section_ropewrite, "moefused": section_moefused}  # fmt: skip
+                "ropewrite": section_ropewrite}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         try:

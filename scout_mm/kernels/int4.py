@@ -609,138 +609,6 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _moe_fused_kernel(
-    x_ptr,  # (tokens, H) activations
-    gu_qw_ptr,  # (E, H // 8, 2 I) int32: gate columns [0, I), up columns [I, 2 I)
-    gu_s_ptr,
-    gu_z_ptr,
-    dn_qw_ptr,  # (E, I // 8, H) int32
-    dn_s_ptr,
-    dn_z_ptr,
-    h_ptr,  # (n_rows, I) scratch: each (token, slot) row's SwiGLU output, in the activation dtype
-    part_ptr,  # (n_tiles, n_rows, H) fp32: each row's down projection over one tile of I
-    ids_ptr,  # (n_rows,) expert of each (token, slot)
-    routing_ptr,  # (n_rows,) routing weight of each (token, slot)
-    size_h,
-    size_i,
-    n_rows,
-    n_experts,
-    top_k,
-    stride_x,
-    gu_stride_qe,
-    gu_stride_se,
-    dn_stride_qe,
-    dn_stride_se,
-    G: tl.constexpr,
-    SYMMETRIC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    DOWN_N: tl.constexpr,
-    UNPACK: tl.constexpr,
-    EVICT: tl.constexpr,
-    PDL: tl.constexpr,
-    PHASES: tl.constexpr = 3,
-    DOWN_FORM: tl.constexpr = 1,
-):
-    """The decode MoE in ONE launch, no grid-wide step between its two matmuls. Program (t, r): columns
-    [t BLOCK_N, (t + 1) BLOCK_N) of row r's gate and up (one tile over all of H, like the DUAL gate_up launch),
-    the routing weight on the input and SwiGLU — a slice of h that needs nothing from any other program — then
-    that slice's own rows of the down weight, all H columns, DOWN_N at a time (the next chunk's words in flight
-    during this one's math): row r's down projection over K = the slice, stored as an fp32 partial. A small
-    launch (:func:`_sum_rows_kernel`) sums the partials over tiles and slots in a fixed order. The down weight
-    streams in the same launch as gate_up, instead of after every gate_up program has finished. ``PHASES``
-    (diagnostics): 1 = the gate_up half only, 2 = the down half only (over whatever h holds), 3 = both."""
-    pid_n = tl.program_id(0)
-    row = tl.program_id(1)
-    pdl_wait_and_trigger(PDL)  # the expert comes from the routing ids: nothing is read before the wait
-    expert, a_rows, _, _, local = _direct_layout(row, ids_ptr, n_experts, top_k, 1)
-    if not local:  # a slot owned by another rank: the sum skips it
-        return
-    h_row = h_ptr + row.to(tl.int64) * size_i
-    if PHASES & 1:
-        _moe_fused_gate_up(x_ptr, gu_qw_ptr + expert * gu_stride_qe, gu_s_ptr + expert * gu_stride_se,
-                           gu_z_ptr + expert * gu_stride_se, routing_ptr + row, h_row, pid_n * BLOCK_N, a_rows, size_h,
-                           size_i, stride_x, G, SYMMETRIC, BLOCK_N, BLOCK_K, UNPACK, EVICT)  # fmt: skip
-    if PHASES & 2:
-        _moe_fused_down(dn_qw_ptr + expert * dn_stride_qe, dn_s_ptr + expert * dn_stride_se,
-                        dn_z_ptr + expert * dn_stride_se, h_row, part_ptr + (pid_n * n_rows + row).to(tl.int64) * size_h,
-                        pid_n * BLOCK_N, size_h, size_i, G, SYMMETRIC, BLOCK_N, DOWN_N, UNPACK, EVICT, DOWN_FORM)  # fmt: skip
-
-
-@triton.jit
-def _moe_fused_gate_up(x_ptr, qw, sp, zp, routing_ptr, h_row, col0, a_rows, size_h, size_i, stride_x, G: tl.constexpr,
-                       SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNPACK: tl.constexpr,
-                       EVICT: tl.constexpr):  # fmt: skip
-    """h columns ``offs_h`` of one (token, slot) row: its gate and up columns as one tile, SwiGLU with the routing
-    weight on the input; stored (activation dtype) at ``h_row``."""
-    both = tl.arange(0, 2 * BLOCK_N)
-    gate_cols = col0 + both % BLOCK_N
-    p_cols = gate_cols + (both // BLOCK_N) * size_i
-    gate_up = _gemv_columns(x_ptr, qw, sp, zp, p_cols, gate_cols < size_i, a_rows, 0, size_h, 2 * size_i, stride_x,
-                            G, SYMMETRIC, 1, 2 * BLOCK_N, BLOCK_K, UNPACK, True, EVICT, qw, 0, 0, 0, 1)  # fmt: skip
-    gate_sum, up_sum = _gate_and_up(gate_up, BLOCK_N)
-    weight = tl.load(routing_ptr).to(tl.float32)
-    gate = gate_sum * weight
-    h = gate * tl.sigmoid(gate) * (up_sum * weight)  # (1, BLOCK_N)
-    # Rounded to the activation dtype where the two-launch path stores it, and read back by the down loop
-    # (its word-row layout): the barrier orders this program's stores before its own loads.
-    offs_h = col0 + tl.arange(0, BLOCK_N)
-    tl.store(h_row + offs_h[None, :], h.to(h_row.dtype.element_ty), mask=(offs_h < size_i)[None, :])
-    tl.debug_barrier()
-
-
-@triton.jit
-def _moe_fused_down(qw, sp, zp, h_row, p_row, k_begin, size_h, size_i, G: tl.constexpr, SYMMETRIC: tl.constexpr,
-                    BLOCK_N: tl.constexpr, DOWN_N: tl.constexpr, UNPACK: tl.constexpr, EVICT: tl.constexpr,
-                    DOWN_FORM: tl.constexpr):  # fmt: skip
-    """K rows [k_begin, k_begin + BLOCK_N) of one expert's down weight times h there, every column, DOWN_N at a
-    time: fp32 partials stored at ``p_row``. ``DOWN_FORM`` 1: (BLOCK_N // 8, DOWN_N) word tiles, the next chunk's
-    in flight during this one's math, summed over the word rows at the end of each chunk; 2: each word row as
-    its own (DOWN_N,) load, accumulated in place (no sum across threads)."""
-    k_end = tl.minimum(k_begin + BLOCK_N, size_i)
-    if DOWN_FORM == 2:
-        cols = tl.arange(0, DOWN_N)
-        one = tl.arange(0, 1)
-        for c0 in range(0, size_h, DOWN_N):
-            c_ok = (c0 + cols) < size_h
-            acc = tl.zeros([1, DOWN_N], dtype=tl.float32)
-            for r in tl.static_range(BLOCK_N // 8):
-                k = k_begin + 8 * r
-                r_ok = (k + one * 0) < k_end
-                mask = r_ok[:, None] & c_ok[None, :]
-                packed = tl.load(
-                    qw + (k // 8) * size_h + c0 + cols[None, :], mask=mask, other=0, eviction_policy=EVICT
-                )
-                scale, zero = _group_params(sp + c0 + cols[None, :], zp + c0 + cols[None, :], k + one * 0, size_h, mask,
-                                            G, SYMMETRIC)  # fmt: skip
-                acc += _decode_words(
-                    packed, h_row + one * 0, k, r_ok, scale, zero, SYMMETRIC, DOWN_N, 8, UNPACK
-                )
-            tl.store(p_row + c0 + cols[None, :], acc, mask=c_ok[None, :])
-        return
-    words = tl.arange(0, BLOCK_N // 8)
-    first_k = k_begin + words * 8
-    row_ok = first_k < k_end
-    cols = tl.arange(0, DOWN_N)
-    w_ptrs = qw + (k_begin // 8 + words)[:, None] * size_h
-    s_ptrs = sp + cols[None, :]
-    z_ptrs = zp + cols[None, :]
-    packed_next = tl.load(w_ptrs + cols[None, :], mask=row_ok[:, None] & (cols < size_h)[None, :], other=0,
-                          eviction_policy=EVICT)  # fmt: skip
-    for c0 in range(0, size_h, DOWN_N):
-        c_ok = (c0 + cols) < size_h
-        mask = row_ok[:, None] & c_ok[None, :]
-        packed = packed_next
-        next_ok = row_ok[:, None] & ((c0 + DOWN_N + cols) < size_h)[None, :]
-        packed_next = tl.load(w_ptrs + (c0 + DOWN_N) + cols[None, :], mask=next_ok, other=0,
-                              eviction_policy=EVICT)  # fmt: skip
-        scale, zero = _group_params(s_ptrs + c0, z_ptrs + c0, first_k, size_h, mask, G, SYMMETRIC)
-        contrib = _decode_words(packed, h_row + words * 8, k_begin, row_ok, scale, zero, SYMMETRIC, DOWN_N,
-                                BLOCK_N, UNPACK)  # fmt: skip
-        tl.store(p_row + c0 + cols, tl.sum(contrib, axis=0), mask=c_ok)
-
-
-@triton.jit
 def _gemm_kernel(
     x_ptr,
     qw_ptr,
@@ -848,24 +716,20 @@ def _sum_rows_kernel(
     HAS_IDS: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
-    UNROLL: tl.constexpr = 1,
 ):
-    """``UNROLL`` splits' loads in flight at once (masked past ``split_k``); the sum keeps the split-major order."""
     pdl_wait_and_trigger(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < size_n
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for first in range(0, split_k, UNROLL):
-        for u in tl.static_range(UNROLL):
-            split = first + u
-            for slot in tl.static_range(TOP_K):
-                mask = ok & (split < split_k)
-                if HAS_IDS:
-                    expert = tl.load(ids_ptr + row * TOP_K + slot)
-                    mask = mask & (expert >= 0) & (expert < n_experts)
-                p_ptrs = partial_ptr + split * stride_split + (row * TOP_K + slot) * size_n + offs
-                acc += tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
+    for split in range(split_k):
+        for slot in tl.static_range(TOP_K):
+            mask = ok
+            if HAS_IDS:
+                expert = tl.load(ids_ptr + row * TOP_K + slot)
+                mask = ok & (expert >= 0) & (expert < n_experts)
+            p_ptrs = partial_ptr + split * stride_split + (row * TOP_K + slot) * size_n + offs
+            acc += tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * size_n + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -984,28 +848,6 @@ def _gemm(block_m, block_n, block_k, warps, stages, occupancy=0, group_m=8, nibb
             "num_stages": stages, "occupancy": occupancy, "GROUP_M": group_m, "nibble_dots": nibble_dots}  # fmt: skip
 
 
-def _moe_fused(
-    block_n,
-    block_k,
-    down_n,
-    warps,
-    unpack=2,
-    evict="evict_first",
-    max_rows=2,
-    sum_block=64,
-    sum_unroll=8,
-    sum_warps=2,
-):
-    """The decode MoE in one launch (:func:`_moe_fused_kernel`): ``block_n`` columns of h a program (its gate and
-    up columns streamed as one tile, ``block_k`` rows of H a step), then its ``block_n`` rows of the down weight
-    ``down_n`` columns a step; the partials summed by :func:`_sum_rows_kernel` (``sum_block`` columns a program,
-    ``sum_unroll`` tiles' loads at once, ``sum_warps`` warps). Taken for up to ``max_rows`` (token, slot) rows
-    (its fp32 partials grow with rows x I / block_n)."""
-    return {"kind": "moe_fused", "BLOCK_N": block_n, "BLOCK_K": block_k, "DOWN_N": down_n, "num_warps": warps,
-            "num_stages": 1, "unpack": unpack, "evict": evict, "max_rows": max_rows, "sum_block": sum_block,
-            "sum_unroll": sum_unroll, "sum_warps": sum_warps}  # fmt: skip
-
-
 # Picked by rows (dense: M; MoE: rows per touched expert). ``bench/bench_int4.py --sections tune`` sweeps
 # candidates on the GPU and prints every timing; the winners of the H100 sweeps of 2026-11-23 and (GEMV,
 # nibble-dot after the 1 + q/16 unpack) 2026-11-24 (bench/results/int4_h100.md) are copied here by hand. GEMV_MAX_ROWS: up to this many rows the FMA kernel
@@ -1063,7 +905,6 @@ TUNED = {
         (16384, 5120, 1): {"BLOCK_N": 32, "BLOCK_K": 512, "num_warps": 8, "split_k": 1},
         (16384, 5120, 2): {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 8, "split_k": 1},
     },
-    "moe_fused": _moe_fused(64, 256, 512, 8),
     "gemm_small": _gemm(16, 256, 128, 8, 3, occupancy=4, nibble_dots=True),  # rows <= 16; 44.1 + 31.3 us
     "gemm_medium": _gemm(64, 64, 128, 4, 4, occupancy=2),  # rows <= 128
     "gemm_large": _gemm(128, 256, 64, 8, 3),
@@ -1078,7 +919,6 @@ TUNED = {
 
 INTERPRET = {
     "gemv": _gemv(16, 64, 4, 1, 4, unpack=2, prefetch=True, reduce_unrolled=True),
-    "moe_fused": _moe_fused(16, 64, 32, 4, max_rows=4, sum_block=32, sum_unroll=4),
     "gemm_small": _gemm(16, 16, 128, 4, 1, occupancy=2, nibble_dots=True),
     "gemm_medium": _gemm(16, 32, 32, 4, 1, occupancy=1),
     "gemm_large": _gemm(32, 32, 32, 4, 1),
@@ -1268,11 +1108,6 @@ EARLY_DOWN_IDS = True
 DIRECT_DECODE_MOE = True
 
 
-# The decode MoE's gate_up and down in one launch (_moe_fused_kernel + the partial sum) where the direct layout
-# runs with at most TUNED["moe_fused"]["max_rows"] rows. False: the gate_up launch, then the down launch (bench A/B).
-FUSED_DECODE_MOE = True
-
-
 def _route_args(route, m_rows, dummy):
     if route is None:
         return 1, dummy, dummy, m_rows, 1
@@ -1371,40 +1206,6 @@ def _launch_gemv(x, weight, group_size, mode, m_rows, route, cfg, routing_weight
     return part if fused_sum else out
 
 
-def _moe_fused_partials(hidden, topk_weights, route, gate_up, down, group_size, cfg):
-    """:func:`_moe_fused_kernel`: the (tiles of I, n_rows, H) fp32 partials."""
-    size_h = hidden.shape[1]
-    size_i = down[0].shape[1] * 8
-    device = hidden.device
-    block_n = min(cfg["BLOCK_N"], max(16, triton.next_power_of_2(size_i)))
-    down_n = min(cfg["DOWN_N"], max(16, triton.next_power_of_2(size_h)))
-    n_tiles = triton.cdiv(size_i, block_n)
-    h = torch.empty(route.n_rows, size_i, dtype=hidden.dtype, device=device)
-    part = torch.empty(n_tiles, route.n_rows, size_h, dtype=torch.float32, device=device)
-    unpack = 1 if hidden.dtype == torch.float32 and cfg["unpack"] == 2 else cfg["unpack"]
-    pdl = _pdl_form(cfg, device)
-    (gu_qw, gu_s, gu_z), (dn_qw, dn_s, dn_z) = gate_up, down
-    if "h" in cfg:  # diagnostics (bench): a given h buffer, for the down half alone
-        h = cfg["h"]
-    _moe_fused_kernel[(n_tiles, route.n_rows)](
-        hidden, gu_qw, gu_s, gu_z if gu_z is not None else gu_s, dn_qw, dn_s, dn_z if dn_z is not None else dn_s,
-        h, part, route.ids, topk_weights, size_h, size_i, route.n_rows, route.n_experts, route.top_k,
-        hidden.stride(0), gu_qw.stride(0), gu_s.stride(0), dn_qw.stride(0), dn_s.stride(0),
-        G=group_size, SYMMETRIC=gu_z is None, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"], DOWN_N=down_n,
-        UNPACK=unpack, EVICT=cfg["evict"], PDL=pdl > 0, PHASES=cfg.get("phases", 3), DOWN_FORM=cfg.get("down_form", 1), **_launch_opts({**cfg, "pdl": pdl}),
-    )  # fmt: skip
-    return part
-
-
-def _launch_moe_fused(hidden, topk_weights, route, gate_up, down, group_size, cfg):
-    """:func:`_moe_fused_kernel`, then the sum of its partials over the tiles of I and the slots: (tokens, H)."""
-    part = _moe_fused_partials(hidden, topk_weights, route, gate_up, down, group_size, cfg)
-    size_h = hidden.shape[1]
-    out = torch.empty(route.n_rows // route.top_k, size_h, dtype=hidden.dtype, device=hidden.device)
-    return _sum_rows(part, out, route.ids, route.n_experts, route.top_k, cfg["sum_block"], cfg["sum_unroll"],
-                     cfg["sum_warps"])  # fmt: skip
-
-
 def _matmul(x, weight, group_size, mode, m_rows, route, cfg):
     """Launch the tl.dot GEMM kernel; returns (split_k, rows, N) partials (fp32 when split_k > 1)."""
     qweight, scales, zeros = weight
@@ -1442,13 +1243,12 @@ def _matmul(x, weight, group_size, mode, m_rows, route, cfg):
     return out
 
 
-def _sum_rows(partial, out, ids=None, n_experts=0, top_k=1, block=1024, unroll=1, warps=4):
+def _sum_rows(partial, out, ids=None, n_experts=0, top_k=1):
     n_out, size_n = out.shape
-    block = min(block, triton.next_power_of_2(size_n))
-    opts = {} if _interpreting() else {"num_warps": warps}
+    block = min(1024, triton.next_power_of_2(size_n))
     _sum_rows_kernel[(n_out, triton.cdiv(size_n, block))](
         partial, ids if ids is not None else partial, out, size_n, partial.shape[0], partial.stride(0),
-        n_experts, TOP_K=top_k, HAS_IDS=ids is not None, BLOCK=block, UNROLL=unroll, **pdl_args(out.device), **opts,
+        n_experts, TOP_K=top_k, HAS_IDS=ids is not None, BLOCK=block, **pdl_args(out.device),
     )  # fmt: skip
     return out
 
@@ -1560,9 +1360,6 @@ def int4_moe_experts(
     n_rows = tokens * top_k
     # Rows per touched expert (shape-only estimate: no host sync).
     rows_per_expert = n_rows / min(n_experts, n_rows)
-    if config is not None and config["kind"] == "moe_fused":
-        return _launch_moe_fused(hidden, topk_weights, DirectRoute(topk_ids, n_experts), gate_up, down, group_size,
-                                 config)  # fmt: skip
     cfg = config or pick_config(rows_per_expert, moe=True)
     if cfg["kind"] == "dequant" or (
         config is None and not _interpreting() and rows_per_expert >= TUNED["MOE_DEQUANT_MIN_ROWS_PER_EXPERT"]
@@ -1572,9 +1369,6 @@ def int4_moe_experts(
     if cfg["kind"] == "gemv" and route_block == 1 and DIRECT_DECODE_MOE:
         # decode: no routing kernel; SwiGLU inside the gate_up launch, the slot sum inside the down launch
         route = DirectRoute(topk_ids, n_experts)
-        fused = (INTERPRET if _interpreting() else TUNED)["moe_fused"]
-        if config is None and FUSED_DECODE_MOE and n_rows <= fused["max_rows"]:
-            return _launch_moe_fused(hidden, topk_weights, route, gate_up, down, group_size, fused)
         cfg_gu, cfg_dn = (
             (cfg, cfg) if config else (moe_gemv_config(cfg, w[0], n_rows) for w in (gate_up, down))
         )
