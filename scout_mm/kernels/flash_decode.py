@@ -37,6 +37,62 @@ from scout_mm.kernels.launch import arrival_counters, pdl_args, pdl_wait_and_tri
 from scout_mm.kernels.reference import FP8_KV_DTYPE, check_kv_scales
 
 _LOG2E = 1.4426950408889634
+# Compiled kernels convert e4m3 words to bf16 with inline PTX (_e4m3_words); the interpreter runs the fp32 arithmetic.
+USE_ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
+
+@triton.jit
+def _e4m3_byte(words, j: tl.constexpr):
+    """Code ``j`` (byte j) of each int32 word of four e4m3 codes, as its exact fp32 value: the sign to bit 31, the
+    exponent and mantissa to the top of the fp32 exponent and mantissa fields, times 2**120 (the formats' bias gap,
+    127 - 7; exact, subnormal codes too)."""
+    code = (words >> (8 * j)) & 0xFF
+    bits = ((code & 0x80) << 24) | ((code & 0x7F) << 20)
+    return bits.to(tl.float32, bitcast=True) * 1.329227995784916e36  # 2**120
+
+
+@triton.jit
+def _e4m3_words(words, dtype: tl.constexpr):
+    """(rows, W) int32 words, four e4m3 codes each (byte j = element 4 w + j) -> (rows, 4 W) values in ``dtype``.
+    bf16 (compiled): inline PTX, per pair of codes a ``prmt`` (each code byte to the high byte of a 16-bit half),
+    a shift right by 4 (exponent into the low bits of the bf16 exponent, mantissa to the top of the bf16
+    mantissa), the sign masked off and put back (``and``, ``lop3``), then times 2**120 as a bf16x2 FMA (subnormal
+    codes stay exact). Otherwise :func:`_e4m3_byte` in fp32, then cast. The words are read with wide loads in a
+    plain layout; Triton's own e4m3 conversion is done in the matmul operand layout, which reads an 8-bit V tile
+    from shared memory one byte at a time (``bench/results/kv_fp8_h100.md``, session 18)."""
+    if USE_ASM and dtype == tl.bfloat16:
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(
+            """{
+            .reg .b32 d0, d1, t0, t1, two120, nzero;
+            mov.b32 two120, 0x7B807B80;
+            mov.b32 nzero, 0x80008000;
+            prmt.b32 d0, 0, $4, 0x5040;
+            prmt.b32 d1, 0, $4, 0x7060;
+            shr.b32 t0, d0, 4;
+            shr.b32 t1, d1, 4;
+            and.b32 t0, t0, 0x07FF07FF;
+            and.b32 t1, t1, 0x07FF07FF;
+            lop3.b32 t0, t0, d0, nzero, 0xF8;
+            lop3.b32 t1, t1, d1, nzero, 0xF8;
+            fma.rn.bf16x2 t0, t0, two120, nzero;
+            fma.rn.bf16x2 t1, t1, two120, nzero;
+            mov.b32 {$0, $1}, t0;
+            mov.b32 {$2, $3}, t1;
+            }""",
+            "=h,=h,=h,=h,r",
+            [words],
+            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        c0 = _e4m3_byte(words, 0).to(dtype)
+        c1 = _e4m3_byte(words, 1).to(dtype)
+        c2 = _e4m3_byte(words, 2).to(dtype)
+        c3 = _e4m3_byte(words, 3).to(dtype)
+    # tl.join appends its new axis last: [..., w, i, j] = join(c_i, c_{2+i})[..., j] = code 2 i + j of word w
+    both = tl.join(tl.join(c0, c2), tl.join(c1, c3))
+    return tl.reshape(both, (words.shape[0], 4 * words.shape[1]))
 
 
 @triton.jit
@@ -74,6 +130,7 @@ def _decode_split_kernel(
     qi = r % Q_LEN
     row_ok = r < GROUP * Q_LEN
     dims = tl.arange(0, HEAD_DIM)
+    words = tl.arange(0, HEAD_DIM // 4)  # KV_FP8 3: a row of codes as int32 words
     q = tl.load(Q + b64 * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qm + dims[None, :],
                 mask=row_ok[:, None], other=0.0)  # fmt: skip
     if HAS_Q_SCALE:
@@ -119,11 +176,16 @@ def _decode_split_kernel(
             v_off = cols * stride_vn
             ks_off = cols * stride_ksn
             vs_off = cols * stride_vsn
-        k = tl.load(K + k_off[:, None] + dims[None, :], mask=col_ok[:, None], other=0.0)
+        if KV_FP8 == 3:  # int32 words of 4 codes (K, V passed as int32 views, strides in words)
+            k = _e4m3_words(
+                tl.load(K + k_off[:, None] + words[None, :], mask=col_ok[:, None], other=0), q.dtype
+            )
+        else:
+            k = tl.load(K + k_off[:, None] + dims[None, :], mask=col_ok[:, None], other=0.0)
         # KV_FP8 1: e4m3 times its row's power-of-two scale (exact in fp32), in q's dtype, as dequantize_kv
         if KV_FP8 == 1:
             k = (k.to(tl.float32) * tl.load(KScale + ks_off, mask=col_ok, other=0.0)[:, None]).to(q.dtype)
-        if KV_FP8 == 2:
+        if KV_FP8 >= 2:
             # the scale applied to the scores instead: a power of two commutes with every fp32 product and sum
             k_scale = tl.load(KScale + ks_off, mask=col_ok, other=0.0)
             qk = tl.dot(q, tl.trans(k.to(q.dtype))) * (k_scale * qk_scale)[None, :]
@@ -135,8 +197,13 @@ def _decode_split_kernel(
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + v_off[:, None] + dims[None, :], mask=col_ok[:, None], other=0.0)
-        if KV_FP8 == 2 and q.dtype == tl.bfloat16:
+        if KV_FP8 == 3:
+            v = _e4m3_words(
+                tl.load(V + v_off[:, None] + words[None, :], mask=col_ok[:, None], other=0), q.dtype
+            )
+        else:
+            v = tl.load(V + v_off[:, None] + dims[None, :], mask=col_ok[:, None], other=0.0)
+        if KV_FP8 >= 2 and q.dtype == tl.bfloat16:
             # bf16: the value scale on the probabilities instead (p * 2^e rounds as p does, in bf16's fp32 range)
             p_v = p * tl.load(VScale + vs_off, mask=col_ok, other=0.0)[None, :]
             acc = tl.dot(p_v.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
@@ -242,9 +309,10 @@ def _interpreting() -> bool:
 # re-sweep timed under CUDA graphs (bench_attention.py --tune, 2026-11-24) put these within 1% of its best
 # (contiguous 2.88 / 3.09 TB/s at 128K / 1M, paged 2.85 / 3.02; bench/results/attention_h100*.md).
 _CUDA_CONFIG = {"contiguous": (128, 4, 3), "paged": (32, 4, 3)}
-# An FP8 cache (per layout): converting e4m3 tiles makes the loop issue-bound at 32-key tiles (0.66-0.74x the bf16
-# cache at (32, 4, 3)); 128-key tiles give 1.08-1.11x at 128K-512K keys (H100, bench/results/kv_fp8_h100.md).
-_CUDA_CONFIG_FP8 = {"contiguous": (128, 4, 3), "paged": (128, 4, 3)}
+# An FP8 cache (per layout): converting e4m3 tiles makes the loop issue-bound at 32-key tiles (form 2: 0.66-0.74x the
+# bf16 cache at (32, 4, 3)); 128-key tiles gave form 2 1.08-1.11x at 128K-512K keys, and give form 3 with two stages
+# 1.32-1.35x (H100, bench/results/kv_fp8_h100.md; the paged layout is what the model's FP8 global layers use).
+_CUDA_CONFIG_FP8 = {"contiguous": (128, 4, 3), "paged": (128, 4, 2)}
 _PROGRAMS_PER_SM_BY_LAYOUT = {"contiguous": 4, "paged": 4}
 _INTERPRET_CONFIG = (16, 4, 1)
 # True: the last split program to finish a (sequence, kv head) merges the splits (one launch per call instead
@@ -256,9 +324,11 @@ FUSED_MERGE = None
 FUSED_MERGE_BY_LAYOUT = {"contiguous": False, "paged": False}
 # How the split kernel reads an FP8 cache: 1 = each K / V tile dequantised to q's dtype as it is loaded
 # (reference.dequantize_kv); 2 = the e4m3 tiles converted only, the key scales applied to the scores and (bf16) the
-# value scales to the probabilities. The same products either way (powers of two). On an H100 (bench/bench_kv_fp8.py):
-# form 1 1.06-1.08x the bf16 cache at 32-key tiles, form 2 1.08-1.11x at 128-key tiles (the shipped pair).
-KV_FP8_FORM = 2
+# value scales to the probabilities; 3 = form 2 with the tiles read as int32 words of four codes and converted by bit
+# arithmetic (_e4m3_words; falls back to 2 where a cache's strides or offset are not whole words). The same products
+# every way (powers of two). On an H100 (bench/bench_kv_fp8.py, 128K-512K keys): form 1 1.05-1.08x the bf16 cache at
+# 32-key tiles, form 2 1.07-1.11x at 128-key tiles, form 3 1.32-1.35x at (128, 4, 2) (shipped).
+KV_FP8_FORM = 3
 
 
 @functools.cache
@@ -310,6 +380,12 @@ def decode_attention(
     batch, n_heads, q_len, head_dim = q.shape
     paged = block_table is not None
     kv_fp8 = _check_fp8_cache(q, k, v, k_scale, v_scale)
+    form = KV_FP8_FORM if kv_fp8 else 0
+    if form == 3:  # the codes read as int32 words of four (the strides below then count words)
+        if k.shape[-1] % 4 or any(s % 4 for t in (k, v) for s in (*t.stride()[:-1], t.storage_offset())):
+            form = 2
+        else:
+            k, v = k.view(torch.int32), v.view(torch.int32)
     # strides as (block, head, slot) when paged, else (batch, head, key); the scales' without head_dim
     order = (0, 2, 1) if paged else (0, 1, 2)
     strides_k, strides_v = (tuple(t.stride(i) for i in order) for t in (k, v))
@@ -362,7 +438,7 @@ def decode_attention(
         table.stride(0) if paged else 0, n_kv_heads, n_rows, n_splits, capacity, min_split, block_size,
         scale * _LOG2E, GROUP=group, Q_LEN=q_len, BLOCK_M=max(16, triton.next_power_of_2(group * q_len)),
         HEAD_DIM=head_dim, BLOCK_N=block_n, PAGED=paged, HAS_LENS=kv_lens is not None,
-        HAS_KV_START=kv_start is not None, HAS_Q_SCALE=q_scale is not None, KV_FP8=KV_FP8_FORM if kv_fp8 else 0,
+        HAS_KV_START=kv_start is not None, HAS_Q_SCALE=q_scale is not None, KV_FP8=form,
         FUSED_MERGE=fused_merge,
         # BLOCK_P only matters to the in-kernel merge: a constant otherwise, so a new split count compiles nothing
         BLOCK_P=triton.next_power_of_2(n_splits) if fused_merge else 1, num_warps=num_warps, num_stages=num_stages,
