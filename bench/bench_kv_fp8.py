@@ -8,7 +8,8 @@ reads its cache from HBM (12 caches never fit in the L2). Per variant: us per la
 split kernel + merge), the cache bytes read per second, and the ratio to the bf16 cache in the same round. The FP8
 variants: ``KV_FP8_FORM`` 1 (tiles dequantised as loaded) at the bf16 paged launch config, 2 (scales folded into
 scores / probabilities) at the FP8 one, and 3 (form 2 over int32 words of four codes, converted by bit arithmetic)
-at several ``(BLOCK_N, warps, stages)``. Each FP8 result is checked against the bf16
+at several ``(BLOCK_N, warps, stages)``; then form 3 with the scales laid out (block, head, slot) in memory instead
+of the cache's (block, slot, head) (same logical shape: the kernel reads strides), whose per-head reads are contiguous. Each FP8 result is checked against the bf16
 kernel over the dequantised cache before it is timed.
 """
 
@@ -28,16 +29,11 @@ from scout_mm.kernels import flash_decode  # noqa: E402
 from scout_mm.kernels.reference import dequantize_kv, quantize_kv_fp8  # noqa: E402
 
 N_HEADS, N_KV_HEADS, HEAD_DIM, BLOCK, LAYERS = 40, 8, 128, 256, 12
-FP8_CONFIGS = [
-    (32, 4, 3),
-    (64, 4, 3),
-    (64, 8, 3),
-    (64, 4, 4),
-    (128, 4, 3),
-    (128, 8, 3),
-    (128, 4, 2),
-    (64, 4, 2),
-]
+FP8_CONFIGS = [(32, 4, 3), (64, 4, 3), (128, 4, 3), (128, 4, 2), (64, 4, 2), (256, 4, 2), (256, 8, 2), (128, 8, 2),
+               (128, 4, 1)]  # fmt: skip
+
+
+HEAD_MAJOR_CONFIGS = [(128, 4, 2), (128, 4, 3), (64, 4, 2)]
 
 
 def _caches(length: int):
@@ -51,16 +47,23 @@ def _caches(length: int):
             x = torch.randn(n_blocks, BLOCK, N_KV_HEADS, HEAD_DIM, device="cuda")
             x *= torch.rand(n_blocks, BLOCK, N_KV_HEADS, 1, device="cuda") * size
             values, scale = quantize_kv_fp8(x)
-            pair.append((dequantize_kv(values, scale, torch.bfloat16), values, scale))
+            # the scales also laid out (block, head, slot) in memory (same logical shape: the kernels take strides)
+            head_major = scale.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+            pair.append((dequantize_kv(values, scale, torch.bfloat16), values, scale, head_major))
             del x
         layers.append(pair)
     return table, layers
 
 
-def _call(q, layers, table, lens, fp8: bool, config):
+def _call(q, layers, table, lens, fp8, config):
+    """``fp8``: False (the bf16 cache), True (FP8, scales (block, slot, head) in memory as the model's cache keeps
+    them) or "head_major" (FP8, scales (block, head, slot) in memory)."""
+
     def run():
         out = None
-        for (k_full, k8, ks), (v_full, v8, vs) in layers:
+        for (k_full, k8, ks, ks_hm), (v_full, v8, vs, vs_hm) in layers:
+            if fp8 == "head_major":
+                ks, vs = ks_hm, vs_hm
             if fp8:
                 out, _ = flash_decode.decode_attention(q, k8, v8, k_scale=ks, v_scale=vs, scale=HEAD_DIM**-0.5,
                                                        kv_lens=lens, block_table=table, config=config)  # fmt: skip
@@ -98,6 +101,7 @@ def main() -> None:
         variants += [(f"fp8 form 1 {shipped}", True, 1, shipped)]
         variants += [(f"fp8 form 2 {shipped_fp8}", True, 2, shipped_fp8)]
         variants += [(f"fp8 form 3 {c}", True, 3, c) for c in FP8_CONFIGS]
+        variants += [(f"fp8 form 3 {c}, head-major scales", "head_major", 3, c) for c in HEAD_MAJOR_CONFIGS]
         reference = _call(q, layers[-1:], table, lens, False, shipped)().float()
         for round_ in range(args.rounds):
             base = None
