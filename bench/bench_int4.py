@@ -1078,6 +1078,31 @@ def section_longkv(rows_out):
     print(rows_out[-1], flush=True)
 
 
+def section_fp8wide(rows_out):
+    """Decode after the longest ``FIT_PROMPTS`` prompt with the FP8 cache, its paged decode launch at 4 and at 8
+    programs per SM (``flash_decode._PROGRAMS_PER_SM_FP8``; 8 is shipped from ``FP8_WIDE_FROM`` keys), one
+    ``generate_ids`` call each (a second would not fit beside the kept cache; the decode time includes the graph
+    capture), interleaved twice."""
+    from scout_mm.kernels import flash_decode
+
+    config, model = build_scout_int4()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    _long_table(rows_out, "Scout-size Int4, FP8 KV cache: the decode launch's programs per SM", "Default build, "
+                "rows as in the long-prompt table (one `generate_ids` call each, 64 new tokens, greedy; the decode "
+                "time includes the graph capture).",
+                "FP8 decode launch")  # fmt: skip
+    shipped = dict(flash_decode._PROGRAMS_PER_SM_FP8)
+    try:
+        for per_sm in (8, 4, 8, 4):
+            flash_decode._PROGRAMS_PER_SM_FP8["paged"] = per_sm
+            _long_prompt(
+                model, config, rows_out, f"{per_sm} programs per SM", max(FIT_PROMPTS), "fp8", warm=False
+            )
+    finally:
+        flash_decode._PROGRAMS_PER_SM_FP8.update(shipped)
+
+
 def section_dequantpasses(rows_out):
     """The prefill MoE's dequantised experts in one pass vs passes of ``int4.MOE_DEQUANT_MAX_BYTES`` and twice
     that (the default build, same process, interleaved): prefill speed and peak memory of long prompts."""
@@ -1813,7 +1838,7 @@ def main() -> None:
                 "baselineab": section_baselineab, "fusedmerge": section_fusedmerge,
                 "instep": section_instep, "downtable": section_downtable,
                 "instephead": lambda rows: section_instep(rows, lean=True), "tailsplit": section_tailsplit,
-                "ropewrite": section_ropewrite}  # fmt: skip
+                "ropewrite": section_ropewrite, "fp8wide": section_fp8wide}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         try:

@@ -55,9 +55,9 @@ def _caches(length: int):
     return table, layers
 
 
-def _call(q, layers, table, lens, fp8, config):
+def _call(q, layers, table, lens, fp8, config, n_splits=None):
     """``fp8``: False (the bf16 cache), True (FP8, scales (block, slot, head) in memory as the model's cache keeps
-    them) or "head_major" (FP8, scales (block, head, slot) in memory)."""
+    them) or "head_major" (FP8, scales (block, head, slot) in memory); ``n_splits``: None = the kernel's rule."""
 
     def run():
         out = None
@@ -66,7 +66,8 @@ def _call(q, layers, table, lens, fp8, config):
                 ks, vs = ks_hm, vs_hm
             if fp8:
                 out, _ = flash_decode.decode_attention(q, k8, v8, k_scale=ks, v_scale=vs, scale=HEAD_DIM**-0.5,
-                                                       kv_lens=lens, block_table=table, config=config)  # fmt: skip
+                                                       kv_lens=lens, block_table=table, config=config,
+                                                       n_splits=n_splits)  # fmt: skip
             else:
                 out, _ = flash_decode.decode_attention(q, k_full, v_full, scale=HEAD_DIM**-0.5, kv_lens=lens,
                                                        block_table=table, config=config)  # fmt: skip
@@ -82,6 +83,9 @@ def main() -> None:
     parser.add_argument("--lengths", default="8192,131072,262144,524288")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--splits", default="", help="also the shipped FP8 form and config at these split counts"
+    )
     args = parser.parse_args()
     shipped, shipped_form = flash_decode._CUDA_CONFIG["paged"], flash_decode.KV_FP8_FORM
     shipped_fp8 = flash_decode._CUDA_CONFIG_FP8["paged"]
@@ -102,14 +106,17 @@ def main() -> None:
         variants += [(f"fp8 form 2 {shipped_fp8}", True, 2, shipped_fp8)]
         variants += [(f"fp8 form 3 {c}", True, 3, c) for c in FP8_CONFIGS]
         variants += [(f"fp8 form 3 {c}, head-major scales", "head_major", 3, c) for c in HEAD_MAJOR_CONFIGS]
+        variants += [(f"fp8 form {shipped_form} {shipped_fp8}, {s} splits", True, shipped_form, (shipped_fp8, int(s)))
+                     for s in args.splits.split(",") if s]  # fmt: skip
         reference = _call(q, layers[-1:], table, lens, False, shipped)().float()
         for round_ in range(args.rounds):
             base = None
             for label, fp8, form, config in variants:
                 flash_decode.KV_FP8_FORM = form
-                fn = _call(q, layers, table, lens, fp8, config)
+                config, splits = config if isinstance(config[0], tuple) else (config, None)
+                fn = _call(q, layers, table, lens, fp8, config, splits)
                 if round_ == 0:
-                    got = _call(q, layers[-1:], table, lens, fp8, config)().float()
+                    got = _call(q, layers[-1:], table, lens, fp8, config, splits)().float()
                     err = float((got - reference).norm() / reference.norm())
                     assert err < 1e-2, (
                         f"{label}: relative error {err:.2e} vs the bf16 kernel on the dequantised cache"

@@ -442,3 +442,21 @@ def test_gpu_generate_fp8_cache_graphed_equals_eager():
         for graph in (True, False)
     ]
     assert torch.equal(runs[0].sequences, runs[1].sequences)
+
+
+@cpu_only
+def test_fp8_split_rule_widens_only_large_paged_caches(monkeypatch):
+    # FP8 paged caches of at least FP8_WIDE_FROM keys get _PROGRAMS_PER_SM_FP8 programs per SM; smaller ones, bf16
+    # caches and the contiguous layout keep the layout's rule (the device's SM count stands in for an H100's 132).
+    from scout_mm.kernels import flash_decode
+
+    device = torch.device("cpu")
+    sms = flash_decode._sm_count(device)
+    big, small = flash_decode.FP8_WIDE_FROM, flash_decode.FP8_WIDE_FROM // 2
+    per_sm_fp8 = flash_decode._PROGRAMS_PER_SM_FP8["paged"]
+    per_sm = flash_decode._PROGRAMS_PER_SM_BY_LAYOUT["paged"]
+    assert flash_decode._n_splits(1, 8, big, "paged", device, fp8=True) == -(-per_sm_fp8 * sms // 8)
+    assert flash_decode._n_splits(1, 8, small, "paged", device, fp8=True) == -(-per_sm * sms // 8)
+    assert flash_decode._n_splits(1, 8, big, "paged", device) == -(-per_sm * sms // 8)
+    # never more splits than the capacity has minimum-length runs
+    assert flash_decode._n_splits(1, 1, 256, "paged", device, fp8=True) <= 256 // 64

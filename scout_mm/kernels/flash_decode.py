@@ -314,6 +314,11 @@ _CUDA_CONFIG = {"contiguous": (128, 4, 3), "paged": (32, 4, 3)}
 # 1.32-1.35x (H100, bench/results/kv_fp8_h100.md; the paged layout is what the model's FP8 global layers use).
 _CUDA_CONFIG_FP8 = {"contiguous": (128, 4, 3), "paged": (128, 4, 2)}
 _PROGRAMS_PER_SM_BY_LAYOUT = {"contiguous": 4, "paged": 4}
+# FP8 caches (form 3, (128, 4, 2) tiles) of at least FP8_WIDE_FROM keys' capacity: 8 programs per SM on the paged
+# pool, 1.40-1.44x the bf16 cache at 128K-512K keys against 1.33-1.36x with 4 (16: 1.07-1.21x); but at 8K keys 8 are
+# 0.94-0.95x against 1.11x with 4 (H100, bench/results/kv_fp8_h100.md, session 18), so smaller caches keep 4.
+_PROGRAMS_PER_SM_FP8 = {"contiguous": 4, "paged": 8}
+FP8_WIDE_FROM = 131072
 _INTERPRET_CONFIG = (16, 4, 1)
 # True: the last split program to finish a (sequence, kv head) merges the splits (one launch per call instead
 # of two). Measured slower on an H100 in the Scout decode step (bench/results/int4_decode_step_h100.md, session
@@ -344,9 +349,13 @@ def _sm_count(device: torch.device) -> int:
 MIN_SPLIT_KEYS_BY_LAYOUT = {"contiguous": 1024, "paged": 64}
 
 
-def _n_splits(batch: int, n_kv_heads: int, capacity: int, layout: str, device: torch.device) -> int:
+def _n_splits(
+    batch: int, n_kv_heads: int, capacity: int, layout: str, device: torch.device, fp8: bool = False
+) -> int:
     # Enough programs to give every SM its share, but no more splits than a full cache has minimum-length runs.
-    want = max(1, -(-_PROGRAMS_PER_SM_BY_LAYOUT[layout] * _sm_count(device) // (batch * n_kv_heads)))
+    wide = fp8 and capacity >= FP8_WIDE_FROM
+    per_sm = (_PROGRAMS_PER_SM_FP8 if wide else _PROGRAMS_PER_SM_BY_LAYOUT)[layout]
+    want = max(1, -(-per_sm * _sm_count(device) // (batch * n_kv_heads)))
     return max(1, min(want, capacity // MIN_SPLIT_KEYS_BY_LAYOUT[layout]))
 
 
@@ -410,7 +419,7 @@ def decode_attention(
     cuda_config = (_CUDA_CONFIG_FP8 if kv_fp8 else _CUDA_CONFIG)[layout]
     block_n, num_warps, num_stages = config or (cuda_config if q.is_cuda else _INTERPRET_CONFIG)
     if n_splits is None:
-        n_splits = _n_splits(batch, n_kv_heads, capacity, layout, q.device)
+        n_splits = _n_splits(batch, n_kv_heads, capacity, layout, q.device, kv_fp8)
         min_split = MIN_SPLIT_KEYS_BY_LAYOUT[layout]
     elif n_splits < 1:
         raise ValueError(f"n_splits={n_splits}; expected >= 1")
