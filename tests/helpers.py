@@ -119,3 +119,25 @@ def run_file_under_interpreter(path: str, **extra_env: str) -> None:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", path]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+def interpreter_suite(path: str, **extra_env: str):
+    """A file's ``test_interpreter_suite`` (assign it at module level under that name): in a plain run it runs the
+    file ``path`` again under ``TRITON_INTERPRET=1`` (:func:`run_file_under_interpreter`) and asserts that child
+    passed; in the child it is skipped."""
+    import pytest
+
+    @pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
+    def test_interpreter_suite():
+        pytest.importorskip("triton")
+        run_file_under_interpreter(path, **extra_env)
+
+    return test_interpreter_suite
+
+
+def require_interpreter() -> None:
+    """Skip the calling test or fixture outside the interpreter child that ``interpreter_suite`` starts."""
+    import pytest
+
+    if not INTERPRETED:
+        pytest.skip("runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite")

@@ -25,20 +25,15 @@ from scout_mm.fusion import (
 from scout_mm.model import ScoutForConditionalGeneration
 from scout_mm.moe.layer import MoE
 from scout_mm.quant import Int4Linear, QuantConfig, quantize_model, quantize_rtn
-from tests.helpers import INTERPRETED, run_file_under_interpreter, tiny_config
+from tests.helpers import INTERPRETED, interpreter_suite, require_interpreter, tiny_config
 
-
-@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
-def test_interpreter_suite():
-    pytest.importorskip("triton")
-    run_file_under_interpreter(__file__, OMP_NUM_THREADS="1")
+test_interpreter_suite = interpreter_suite(__file__, OMP_NUM_THREADS="1")
 
 
 @pytest.fixture
 def triton_cpu(monkeypatch):
     """The Triton kernels (Int4 MoE, fused router) on CPU tensors, interpreted."""
-    if not INTERPRETED:
-        pytest.skip("runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite")
+    require_interpreter()
     pytest.importorskip("triton")
     monkeypatch.setenv("SCOUT_MM_KERNELS", "triton")
     monkeypatch.setenv("SCOUT_MM_FUSED", "on")

@@ -8,19 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import INTERPRETED, run_file_under_interpreter
+from tests.helpers import interpreter_suite, require_interpreter
 
-
-@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
-def test_interpreter_suite():
-    pytest.importorskip("triton")
-    run_file_under_interpreter(__file__, OMP_NUM_THREADS="1")
+test_interpreter_suite = interpreter_suite(__file__, OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
 def flash_decode():
-    if not INTERPRETED:
-        pytest.skip("runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite")
+    require_interpreter()
     from scout_mm.kernels import flash_decode as module
 
     return module

@@ -16,19 +16,14 @@ import torch
 
 import scout_mm.kernels as kernels
 from scout_mm.kernels import fused_reference as reference
-from tests.helpers import INTERPRETED, max_rel_err, run_file_under_interpreter, tiny_config
+from tests.helpers import INTERPRETED, interpreter_suite, max_rel_err, require_interpreter, tiny_config
 
-
-@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
-def test_interpreter_suite():
-    pytest.importorskip("triton")
-    run_file_under_interpreter(__file__, OMP_NUM_THREADS="1")
+test_interpreter_suite = interpreter_suite(__file__, OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
 def fused():
-    if not INTERPRETED:
-        pytest.skip("runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite")
+    require_interpreter()
     from scout_mm.kernels import fused as module
 
     return module

@@ -13,19 +13,14 @@ import torch
 import scout_mm.kernels as kernels
 from scout_mm.kernels import int4_reference as reference
 from scout_mm.quant.format import pack_int4
-from tests.helpers import INTERPRETED, run_file_under_interpreter
+from tests.helpers import INTERPRETED, interpreter_suite, require_interpreter
 
-
-@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
-def test_interpreter_suite():
-    pytest.importorskip("triton")
-    run_file_under_interpreter(__file__, OMP_NUM_THREADS="1")
+test_interpreter_suite = interpreter_suite(__file__, OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
 def int4():
-    if not INTERPRETED:
-        pytest.skip("runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite")
+    require_interpreter()
     pytest.importorskip("triton")
     from scout_mm.kernels import int4 as module
 

@@ -13,21 +13,14 @@ import torch
 
 import scout_mm.kernels as kernels
 from scout_mm.kernels import reference
-from tests.helpers import INTERPRETED, run_file_under_interpreter
+from tests.helpers import INTERPRETED, interpreter_suite, require_interpreter
 
-_IN_SUBPROCESS = "runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite"
-
-
-@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
-def test_interpreter_suite():
-    pytest.importorskip("triton")
-    run_file_under_interpreter(__file__)
+test_interpreter_suite = interpreter_suite(__file__)
 
 
 @pytest.fixture(scope="module")
 def moe():
-    if not INTERPRETED:
-        pytest.skip(_IN_SUBPROCESS)
+    require_interpreter()
     pytest.importorskip("triton")
     from scout_mm.kernels import moe as module
 

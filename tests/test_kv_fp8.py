@@ -15,7 +15,7 @@ from scout_mm.cache import KVCache
 from scout_mm.kernels import fused_reference, reference
 from scout_mm.kernels.flash_decode import _e4m3_words
 from scout_mm.kernels.reference import FP8_KV_DTYPE, dequantize_kv, quantize_kv_fp8
-from tests.helpers import INTERPRETED, run_file_under_interpreter, tiny_config
+from tests.helpers import INTERPRETED, interpreter_suite, require_interpreter, tiny_config
 
 cpu_only = pytest.mark.skipif(
     INTERPRETED, reason="plain CPU test: not repeated in the interpreter subprocess"
@@ -209,16 +209,12 @@ def test_reference_decode_takes_scales_for_both_or_neither():
 # ---------------------------------------------------------------------------------------------------- kernels
 
 
-@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
-def test_interpreter_suite():
-    pytest.importorskip("triton")
-    run_file_under_interpreter(__file__, OMP_NUM_THREADS="1")
+test_interpreter_suite = interpreter_suite(__file__, OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
 def kernels_interpreted():
-    if not INTERPRETED:
-        pytest.skip("runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite")
+    require_interpreter()
     from scout_mm.kernels import flash_decode, fused
 
     return fused, flash_decode
