@@ -236,6 +236,23 @@ def _consumer(
 
 
 @gluon.jit
+def _ring_barriers(STAGES: gl.constexpr):
+    """The mbarriers of a two-operand TMA ring of STAGES slots (operands a and b: K and V, or Q and dOut):
+    (a_ready, b_ready, a_empty, b_empty). A slot is ready when the loader's one arrival and its bytes land, and
+    empty again when both consumer warpgroups have released it."""
+    a_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    b_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    a_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    b_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(a_ready.index(i), count=1)
+        mbarrier.init(b_ready.index(i), count=1)
+        mbarrier.init(a_empty.index(i), count=2)
+        mbarrier.init(b_empty.index(i), count=2)
+    return a_ready, b_ready, a_empty, b_empty
+
+
+@gluon.jit
 def _fwd_kernel(
     Q, K, V, Out, Lse, QScale, KVStart,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -251,16 +268,8 @@ def _fwd_kernel(
     q_bufs = gl.allocate_shared_memory(dtype, [2, WG_M, HEAD_DIM], q_layout)
     k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_ready, v_ready, k_empty, v_empty = _ring_barriers(STAGES)
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # both consumer warpgroups release a slot
-        mbarrier.init(v_empty.index(i), count=2)
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
     mbarrier.arrive(turn.index(0))  # warpgroup 0 issues first
@@ -312,11 +321,13 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         return False
     if q.shape[1] % k.shape[1]:
         return False
-    size = k.element_size()
-    return all(
-        x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in x.stride()[:-1])
-        for x in (k, v)
-    )
+    return _tma_rows_fit(k) and _tma_rows_fit(v)
+
+
+def _tma_rows_fit(x: torch.Tensor) -> bool:
+    """Whether TMA can read ``x``'s rows: unit last stride, 16-byte aligned base and other strides."""
+    size = x.element_size()
+    return x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in x.stride()[:-1])
 
 
 def forward(

@@ -42,11 +42,19 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from scout_mm.kernels import flash_attention_gluon as _fwd
 from scout_mm.kernels.flash_attention import set_descriptor_allocator
-from scout_mm.kernels.flash_attention_gluon import _chunk_start, _loader, _program_coords, _tile_ranges
+from scout_mm.kernels.flash_attention_gluon import (
+    _LOG2E,
+    BLOCK_M,
+    WG_M,
+    _chunk_start,
+    _loader,
+    _program_coords,
+    _ring_barriers,
+    _tile_ranges,
+    _tma_rows_fit,
+)
 
-_LOG2E = 1.4426950408889634
-BLOCK_M = gl.constexpr(128)  # dQ: query rows per program; dK/dV: keys per program (64 per warpgroup)
-WG_M = gl.constexpr(64)
+# BLOCK_M (128): dQ's query rows per program, dK/dV's keys per program; WG_M (64) per warpgroup
 
 
 @gluon.jit
@@ -192,15 +200,7 @@ def _dq_kernel(
     do_bufs = gl.allocate_shared_memory(dtype, [2, WG_M, HEAD_DIM], q_layout)
     k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # both consumer warpgroups release a slot
-        mbarrier.init(v_empty.index(i), count=2)
+    k_ready, v_ready, k_empty, v_empty = _ring_barriers(STAGES)
 
     # Argument tuples written out in the call (a tuple bound to a name loses its constexprs in Gluon 3.6).
     # fmt: off
@@ -487,15 +487,7 @@ def _dkdv_kernel(
     v_bufs = gl.allocate_shared_memory(dtype, [2, WG_M, HEAD_DIM], kv_layout)
     q_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_Q, HEAD_DIM], q_layout)
     do_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_Q, HEAD_DIM], q_layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    do_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(q_ready.index(i), count=1)
-        mbarrier.init(do_ready.index(i), count=1)
-        mbarrier.init(q_empty.index(i), count=2)  # both consumer warpgroups release a slot
-        mbarrier.init(do_empty.index(i), count=2)
+    q_ready, do_ready, q_empty, do_empty = _ring_barriers(STAGES)
 
     # fmt: off
     gl.warp_specialize(
@@ -536,11 +528,6 @@ DEFAULT_CONFIG = dict(
     dkdv_overlap=False,
     maxnreg=168,
 )
-
-
-def _tma_rows_fit(x: torch.Tensor) -> bool:
-    size = x.element_size()
-    return x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in x.stride()[:-1])
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
