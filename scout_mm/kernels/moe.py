@@ -47,6 +47,17 @@ def _tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _expert_tile(block_expert_ptr, num_row_blocks, size_n, ROUTE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+    """This program's tile of a grouped GEMM over the sorted rows: (expert (int64; < 0 for a block past the
+    used rows: the caller returns), its BLOCK_M sorted rows, its column tile)."""
+    pid_m, pid_n = _tile(tl.program_id(0), num_row_blocks, tl.cdiv(size_n, BLOCK_N), GROUP_M)
+    expert = tl.load(block_expert_ptr + pid_m * BLOCK_M // ROUTE_BLOCK).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return expert, rows, pid_n
+
+
+@triton.jit
 def _route_kernel(
     ids_ptr,  # (n_rows,) expert of each (token, slot), row = token * top_k + slot
     sorted_rows_ptr,  # (max_rows,) out: (token, slot) row of each sorted row; n_rows marks padding
@@ -131,15 +142,15 @@ def _gate_up_kernel(
     EVEN_K: tl.constexpr,
     SAVE_PREACT: tl.constexpr,
 ):
-    pid_m, pid_n = _tile(tl.program_id(0), num_row_blocks, tl.cdiv(inter_size, BLOCK_N), GROUP_M)
-    expert = tl.load(block_expert_ptr + pid_m * BLOCK_M // ROUTE_BLOCK).to(tl.int64)
+    expert, rows, pid_n = _expert_tile(
+        block_expert_ptr, num_row_blocks, inter_size, ROUTE_BLOCK, BLOCK_M, BLOCK_N, GROUP_M
+    )
     if expert < 0:
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     flat = tl.load(sorted_rows_ptr + rows)
     valid = flat < n_rows
     token = (flat // top_k).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < inter_size
     a_ptrs = x_ptr + token[:, None] * stride_x + offs_k[None, :]
@@ -201,11 +212,11 @@ def _rows_gemm_kernel(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    pid_m, pid_n = _tile(tl.program_id(0), num_row_blocks, tl.cdiv(size_n, BLOCK_N), GROUP_M)
-    expert = tl.load(block_expert_ptr + pid_m * BLOCK_M // ROUTE_BLOCK).to(tl.int64)
+    expert, rows, pid_n = _expert_tile(
+        block_expert_ptr, num_row_blocks, size_n, ROUTE_BLOCK, BLOCK_M, BLOCK_N, GROUP_M
+    )
     if expert < 0:
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < size_n
@@ -277,15 +288,15 @@ def _down_bwd_kernel(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    pid_m, pid_n = _tile(tl.program_id(0), num_row_blocks, tl.cdiv(inter_size, BLOCK_N), GROUP_M)
-    expert = tl.load(block_expert_ptr + pid_m * BLOCK_M // ROUTE_BLOCK).to(tl.int64)
+    expert, rows, pid_n = _expert_tile(
+        block_expert_ptr, num_row_blocks, inter_size, ROUTE_BLOCK, BLOCK_M, BLOCK_N, GROUP_M
+    )
     if expert < 0:
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     flat = tl.load(sorted_rows_ptr + rows)
     valid = flat < n_rows
     token = (flat // top_k).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < inter_size
     a_ptrs = grad_out_ptr + token[:, None] * stride_g + offs_k[None, :]
