@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from scout_mm.config import write_text_atomically
 from scout_mm.kernels import attention as dispatch_attention
 from scout_mm.kernels.flash_attention import (
     _SDPA_BACKEND,
@@ -842,8 +843,7 @@ def write_markdown(path, rows, cases, command, elapsed):
     lines += ["", "## What dispatch (`SCOUT_MM_KERNELS=auto`) runs per case", ""]
     for case in cases:
         lines.append(f"- {case}: {dispatch_choice(case)}")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text_atomically(path, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -20,6 +20,7 @@ import time
 import torch
 
 from scout_mm import ScoutConfig, ScoutForConditionalGeneration, count_parameters
+from scout_mm.config import write_text_atomically
 from scout_mm.generation import generate_ids
 
 
@@ -132,8 +133,7 @@ def main() -> None:
     text = header + "\n".join(rows) + "\n"
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        write_text_atomically(args.out, text)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from scout_mm.config import write_text_atomically
 from scout_mm.kernels import int4
 from scout_mm.kernels.int4 import _gemm, _gemv
 
@@ -1849,8 +1850,7 @@ def main() -> None:
         print(f"[section {name}: {time.perf_counter() - start:.0f} s]", flush=True)
         torch.cuda.empty_cache()
         if args.out:
-            with open(args.out, "w") as f:
-                f.write("\n".join(rows) + "\n")
+            write_text_atomically(args.out, "\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

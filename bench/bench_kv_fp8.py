@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_attention import time_graph_ms  # noqa: E402
 
+from scout_mm.config import write_text_atomically  # noqa: E402
 from scout_mm.kernels import flash_decode  # noqa: E402
 from scout_mm.kernels.reference import dequantize_kv, quantize_kv_fp8  # noqa: E402
 
@@ -132,8 +133,7 @@ def main() -> None:
         del layers
         torch.cuda.empty_cache()
     if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(rows) + "\n")
+        write_text_atomically(args.out, "\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from scout_mm.config import write_text_atomically
 from scout_mm.kernels import moe, moe_configs, reference
 
 
@@ -328,8 +329,7 @@ def main():
         report_lines.append(line)
         print(line, flush=True)
         if args.out:
-            with open(args.out, "w") as f:
-                f.write("\n".join(report_lines) + "\n")
+            write_text_atomically(args.out, "\n".join(report_lines) + "\n")
 
     copy_gbs, mm_tflops = ceilings()
     props = torch.cuda.get_device_properties(0)
@@ -353,8 +353,7 @@ def main():
         source = tuned_source(tuned)
         log(source)
         if args.tuned_out:
-            with open(args.tuned_out, "w") as f:
-                f.write(source + "\n")
+            write_text_atomically(args.tuned_out, source + "\n")
         emit(f"- configs: swept in this run ({time.time() - t0:.0f} s), best per kernel below")
         emit()
         emit("| tokens (top-2) | kernel | ms | TFLOPS | config |")

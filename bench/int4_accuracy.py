@@ -20,6 +20,7 @@ import time
 import torch
 
 from scout_mm import Processor, ScoutForConditionalGeneration
+from scout_mm.config import write_text_atomically
 from scout_mm.quant import QuantConfig, calibration_set, quantize_model
 from scout_mm.quant.format import default_skip
 from scout_mm.train.data import IGNORE_INDEX
@@ -99,8 +100,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        write_text_atomically(args.out, text + "\n")
 
 
 if __name__ == "__main__":
