@@ -120,6 +120,9 @@ class KVCache:
                 )
         self.block_table = torch.zeros(batch_size, 0, dtype=torch.int32, device=device)
         self._n_blocks = [0] * batch_size  # blocks owned per sequence
+        # Host copy of each sequence's block ids in order: prefill finds, without reading the device table,
+        # whether a sequence's blocks are one run of consecutive pool blocks (then it attends over a view)
+        self._blocks: list[list[int]] = [[] for _ in range(batch_size)]
         self._free: list[int] = list(range(initial_blocks))
         self._prefill_seq: int | None = None
         self._prefill_start = 0
@@ -141,6 +144,18 @@ class KVCache:
             self.block_table = torch.cat([self.block_table, pad], dim=1)
         self.block_table[seq, start:end] = torch.tensor(blocks, dtype=torch.int32, device=self.device)
         self._n_blocks[seq] = end
+        self._blocks[seq].extend(blocks)
+
+    def _block_run(self, seq: int, n_blocks: int) -> int | None:
+        """The first pool block of sequence ``seq`` if its first ``n_blocks`` blocks are consecutive pool blocks,
+        else None. Blocks come off the free list in order, so a sequence reserved at once is one run."""
+        blocks = self._blocks[seq][:n_blocks]
+        first = blocks[0]
+        return (
+            first
+            if blocks[-1] - first == n_blocks - 1 and blocks == list(range(first, first + n_blocks))
+            else None
+        )
 
     def _grow(self, n_blocks: int) -> None:
         old = next(iter(self._pool.values()))[0].shape[0]
@@ -198,23 +213,42 @@ class KVCache:
             ring_v[seq, offset : offset + q_len] = v[0]
             keys, values = ring_k[seq : seq + 1, : offset + q_len], ring_v[seq : seq + 1, : offset + q_len]
             return KVView(keys.transpose(1, 2), values.transpose(1, 2), q_start=offset)
-        index = torch.arange(start, start + q_len, device=k.device)
-        where = (self.block_table[seq, index // self.block_size].long(), index % self.block_size)
         n_blocks = -(-(start + q_len) // self.block_size)
-        table = self.block_table[seq, :n_blocks].long()
+        run = self._block_run(seq, n_blocks)
+        if run is not None:
+            # One run of consecutive blocks: the piece is written, and the history read, through views of the
+            # pool, so no copy of the whole history is made per piece (1 GB a global layer at 256K tokens of Scout)
+            first = run * self.block_size + start
+            where = slice(first, first + q_len)
+
+            def history(t):  # (start + q_len, ...) rows of the sequence
+                return t[run : run + n_blocks].flatten(0, 1)[: start + q_len]
+
+            def rows(t):  # the pool as (blocks x block_size, ...) rows
+                return t.flatten(0, 1)
+        else:
+            index = torch.arange(start, start + q_len, device=k.device)
+            where = (self.block_table[seq, index // self.block_size].long(), index % self.block_size)
+            table = self.block_table[seq, :n_blocks].long()
+
+            def history(t):
+                return t[table].flatten(0, 1)[: start + q_len]
+
+            def rows(t):
+                return t
+
         seen = []
         for j, new in enumerate((k, v)):
             store = self._pool[layer][j]
             if not self.fp8:
-                store[where] = new[0]
-                seen.append(store[table].flatten(0, 1)[: start + q_len])  # (start + q_len, heads, head_dim)
+                rows(store)[where] = new[0]
+                seen.append(history(store))  # (start + q_len, heads, head_dim)
                 continue
             # The new rows are quantised and stored first, then everything is read back dequantised: the piece
             # attends over exactly the keys and values that decode will read later.
             scales = self._scales[layer][j]
-            store[where], scales[where] = quantize_kv_fp8(new[0])
-            stored = store[table].flatten(0, 1)[: start + q_len]
-            seen.append(dequantize_kv(stored, scales[table].flatten(0, 1)[: start + q_len], new.dtype))
+            rows(store)[where], rows(scales)[where] = quantize_kv_fp8(new[0])
+            seen.append(dequantize_kv(history(store), history(scales), new.dtype))
         return KVView(seen[0].transpose(0, 1)[None], seen[1].transpose(0, 1)[None], q_start=start)
 
     def update_rope(self, layer, q, k, v, positions, cos, sin, eps) -> tuple[torch.Tensor, KVView]:

@@ -456,3 +456,52 @@ def test_fp8_split_rule_widens_only_large_paged_caches(monkeypatch):
     assert flash_decode._n_splits(1, 8, big, "paged", device) == -(-per_sm * sms // 8)
     # never more splits than the capacity has minimum-length runs
     assert flash_decode._n_splits(1, 1, 256, "paged", device, fp8=True) <= 256 // 64
+
+
+@cpu_only
+@pytest.mark.parametrize("kv_cache_dtype", [None, "fp8"], ids=["model_dtype", "fp8"])
+def test_prefill_over_one_block_run_equals_scattered_blocks(kv_cache_dtype):
+    # A sequence reserved at once owns consecutive pool blocks: prefill then writes and reads the global layers
+    # through views of the pool. A sequence whose blocks interleave with another's goes through its block table.
+    # Both must store the same rows and give the same logits, piece after piece (ragged pieces over blocks of 4).
+    model = _model(attention_chunk_size=8)
+    ids = torch.randint(3, 300, (1, 29))
+    embeds = model.get_input_embeddings()(ids)
+    run = KVCache(model.config.text, 2, "cpu", model.dtype, block_size=4, kv_dtype=kv_cache_dtype)
+    run.reserve(1, 7)
+    scattered = KVCache(model.config.text, 2, "cpu", model.dtype, block_size=4, kv_dtype=kv_cache_dtype)
+    for seq, n in ((0, 8), (1, 8), (0, 16), (1, 12), (0, 29)):  # seq 0: blocks 0-1, 4-5, 8-...
+        scattered.reserve(seq, n)
+    run.reserve(0, 29)
+    assert run._block_run(0, 8) == 2 and scattered._block_run(0, 8) is None
+    with torch.no_grad():
+        views = []
+        original = KVCache._update_prefill
+
+        def spy(self, layer, k, v):
+            view = original(self, layer, k, v)
+            if self is run and layer in self.global_layers:
+                views.append((layer, view))
+            return view
+
+        KVCache._update_prefill = spy
+        try:
+            a = generation.prefill(model, run, 0, embeds, piece=5)
+            b = generation.prefill(model, scattered, 0, embeds, piece=5)
+        finally:
+            KVCache._update_prefill = original
+    assert torch.equal(a, b)
+    table_run = run.block_table[0, :8].long()
+    table_scattered = scattered.block_table[0, :8].long()
+    for layer in run.global_layers:
+        for j in range(2):
+            assert torch.equal(run._pool[layer][j][table_run], scattered._pool[layer][j][table_scattered])
+            if kv_cache_dtype:
+                assert torch.equal(
+                    run._scales[layer][j][table_run], scattered._scales[layer][j][table_scattered]
+                )
+    if kv_cache_dtype is None:  # the history is a view of the pool, not a copy
+        assert len(views) == len(run.global_layers) * 7  # 29 tokens: pieces of 5 cut at the 8-token chunks
+        for layer, view in views:
+            assert view.k.untyped_storage().data_ptr() == run._pool[layer][0].untyped_storage().data_ptr()
+            assert view.v.untyped_storage().data_ptr() == run._pool[layer][1].untyped_storage().data_ptr()
