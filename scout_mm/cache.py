@@ -150,6 +150,11 @@ class KVCache:
         """The first pool block of sequence ``seq`` if its first ``n_blocks`` blocks are consecutive pool blocks,
         else None. Blocks come off the free list in order, so a sequence reserved at once is one run."""
         blocks = self._blocks[seq][:n_blocks]
+        if len(blocks) < n_blocks:
+            raise ValueError(
+                f"sequence {seq} has {len(blocks)} KV blocks of {self.block_size} tokens reserved, {n_blocks} needed: "
+                "call reserve() for its length first"
+            )
         first = blocks[0]
         return (
             first

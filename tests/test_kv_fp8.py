@@ -505,3 +505,14 @@ def test_prefill_over_one_block_run_equals_scattered_blocks(kv_cache_dtype):
         for layer, view in views:
             assert view.k.untyped_storage().data_ptr() == run._pool[layer][0].untyped_storage().data_ptr()
             assert view.v.untyped_storage().data_ptr() == run._pool[layer][1].untyped_storage().data_ptr()
+
+
+@cpu_only
+def test_prefill_without_reserved_blocks_names_the_problem():
+    cfg = tiny_config(vision=False, attention_chunk_size=8).text
+    cache = KVCache(cfg, 1, "cpu", torch.float32, block_size=4)
+    cache.reserve(0, 4)  # one block; the piece below needs two
+    cache.begin_prefill(0, 0)
+    k = torch.randn(1, 5, cfg.num_key_value_heads, cfg.head_dim)
+    with pytest.raises(ValueError, match=r"sequence 0 has 1 KV blocks .* 2 needed: call reserve\(\)"):
+        cache.update(cache.global_layers[0], k, k, None)
