@@ -175,7 +175,8 @@ def check_device(device) -> torch.device:
     elif resolved.type not in ("cpu", "meta"):
         try:
             torch.empty(0, device=resolved)
-        except RuntimeError as e:
+        # RuntimeError; AssertionError (xpu) or ImportError (hpu) for a backend this torch was built without
+        except Exception as e:
             raise ValueError(f"device {str(device)!r} is not available on this machine: {e}") from e
     return resolved
 

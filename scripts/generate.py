@@ -117,13 +117,23 @@ def main() -> None:
     )
     if args.int4:
         size = quantized_bytes(model)
-        peak = torch.cuda.max_memory_allocated() / 1e9 if args.device.startswith("cuda") else None
+        if args.device.startswith("cuda"):
+            peak = f"peak GPU memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB"
+        else:  # the whole process (Python, torch, the model, activations): what a CPU run costs
+            peak = f"peak process memory {_peak_host_bytes() / 1e9:.2f} GB"
         print(
             f"[Int4 model: {size['total'] / 1e9:.3f} GB of weights ({size['int4_weights'] / 1e9:.3f} GB Int4, "
-            f"{size['scales_zeros'] / 1e9:.3f} GB scales/zeros, {size['float'] / 1e9:.3f} GB float)"
-            + (f", peak GPU memory {peak:.2f} GB]" if peak is not None else "]"),
+            f"{size['scales_zeros'] / 1e9:.3f} GB scales/zeros, {size['float'] / 1e9:.3f} GB float), {peak}]",
             file=sys.stderr,
         )
+
+
+def _peak_host_bytes() -> int:
+    """Peak resident memory of this process (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _run(model, processor, prompt, images, stream: bool, sampling: dict) -> GenerateOutput:

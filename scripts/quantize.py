@@ -3,7 +3,9 @@ r"""Quantize a scout_mm / HF Llama 4 checkpoint to Int4, one decoder layer at a 
     python scripts/quantize.py --model PATH --out PATH [--method rtn|gptq] [--group-size 128] \
         [--asymmetric] [--scale-dtype bfloat16|float16] [--skip PATTERN ...] [--quantize-lm-head] \
         [--calibration-samples 16] \
-        [--device cuda] [--dtype bfloat16] [--max-shard-size 5GB]
+        [--device cuda] [--dtype bfloat16] [--max-shard-size 5GB] [--overwrite]
+
+--out must be a new (or empty) folder; --overwrite replaces the checkpoint in an existing one.
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ def main() -> None:
         "--dtype", choices=sorted(DTYPE_NAMES), default=None, help="compute dtype (default: stored)"
     )
     parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the checkpoint in an existing --out folder"
+    )
     args = parser.parse_args()
+    if args.method == "gptq" and args.calibration_samples < 1:
+        parser.error(f"--calibration-samples {args.calibration_samples}: GPTQ needs at least 1")
     try:
         run(args)
     except (OSError, ValueError) as e:  # bad paths, options or checkpoints (CheckpointError is a ValueError)
@@ -57,13 +64,24 @@ def run(args: argparse.Namespace) -> None:
     if args.method == "gptq":
         from scout_mm import Processor
 
-        processor = Processor.from_config(
-            ScoutConfig.from_hf(args.model), tokenizer_path=_tokenizer(args.model)
+        tokenizer, config = _tokenizer(args.model), ScoutConfig.from_hf(args.model)
+        try:
+            processor = Processor.from_config(config, tokenizer_path=tokenizer)
+        except ValueError as e:
+            if tokenizer != "builtin":
+                raise
+            raise ValueError(
+                f"GPTQ calibration tokenizes prompts: {args.model} has no tokenizer.json and the built-in tokenizer "
+                f"does not fit its config.json ({e}); put the model's tokenizer.json there, or use --method rtn"
+            ) from e
+        # image prompts only for a model with a vision tower (a text-only one has nothing to embed them with)
+        calibration = calibration_set(
+            processor, args.calibration_samples, with_images=config.vision is not None
         )
-        calibration = calibration_set(processor, args.calibration_samples)
     start = time.perf_counter()
     quantize_checkpoint(args.model, args.out, cfg, calibration, device=args.device,
-                        dtype=DTYPE_NAMES[args.dtype] if args.dtype else None, max_shard_size=args.max_shard_size)  # fmt: skip
+                        dtype=DTYPE_NAMES[args.dtype] if args.dtype else None, max_shard_size=args.max_shard_size,
+                        overwrite=args.overwrite)  # fmt: skip
     print(f"{args.model} ({_size(args.model) / 1e9:.2f} GB) -> {args.out} ({_size(args.out) / 1e9:.2f} GB), "
           f"{args.method}, group {args.group_size}, {time.perf_counter() - start:.1f} s")  # fmt: skip
 

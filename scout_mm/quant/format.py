@@ -30,6 +30,8 @@ QUANT_METHOD = "scout_mm_int4"  # the ``quant_method`` of ``quantization_config`
 FORMAT_VERSION = 1
 GROUP_SIZES = (32, 64, 128)
 SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# The float dtypes an Int4 model computes in (activations, and every tensor kept in float): W4A16 kernels.
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 METHODS = ("rtn", "gptq")
 # Besides quant_method and format_version: the keys deciding the stored tensors' shapes, dtypes and selection.
 REQUIRED_KEYS = ("bits", "group_size", "symmetric", "scale_dtype", "skip")

@@ -15,16 +15,15 @@ from torch import nn
 from scout_mm.checkpoint import (
     LM_HEAD,
     CheckpointError,
-    check_device,
     check_dtype,
     check_float_tensor,
     config_dtype,
     iter_checkpoint,
 )
 from scout_mm.config import ScoutConfig
-from scout_mm.quant.format import QuantConfig
+from scout_mm.quant.format import FLOAT_DTYPES, QuantConfig
 from scout_mm.quant.modules import HostEmbedding, Int4Experts, Int4Linear, offload_embeddings
-from scout_mm.quant.quantize import FLOAT_DTYPES, replace_with_empty_int4
+from scout_mm.quant.quantize import check_int4_device, replace_with_empty_int4
 
 ACTIVATION_DTYPES = FLOAT_DTYPES
 EMBEDDING_KEY = "language_model.model.embed_tokens.weight"
@@ -76,13 +75,11 @@ def load_quantized(
     ``fuse_shared``: each MoE layer's shared expert as one more expert of its Int4 routed stacks
     (:func:`scout_mm.fusion.fuse_shared_expert`: shared + routed in one grouped launch per GEMM; undone by
     ``unfuse_projections`` as well)."""
-    device = check_device(device)
+    device = check_int4_device(device)
     if host_embeddings and device.type != "cuda":
         raise ValueError(
             f"host_embeddings=True keeps the table in pinned host memory for a CUDA model; device={device}"
         )
-    if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"device {device}; Int4 models run on 'cuda' (Triton kernels) or 'cpu' (references)")
     dtype = check_dtype(dtype, ACTIVATION_DTYPES)
     path = os.fspath(path)
     hf, cfg = read_quant_config(path)
@@ -169,10 +166,15 @@ def load_quantized(
 
 
 def _check_scales_zeros(file: str, key: str, tensor: torch.Tensor) -> None:
-    """Values no quantizer writes (a NaN/inf scale, a zero point off the integers 0..15) mean a corrupt file,
-    and would give NaN or silently wrong outputs; codes cannot be checked (every int32 is 8 valid codes)."""
+    """Values no quantizer writes (a NaN/inf scale, a zero or negative one, a zero point off the integers 0..15)
+    mean a corrupt file, and would give NaN, zeroed or sign-flipped weights; codes cannot be checked (every int32
+    is 8 valid codes)."""
     if key.endswith("scales") and not bool(torch.isfinite(tensor).all()):
         raise CheckpointError(f"{file}: tensor {key!r} holds non-finite scales (NaN or inf)")
+    if key.endswith("scales") and not bool((tensor > 0).all()):  # the quantizers keep every scale > 0
+        raise CheckpointError(
+            f"{file}: tensor {key!r} holds scales <= 0 (the quantizers write positive scales)"
+        )
     if key.endswith("zeros") and not bool(
         ((tensor >= 0) & (tensor <= 15) & (tensor == tensor.round())).all()
     ):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from scout_mm import kernels
-from scout_mm.quant.format import QuantConfig, dequantize
+from scout_mm.quant.format import FLOAT_DTYPES, QuantConfig, dequantize
 
 
 def _register_packed(module: nn.Module, prefix: str, size_k: int, size_n: int, cfg: QuantConfig, lead=(),
@@ -35,6 +35,16 @@ def check_divisible(name: str, size_k: int, group_size: int) -> None:
             f"{name}: input dim {size_k} is not a multiple of group size {group_size}; pick a group size that "
             "divides it or add the module to the skip list"
         )
+
+
+def check_activations(name: str, x: torch.Tensor, size_k: int) -> None:
+    """ValueError unless ``x (..., size_k)`` is a W4A16 activation: the references would otherwise round the
+    dequantized weight to an int8 input's dtype (a silently wrong answer) or fail deep inside a matmul."""
+    if x.dtype not in FLOAT_DTYPES:
+        names = [str(d).removeprefix("torch.") for d in FLOAT_DTYPES]
+        raise ValueError(f"{name}: input dtype {x.dtype}; Int4 weights take {names} activations")
+    if x.dim() == 0 or x.shape[-1] != size_k:
+        raise ValueError(f"{name}: input shape {tuple(x.shape)}; expected (..., {size_k})")
 
 
 class Int4Linear(nn.Module):
@@ -108,6 +118,7 @@ class Int4Linear(nn.Module):
         return dequantize(self.qweight, self.scales, self.zeros, self.group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_activations("Int4Linear", x, self.in_features)
         shape = x.shape
         out = kernels.int4_linear(
             x.reshape(-1, shape[-1]), self.qweight, self.scales, self.zeros, self.group_size
@@ -185,6 +196,7 @@ class Int4Experts(nn.Module):
         return module
 
     def forward(self, hidden, topk_weights, topk_ids):
+        check_activations("Int4Experts", hidden, self.hidden_size)
         gate_up, down = self.packed()
         return kernels.int4_moe_experts(hidden, topk_weights, topk_ids, gate_up, down, self.group_size)
 

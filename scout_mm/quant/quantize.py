@@ -39,12 +39,11 @@ from scout_mm.checkpoint import (
 )
 from scout_mm.config import ScoutConfig
 from scout_mm.moe import Experts
-from scout_mm.quant.format import QuantConfig, quantize_rtn
+from scout_mm.quant.format import FLOAT_DTYPES, QuantConfig, quantize_rtn
 from scout_mm.quant.gptq import Hessian, quantize_gptq
 from scout_mm.quant.modules import Int4Experts, Int4Linear, check_divisible
 
 LAYERS = "language_model.model.layers."
-FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -60,6 +59,15 @@ def quant_targets(model: nn.Module, cfg: QuantConfig, prefix: str = "") -> list[
         if isinstance(module, (nn.Linear, Experts)) and not cfg.skips(full):
             found.append((full, module))
     return found
+
+
+def check_int4_device(device) -> torch.device:
+    """``device`` as a torch device that exists here and runs Int4 (cuda: the Triton kernels; cpu: the
+    references); a ValueError naming it otherwise (meta holds no data, other backends have no Int4 path)."""
+    device = check_device(device)
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"device {device}; Int4 models run on 'cuda' (Triton kernels) or 'cpu' (references)")
+    return device
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -136,6 +144,12 @@ def _check_quantizable(model: nn.Module, cfg: QuantConfig) -> None:
         isinstance(m, (Int4Linear, Int4Experts)) for m in model.modules()
     ):
         raise ValueError("model is already quantized (it holds Int4 modules); quantize a float model")
+    # The Int4 modules take bf16/fp16/fp32 activations only: a float64 model would quantize, then fail to run.
+    for name, param in model.named_parameters():
+        if param.dtype not in FLOAT_DTYPES:
+            names = [str(d).removeprefix("torch.") for d in FLOAT_DTYPES]
+            raise ValueError(f"parameter {name} has dtype {param.dtype}; quantize a model in one of {names} "
+                             "(e.g. model.to(torch.float32))")  # fmt: skip
     for name, module in quant_targets(model, cfg):
         _empty_int4(name, module, cfg)
 
@@ -230,13 +244,18 @@ def run_layer(layer: nn.Module, x: torch.Tensor, text_cfg) -> torch.Tensor:
 def _embed_calibration(model, calibration: list[dict]) -> list[torch.Tensor]:
     device, dtype = model.get_input_embeddings().weight.device, model.get_input_embeddings().weight.dtype
     out = []
-    for sample in calibration:
+    for i, sample in enumerate(calibration):
         ids = sample["input_ids"].to(device)
         if ids.dim() != 2 or ids.shape[0] != 1:
             raise ValueError(
                 f"calibration input_ids shape {tuple(ids.shape)}; expected (1, seq): one sequence each"
             )
         pixels = sample.get("pixel_values")
+        if pixels is not None and model.config.vision is None:
+            raise ValueError(
+                f"calibration sample {i} has pixel_values, but the model is text-only (config.vision is None); "
+                "make the set with calibration_set(processor, n, with_images=False)"
+            )
         pixels = pixels.to(device=device, dtype=dtype) if pixels is not None else None
         out.append(model.embed_inputs(ids, pixels)[0])
     return out
@@ -252,9 +271,20 @@ def _quantize_layer(layer, prefix, inputs, text_cfg, cfg: QuantConfig):
     return [run_layer(layer, x, text_cfg) for x in inputs]
 
 
-def _check_output(path: str) -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
+def _check_output(path: str, overwrite: bool) -> None:
+    """The output folder must not exist, or be empty, unless ``overwrite``: replacing what is there would drop
+    another model's weights and leave its other files (tokenizer, generation config) beside the new ones."""
+    if not os.path.exists(path):
+        return
+    if not os.path.isdir(path):
         raise NotADirectoryError(f"output path {path} exists and is not a folder")
+    entries = sorted(os.listdir(path))
+    if entries and not overwrite:
+        raise FileExistsError(
+            f"output folder {path} already exists and is not empty ({len(entries)} entries, e.g. {entries[:3]}); "
+            "write to a new folder, or pass overwrite=True (scripts/quantize.py --overwrite) to replace the "
+            "checkpoint in it"
+        )
 
 
 def _check_method(cfg: QuantConfig, calibration) -> None:
@@ -385,14 +415,16 @@ def _state_to_save(model: nn.Module, names_under: str | None = None) -> dict[str
     return state
 
 
-def save_quantized(model, path, max_shard_size: int | str = "5GB") -> None:
-    """Write a model quantized by :func:`quantize_model` (config.json with ``quantization_config``)."""
+def save_quantized(model, path, max_shard_size: int | str = "5GB", overwrite: bool = False) -> None:
+    """Write a model quantized by :func:`quantize_model` (config.json with ``quantization_config``). ``path``
+    must be new or empty; ``overwrite``: replace the checkpoint in an existing folder (its weights, index and
+    config.json; other files there are kept)."""
     cfg = getattr(model, "quant_config", None)
     if cfg is None:
         raise ValueError("model is not quantized (no quant_config); run scout_mm.quant.quantize_model first")
     _check_matches_config(model, cfg)
     parse_size(max_shard_size)
-    _check_output(os.fspath(path))
+    _check_output(os.fspath(path), overwrite)
 
     def write(tmp):
         writer = _ShardWriter(tmp, max_shard_size)
@@ -411,6 +443,7 @@ def quantize_checkpoint(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
 ) -> None:
     """Quantize the checkpoint at ``src`` into an Int4 checkpoint at ``dst``, one decoder layer at a time.
 
@@ -418,19 +451,20 @@ def quantize_checkpoint(
     on ``device`` (``dtype``: compute dtype of the float tensors, saved in it; default: the dtype config.json
     names, else the first stored tensor's, as ``from_pretrained`` loads).
     The tokenizer and processor files of ``src`` (``checkpoint.PROCESSOR_FILES``) are copied along. ``dst`` must not be
-    ``src``; an existing checkpoint there is replaced once the new one is complete.
+    ``src``, and must be new or empty unless ``overwrite`` (then the checkpoint there is replaced once the new
+    one is complete; other files in the folder are kept).
     """
     cfg = cfg or QuantConfig()
     _check_method(cfg, calibration)
     dtype = check_dtype(dtype, FLOAT_DTYPES)
-    device = check_device(device)
+    device = check_int4_device(device)
     parse_size(max_shard_size)
     src, dst = os.fspath(src), os.fspath(dst)
     config = ScoutConfig.from_hf(src)
     if os.path.exists(dst) and os.path.samefile(src, dst):
         raise ValueError(f"dst {dst} is the source checkpoint {src}: write the Int4 checkpoint to another "
                          "folder (this one would lose its float weights)")  # fmt: skip
-    _check_output(dst)
+    _check_output(dst, overwrite)
     if "quantization_config" in config.hf_extra or "quantization_config" in config.text.hf_extra:
         raise CheckpointError(f"{src} is already quantized (its config.json has a quantization_config)")
     from scout_mm.model import ScoutForConditionalGeneration
