@@ -209,6 +209,25 @@ def test_gptq_needs_calibration():
         quantize_model(small_model(seed=0), QuantConfig(method="gptq", group_size=32))
 
 
+def test_gptq_non_finite_or_singular_hessian_is_a_value_error():
+    from scout_mm.quant.gptq import Hessian, quantize_gptq
+
+    weight = torch.randn(64, 16)
+    hessian = Hessian(64, "cpu")
+    rows = torch.randn(8, 64)
+    rows[3, 5] = float("inf")
+    hessian.add(rows)
+    with pytest.raises(
+        ValueError, match=r"Hessian of a \(64, 16\) weight is not finite .* 8 calibration rows"
+    ):
+        quantize_gptq(weight, hessian, 32)
+    hessian = Hessian(64, "cpu")
+    hessian.add(torch.randn(8, 64))
+    hessian.matrix[0, 1] = hessian.matrix[1, 0] = 1e30  # indefinite: no damping makes it positive definite
+    with pytest.raises(ValueError, match="stayed singular"):
+        quantize_gptq(weight, hessian, 32)
+
+
 def test_gptq_calibration_images_for_a_text_only_model_are_a_clear_error():
     # was: "pixel_values given, but this is a text-only model" from the model, naming neither sample nor remedy
     text_only = small_model(seed=1)

@@ -42,7 +42,10 @@ def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0:
                 return upper
-    raise RuntimeError("GPTQ: the Hessian stayed singular after damping; use more calibration data or RTN")
+    raise ValueError(
+        "GPTQ: the Hessian stayed singular (or not finite) after damping; check the calibration activations, use "
+        "more calibration data, or --method rtn"
+    )
 
 
 def quantize_gptq(
@@ -59,6 +62,11 @@ def quantize_gptq(
     device = hessian.matrix.device
     w = weight.to(device=device, dtype=torch.float32).T.contiguous()  # (N, K): rows are output channels
     h = hessian.matrix.clone()
+    if not torch.isfinite(h).all():
+        raise ValueError(
+            f"GPTQ: the calibration Hessian of a ({size_k}, {size_n}) weight is not finite (inf / NaN activations "
+            f"in {hessian.rows} calibration rows); check the calibration inputs, or use --method rtn"
+        )
     dead = h.diagonal() == 0  # inputs never active: their weights cannot matter, drop them
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
