@@ -115,12 +115,17 @@ class Processor:
         if vision is None:
             processor.image_processor = None
         checks = [
-            ("image_token_index", config.image_token_index, processor.image_token_id),
-            ("boi_token_index", config.boi_token_index, processor.boi_token_id),
-            ("eoi_token_index", config.eoi_token_index, processor.eoi_token_id),
             ("text.bos_token_id", config.text.bos_token_id, processor.bos_token_id),
             ("text.pad_token_id", config.text.pad_token_id, processor.pad_token_id),
         ]
+        if (
+            vision is not None
+        ):  # a text-only model never sees image tokens: its (default) image ids do not matter
+            checks += [
+                ("image_token_index", config.image_token_index, processor.image_token_id),
+                ("boi_token_index", config.boi_token_index, processor.boi_token_id),
+                ("eoi_token_index", config.eoi_token_index, processor.eoi_token_id),
+            ]
         bad = [
             f"{name}={want} but the tokenizer has {got}"
             for name, want, got in checks

@@ -306,6 +306,20 @@ def test_from_config_rejects_mismatched_ids():
         Processor.from_config(ScoutConfig.from_preset("scout-17b-16e"))
 
 
+def test_from_config_text_only_ignores_image_token_ids():
+    # A text-only model never sees image tokens: its config's image ids (here Llama 4's defaults, which the
+    # built-in tokenizer does not have) must not stop the processor; its text ids still must agree.
+    cfg = ScoutConfig.from_preset("tiny")
+    cfg.vision = None
+    cfg.image_token_index, cfg.boi_token_index, cfg.eoi_token_index = 200092, 200080, 200081
+    processor = Processor.from_config(cfg)
+    assert processor.image_processor is None
+    assert processor.stop_token_ids == cfg.text.eos_token_ids
+    cfg.text.bos_token_id += 1
+    with pytest.raises(ValueError, match="text.bos_token_id"):
+        Processor.from_config(cfg)
+
+
 def test_save_load_round_trip(tmp_path, builtin):
     processor = Processor.from_pretrained("builtin", tile_size=168, max_patches=6, padding_side="right")
     processor.save_pretrained(tmp_path)
