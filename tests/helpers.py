@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from scout_mm.config import ScoutConfig, TextConfig, VisionConfig
@@ -141,3 +142,14 @@ def require_interpreter() -> None:
 
     if not INTERPRETED:
         pytest.skip("runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Module fixture: torch ops on one intra-op thread. GPTQ is thousands of small ops: with 2+ threads on a shared
+    CPU, threads that wait for a busy core made those tests 20-100x slower (0.5 s -> 60 s); one thread is fast and
+    steady. A module uses it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

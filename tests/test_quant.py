@@ -34,17 +34,9 @@ from scout_mm.quant import (
     unpack_int4,
 )
 from scout_mm.quant import quantize as quantize_module
-from tests.helpers import tiny_config
+from tests.helpers import one_torch_thread, tiny_config  # noqa: F401 (fixture)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # GPTQ is thousands of small ops: with 2+ intra-op threads on a shared CPU, threads that wait for a busy core
-    # made these tests 20-100x slower (0.5 s -> 60 s); one thread is both fast and steady.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # GPTQ: see tests.helpers
 
 
 def small_model(vision=False, seed=None, **text):

@@ -30,7 +30,7 @@ from scout_mm.quant import (
     quantize_model,
     save_quantized,
 )
-from tests.helpers import hf_model, tiny_config
+from tests.helpers import hf_model, one_torch_thread, tiny_config  # noqa: F401 (fixture)
 
 SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
 TRAINED_TINY = str(files("scout_mm") / "assets" / "tiny")
@@ -38,13 +38,7 @@ EXAMPLE = str(files("scout_mm") / "assets" / "example.png")
 QUESTION = "What shapes are in the image?"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # As in test_quant.py: GPTQ's many small ops are slow and erratic with several threads on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # GPTQ: see tests.helpers
 
 
 def run_script(monkeypatch, capsys, script: str, *args) -> tuple[int, str, str]:
