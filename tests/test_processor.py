@@ -396,6 +396,7 @@ def test_bad_images(builtin, tmp_path):
     cases = [
         (str(tmp_path / "notes.txt"), ValueError, "not a readable image file"),
         (str(tmp_path / "missing.png"), FileNotFoundError, "no file at"),
+        (str(tmp_path), IsADirectoryError, "is a folder, not an image file"),
         (np.zeros((10, 10, 2), np.uint8), ValueError, r"shape \(10, 10, 2\)"),
         (np.zeros((2, 10, 10, 3), np.uint8), ValueError, r"shape \(2, 10, 10, 3\)"),
         (np.zeros((10, 10, 3), np.float32), TypeError, "dtype torch.float32"),

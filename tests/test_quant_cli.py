@@ -256,7 +256,8 @@ def test_int4_generate_bad_input_is_a_one_line_error(int4_tiny, tmp_path, monkey
     corrupt, deep, missing = tmp_path / "corrupt.png", tmp_path / "deep.png", tmp_path / "missing.png"
     corrupt.write_bytes(b"\x89PNG not really")
     Image.fromarray(np.zeros((32, 32), dtype=np.uint16)).save(deep)  # 16-bit grey: not an 8-bit mode
-    images = [(corrupt, "not a readable image file"), (deep, "mode 'I;16'"), (missing, "no file at")]
+    images = [(corrupt, "not a readable image file"), (deep, "mode 'I;16'"), (missing, "no file at"),
+              (tmp_path, "is a folder, not an image file")]  # fmt: skip
     for image, phrase in images:
         code, _, err = run("--image", image)
         assert_one_line_error(code, err, "int4_generate.py", "image 0", phrase)

@@ -45,6 +45,8 @@ def to_rgb_uint8(image: ImageInput, index: int = 0) -> torch.Tensor:
     """
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"image {index}: {path!r} is a folder, not an image file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image {index}: no file at {path!r}")
         try:
