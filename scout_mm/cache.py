@@ -120,9 +120,9 @@ class KVCache:
                 )
         self.block_table = torch.zeros(batch_size, 0, dtype=torch.int32, device=device)
         self._n_blocks = [0] * batch_size  # blocks owned per sequence
-        # Host copy of each sequence's block ids in order: prefill finds, without reading the device table,
-        # whether a sequence's blocks are one run of consecutive pool blocks (then it attends over a view)
-        self._blocks: list[list[int]] = [[] for _ in range(batch_size)]
+        # Per sequence: its first pool block while all its blocks are consecutive pool blocks, else None. Prefill
+        # then attends over a view of the pool, and knows it without reading the device table.
+        self._run: list[int | None] = [None] * batch_size
         self._free: list[int] = list(range(initial_blocks))
         self._prefill_seq: int | None = None
         self._prefill_start = 0
@@ -144,23 +144,22 @@ class KVCache:
             self.block_table = torch.cat([self.block_table, pad], dim=1)
         self.block_table[seq, start:end] = torch.tensor(blocks, dtype=torch.int32, device=self.device)
         self._n_blocks[seq] = end
-        self._blocks[seq].extend(blocks)
+        consecutive = blocks == list(range(blocks[0], blocks[0] + need))
+        if start == 0:
+            self._run[seq] = blocks[0] if consecutive else None
+        elif self._run[seq] is not None and not (consecutive and blocks[0] == self._run[seq] + start):
+            self._run[seq] = None
 
     def _block_run(self, seq: int, n_blocks: int) -> int | None:
-        """The first pool block of sequence ``seq`` if its first ``n_blocks`` blocks are consecutive pool blocks,
-        else None. Blocks come off the free list in order, so a sequence reserved at once is one run."""
-        blocks = self._blocks[seq][:n_blocks]
-        if len(blocks) < n_blocks:
+        """The first pool block of sequence ``seq`` if its blocks are consecutive pool blocks (blocks come off the
+        free list in order, so a sequence reserved at once is one run), else None; a ValueError if it has fewer than
+        ``n_blocks``."""
+        if self._n_blocks[seq] < n_blocks:
             raise ValueError(
-                f"sequence {seq} has {len(blocks)} KV blocks of {self.block_size} tokens reserved, {n_blocks} needed: "
-                "call reserve() for its length first"
+                f"sequence {seq} has {self._n_blocks[seq]} KV blocks of {self.block_size} tokens reserved, {n_blocks} "
+                "needed: call reserve() for its length first"
             )
-        first = blocks[0]
-        return (
-            first
-            if blocks[-1] - first == n_blocks - 1 and blocks == list(range(first, first + n_blocks))
-            else None
-        )
+        return self._run[seq]
 
     def _grow(self, n_blocks: int) -> None:
         old = next(iter(self._pool.values()))[0].shape[0]
