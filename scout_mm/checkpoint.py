@@ -141,6 +141,11 @@ def _reject_quantized(path: str) -> None:
     )
 
 
+def dtype_names(dtypes) -> list[str]:
+    """Short names of torch dtypes, for messages: ``["bfloat16", "float16"]``."""
+    return [str(d).removeprefix("torch.") for d in dtypes]
+
+
 def check_dtype(dtype, allowed: tuple[torch.dtype, ...] | None = None) -> torch.dtype | None:
     """``dtype`` as one of the ``allowed`` torch dtypes (names such as ``"bfloat16"`` accepted), or None for None /
     ``"auto"`` (transformers' spelling of "as the checkpoint says"); a ValueError naming the choices otherwise."""
@@ -150,8 +155,9 @@ def check_dtype(dtype, allowed: tuple[torch.dtype, ...] | None = None) -> torch.
         dtype = SUPPORTED_DTYPES.get(dtype.removeprefix("torch."), dtype)
     allowed = allowed or tuple(SUPPORTED_DTYPES.values())
     if dtype not in allowed:
-        names = [str(d).removeprefix("torch.") for d in allowed]
-        raise ValueError(f"dtype {dtype!r} is not supported; expected one of {names}, 'auto' or None")
+        raise ValueError(
+            f"dtype {dtype!r} is not supported; expected one of {dtype_names(allowed)}, 'auto' or None"
+        )
     return dtype
 
 

@@ -118,9 +118,8 @@ class Processor:
             ("text.bos_token_id", config.text.bos_token_id, processor.bos_token_id),
             ("text.pad_token_id", config.text.pad_token_id, processor.pad_token_id),
         ]
-        if (
-            vision is not None
-        ):  # a text-only model never sees image tokens: its (default) image ids do not matter
+        # A text-only model never sees image tokens: its (default) image ids do not matter.
+        if vision is not None:
             checks += [
                 ("image_token_index", config.image_token_index, processor.image_token_id),
                 ("boi_token_index", config.boi_token_index, processor.boi_token_id),

@@ -43,8 +43,8 @@ def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
             if int(info) == 0:
                 return upper
     raise ValueError(
-        "GPTQ: the Hessian stayed singular (or not finite) after damping; check the calibration activations, use "
-        "more calibration data, or --method rtn"
+        "GPTQ: the Hessian stayed singular after damping; check the calibration activations, use more calibration "
+        "data, or --method rtn"
     )
 
 

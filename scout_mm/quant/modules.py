@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from scout_mm import kernels
+from scout_mm.checkpoint import dtype_names
 from scout_mm.quant.format import FLOAT_DTYPES, QuantConfig, dequantize
 
 
@@ -41,8 +42,9 @@ def check_activations(name: str, x: torch.Tensor, size_k: int) -> None:
     """ValueError unless ``x (..., size_k)`` is a W4A16 activation: the references would otherwise round the
     dequantized weight to an int8 input's dtype (a silently wrong answer) or fail deep inside a matmul."""
     if x.dtype not in FLOAT_DTYPES:
-        names = [str(d).removeprefix("torch.") for d in FLOAT_DTYPES]
-        raise ValueError(f"{name}: input dtype {x.dtype}; Int4 weights take {names} activations")
+        raise ValueError(
+            f"{name}: input dtype {x.dtype}; Int4 weights take {dtype_names(FLOAT_DTYPES)} activations"
+        )
     if x.dim() == 0 or x.shape[-1] != size_k:
         raise ValueError(f"{name}: input shape {tuple(x.shape)}; expected (..., {size_k})")
 

@@ -31,6 +31,7 @@ from scout_mm.checkpoint import (
     check_float_tensor,
     checkpoint_files,
     config_dtype,
+    dtype_names,
     open_shard,
     param_name,
     parse_size,
@@ -147,9 +148,8 @@ def _check_quantizable(model: nn.Module, cfg: QuantConfig) -> None:
     # The Int4 modules take bf16/fp16/fp32 activations only: a float64 model would quantize, then fail to run.
     for name, param in model.named_parameters():
         if param.dtype not in FLOAT_DTYPES:
-            names = [str(d).removeprefix("torch.") for d in FLOAT_DTYPES]
-            raise ValueError(f"parameter {name} has dtype {param.dtype}; quantize a model in one of {names} "
-                             "(e.g. model.to(torch.float32))")  # fmt: skip
+            raise ValueError(f"parameter {name} has dtype {param.dtype}; quantize a model in one of "
+                             f"{dtype_names(FLOAT_DTYPES)} (e.g. model.to(torch.float32))")  # fmt: skip
     for name, module in quant_targets(model, cfg):
         _empty_int4(name, module, cfg)
 
