@@ -374,11 +374,13 @@ def save_pretrained(model, path, max_shard_size: int | str = "5GB") -> None:
     write_folder_atomically(path, write)
 
 
-def write_folder_atomically(path: str | os.PathLike, write) -> None:
+def write_folder_atomically(path: str | os.PathLike, write, owned: tuple[str, ...] = ()) -> None:
     """``write(tmp)`` fills a new folder beside ``path``, which then replaces ``path`` (:func:`_replace_dir`); on
-    any error, nothing at ``path`` changes and the temporary folder goes. The folder and its safetensors files
-    get the permissions a plain mkdir / open would (not tempfile.mkdtemp's 0700, nor the 0600 safetensors
-    writes), so a checkpoint one user saves can be read by another."""
+    any error, nothing at ``path`` changes and the temporary folder goes. Files of an existing ``path`` that
+    ``write`` did not produce are kept, except those named in ``owned`` (files that belong to the model
+    written, e.g. the source's tokenizer: an old one there belongs to the model replaced). The folder and its
+    safetensors files get the permissions a plain mkdir / open would (not tempfile.mkdtemp's 0700, nor the 0600
+    safetensors writes), so a checkpoint one user saves can be read by another."""
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
@@ -390,20 +392,21 @@ def write_folder_atomically(path: str | os.PathLike, write) -> None:
         for name in os.listdir(tmp):
             if name.endswith(".safetensors"):
                 os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-        _replace_dir(tmp, path)
+        _replace_dir(tmp, path, owned)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _replace_dir(src: str, dst: str) -> None:
+def _replace_dir(src: str, dst: str, owned: tuple[str, ...] = ()) -> None:
     """Move a finished folder into place; an existing checkpoint there is replaced only after success."""
     if not os.path.exists(dst):
         os.rename(src, dst)
         return
-    # Keep what else lives in the folder (tokenizer, processor config); drop the old weights.
+    # Keep what else lives in the folder (tokenizer, processor config); drop the old weights and ``owned``.
     for name in os.listdir(dst):
-        stale = name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json"))
+        weights = name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json"))
+        stale = weights or name in owned
         if not stale and not os.path.exists(os.path.join(src, name)):
             source = os.path.join(dst, name)
             copy = shutil.copytree if os.path.isdir(source) else shutil.copy2

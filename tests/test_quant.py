@@ -843,11 +843,24 @@ def test_quantize_outputs_refuse_an_existing_folder_unless_overwrite(tmp_path):
                        logits(other, ids))  # fmt: skip
     (tmp_path / "empty").mkdir()
     quantize_checkpoint(tmp_path / "float", tmp_path / "empty", cfg)  # an empty folder is a new one
+    # The replaced model's tokenizer files go with it (the source has none; was: kept beside the new weights);
+    # a file that is no part of a checkpoint stays.
+    (tmp_path / "other" / "tokenizer.json").write_text("{}")
+    (tmp_path / "other" / "NOTES.txt").write_text("mine")
     quantize_checkpoint(tmp_path / "float", tmp_path / "other", cfg, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == [
+        "NOTES.txt",
+        "config.json",
+        "model.safetensors",
+    ]
     expected = quantize_model(ScoutForConditionalGeneration.from_pretrained(tmp_path / "float"), cfg)
     for folder in ("empty", "other"):
         loaded = load_quantized(tmp_path / folder, dtype=torch.float32, device="cpu")
         assert torch.equal(logits(loaded, ids), logits(expected, ids))
+    # A source with a tokenizer: its file replaces the old one.
+    (tmp_path / "float" / "tokenizer.json").write_text('{"source": 1}')
+    quantize_checkpoint(tmp_path / "float", tmp_path / "other", cfg, overwrite=True)
+    assert (tmp_path / "other" / "tokenizer.json").read_text() == '{"source": 1}'
 
 
 def test_int4_modules_refuse_activations_they_cannot_take():

@@ -452,7 +452,8 @@ def quantize_checkpoint(
     names, else the first stored tensor's, as ``from_pretrained`` loads).
     The tokenizer and processor files of ``src`` (``checkpoint.PROCESSOR_FILES``) are copied along. ``dst`` must not be
     ``src``, and must be new or empty unless ``overwrite`` (then the checkpoint there is replaced once the new
-    one is complete; other files in the folder are kept).
+    one is complete, with its tokenizer and processor files: those ``src`` lacks are removed, not kept from the
+    model replaced; other files in the folder are kept).
     """
     cfg = cfg or QuantConfig()
     _check_method(cfg, calibration)
@@ -503,4 +504,4 @@ def quantize_checkpoint(
             if os.path.isfile(os.path.join(src, name)):
                 shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
 
-    write_folder_atomically(dst, write)
+    write_folder_atomically(dst, write, owned=PROCESSOR_FILES)
