@@ -82,6 +82,9 @@ class TextConfig:
         self.validate()
 
     def validate(self) -> None:
+        _check_positive_ints(self, _TEXT_SIZES, "")
+        if self.attention_chunk_size is not None:
+            _check_positive_ints(self, ("attention_chunk_size",), "", " (or null: no chunking)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -156,6 +159,7 @@ class VisionConfig:
         self.validate()
 
     def validate(self) -> None:
+        _check_positive_ints(self, _VISION_SIZES, "vision ")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
@@ -203,6 +207,13 @@ class ScoutConfig:
         self.tie_word_embeddings = self.text.tie_word_embeddings = bool(
             self.tie_word_embeddings or self.text.tie_word_embeddings
         )
+        if self.vision is not None:  # a text-only model has no image tokens (its ids are HF's defaults)
+            for key in ("boi_token_index", "eoi_token_index", "image_token_index"):
+                value = getattr(self, key)
+                if not is_int(value) or not 0 <= value < self.text.vocab_size:
+                    raise ValueError(
+                        f"{key}={value!r} is not a token id of the vocabulary (vocab_size={self.text.vocab_size})"
+                    )
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -333,6 +344,22 @@ def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+# Sizes and counts that must be positive integers: a 0, a negative, a float or a string would otherwise fail
+# later inside torch (or divide by zero) with a message that does not name the config key.
+_TEXT_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "intermediate_size_mlp", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok",
+               "interleave_moe_layer_step", "no_rope_layer_interval", "floor_scale", "max_position_embeddings")  # fmt: skip
+_VISION_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_channels", "intermediate_size",
+                 "vision_output_dim", "image_size", "patch_size", "projector_input_dim", "projector_output_dim")  # fmt: skip
+
+
+def _check_positive_ints(config, keys, prefix: str, also: str = "") -> None:
+    for key in keys:
+        value = getattr(config, key)
+        if not is_int(value) or value <= 0:
+            raise ValueError(f"{prefix}{key}={value!r}; expected a positive integer{also}")
+
+
 _ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -350,6 +377,11 @@ def _text_from_hf(d: dict) -> TextConfig:
     d = copy.deepcopy(d)
     d.pop("model_type", None)
     kwargs = {**_HF_TEXT_DEFAULTS, **{k: d.pop(k) for k in list(d) if k in _TEXT_FIELDS}}
+    if "head_dim" in kwargs and kwargs["head_dim"] is None:  # HF's meaning: hidden size / attention heads
+        heads = kwargs.get("num_attention_heads", TextConfig.num_attention_heads)
+        hidden = kwargs.get("hidden_size", TextConfig.hidden_size)
+        if is_int(heads) and is_int(hidden) and heads > 0:  # else validate() names the bad one
+            kwargs["head_dim"] = hidden // heads
     # Either the legacy pair (rope_theta, rope_scaling) or transformers-5 rope_parameters; remember which.
     rope_parameters = d.pop("rope_parameters", None)
     rope_theta = d.pop("rope_theta", None)

@@ -215,6 +215,49 @@ def test_invalid_values_are_rejected():
         VisionConfig(hidden_size=64, num_attention_heads=4, intermediate_size=100)
 
 
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (
+            {"num_key_value_heads": 0},
+            "num_key_value_heads=0; expected a positive integer",
+        ),  # was ZeroDivisionError
+        ({"hidden_size": -64}, "hidden_size=-64; expected a positive integer"),  # was a torch error on build
+        ({"vocab_size": "320"}, "vocab_size='320'; expected a positive integer"),
+        ({"num_attention_heads": 4.0}, "num_attention_heads=4.0; expected a positive integer"),
+        ({"attention_chunk_size": 0}, r"attention_chunk_size=0; expected a positive integer \(or null"),
+        ({"head_dim": True}, "head_dim=True; expected a positive integer"),
+    ],
+)
+def test_sizes_and_counts_must_be_positive_integers(edit, match):
+    hf = ScoutConfig.from_preset("tiny").to_hf()
+    hf["text_config"].update(edit)
+    with pytest.raises(ValueError, match=match):
+        ScoutConfig.from_hf(hf)
+    hf = ScoutConfig.from_preset("tiny").to_hf()
+    hf["vision_config"]["patch_size"] = 0  # was ZeroDivisionError
+    with pytest.raises(ValueError, match="vision patch_size=0; expected a positive integer"):
+        ScoutConfig.from_hf(hf)
+
+
+def test_head_dim_null_means_hidden_size_over_heads_as_in_hf():
+    # Was a TypeError in the model. transformers' Llama4TextConfig resolves a None head_dim to this in its
+    # __post_init__ (4.x configs can hold a null; 5.x refuses it before that), so that is the meaning to take.
+    hf = ScoutConfig.from_preset("tiny").to_hf()
+    hf["text_config"]["head_dim"] = None
+    text = hf["text_config"]
+    assert ScoutConfig.from_hf(hf).text.head_dim == text["hidden_size"] // text["num_attention_heads"] != 128
+
+
+def test_image_token_ids_must_be_in_the_vocabulary():
+    hf = ScoutConfig.from_preset("tiny").to_hf()
+    hf["image_token_index"] = hf["text_config"]["vocab_size"]  # was accepted; an embedding IndexError later
+    with pytest.raises(ValueError, match=r"image_token_index=\d+ is not a token id of the vocabulary"):
+        ScoutConfig.from_hf(hf)
+    # A text-only config keeps HF's default ids whatever its vocabulary: it has no image tokens.
+    assert ScoutConfig.from_hf({"model_type": "llama4_text", "vocab_size": 320, "num_hidden_layers": 2})
+
+
 def test_presets():
     tiny = ScoutConfig.from_preset("tiny")
     assert (tiny.text.num_local_experts, tiny.text.num_experts_per_tok) == (16, 2)
