@@ -41,10 +41,22 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not match its config."""
 
 
+def check_folder(path: str | os.PathLike) -> str:
+    """``path`` as a str, when it is a folder: a file (config.json, a shard) or a missing path is an error that
+    says which, naming the folder to pass instead of the file."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        raise NotADirectoryError(
+            f"{path} is a file; pass the checkpoint folder ({os.path.dirname(os.path.abspath(path))})"
+        )
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    return path
+
+
 def checkpoint_files(path: str) -> list[str]:
     """The safetensors files of a checkpoint folder, from its index when there is one."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
+    check_folder(path)
     index = os.path.join(path, INDEX_NAME)
     if os.path.exists(index):
         try:
@@ -207,7 +219,7 @@ def config_dtype(path: str) -> torch.dtype | None:
 def load_pretrained(cls, path, dtype=None, device="cpu"):
     """Build ``cls`` from the checkpoint folder ``path``. ``dtype=None`` is transformers' ``dtype="auto"``: the
     dtype config.json names, else the first stored tensor's, so a checkpoint of mixed dtypes loads as one."""
-    path = os.fspath(path)
+    path = check_folder(path)
     dtype = check_dtype(dtype)
     device = check_device(device)
     config = ScoutConfig.from_hf(path)
@@ -399,23 +411,28 @@ def write_folder_atomically(path: str | os.PathLike, write, owned: tuple[str, ..
 
 
 def _replace_dir(src: str, dst: str, owned: tuple[str, ...] = ()) -> None:
-    """Move a finished folder into place; an existing checkpoint there is replaced only after success."""
+    """Move a finished folder into place; an existing checkpoint there is replaced only after success.
+
+    What else lives in the old folder (a tokenizer, a training run's checkpoints/ and logs) is moved, not
+    copied, into the new one: no second copy of a large tree on disk, and files open for appending stay the
+    files at ``dst``. On failure everything moves back."""
     if not os.path.exists(dst):
         os.rename(src, dst)
         return
-    # Keep what else lives in the folder (tokenizer, processor config); drop the old weights and ``owned``.
-    for name in os.listdir(dst):
-        weights = name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json"))
-        stale = weights or name in owned
-        if not stale and not os.path.exists(os.path.join(src, name)):
-            source = os.path.join(dst, name)
-            copy = shutil.copytree if os.path.isdir(source) else shutil.copy2
-            copy(source, os.path.join(src, name))
+    moved = []
     backup = dst + ".old-" + os.path.basename(src)
-    os.rename(dst, backup)
     try:
+        for name in os.listdir(dst):  # the old weights and what the new checkpoint owns are not kept
+            weights = name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json"))
+            if not (weights or name in owned or os.path.exists(os.path.join(src, name))):
+                os.rename(os.path.join(dst, name), os.path.join(src, name))  # src is beside dst: a rename
+                moved.append(name)
+        os.rename(dst, backup)
         os.rename(src, dst)
     except BaseException:
-        os.rename(backup, dst)
+        if os.path.exists(backup) and not os.path.exists(dst):
+            os.rename(backup, dst)
+        for name in moved:
+            os.rename(os.path.join(src, name), os.path.join(dst, name))
         raise
     shutil.rmtree(backup, ignore_errors=True)

@@ -90,6 +90,43 @@ def test_save_replaces_weights_but_keeps_other_files(tmp_path):
     assert _same_logits(second, loaded, _inputs(cfg, False)) == 0.0
 
 
+def test_save_into_a_run_folder_moves_what_it_keeps_and_restores_it_on_failure(tmp_path, monkeypatch):
+    # A training run exports into its own folder: its checkpoints/ tree and open log must stay where they are.
+    # Was: every kept file and folder copied into the new folder (a second copy of checkpoints/ on disk) and
+    # the log's open handle left writing to the old copy, deleted after the rename.
+    import scout_mm.checkpoint as ckpt
+
+    cfg = tiny_config(vision=False)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step1").mkdir(parents=True)
+    (run / "checkpoints" / "step1" / "state.pt").write_bytes(b"x" * 1000)
+    inode = os.stat(run / "checkpoints" / "step1" / "state.pt").st_ino
+    log = open(run / "metrics.jsonl", "a")
+    log.write("first\n")
+    ScoutForConditionalGeneration(cfg).save_pretrained(run)
+    log.write("second\n")
+    log.close()
+    assert (run / "metrics.jsonl").read_text() == "first\nsecond\n"
+    assert os.stat(run / "checkpoints" / "step1" / "state.pt").st_ino == inode  # moved, not copied
+    assert sorted(os.listdir(run)) == ["checkpoints", "config.json", "metrics.jsonl", "model.safetensors"]
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    renames, rename = [], os.rename
+
+    def rename_fails_at_the_swap(a, b):  # the kept entries move, then the new folder cannot take the old name
+        renames.append((a, b))
+        if os.path.basename(a).startswith("run.tmp-") and b == str(run):
+            raise OSError("rename failed")
+        rename(a, b)
+
+    monkeypatch.setattr(ckpt.os, "rename", rename_fails_at_the_swap)
+    with pytest.raises(OSError, match="rename failed"):
+        ScoutForConditionalGeneration(cfg).save_pretrained(run)
+    monkeypatch.undo()
+    assert len(renames) > 3  # the moves out, the backup, the failed swap, and the moves back happened
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert sorted(os.listdir(tmp_path)) == ["run"]  # no temporary or backup folder left
+
+
 def test_failed_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     import scout_mm.checkpoint as ckpt
 
@@ -113,8 +150,17 @@ def saved(tmp_path):
 def test_missing_folder_or_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         ScoutForConditionalGeneration.from_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="checkpoint folder .*nope does not exist"):
         ScoutForConditionalGeneration.from_pretrained(tmp_path / "nope")
+
+
+def test_a_file_given_for_the_folder_names_the_folder(saved):
+    # Was: NotADirectoryError '.../config.json/config.json', and "model.safetensors is not valid JSON".
+    for name in ("config.json", "model.safetensors"):
+        with pytest.raises(
+            NotADirectoryError, match=f"{name} is a file; pass the checkpoint folder \\({saved}\\)"
+        ):
+            ScoutForConditionalGeneration.from_pretrained(saved / name)
 
 
 def test_missing_weights(saved):
@@ -376,7 +422,11 @@ def _convert(monkeypatch, *args):
 @pytest.mark.parametrize(
     "args, match",
     [
-        (["--src", "{tmp}/none", "--dst", "{tmp}/out"], "no config.json"),
+        (["--src", "{tmp}/none", "--dst", "{tmp}/out"], "checkpoint folder .*none does not exist"),
+        (
+            ["--src", "{saved}/config.json", "--dst", "{tmp}/out"],
+            r"config.json is a file; pass the checkpoint folder \(",
+        ),
         (["--src", "{saved}", "--dst", "{tmp}/out", "--max-shard-size", "lots"], "max_shard_size='lots'"),
         (["--src", "{saved}", "--dst", "/proc/no/such/dir"], "cannot write /proc/no/such/dir"),
     ],

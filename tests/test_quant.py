@@ -510,8 +510,12 @@ def test_load_names_the_bad_config_json(tmp_path):
         f.write("[]")
     with pytest.raises(CheckpointError, match="config.json holds a JSON list"):
         load_quantized(folder, device="cpu")  # was: AttributeError
-    with pytest.raises(FileNotFoundError, match="checkpoint folder .*config.json does not exist"):
+    with pytest.raises(
+        NotADirectoryError, match=f"config.json is a file; pass the checkpoint folder \\({folder}\\)"
+    ):
         load_quantized(os.path.join(folder, "config.json"), device="cpu")
+    with pytest.raises(FileNotFoundError, match="checkpoint folder .*nowhere does not exist"):
+        load_quantized(os.path.join(folder, "nowhere"), device="cpu")
 
 
 def test_load_rejects_corrupt_scales_zeros_and_duplicated_tensors(tmp_path):

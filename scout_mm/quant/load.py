@@ -17,6 +17,7 @@ from scout_mm.checkpoint import (
     CheckpointError,
     check_dtype,
     check_float_tensor,
+    check_folder,
     config_dtype,
     iter_checkpoint,
 )
@@ -31,9 +32,7 @@ EMBEDDING_KEY = "language_model.model.embed_tokens.weight"
 
 def read_quant_config(path: str | os.PathLike) -> tuple[dict, QuantConfig]:
     """(the raw config.json dict, its QuantConfig); CheckpointError when the folder is not an Int4 checkpoint."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint folder {path} does not exist (or is not a folder)")
+    path = check_folder(path)
     file = os.path.join(path, "config.json")
     if not os.path.exists(file):
         raise FileNotFoundError(f"no config.json at {file}")

@@ -29,6 +29,7 @@ from scout_mm.checkpoint import (
     check_device,
     check_dtype,
     check_float_tensor,
+    check_folder,
     checkpoint_files,
     config_dtype,
     dtype_names,
@@ -460,7 +461,7 @@ def quantize_checkpoint(
     dtype = check_dtype(dtype, FLOAT_DTYPES)
     device = check_int4_device(device)
     parse_size(max_shard_size)
-    src, dst = os.fspath(src), os.fspath(dst)
+    src, dst = check_folder(src), os.fspath(dst)
     config = ScoutConfig.from_hf(src)
     if os.path.exists(dst) and os.path.samefile(src, dst):
         raise ValueError(f"dst {dst} is the source checkpoint {src}: write the Int4 checkpoint to another "
