@@ -8,17 +8,20 @@ shapes and no host synchronisation so it can be compiled / CUDA-graphed.
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 
 from scout_mm.cache import KVCache, resolve_kv_dtype
+from scout_mm.chat_format import IMAGE_PLACEHOLDER
 from scout_mm.config import is_int
+from scout_mm.vision.preprocess import flatten_images
 
 DEFAULT_PREFILL_PIECE = 8192
 GENERATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -49,6 +52,16 @@ class SamplingParams:
         return not self.do_sample or self.temperature == 0
 
     def validate(self) -> None:
+        # Types first: a string or a bool would otherwise fail later inside a comparison or torch, or (do_sample)
+        # be taken for True.
+        if not isinstance(self.do_sample, (bool, np.bool_)):
+            raise TypeError(f"do_sample={self.do_sample!r}; expected True or False")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_))
+            ):
+                raise TypeError(f"{name}={value!r}; expected a number")
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r}; expected an int >= 1")
         if not self.temperature >= 0:
@@ -298,7 +311,10 @@ def process_logits(
         scores = scores.scatter(1, history, seen)
     if params.greedy:
         return scores
-    scores = scores / params.temperature
+    # Shifted so that the top score is 0 before dividing: a tiny temperature then sends the others to -inf
+    # instead of every score to +-inf (NaN after softmax). The sampling distribution, top-k, top-p and min-p
+    # do not change under the shift.
+    scores = (scores - scores.amax(-1, keepdim=True)) / params.temperature
     if params.top_k:
         kth = torch.topk(scores, min(params.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -349,10 +365,11 @@ def generate_steps(
     params = params or SamplingParams()
     params.validate()
     config = model.config.text
-    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex():
+    # The embedding takes int64 or int32 ids only; a bool or uint8 tensor is more likely a mask or pixels.
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(
             f"input_ids is {type(input_ids).__name__} {getattr(input_ids, 'dtype', '')}; expected an integer "
-            "torch.Tensor of shape (batch, prompt_len)"
+            "torch.Tensor (int64 or int32) of shape (batch, prompt_len)"
         )
     if input_ids.dim() != 2 or 0 in input_ids.shape:
         raise ValueError(f"input_ids shape {tuple(input_ids.shape)}; expected (batch > 0, prompt_len > 0)")
@@ -396,6 +413,10 @@ def generate_steps(
         raise ValueError(f"stop_strings={stop_strings!r}; expected non-empty strings")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer (pass tokenizer=processor)")
+    if seed is not None and not is_int(seed):
+        raise TypeError(f"seed={seed!r}; expected an int or None")
+    if stats is not None and not isinstance(stats, GenerateOutput):
+        raise TypeError(f"stats is {type(stats).__name__}; expected a GenerateOutput to fill, or None")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -548,6 +569,8 @@ def generate_ids(
     params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
     if pad_token_id is None:
         pad_token_id = model.config.text.pad_token_id if model.config.text.pad_token_id is not None else 0
+    if not is_int(pad_token_id):  # checked now: it is first used after the last step
+        raise TypeError(f"pad_token_id={pad_token_id!r}; expected a token id (int) or None")
     stats = GenerateOutput(sequences=input_ids)
     new = []
     steps = generate_steps(
@@ -569,36 +592,56 @@ def generate_ids(
 
 
 class TextDelta:
-    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 characters and
-    merged tokens until their text is stable (decoding the whole tail each time, as HF's streamers do)."""
+    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 characters until their
+    last byte arrives. The pieces join to exactly the decode of all the ids.
+
+    Incremental, as vLLM and TGI detokenise: a token decodes only the ids from ``prefix`` on (those since the last
+    piece plus the ones of that piece, whose text is subtracted again as context), so the cost per token does not
+    grow with the answer; only a run of bytes that never completes a character is decoded again until it ends.
+    This is exact for decoders that concatenate the tokens' bytes, as byte-level BPE (Llama 4's tokenizer and the
+    built-in one) does: the offsets move only where the text so far ends in a whole character, and there a lossy
+    UTF-8 decode of the whole equals the decodes of the two parts joined."""
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tokenizer, self.skip = tokenizer, skip_special_tokens
         self.ids: list[int] = []
-        self.emitted = 0
+        self.prefix = 0  # ids[prefix:read] were decoded into the last piece: context for the next one
+        self.read = 0  # ids before this are in pieces already
+
+    def _decode(self, start: int, end: int | None = None) -> str:
+        return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=self.skip)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
+        text = self._decode(self.prefix)
         if text.endswith("\ufffd"):
             return ""  # a multi-byte character split across tokens: wait for the rest
-        piece, self.emitted = text[self.emitted :], len(text)
+        piece = text[len(self._decode(self.prefix, self.read)) :]
+        self.prefix, self.read = self.read, len(self.ids)
         return piece
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
-        piece, self.emitted = text[self.emitted :], len(text)
+        """The held-back rest (an incomplete character at the end decodes as U+FFFD, as in the whole decode)."""
+        piece = self._decode(self.prefix)[len(self._decode(self.prefix, self.read)) :]
+        self.prefix = self.read = len(self.ids)
         return piece
 
 
 def _hit_stop_string(texts, tokens, stop_strings, tokenizer) -> list[bool]:
-    longest = max(len(s) for s in stop_strings)
+    # A token of a byte-level BPE decodes to at least one byte, so a stop string of n UTF-8 bytes lies within the
+    # last n tokens that complete it (+2 spare for tokenizers whose first token of a decode loses a prefix space).
+    # Counting characters instead would miss stops made of 4-byte characters split into byte tokens. The window
+    # grows only while it decodes to fewer bytes than the stop string (tokens that decode to nothing): the output
+    # is not decoded whole every step.
+    longest = max(len(s.encode("utf-8")) for s in stop_strings)
     hits = []
     for b, token in enumerate(tokens.tolist()):
         texts[b].append(token)
-        # The last few tokens always hold the last `longest` characters (a token decodes to >= 0 chars,
-        # so 2 * longest + 4 tokens is generous) — no need to re-decode the whole output each step.
-        tail = tokenizer.decode(texts[b][-(2 * longest + 4) :])
+        window = longest + 2
+        tail = tokenizer.decode(texts[b][-window:])
+        while len(tail.encode("utf-8")) < longest and window < len(texts[b]):
+            window *= 2
+            tail = tokenizer.decode(texts[b][-window:])
         hits.append(any(s in tail for s in stop_strings))
     return hits
 
@@ -631,7 +674,7 @@ def _sync(device: torch.device) -> None:
 def generate(
     model,
     processor,
-    prompt: str | Sequence[dict] | Sequence[str],
+    prompt: str | Sequence[dict] | Sequence[str] | Sequence[Sequence[dict]],
     images=None,
     *,
     stream: bool = False,
@@ -640,16 +683,18 @@ def generate(
 ):
     """Answer a prompt: returns the generated text, or (``stream=True``) an iterator of text pieces.
 
-    ``prompt`` is the user's text (images go before it unless it holds ``<|image|>`` placeholders), a list
-    of chat messages (``{"role", "content"}``; image parts take ``images`` in order or carry their own), or
-    a list of user texts for a batch (then returns a list of texts; streaming needs a single prompt).
-    ``images``: PIL images, paths or uint8 arrays/tensors. ``sampling``: the keyword arguments of
-    :func:`generate_ids` (``temperature=0`` is greedy; ``eos_token_id`` defaults to the processor's stop tokens).
-    ``stats``: a :class:`GenerateOutput` to fill with token counts and prefill/decode timings.
+    ``prompt`` is the user's text (images go before it unless it holds ``<|image|>`` placeholders; with images it
+    may be empty, to caption them), a list of chat messages (``{"role", "content"}``; image parts take ``images``
+    in order or carry their own), or a batch: a list of user texts and/or of chat message lists (then returns a
+    list of texts, and ``images`` holds one entry per prompt: an image, a list of images, or None; streaming needs
+    a single prompt). ``images``: PIL images, paths, encoded image files as bytes, or uint8 arrays/tensors.
+    ``sampling``: the keyword arguments of :func:`generate_ids` (``temperature=0`` is greedy; ``eos_token_id``
+    defaults to the processor's stop tokens). ``stats``: a :class:`GenerateOutput` to fill with token counts and
+    prefill/decode timings.
     """
-    batched = isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(p, str) for p in prompt)
-    if isinstance(prompt, str) and not prompt.strip():
-        raise ValueError("empty prompt")
+    batched = _is_batch(prompt)
+    if stats is not None and not isinstance(stats, GenerateOutput):
+        raise TypeError(f"stats is {type(stats).__name__}; expected a GenerateOutput to fill, or None")
     if batched:
         if stream:
             raise ValueError("stream=True takes a single prompt, not a batch")
@@ -664,10 +709,10 @@ def generate(
             _as_messages(p, imgs, i)
             for i, (p, imgs) in enumerate(zip(prompt, images_per_prompt, strict=True))
         ]
-        flat_images = [img for imgs in images_per_prompt for img in _as_image_list(imgs)] or None
+        flat_images = [img for imgs in images_per_prompt for img in flatten_images(imgs)] or None
     else:
         chats = [_as_messages(prompt, images)]
-        flat_images = _as_image_list(images) or None
+        flat_images = flatten_images(images) or None
     # Without explicit images, the processor takes them from the messages' image parts.
     inputs = processor.apply_chat_template(
         chats, add_generation_prompt=True, tokenize=True, images=flat_images, padding_side="left"
@@ -725,20 +770,40 @@ def _until_stop(ids: list[int], stops: list[int]) -> list[int]:
     return ids
 
 
-def _as_image_list(images) -> list:
-    if images is None:
-        return []
-    return list(images) if isinstance(images, (list, tuple)) else [images]
+def _is_batch(prompt) -> bool:
+    """True for a batch (a list of texts and/or of message lists), False for one text or one message list; any
+    other type raises, before anything is tokenized."""
+    if isinstance(prompt, str):
+        return False
+    if isinstance(prompt, (list, tuple)):
+        if not prompt:
+            raise ValueError(
+                "prompt is an empty list; expected a text, a list of chat messages, or a batch of them"
+            )
+        if all(isinstance(item, Mapping) for item in prompt):
+            return False
+        if all(isinstance(item, str) or _is_messages(item) for item in prompt):
+            return True
+    text = repr(prompt)
+    raise TypeError(
+        f"prompt is {type(prompt).__name__} {text if len(text) <= 60 else text[:57] + '...'}; expected a string, "
+        "a list of chat messages ({'role', 'content'} dicts), or a list of those (a batch)"
+    )
+
+
+def _is_messages(item) -> bool:
+    return isinstance(item, (list, tuple)) and bool(item) and all(isinstance(m, Mapping) for m in item)
 
 
 def _as_messages(prompt, images, index: int | None = None) -> list[dict]:
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise ValueError("empty prompt" if index is None else f"prompt {index} is empty")
-        parts = []
-        if "<|image|>" not in prompt:
-            parts = [{"type": "image"} for _ in _as_image_list(images)]
-        return [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
-    if not prompt:
-        raise ValueError("empty message list")
-    return list(prompt)
+    if not isinstance(prompt, str):
+        return list(prompt)  # chat messages, checked by the chat template
+    placed = IMAGE_PLACEHOLDER in prompt  # the user put the images; else they go before the text
+    image_parts = [] if placed else [{"type": "image"} for _ in flatten_images(images)]
+    if not prompt.strip():
+        if not image_parts:
+            where = "empty prompt" if index is None else f"prompt {index} is empty"
+            raise ValueError(f"{where}: pass a text, images, or both")
+        # images only: the same as the chat form with image parts only
+        return [{"role": "user", "content": image_parts}]
+    return [{"role": "user", "content": [*image_parts, {"type": "text", "text": prompt}]}]

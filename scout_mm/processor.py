@@ -24,7 +24,7 @@ import torch
 from tokenizers import Tokenizer
 
 from scout_mm.chat_format import IMAGE_PLACEHOLDER, SPECIAL_TOKENS, render_chat
-from scout_mm.vision.preprocess import ImageInput, ImageProcessor, flatten_images
+from scout_mm.vision.preprocess import SINGLE_IMAGE_TYPES, ImageInput, ImageProcessor, flatten_images
 
 BUILTIN = "builtin"
 BUILTIN_TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
@@ -257,7 +257,14 @@ class Processor:
                 for part in message["content"]
                 if part.get("type") == "image"
             ]
-            images = found if found and all(img is not None for img in found) else None
+            carried = sum(img is not None for img in found)
+            if 0 < carried < len(found):
+                # Else the count check would report 0 images given, though some parts hold one.
+                raise ValueError(
+                    f"{carried} of {len(found)} image parts carry an image; give each image part its own "
+                    "('image', 'path' or 'url'), or none of them and pass images="
+                )
+            images = found if carried else None
         return self(prompts if batched else prompts[0], images=images, **call_kwargs)
 
     # ------------------------------------------------------------------ text + images -> model inputs
@@ -378,9 +385,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _per_sample_counts(images) -> list[int] | None:
     """Image counts when ``images`` is a list of per-sample lists, else None."""
-    if not isinstance(images, Sequence) or isinstance(images, str) or not images:
+    if not isinstance(images, Sequence) or isinstance(images, SINGLE_IMAGE_TYPES) or not images:
         return None
-    if not all(isinstance(item, Sequence) and not isinstance(item, str) for item in images):
+    if not all(isinstance(item, Sequence) and not isinstance(item, SINGLE_IMAGE_TYPES) for item in images):
         return None
     return [len(item) for item in images]
 

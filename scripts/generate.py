@@ -1,8 +1,8 @@
 r"""Answer an image+text prompt with a scout_mm / HF Llama 4 checkpoint and report tokens/s.
 
     python scripts/generate.py --model PATH --image a.png [--image b.png] --prompt "..." \
-        [--max-new-tokens N] [--temperature T] [--stream] [--device cuda] [--dtype bfloat16] [--int4]
-        [--kv-cache-dtype fp8]
+        [--max-new-tokens N] [--truncate] [--temperature T] [--stream] [--device cuda] [--dtype bfloat16]
+        [--int4] [--kv-cache-dtype fp8]
     python scripts/generate.py --demo     # the shipped trained tiny model on the built-in example image
 
 --int4: the model is an Int4 checkpoint (scripts/quantize.py; one is recognised from its config.json without the
@@ -42,6 +42,10 @@ def main() -> None:
     parser.add_argument("--image", action="append", default=[], help="image path; repeat for several images")
     parser.add_argument("--prompt", default=None)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--truncate", action="store_true",
+        help="generate at most what fits the model's context when prompt + --max-new-tokens exceeds it",
+    )  # fmt: skip
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -59,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.demo and not args.model:
         parser.error("pass --model PATH, or --demo for the built-in tiny model")
-    if args.temperature < 0:
+    if not args.temperature >= 0:  # NaN too: it would pass `< 0` and decode greedily
         parser.error(f"--temperature {args.temperature}: expected >= 0 (0 = greedy)")
     if args.top_p is not None and args.temperature == 0:
         parser.error("--top-p samples: pass --temperature > 0 with it (--temperature 0 is greedy)")
@@ -88,7 +92,7 @@ def main() -> None:
         if args.int4:
             model = quantize_model(model)
         images = args.image or [EXAMPLE_IMAGE]
-        prompt = args.prompt or "What shapes are in the image?"
+        prompt = "What shapes are in the image?" if args.prompt is None else args.prompt
     else:
         if not args.int4 and is_int4_checkpoint(args.model):
             print(f"{args.model}: Int4 checkpoint (quantization_config in config.json): loading it as Int4",
@@ -98,14 +102,19 @@ def main() -> None:
         model = load(args.model, dtype=dtype, device=args.device)
         processor = Processor.from_config(model.config, tokenizer_path=args.model)
         images = args.image
-        if not args.prompt:
-            parser.error("--prompt is required with --model")
+        if args.prompt is None:
+            parser.error("--prompt is required with --model (it may be '' to ask about the images alone)")
         prompt = args.prompt
 
     # q|k|v and gate|up as one matmul each, and (Int4) the shared expert as one more routed-expert slot: the
     # CLI never saves the model; load_quantized already did both, and a second call changes nothing.
     fuse_shared_expert(fuse_projections(model))
-    sampling = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, kv_cache_dtype=args.kv_cache_dtype)
+    sampling = dict(
+        max_new_tokens=args.max_new_tokens,
+        truncate=args.truncate,
+        seed=args.seed,
+        kv_cache_dtype=args.kv_cache_dtype,
+    )
     if args.temperature > 0:
         sampling.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
     stats = _run(model, processor, prompt, images, args.stream, sampling)

@@ -241,7 +241,21 @@ def test_logit_processing_matches_hf(kw):
     theirs = _hf_processed(logits, history, **kw)
     assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
     finite = ~torch.isinf(ours)
-    assert torch.allclose(ours[finite], theirs[finite], atol=1e-5)
+    # ours are shifted so that each row's top score is 0: compare the sampling distributions (log-probabilities)
+    assert torch.allclose(ours.log_softmax(-1)[finite], theirs.log_softmax(-1)[finite], atol=1e-5)
+
+
+def test_tiny_temperature_samples_the_top_token_instead_of_nan():
+    cfg = tiny_config(vision=False)
+    model = ScoutForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 290, (2, 9))
+    scores = process_logits(torch.randn(2, 97) * 3, ids, SamplingParams(do_sample=True, temperature=1e-40))
+    assert not scores.isnan().any() and torch.equal(scores.amax(-1), torch.zeros(2))
+    greedy = model.generate(ids, max_new_tokens=6, eos_token_id=[])
+    sampled = model.generate(
+        ids, max_new_tokens=6, eos_token_id=[], do_sample=True, temperature=1e-40, seed=0
+    )
+    assert torch.equal(sampled, greedy)
 
 
 def test_sampling_is_deterministic_with_a_seed_and_top_k_1_is_greedy():
@@ -379,6 +393,100 @@ def test_text_api_answer_ends_at_its_stop_string_whatever_the_pad_id(tiny_model_
     assert answers[1] == free[1]
 
 
+def _scripted_answer(monkeypatch, processor, text):
+    """Make the model "say" ``text``: sampling replaced by the token ids of ``text`` in order, then ``!`` forever."""
+    import scout_mm.generation as generation
+
+    script = iter(processor.encode(text, add_special_tokens=False))
+    filler = processor.encode("!", add_special_tokens=False)[0]
+
+    def scripted(scores, params, generator):
+        return torch.full((scores.shape[0],), next(script, filler), dtype=torch.long)
+
+    monkeypatch.setattr(generation, "sample", scripted)
+
+
+@pytest.mark.parametrize("stop", ["😀😃😄", "龘靐齉爩麤", "Sure"])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_stop_strings_of_multibyte_characters_stop_generation(
+    tiny_model_and_processor, monkeypatch, stop, stream
+):
+    """Emoji and rare CJK characters are split into single-byte tokens: a stop string of a few of them spans more
+    tokens than it has characters, and must still stop the answer right after it."""
+    import scout_mm
+
+    model, processor = tiny_model_and_processor
+    answer = f"Sure {stop} and then more text that should never be generated"
+    _scripted_answer(monkeypatch, processor, answer)
+    stats = GenerateOutput(sequences=torch.empty(0))
+    out = scout_mm.generate(model, processor, "hi", max_new_tokens=40, eos_token_id=[], stop_strings=[stop],
+                            stream=stream, stats=stats)  # fmt: skip
+    text = "".join(out) if stream else out
+    assert text == answer[: answer.index(stop) + len(stop)] and stats.finished == [True]
+
+
+def test_streamed_pieces_of_split_multibyte_characters_equal_the_whole_text(
+    tiny_model_and_processor, monkeypatch
+):
+    import scout_mm
+
+    model, processor = tiny_model_and_processor
+    answer = "Voilà: 😀 naïve 龘靐 — До свидания ✓"
+    # characters split into bytes
+    assert len(processor.encode(answer, add_special_tokens=False)) > len(answer)
+    _scripted_answer(monkeypatch, processor, answer)
+    kw = dict(max_new_tokens=60, eos_token_id=[])
+    whole = scout_mm.generate(model, processor, "hi", **kw)
+    _scripted_answer(monkeypatch, processor, answer)
+    pieces = list(scout_mm.generate(model, processor, "hi", stream=True, **kw))
+    assert whole.startswith(answer) and "".join(pieces) == whole
+    assert not any("\ufffd" in piece for piece in pieces)  # no piece ends inside a character
+
+
+class _CountingTokenizer:
+    def __init__(self, processor):
+        self.processor, self.longest = processor, 0
+
+    def decode(self, ids, skip_special_tokens=False):
+        self.longest = max(self.longest, len(ids))
+        return self.processor.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def test_text_delta_is_incremental_and_exact():
+    """Streaming decodes a few ids per token, not the whole answer, and its pieces join to the whole decode:
+    for text with multi-byte characters and for random ids (byte soup with invalid UTF-8, special tokens)."""
+    from scout_mm import Processor
+    from scout_mm.generation import TextDelta
+
+    processor = Processor.from_pretrained("builtin")
+    text = "Hello 😀😃 world, 龘靐齉 café — ✓ " * 20
+    generator = torch.Generator().manual_seed(0)
+    random_ids = torch.randint(0, processor.vocab_size, (400,), generator=generator).tolist()
+    for ids in (processor.encode(text, add_special_tokens=False), random_ids):
+        counting = _CountingTokenizer(processor)
+        delta = TextDelta(counting)
+        pieces = [delta.push(token) for token in ids] + [delta.flush()]
+        assert "".join(pieces) == processor.decode(ids, skip_special_tokens=True)
+        assert counting.longest < 16, counting.longest
+        if ids != random_ids:  # valid UTF-8: no piece ends inside a character
+            assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_stop_string_check_decodes_a_bounded_window():
+    from scout_mm import Processor
+    from scout_mm.generation import _hit_stop_string
+
+    processor = Processor.from_pretrained("builtin")
+    stop = "😀😃😄"
+    ids = processor.encode("x " * 50 + stop + " y", add_special_tokens=False)
+    counting, texts, hits = _CountingTokenizer(processor), [[]], []
+    for token in ids:
+        hits.append(_hit_stop_string(texts, torch.tensor([token]), [stop], counting)[0])
+    first = hits.index(True)
+    assert stop in processor.decode(ids[: first + 1]) and stop not in processor.decode(ids[:first])
+    assert counting.longest <= len(stop.encode()) + 2
+
+
 def test_stream_checks_its_input_at_the_call(tiny_model_and_processor):
     import scout_mm
 
@@ -478,6 +586,47 @@ def test_malformed_generation_arguments_are_named():
     assert out.sequences.shape == (2, 5 + max(out.new_lengths)) and max(out.new_lengths) <= 3
 
 
+def test_wrongly_typed_arguments_are_named_before_generating(monkeypatch):
+    import scout_mm.generation as generation
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generation ran before the bad argument was reported")
+
+    monkeypatch.setattr(generation, "prefill_pieces", no_generation)
+    model = ScoutForConditionalGeneration(tiny_config(vision=False)).eval()
+    ids = torch.randint(3, 290, (1, 5))
+    for bad, match in [
+        (dict(do_sample=True, temperature="0.7"), "temperature='0.7'; expected a number"),
+        (dict(do_sample=True, top_p="0.9"), "top_p='0.9'; expected a number"),
+        (dict(do_sample="yes"), "do_sample='yes'; expected True or False"),
+        (dict(seed="a"), "seed='a'; expected an int"),
+        (dict(pad_token_id="x"), "pad_token_id='x'; expected a token id"),
+        (dict(input_ids=ids.to(torch.uint8)), "torch.uint8; expected an integer torch.Tensor"),
+        (dict(input_ids=ids.bool()), "torch.bool; expected an integer torch.Tensor"),
+        (dict(input_ids=ids.to(torch.int16)), "torch.int16; expected an integer torch.Tensor"),
+    ]:
+        with pytest.raises(TypeError, match=match):
+            generate_ids(model, **{"input_ids": ids, "max_new_tokens": 3, **bad})
+
+
+def test_text_api_names_wrongly_typed_prompt_and_stats(tiny_model_and_processor, monkeypatch):
+    import scout_mm
+    import scout_mm.generation as generation
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generation ran before the bad argument was reported")
+
+    monkeypatch.setattr(generation, "prefill_pieces", no_generation)
+    model, processor = tiny_model_and_processor
+    message = {"role": "user", "content": "hi"}
+    for prompt in (5, None, b"hi", message, [message, "yo"]):
+        with pytest.raises(TypeError, match="prompt is .*; expected a string, a list of chat messages"):
+            scout_mm.generate(model, processor, prompt)
+    for stream in (False, True):
+        with pytest.raises(TypeError, match="stats is dict; expected a GenerateOutput"):
+            scout_mm.generate(model, processor, "Hello", stats={}, stream=stream)
+
+
 def test_unsupported_model_dtype_or_meta_device_is_named():
     cfg = tiny_config(vision=False)
     ids = torch.randint(3, 290, (1, 5))
@@ -511,6 +660,43 @@ def test_bad_text_api_inputs(tiny_model_and_processor):
         scout_mm.generate(model, processor, "Look", images=["/no/such/image.png"])
     with pytest.raises(TypeError):
         scout_mm.generate(model, processor, "Look", images=[42])
+
+
+def test_image_only_prompt_is_the_chat_form_with_image_parts_only(tiny_model_and_processor):
+    from PIL import Image
+
+    import scout_mm
+
+    model, processor = tiny_model_and_processor
+    image = Image.new("RGB", (40, 30), (0, 0, 255))
+    chat = [{"role": "user", "content": [{"type": "image"}]}]
+    expected = scout_mm.generate(model, processor, chat, images=[image], max_new_tokens=4)
+    assert scout_mm.generate(model, processor, "", images=[image], max_new_tokens=4) == expected
+    batch = scout_mm.generate(model, processor, ["", "Hi"], images=[image, None], max_new_tokens=4)
+    assert batch[0] == expected
+    with pytest.raises(ValueError, match="prompt 1 is empty: pass a text, images, or both"):
+        scout_mm.generate(model, processor, ["Hi", " "], max_new_tokens=4)
+
+
+def test_batch_of_chat_conversations_equals_one_by_one(tiny_model_and_processor):
+    from PIL import Image
+
+    import scout_mm
+
+    model, processor = tiny_model_and_processor
+    red, blue = Image.new("RGB", (40, 30), (255, 0, 0)), Image.new("RGB", (30, 60), (0, 0, 255))
+    conversations = [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "image", "image": red},
+                                                                                   {"type": "text", "text": "Colour?"}]}],
+        "Plain text too",
+    ]  # fmt: skip
+    kw = dict(max_new_tokens=4)
+    answers = scout_mm.generate(model, processor, conversations, **kw)
+    assert answers == [scout_mm.generate(model, processor, c, **kw) for c in conversations]
+    # a single prompt takes its images as one per-prompt list too
+    both = scout_mm.generate(model, processor, "Compare", images=[red, blue], **kw)
+    assert scout_mm.generate(model, processor, "Compare", images=[[red, blue]], **kw) == both
 
 
 def test_batch_needs_one_image_entry_per_prompt(tiny_model_and_processor):
@@ -582,6 +768,7 @@ def test_cli_rejects_missing_model():
     [
         (["--temperature", "-1"], "--temperature -1.0: expected >= 0"),
         (["--top-p", "0.9"], "--top-p samples: pass --temperature > 0"),
+        (["--temperature", "nan"], "--temperature nan: expected >= 0"),
     ],
 )
 def test_cli_rejects_bad_sampling_flags(monkeypatch, capsys, argv, match):
@@ -595,6 +782,28 @@ def test_cli_rejects_bad_sampling_flags(monkeypatch, capsys, argv, match):
     with pytest.raises(SystemExit):
         cli.main()
     assert match in capsys.readouterr().err
+
+
+def test_cli_passes_an_empty_prompt_and_truncate(monkeypatch, capsys):
+    """--prompt '' asks about the images alone (not the demo's default question); --truncate reaches generate."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("generate_cli", "scripts/generate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    seen = {}
+
+    def fake_run(model, processor, prompt, images, stream, sampling):
+        seen.update(prompt=prompt, sampling=sampling)
+        return GenerateOutput(sequences=torch.empty(0))
+
+    monkeypatch.setattr(cli, "_run", fake_run)
+    monkeypatch.setattr(
+        sys, "argv", ["generate.py", "--demo", "--device", "cpu", "--prompt", "", "--truncate"]
+    )
+    cli.main()
+    assert seen["prompt"] == "" and seen["sampling"]["truncate"] is True
 
 
 def test_paged_blocks_across_many_small_blocks(monkeypatch):

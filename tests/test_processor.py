@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -408,6 +409,66 @@ def test_bad_images(builtin, tmp_path):
     for image, error, match in cases:
         with pytest.raises(error, match=match):
             builtin("<|image|>", [image])
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_encoded_image_bytes_are_opened_as_images(builtin):
+    image = random_image(50, 70)
+    expected = builtin("<|image|> a", [image])
+    data = _png_bytes(image)
+    for given in (data, [data], [[data]], bytearray(data), [memoryview(data)]):
+        out = builtin("<|image|> a", given)
+        assert torch.equal(out["input_ids"], expected["input_ids"])
+        assert torch.equal(out["pixel_values"], expected["pixel_values"])
+    with pytest.raises(ValueError, match="image 0: 12 bytes is not a readable image file"):
+        builtin("<|image|>", [b"not an image"])
+
+
+def test_read_only_arrays_are_copied_before_torch_sees_them(builtin, monkeypatch):
+    # np.asarray(pil_image) is read-only; torch would wrap it (with a warning, once per process) and could write it.
+    from_numpy = torch.from_numpy
+
+    def writable_only(array):
+        assert array.flags.writeable, "torch.from_numpy got a read-only array"
+        return from_numpy(array)
+
+    monkeypatch.setattr(torch, "from_numpy", writable_only)
+    image = random_image(30, 40)
+    expected = builtin("<|image|>", [image])["pixel_values"]
+    assert torch.equal(builtin("<|image|>", [np.asarray(image)])["pixel_values"], expected)
+    channels_first = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
+    channels_first.flags.writeable = False
+    assert torch.equal(builtin("<|image|>", [channels_first])["pixel_values"], expected)
+
+
+def test_closed_or_oversized_image_files_are_named(builtin, tmp_path, monkeypatch):
+    path = tmp_path / "a.png"
+    random_image(50, 50).save(path)
+    with Image.open(path) as lazy:
+        pass  # closed before its pixels were read
+    with pytest.raises(ValueError, match="image 0: cannot read its pixels, its file was closed first"):
+        builtin("<|image|>", [lazy])
+    with Image.open(path) as loaded:
+        loaded.load()
+    assert "pixel_values" in builtin("<|image|>", [loaded])  # read before the close: fine
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 2500 pixels: over twice the limit, a "bomb"
+    for given, name in ((str(path), repr(str(path))), (path.read_bytes(), "bytes")):
+        with pytest.raises(ValueError, match=f"image 0: .*{re.escape(name)} is too large to decode safely"):
+            builtin("<|image|>", [given])
+
+
+def test_chat_image_parts_with_only_some_images_are_counted(builtin):
+    image = random_image(20, 20)
+    parts = [{"type": "image", "image": image}, {"type": "image"}, {"type": "text", "text": "compare"}]
+    with pytest.raises(ValueError, match="1 of 2 image parts carry an image"):
+        builtin.apply_chat_template([{"role": "user", "content": parts}], tokenize=True)
 
 
 def test_bad_chat_messages(builtin):

@@ -15,6 +15,7 @@ it exactly:
 from __future__ import annotations
 
 import functools
+import io
 import math
 import os
 import warnings
@@ -28,7 +29,9 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as tvF
 
-ImageInput = Image.Image | str | os.PathLike | torch.Tensor | np.ndarray
+ImageInput = Image.Image | str | os.PathLike | bytes | torch.Tensor | np.ndarray
+# One image each, though str and bytes are Sequences: never read as a list of images.
+SINGLE_IMAGE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, torch.Tensor)
 
 # PIL resample codes (the form HF stores in preprocessor_config.json) -> torchvision interpolation names.
 RESAMPLE_CODES = {0: "nearest-exact", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -39,9 +42,10 @@ _REJECTED_PIL_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 def to_rgb_uint8(image: ImageInput, index: int = 0) -> torch.Tensor:
     """Any supported image as a ``(3, H, W)`` uint8 tensor; transparency is composited onto white.
 
-    Accepts PIL images (any 8-bit mode: RGB, RGBA, L, LA, P, PA, CMYK, YCbCr, 1, ...), paths to image files, and
-    uint8 tensors/arrays shaped ``(H, W)``, ``(C, H, W)`` or ``(H, W, C)`` with C in 1, 3, 4 (channels first
-    when ambiguous). ``index`` only labels error messages.
+    Accepts PIL images (any 8-bit mode: RGB, RGBA, L, LA, P, PA, CMYK, YCbCr, 1, ...), paths to image files, the
+    bytes of an encoded image file (PNG, JPEG, ... as read from a file, an HTTP response or a dataset), and uint8
+    tensors/arrays shaped ``(H, W)``, ``(C, H, W)`` or ``(H, W, C)`` with C in 1, 3, 4 (channels first when
+    ambiguous). ``index`` only labels error messages.
     """
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
@@ -49,21 +53,38 @@ def to_rgb_uint8(image: ImageInput, index: int = 0) -> torch.Tensor:
             raise IsADirectoryError(f"image {index}: {path!r} is a folder, not an image file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image {index}: no file at {path!r}")
-        try:
-            with Image.open(path) as opened:
-                opened.load()
-                image = opened.copy()
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"image {index}: {path!r} is not a readable image file ({e})") from e
+        image = _open_image(path, f"{path!r}", index)
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        image = _open_image(io.BytesIO(image), f"{len(image)} bytes", index)
     if isinstance(image, Image.Image):
         return _pil_to_rgb(image, index)
     if isinstance(image, np.ndarray):
-        image = torch.from_numpy(np.ascontiguousarray(image))
+        # A read-only array (np.asarray of a PIL image) is copied: torch cannot guard memory it must not write.
+        image = torch.from_numpy(
+            np.ascontiguousarray(image) if image.flags.writeable else np.array(image, order="C")
+        )
     if not isinstance(image, torch.Tensor):
         raise TypeError(
-            f"image {index}: got {type(image).__name__}; expected a PIL image, a path, or a uint8 tensor/array"
+            f"image {index}: got {type(image).__name__}; expected a PIL image, a path, the bytes of an image "
+            "file, or a uint8 tensor/array"
         )
     return _tensor_to_rgb(image, index)
+
+
+def _open_image(source, label: str, index: int) -> Image.Image:
+    """An image file (a path or a file object), decoded whole; ``label`` names it in errors."""
+    try:
+        with Image.open(source) as opened:
+            opened.load()
+            return opened.copy()
+    except Image.DecompressionBombError as e:
+        # Not an OSError: without this a CLI would end in a traceback.
+        raise ValueError(
+            f"image {index}: {label} is too large to decode safely ({e}); raise PIL.Image.MAX_IMAGE_PIXELS to "
+            "accept it"
+        ) from e
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"image {index}: {label} is not a readable image file ({e})") from e
 
 
 def _pil_to_rgb(image: Image.Image, index: int) -> torch.Tensor:
@@ -74,6 +95,14 @@ def _pil_to_rgb(image: Image.Image, index: int) -> torch.Tensor:
         )
     if image.width == 0 or image.height == 0:
         raise ValueError(f"image {index}: empty image of size {image.size}")
+    try:
+        image.load()
+    except AssertionError as e:
+        # What PIL raises, with no message, when a lazily opened image's file was closed before its pixels were read.
+        raise ValueError(
+            f"image {index}: cannot read its pixels, its file was closed first; call .load() inside the "
+            "`with Image.open(...)` block, or pass the path"
+        ) from e
     try:
         if "A" in image.getbands() or "transparency" in image.info:
             # Same as HF: transparent pixels become white, not black.
@@ -128,11 +157,11 @@ def flatten_images(images: ImageInput | Sequence | None) -> list:
     """One image, a list of images, or a list of per-sample lists -> a flat list (None -> empty)."""
     if images is None:
         return []
-    if isinstance(images, (str, os.PathLike, torch.Tensor)) or not isinstance(images, Sequence):
+    if isinstance(images, SINGLE_IMAGE_TYPES) or not isinstance(images, Sequence):
         return [images]  # PIL images and arrays are not Sequences; bad types are reported per image later
     flat = []
     for item in images:
-        if isinstance(item, Sequence) and not isinstance(item, (str, os.PathLike, torch.Tensor)):
+        if isinstance(item, Sequence) and not isinstance(item, SINGLE_IMAGE_TYPES):
             flat.extend(item)
         else:
             flat.append(item)
