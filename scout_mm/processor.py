@@ -98,7 +98,14 @@ class Processor:
             if value is not None:
                 text_options[key] = value
         image_processor = ImageProcessor.from_hf(image_cfg, **overrides)
-        return cls(Tokenizer.from_file(str(tokenizer_file)), image_processor, **text_options)
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # tokenizers raises a bare Exception ("expected `,` ...") that names no file
+            raise ValueError(
+                f"{tokenizer_file} is not a readable tokenizer.json ({e}); pass the checkpoint folder or its "
+                "tokenizer.json"
+            ) from e
+        return cls(tokenizer, image_processor, **text_options)
 
     @classmethod
     def from_config(cls, config, tokenizer_path: str | os.PathLike = BUILTIN, **overrides) -> Processor:

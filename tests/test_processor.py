@@ -341,6 +341,16 @@ def test_save_load_round_trip(tmp_path, builtin):
     assert (from_hf.image_processor.tile_size, from_hf.image_processor.max_patches) == (168, 3)
 
 
+def test_from_pretrained_names_a_file_that_is_not_a_tokenizer(tmp_path):
+    # Was: tokenizers' bare Exception "expected `,` or `}` at line 2 column 18", naming no file.
+    (tmp_path / "config.json").write_text('{"model_type": "llama4"}')
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    for given in (tmp_path / "config.json", tmp_path):
+        name = "config.json" if given != tmp_path else "tokenizer.json"
+        with pytest.raises(ValueError, match=f"{name} is not a readable tokenizer.json"):
+            Processor.from_pretrained(given)
+
+
 def test_from_pretrained_reads_hf_preprocessor_config(tmp_path):
     (tmp_path / "tokenizer.json").write_bytes(open(TOKENIZER_FILE, "rb").read())
     config = {"size": {"height": 224, "width": 224}, "max_patches": 2, "image_mean": [0.4, 0.5, 0.6]}
