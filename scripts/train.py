@@ -6,8 +6,9 @@
 
 Any config field can be overridden: ``--train.max_steps 200 --optim.lr 3e-4 --data.num_workers 0``
 (values are parsed as YAML). A run resumes from ``train.output_dir``'s latest checkpoint unless
-``--train.resume never``; a checkpoint written by another number of GPUs is converted to DeepSpeed's
-universal format first (automatically, said in the log). ``--train.profile_steps [20,22]`` writes a
+``--train.resume never``, with the configured ``train.max_steps`` and schedule (so a larger max_steps extends
+a finished run); a checkpoint written by another number of GPUs is converted to DeepSpeed's universal format
+first (automatically, said in the log). ``--train.profile_steps [20,22]`` writes a
 torch.profiler breakdown of those steps to ``train.output_dir/profile.txt``. See
 ``scout_mm/train/config.py`` for every field.
 """

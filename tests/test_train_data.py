@@ -10,6 +10,7 @@ from PIL import Image
 from scout_mm import Processor, ScoutConfig, ScoutForConditionalGeneration
 from scout_mm.train.data import (
     IGNORE_INDEX,
+    Example,
     ImageRef,
     JsonlSource,
     Mixture,
@@ -19,7 +20,9 @@ from scout_mm.train.data import (
     make_loader,
     pack,
     plan_rows,
+    truncate,
 )
+from scout_mm.train.loop import data_position
 from scout_mm.train.synthetic import SyntheticTasks
 
 
@@ -230,8 +233,86 @@ def test_jsonl_text_and_chat_records(tmp_path, processor):
     assert {bool(mixed[i].task) for i in range(20)} == {True, False}
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n')
-    with pytest.raises(ValueError, match="line 1: keys \\['prompt'\\]"):
+    with pytest.raises(ValueError, match="bad.jsonl:1: keys \\['prompt'\\]"):
         JsonlSource(processor, bad)
+
+
+CHAT = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+    {"role": "assistant", "content": "blue"},
+]
+
+
+@pytest.mark.parametrize(
+    "lines, error",
+    [
+        # the file's line number (blank lines count), not json's position inside the line
+        (['{"text": "a"}', "", '{"text": "c"'], r"bad.jsonl:3: invalid JSON: Expecting"),
+        (['{"text": "a"}', '{"text": 5}'], r"bad.jsonl:2: 'text' is a int; expected a string"),
+        (['["text"]'], r"bad.jsonl:1: a JSON list; expected an object"),
+        (
+            [json.dumps({"messages": CHAT, "images": ["nope.png"]})],
+            r"bad.jsonl:1: image .*nope.png does not exist",
+        ),
+        ([json.dumps({"messages": CHAT})], r"bad.jsonl:1: 1 image placeholders but 0 images"),
+        (
+            [json.dumps({"messages": [{"role": "user", "content": 7}]})],
+            r"bad.jsonl:1: message 0: content is int",
+        ),
+        (
+            [json.dumps({"messages": CHAT, "images": "a.png"})],
+            r"bad.jsonl:1: images 'a.png'; expected a list",
+        ),
+    ],
+)
+def test_jsonl_records_are_checked_when_the_file_is_read(tmp_path, processor, lines, error):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=error):
+        JsonlSource(processor, bad)
+
+
+def test_documents_longer_than_seq_len_are_truncated_and_reported(tmp_path, processor):
+    Image.new("RGB", (336, 168), (0, 90, 200)).save(tmp_path / "wide.png")
+    long_chat = {"messages": CHAT, "images": ["wide.png"]}
+    records = [{"text": "short"}, {"text": "word " * 300}, long_chat]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    source = JsonlSource(processor, path, seed=0)
+    order = source._permutation(0)
+    docs = [source[i] for i in range(3)]
+    text_doc, chat_doc = docs[order.index(1)], docs[order.index(2)]
+    assert text_doc.origin == f"{path}:2" and len(text_doc.ids) > 300
+    seq_len = len(chat_doc.ids) - 3  # cuts the chat inside its answer, after the image
+    stream = PackedStream(source, processor, docs_per_batch=3, seq_len=seq_len, align="doc")
+    batch = stream.batch(0)
+    assert sorted(batch.truncated) == [
+        f"{path}:2 ({len(text_doc.ids)} tokens)",
+        f"{path}:3 ({len(chat_doc.ids)} tokens)",
+    ]
+    row = order.index(1)
+    assert batch.input_ids[row].tolist() == text_doc.ids[:seq_len]
+    assert batch.pixel_values.shape[0] == 3  # the chat's image (2 tiles + global) was kept whole
+    # A cut inside an image's token layout drops the image and its tokens (tiles must match the tokens).
+    boi = chat_doc.ids.index(processor.boi_token_id)
+    cut = truncate(chat_doc, boi + 5, processor)
+    assert cut.ids == chat_doc.ids[:boi] and cut.images == [] and len(cut.labels) == boi
+    assert PackedStream(source, processor, 3, boi + 5, "doc").batch(0).pixel_values is None
+
+
+def test_resume_with_another_micro_batch_size_starts_at_the_next_document(processor):
+    class Numbered:  # document i is the single token i + 10
+        def __getitem__(self, i):
+            return Example([i + 10], [i + 10])
+
+    saved = {"batches_consumed": 3, "documents_consumed": 6, "micro_batch_size": 2}
+    consumed, offset, note = data_position(saved, 4)
+    assert (consumed, offset) == (1, 2) and "continues at document 6" in note
+    stream = PackedStream(Numbered(), processor, 4, 8, None, start=consumed, doc_offset=offset)
+    assert stream.batch(consumed).input_ids[0, :4].tolist() == [16, 17, 18, 19]
+    assert data_position(saved, 2) == (3, 0, None)
+    assert data_position({"batches_consumed": 5}, 4) == (5, 0, None)  # checkpoints from before the count
+    assert data_position({}, 4) == (0, 0, None)
 
 
 def test_heldout_report_splits_by_image_layout(processor, config):

@@ -1,11 +1,13 @@
 """DeepSpeed training of the tiny model on CPU: ZeRO-2 loss goes down, exact resume, atomic checkpoints, export;
 ZeRO-3 on two ranks (DeepSpeed's launcher, gloo) against one rank, and resume across world sizes."""
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,13 +15,18 @@ import torch
 
 from scout_mm import ScoutForConditionalGeneration
 from scout_mm.train.config import TrainConfig
-from scout_mm.train.data import SyntheticSource, pack
+from scout_mm.train.data import IGNORE_INDEX, PackedBatch, SyntheticSource, pack
 from scout_mm.train.engine import (
     Checkpointer,
+    WarmupCosine,
+    apply_configured_schedule,
     build_engine,
     build_model,
     deepspeed_config,
+    export_pretrained,
     init_distributed,
+    model_setup,
+    param_shapes,
 )
 from scout_mm.train.loop import train
 
@@ -93,10 +100,117 @@ def test_resume_reproduces_the_next_steps_exactly_and_exports(tmp_path):
     assert not (checkpoints / "step00000003.partial").exists()
     assert second.losses == first.losses[2:]  # bitwise: weights, optimiser, LR schedule and data position
 
+    meta = json.loads((checkpoints / "step00000004" / "meta.json").read_text())
+    assert meta["zero_stage"] == 2 and meta["param_shapes"] == param_shapes(
+        model_setup(tiny_config(tmp_path))[0]
+    )
+
+    # Resuming the finished run with a larger train.max_steps trains the extra steps, on the cosine of the
+    # new total (the checkpoint's own schedule object is restored by the load, then replaced).
+    third = train(tiny_config(tmp_path, save_every=2, max_steps=6), ZERO2)
+    assert third.step == 6 and len(third.losses) == 2
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lr_after_5 = next(r["lr"] for r in reversed(logged) if r["kind"] == "train" and r["step"] == 5)
+    assert lr_after_5 == pytest.approx(3e-3 * WarmupCosine(2, 6, 0.1)(5))
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 6
+
     model = ScoutForConditionalGeneration.from_pretrained(second.export_dir)
     assert model.dtype == torch.bfloat16
     assert {"tokenizer.json", "config.json", "preprocessor_config.json"} <= set(os.listdir(second.export_dir))
     assert (tmp_path / "curve.png").stat().st_size > 0 and (tmp_path / "results.json").exists()
+
+
+def test_configured_schedule_applies_on_resume():
+    def scheduler(schedule):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    saved = WarmupCosine(2, 4, 0.1)
+    before = scheduler(saved)
+    for _ in range(3):
+        before.optimizer.step()
+        before.step()
+    state = before.state_dict()
+
+    def resume(max_steps, budget=None, fitted=False):
+        cfg = TrainConfig.from_dict(
+            {"optim": {"lr": 1.0}, "schedule": {"warmup_steps": 1, "min_lr_ratio": 0.0},
+             "train": {"max_steps": max_steps, "time_budget_min": budget}}
+        )  # fmt: skip
+        schedule = WarmupCosine(cfg.schedule.warmup_steps, max_steps, 0.0)
+        resumed = scheduler(schedule)
+        resumed.load_state_dict(
+            {**state, "lr_lambdas": [{**state["lr_lambdas"][0], "fitted_by_budget": fitted}]}
+        )
+        assert schedule.total_steps == 4  # what the load does by itself: the checkpoint's schedule wins
+        return resumed, schedule, apply_configured_schedule(resumed, schedule, cfg)
+
+    resumed, schedule, log = resume(10)
+    assert (schedule.total_steps, schedule.warmup_steps, schedule.min_ratio) == (10, 1, 0.0)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(WarmupCosine(1, 10, 0.0)(3))
+    assert log == [
+        "schedule on resume: the configured values apply: total steps 10 (the checkpoint had 4); "
+        "schedule.warmup_steps 1 (the checkpoint had 2); schedule.min_lr_ratio 0.0 (the checkpoint had 0.1); "
+        "the cosine now ends at step 10"
+    ]
+    resumed.optimizer.step()
+    resumed.step()
+    assert resumed.get_last_lr()[0] == pytest.approx(WarmupCosine(1, 10, 0.0)(4))
+    # A total fitted to a time budget is kept while this run has a budget (it re-fits it), capped at max_steps.
+    assert resume(10, budget=5.0, fitted=True)[1].total_steps == 4
+    assert resume(3, budget=5.0, fitted=True)[1].total_steps == 3
+    assert resume(10, budget=None, fitted=True)[1].total_steps == 10
+
+
+def test_tied_embeddings_export_with_the_lm_head_left_out(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.set("model.overrides", {"tie_word_embeddings": True, "num_hidden_layers": 1})
+    _, world, _ = init_distributed()
+    model, processor = build_model(cfg)
+    engine, _, _ = build_engine(cfg, model, deepspeed_config(cfg, None, world))
+    export_pretrained(engine, processor, str(tmp_path / "export"), "float32", "5GB", rank=0)
+    exported = ScoutForConditionalGeneration.from_pretrained(tmp_path / "export")
+    lm = exported.language_model
+    assert exported.config.tie_word_embeddings and lm.lm_head.weight is lm.model.embed_tokens.weight
+    torch.testing.assert_close(lm.lm_head.weight, model.language_model.model.embed_tokens.weight.detach())
+
+
+def test_init_from_applies_shape_keeping_overrides_and_names_the_others():
+    tiny = str(ROOT / "scout_mm" / "assets" / "tiny")
+    cfg = TrainConfig.from_dict(
+        {"model": {"init_from": tiny, "overrides": {"router_aux_loss_coef": 0.5, "attention_chunk_size": 64}}}
+    )
+    model, _ = build_model(cfg)
+    reference = ScoutForConditionalGeneration.from_pretrained(tiny, dtype=torch.float32)
+    text = model.config.text
+    assert (text.router_aux_loss_coef, text.attention_chunk_size) == (0.5, 64)
+    assert model.language_model.model.layers[0].self_attn.chunk_size == 64  # the modules see it too
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.equal(p, q), name
+    cfg.set("model.overrides", {"router_aux_loss_coef": 0.5, "num_hidden_layers": 2})
+    cfg.set("model.vision_overrides", {"num_hidden_layers": 7})
+    with pytest.raises(
+        ValueError,
+        match=r"model.overrides.num_hidden_layers \(moe_layers .*\), "
+        r"model.vision_overrides.num_hidden_layers would change parameter shapes of the checkpoint .*tiny",
+    ):
+        model_setup(cfg)
+
+
+def test_resume_refuses_another_zero_stage_or_another_model(tmp_path):
+    shapes = param_shapes(model_setup(tiny_config(tmp_path))[0])
+    folder = tmp_path / "checkpoints" / "step00000002"
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({"world_size": 1, "zero_stage": 2, "param_shapes": shapes}))
+    checkpointer = Checkpointer(None, str(tmp_path / "checkpoints"), keep=2, rank=0)
+    assert checkpointer.prepare_resume("step00000002", 1, {"zero_optimization": {"stage": 2}}, shapes) is None
+    with pytest.raises(ValueError, match=r"step00000002 was written with ZeRO-2, this run uses ZeRO-3; .*"
+                       r"--train.resume never .* new train.output_dir"):  # fmt: skip
+        checkpointer.prepare_resume("step00000002", 1, {"zero_optimization": {"stage": 3}}, shapes)
+    other = TrainConfig.from_dict({"model": {"overrides": {"num_hidden_layers": 2}}})
+    with pytest.raises(ValueError, match=r"step00000002 holds another model .*--train.resume never"):
+        checkpointer.prepare_resume("step00000002", 1, {"zero_optimization": {"stage": 2}},
+                                    param_shapes(model_setup(other)[0]))  # fmt: skip
 
 
 def test_latest_only_points_at_complete_checkpoints(tmp_path):
@@ -109,6 +223,136 @@ def test_latest_only_points_at_complete_checkpoints(tmp_path):
     assert checkpointer.latest_tag() == "step00000005"
     with pytest.raises(FileNotFoundError, match="no checkpoint 'step00000001'"):
         checkpointer.load("step00000001")
+
+
+@pytest.mark.parametrize(
+    "key, value, error",
+    [
+        ("train.micro_batch_size", "2.5", r"train.micro_batch_size=2.5; expected an integer"),
+        ("train.max_steps", "many", r"train.max_steps='many'; expected an integer"),
+        ("optim.betas", "[0.9]", r"optim.betas=\[0.9\]; expected \[beta1, beta2\]"),
+        ("optim.betas", "0.9", r"optim.betas=0.9; expected a list"),
+        ("train.resume", "2", r"train.resume=2; expected a string"),
+        ("train.tensorboard", "1", r"train.tensorboard=1; expected true or false"),
+        ("schedule.warmup_steps", "-5", r"schedule.warmup_steps=-5; expected >= 0"),
+        ("schedule.min_lr_ratio", "2.0", r"schedule.min_lr_ratio=2.0; expected a fraction"),
+        ("optim.grad_clip", "-1", r"optim.grad_clip=-1.0; expected >= 0"),
+        ("train.time_budget_min", "-1", r"train.time_budget_min=-1.0; expected > 0"),
+        ("train.profile_steps", "[5]", r"train.profile_steps=\[5\]; expected \[first, last\]"),
+        ("data.sources", "synthetic", r"data.sources='synthetic'; expected a list"),
+        (
+            "data.sources",
+            "[synthetic]",
+            r"data.sources=\['synthetic'\]; expected a non-empty list of mappings",
+        ),
+        (
+            "data.sources",
+            "[{type: synthetic, weight: 0}]",
+            r"data.sources\[0\] weight 0; expected a positive",
+        ),
+        ("data.sources", "[{type: jsonl}]", r"data.sources\[0\] = .*needs a 'path'"),
+        ("data.eval_tasks", "colour", r"data.eval_tasks='colour'; expected a list"),
+    ],
+)
+def test_config_values_are_type_and_range_checked_naming_the_key(key, value, error):
+    with pytest.raises(ValueError, match=error):
+        TrainConfig.load(None, [(key, value)]).validate()
+
+
+def test_integer_fields_accept_integral_numbers():
+    cfg = TrainConfig.load(None, [("train.max_steps", "1e3"), ("train.micro_batch_size", "4.0")])
+    assert cfg.train.max_steps == 1000 and isinstance(cfg.train.max_steps, int)
+    assert cfg.train.micro_batch_size == 4 and isinstance(cfg.train.micro_batch_size, int)
+
+
+@pytest.mark.parametrize("export_dir", ["{out}", "{out}/..", "{out}/checkpoints", "{out}/checkpoints/export"])
+def test_export_dir_may_not_hold_the_checkpoints(tmp_path, export_dir):
+    cfg = TrainConfig.load(
+        None,
+        [
+            ("train.output_dir", str(tmp_path / "run")),
+            ("train.export_dir", export_dir.format(out=tmp_path / "run")),
+        ],
+    )
+    with pytest.raises(ValueError, match=r"train.export_dir=.* would hold train.output_dir's checkpoints"):
+        cfg.validate()
+    cfg.set("train.export_dir", str(tmp_path / "run" / "export"))
+    cfg.validate()
+
+
+def test_deepspeed_json_mistakes_are_named(tmp_path):
+    cfg = TrainConfig()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"bf16": {"enabled": true},}')
+    with pytest.raises(ValueError, match=r"DeepSpeed config .*bad.json is not valid JSON"):
+        deepspeed_config(cfg, str(bad), 1)
+    odd = tmp_path / "odd.json"
+    odd.write_text(
+        json.dumps({"zero_optimisation": {"stage": 2}, "scheduler": {"type": "WarmupLR"}, "bf16": {}})
+    )
+    with pytest.warns(UserWarning) as caught:
+        ds = deepspeed_config(cfg, str(odd), 1)
+    messages = [str(w.message) for w in caught]
+    assert any(
+        "'zero_optimisation' is not a DeepSpeed setting" in m and "'zero_optimization'" in m for m in messages
+    )
+    assert any("'scheduler' section is ignored: the LR follows the training config" in m for m in messages)
+    assert "scheduler" not in ds  # config.yaml records what is in effect
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deepspeed_config(cfg, ZERO2, 1)  # the shipped configs pass silently
+        deepspeed_config(cfg, str(ROOT / "configs" / "ds_zero3_offload.json"), 1)
+
+
+@pytest.mark.parametrize(
+    "fields, ds_json, error",
+    [
+        ({"data.sources": [{"type": "jsonl", "path": "/nonexistent/train.jsonl"}]}, ZERO2, FileNotFoundError),
+        ({"data.eval_tasks": ["colour"], "data.eval_docs": 4}, ZERO2, r"tasks \['colour'\]; expected"),
+        (
+            {"data.seq_len": 16},
+            ZERO2,
+            r"data.seq_len=16 is shorter than data.sources\[0\]'s synthetic document",
+        ),
+        ({}, "{tmp}/missing.json", FileNotFoundError),
+    ],
+)
+def test_data_and_deepspeed_config_are_checked_before_the_model_is_built(
+    tmp_path, monkeypatch, fields, ds_json, error
+):
+    import scout_mm.train.loop as loop
+
+    def no_model(cfg):
+        raise AssertionError("the model was built before the configuration was checked")
+
+    monkeypatch.setattr(loop, "build_model", no_model)
+    cfg = tiny_config(tmp_path / "out")
+    for key, value in fields.items():
+        cfg.set(key, value)
+    kind, match = (error, None) if isinstance(error, type) else (ValueError, error)
+    with pytest.raises(kind, match=match):
+        train(cfg, ds_json.format(tmp=tmp_path))
+    assert (
+        not (tmp_path / "out" / "config.yaml").exists() and not (tmp_path / "out" / "metrics.jsonl").exists()
+    )
+
+
+def test_logged_loss_skips_micro_batches_without_label_tokens():
+    from scout_mm.train.loop import _Window
+
+    def batch(labelled: bool):
+        ids = torch.ones(1, 6, dtype=torch.long)
+        labels = ids.clone() if labelled else torch.full_like(ids, IGNORE_INDEX)
+        return PackedBatch(ids, labels, ids, ids.bool(), ids * 0, None, [""])
+
+    window = _Window(torch.device("cpu"), n_experts=0, n_layers=0)
+    window.restart()
+    empty = torch.zeros(0)
+    window.add(torch.tensor(float("nan")), None, empty, batch(False), 0.0)  # what the model returns then
+    assert window.summary(1, None)[0]["loss"] is None
+    window.add(torch.tensor(2.0), None, empty, batch(True), 0.0)
+    window.add(torch.tensor(4.0), None, empty, batch(True), 0.0)
+    assert window.summary(1, None)[0]["loss"] == 3.0
 
 
 def test_float_fields_accept_exponent_strings():
@@ -185,7 +429,6 @@ def train_one_rank(output_dir, fields: dict | None = None):
 
 
 def train_losses(output_dir) -> list[float]:
-    import json
 
     with open(Path(output_dir) / "metrics.jsonl") as f:
         return [r["loss"] for r in map(json.loads, f) if r["kind"] == "train"]

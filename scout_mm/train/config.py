@@ -9,6 +9,7 @@ it before ``deepspeed.initialize`` (see :func:`scout_mm.train.engine.deepspeed_c
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +78,7 @@ class TrainSection:
     export_dir: str | None = None  # default: output_dir/export
     seed: int = 0
     export_dtype: str = "bfloat16"
-    export_shard_size: str = "5GB"
+    export_shard_size: str | int = "5GB"
     generate_eval_docs: int = 0  # at the end, also check greedy generation on this many held-out docs
     peak_tflops: float | None = None  # for MFU; default: from the GPU name (H100/H200 989, A100 312)
     tensorboard: bool = True
@@ -131,44 +132,165 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        t, d = self.train, self.data
-        for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every"):
+        """Ranges and shapes of the values (their types were checked by :meth:`set`), so that a typo fails
+        here, before the model is built, naming the key."""
+        t, d, o, s = self.train, self.data, self.optim, self.schedule
+        for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "keep_checkpoints"):
             if getattr(t, name) < 1:
                 raise ValueError(f"train.{name}={getattr(t, name)}; expected >= 1")
-        for name in ("eval_every", "save_every"):
+        for name in ("eval_every", "save_every", "generate_eval_docs", "calibration_steps"):
             if getattr(t, name) < 0:
                 raise ValueError(f"train.{name}={getattr(t, name)}; expected >= 0 (0 = never)")
+        if t.time_budget_min is not None and t.time_budget_min <= 0:
+            raise ValueError(
+                f"train.time_budget_min={t.time_budget_min}; expected > 0 minutes or null (no budget)"
+            )
+        if t.time_reserve_s < 0:
+            raise ValueError(f"train.time_reserve_s={t.time_reserve_s}; expected >= 0")
+        if t.peak_tflops is not None and t.peak_tflops <= 0:
+            raise ValueError(f"train.peak_tflops={t.peak_tflops}; expected > 0 or null (from the GPU name)")
+        if t.profile_steps is not None and not (
+            len(t.profile_steps) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in t.profile_steps)
+            and 1 <= t.profile_steps[0] <= t.profile_steps[1]
+        ):
+            raise ValueError(
+                f"train.profile_steps={t.profile_steps}; expected [first, last] with 1 <= first <= last, "
+                "or null"
+            )
+        if t.export_dtype not in ("bfloat16", "float32", "float16"):
+            raise ValueError(f"train.export_dtype={t.export_dtype!r}; expected bfloat16, float16 or float32")
+        if t.export_dir is not None:
+            _check_export_dir(t.export_dir, t.output_dir)
         if d.seq_len < 1:
             raise ValueError(f"data.seq_len={d.seq_len}; expected >= 1")
+        for name in ("num_workers", "eval_docs"):
+            if getattr(d, name) < 0:
+                raise ValueError(f"data.{name}={getattr(d, name)}; expected >= 0")
         if not (
             d.pack_align in (None, "chunk", "doc") or (isinstance(d.pack_align, int) and d.pack_align > 0)
         ):
             raise ValueError(
                 f"data.pack_align={d.pack_align!r}; expected 'chunk', 'doc', a positive int or null"
             )
+        _check_sources(d.sources)
+        if d.eval_tasks is not None and not (d.eval_tasks and all(isinstance(x, str) for x in d.eval_tasks)):
+            raise ValueError(
+                f"data.eval_tasks={d.eval_tasks!r}; expected a non-empty list of task names or null"
+            )
+        if not o.lr > 0:
+            raise ValueError(f"optim.lr={o.lr}; expected > 0")
+        if not o.eps > 0:
+            raise ValueError(f"optim.eps={o.eps}; expected > 0")
+        if o.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay={o.weight_decay}; expected >= 0")
+        if o.grad_clip < 0:
+            raise ValueError(f"optim.grad_clip={o.grad_clip}; expected >= 0 (0 = no clipping)")
+        if not (
+            len(o.betas) == 2
+            and all(isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in o.betas)
+        ):
+            raise ValueError(f"optim.betas={o.betas!r}; expected [beta1, beta2], each in [0, 1)")
+        if s.warmup_steps < 0:
+            raise ValueError(f"schedule.warmup_steps={s.warmup_steps}; expected >= 0")
+        if not 0 <= s.min_lr_ratio <= 1:
+            raise ValueError(
+                f"schedule.min_lr_ratio={s.min_lr_ratio}; expected a fraction of optim.lr in [0, 1]"
+            )
         if not isinstance(self.model.vision_overrides, dict):
             raise ValueError(f"model.vision_overrides={self.model.vision_overrides!r}; expected a mapping")
         if self.model.vision_init not in ("fan_in", "hf"):
             raise ValueError(f"model.vision_init={self.model.vision_init!r}; expected 'fan_in' or 'hf'")
-        if t.export_dtype not in ("bfloat16", "float32", "float16"):
-            raise ValueError(f"train.export_dtype={t.export_dtype!r}; expected bfloat16, float16 or float32")
 
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 
+def _check_sources(sources: list) -> None:
+    """The shape of ``data.sources``; the files themselves are checked by ``loop.build_source``."""
+    if not sources or not all(isinstance(spec, dict) for spec in sources):
+        raise ValueError(
+            f"data.sources={sources!r}; expected a non-empty list of mappings such as "
+            "[{type: synthetic}, {type: jsonl, path: data.jsonl, weight: 2}]"
+        )
+    for i, spec in enumerate(sources):
+        kind = spec.get("type")
+        if kind not in ("synthetic", "jsonl"):
+            raise ValueError(f"data.sources[{i}] type {kind!r}; expected 'synthetic' or 'jsonl'")
+        if kind == "jsonl" and not isinstance(spec.get("path"), str):
+            raise ValueError(f"data.sources[{i}] = {spec}: a jsonl source needs a 'path' (a string)")
+        weight = spec.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
+            raise ValueError(f"data.sources[{i}] weight {weight!r}; expected a positive number")
+        if kind == "synthetic" and spec.get("tasks") is not None and not isinstance(spec["tasks"], list):
+            raise ValueError(f"data.sources[{i}] tasks {spec['tasks']!r}; expected a list of task names")
+
+
+def _check_export_dir(export_dir: str, output_dir: str) -> None:
+    # The export replaces its whole folder (written beside it, then renamed into place, with what else the
+    # folder held moved into the new one): pointed at the output dir or above it, the run's checkpoints and
+    # logs would move with every export, and a failed export would have them in flight. Keep them apart.
+    export = os.path.realpath(export_dir)
+    output = os.path.realpath(output_dir)
+    checkpoints = os.path.join(output, "checkpoints")
+    if export == output or _inside(output, export) or _inside(export, checkpoints) or export == checkpoints:
+        raise ValueError(
+            f"train.export_dir={export_dir!r} would hold train.output_dir's checkpoints ({checkpoints}); "
+            "export to a folder outside them (default: output_dir/export)"
+        )
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder and path != folder
+
+
+_KIND_NAMES = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "bool": "true or false",
+    "list": "a list",
+    "dict": "a mapping",
+    "None": "null",
+}
+
+
 def _coerce(key: str, value: Any, kind: str) -> Any:
-    """A float field accepts ints and numeric strings: YAML 1.1 reads ``3e-4`` (no dot) as a string."""
-    if "float" not in str(kind) or isinstance(value, bool) or value is None:
+    """Check ``value`` against the field's annotation (a string such as ``"int"`` or ``"str | int | None"``).
+
+    Numbers are lenient where YAML is surprising: YAML 1.1 reads ``3e-4`` and ``1e3`` (no dot) as strings, so
+    a numeric string is a number, an int is a float where a float is wanted, and an integral float is an int
+    where an int is wanted. Anything else of the wrong type raises, naming the key.
+    """
+    kinds = {part.strip() for part in str(kind).split("|")}
+    if value is None and "None" in kinds:
         return value
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
+    if isinstance(value, bool):
+        if "bool" in kinds:
+            return value
+    elif isinstance(value, int | float):
+        if isinstance(value, int) and "int" in kinds:
+            return value
+        if "float" in kinds:
             return float(value)
-        except ValueError:
-            raise ValueError(f"{key}={value!r}; expected a number") from None
-    return value
+        if "int" in kinds and float(value).is_integer():
+            return int(value)
+    elif isinstance(value, str):
+        if "str" in kinds:
+            return value
+        if kinds & {"int", "float"}:
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+            if number is not None:
+                return _coerce(key, number, kind)
+    elif isinstance(value, list) and "list" in kinds or isinstance(value, dict) and "dict" in kinds:
+        return value
+    order = list(_KIND_NAMES)
+    ranked = sorted(kinds, key=lambda k: order.index(k) if k in order else len(order))
+    expected = " or ".join(_KIND_NAMES.get(k, k) for k in ranked)
+    raise ValueError(f"{key}={value!r}; expected {expected}")
 
 
 def all_keys() -> list[str]:

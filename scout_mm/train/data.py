@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from scout_mm.chat_format import IMAGE_PLACEHOLDER, render_chat
 from scout_mm.processor import Processor
 from scout_mm.train.synthetic import SyntheticTasks, render
 from scout_mm.vision.preprocess import select_canvas
@@ -46,6 +47,7 @@ class Example:
     labels: list[int]
     images: list[ImageRef] = field(default_factory=list)
     task: str = ""  # synthetic task name, for per-task evaluation
+    origin: str = ""  # "path:line" of a jsonl record, for messages
 
 
 @dataclass
@@ -60,6 +62,7 @@ class PackedBatch:
     pixel_values: torch.Tensor | None  # (tiles, 3, tile, tile) bfloat16, all images in row-major order
     tasks: list[str]
     index: int = -1  # global micro-batch index (-1 for evaluation batches)
+    truncated: list[str] = field(default_factory=list)  # documents cut to seq_len: "origin (n tokens)"
 
     def to(self, device) -> PackedBatch:
         return self._apply(lambda t: t.to(device, non_blocking=True))
@@ -77,7 +80,9 @@ class PackedBatch:
             self.doc_ids,
             self.pixel_values,
         )
-        return PackedBatch(*(fn(t) if t is not None else None for t in tensors), self.tasks, self.index)
+        return PackedBatch(
+            *(fn(t) if t is not None else None for t in tensors), self.tasks, self.index, self.truncated
+        )
 
     @property
     def n_label_tokens(self) -> int:
@@ -179,22 +184,50 @@ class JsonlSource:
     """A jsonl file of ``{"text": ...}`` documents or ``{"messages": [...], "images": [paths]}``
     conversations (``"image": path`` also works; relative paths are relative to the file's folder).
 
-    The file is read once; as an infinite stream, epoch ``e`` visits its lines in a permutation seeded by
-    ``(seed, e)``.
+    The file is read and checked once, up front (JSON, keys, field types, image files exist), so that a bad
+    record fails at start-up naming ``path:line`` rather than at the step that first draws it. As an infinite
+    stream, epoch ``e`` visits its lines in a permutation seeded by ``(seed, e)``.
     """
 
     def __init__(self, processor: Processor, path: str | os.PathLike, seed: int = 0):
         self.processor, self.path, self.seed = processor, os.fspath(path), seed
         self.folder = os.path.dirname(os.path.abspath(self.path))
+        self.records, self.lines = [], []  # the records and their 1-based line numbers
         with open(self.path) as f:
-            self.records = [json.loads(line) for line in f if line.strip()]
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"{self.path}:{number}: invalid JSON: {e}") from None
+                self._check(record, f"{self.path}:{number}")
+                self.records.append(record)
+                self.lines.append(number)
         if not self.records:
             raise ValueError(f"{self.path}: no records")
-        for i, record in enumerate(self.records):
-            if "text" not in record and "messages" not in record:
-                raise ValueError(
-                    f"{self.path} line {i + 1}: keys {sorted(record)}; expected 'text' or 'messages'"
-                )
+
+    def _check(self, record, where: str) -> None:
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: a JSON {type(record).__name__}; expected an object")
+        if "text" not in record and "messages" not in record:
+            raise ValueError(f"{where}: keys {sorted(record)}; expected 'text' or 'messages'")
+        if "messages" not in record:
+            if not isinstance(record["text"], str):
+                raise ValueError(f"{where}: 'text' is a {type(record['text']).__name__}; expected a string")
+            return
+        try:  # the chat template's own checks (roles, content parts), and where the images go
+            n_placeholders = render_chat(record["messages"], False).count(IMAGE_PLACEHOLDER)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+        paths = record.get("images", [record["image"]] if "image" in record else [])
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise ValueError(f"{where}: images {paths!r}; expected a list of file paths")
+        if len(paths) != n_placeholders:
+            raise ValueError(f"{where}: {n_placeholders} image placeholders but {len(paths)} images")
+        for image_path in paths:
+            if not os.path.isfile(self._full_path(image_path)):
+                raise ValueError(f"{where}: image {self._full_path(image_path)} does not exist")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -207,15 +240,25 @@ class JsonlSource:
 
     def __getitem__(self, index: int) -> Example:
         n = len(self.records)
-        record = self.records[self._permutation(index // n)[index % n]]
-        if "messages" not in record:
-            return encode_text(self.processor, record["text"])
-        paths = record.get("images", [record["image"]] if "image" in record else [])
-        images = [self._image_ref(p) for p in paths]
-        return encode_conversation(self.processor, record["messages"], images)
+        k = self._permutation(index // n)[index % n]
+        record, origin = self.records[k], f"{self.path}:{self.lines[k]}"
+        try:
+            if "messages" not in record:
+                example = encode_text(self.processor, record["text"])
+            else:
+                paths = record.get("images", [record["image"]] if "image" in record else [])
+                images = [self._image_ref(p) for p in paths]
+                example = encode_conversation(self.processor, record["messages"], images)
+        except (OSError, ValueError, TypeError, KeyError) as e:  # e.g. an unreadable image
+            raise ValueError(f"{origin}: {e}") from e
+        example.origin = origin
+        return example
+
+    def _full_path(self, path: str) -> str:
+        return path if os.path.isabs(path) else os.path.join(self.folder, path)
 
     def _image_ref(self, path: str) -> ImageRef:
-        full = path if os.path.isabs(path) else os.path.join(self.folder, path)
+        full = self._full_path(path)
         with Image.open(full) as image:  # reads the header only
             width, height = image.size
 
@@ -285,6 +328,19 @@ def plan_rows(lengths: Sequence[int], seq_len: int, align: int | str | None) -> 
     return [row for row in rows if row]
 
 
+def truncate(example: Example, seq_len: int, processor: Processor) -> Example:
+    """The first ``seq_len`` tokens of ``example``. An image whose token layout the cut would split is dropped
+    whole, with every token from its ``<|image_start|>`` on (its tiles must match its tokens)."""
+    ids = example.ids[:seq_len]
+    n_images = 0
+    if example.images:
+        starts = [i for i, token in enumerate(ids) if token == processor.boi_token_id]
+        if starts and processor.eoi_token_id not in ids[starts[-1] :]:
+            ids = ids[: starts[-1]]
+        n_images = ids.count(processor.eoi_token_id)
+    return Example(ids, example.labels[: len(ids)], example.images[:n_images], example.task, example.origin)
+
+
 def _check_fits(length: int, seq_len: int) -> None:
     if length > seq_len:
         raise ValueError(f"document of {length} tokens does not fit seq_len={seq_len}; raise seq_len")
@@ -334,7 +390,8 @@ def _tiles(processor: Processor, image: ImageRef) -> torch.Tensor:
 # ---------------------------------------------------------------------- the stream
 class PackedStream(IterableDataset):
     """Packed micro-batches ``start + rank, start + rank + world, ...`` of an infinite source, split over
-    DataLoader workers so that the loader yields them in exactly that order."""
+    DataLoader workers so that the loader yields them in exactly that order. Micro-batch ``g`` holds the
+    documents ``[doc_offset + g * docs_per_batch, doc_offset + (g + 1) * docs_per_batch)``."""
 
     def __init__(
         self,
@@ -346,16 +403,27 @@ class PackedStream(IterableDataset):
         start: int = 0,
         rank: int = 0,
         world: int = 1,
+        doc_offset: int = 0,
     ):
         self.source, self.processor = source, processor
         self.docs_per_batch, self.seq_len, self.align = docs_per_batch, seq_len, align
         self.start, self.rank, self.world = start, rank, world
+        # Documents before micro-batch 0: resuming with another micro_batch_size can leave the position
+        # between two micro-batch boundaries of the new size.
+        self.doc_offset = doc_offset
 
     def batch(self, index: int) -> PackedBatch:
-        first = index * self.docs_per_batch
+        first = self.doc_offset + index * self.docs_per_batch
         examples = [self.source[i] for i in range(first, first + self.docs_per_batch)]
+        # A document longer than seq_len is truncated, as HF trainers do (tokenizer truncation=True, TRL's
+        # max_length): one long record in a large file should cost its tail, not stop the run at the step
+        # that draws it (and again at that step on every resume). The loop counts and reports them.
+        truncated = [f"{e.origin or e.task or 'document'} ({len(e.ids)} tokens)" for e in examples
+                     if len(e.ids) > self.seq_len]  # fmt: skip
+        if truncated:
+            examples = [truncate(e, self.seq_len, self.processor) for e in examples]
         batch = pack(examples, self.seq_len, self.align, self.processor)
-        batch.index = index
+        batch.index, batch.truncated = index, truncated
         return batch
 
     def __iter__(self) -> Iterator[PackedBatch]:

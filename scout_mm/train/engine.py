@@ -7,10 +7,14 @@ Everything DeepSpeed-specific in the package lives here; the model stays plain P
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import math
 import os
+import pathlib
 import random
+import re
 import shutil
 import socket
 import warnings
@@ -63,24 +67,93 @@ def barrier() -> None:
 
 
 # ---------------------------------------------------------------------- model
-def build_model(cfg: TrainConfig) -> tuple[ScoutForConditionalGeneration, Processor]:
-    """The model in float32 on the CPU (DeepSpeed moves and casts it) and its processor."""
+def model_setup(cfg: TrainConfig) -> tuple[ScoutConfig, Processor]:
+    """The model config (preset or ``init_from`` checkpoint, with the overrides) and its processor, without
+    building any weights: enough to check the data and the checkpoint to resume before the model exists."""
     m = cfg.model
-    if m.init_from:
-        model = ScoutForConditionalGeneration.from_pretrained(m.init_from, dtype=torch.float32)
-        processor = Processor.from_config(model.config, tokenizer_path=m.init_from)
-    else:
-        torch.manual_seed(cfg.train.seed)  # same init on every rank
+    if not m.init_from:
         config = ScoutConfig.from_preset(m.preset, **m.overrides)
         if m.vision_overrides:
             if config.vision is None:
                 raise ValueError(f"model.vision_overrides given, but preset {m.preset!r} has no vision tower")
             config.vision = dataclasses.replace(config.vision, **m.vision_overrides)  # re-validated
+        return config, Processor.from_config(config)
+    base = ScoutConfig.from_hf(m.init_from)
+    config = _override(base, m.overrides, m.vision_overrides, m.init_from)
+    return config, Processor.from_config(config, tokenizer_path=m.init_from)
+
+
+def _override(base: ScoutConfig, overrides: dict, vision_overrides: dict, init_from: str) -> ScoutConfig:
+    """``base`` (a checkpoint's config) with the overrides, which must keep every parameter shape (the
+    checkpoint's weights are loaded into the result); raises naming those that do not."""
+    for name, fields, section in (
+        ("model.overrides", overrides, base.text),
+        ("model.vision_overrides", vision_overrides, base.vision),
+    ):
+        if fields and section is None:
+            raise ValueError(f"{name} given, but the model of {init_from} has no vision tower")
+        known = {f.name for f in dataclasses.fields(section)} - {"hf_extra"} if section else set()
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"{name} keys {unknown} are not config fields; expected some of {sorted(known)}")
+
+    def apply(text_fields: dict, vision_fields: dict) -> ScoutConfig:
+        text = dataclasses.replace(base.text, **text_fields)  # re-validated
+        vision = dataclasses.replace(base.vision, **vision_fields) if vision_fields else base.vision
+        tie = text_fields.get("tie_word_embeddings", base.tie_word_embeddings)  # either flag ties: set both
+        text.tie_word_embeddings = tie
+        return dataclasses.replace(base, text=text, vision=vision, tie_word_embeddings=tie)
+
+    shapes = param_shapes(base)
+    refused = []
+    for name, text_fields, vision_fields in [
+        *((f"model.overrides.{k}", {k: v}, {}) for k, v in overrides.items()),
+        *((f"model.vision_overrides.{k}", {}, {k: v}) for k, v in vision_overrides.items()),
+    ]:
+        try:
+            if param_shapes(apply(text_fields, vision_fields)) != shapes:
+                refused.append(name)
+        except ValueError as e:  # e.g. fewer layers than the checkpoint's moe_layers list names
+            refused.append(f"{name} ({e})")
+    config = None if refused else apply(overrides, vision_overrides)
+    if config is None or param_shapes(config) != shapes:
+        raise ValueError(
+            f"{', '.join(refused) or 'the overrides together'} would change parameter shapes of the "
+            f"checkpoint {init_from}; with model.init_from only overrides that keep every shape apply (e.g. "
+            "router_aux_loss_coef, attention_chunk_size, rope_scaling): drop these, or train from model.preset"
+        )
+    return config
+
+
+def param_shapes(config: ScoutConfig) -> dict[str, list[int]]:
+    """Parameter name -> shape of the model ``config`` describes (built on the meta device: no memory). A tied
+    LM head is not listed, so tying changes the result too."""
+    with torch.device("meta"):
+        model = ScoutForConditionalGeneration(config)
+    return {name: list(p.shape) for name, p in model.named_parameters()}
+
+
+def build_model(cfg: TrainConfig) -> tuple[ScoutForConditionalGeneration, Processor]:
+    """The model in float32 on the CPU (DeepSpeed moves and casts it) and its processor."""
+    m = cfg.model
+    config, processor = model_setup(cfg)
+    if m.init_from:
+        model = ScoutForConditionalGeneration.from_pretrained(m.init_from, dtype=torch.float32)
+        if m.overrides or m.vision_overrides:  # the same weights in a model built from the overridden config
+            config = _override(model.config, m.overrides, m.vision_overrides, m.init_from)
+            with torch.device("meta"):
+                overridden = ScoutForConditionalGeneration(config)
+            overridden.load_state_dict(model.state_dict(), strict=True, assign=True)
+            if config.tie_word_embeddings:
+                lm = overridden.language_model
+                lm.lm_head.weight = lm.model.embed_tokens.weight
+            model = overridden
+    else:
+        torch.manual_seed(cfg.train.seed)  # same init on every rank
         model = ScoutForConditionalGeneration(config)
         if m.vision_init == "fan_in" and model.vision_model is not None:
             fan_in_init(model.vision_model)
             fan_in_init(model.multi_modal_projector)
-        processor = Processor.from_config(config)
     if m.freeze_vision:
         if model.vision_model is None:
             raise ValueError("model.freeze_vision=true but the model has no vision tower")
@@ -116,17 +189,60 @@ class WarmupCosine:
     """LR multiplier for update ``s`` (0-based): linear warmup to 1, then cosine down to ``min_ratio``.
 
     An object rather than a lambda so ``LambdaLR.state_dict`` (hence DeepSpeed checkpoints) keeps
-    ``total_steps``, which a time budget may fix only after training started.
+    ``total_steps``, which a time budget may fix only after training started (``fitted_by_budget``). Loading
+    a checkpoint restores all of it; :func:`apply_configured_schedule` then puts the configured values back.
     """
 
     def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float):
         self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
+        self.fitted_by_budget = False
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def apply_configured_schedule(lr_scheduler, schedule: WarmupCosine, cfg: TrainConfig) -> list[str]:
+    """After a checkpoint load: ``LambdaLR.load_state_dict`` copied the saved schedule (total steps, warmup,
+    minimum ratio) and peak LR over the configured ones; put the configured ones back, so that a resumed run
+    honours a new ``train.max_steps`` (the usual reason to resume: extending a run), warmup, ``min_lr_ratio``
+    or ``optim.lr``, with the cosine recomputed for the new total. Returns a log line per change.
+
+    A total fitted to a time budget is kept (capped at ``max_steps``) when this run has a budget too: it is
+    re-fitted after the calibration steps, and until then the LR continues where it was.
+    """
+    t, configured = cfg.train, cfg.schedule
+    saved = (schedule.total_steps, schedule.warmup_steps, schedule.min_ratio)
+    total = t.max_steps
+    if schedule.fitted_by_budget and t.time_budget_min is not None:
+        total = min(total, schedule.total_steps)
+    else:
+        schedule.fitted_by_budget = False
+    schedule.total_steps, schedule.warmup_steps = total, configured.warmup_steps
+    schedule.min_ratio = configured.min_lr_ratio
+    changes = [
+        f"{name} {new} (the checkpoint had {old})"
+        for name, old, new in zip(
+            ("total steps", "schedule.warmup_steps", "schedule.min_lr_ratio"),
+            saved,
+            (schedule.total_steps, schedule.warmup_steps, schedule.min_ratio),
+        )
+        if old != new
+    ]
+    if any(base != cfg.optim.lr for base in lr_scheduler.base_lrs):
+        changes.append(f"optim.lr {cfg.optim.lr} (the checkpoint had {lr_scheduler.base_lrs[0]})")
+        lr_scheduler.base_lrs = [cfg.optim.lr] * len(lr_scheduler.base_lrs)
+    # The optimiser's current LR was computed by the saved schedule; recompute it for the next update.
+    factor = schedule(lr_scheduler.last_epoch)
+    for group, base in zip(lr_scheduler.optimizer.param_groups, lr_scheduler.base_lrs):
+        group["lr"] = base * factor
+    lr_scheduler._last_lr = [group["lr"] for group in lr_scheduler.optimizer.param_groups]
+    if not changes:
+        return []
+    return [f"schedule on resume: the configured values apply: {'; '.join(changes)}; the cosine now ends at "
+            f"step {schedule.total_steps}"]  # fmt: skip
 
 
 def deepspeed_config(cfg: TrainConfig, path: str | None, world_size: int) -> dict:
@@ -138,7 +254,30 @@ def deepspeed_config(cfg: TrainConfig, path: str | None, world_size: int) -> dic
     ds: dict = {}
     if path:
         with open(path) as f:
-            ds = json.load(f)
+            try:
+                ds = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+        if not isinstance(ds, dict):
+            raise ValueError(f"DeepSpeed config {path} holds a JSON {type(ds).__name__}; expected an object")
+        known = deepspeed_keys()
+        for key in ds:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                warnings.warn(
+                    f"{path}: top-level key {key!r} is not a DeepSpeed setting and is ignored{hint}",
+                    stacklevel=2,
+                )
+        if "scheduler" in ds:
+            # deepspeed.initialize gets our warmup + cosine as the client scheduler, and a client scheduler
+            # wins over the JSON one: say so rather than train on an LR the user did not ask for.
+            warnings.warn(
+                f"{path}: the 'scheduler' section is ignored: the LR follows the training config (optim.lr, "
+                "schedule.warmup_steps, schedule.min_lr_ratio, train.max_steps); remove the section",
+                stacklevel=2,
+            )
+            ds = {k: v for k, v in ds.items() if k != "scheduler"}
     t, o = cfg.train, cfg.optim
     owned = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -160,6 +299,21 @@ def deepspeed_config(cfg: TrainConfig, path: str | None, world_size: int) -> dic
             lr=o.lr, betas=list(o.betas), eps=o.eps, weight_decay=o.weight_decay
         )
     return ds
+
+
+@functools.lru_cache(maxsize=1)
+def deepspeed_keys() -> frozenset[str]:
+    """Every name DeepSpeed's config code mentions (its config and constants modules): a superset of the
+    top-level keys it reads, so that a key outside it is a typo DeepSpeed would silently ignore. Read from
+    the installed DeepSpeed rather than listed here, so that a new DeepSpeed version's keys pass."""
+    import deepspeed
+
+    root = pathlib.Path(deepspeed.__file__).parent
+    names = set()
+    for file in root.rglob("*.py"):
+        if "config" in file.name or "constants" in file.name:
+            names.update(re.findall(r"['\"]([a-z][a-z0-9_]*)['\"]", file.read_text(errors="ignore")))
+    return frozenset(names)
 
 
 def zero_stage(ds_config: dict) -> int:
@@ -242,7 +396,15 @@ class Checkpointer:
         torch.save(rng_state(), os.path.join(self.directory, partial, f"rng_rank{self.rank}.pt"))
         barrier()
         if self.rank == 0:
-            meta = {"world_size": _world_size(), "zero_stage": int(self.engine.zero_optimization_stage())}
+            meta = {
+                "world_size": _world_size(),
+                "zero_stage": int(self.engine.zero_optimization_stage()),
+                # ZeRO-3 leaves each parameter an empty partition; ds_shape is the full shape.
+                "param_shapes": {
+                    name: list(getattr(p, "ds_shape", p.shape))
+                    for name, p in self.engine.module.named_parameters()
+                },
+            }
             write_text_atomically(os.path.join(self.directory, partial, META), json.dumps(meta))
             final = os.path.join(self.directory, tag)
             if os.path.exists(final):  # saving the same step again (e.g. the final save)
@@ -269,21 +431,56 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint {resume!r} in {self.directory}")
         return resume
 
+    def meta(self, tag: str) -> dict:
+        """``meta.json`` of checkpoint ``tag`` ({} for checkpoints written before it existed)."""
+        path = os.path.join(self.directory, tag, META)
+        if not os.path.isfile(path):
+            return {}
+        with open(path) as f:
+            return json.load(f)
+
     def saved_world_size(self, tag: str) -> int:
         """How many ranks wrote checkpoint ``tag`` (from ``meta.json``, else by counting its optimiser
         partitions)."""
+        meta = self.meta(tag)
+        if "world_size" in meta:
+            return int(meta["world_size"])
         folder = os.path.join(self.directory, tag)
-        meta = os.path.join(folder, META)
-        if os.path.isfile(meta):
-            with open(meta) as f:
-                return int(json.load(f)["world_size"])
         partitions = [n for n in os.listdir(folder) if n.endswith("optim_states.pt")]
         return max(1, len(partitions))
 
-    def prepare_resume(self, tag: str, world_size: int, ds_config: dict) -> str | None:
-        """Before the engine is built: when ``tag`` was written by another number of ranks, convert it to
-        DeepSpeed's universal format (rank 0, once; other ranks wait) and switch ``ds_config`` to universal
-        loading. Returns a line for the log, or None when nothing had to be done. Collective."""
+    def check_compatible(self, tag: str, ds_config: dict, param_shapes: dict | None = None) -> None:
+        """Raise, naming the folder and the way out, when checkpoint ``tag`` cannot be loaded into this run:
+        written with another ZeRO stage (DeepSpeed lays the optimiser state out per stage and fails deep
+        inside otherwise), or by another model (``param_shapes``: this run's :func:`param_shapes`)."""
+        folder = os.path.join(self.directory, tag)
+        meta = self.meta(tag)
+        output_dir = os.path.dirname(self.directory)
+        fresh = f"pass --train.resume never to start over in {output_dir}, or set a new train.output_dir"
+        if "zero_stage" in meta and int(meta["zero_stage"]) != zero_stage(ds_config):
+            raise ValueError(
+                f"checkpoint {folder} was written with ZeRO-{meta['zero_stage']}, this run uses "
+                f"ZeRO-{zero_stage(ds_config)}; resume with a DeepSpeed config of ZeRO stage "
+                f"{meta['zero_stage']}, or {fresh}"
+            )
+        saved = meta.get("param_shapes")
+        if param_shapes is not None and saved is not None and saved != param_shapes:
+            differ = sorted(set(saved) ^ set(param_shapes)) + sorted(
+                name for name in set(saved) & set(param_shapes) if saved[name] != param_shapes[name]
+            )
+            raise ValueError(
+                f"checkpoint {folder} holds another model ({len(differ)} parameters differ in name or shape, "
+                f"e.g. {differ[0]}); {fresh}"
+            )
+
+    def prepare_resume(
+        self, tag: str, world_size: int, ds_config: dict, param_shapes: dict | None = None
+    ) -> str | None:
+        """Before the engine is built: check that ``tag`` fits this run (:meth:`check_compatible`); when it was
+        written by another number of ranks, convert it to DeepSpeed's universal format (rank 0, once; other
+        ranks wait) and switch ``ds_config`` to universal loading. Returns a line for the log, or None when
+        nothing had to be done. Collective."""
+        self.check_compatible(tag, ds_config, param_shapes)
         saved = self.saved_world_size(tag)
         if saved == world_size:
             return None
@@ -331,7 +528,16 @@ class Checkpointer:
                         step.to(moments.device) if on_device and moments is not None else step.cpu()
                     )
         else:
-            path, client_state = self.engine.load_checkpoint(self.directory, tag=tag)
+            try:
+                path, client_state = self.engine.load_checkpoint(self.directory, tag=tag)
+            except RuntimeError as e:
+                if "state_dict" not in str(e):
+                    raise
+                # A checkpoint written before meta.json recorded the parameter shapes, by another model.
+                raise RuntimeError(
+                    f"checkpoint {self.directory}/{tag} does not fit this model ({str(e).splitlines()[0]}); "
+                    "pass --train.resume never to start over in this output_dir, or set a new train.output_dir"
+                ) from e
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.directory}/{tag}")
         rng_file = os.path.join(self.directory, tag, f"rng_rank{self.rank}.pt")
@@ -424,7 +630,15 @@ def export_pretrained(
     if rank == 0:
         with torch.device("meta"):
             export = ScoutForConditionalGeneration(module.config)
+        lm = export.language_model
+        tied = module.config.tie_word_embeddings
+        # named_parameters() yields a tied weight once, under the embedding's name; after the load (assign=True
+        # gives each module its own Parameter) tie them again: save_pretrained writes a tied head once.
+        if tied:
+            state["language_model.lm_head.weight"] = state["language_model.model.embed_tokens.weight"]
         export.load_state_dict(state, strict=True, assign=True)
+        if tied:
+            lm.lm_head.weight = lm.model.embed_tokens.weight
         export.save_pretrained(path, max_shard_size=max_shard_size)
         processor.save_pretrained(path)
     barrier()

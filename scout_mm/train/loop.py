@@ -13,15 +13,26 @@ import torch
 import torch.distributed as dist
 
 from scout_mm.train.config import TrainConfig
-from scout_mm.train.data import JsonlSource, Mixture, PackedStream, SyntheticSource, eval_batches, make_loader
+from scout_mm.train.data import (
+    IGNORE_INDEX,
+    JsonlSource,
+    Mixture,
+    PackedStream,
+    SyntheticSource,
+    eval_batches,
+    make_loader,
+)
 from scout_mm.train.engine import (
     Checkpointer,
+    apply_configured_schedule,
     barrier,
     build_engine,
     build_model,
     deepspeed_config,
     export_pretrained,
     init_distributed,
+    model_setup,
+    param_shapes,
     zero_stage,
 )
 from scout_mm.train.evaluate import answer_accuracy, generation_accuracy
@@ -45,14 +56,18 @@ class TrainResult:
     eval: dict | None = None
     generation: dict | None = None
     export_dir: str | None = None
+    truncated_docs: int = 0  # documents longer than data.seq_len, cut to it
 
 
 def build_source(cfg: TrainConfig, processor):
+    """The training documents: the configured sources (jsonl files read and checked here) as one mixture."""
     sources, weights = [], []
     for i, spec in enumerate(cfg.data.sources):
         kind = spec.get("type")
         if kind == "synthetic":
-            sources.append(SyntheticSource(processor, "train", cfg.data.seed, spec.get("tasks")))
+            source = SyntheticSource(processor, "train", cfg.data.seed, spec.get("tasks"))
+            _check_synthetic_fits(source, cfg.data.seq_len, f"data.sources[{i}]")
+            sources.append(source)
         elif kind == "jsonl":
             if "path" not in spec:
                 raise ValueError(f"data.sources[{i}] = {spec}: a jsonl source needs a 'path'")
@@ -61,6 +76,38 @@ def build_source(cfg: TrainConfig, processor):
             raise ValueError(f"data.sources[{i}] type {kind!r}; expected 'synthetic' or 'jsonl'")
         weights.append(float(spec.get("weight", 1.0)))
     return Mixture(sources, weights, cfg.data.seed)
+
+
+def _check_synthetic_fits(source: SyntheticSource, seq_len: int, name: str) -> None:
+    # A synthetic document cut to seq_len loses its answer (the labelled part comes last): a seq_len that
+    # cannot hold the first few documents of each task is a config error, reported before the model is built.
+    for index in range(2 * len(source.tasks.tasks)):
+        n = len(source[index].ids)
+        if n > seq_len:
+            raise ValueError(
+                f"data.seq_len={seq_len} is shorter than {name}'s synthetic document {index} ({n} tokens); "
+                "raise data.seq_len"
+            )
+
+
+def data_position(state: dict, micro_batch_size: int) -> tuple[int, int, str | None]:
+    """(global micro-batches consumed, document offset, a line for the log or None) that resume the data
+    stream at the first document the checkpoint had not trained on, for any ``micro_batch_size``.
+
+    Micro-batch ``g`` holds documents ``[offset + g * micro_batch_size, ...)``: a checkpoint records the
+    documents consumed, so a new micro_batch_size starts at the same document rather than at
+    ``consumed x new size`` (which would skip or repeat documents).
+    """
+    if "documents_consumed" not in state:  # nothing to resume, or a checkpoint from before the count
+        return state.get("batches_consumed", 0), 0, None
+    documents = state["documents_consumed"]
+    consumed, offset = divmod(documents, micro_batch_size)
+    saved = state.get("micro_batch_size", micro_batch_size)
+    note = (
+        f"train.micro_batch_size {micro_batch_size} now, {saved} before: the data continues at document "
+        f"{documents}, the first one the checkpoint had not trained on"
+    )
+    return consumed, offset, note if saved != micro_batch_size else None
 
 
 def train(
@@ -74,28 +121,55 @@ def train(
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    model, processor = build_model(cfg)
+    # Everything that can be checked without the weights is checked before the model is built (minutes for a
+    # large checkpoint): the data files, eval tasks, the DeepSpeed JSON and the checkpoint to resume. A typo
+    # then fails in seconds and leaves nothing in output_dir.
+    model_config, processor = model_setup(cfg)
+    align = model_config.text.attention_chunk_size if cfg.data.pack_align == "chunk" else cfg.data.pack_align
+    source = build_source(cfg, processor)
+    SyntheticTasks("heldout", cfg.data.seed, **_tasks(cfg))  # the eval task names
+    eval_set = []
+    if cfg.data.eval_docs:
+        heldout = SyntheticSource(processor, "heldout", cfg.data.seed, cfg.data.eval_tasks)
+        eval_set = eval_batches(
+            heldout, processor, cfg.data.eval_docs, t.micro_batch_size, cfg.data.seq_len, align
+        )
     ds_config = deepspeed_config(cfg, deepspeed_config_path, world)
     checkpoints = Checkpointer(None, os.path.join(t.output_dir, "checkpoints"), t.keep_checkpoints, rank)
     resume_tag = checkpoints.resume_tag(t.resume)
     # A checkpoint from another number of ranks is converted to DeepSpeed's universal format first.
-    conversion = checkpoints.prepare_resume(resume_tag, world, ds_config) if resume_tag else None
+    conversion = (
+        checkpoints.prepare_resume(resume_tag, world, ds_config, param_shapes(model_config))
+        if resume_tag
+        else None
+    )
+
+    model, _ = build_model(cfg)
     engine, tap, schedule = build_engine(cfg, model, ds_config)
     model_config = engine.module.config
     checkpoints.engine = engine
     state = (checkpoints.load(resume_tag) if resume_tag else None) or {}
-    step, consumed = state.get("step", 0), state.get("batches_consumed", 0)
+    schedule_changes = apply_configured_schedule(engine.lr_scheduler, schedule, cfg) if state else []
+    step = state.get("step", 0)
+    consumed, doc_offset, data_note = data_position(state, t.micro_batch_size)
     logger = Logger(t.output_dir, schedule.total_steps, step, rank == 0, t.tensorboard)
     global_batch = t.micro_batch_size * t.grad_accum * world  # documents per optimiser step
     if conversion:
         logger.print(conversion)
     if state:
         logger.print(f"resumed from {resume_tag}: step {step}, {consumed} micro-batches consumed")
+        for line in schedule_changes + ([data_note] if data_note else []):
+            logger.print(line)
         saved_batch = state.get("global_batch_docs")
         if saved_batch is not None and saved_batch != global_batch:
             logger.print(
                 f"note: {global_batch} documents per step now, {saved_batch} before (set train.grad_accum "
                 "so that micro_batch_size x grad_accum x ranks stays the same to continue the same run)"
+            )
+        if step >= schedule.total_steps:
+            logger.print(
+                f"{resume_tag} is at step {step} and train.max_steps is {t.max_steps}: nothing left to train "
+                "(raise train.max_steps to continue the run)"
             )
     if rank == 0:
         with open(os.path.join(t.output_dir, "config.yaml"), "w") as f:
@@ -103,24 +177,10 @@ def train(
 
             yaml.safe_dump({**cfg.to_dict(), "deepspeed": ds_config}, f, sort_keys=False)
 
-    align = model_config.text.attention_chunk_size if cfg.data.pack_align == "chunk" else cfg.data.pack_align
     stream = PackedStream(
-        build_source(cfg, processor),
-        processor,
-        t.micro_batch_size,
-        cfg.data.seq_len,
-        align,
-        consumed,
-        rank,
-        world,
+        source, processor, t.micro_batch_size, cfg.data.seq_len, align, consumed, rank, world, doc_offset
     )
     batches = iter(make_loader(stream, cfg.data.num_workers))
-    eval_set = []
-    if cfg.data.eval_docs:
-        heldout = SyntheticSource(processor, "heldout", cfg.data.seed, cfg.data.eval_tasks)
-        eval_set = eval_batches(
-            heldout, processor, cfg.data.eval_docs, t.micro_batch_size, cfg.data.seq_len, align
-        )
 
     dtype = next(engine.module.parameters()).dtype
     coef = model_config.text.router_aux_loss_coef
@@ -163,6 +223,9 @@ def train(
             tap.start_forward()
             out = forward(batch)
             aux = tap.aux_loss(batch.token_mask)
+            # out.loss is the mean over this micro-batch's label tokens; DeepSpeed averages those means over
+            # the grad_accum micro-batches and the ranks, so the objective is a mean of per-micro-batch means,
+            # not a mean over every label token of the global batch (HF Trainer before 4.46 did the same).
             loss = out.loss + coef * aux if aux is not None else out.loss
             profiler.mark("forward")
             engine.backward(loss)
@@ -191,6 +254,7 @@ def train(
                 left = t.time_budget_min * 60 - (now - launch_time) - t.time_reserve_s
                 total = _min_over_ranks(min(t.max_steps, step + max(0, int(left / per_step))), device)
                 schedule.total_steps = max(total, step)
+                schedule.fitted_by_budget = True
                 logger.set_total(schedule.total_steps)
                 logger.print(
                     f"time budget {t.time_budget_min} min: {per_step * 1e3:.0f} ms/step -> {schedule.total_steps} steps"
@@ -212,6 +276,13 @@ def train(
             result.losses.append(scalars["loss"])
             logger.log(step, scalars, histograms={"expert_load": hist})
             logger.print(_format(step, scalars))
+            if scalars["truncated_docs"]:
+                result.truncated_docs += int(scalars["truncated_docs"])
+                logger.print(
+                    f"warning: {scalars['truncated_docs']:.0f} documents longer than data.seq_len="
+                    f"{cfg.data.seq_len} truncated since the last log line ({result.truncated_docs} so far; "
+                    f"e.g. {window.truncated_example or 'on another rank'})"
+                )
             window.restart()
         if eval_set and ((t.eval_every and step % t.eval_every == 0) or last):
             result.eval = evaluate()
@@ -224,6 +295,8 @@ def train(
                 {
                     "step": step,
                     "batches_consumed": consumed,
+                    "documents_consumed": doc_offset + consumed * t.micro_batch_size,
+                    "micro_batch_size": t.micro_batch_size,
                     "world_size": world,
                     "global_batch_docs": global_batch,
                 },
@@ -267,7 +340,10 @@ class _Window:
         self.device, self.n_experts, self.n_layers = device, n_experts, n_layers
 
     def restart(self) -> None:
-        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, aux, micro-steps, tokens
+        # loss, aux, micro-steps, tokens, micro-steps with label tokens
+        self.sums = torch.zeros(5, dtype=torch.float64, device=self.device)
+        self.truncated = 0
+        self.truncated_example = ""
         self.load = torch.zeros(self.n_layers, self.n_experts, dtype=torch.float64, device=self.device)
         self.positions = 0
         self.flops = 0.0
@@ -277,14 +353,21 @@ class _Window:
     def add(self, loss, aux, load, batch, flops: float) -> None:
         aux = aux.detach() if aux is not None else torch.zeros((), device=self.device)
         tokens = batch.token_mask.sum()
+        # A micro-batch without label tokens (e.g. a conversation with no assistant turn) has a NaN loss (0/0);
+        # its gradient is zero, so it is left out of the logged mean instead of turning the window into NaN.
+        labelled = (batch.labels[:, 1:] != IGNORE_INDEX).any()
         self.sums += torch.stack(
             [
-                loss.detach().double(),
+                torch.where(labelled, loss.detach().double(), 0.0),
                 aux.double(),
                 torch.ones((), device=self.device, dtype=torch.float64),
                 tokens.double(),
+                labelled.double(),
             ]
         )
+        if batch.truncated:
+            self.truncated += len(batch.truncated)
+            self.truncated_example = self.truncated_example or batch.truncated[0]
         if load.numel():
             self.load += load.double()
         self.positions += batch.input_ids.numel()
@@ -294,22 +377,25 @@ class _Window:
         packed = torch.cat(
             [
                 self.sums,
-                torch.tensor([self.positions, self.flops], dtype=torch.float64, device=self.device),
+                torch.tensor(
+                    [self.positions, self.flops, self.truncated], dtype=torch.float64, device=self.device
+                ),
                 self.load.flatten(),
             ]
         )
         if dist.is_initialized() and world > 1:
             dist.all_reduce(packed)
         elapsed = max(time.time() - self.started, 1e-9)
-        loss, aux, micro, tokens, positions, flops = packed[:6].tolist()
-        load = packed[6:].view(self.n_layers, self.n_experts)
+        loss, aux, micro, tokens, labelled, positions, flops, truncated = packed[:8].tolist()
+        load = packed[8:].view(self.n_layers, self.n_experts)
         scalars = {
-            "loss": loss / max(micro, 1),
+            "loss": loss / labelled if labelled else None,  # None: no label token in the whole window
             "aux_loss": aux / max(micro, 1) if self.n_layers else None,
             "tokens_per_s": tokens / elapsed,  # document tokens (padding excluded), all ranks
             "positions_per_s": positions / elapsed,  # every position the model ran, padding included
             "tflops_per_gpu": flops / elapsed / world / 1e12,
             "data_wait": self.data_wait / elapsed,  # share of the time spent waiting for batches (rank 0)
+            "truncated_docs": truncated,  # documents longer than data.seq_len, all ranks
         }
         if peak:
             scalars["mfu"] = scalars["tflops_per_gpu"] / peak
@@ -340,7 +426,7 @@ def _min_over_ranks(value: int, device, op: str = "min") -> int:
 def _format(step: int, values: dict, prefix: str = "step") -> str:
     parts = [f"{prefix} {step}"]
     for key, value in values.items():
-        if isinstance(value, float) and key != "time":
+        if isinstance(value, float) and key not in ("time", "truncated_docs"):  # truncation: its own warning
             parts.append(f"{key} {value:.4g}")
     return " | ".join(parts)
 
@@ -356,7 +442,8 @@ def _write_summary(cfg, ds_config, result: TrainResult, launch_time: float, worl
         "deepspeed": deepspeed.__version__,
         "wall_s": time.time() - launch_time,
         "steps": result.step,
-        "final_train_loss": result.losses[-1] if result.losses else None,
+        "final_train_loss": next((loss for loss in reversed(result.losses) if loss is not None), None),
+        "truncated_docs": result.truncated_docs,
         "eval": result.eval,
         "generation": result.generation,
         "zero_stage": zero_stage(ds_config),
