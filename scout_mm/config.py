@@ -238,13 +238,7 @@ class ScoutConfig:
                 path = os.path.join(path, "config.json")
             if not os.path.exists(path):
                 raise FileNotFoundError(f"no config.json at {path}")
-            with open(path) as f:
-                try:
-                    source = json.load(f)
-                except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-                    raise ValueError(f"{path} is not valid JSON: {e}") from e
-            if not isinstance(source, dict):
-                raise ValueError(f"{path} holds a JSON {type(source).__name__}; expected an object")
+            source = read_json_object(path)
         for key in ("text_config", "vision_config"):
             if not isinstance(source.get(key, {}), (dict, type(None))):
                 raise ValueError(f"config {key} is a {type(source[key]).__name__}; expected an object")
@@ -315,6 +309,20 @@ class ScoutConfig:
         interrupted save never leaves a half-written file."""
         text = json.dumps(self.to_hf_file(dtype), indent=2, sort_keys=True)
         write_text_atomically(os.path.join(os.fspath(directory), "config.json"), text)
+
+
+def read_json_object(path: str | os.PathLike, error: type[Exception] = ValueError, label: str = "") -> dict:
+    """The JSON object in the file ``path``; ``error``, naming ``label`` and the path, when the file is not valid
+    JSON (or not UTF-8) or holds another JSON value than an object."""
+    name = f"{label}{os.fspath(path)}"
+    with open(path) as f:
+        try:
+            value = json.load(f)
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            raise error(f"{name} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise error(f"{name} holds a JSON {type(value).__name__}; expected an object")
+    return value
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:

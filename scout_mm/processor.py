@@ -24,6 +24,7 @@ import torch
 from tokenizers import Tokenizer
 
 from scout_mm.chat_format import IMAGE_PLACEHOLDER, SPECIAL_TOKENS, render_chat
+from scout_mm.config import read_json_object
 from scout_mm.vision.preprocess import SINGLE_IMAGE_TYPES, ImageInput, ImageProcessor, flatten_images
 
 BUILTIN = "builtin"
@@ -381,13 +382,7 @@ class Processor:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _per_sample_counts(images) -> list[int] | None:

@@ -6,7 +6,6 @@ at any point, and host memory holds at most one tensor beyond the page cache.
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -21,7 +20,7 @@ from scout_mm.checkpoint import (
     config_dtype,
     iter_checkpoint,
 )
-from scout_mm.config import ScoutConfig
+from scout_mm.config import ScoutConfig, read_json_object
 from scout_mm.quant.format import FLOAT_DTYPES, QuantConfig
 from scout_mm.quant.modules import HostEmbedding, Int4Experts, Int4Linear, offload_embeddings
 from scout_mm.quant.quantize import check_int4_device, replace_with_empty_int4
@@ -36,13 +35,7 @@ def read_quant_config(path: str | os.PathLike) -> tuple[dict, QuantConfig]:
     file = os.path.join(path, "config.json")
     if not os.path.exists(file):
         raise FileNotFoundError(f"no config.json at {file}")
-    with open(file) as f:
-        try:
-            hf = json.load(f)
-        except ValueError as e:
-            raise CheckpointError(f"{file} is not valid JSON: {e}") from e
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{file} holds a JSON {type(hf).__name__}; expected an object")
+    hf = read_json_object(file, CheckpointError)
     quant = hf.get("quantization_config")
     if quant is None:
         raise CheckpointError(

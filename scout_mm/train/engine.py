@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from scout_mm import Processor, ScoutConfig, ScoutForConditionalGeneration
-from scout_mm.config import write_text_atomically
+from scout_mm.config import read_json_object, write_text_atomically
 from scout_mm.train.config import TrainConfig
 from scout_mm.train.routing import RoutingTap, enable_activation_checkpointing, moe_modules
 
@@ -253,13 +253,7 @@ def deepspeed_config(cfg: TrainConfig, path: str | None, world_size: int) -> dic
     """
     ds: dict = {}
     if path:
-        with open(path) as f:
-            try:
-                ds = json.load(f)
-            except ValueError as e:
-                raise ValueError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
-        if not isinstance(ds, dict):
-            raise ValueError(f"DeepSpeed config {path} holds a JSON {type(ds).__name__}; expected an object")
+        ds = read_json_object(path, label="DeepSpeed config ")
         known = deepspeed_keys()
         for key in ds:
             if key not in known:
