@@ -180,6 +180,11 @@ class SyntheticSource:
         return encode_conversation(self.processor, sample.messages(), [image], task=sample.task)
 
 
+def _image_paths(record: dict):
+    """A conversation record's image paths: ``"images": [...]``, or one ``"image"``."""
+    return record.get("images", [record["image"]] if "image" in record else [])
+
+
 class JsonlSource:
     """A jsonl file of ``{"text": ...}`` documents or ``{"messages": [...], "images": [paths]}``
     conversations (``"image": path`` also works; relative paths are relative to the file's folder).
@@ -220,7 +225,7 @@ class JsonlSource:
             n_placeholders = render_chat(record["messages"], False).count(IMAGE_PLACEHOLDER)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: {e}") from None
-        paths = record.get("images", [record["image"]] if "image" in record else [])
+        paths = _image_paths(record)
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise ValueError(f"{where}: images {paths!r}; expected a list of file paths")
         if len(paths) != n_placeholders:
@@ -246,8 +251,7 @@ class JsonlSource:
             if "messages" not in record:
                 example = encode_text(self.processor, record["text"])
             else:
-                paths = record.get("images", [record["image"]] if "image" in record else [])
-                images = [self._image_ref(p) for p in paths]
+                images = [self._image_ref(p) for p in _image_paths(record)]
                 example = encode_conversation(self.processor, record["messages"], images)
         except (OSError, ValueError, TypeError, KeyError) as e:  # e.g. an unreadable image
             raise ValueError(f"{origin}: {e}") from e

@@ -133,14 +133,16 @@ def param_shapes(config: ScoutConfig) -> dict[str, list[int]]:
     return {name: list(p.shape) for name, p in model.named_parameters()}
 
 
-def build_model(cfg: TrainConfig) -> tuple[ScoutForConditionalGeneration, Processor]:
-    """The model in float32 on the CPU (DeepSpeed moves and casts it) and its processor."""
+def build_model(
+    cfg: TrainConfig, setup: tuple[ScoutConfig, Processor] | None = None
+) -> tuple[ScoutForConditionalGeneration, Processor]:
+    """The model in float32 on the CPU (DeepSpeed moves and casts it) and its processor. ``setup``: what
+    :func:`model_setup` gave for ``cfg``, when the caller has it already (default: worked out here)."""
     m = cfg.model
-    config, processor = model_setup(cfg)
+    config, processor = setup or model_setup(cfg)
     if m.init_from:
         model = ScoutForConditionalGeneration.from_pretrained(m.init_from, dtype=torch.float32)
         if m.overrides or m.vision_overrides:  # the same weights in a model built from the overridden config
-            config = _override(model.config, m.overrides, m.vision_overrides, m.init_from)
             with torch.device("meta"):
                 overridden = ScoutForConditionalGeneration(config)
             overridden.load_state_dict(model.state_dict(), strict=True, assign=True)

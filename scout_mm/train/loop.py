@@ -68,12 +68,8 @@ def build_source(cfg: TrainConfig, processor):
             source = SyntheticSource(processor, "train", cfg.data.seed, spec.get("tasks"))
             _check_synthetic_fits(source, cfg.data.seq_len, f"data.sources[{i}]")
             sources.append(source)
-        elif kind == "jsonl":
-            if "path" not in spec:
-                raise ValueError(f"data.sources[{i}] = {spec}: a jsonl source needs a 'path'")
+        else:  # "jsonl", with a path: TrainConfig.validate checked each spec's type, path and weight
             sources.append(JsonlSource(processor, spec["path"], cfg.data.seed))
-        else:
-            raise ValueError(f"data.sources[{i}] type {kind!r}; expected 'synthetic' or 'jsonl'")
         weights.append(float(spec.get("weight", 1.0)))
     return Mixture(sources, weights, cfg.data.seed)
 
@@ -144,7 +140,7 @@ def train(
         else None
     )
 
-    model, _ = build_model(cfg)
+    model, _ = build_model(cfg, (model_config, processor))
     engine, tap, schedule = build_engine(cfg, model, ds_config)
     model_config = engine.module.config
     checkpoints.engine = engine
