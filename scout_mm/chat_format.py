@@ -50,8 +50,19 @@ SPECIAL_TOKENS = {  # role -> token name
 }
 
 
-def render_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> str:
-    """The Llama 4 chat format, as HF's Llama 4 chat template renders it (without tool definitions)."""
+def render_chat(
+    messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, continue_final_message: bool = False
+) -> str:
+    """The Llama 4 chat format, as HF's Llama 4 chat template renders it (without tool definitions).
+
+    ``continue_final_message`` (HF's argument): the last message is left open (no ``<|eot|>``) so that a model
+    continues it, e.g. an assistant answer begun by the caller. One difference from HF's template: a system
+    message of several text parts keeps all of them, joined (HF's keeps the first part only)."""
+    if add_generation_prompt and continue_final_message:
+        raise ValueError(
+            "add_generation_prompt and continue_final_message exclude each other: the first opens a new "
+            "assistant turn, the second leaves the last message open"
+        )
     if not isinstance(messages, Sequence) or len(messages) == 0:
         raise ValueError(
             f"messages is {messages!r}; expected a non-empty list of {{'role', 'content'}} dicts"
@@ -79,6 +90,15 @@ def render_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bo
             out.append(
                 f"<|header_start|>{role}<|header_end|>\n\n{_render_content(message['content'], i)}<|eot|>"
             )
+    if continue_final_message:
+        last = messages[-1]["content"]
+        ends_in_text = isinstance(last, Sequence) and bool(last) and isinstance(last[-1], Mapping)
+        if not isinstance(last, str) and not (ends_in_text and last[-1].get("type") == "text"):
+            raise ValueError(
+                "continue_final_message: the last message must end with text to continue (a string content or "
+                "a last part of type 'text')"
+            )
+        out[-1] = out[-1].removesuffix("<|eot|>")
     if add_generation_prompt:
         out.append("<|header_start|>assistant<|header_end|>\n\n")
     return "".join(out)

@@ -240,20 +240,24 @@ class Processor:
     def apply_chat_template(
         self,
         messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
-        add_generation_prompt: bool = True,
+        add_generation_prompt: bool = False,
         tokenize: bool = False,
         images: Sequence[ImageInput] | None = None,
+        continue_final_message: bool = False,
         **call_kwargs,
     ) -> str | list[str] | BatchInputs:
         """Render messages in the Llama 4 chat format (a batch when given a list of conversations).
 
         A message is ``{"role": ..., "content": str | [{"type": "text", "text": ...}, {"type": "image"}]}``;
-        image parts become ``<|image|>`` placeholders. With ``tokenize=True`` returns ``self(prompt, images)``,
-        where ``images`` defaults to the ``"image"`` (or ``"path"``/``"url"``) values of the image parts.
+        image parts become ``<|image|>`` placeholders. As in HF, ``add_generation_prompt`` (open an assistant
+        turn: pass True to generate an answer) is False by default, and ``continue_final_message`` leaves the last
+        message open. With ``tokenize=True`` returns ``self(prompt, images)``, where ``images`` defaults to the
+        ``"image"`` (or ``"path"``) values of the image parts (local files or in-memory images: URLs are not
+        fetched).
         """
         batched = isinstance(messages, Sequence) and bool(messages) and not isinstance(messages[0], Mapping)
         conversations = messages if batched else [messages]
-        prompts = [render_chat(c, add_generation_prompt) for c in conversations]
+        prompts = [render_chat(c, add_generation_prompt, continue_final_message) for c in conversations]
         if not tokenize:
             return prompts if batched else prompts[0]
         if images is None:

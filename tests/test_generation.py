@@ -501,7 +501,9 @@ def test_stream_fills_decode_stats(tiny_model_and_processor):
     import scout_mm
 
     model, processor = tiny_model_and_processor
-    ids = processor.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=True)["input_ids"]
+    ids = processor.apply_chat_template(
+        [{"role": "user", "content": "Hello"}], add_generation_prompt=True, tokenize=True
+    )["input_ids"]
     free = generate_ids(model, ids, max_new_tokens=12, eos_token_id=[]).sequences
     kw = dict(max_new_tokens=12, eos_token_id=[int(free[0, -4])])  # a stop token the answer reaches
     stats = GenerateOutput(sequences=torch.empty(0))

@@ -9,12 +9,12 @@ import re
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 from scout_mm.chat_format import llama4_special_tokens
 from scout_mm.config import SMALL_SPECIAL_OFFSET, SMALL_VOCAB_SIZE, ScoutConfig
 from scout_mm.processor import BUILTIN_TOKENIZER_DIR, Processor
-from scout_mm.vision.preprocess import ImageProcessor
+from scout_mm.vision.preprocess import ImageProcessor, image_file_size
 
 transformers = pytest.importorskip("transformers")
 
@@ -156,6 +156,35 @@ def test_path_input_equals_pil_input(tmp_path):
         assert torch.equal(processor([path])[0], processor([image])[0])
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_image_files_are_turned_upright_by_their_exif_orientation_as_hf_does(tmp_path, suffix):
+    """A camera stores a portrait photo as a landscape one plus an EXIF orientation; HF reads it upright."""
+    hf = hf_processor(168, 4).image_processor
+    processor = ImageProcessor(tile_size=168, max_patches=4)
+    stored = random_image(int(rng.integers(60, 200)), int(rng.integers(250, 400)))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[ExifTags.Base.Orientation] = orientation
+        path = tmp_path / f"o{orientation}{suffix}"
+        stored.save(path, exif=exif.tobytes(), **({"quality": 95} if suffix == ".jpg" else {}))
+        expected = hf([str(path)], return_tensors="pt")
+        tiles, grid = processor([str(path)])
+        assert [tuple(g) for g in grid] == [tuple(g) for g in expected["aspect_ratios"].tolist()], orientation
+        assert torch.equal(tiles, expected["pixel_values"]), orientation
+        # the bytes of the file too, and the header-only size the training loader plans tiles with
+        assert torch.equal(processor([path.read_bytes()])[0], tiles)
+        upright = (stored.height, stored.width) if orientation >= 5 else stored.size
+        assert image_file_size(path) == upright
+
+
+def test_urls_and_box_resampling_are_refused_by_name():
+    with pytest.raises(ValueError, match="is a URL; images are not downloaded"):
+        ImageProcessor(tile_size=168, max_patches=4)(["https://example.com/cat.png"])
+    for resample in (4, 5, "box"):
+        with pytest.raises(ValueError, match="has no tensor resize"):
+            ImageProcessor(resample=resample)
+
+
 # ---------------------------------------------------------------------- full processor parity
 @pytest.mark.parametrize("tile,max_patches", [(336, 16), (168, 4), (168, 1)])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
@@ -231,8 +260,26 @@ def test_chat_template_literal_format_and_batch(builtin):
         "<|begin_of_text|><|header_start|>user<|header_end|>\n\nHi<|image|><|eot|>"
         "<|header_start|>assistant<|header_end|>\n\n"
     )
-    assert builtin.apply_chat_template(message) == expected
-    assert builtin.apply_chat_template([message, message]) == [expected, expected]
+    assert builtin.apply_chat_template(message, add_generation_prompt=True) == expected
+    assert builtin.apply_chat_template([message, message], add_generation_prompt=True) == [expected, expected]
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS[:2], ids=["plain", "images"])
+def test_chat_template_defaults_and_continue_final_message_match_hf(builtin, conversation):
+    hf = hf_processor(168, 4)
+    # HF's default: no assistant turn opened.
+    assert builtin.apply_chat_template(conversation) == hf.apply_chat_template(conversation, tokenize=False)
+    opened = conversation + [{"role": "assistant", "content": [{"type": "text", "text": "It is"}]}]
+    expected = hf.apply_chat_template(opened, tokenize=False, continue_final_message=True)
+    assert builtin.apply_chat_template(opened, continue_final_message=True) == expected
+    assert expected.endswith("<|header_start|>assistant<|header_end|>\n\nIt is")
+    with pytest.raises(ValueError, match="exclude each other"):
+        builtin.apply_chat_template(opened, add_generation_prompt=True, continue_final_message=True)
+    with pytest.raises(ValueError, match="must end with text"):
+        builtin.apply_chat_template(
+            [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image"}]}],
+            continue_final_message=True,
+        )
 
 
 def test_chat_tokenize_uses_message_images_and_single_bos(builtin):
@@ -240,8 +287,8 @@ def test_chat_tokenize_uses_message_images_and_single_bos(builtin):
     conversation = [
         {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "?"}]}
     ]
-    out = builtin.apply_chat_template(conversation, tokenize=True)
-    prompt = builtin.apply_chat_template(conversation)
+    out = builtin.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    prompt = builtin.apply_chat_template(conversation, add_generation_prompt=True)
     expected = hf_processor(168, 4)(
         text=[prompt], images=[image], add_special_tokens=False, return_tensors="pt"
     )

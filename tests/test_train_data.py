@@ -243,6 +243,34 @@ CHAT = [
 ]
 
 
+def test_jsonl_images_are_read_as_inference_reads_them(tmp_path, processor):
+    """Training tiles equal the processor's for the same file: upright by its EXIF orientation (a phone photo's
+    tile grid depends on it) and transparency composited onto white, not the colour under it."""
+    import numpy as np
+    from PIL import ExifTags
+
+    rgba = np.zeros((150, 380, 4), np.uint8)
+    rgba[..., 0] = 255  # red everywhere, the left half fully transparent
+    rgba[:, 190:, 3] = 255
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # stored sideways: upright it is 150 wide and 380 tall
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "phone.png", exif=exif.tobytes())
+    record = {"image": "phone.png", "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": "red"},
+    ]}  # fmt: skip
+    (tmp_path / "data.jsonl").write_text(json.dumps(record) + "\n")
+    example = JsonlSource(processor, tmp_path / "data.jsonl", seed=0)[0]
+    assert (example.images[0].width, example.images[0].height) == (150, 380)
+    path = str(tmp_path / "phone.png")
+    expected = processor("<|image|>", images=[path])
+    layout = processor.image_token_ids(tuple(processor.image_processor([path])[1][0]))
+    at = example.ids.index(layout[0])
+    assert example.ids[at : at + len(layout)] == layout
+    batch = pack([example], 1024, 128, processor)
+    assert torch.equal(batch.pixel_values, expected["pixel_values"].to(torch.bfloat16))
+
+
 @pytest.mark.parametrize(
     "lines, error",
     [

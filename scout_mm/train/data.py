@@ -25,18 +25,19 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from scout_mm.chat_format import IMAGE_PLACEHOLDER, render_chat
 from scout_mm.processor import Processor
 from scout_mm.train.synthetic import SyntheticTasks, render
-from scout_mm.vision.preprocess import select_canvas
+from scout_mm.vision.preprocess import image_file_size, select_canvas, to_rgb_uint8
 
 IGNORE_INDEX = -100
 
 
 @dataclass
 class ImageRef:
-    """An image known by its size, loaded only when its batch is built."""
+    """An image known by its size, loaded only when its batch is built (as a PIL image or a (3, H, W) uint8
+    tensor: what the image processor takes)."""
 
     width: int
     height: int
-    load: Callable[[], Image.Image]
+    load: Callable[[], Image.Image | torch.Tensor]
 
 
 @dataclass
@@ -263,12 +264,17 @@ class JsonlSource:
 
     def _image_ref(self, path: str) -> ImageRef:
         full = self._full_path(path)
-        with Image.open(full) as image:  # reads the header only
-            width, height = image.size
+        width, height = image_file_size(full)  # the header only; upright, as inference reads the file
 
         def load(full=full):
-            with Image.open(full) as image:
-                return image.convert("RGB")
+            # As inference reads the file (to_rgb_uint8): upright by its EXIF orientation, transparency on white.
+            image = to_rgb_uint8(full)
+            if (image.shape[2], image.shape[1]) != (width, height):  # the prompt's tile layout used the header's
+                raise ValueError(
+                    f"{full}: decoded as {image.shape[2]}x{image.shape[1]} pixels, but its header read "
+                    f"{width}x{height} (an EXIF orientation stored after the pixel data?); re-save it upright"
+                )
+            return image
 
         return ImageRef(width, height, load)
 

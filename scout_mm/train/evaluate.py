@@ -62,7 +62,10 @@ def generation_accuracy(model, processor, samples, batch_size: int = 64, max_new
     stops = processor.stop_token_ids
     for first in range(0, len(samples), batch_size):
         chunk = samples[first : first + batch_size]
-        prompts = [processor.apply_chat_template(s.messages(with_answer=False)) for s in chunk]
+        prompts = [
+            processor.apply_chat_template(s.messages(with_answer=False), add_generation_prompt=True)
+            for s in chunk
+        ]
         inputs = processor(prompts, images=[s.render() for s in chunk], padding_side="left").to(model.device)
         out = generate_ids(
             model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as tvF
 
@@ -34,7 +34,9 @@ ImageInput = Image.Image | str | os.PathLike | bytes | torch.Tensor | np.ndarray
 SINGLE_IMAGE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, torch.Tensor)
 
 # PIL resample codes (the form HF stores in preprocessor_config.json) -> torchvision interpolation names.
-RESAMPLE_CODES = {0: "nearest-exact", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+# PIL's box (4) and hamming (5) filters have no tensor resize in torchvision: refused when the config is read.
+RESAMPLE_CODES = {0: "nearest-exact", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+_UNSUPPORTED_RESAMPLE = {4: "box", 5: "hamming"}
 # 16-bit and float PIL images have no agreed 8-bit scaling; refuse them rather than guess.
 _REJECTED_PIL_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 
@@ -49,6 +51,11 @@ def to_rgb_uint8(image: ImageInput, index: int = 0) -> torch.Tensor:
     """
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
+        if isinstance(path, str) and path.lower().startswith(("http://", "https://")):
+            raise ValueError(
+                f"image {index}: {path!r} is a URL; images are not downloaded here: fetch it first and pass the "
+                "file's path, its bytes or a PIL image"
+            )
         if os.path.isdir(path):
             raise IsADirectoryError(f"image {index}: {path!r} is a folder, not an image file")
         if not os.path.isfile(path):
@@ -71,12 +78,26 @@ def to_rgb_uint8(image: ImageInput, index: int = 0) -> torch.Tensor:
     return _tensor_to_rgb(image, index)
 
 
+def image_file_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` of an image file as :func:`to_rgb_uint8` reads it (upright by its EXIF orientation),
+    from the file's header: the pixels are not decoded. A PNG's EXIF is read only when it comes before the
+    pixel data (where it belongs; a later one would cost a full decode here)."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.format == "PNG" and "exif" not in image.info:
+            return width, height
+        if image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):  # turned a quarter
+            return height, width
+    return width, height
+
+
 def _open_image(source, label: str, index: int) -> Image.Image:
-    """An image file (a path or a file object), decoded whole; ``label`` names it in errors."""
+    """An image file (a path or a file object), decoded whole and turned upright by its EXIF orientation (as a
+    camera stores a photo, and as HF's image loading reads it); ``label`` names it in errors."""
     try:
         with Image.open(source) as opened:
             opened.load()
-            return opened.copy()
+            return ImageOps.exif_transpose(opened)  # a copy, upright (the image as stored when untagged)
     except Image.DecompressionBombError as e:
         # Not an OSError: without this a CLI would end in a traceback.
         raise ValueError(
@@ -250,6 +271,11 @@ class ImageProcessor:
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
             raise ValueError(
                 f"image_mean={self.image_mean}, image_std={self.image_std}; expected 3 values each"
+            )
+        if self.resample in _UNSUPPORTED_RESAMPLE or self.resample in _UNSUPPORTED_RESAMPLE.values():
+            raise ValueError(
+                f"resample={self.resample!r} (PIL's {self.resample if isinstance(self.resample, str) else _UNSUPPORTED_RESAMPLE[self.resample]} "
+                f"filter) has no tensor resize; use one of {RESAMPLE_CODES}"
             )
         if self.resample not in RESAMPLE_CODES and self.resample not in RESAMPLE_CODES.values():
             raise ValueError(
