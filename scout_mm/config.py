@@ -104,9 +104,30 @@ class TextConfig:
             raise ValueError(f"moe_layers {bad} out of range for {self.num_hidden_layers} layers")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act={self.hidden_act!r}; only 'silu' (SwiGLU) is supported")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim}; expected an even number (RoPE rotates pairs)")
+        for key in _TEXT_FLAGS:
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key}={getattr(self, key)!r}; expected true or false")
+        if not isinstance(
+            self.attn_temperature_tuning, (bool, numbers.Integral)
+        ):  # HF Scout's file: the int 4
+            raise ValueError(
+                f"attn_temperature_tuning={self.attn_temperature_tuning!r}; expected true or false"
+            )
+        _check_numbers(self, {"rope_theta": "positive", "rms_norm_eps": "non-negative", "attn_scale": "any",
+                              "attention_dropout": "probability", "router_aux_loss_coef": "non-negative"})  # fmt: skip
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, key)
+            for token in value if isinstance(value, (list, tuple)) else [value]:
+                if token is not None and (not is_int(token) or not 0 <= token < self.vocab_size):
+                    raise ValueError(
+                        f"{key}={value!r}; expected token ids in [0, vocab_size={self.vocab_size})"
+                    )
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ValueError(f"rope_scaling={self.rope_scaling!r}; expected an object or null")
         if self.rope_scaling:
-            # Older configs spell the key "type"; HF reads either.
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "llama3"))
+            kind = self.rope_scaling_kind
             if kind not in ("llama3", "default"):
                 raise ValueError(f"rope_scaling type {kind!r}; expected 'llama3'")
             missing = [k for k in _ROPE_SCALING_KEYS if k not in self.rope_scaling]
@@ -114,6 +135,28 @@ class TextConfig:
                 raise ValueError(
                     f"rope_scaling {self.rope_scaling} lacks {missing}, needed for llama3 scaling"
                 )
+            if kind == "llama3":
+                scaling = self.rope_scaling
+                _check_numbers(scaling, {"factor": "positive", "low_freq_factor": "positive",
+                                         "high_freq_factor": "positive"}, "rope_scaling.")  # fmt: skip
+                if scaling["high_freq_factor"] < scaling["low_freq_factor"]:
+                    raise ValueError(
+                        f"rope_scaling high_freq_factor={scaling['high_freq_factor']} is below "
+                        f"low_freq_factor={scaling['low_freq_factor']}"
+                    )
+                old_len = scaling["original_max_position_embeddings"]
+                if not is_int(old_len) or old_len <= 0:
+                    raise ValueError(
+                        f"rope_scaling original_max_position_embeddings={old_len!r}; expected a positive integer"
+                    )
+
+    @property
+    def rope_scaling_kind(self) -> str:
+        """``"default"`` (plain RoPE) or ``"llama3"``; older configs spell the key ``"type"`` (HF reads either),
+        and a scaling dict without either key is llama3 (the only kind Llama 4 uses)."""
+        if not self.rope_scaling:
+            return "default"
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "llama3"))
 
     def uses_rope(self, layer_idx: int) -> bool:
         """RoPE layers use chunked local attention and QK-norm; the others (NoPE) attend globally."""
@@ -253,7 +296,14 @@ class ScoutConfig:
             raise ValueError(f"model_type={model_type!r}; expected 'llama4' or 'llama4_text'")
         text = _text_from_hf(d.pop("text_config", None) or {})
         vision_dict = d.pop("vision_config", None)
-        vision = _vision_from_hf(vision_dict) if vision_dict is not None else None
+        if vision_dict is None:
+            # HF builds its default vision tower for such a config, which a checkpoint rarely holds; reading it as
+            # text-only here would silently disagree with HF (and write it back as llama4_text).
+            raise ValueError(
+                "config has model_type 'llama4' but no vision_config (HF would build its default vision tower): "
+                "give the vision_config, or use model_type 'llama4_text' for a text-only model"
+            )
+        vision = _vision_from_hf(vision_dict)
         known = {"boi_token_index", "eoi_token_index", "image_token_index"}
         kwargs = {k: d.pop(k) for k in list(d) if k in known}
         d.pop("model_type")
@@ -368,6 +418,27 @@ def _check_positive_ints(config, keys, prefix: str, also: str = "") -> None:
             raise ValueError(f"{prefix}{key}={value!r}; expected a positive integer{also}")
 
 
+# Flags HF types as bool: a string such as "false" would be truthy here.
+_TEXT_FLAGS = ("use_qk_norm", "attention_bias", "tie_word_embeddings", "use_shared_expert", "use_cache",
+               "output_router_logits")  # fmt: skip
+_NUMBER_RULES = {
+    "positive": (lambda v: v > 0, "a positive number"),
+    "non-negative": (lambda v: v >= 0, "a number >= 0"),
+    "probability": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "any": (lambda v: v == v, "a number"),  # not NaN
+}
+
+
+def _check_numbers(source, rules: dict[str, str], prefix: str = "") -> None:
+    """Each key of ``rules`` (an attribute of ``source``, or a key when it is a dict) must be a real number
+    (not a bool or a string) that passes its rule."""
+    for key, rule in rules.items():
+        value = source[key] if isinstance(source, dict) else getattr(source, key)
+        ok, expected = _NUMBER_RULES[rule]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(value):
+            raise ValueError(f"{prefix}{key}={value!r}; expected {expected}")
+
+
 _ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -385,6 +456,8 @@ def _text_from_hf(d: dict) -> TextConfig:
     d = copy.deepcopy(d)
     d.pop("model_type", None)
     kwargs = {**_HF_TEXT_DEFAULTS, **{k: d.pop(k) for k in list(d) if k in _TEXT_FIELDS}}
+    if "num_key_value_heads" in kwargs and kwargs["num_key_value_heads"] is None:  # HF's meaning: no GQA
+        kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", TextConfig.num_attention_heads)
     if "head_dim" in kwargs and kwargs["head_dim"] is None:  # HF's meaning: hidden size / attention heads
         heads = kwargs.get("num_attention_heads", TextConfig.num_attention_heads)
         hidden = kwargs.get("hidden_size", TextConfig.hidden_size)

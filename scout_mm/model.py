@@ -55,7 +55,7 @@ def rope_inv_freq(cfg: TextConfig, device=None) -> torch.Tensor:
     dim = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
     scaling = cfg.rope_scaling
-    if not scaling or scaling.get("rope_type", "llama3") == "default":
+    if cfg.rope_scaling_kind == "default":
         return inv_freq
     factor = scaling["factor"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
@@ -225,6 +225,12 @@ class TextModel(nn.Module):
 
     def forward(self, inputs_embeds, positions, kv_start, token_mask=None, with_aux_loss=False, cache=None):
         """inputs_embeds (batch, seq, hidden), positions (batch, seq) -> (hidden, aux_loss or None)."""
+        if self.training and self.config.attention_dropout:
+            # No attention kernel here drops probabilities; training on as if it did would silently differ from HF.
+            raise NotImplementedError(
+                f"attention_dropout={self.config.attention_dropout}: dropout on attention probabilities is not "
+                "implemented; set it to 0 to train (inference ignores it, as HF does in eval mode)"
+            )
         angles = positions[..., None].float() * self._inv_freq(positions.device)
         rope = (torch.cos(angles), torch.sin(angles))  # each (batch, seq, head_dim // 2)
         temperature_scale = None  # the same for every NoPE layer: computed once, not per layer
@@ -322,6 +328,12 @@ class ScoutForConditionalGeneration(nn.Module):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        given = input_ids if input_ids is not None else inputs_embeds
+        if given.dim() < 2 or 0 in given.shape[:2]:
+            name = "input_ids" if input_ids is not None else "inputs_embeds"
+            raise ValueError(
+                f"{name} of shape {tuple(given.shape)}; expected (batch, seq) with batch, seq >= 1"
+            )
         image_features = None
         if inputs_embeds is None:
             # Decode steps (cache given) skip validation: it syncs with the host, and a sampled token may be

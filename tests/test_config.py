@@ -227,6 +227,40 @@ def test_invalid_values_are_rejected():
         ({"num_attention_heads": 4.0}, "num_attention_heads=4.0; expected a positive integer"),
         ({"attention_chunk_size": 0}, r"attention_chunk_size=0; expected a positive integer \(or null"),
         ({"head_dim": True}, "head_dim=True; expected a positive integer"),
+        # accepted before, then wrong or a crash far from the cause
+        ({"use_qk_norm": "false"}, "use_qk_norm='false'; expected true or false"),  # a truthy string
+        ({"attn_temperature_tuning": "no"}, "attn_temperature_tuning='no'; expected true or false"),
+        ({"rope_theta": 0}, "rope_theta=0; expected a positive number"),
+        ({"rope_theta": "5e5"}, "rope_theta='5e5'; expected a positive number"),
+        ({"rms_norm_eps": -1.0}, "rms_norm_eps=-1.0; expected a number >= 0"),
+        ({"head_dim": 15}, "head_dim=15; expected an even number"),
+        ({"pad_token_id": 10**6}, r"pad_token_id=1000000; expected token ids in \[0, vocab_size"),
+        ({"eos_token_id": [1, -1]}, r"eos_token_id=\[1, -1\]; expected token ids"),
+        ({"attention_dropout": 1.5}, r"attention_dropout=1.5; expected a number in \[0, 1\)"),
+        (
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 0.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192,
+                }
+            },
+            "rope_scaling.factor=0.0; expected a positive",
+        ),
+        (
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 4.0,
+                    "high_freq_factor": 1.0,
+                    "original_max_position_embeddings": 8192,
+                }
+            },
+            "high_freq_factor=1.0 is below",
+        ),
     ],
 )
 def test_sizes_and_counts_must_be_positive_integers(edit, match):
@@ -247,6 +281,45 @@ def test_head_dim_null_means_hidden_size_over_heads_as_in_hf():
     hf["text_config"]["head_dim"] = None
     text = hf["text_config"]
     assert ScoutConfig.from_hf(hf).text.head_dim == text["hidden_size"] // text["num_attention_heads"] != 128
+
+
+def test_null_kv_heads_means_no_grouping_as_in_hf():
+    hf = ScoutConfig.from_preset("tiny").to_hf()
+    hf["text_config"]["num_key_value_heads"] = None
+    text = ScoutConfig.from_hf(hf).text
+    assert text.num_key_value_heads == text.num_attention_heads
+
+
+def test_llama4_config_without_vision_config_is_refused():
+    # HF builds its default vision tower for it; reading it as text-only disagreed with HF silently.
+    hf = ScoutConfig.from_preset("tiny").to_hf()
+    for value in (None, "absent"):
+        if value is None:
+            hf["vision_config"] = None
+        else:
+            hf.pop("vision_config")
+        with pytest.raises(ValueError, match="model_type 'llama4' but no vision_config"):
+            ScoutConfig.from_hf(hf)
+
+
+def test_legacy_rope_type_key_is_read_by_the_model():
+    """{"type": "default"} passed validation, then the model read it as llama3 and failed (KeyError 'factor')."""
+    import torch
+
+    from scout_mm.model import rope_inv_freq
+
+    plain = TextConfig(rope_scaling=None)
+    for scaling in ({"type": "default"}, {"rope_type": "default"}):
+        assert torch.equal(rope_inv_freq(TextConfig(rope_scaling=scaling)), rope_inv_freq(plain))
+    llama3 = {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    by_type = rope_inv_freq(TextConfig(rope_scaling={"type": "llama3", **llama3}))
+    assert torch.equal(by_type, rope_inv_freq(TextConfig(rope_scaling={"rope_type": "llama3", **llama3})))
+    assert not torch.equal(by_type, rope_inv_freq(plain))
 
 
 def test_image_token_ids_must_be_in_the_vocabulary():

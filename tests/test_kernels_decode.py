@@ -51,8 +51,8 @@ def test_merge_in_split_kernel_and_q_scale(flash_decode, monkeypatch, shape, pag
     for merge in (True, False):
         monkeypatch.setattr(flash_decode, "FUSED_MERGE", merge)
         outs[merge] = flash_decode.decode_attention(q, k, v, n_splits=n_splits, **kw)
-    # the reference on the scaled query rounded to the activation dtype, as the kernel rounds it
-    q_scaled = (q * kw["q_scale"][:, None, :, None].to(dtype)).double()
+    # the reference on the query times the fp32 scale, rounded once to the activation dtype (as HF rounds it)
+    q_scaled = (q * kw["q_scale"][:, None, :, None]).to(dtype).double()
     ref_out, ref_lse = reference(q_scaled, k.double(), v.double(), **{**kw, "q_scale": None})
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     for out, lse in outs.values():
@@ -62,6 +62,20 @@ def test_merge_in_split_kernel_and_q_scale(flash_decode, monkeypatch, shape, pag
     (fused, fused_lse), (separate, separate_lse) = outs[True], outs[False]
     assert float((fused.double() - separate.double()).abs().max()) <= tol * float(separate.abs().max())
     assert float((fused_lse - separate_lse).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_scales_the_query_in_fp32_and_rounds_once(dtype):
+    """HF and the prefill path round q * scale (fp32) once; the decode path rounded the scale first (2-3 bf16 ulps
+    off at Scout's scales, e.g. 1.0693 -> 1.0703)."""
+    from scout_mm.kernels.reference import decode_attention as reference
+
+    q, k, v, kw = _problem(2, 4, 2, 1, 40, 16, None, dtype)
+    kw["q_scale"] = 1 + torch.log1p(torch.tensor([[1.0], [2.0]])) * 0.1  # 1.0693, 1.1099: not bf16 values
+    expected = (q * kw["q_scale"][:, None, :, None]).to(dtype)
+    out, lse = reference(q, k, v, **kw)
+    ref_out, ref_lse = reference(expected, k, v, **{**kw, "q_scale": None})
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
 
 
 def test_bad_q_scale_shape_names_it(flash_decode):

@@ -301,9 +301,23 @@ def test_bad_inputs_are_rejected():
         model(torch.tensor([[1, cfg.text.vocab_size]]))
     with pytest.raises(ValueError, match="text-only"):
         model(_ids(cfg, 1, 4), pixel_values=torch.randn(1, 3, 56, 56))
+    for empty in (torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 4, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"input_ids of shape \(\d, \d\); expected \(batch, seq\)"):
+            model(empty)  # was "cannot reshape tensor of 0 elements"
     ids = _ids(cfg, 1, 6)
     with pytest.raises(ValueError, match="left or right padding"):
         model(ids, attention_mask=torch.tensor([[1, 1, 0, 1, 1, 1]]))
+
+
+def test_attention_dropout_is_refused_in_training_not_ignored():
+    """No kernel drops attention probabilities: training with the setting must say so, not silently differ from
+    HF; inference ignores it, as HF does in eval mode."""
+    cfg = replace(tiny_config(vision=False), attention_dropout=0.1)
+    model = ScoutForConditionalGeneration(cfg).eval()
+    ids = _ids(cfg, 1, 6)
+    model(ids)
+    with pytest.raises(NotImplementedError, match="attention_dropout=0.1: dropout on attention"):
+        model.train()(ids, labels=ids)
 
 
 # ------------------------------------------------------------------------------------ projection fusion

@@ -195,6 +195,12 @@ def test_init_from_applies_shape_keeping_overrides_and_names_the_others():
         r"model.vision_overrides.num_hidden_layers would change parameter shapes of the checkpoint .*tiny",
     ):
         model_setup(cfg)
+    cfg.set(
+        "model.overrides", {"attention_dropout": 0.1}
+    )  # not implemented: refused before anything is built
+    cfg.set("model.vision_overrides", {})
+    with pytest.raises(ValueError, match=r"attention_dropout=0.1.*set model.overrides.attention_dropout: 0"):
+        model_setup(cfg)
 
 
 def test_resume_refuses_another_zero_stage_or_another_model(tmp_path):

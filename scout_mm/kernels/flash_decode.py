@@ -134,8 +134,8 @@ def _decode_split_kernel(
     q = tl.load(Q + b64 * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qm + dims[None, :],
                 mask=row_ok[:, None], other=0.0)  # fmt: skip
     if HAS_Q_SCALE:
-        # NoPE temperature: q * scale in q's dtype, rounded (as the PyTorch path's half-precision multiply)
-        q_scale = tl.load(QScale + b64 * Q_LEN + qi, mask=row_ok, other=0.0).to(q.dtype).to(tl.float32)
+        # NoPE temperature: q times the fp32 scale, rounded once to q's dtype (as HF and the prefill kernels)
+        q_scale = tl.load(QScale + b64 * Q_LEN + qi, mask=row_ok, other=0.0)
         q = (q.to(tl.float32) * q_scale[:, None]).to(q.dtype)
 
     kv_len = capacity

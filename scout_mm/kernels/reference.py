@@ -268,7 +268,7 @@ def decode_attention(
         v = v[block_table.long()].flatten(1, 2).transpose(1, 2)
     capacity = k.shape[2]
     if q_scale is not None:
-        q = (q * q_scale[:, None, :, None].to(q.dtype)).to(q.dtype)
+        q = (q * q_scale[:, None, :, None]).to(q.dtype)  # fp32 product, rounded once (as HF and prefill)
     lens = kv_lens.long() if kv_lens is not None else torch.full((batch,), capacity, device=q.device)
     starts = (
         kv_start.long() if kv_start is not None else torch.zeros(batch, dtype=torch.long, device=q.device)

@@ -77,10 +77,17 @@ def model_setup(cfg: TrainConfig) -> tuple[ScoutConfig, Processor]:
             if config.vision is None:
                 raise ValueError(f"model.vision_overrides given, but preset {m.preset!r} has no vision tower")
             config.vision = dataclasses.replace(config.vision, **m.vision_overrides)  # re-validated
-        return config, Processor.from_config(config)
-    base = ScoutConfig.from_hf(m.init_from)
-    config = _override(base, m.overrides, m.vision_overrides, m.init_from)
-    return config, Processor.from_config(config, tokenizer_path=m.init_from)
+        processor = Processor.from_config(config)
+    else:
+        base = ScoutConfig.from_hf(m.init_from)
+        config = _override(base, m.overrides, m.vision_overrides, m.init_from)
+        processor = Processor.from_config(config, tokenizer_path=m.init_from)
+    if config.text.attention_dropout:  # the model refuses it in training; say so before anything is built
+        raise ValueError(
+            f"attention_dropout={config.text.attention_dropout}: dropout on attention probabilities is not "
+            "implemented; set model.overrides.attention_dropout: 0"
+        )
+    return config, processor
 
 
 def _override(base: ScoutConfig, overrides: dict, vision_overrides: dict, init_from: str) -> ScoutConfig:
