@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -195,7 +198,8 @@ def check_device(device) -> torch.device:
             torch.empty(0, device=resolved)
         # RuntimeError; AssertionError (xpu) or ImportError (hpu) for a backend this torch was built without
         except Exception as e:
-            raise ValueError(f"device {str(device)!r} is not available on this machine: {e}") from e
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # not torch's dispatcher table
+            raise ValueError(f"device {str(device)!r} is not available on this machine: {first}") from e
     return resolved
 
 
@@ -384,6 +388,14 @@ def save_pretrained(model, path, max_shard_size: int | str = "5GB") -> None:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
     write_folder_atomically(path, write)
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """Make SIGTERM (a scheduler's kill, ``timeout``) a ``SystemExit`` of the main thread, as Ctrl-C is a
+    ``KeyboardInterrupt``: a folder being written (:func:`write_folder_atomically`) is then removed instead of
+    left beside its destination. For command-line scripts; does nothing outside the main thread."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def write_folder_atomically(path: str | os.PathLike, write, owned: tuple[str, ...] = ()) -> None:

@@ -13,7 +13,7 @@ import shutil
 import sys
 
 from scout_mm import ScoutForConditionalGeneration, count_parameters
-from scout_mm.checkpoint import DTYPE_NAMES, PROCESSOR_FILES, parse_size
+from scout_mm.checkpoint import DTYPE_NAMES, PROCESSOR_FILES, exit_cleanly_on_sigterm, parse_size
 
 
 def main() -> None:
@@ -30,6 +30,7 @@ def main() -> None:
     )
     parser.add_argument("--max-shard-size", default="5GB")
     args = parser.parse_args()
+    exit_cleanly_on_sigterm()  # a kill removes the half-written output folder, as Ctrl-C does
     try:
         parse_size(args.max_shard_size)
         model = ScoutForConditionalGeneration.from_pretrained(args.src, dtype=DTYPE_NAMES.get(args.dtype))

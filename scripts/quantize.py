@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from scout_mm.checkpoint import DTYPE_NAMES
+from scout_mm.checkpoint import DTYPE_NAMES, exit_cleanly_on_sigterm
 from scout_mm.config import ScoutConfig
 from scout_mm.quant import QuantConfig, calibration_set, quantize_checkpoint
 from scout_mm.quant.format import DEFAULT_SKIP, default_skip
@@ -46,6 +46,7 @@ def main() -> None:
         "--overwrite", action="store_true", help="replace the checkpoint in an existing --out folder"
     )
     args = parser.parse_args()
+    exit_cleanly_on_sigterm()  # a kill removes the half-written output folder, as Ctrl-C does
     if args.method == "gptq" and args.calibration_samples < 1:
         parser.error(f"--calibration-samples {args.calibration_samples}: GPTQ needs at least 1")
     try:

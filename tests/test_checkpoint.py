@@ -496,3 +496,25 @@ def test_tensor_stored_in_two_shards_is_refused(saved):
     (saved / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=f"'{key}' is stored twice"):
         ScoutForConditionalGeneration.from_pretrained(saved)
+
+
+def test_sigterm_while_writing_removes_the_temporary_folder(tmp_path):
+    """A scheduler's kill (SIGTERM) of scripts/quantize.py or convert_hf.py left `<out>.tmp-<hex>` (GBs for Scout)
+    beside the output; with exit_cleanly_on_sigterm it is removed, as on Ctrl-C, and nothing appears at `out`."""
+    script = textwrap.dedent(
+        f"""
+        import os, signal, time
+        from scout_mm.checkpoint import exit_cleanly_on_sigterm, write_folder_atomically
+
+        def write(tmp):
+            open(os.path.join(tmp, "model.safetensors"), "wb").write(b"half")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+
+        exit_cleanly_on_sigterm()
+        write_folder_atomically({str(tmp_path / "out")!r}, write)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 128 + 15, done.stderr
+    assert os.listdir(tmp_path) == []

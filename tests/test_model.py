@@ -363,3 +363,15 @@ def test_fused_model_refuses_state_dict_until_unfused():
     state = model.state_dict()
     assert state.keys() == original.keys()
     assert all(torch.equal(state[k], original[k]) for k in original)
+
+
+def test_forcing_triton_on_cpu_tensors_without_the_interpreter_is_named(monkeypatch):
+    """Was Triton's "0 active drivers" from deep inside a kernel launch."""
+    from scout_mm import kernels
+
+    monkeypatch.setenv("SCOUT_MM_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="SCOUT_MM_KERNELS=triton on CPU tensors"):
+        kernels.use_triton(torch.zeros(2))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.use_triton(torch.zeros(2))

@@ -92,6 +92,20 @@ def test_rtn_error_within_half_a_step(symmetric, group_size, scale_dtype):
         ).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_fp16_scales_keep_groups_of_small_weights(symmetric):
+    """fp16 scales were floored at fp16's smallest normal (6.1e-5): every group with max |w| under ~4e-4 lost its
+    weights (std 1e-5: all zero). fp16 scales must be as good as bf16 ones wherever fp16 can hold the scale."""
+    weight = torch.randn(256, 64) * torch.logspace(-2, -5.5, 64)  # columns from std 1e-2 down to 3e-6
+    errors = {}
+    for scale_dtype in (torch.bfloat16, torch.float16):
+        packed = quantize_rtn(weight, 128, symmetric, scale_dtype)
+        error = (dequantize(*packed, 128) - weight).norm(dim=0) / weight.norm(dim=0)
+        errors[scale_dtype] = error
+    assert float(errors[torch.bfloat16].max()) < 0.2
+    assert float(errors[torch.float16].max()) < 0.25  # was ~1.0 (every weight 0) for the smallest columns
+
+
 def test_quant_config_round_trip_and_errors():
     cfg = QuantConfig(group_size=64, symmetric=False, scale_dtype="float16", method="gptq", skip=("lm_head",))
     assert QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
@@ -711,7 +725,7 @@ def test_interrupted_quantize_leaves_no_folder(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["float"]
 
 
-def test_quantize_checkpoint_reads_sources_as_from_pretrained_does(tmp_path):
+def test_quantize_checkpoint_reads_sources_as_from_pretrained_does(tmp_path, monkeypatch):
     # Same rules as the float loader: one dtype (config.json's) for a mixed-dtype checkpoint, no float8
     # tensors, no non-zero shared expert dropped under use_shared_expert=false; the Int4 config.json states the
     # dtype under both keys transformers reads and keeps a loadable attn_temperature_tuning.
@@ -747,6 +761,24 @@ def test_quantize_checkpoint_reads_sources_as_from_pretrained_does(tmp_path):
     with pytest.raises(CheckpointError, match="shared_expert.*not zero"):
         quantize_checkpoint(tmp_path / "float", tmp_path / "int4c", QuantConfig(group_size=32))
     assert not (tmp_path / "int4b").exists() and not (tmp_path / "int4c").exists()
+
+    # A tensor missing from the LAST layer is named before the first layer is quantized (was: after all the
+    # others, an hour into Scout with GPTQ), with the checkpoint's folder.
+    last = max(int(k.split(".layers.")[1].split(".")[0]) for k in state if ".layers." in k)
+    missing = next(k for k in state if f".layers.{last}." in k and "down_proj" in k)
+    save_file({k: v for k, v in state.items() if k != missing}, weights, metadata={"format": "pt"})
+    config_file.write_text(json.dumps({**config, "text_config": {**config["text_config"], "use_shared_expert": True}}
+                                      if "text_config" in config else {**config, "use_shared_expert": True}))  # fmt: skip
+    import scout_mm.quant.quantize as quantize_module
+
+    layers_done = []
+    real = quantize_module._quantize_layer
+    monkeypatch.setattr(quantize_module, "_quantize_layer", lambda *a: layers_done.append(1) or real(*a))
+    with pytest.raises(
+        CheckpointError, match=r"float: 1 parameters the config implies are missing.*down_proj"
+    ):
+        quantize_checkpoint(tmp_path / "float", tmp_path / "int4d", QuantConfig(group_size=32))
+    assert not layers_done and not (tmp_path / "int4d").exists()
 
 
 def test_numpy_and_string_options(tmp_path):
@@ -908,4 +940,9 @@ def test_devices_without_an_int4_path_are_clear_errors(tmp_path):
             # was: AssertionError "Torch not compiled with XPU enabled" from torch.xpu
             with pytest.raises(ValueError, match="device 'xpu' is not available on this machine"):
                 call("xpu")
+        if not torch.backends.mps.is_available():
+            # one line, not torch's 59-line dispatcher table
+            with pytest.raises(ValueError, match="device 'mps' is not available on this machine") as error:
+                call("mps")
+            assert "\n" not in str(error.value)
     assert not os.path.exists(tmp_path / "out")

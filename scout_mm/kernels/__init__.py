@@ -37,6 +37,11 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if name == "reference":
         return False
     if name == "triton":
+        if os.environ.get("TRITON_INTERPRET") != "1" and tensors and not any(t.is_cuda for t in tensors):
+            raise ValueError(
+                "SCOUT_MM_KERNELS=triton on CPU tensors: the Triton kernels need CUDA tensors, or "
+                "TRITON_INTERPRET=1 to interpret them on the CPU (slow; for tests)"
+            )
         return True
     return all(t.is_cuda for t in tensors)
 

@@ -146,7 +146,10 @@ def group_params(groups: torch.Tensor, symmetric: bool, scale_dtype: torch.dtype
     Symmetric: ``scale = max|w| / 7``, zero 8 (codes 0..15 = -8..7). Asymmetric: min-max over a range that
     includes 0 (so zero stays exactly representable), integer zero point in [0, 15].
     """
-    tiny = torch.finfo(scale_dtype).tiny
+    # The smallest positive subnormal: fp16's smallest normal (6.1e-5) would floor the scale of every group
+    # whose max |w| is under ~4e-4 and round its weights to 0; a subnormal scale still keeps them.
+    info = torch.finfo(scale_dtype)
+    tiny = info.tiny * info.eps
     if symmetric:
         scale = groups.abs().amax(dim=-1) / 7.0
         zero = torch.full_like(scale, float(SYMMETRIC_ZERO))

@@ -40,7 +40,8 @@ def read_quant_config(path: str | os.PathLike) -> tuple[dict, QuantConfig]:
     if quant is None:
         raise CheckpointError(
             f"{file} has no quantization_config: not an Int4 checkpoint (load it with "
-            "ScoutForConditionalGeneration.from_pretrained, or quantize it with scripts/quantize.py)"
+            "ScoutForConditionalGeneration.from_pretrained or run scripts/generate.py without --int4; or quantize "
+            "it with scripts/quantize.py)"
         )
     try:
         return hf, QuantConfig.from_dict(quant)

@@ -323,7 +323,7 @@ class _Source:
     from the memory-mapped shards."""
 
     def __init__(self, path: str, config: ScoutConfig, expected: set[str]):
-        self.handles, self.where = {}, {}
+        self.path, self.handles, self.where = path, {}, {}
         unexpected = []
         for file in checkpoint_files(path):
             handle = open_shard(file)
@@ -342,6 +342,16 @@ class _Source:
         if unexpected:
             raise CheckpointError(
                 f"{path}: {len(unexpected)} tensors match no parameter, e.g. {unexpected[:5]}"
+            )
+
+    def check_has(self, names: list[str]) -> None:
+        """CheckpointError naming the checkpoint and the first missing parameters, before any layer is quantized
+        (a tensor missing from a late layer was found only when that layer was reached: an hour into Scout)."""
+        missing = [name for name in names if name not in self.where]
+        if missing:
+            raise CheckpointError(
+                f"{self.path}: {len(missing)} parameters the config implies are missing from the checkpoint, "
+                f"e.g. {missing[:3]}"
             )
 
     def first_dtype(self) -> torch.dtype | None:
@@ -483,6 +493,7 @@ def quantize_checkpoint(
     outside = [n for n in names if not n.startswith(LAYERS)]
     if config.tie_word_embeddings:
         outside = [n for n in outside if n != LM_HEAD]
+    source.check_has(outside + [n for n in names if n.startswith(LAYERS)])
     source.load_into(model, outside, device, dtype)
     if config.tie_word_embeddings:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
