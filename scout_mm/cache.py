@@ -1,22 +1,30 @@
 """KV caches built for iRoPE.
 
 - Chunked (RoPE) layers only ever attend within their current ``attention_chunk_size`` chunk, so they keep
-  a ring of exactly one chunk per sequence, ``(batch, chunk, n_kv_heads, head_dim)``: position ``p`` lives
+  a ring of at most one chunk per sequence, ``(batch, ring_rows, n_kv_heads, head_dim)``: position ``p`` lives
   in slot ``p % chunk``. Chunks are aligned to positions, so the keys a token can see are always the
-  prefix ``[0, p % chunk]`` of its ring. This memory does not grow with the prompt.
+  prefix ``[0, p % chunk]`` of its ring. This memory does not grow with the prompt. A request shorter than a chunk
+  needs fewer rows: ``ring_rows`` is ``min(chunk, max_tokens)`` in whole blocks of ``block_size`` (``max_tokens``:
+  what the cache is built for), and :meth:`KVCache.reserve` grows the rings, up to a chunk, when a sequence needs
+  more. While ``ring_rows < chunk`` every stored position is below ``ring_rows``, so its slot ``p % chunk`` is ``p``.
 - Global (NoPE) layers keep every position in a shared pool of fixed-size blocks
   ``(n_blocks, block_size, n_kv_heads, head_dim)`` with a block table per sequence, so later work can
   add CPU offload and top-k block selection without changing this interface. The pool is
-  preallocated for what :meth:`KVCache.reserve` asks and grows when a reservation does not fit.
+  preallocated for what :meth:`KVCache.reserve` asks and grows when a reservation does not fit. Its last block is
+  a scratch block that is never handed out: the block-table entries past a sequence's blocks point at it, so a
+  write past what a sequence reserved (within the table's width, the longest reservation) never lands in another
+  sequence's keys.
   ``kv_dtype="fp8"`` stores it as e4m3 with one fp32 power-of-two scale per (token, kv head) row
   (:func:`scout_mm.kernels.reference.quantize_kv_fp8`): half the bytes of bf16 (plus 1/32 for the scales),
   so a long prompt needs about half the memory and decode reads about half as much. Reads dequantise
   exactly (:func:`scout_mm.kernels.reference.dequantize_kv`); the cost is the rounding of every cached key
-  and value to 3 mantissa bits (relative error at most 1/16). The chunked layers' rings (one chunk, a
-  fixed size) stay in the model's dtype.
+  and value to 3 mantissa bits (relative error at most 1/16). The chunked layers' rings (at most one chunk)
+  stay in the model's dtype.
 
 Positions are per sequence (no padding inside the cache): a batch of prompts of different lengths is
-prefilled sequence by sequence, then decoded together, each sequence at its own position.
+prefilled sequence by sequence, then decoded together, each sequence at its own position. The caller reserves
+every position a sequence will hold (:meth:`KVCache.reserve`); :meth:`KVCache.check_reserved` names a decode step
+that would write past it.
 
 Attention asks the cache for its keys and values through :meth:`KVCache.update` (RoPE layers:
 :meth:`KVCache.update_rope`, which also rotates q and k) and never touches the storage itself.
@@ -29,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from scout_mm import kernels
-from scout_mm.config import TextConfig
+from scout_mm.config import TextConfig, is_int
 from scout_mm.kernels.reference import FP8_KV_DTYPE, dequantize_kv, quantize_kv_fp8
 
 # Decode on RoPE layers: the rotation of q and k and the cache write in one kernel (kernels.rope_write_kv_decode);
@@ -83,8 +91,15 @@ class KVCache:
         block_size: int = 256,
         initial_blocks: int = 0,
         kv_dtype: torch.dtype | str | None = None,
+        max_tokens: int | None = None,
     ):
-        """``kv_dtype``: the global layers' storage, the model's ``dtype`` (None) or ``"fp8"`` (module docstring)."""
+        """``kv_dtype``: the global layers' storage, the model's ``dtype`` (None) or ``"fp8"`` (module docstring).
+        ``max_tokens``: the most tokens a sequence will hold, when known: the rings get ``min(chunk, max_tokens)``
+        rows (in whole blocks) instead of a whole chunk. It caps nothing: :meth:`reserve` grows them."""
+        if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 0):
+            raise ValueError(
+                f"max_tokens={max_tokens!r}; expected an int >= 0 or None (rings of a whole chunk)"
+            )
         self.batch_size = batch_size
         self.block_size = block_size
         self.chunk_size = config.attention_chunk_size
@@ -94,9 +109,12 @@ class KVCache:
         self.ring_layers = [
             i for i in range(config.num_hidden_layers) if self.chunk_size is not None and config.uses_rope(i)
         ]
+        self.ring_rows = 0
+        if self.ring_layers:
+            self.ring_rows = self.chunk_size if max_tokens is None else self._ring_rows_for(int(max_tokens))
         self._ring: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i in self.ring_layers:
-            ring = (batch_size, self.chunk_size, *shape)
+            ring = (batch_size, self.ring_rows, *shape)
             self._ring[i] = (
                 torch.zeros(ring, device=device, dtype=dtype),
                 torch.zeros(ring, device=device, dtype=dtype),
@@ -108,7 +126,7 @@ class KVCache:
         # FP8 pools' row scales: (n_blocks, block_size, n_kv_heads) fp32
         self._scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i in self.global_layers:
-            pool = (initial_blocks, block_size, *shape)
+            pool = (initial_blocks + 1, block_size, *shape)  # + the scratch block
             self._pool[i] = (
                 torch.zeros(pool, device=device, dtype=self.kv_dtype),
                 torch.zeros(pool, device=device, dtype=self.kv_dtype),
@@ -118,6 +136,9 @@ class KVCache:
                     torch.zeros(pool[:-1], device=device, dtype=torch.float32),
                     torch.zeros(pool[:-1], device=device, dtype=torch.float32),
                 )
+        # The pool's last block, never handed out: block-table entries past a sequence's blocks point at it, so a
+        # decode write past a sequence's reservation (unchecked: a CUDA graph's replay) cannot reach real keys.
+        self._scratch = initial_blocks
         self.block_table = torch.zeros(batch_size, 0, dtype=torch.int32, device=device)
         self._n_blocks = [0] * batch_size  # blocks owned per sequence
         # Per sequence: its first pool block while all its blocks are consecutive pool blocks, else None. Prefill
@@ -129,7 +150,10 @@ class KVCache:
 
     # ------------------------------------------------------------------ memory management
     def reserve(self, seq: int, n_tokens: int) -> None:
-        """Make sure sequence ``seq`` has global-layer blocks for positions ``[0, n_tokens)``."""
+        """Make sure sequence ``seq`` has storage for positions ``[0, n_tokens)``: global-layer blocks, and ring rows
+        (the rings of every sequence grow, up to a chunk, when they hold fewer)."""
+        if self.ring_layers and self._ring_rows_for(n_tokens) > self.ring_rows:
+            self._grow_rings(self._ring_rows_for(n_tokens))
         need = -(-n_tokens // self.block_size) - self._n_blocks[seq]
         if need <= 0 or not self.global_layers:
             return
@@ -138,8 +162,11 @@ class KVCache:
         blocks = [self._free.pop(0) for _ in range(need)]
         start, end = self._n_blocks[seq], self._n_blocks[seq] + need
         if end > self.block_table.shape[1]:
-            pad = torch.zeros(
-                self.batch_size, end - self.block_table.shape[1], dtype=torch.int32, device=self.device
+            pad = torch.full(
+                (self.batch_size, end - self.block_table.shape[1]),
+                self._scratch,
+                dtype=torch.int32,
+                device=self.device,
             )
             self.block_table = torch.cat([self.block_table, pad], dim=1)
         self.block_table[seq, start:end] = torch.tensor(blocks, dtype=torch.int32, device=self.device)
@@ -149,6 +176,44 @@ class KVCache:
             self._run[seq] = blocks[0] if consecutive else None
         elif self._run[seq] is not None and not (consecutive and blocks[0] == self._run[seq] + start):
             self._run[seq] = None
+
+    def capacity(self, seq: int) -> int | None:
+        """Positions ``[0, capacity)`` of sequence ``seq`` have storage (its reserved blocks, the rings' rows):
+        what it can hold without :meth:`reserve`. None when nothing bounds it (whole-chunk rings only)."""
+        bounds = [self._n_blocks[seq] * self.block_size] if self.global_layers else []
+        if self.ring_layers and self.ring_rows < self.chunk_size:
+            bounds.append(self.ring_rows)
+        return min(bounds) if bounds else None
+
+    def check_reserved(self, positions: torch.Tensor) -> None:
+        """Raise a ValueError naming the sequence when a decode step at ``positions`` (batch, 1) would write past
+        what it has reserved (:meth:`capacity`). Reads the positions on the host: a device->host sync on CUDA, and
+        not possible inside a CUDA-graph capture (:func:`scout_mm.generation.decode_one_token` skips it there)."""
+        for seq, pos in enumerate(positions[:, -1].tolist()):
+            capacity = self.capacity(seq)
+            if capacity is not None and pos >= capacity:
+                raise ValueError(
+                    f"sequence {seq}: decode position {pos} is past its reserved capacity of {capacity} tokens "
+                    f"(positions [0, {capacity})); call reserve({seq}, n_tokens) for every position it will hold "
+                    "before decoding it (prefill reserves only the prompt)"
+                )
+
+    def _ring_rows_for(self, n_tokens: int) -> int:
+        # Whole blocks, as the pools grow: a cache kept for the next request of about the same length
+        # (generation.decode_state) holds it without growing, and reserving token by token does not copy the
+        # rings every token.
+        return min(self.chunk_size, -(-n_tokens // self.block_size) * self.block_size)
+
+    def _grow_rings(self, rows: int) -> None:
+        # Every stored position is below the old row count (< chunk), so it keeps its slot: p % chunk == p.
+        for i, pair in self._ring.items():
+            grown = []
+            for old in pair:
+                ring = torch.zeros((old.shape[0], rows, *old.shape[2:]), device=old.device, dtype=old.dtype)
+                ring[:, : old.shape[1]] = old
+                grown.append(ring)
+            self._ring[i] = (grown[0], grown[1])
+        self.ring_rows = rows
 
     def _block_run(self, seq: int, n_blocks: int) -> int | None:
         """The first pool block of sequence ``seq`` if its blocks are consecutive pool blocks (blocks come off the
@@ -167,17 +232,24 @@ class KVCache:
             for i, (k, v) in store.items():
                 extra = torch.zeros((n_blocks, *k.shape[1:]), device=k.device, dtype=k.dtype)
                 store[i] = (torch.cat([k, extra]), torch.cat([v, extra.clone()]))
-        self._free.extend(range(old, old + n_blocks))
+        # The old scratch block (the last) becomes a free block and the new last block the scratch: the free blocks
+        # stay one run, so a reservation still gets consecutive blocks. Only padding points at the old scratch.
+        scratch = old + n_blocks - 1
+        self.block_table.masked_fill_(self.block_table == self._scratch, scratch)
+        self._free.extend(range(self._scratch, scratch))
+        self._scratch = scratch
 
     def storage_key(self) -> tuple[int, ...]:
-        """Addresses of every storage tensor (rings, pools, block table): a CUDA graph captured over this cache
-        stays valid while they are unchanged (a growing pool or block table moves them)."""
+        """Addresses of every storage tensor (rings, pools, block table) and their sizes: a CUDA graph captured over
+        this cache stays valid while they are unchanged (a growing ring, pool or block table moves them)."""
         stores = (*self._ring.values(), *self._pool.values(), *self._scales.values())
         tensors = [t for pair in stores for t in pair]
-        return tuple(t.data_ptr() for t in (*tensors, self.block_table)) + tuple(self.block_table.shape)
+        addresses = tuple(t.data_ptr() for t in (*tensors, self.block_table))
+        return addresses + tuple(self.block_table.shape) + (self.ring_rows,)
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held by ring (chunked) layers and by global layers' block pools (with an FP8 pool's scales)."""
+        """Bytes held by ring (chunked) layers and by global layers' block pools (with an FP8 pool's scales and the
+        pools' scratch block)."""
         ring = sum(k.numel() * k.element_size() * 2 for k, _ in self._ring.values())
         pools = (*self._pool.values(), *self._scales.values())
         pool = sum(k.numel() * k.element_size() * 2 for k, _ in pools)
@@ -213,6 +285,11 @@ class KVCache:
             offset = start % self.chunk_size
             if offset + q_len > self.chunk_size:
                 raise ValueError(f"prefill piece [{start}, {start + q_len}) crosses a chunk boundary")
+            if offset + q_len > self.ring_rows:
+                raise ValueError(
+                    f"sequence {seq}: prefill piece [{start}, {start + q_len}) needs ring slots up to "
+                    f"{offset + q_len}; the rings hold {self.ring_rows}: call reserve() for its length first"
+                )
             ring_k[seq, offset : offset + q_len] = k[0]
             ring_v[seq, offset : offset + q_len] = v[0]
             keys, values = ring_k[seq : seq + 1, : offset + q_len], ring_v[seq : seq + 1, : offset + q_len]
@@ -273,7 +350,9 @@ class KVCache:
         ring = layer in self._ring
         if ring:
             k_store, v_store = self._ring[layer]
-            where = dict(ring_size=self.chunk_size)
+            # The ring's rows: a whole chunk (slot p % chunk), or fewer, which every reserved position is below (slot
+            # p % rows == p == p % chunk). An unreserved position wraps within its own sequence's ring.
+            where = dict(ring_size=self.ring_rows)
         else:
             k_store, v_store = self._pool[layer]
             where = dict(block_table=self.block_table, block_size=self.block_size)

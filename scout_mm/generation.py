@@ -3,7 +3,8 @@
 A batch of prompts (left- or right-padded, as HF takes them) is prefilled sequence by sequence in pieces
 that never cross an attention chunk — so no long x long matrix exists and activation memory is bounded by
 the piece — then decoded together, each sequence at its own position. :func:`decode_one_token` has fixed
-shapes and no host synchronisation so it can be compiled / CUDA-graphed.
+shapes and, without its host-side reservation check (``check_reserved=False``, or inside a capture), no host
+synchronisation, so it can be compiled / CUDA-graphed.
 """
 
 from __future__ import annotations
@@ -135,7 +136,10 @@ class GenerateOutput:
 # ---------------------------------------------------------------------------------------------- steps
 def prefill(model, cache: KVCache, seq: int, inputs_embeds: torch.Tensor, piece: int) -> torch.Tensor:
     """Run one sequence's prompt embeddings (1, length, hidden) through the model into row ``seq`` of the
-    cache, in pieces of at most ``piece`` tokens cut at chunk boundaries. Returns the last logits (vocab,)."""
+    cache, in pieces of at most ``piece`` tokens cut at chunk boundaries. Returns the last logits (vocab,).
+
+    It reserves only the prompt: before decoding, the caller reserves every position the sequence will hold,
+    ``cache.reserve(seq, length + new_tokens)`` (:func:`decode_one_token` names a step past it)."""
     return prefill_pieces(
         model, cache, seq, inputs_embeds.shape[1], lambda a, b: inputs_embeds[:, a:b], piece
     )
@@ -143,7 +147,7 @@ def prefill(model, cache: KVCache, seq: int, inputs_embeds: torch.Tensor, piece:
 
 def prefill_pieces(model, cache: KVCache, seq: int, length: int, embed, piece: int) -> torch.Tensor:
     """:func:`prefill` of a ``length``-token prompt whose embeddings ``embed(start, end)`` (1, end - start,
-    hidden) gives piece by piece, as each piece is reached."""
+    hidden) gives piece by piece, as each piece is reached. Reserves only the prompt, as :func:`prefill`."""
     chunk = cache.chunk_size or length
     cache.reserve(seq, length)
     start = 0
@@ -196,8 +200,20 @@ class _PromptPieces:
         return self.model.embed_tokens(ids, self.image_embeds[first : first + count])
 
 
-def decode_one_token(model, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """tokens, positions (batch, 1) -> next-token logits (batch, vocab)."""
+def decode_one_token(
+    model, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, *, check_reserved: bool = True
+) -> torch.Tensor:
+    """tokens, positions (batch, 1) -> next-token logits (batch, vocab).
+
+    The caller reserves every position it decodes (``cache.reserve(seq, n_tokens)``; :func:`prefill` reserves only
+    the prompt). A position past a sequence's reservation raises a ValueError naming it
+    (:meth:`KVCache.check_reserved`). That check reads the positions on the host, a device->host sync on CUDA: it
+    is skipped inside a CUDA-graph capture, and ``check_reserved=False`` skips it where the caller's reservation
+    covers every step (as :func:`generate_ids`'s does), keeping the step free of host syncs. Unchecked, a step past
+    the reservation gives that sequence wrong logits; its write stays out of other sequences' keys while it is
+    within the batch's longest reservation (the block table's width), and nothing guards it past that."""
+    if check_reserved and not (positions.is_cuda and torch.cuda.is_current_stream_capturing()):
+        cache.check_reserved(positions)
     return model(input_ids=tokens, position_ids=positions, cache=cache, logits_to_keep=1).logits[:, -1]
 
 
@@ -252,8 +268,12 @@ class _DecodeState:
         self.key, self.cache = key, cache
         self.graph: GraphedDecode | None = None
         self.graph_storage: tuple = ()  # cache.storage_key() when the graph was captured
-        self.reserved: list[int] = []  # tokens reserved per sequence (KVCache.reserve) by the calls so far
         self.busy = False  # a generation is using it (a second, interleaved one gets its own cache)
+
+    def holds(self, need: list[int]) -> bool:
+        """Its cache holds ``need[b]`` tokens of each sequence without growing (:meth:`KVCache.capacity`)."""
+        capacity = [self.cache.capacity(b) for b in range(len(need))]
+        return all(c is None or n <= c for n, c in zip(need, capacity, strict=True))
 
 
 # The kernels a decode graph captured depend on these switches as well as on the weights.
@@ -280,14 +300,15 @@ def decode_state(
     key = _state_key(model, len(need), device, kv_dtype)
     state = model.__dict__.get(_STATE_ATTR) if keep else None
     if state is not None and not state.busy:
-        if state.key == key and all(n <= r for n, r in zip(need, state.reserved, strict=True)):
+        if state.key == key and state.holds(need):
             return state
         release_decode_state(model)
         state = None
-    fresh = _DecodeState(key, KVCache(model.config.text, len(need), device, model.dtype, kv_dtype=kv_dtype))
-    # KVCache.reserve hands out whole blocks: what the cache holds without growing
-    block = fresh.cache.block_size
-    fresh.reserved = [-(-n // block) * block for n in need]
+    # Rings of the longest request's length, not a whole chunk (1-18 GiB at Scout size for a short request)
+    cache = KVCache(
+        model.config.text, len(need), device, model.dtype, kv_dtype=kv_dtype, max_tokens=max(need)
+    )
+    fresh = _DecodeState(key, cache)
     if keep and (state is None or not state.busy):
         release_decode_state(model)  # one kept state at most: its cache can be gigabytes
         model.__dict__[_STATE_ATTR] = fresh
@@ -461,7 +482,10 @@ def _generate_steps(model, state, input_ids, pixel_values, attention_mask, param
     positions = torch.tensor(lengths, device=device)[:, None]
     active = [True] * batch  # host-side: a row stops after its EOS token / stop string
     texts = [[] for _ in range(batch)] if stop_strings else None
-    step_fn = lambda tokens, positions: decode_one_token(model, tokens, positions, cache)  # noqa: E731
+    # Every position is reserved above (prompt + max_new_tokens): no reservation check, which syncs on CUDA
+    step_fn = lambda tokens, positions: decode_one_token(  # noqa: E731
+        model, tokens, positions, cache, check_reserved=False
+    )
     last = params.max_new_tokens - 1
 
     def advance(tokens):  # queue the decode step that feeds ``tokens`` back: (history, logits, positions)

@@ -175,8 +175,8 @@ def test_decode_attention_merged_in_kernel_with_q_scale(monkeypatch, paged_block
         lens[1] = int(torch.randint(1, capacity, ()))
         graph.replay()
         (out, lse), (sep, sep_lse) = both()
-        # the reference on the scaled query rounded to bf16, as the kernels (and the PyTorch path) round it
-        q_scaled = (q * q_scale[:, None, :, None].to(q.dtype)).float()
+        # the reference on the query times the fp32 scale, rounded once to bf16, as the kernels (and HF) round it
+        q_scaled = (q * q_scale[:, None, :, None]).to(q.dtype).float()
         ref_out, ref_lse = decode_reference(q_scaled, k.float(), v.float(), **{**kw, "q_scale": None})
         for got, got_lse in ((out, lse), (out_g, lse_g), (sep_g, sep_lse_g)):
             assert float((got.float() - sep.float()).abs().max()) <= 2**-7 * float(sep.float().abs().max())
