@@ -613,6 +613,24 @@ def test_gpu_every_path_asymmetric_fp16(gpu_int4, kind):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["auto", "gemv", "gemm_small", "gemm_medium", "gemm_large", "dequant"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gpu_every_path_with_subnormal_fp16_scales(gpu_int4, kind, dtype):
+    """fp16 scales below fp16's smallest normal, as quantizing a group of max |w| < ~4e-4 now stores them (the
+    quantizer floored them at 6.1e-5 before): every path still equals the reference."""
+    cfg = None if kind == "auto" else {"kind": "dequant"} if kind == "dequant" else gpu_int4.TUNED[kind]
+    for m_rows in (1, 2, 7, 16, 130, 300):
+        for symmetric in (True, False):
+            qweight, _, zeros = packed_weight((), 1024, 776, 64, symmetric=symmetric, device="cuda")
+            scales = (torch.rand(1024 // 64, 776, device="cuda") * 5e-5 + 1e-7).half()
+            assert (scales < torch.finfo(torch.float16).tiny).float().mean() > 0.9
+            x = torch.randn(m_rows, 1024, device="cuda", dtype=dtype)
+            ref = x.float() @ reference.dequantize(qweight, scales, zeros, 64, dtype).float()
+            out = gpu_int4.int4_linear(x, qweight, scales, zeros, 64, config=cfg)
+            assert rel(out, ref) < TOL[dtype], (m_rows, symmetric)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("tokens, top_k", [(1, 1), (1, 2), (16, 1), (32, 1), (64, 2), (512, 1), (4096, 1)])
 def test_gpu_moe_scout_shapes(gpu_int4, tokens, top_k):
     hidden, inter, n_experts, group = 5120, 8192, 16, 128
