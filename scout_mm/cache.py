@@ -18,7 +18,9 @@
   (:func:`scout_mm.kernels.reference.quantize_kv_fp8`): half the bytes of bf16 (plus 1/32 for the scales),
   so a long prompt needs about half the memory and decode reads about half as much. Reads dequantise
   exactly (:func:`scout_mm.kernels.reference.dequantize_kv`); the cost is the rounding of every cached key
-  and value to 3 mantissa bits (relative error at most 1/16). The chunked layers' rings (at most one chunk)
+  and value to 3 mantissa bits: relative error at most 1/16 for entries down to 2**-13 of their row's largest
+  |value|; smaller ones (the row shares one scale) have an absolute error under 1e-5 of the row's largest (the
+  tiniest round to 0). The chunked layers' rings (at most one chunk)
   stay in the model's dtype.
 
 Positions are per sequence (no padding inside the cache): a batch of prompts of different lengths is

@@ -148,6 +148,10 @@ def prefill(model, cache: KVCache, seq: int, inputs_embeds: torch.Tensor, piece:
 def prefill_pieces(model, cache: KVCache, seq: int, length: int, embed, piece: int) -> torch.Tensor:
     """:func:`prefill` of a ``length``-token prompt whose embeddings ``embed(start, end)`` (1, end - start,
     hidden) gives piece by piece, as each piece is reached. Reserves only the prompt, as :func:`prefill`."""
+    if not is_int(piece) or piece < 1:
+        raise ValueError(f"piece={piece!r}; expected an int >= 1 (tokens per prefill piece)")
+    if length < 1:
+        raise ValueError(f"a prompt of {length} tokens; prefill needs at least one")
     chunk = cache.chunk_size or length
     cache.reserve(seq, length)
     start = 0

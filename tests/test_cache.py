@@ -310,3 +310,15 @@ def test_gpu_request_sized_rings_and_reservation_check(monkeypatch):
         graphed = GraphedDecode(model, cache, tokens, positions)(tokens, positions).clone()
         eager = decode_one_token(model, tokens, positions, cache)
     assert max_rel_err(graphed, eager) < 1e-5
+
+
+def test_prefill_names_a_bad_piece_size_or_an_empty_prompt():
+    # was "cannot reshape tensor of 0 elements" / an endless loop's first error
+    model = _model()
+    cache = KVCache(model.config.text, 1, "cpu", torch.float32, block_size=4)
+    embeds = model.embed_tokens(torch.randint(3, 290, (1, 5)))
+    for piece in (0, -2, 2.5):
+        with pytest.raises(ValueError, match=rf"piece={piece}; expected an int >= 1"):
+            prefill(model, cache, 0, embeds, piece)
+    with pytest.raises(ValueError, match="a prompt of 0 tokens"):
+        prefill(model, cache, 0, embeds[:, :0], 4)

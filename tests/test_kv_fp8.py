@@ -516,3 +516,17 @@ def test_prefill_without_reserved_blocks_names_the_problem():
     k = torch.randn(1, 5, cfg.num_key_value_heads, cfg.head_dim)
     with pytest.raises(ValueError, match=r"sequence 0 has 1 KV blocks .* 2 needed: call reserve\(\)"):
         cache.update(cache.global_layers[0], k, k, None)
+
+
+def test_fp8_rounding_bounds_stated_in_the_cache_docstring():
+    """Relative error <= 1/16 for entries down to 2**-13 of their row's largest |value|; below, an absolute error
+    under 1e-5 of the row's largest (scout_mm/cache.py)."""
+    from scout_mm.kernels.reference import dequantize_kv, quantize_kv_fp8
+
+    x = torch.randn(512, 8, 128) * torch.logspace(0, -7, 128)  # every row spans 7 decades
+    codes, scales = quantize_kv_fp8(x)
+    error = (dequantize_kv(codes, scales, torch.float32) - x).abs()
+    largest = x.abs().amax(-1, keepdim=True)
+    near = x.abs() >= largest * 2**-13
+    assert float((error / x.abs())[near].max()) <= 1 / 16 + 1e-6
+    assert float((error / largest)[~near].max()) < 1e-5
