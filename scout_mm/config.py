@@ -109,9 +109,8 @@ class TextConfig:
         for key in _TEXT_FLAGS:
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key}={getattr(self, key)!r}; expected true or false")
-        if not isinstance(
-            self.attn_temperature_tuning, (bool, numbers.Integral)
-        ):  # HF Scout's file: the int 4
+        # HF Scout's config.json stores the int 4 here
+        if not isinstance(self.attn_temperature_tuning, (bool, numbers.Integral)):
             raise ValueError(
                 f"attn_temperature_tuning={self.attn_temperature_tuning!r}; expected true or false"
             )

@@ -269,10 +269,7 @@ class JsonlSource:
         def load(full=full):
             # As inference reads the file (to_rgb_uint8): upright by its EXIF orientation, transparency on white.
             image = to_rgb_uint8(full)
-            if (image.shape[2], image.shape[1]) != (
-                width,
-                height,
-            ):  # the prompt's tile layout used the header's
+            if (image.shape[2], image.shape[1]) != (width, height):  # the tile layout was planned with these
                 raise ValueError(
                     f"{full}: decoded as {image.shape[2]}x{image.shape[1]} pixels, but its header read "
                     f"{width}x{height} (an EXIF orientation stored after the pixel data?); re-save it upright"

@@ -272,10 +272,11 @@ class ImageProcessor:
             raise ValueError(
                 f"image_mean={self.image_mean}, image_std={self.image_std}; expected 3 values each"
             )
-        if self.resample in _UNSUPPORTED_RESAMPLE or self.resample in _UNSUPPORTED_RESAMPLE.values():
+        unsupported = _UNSUPPORTED_RESAMPLE.get(self.resample, self.resample)
+        if unsupported in _UNSUPPORTED_RESAMPLE.values():
             raise ValueError(
-                f"resample={self.resample!r} (PIL's {self.resample if isinstance(self.resample, str) else _UNSUPPORTED_RESAMPLE[self.resample]} "
-                f"filter) has no tensor resize; use one of {RESAMPLE_CODES}"
+                f"resample={self.resample!r} (PIL's {unsupported} filter) has no tensor resize; use one of "
+                f"{RESAMPLE_CODES}"
             )
         if self.resample not in RESAMPLE_CODES and self.resample not in RESAMPLE_CODES.values():
             raise ValueError(
