@@ -188,7 +188,7 @@ def check_device(device) -> torch.device:
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(
-                f"device {str(device)!r}: CUDA is not available on this machine; use device='cpu'"
+                f"device {str(device)!r}: CUDA is not available on this machine; use device 'cpu'"
             )
         count = torch.cuda.device_count()
         if resolved.index is not None and resolved.index >= count:

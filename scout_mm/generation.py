@@ -429,7 +429,7 @@ def generate_steps(
         if not truncate:
             raise ValueError(
                 f"prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds the model "
-                f"maximum of {limit} positions (pass truncate=True to generate at most {limit - longest})"
+                f"maximum of {limit} positions (truncate=True, or --truncate in scripts/generate.py, generates at most {limit - longest})"
             )
         params = SamplingParams(**{**params.__dict__, "max_new_tokens": limit - longest})
     eos = set(_token_ids(eos_token_id, config.eos_token_ids, "eos_token_id"))

@@ -88,7 +88,10 @@ class Processor:
         tokenizer_file = folder if folder.is_file() else folder / "tokenizer.json"
         folder = tokenizer_file.parent
         if not tokenizer_file.is_file():
-            raise FileNotFoundError(f"no tokenizer.json at {tokenizer_file}")
+            raise FileNotFoundError(
+                f"no tokenizer.json at {tokenizer_file}: a checkpoint folder needs its processor beside the weights "
+                "(processor.save_pretrained(folder) after model.save_pretrained(folder))"
+            )
         processor_cfg = _read_json(folder / "processor_config.json")
         image_cfg = _read_json(folder / "preprocessor_config.json") or processor_cfg.get(
             "image_processor", {}
@@ -139,7 +142,13 @@ class Processor:
             if want not in (None, got)
         ]
         if bad:
-            raise ValueError(f"config and tokenizer disagree: {', '.join(bad)}")
+            builtin = os.fspath(tokenizer_path) == BUILTIN
+            hint = (
+                " (the built-in tokenizer serves the tiny and small presets: pass tokenizer_path=)"
+                if builtin
+                else ""
+            )
+            raise ValueError(f"config and tokenizer disagree: {', '.join(bad)}{hint}")
         if processor.vocab_size > config.text.vocab_size:
             raise ValueError(
                 f"tokenizer has {processor.vocab_size} ids; config.text.vocab_size={config.text.vocab_size}"

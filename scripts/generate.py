@@ -31,9 +31,9 @@ EXAMPLE_IMAGE = str(files("scout_mm") / "assets" / "example.png")
 TRAINED_TINY = files("scout_mm") / "assets" / "tiny"
 
 
-def main() -> None:
+def main(description: str | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", help="checkpoint folder (config.json, safetensors, tokenizer.json)")
     parser.add_argument(
@@ -159,10 +159,11 @@ def _run(model, processor, prompt, images, stream: bool, sampling: dict) -> Gene
     return stats
 
 
-def cli() -> None:
-    """:func:`main`, with a missing or bad checkpoint, image or option reported in one line (no traceback)."""
+def cli(description: str | None = None) -> None:
+    """:func:`main`, with a missing or bad checkpoint, image or option reported in one line (no traceback);
+    ``description``: the help text's (scripts/int4_generate.py passes its own)."""
     try:
-        main()
+        main(description)
     except (OSError, ValueError) as e:
         sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
 

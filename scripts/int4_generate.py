@@ -14,4 +14,5 @@ import sys
 if __name__ == "__main__":
     sys.argv.insert(1, "--int4")
     generate = os.path.join(os.path.dirname(os.path.abspath(__file__)), "generate.py")
-    runpy.run_path(generate, run_name="generate")["cli"]()  # errors and usage under this script's name
+    # errors, usage and --help under this script's name and with its own description
+    runpy.run_path(generate, run_name="generate")["cli"](__doc__)

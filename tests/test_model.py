@@ -373,5 +373,11 @@ def test_forcing_triton_on_cpu_tensors_without_the_interpreter_is_named(monkeypa
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="SCOUT_MM_KERNELS=triton on CPU tensors"):
         kernels.use_triton(torch.zeros(2))
+    monkeypatch.setenv("SCOUT_MM_KERNELS", "auto")
+    monkeypatch.setenv("SCOUT_MM_FUSED", "on")
+    with pytest.raises(ValueError, match="SCOUT_MM_FUSED=on on CPU tensors"):
+        kernels.use_fused(torch.zeros(2))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.use_fused(torch.zeros(2))
+    monkeypatch.setenv("SCOUT_MM_KERNELS", "triton")
     assert kernels.use_triton(torch.zeros(2))

@@ -618,6 +618,11 @@ def test_quantize_checkpoint_copies_tokenizer_and_processor_files(tmp_path):
     # They go into the temporary folder before it is renamed: the Int4 folder never appears without them (the
     # CLI used to copy the tokenizer files afterwards, and never preprocessor_config.json, read by Processor).
     small_model(seed=16).save_pretrained(tmp_path / "float")
+    # Without a tokenizer the Int4 checkpoint cannot be used by int4_generate.py: said up front, not at that point.
+    with pytest.warns(
+        UserWarning, match="float has no tokenizer.json, so the Int4 checkpoint will have none"
+    ):
+        quantize_checkpoint(tmp_path / "float", tmp_path / "bare", QuantConfig(group_size=32))
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
         (tmp_path / "float" / name).write_text(f'{{"name": "{name}"}}')
     quantize_checkpoint(tmp_path / "float", tmp_path / "int4", QuantConfig(group_size=32))

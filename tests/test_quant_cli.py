@@ -248,6 +248,12 @@ def test_int4_generate_answers_and_reports_speed_and_memory(int4_tiny, monkeypat
         assert "tok/s" in err and "GB of weights" in err and "peak process memory" in err, err
 
 
+def test_int4_generate_help_is_its_own(monkeypatch, capsys):
+    code, out, _ = run_script(monkeypatch, capsys, "int4_generate.py", "--help")
+    assert code == 0 and out.startswith("usage: int4_generate.py")
+    assert "Answer an image+text prompt with an Int4 checkpoint" in out  # was generate.py's description
+
+
 def test_int4_generate_bad_input_is_a_one_line_error(int4_tiny, tmp_path, monkeypatch, capsys):
     def run(*args, model=int4_tiny, prompt=QUESTION):
         return run_script(monkeypatch, capsys, "int4_generate.py", "--model", model, "--prompt", prompt,

@@ -126,6 +126,11 @@ def use_fused(*tensors: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False  # no backward: training keeps the PyTorch path
+    if mode == "on" and os.environ.get("TRITON_INTERPRET") != "1" and not any(t.is_cuda for t in tensors):
+        raise ValueError(
+            "SCOUT_MM_FUSED=on on CPU tensors: the fused Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 to "
+            "interpret them on the CPU (slow; for tests)"
+        )
     return mode == "on" or use_triton(*tensors)
 
 

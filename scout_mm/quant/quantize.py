@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import shutil
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -479,6 +480,12 @@ def quantize_checkpoint(
     _check_output(dst, overwrite)
     if "quantization_config" in config.hf_extra or "quantization_config" in config.text.hf_extra:
         raise CheckpointError(f"{src} is already quantized (its config.json has a quantization_config)")
+    if not os.path.isfile(os.path.join(src, "tokenizer.json")):
+        warnings.warn(
+            f"{src} has no tokenizer.json, so the Int4 checkpoint will have none: scripts/int4_generate.py and "
+            "Processor.from_pretrained need one (save the processor into either folder: processor.save_pretrained)",
+            stacklevel=2,
+        )
     from scout_mm.model import ScoutForConditionalGeneration
 
     with torch.device("meta"):
