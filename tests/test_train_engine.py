@@ -231,6 +231,38 @@ def test_latest_only_points_at_complete_checkpoints(tmp_path):
         checkpointer.load("step00000001")
 
 
+def test_resume_accepts_step_n_with_any_padding_and_names_the_checkpoints_there(tmp_path):
+    # The folders a run leaves in output_dir/checkpoints (no training needed to look tags up): two saves,
+    # latest, a universal conversion and DeepSpeed's helper scripts.
+    directory = tmp_path / "checkpoints"
+    for tag in ("step00000005", "step00000010", "universal/step00000005"):
+        (directory / tag).mkdir(parents=True)
+    (directory / "latest").write_text("step00000010")
+    (directory / "zero_to_fp32.py").write_text("")
+    checkpointer = Checkpointer(engine=None, directory=str(directory), keep=2, rank=0)
+    assert checkpointer.tags() == ["step00000005", "step00000010"]
+    for resume in ("step10", "step010", "step00000010", "step000000010"):
+        assert checkpointer.resume_tag(resume) == "step00000010"
+    assert checkpointer.resume_tag("step5") == "step00000005"
+    assert checkpointer.prepare_resume("step5", 1, {"zero_optimization": {"stage": 2}}) is None
+    assert checkpointer.resume_tag("auto") == "step00000010"
+    assert checkpointer.resume_tag("never") is None
+    for resume in ("step7", "universal", "latest", "10"):
+        with pytest.raises(
+            FileNotFoundError,
+            match=rf"train.resume='{resume}': no checkpoint '{resume}' in .*checkpoints; "
+            r"it holds step00000005, step00000010; expected 'auto', 'never' or the tag of a checkpoint there",
+        ):
+            checkpointer.resume_tag(resume)
+    empty = Checkpointer(engine=None, directory=str(tmp_path / "empty"), keep=2, rank=0)
+    with pytest.raises(FileNotFoundError, match=r"'step10' in .*empty; the folder does not exist; expected"):
+        empty.resume_tag("step10")
+    assert empty.resume_tag("auto") is None  # auto still starts afresh
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"'step10' in .*empty; it holds no checkpoints; expected"):
+        empty.resume_tag("step10")
+
+
 @pytest.mark.parametrize(
     "key, value, error",
     [
@@ -271,8 +303,16 @@ def test_integer_fields_accept_integral_numbers():
     assert cfg.train.micro_batch_size == 4 and isinstance(cfg.train.micro_batch_size, int)
 
 
-@pytest.mark.parametrize("export_dir", ["{out}", "{out}/..", "{out}/checkpoints", "{out}/checkpoints/export"])
-def test_export_dir_may_not_hold_the_checkpoints(tmp_path, export_dir):
+@pytest.mark.parametrize(
+    "export_dir, error",
+    [
+        ("{out}", r"is or holds train.output_dir \(.*run\): each export replaces its folder"),
+        ("{out}/..", r"is or holds train.output_dir \(.*run\): each export replaces its folder"),
+        ("{out}/checkpoints", r"is or lies in train.output_dir's checkpoints folder \(.*run/checkpoints\)"),
+        ("{out}/checkpoints/export", r"is or lies in train.output_dir's checkpoints folder"),
+    ],
+)
+def test_export_dir_may_not_be_the_output_dir_above_it_or_in_its_checkpoints(tmp_path, export_dir, error):
     cfg = TrainConfig.load(
         None,
         [
@@ -280,10 +320,11 @@ def test_export_dir_may_not_hold_the_checkpoints(tmp_path, export_dir):
             ("train.export_dir", export_dir.format(out=tmp_path / "run")),
         ],
     )
-    with pytest.raises(ValueError, match=r"train.export_dir=.* would hold train.output_dir's checkpoints"):
+    with pytest.raises(ValueError, match=rf"train.export_dir='.*' {error}.*; export to another folder"):
         cfg.validate()
-    cfg.set("train.export_dir", str(tmp_path / "run" / "export"))
-    cfg.validate()
+    for elsewhere in (tmp_path / "run" / "export", tmp_path / "run" / "exports" / "v1", tmp_path / "out"):
+        cfg.set("train.export_dir", str(elsewhere))
+        cfg.validate()
 
 
 def test_deepspeed_json_mistakes_are_named(tmp_path):
@@ -321,6 +362,11 @@ def test_deepspeed_json_mistakes_are_named(tmp_path):
             r"data.seq_len=16 is shorter than data.sources\[0\]'s synthetic document",
         ),
         ({}, "{tmp}/missing.json", FileNotFoundError),
+        (
+            {"train.resume": "step10"},
+            ZERO2,
+            (FileNotFoundError, r"train.resume='step10': no checkpoint 'step10' in .*out/checkpoints"),
+        ),
     ],
 )
 def test_data_and_deepspeed_config_are_checked_before_the_model_is_built(
@@ -335,7 +381,7 @@ def test_data_and_deepspeed_config_are_checked_before_the_model_is_built(
     cfg = tiny_config(tmp_path / "out")
     for key, value in fields.items():
         cfg.set(key, value)
-    kind, match = (error, None) if isinstance(error, type) else (ValueError, error)
+    kind, match = {type: (error, None), str: (ValueError, error), tuple: error}[type(error)]
     with pytest.raises(kind, match=match):
         train(cfg, ds_json.format(tmp=tmp_path))
     assert (

@@ -73,7 +73,9 @@ class TrainSection:
     keep_checkpoints: int = 2
     log_every: int = 10
     output_dir: str = "runs/tiny"  # checkpoints/, export/, metrics.jsonl, tensorboard/, curve.png
-    resume: str = "auto"  # "auto": from output_dir's latest checkpoint if any; "never"; or a step tag
+    # "auto": from output_dir's latest checkpoint if any; "never"; or a checkpoint's tag: step00000010 (the
+    # name a save gives it) or step10
+    resume: str = "auto"
     export: bool = True  # write the final weights in the HF layout
     export_dir: str | None = None  # default: output_dir/export
     seed: int = 0
@@ -227,16 +229,24 @@ def _check_sources(sources: list) -> None:
 
 
 def _check_export_dir(export_dir: str, output_dir: str) -> None:
-    # The export replaces its whole folder (written beside it, then renamed into place, with what else the
-    # folder held moved into the new one): pointed at the output dir or above it, the run's checkpoints and
-    # logs would move with every export, and a failed export would have them in flight. Keep them apart.
+    # The export is written beside its folder and renamed into place, with what else the folder held moved
+    # into the new one: pointed at the output dir or above it, the run's checkpoints and logs would move with
+    # every export, and a failed export would have them in flight. The checkpoints folder is the
+    # Checkpointer's (it prunes, converts and lists the folders there as checkpoints): no export in it either.
+    # Any other folder, inside output_dir or not, is fine.
     export = os.path.realpath(export_dir)
     output = os.path.realpath(output_dir)
     checkpoints = os.path.join(output, "checkpoints")
-    if export == output or _inside(output, export) or _inside(export, checkpoints) or export == checkpoints:
+    elsewhere = "export to another folder (default: output_dir/export)"
+    if export == output or _inside(output, export):
         raise ValueError(
-            f"train.export_dir={export_dir!r} would hold train.output_dir's checkpoints ({checkpoints}); "
-            "export to a folder outside them (default: output_dir/export)"
+            f"train.export_dir={export_dir!r} is or holds train.output_dir ({output}): each export replaces its "
+            f"folder and would move the run's checkpoints and logs along; {elsewhere}"
+        )
+    if export == checkpoints or _inside(export, checkpoints):
+        raise ValueError(
+            f"train.export_dir={export_dir!r} is or lies in train.output_dir's checkpoints folder "
+            f"({checkpoints}), which holds the checkpoints only; {elsewhere}"
         )
 
 

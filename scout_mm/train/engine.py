@@ -360,6 +360,12 @@ META = "meta.json"
 UNIVERSAL = "universal"  # folder (under the checkpoint directory) of DeepSpeed universal conversions
 
 
+def step_tag(step: int) -> str:
+    """The name of the checkpoint saved after optimiser step ``step``: ``step00000010`` (zero-padded so that
+    name order is step order)."""
+    return f"step{step:08d}"
+
+
 class Checkpointer:
     """DeepSpeed checkpoints under ``directory/stepNNNNNNNN`` that are never half-written, resumable on any
     number of ranks.
@@ -388,8 +394,37 @@ class Checkpointer:
             tag = f.read().strip()
         return tag if os.path.isdir(os.path.join(self.directory, tag)) else None
 
+    def tags(self) -> list[str]:
+        """The checkpoint folders in the directory, in name order (so oldest first for ``stepNNNNNNNN``), not
+        counting the universal conversions or the ``.partial`` folders of killed saves."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(
+            name
+            for name in os.listdir(self.directory)
+            if os.path.isdir(os.path.join(self.directory, name))
+            and name != UNIVERSAL
+            and not name.endswith(".partial")
+        )
+
+    def find(self, tag: str) -> str:
+        """The folder of checkpoint ``tag``: ``tag`` itself, or for ``stepN`` written with any zero padding
+        (``step10``) the folder a save names ``step00000010``. Raises ``FileNotFoundError`` naming the
+        checkpoints that do exist."""
+        tags = self.tags()
+        if tag in tags:
+            return tag
+        number = re.fullmatch(r"step(\d+)", tag)
+        if number and step_tag(int(number[1])) in tags:
+            return step_tag(int(number[1]))
+        if not os.path.isdir(self.directory):
+            held = "the folder does not exist"
+        else:
+            held = f"it holds {', '.join(tags)}" if tags else "it holds no checkpoints"
+        raise FileNotFoundError(f"no checkpoint {tag!r} in {self.directory}; {held}")
+
     def save(self, step: int, client_state: dict) -> str:
-        tag = f"step{step:08d}"
+        tag = step_tag(step)
         partial = tag + ".partial"
         if self.rank == 0:
             os.makedirs(self.directory, exist_ok=True)
@@ -419,8 +454,9 @@ class Checkpointer:
         return tag
 
     def resume_tag(self, resume: str) -> str | None:
-        """The checkpoint to resume from: ``resume`` is "auto" (the latest, if any), "never", or a tag.
-        Removes the ``.partial`` folders of killed saves first. Collective."""
+        """The checkpoint to resume from: ``resume`` is "auto" (the latest, if any), "never", or a tag
+        (``step00000010``, or ``step10``: see :meth:`find`). Removes the ``.partial`` folders of killed saves
+        first. Collective."""
         if resume == "never":
             return None
         if self.rank == 0 and os.path.isdir(self.directory):
@@ -430,9 +466,13 @@ class Checkpointer:
         barrier()
         if resume == "auto":
             return self.latest_tag()
-        if not os.path.isdir(os.path.join(self.directory, resume)):
-            raise FileNotFoundError(f"no checkpoint {resume!r} in {self.directory}")
-        return resume
+        try:
+            return self.find(resume)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"train.resume={resume!r}: {e}; expected 'auto', 'never' or the tag of a checkpoint there "
+                "(stepN with any zero padding)"
+            ) from None
 
     def meta(self, tag: str) -> dict:
         """``meta.json`` of checkpoint ``tag`` ({} for checkpoints written before it existed)."""
@@ -483,6 +523,7 @@ class Checkpointer:
         written by another number of ranks, convert it to DeepSpeed's universal format (rank 0, once; other
         ranks wait) and switch ``ds_config`` to universal loading. Returns a line for the log, or None when
         nothing had to be done. Collective."""
+        tag = self.find(tag)
         self.check_compatible(tag, ds_config, param_shapes)
         saved = self.saved_world_size(tag)
         if saved == world_size:
@@ -508,8 +549,8 @@ class Checkpointer:
             tag = self.resume_tag("auto")
             if tag is None:
                 return None
-        elif not os.path.isdir(os.path.join(self.directory, tag)):
-            raise FileNotFoundError(f"no checkpoint {tag!r} in {self.directory}")
+        else:
+            tag = self.find(tag)
         if self.universal_dir is not None:
             optimizer = getattr(self.engine.optimizer, "optimizer", None)
             groups = [dict(g) for g in optimizer.param_groups] if optimizer is not None else []
@@ -549,11 +590,7 @@ class Checkpointer:
         return client_state
 
     def _prune(self, keep_tag: str) -> None:
-        tags = sorted(
-            name
-            for name in os.listdir(self.directory)
-            if name.startswith("step") and not name.endswith(".partial")
-        )
+        tags = [name for name in self.tags() if name.startswith("step")]
         removed = tags[: max(0, len(tags) - self.keep)]
         for name in removed:
             if name != keep_tag:
