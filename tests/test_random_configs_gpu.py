@@ -76,13 +76,9 @@ def _greedy_agrees_with_full_forward(model, out, mask, prompt_width: int, what: 
         )
 
 
-@pytest.mark.parametrize("draw", range(DRAWS))
-def test_random_config_bf16_gpu_matches_fp32_cpu_and_decodes_consistently(draw):
-    rng = random.Random()
-    seed, text = rng.randrange(2**31), _draw(rng)
-    lengths = [rng.choice([1, 7, 130, 1100]) for _ in range(rng.choice([1, 3]))]
-    what = f"seed={seed} text={text} lengths={lengths}"
-    model = _model(text, seed)
+def _gpu_matches_cpu_and_decodes_consistently(model, rng, lengths, new_tokens: int, what: str) -> None:
+    """The CPU fp32 ``model``'s logits over left-padded prompts of ``lengths`` vs the same model in bf16 on the GPU;
+    then greedy decode there (CUDA graph, across chunk boundaries) vs a full forward over what it produced."""
     ids, mask = _batch(rng, lengths)
     with torch.no_grad():
         reference = model(ids, attention_mask=mask).logits
@@ -90,11 +86,20 @@ def test_random_config_bf16_gpu_matches_fp32_cpu_and_decodes_consistently(draw):
         gpu = model(ids.cuda(), attention_mask=mask.cuda()).logits.float().cpu()
     real = mask.bool()
     assert max_rel_err(gpu[real], reference[real]) < 0.05, what
-
-    # greedy decode (CUDA graph) across chunk boundaries vs a full forward over what it produced
     short, short_mask = _batch(rng, [rng.randrange(1, 40) for _ in range(len(lengths))])
-    out = model.generate(short.cuda(), attention_mask=short_mask.cuda(), max_new_tokens=40, eos_token_id=[])
+    out = model.generate(
+        short.cuda(), attention_mask=short_mask.cuda(), max_new_tokens=new_tokens, eos_token_id=[]
+    )
     _greedy_agrees_with_full_forward(model, out, short_mask, short.shape[1], what)
+
+
+@pytest.mark.parametrize("draw", range(DRAWS))
+def test_random_config_bf16_gpu_matches_fp32_cpu_and_decodes_consistently(draw):
+    rng = random.Random()
+    seed, text = rng.randrange(2**31), _draw(rng)
+    lengths = [rng.choice([1, 7, 130, 1100]) for _ in range(rng.choice([1, 3]))]
+    what = f"seed={seed} text={text} lengths={lengths}"
+    _gpu_matches_cpu_and_decodes_consistently(_model(text, seed), rng, lengths, 40, what)
 
 
 @pytest.mark.parametrize("draw", range(DRAWS))
@@ -108,15 +113,6 @@ def test_random_config_int4_gpu_matches_the_int4_cpu_reference(draw):
     )
     lengths = [rng.choice([1, 2, 5, 16, 40, 300]) for _ in range(rng.choice([1, 2]))]
     what = f"seed={seed} text={text} quant={quant} lengths={lengths}"
-    model = quantize_model(_model(text, seed), quant)
-    ids, mask = _batch(rng, lengths)
-    with torch.no_grad():
-        reference = model(ids, attention_mask=mask).logits
-        model = model.cuda().to(torch.bfloat16)
-        gpu = model(ids.cuda(), attention_mask=mask.cuda()).logits.float().cpu()
-    real = mask.bool()
-    assert max_rel_err(gpu[real], reference[real]) < 0.05, what
-
-    short, short_mask = _batch(rng, [rng.randrange(1, 30) for _ in range(len(lengths))])
-    out = model.generate(short.cuda(), attention_mask=short_mask.cuda(), max_new_tokens=30, eos_token_id=[])
-    _greedy_agrees_with_full_forward(model, out, short_mask, short.shape[1], what)
+    _gpu_matches_cpu_and_decodes_consistently(
+        quantize_model(_model(text, seed), quant), rng, lengths, 30, what
+    )
