@@ -5,6 +5,7 @@ fixed test names. Skipped without CUDA."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -82,10 +83,17 @@ def _gpu_matches_cpu_and_decodes_consistently(model, rng, lengths, new_tokens: i
     ids, mask = _batch(rng, lengths)
     with torch.no_grad():
         reference = model(ids, attention_mask=mask).logits
+        # bf16's own error on this draw (the reference path in bf16): over 3,300 tokens it reaches ~5% of the
+        # largest logit, so a fixed tolerance would be either loose or flaky
+        cpu_bf16 = copy.deepcopy(model).to(torch.bfloat16)(ids, attention_mask=mask).logits.float()
         model = model.cuda().to(torch.bfloat16)
         gpu = model(ids.cuda(), attention_mask=mask.cuda()).logits.float().cpu()
     real = mask.bool()
-    assert max_rel_err(gpu[real], reference[real]) < 0.05, what
+    bf16_error = max_rel_err(cpu_bf16[real], reference[real])
+    error = max_rel_err(gpu[real], reference[real])
+    assert error <= 1.5 * bf16_error + 0.01, (
+        f"{what}: {error:.3g} (the bf16 reference path: {bf16_error:.3g})"
+    )
     short, short_mask = _batch(rng, [rng.randrange(1, 40) for _ in range(len(lengths))])
     out = model.generate(
         short.cuda(), attention_mask=short_mask.cuda(), max_new_tokens=new_tokens, eos_token_id=[]
