@@ -154,8 +154,9 @@ class KVCache:
     def reserve(self, seq: int, n_tokens: int) -> None:
         """Make sure sequence ``seq`` has storage for positions ``[0, n_tokens)``: global-layer blocks, and ring rows
         (the rings of every sequence grow, up to a chunk, when they hold fewer)."""
-        if self.ring_layers and self._ring_rows_for(n_tokens) > self.ring_rows:
-            self._grow_rings(self._ring_rows_for(n_tokens))
+        rows = self._ring_rows_for(n_tokens) if self.ring_layers else 0
+        if rows > self.ring_rows:
+            self._grow_rings(rows)
         need = -(-n_tokens // self.block_size) - self._n_blocks[seq]
         if need <= 0 or not self.global_layers:
             return

@@ -37,13 +37,19 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if name == "reference":
         return False
     if name == "triton":
-        if os.environ.get("TRITON_INTERPRET") != "1" and tensors and not any(t.is_cuda for t in tensors):
-            raise ValueError(
-                "SCOUT_MM_KERNELS=triton on CPU tensors: the Triton kernels need CUDA tensors, or "
-                "TRITON_INTERPRET=1 to interpret them on the CPU (slow; for tests)"
-            )
+        _check_forced_triton("SCOUT_MM_KERNELS=triton", "the Triton kernels", tensors)
         return True
     return all(t.is_cuda for t in tensors)
+
+
+def _check_forced_triton(setting: str, kernels: str, tensors) -> None:
+    """A ValueError naming ``setting`` when it forces Triton kernels onto CPU tensors without the interpreter
+    (Triton would fail deep inside the launch with "0 active drivers")."""
+    if os.environ.get("TRITON_INTERPRET") != "1" and tensors and not any(t.is_cuda for t in tensors):
+        raise ValueError(
+            f"{setting} on CPU tensors: {kernels} need CUDA tensors, or TRITON_INTERPRET=1 to interpret them on "
+            "the CPU (slow; for tests)"
+        )
 
 
 def attention(q, k, v, *, scale, chunk_size=None, q_start=0, kv_start=None, q_scale=None):
@@ -126,12 +132,10 @@ def use_fused(*tensors: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False  # no backward: training keeps the PyTorch path
-    if mode == "on" and os.environ.get("TRITON_INTERPRET") != "1" and not any(t.is_cuda for t in tensors):
-        raise ValueError(
-            "SCOUT_MM_FUSED=on on CPU tensors: the fused Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 to "
-            "interpret them on the CPU (slow; for tests)"
-        )
-    return mode == "on" or use_triton(*tensors)
+    if mode == "on":
+        _check_forced_triton("SCOUT_MM_FUSED=on", "the fused Triton kernels", tensors)
+        return True
+    return use_triton(*tensors)
 
 
 def rms_norm(x, weight, eps):
