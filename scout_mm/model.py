@@ -318,9 +318,14 @@ class ScoutForConditionalGeneration(nn.Module):
         logits_to_keep: int = 0,
         with_aux_loss: bool | None = None,
         cache=None,
+        num_items_in_batch: int | torch.Tensor | None = None,
     ) -> ScoutOutput:
         """Logits for every position (or the last ``logits_to_keep``), plus the LM loss when ``labels`` are
         given and the MoE load-balancing loss when training or ``with_aux_loss`` is set.
+
+        The loss is the mean cross-entropy over the label tokens; with ``num_items_in_batch`` (HF's name) it is
+        their sum divided by that number instead, e.g. the label tokens of every micro-batch of an optimiser
+        step, so that gradient accumulation weighs every token alike.
 
         Padding must be left or right padding (no holes). Positions count from each sequence's first
         real token, so a left-padded row gives the same logits as the unpadded sequence. ``cache`` (a
@@ -378,7 +383,12 @@ class ScoutForConditionalGeneration(nn.Module):
                 # Predictions from or of padding positions carry no meaning (a padding row's attention
                 # output is unspecified): leave them out even when labels were not masked there.
                 targets = targets.masked_fill(~(token_mask[:, :-1] & token_mask[:, 1:]), -100)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            flat = logits[:, :-1].flatten(0, 1).float()
+            if num_items_in_batch is None:
+                loss = F.cross_entropy(flat, targets.flatten(), ignore_index=-100)
+            else:
+                loss = F.cross_entropy(flat, targets.flatten(), ignore_index=-100, reduction="sum")
+                loss = loss / num_items_in_batch
         return ScoutOutput(
             logits=logits, loss=loss, aux_loss=aux_loss, image_hidden_states=image_features, cache=cache
         )

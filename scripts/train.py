@@ -19,6 +19,8 @@ LAUNCH_TIME = time.time()  # the time budget counts imports and start-up too
 
 import argparse  # noqa: E402
 
+import yaml  # noqa: E402
+
 from scout_mm.train.config import TrainConfig, all_keys  # noqa: E402
 from scout_mm.train.loop import train  # noqa: E402
 
@@ -40,7 +42,18 @@ def main() -> None:
         overrides.add_argument(f"--{key}", dest=key, metavar="VALUE")
     args = parser.parse_args()
     values = [(key, getattr(args, key)) for key in all_keys() if getattr(args, key) is not None]
-    train(TrainConfig.load(args.config, values), args.deepspeed, launch_time=LAUNCH_TIME)
+    try:
+        cfg = TrainConfig.load(args.config, values)
+    except (OSError, ValueError, yaml.YAMLError) as e:  # a missing or malformed config, a bad value
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
+    try:
+        train(cfg, args.deepspeed, launch_time=LAUNCH_TIME)
+    except (OSError, ValueError) as e:
+        # Found before the model was built (a data file, eval task, DeepSpeed JSON, checkpoint to resume): one
+        # line, as argparse reports a bad flag. Errors once training runs keep their traceback.
+        if not getattr(e, "before_training", False):
+            raise
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
 
 
 if __name__ == "__main__":

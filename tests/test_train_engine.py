@@ -201,6 +201,13 @@ def test_init_from_applies_shape_keeping_overrides_and_names_the_others():
     cfg.set("model.vision_overrides", {})
     with pytest.raises(ValueError, match=r"attention_dropout=0.1.*set model.overrides.attention_dropout: 0"):
         model_setup(cfg)
+    cfg.set("model.overrides", {})
+    cfg.validate()
+    cfg.set("model.preset", "small")  # was silently ignored: the checkpoint defines the model
+    with pytest.raises(
+        ValueError, match=r"model.preset='small' and model.init_from=.* both set.*drop model.preset"
+    ):
+        cfg.validate()
 
 
 def test_resume_refuses_another_zero_stage_or_another_model(tmp_path):
@@ -389,22 +396,70 @@ def test_data_and_deepspeed_config_are_checked_before_the_model_is_built(
     )
 
 
-def test_logged_loss_skips_micro_batches_without_label_tokens():
+def test_logged_loss_is_the_mean_over_label_tokens_and_skips_micro_batches_without_any():
     from scout_mm.train.loop import _Window
 
-    def batch(labelled: bool):
+    def batch(n_labels: int):
         ids = torch.ones(1, 6, dtype=torch.long)
-        labels = ids.clone() if labelled else torch.full_like(ids, IGNORE_INDEX)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[0, 1 : 1 + n_labels] = 1
         return PackedBatch(ids, labels, ids, ids.bool(), ids * 0, None, [""])
 
     window = _Window(torch.device("cpu"), n_experts=0, n_layers=0)
     window.restart()
     empty = torch.zeros(0)
-    window.add(torch.tensor(float("nan")), None, empty, batch(False), 0.0)  # what the model returns then
+    window.add(torch.tensor(0.0), None, empty, batch(0), 0.0)  # no label token: the sum is 0
     assert window.summary(1, None)[0]["loss"] is None
-    window.add(torch.tensor(2.0), None, empty, batch(True), 0.0)
-    window.add(torch.tensor(4.0), None, empty, batch(True), 0.0)
-    assert window.summary(1, None)[0]["loss"] == 3.0
+    window.add(torch.tensor(2.0), None, empty, batch(1), 0.0)  # summed losses: one token at 2.0
+    window.add(torch.tensor(12.0), None, empty, batch(3), 0.0)  # three tokens at 4.0
+    assert window.summary(1, None)[0]["loss"] == 3.5  # 14 / 4 tokens, not the mean of the means (3.0)
+
+
+def test_accumulated_micro_batches_weigh_every_label_token_alike():
+    """The gradient of grad_accum micro-batches, each loss divided by step_loss_divisor and then by grad_accum
+    (as DeepSpeed does), equals the gradient of the mean over every label token of the step, whatever the
+    micro-batches' label counts (fp32, no DeepSpeed: the arithmetic only)."""
+    from scout_mm.train.loop import label_tokens, step_loss_divisor
+
+    cfg = tiny_config("unused")
+    model, processor = build_model(cfg)
+    model = model.float()
+    source = SyntheticSource(processor, "train", seed=3)
+    docs = [source[i] for i in range(5)]
+    micro = [pack(docs[:1], 384, 128, processor), pack(docs[1:], 384, 128, processor)]
+    counts = [label_tokens(b) for b in micro]
+    assert counts[0] > 0 and counts[1] > 2 * counts[0]  # unequal, so a mean of means would differ
+
+    def run(batch, num_items=None):
+        out = model(
+            input_ids=batch.input_ids, pixel_values=batch.pixel_values, position_ids=batch.position_ids,
+            labels=batch.labels, with_aux_loss=False, num_items_in_batch=num_items,
+        )  # fmt: skip
+        return out.loss
+
+    def grads():
+        got = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        model.zero_grad(set_to_none=True)
+        return got
+
+    divisor = step_loss_divisor(micro, grad_accum=2, world=1, device=torch.device("cpu"))
+    assert float(divisor) == sum(counts) / 2
+    summed = 0.0
+    for batch in micro:
+        loss = run(batch, divisor)
+        (loss / 2).backward()
+        summed += float(loss.detach()) * float(divisor)
+    accumulated = grads()
+    # The reference: the summed cross-entropy of both micro-batches over all their label tokens.
+    reference_loss = sum(run(b, 1.0) for b in micro) / sum(counts)
+    reference_loss.backward()
+    reference = grads()
+    assert summed / sum(counts) == pytest.approx(float(reference_loss.detach()), rel=1e-6)
+    for got, want in zip(accumulated, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    # Without num_items_in_batch the loss is the plain mean over the batch's own label tokens.
+    with torch.no_grad():
+        assert float(run(micro[1])) == pytest.approx(float(run(micro[1], counts[1])), rel=1e-6)
 
 
 def test_float_fields_accept_exponent_strings():
@@ -560,3 +615,22 @@ def test_kernel_time_is_attributed_to_the_phase_and_launching_operator():
         ("backward", "aten::add_"): [2.0, 1],
         ("other", "aten::copy_"): [3.0, 1],
     }
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--train.max_steps", "-1"], "train.max_steps=-1; expected >= 1"),
+        (["--deepspeed", "/nonexistent/ds.json"], "/nonexistent/ds.json"),  # found inside train()
+    ],
+)
+def test_train_script_reports_setup_errors_in_one_line(tmp_path, flags, message):
+    script = str(ROOT / "scripts" / "train.py")
+    command = [sys.executable, script, "--train.output_dir", str(tmp_path), *flags]
+    # A fresh MASTER_PORT: this process may hold the inherited one (in-process runs initialise torch.distributed).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "CUDA_VISIBLE_DEVICES": "", "MASTER_PORT": str(_free_port())}  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and message in done.stderr, done.stderr[-2000:]
+    assert done.stderr.rstrip().splitlines()[-1].startswith("train.py: error: ")

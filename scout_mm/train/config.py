@@ -18,7 +18,7 @@ import yaml
 
 @dataclass
 class ModelSection:
-    preset: str = "tiny"
+    preset: str | None = None  # ScoutConfig preset; null: "tiny", or with init_from the checkpoint's model
     overrides: dict = field(default_factory=dict)  # text-config fields, e.g. {num_hidden_layers: 2}
     vision_overrides: dict = field(default_factory=dict)  # vision-config fields, e.g. {num_hidden_layers: 4}
     init_from: str | None = None  # start from this checkpoint folder instead of random weights
@@ -137,6 +137,11 @@ class TrainConfig:
         """Ranges and shapes of the values (their types were checked by :meth:`set`), so that a typo fails
         here, before the model is built, naming the key."""
         t, d, o, s = self.train, self.data, self.optim, self.schedule
+        if self.model.preset is not None and self.model.init_from:
+            raise ValueError(
+                f"model.preset={self.model.preset!r} and model.init_from={self.model.init_from!r} are both set: the "
+                "checkpoint's config.json defines the model; drop model.preset (model.overrides still apply)"
+            )
         for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "keep_checkpoints"):
             if getattr(t, name) < 1:
                 raise ValueError(f"train.{name}={getattr(t, name)}; expected >= 1")

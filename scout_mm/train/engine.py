@@ -72,10 +72,11 @@ def model_setup(cfg: TrainConfig) -> tuple[ScoutConfig, Processor]:
     building any weights: enough to check the data and the checkpoint to resume before the model exists."""
     m = cfg.model
     if not m.init_from:
-        config = ScoutConfig.from_preset(m.preset, **m.overrides)
+        preset = m.preset or "tiny"
+        config = ScoutConfig.from_preset(preset, **m.overrides)
         if m.vision_overrides:
             if config.vision is None:
-                raise ValueError(f"model.vision_overrides given, but preset {m.preset!r} has no vision tower")
+                raise ValueError(f"model.vision_overrides given, but preset {preset!r} has no vision tower")
             config.vision = dataclasses.replace(config.vision, **m.vision_overrides)  # re-validated
         processor = Processor.from_config(config)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -106,39 +107,74 @@ def data_position(state: dict, micro_batch_size: int) -> tuple[int, int, str | N
     return consumed, offset, note if saved != micro_batch_size else None
 
 
+@contextlib.contextmanager
+def setup_errors():
+    """Marks an OSError / ValueError raised inside as a run refused before its model was built (a bad config
+    value, data file, eval task, DeepSpeed JSON or checkpoint to resume): ``scripts/train.py`` prints those as
+    one line, while errors once training runs keep their tracebacks. The exception's type is kept."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        e.before_training = True
+        raise
+
+
+def label_tokens(batch) -> int:
+    """Tokens of a packed micro-batch that the loss counts (the model predicts ``labels[:, 1:]``)."""
+    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def step_loss_divisor(micro_batches: list, grad_accum: int, world: int, device) -> torch.Tensor:
+    """What each micro-batch's summed cross-entropy is divided by, so that an optimiser step's gradient is that
+    of the mean over every label token of the step, on every rank (HF Trainer's ``num_items_in_batch``):
+    the step's label tokens over ``grad_accum * world``, because DeepSpeed divides each micro-batch's loss by
+    ``grad_accum`` and averages gradients over the ranks. A mean of per-micro-batch means would weigh a token
+    of a micro-batch with few label tokens more than one of a micro-batch with many, so the result would
+    depend on how the documents fell into micro-batches. One tiny all-reduce per step; no host sync."""
+    count = torch.tensor(float(sum(label_tokens(b) for b in micro_batches)), device=device)
+    if dist.is_initialized() and world > 1:
+        dist.all_reduce(count)
+    # A step without label tokens (every conversation lacking an assistant turn): the sums are 0, so is the
+    # gradient; the clamp only keeps 0 / 0 out.
+    return count.clamp(min=1.0) / (grad_accum * world)
+
+
 def train(
     cfg: TrainConfig, deepspeed_config_path: str | None = None, launch_time: float | None = None
 ) -> TrainResult:
     """Train (or resume) as configured; returns what rank 0 saw. Every rank must call it."""
     launch_time = launch_time or time.time()
-    cfg.validate()
-    t = cfg.train
-    rank, world, local_rank = init_distributed()
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    # Everything that can be checked without the weights is checked before the model is built (minutes for a
-    # large checkpoint): the data files, eval tasks, the DeepSpeed JSON and the checkpoint to resume. A typo
-    # then fails in seconds and leaves nothing in output_dir.
-    model_config, processor = model_setup(cfg)
-    align = model_config.text.attention_chunk_size if cfg.data.pack_align == "chunk" else cfg.data.pack_align
-    source = build_source(cfg, processor)
-    SyntheticTasks("heldout", cfg.data.seed, **_tasks(cfg))  # the eval task names
-    eval_set = []
-    if cfg.data.eval_docs:
-        heldout = SyntheticSource(processor, "heldout", cfg.data.seed, cfg.data.eval_tasks)
-        eval_set = eval_batches(
-            heldout, processor, cfg.data.eval_docs, t.micro_batch_size, cfg.data.seq_len, align
+    with setup_errors():
+        cfg.validate()
+        t = cfg.train
+        rank, world, local_rank = init_distributed()
+        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        # Everything that can be checked without the weights is checked before the model is built (minutes for a
+        # large checkpoint): the data files, eval tasks, the DeepSpeed JSON and the checkpoint to resume. A typo
+        # then fails in seconds and leaves nothing in output_dir.
+        model_config, processor = model_setup(cfg)
+        align = (
+            model_config.text.attention_chunk_size if cfg.data.pack_align == "chunk" else cfg.data.pack_align
         )
-    ds_config = deepspeed_config(cfg, deepspeed_config_path, world)
-    checkpoints = Checkpointer(None, os.path.join(t.output_dir, "checkpoints"), t.keep_checkpoints, rank)
-    resume_tag = checkpoints.resume_tag(t.resume)
-    # A checkpoint from another number of ranks is converted to DeepSpeed's universal format first.
-    conversion = (
-        checkpoints.prepare_resume(resume_tag, world, ds_config, param_shapes(model_config))
-        if resume_tag
-        else None
-    )
+        source = build_source(cfg, processor)
+        SyntheticTasks("heldout", cfg.data.seed, **_tasks(cfg))  # the eval task names
+        eval_set = []
+        if cfg.data.eval_docs:
+            heldout = SyntheticSource(processor, "heldout", cfg.data.seed, cfg.data.eval_tasks)
+            eval_set = eval_batches(
+                heldout, processor, cfg.data.eval_docs, t.micro_batch_size, cfg.data.seq_len, align
+            )
+        ds_config = deepspeed_config(cfg, deepspeed_config_path, world)
+        checkpoints = Checkpointer(None, os.path.join(t.output_dir, "checkpoints"), t.keep_checkpoints, rank)
+        resume_tag = checkpoints.resume_tag(t.resume)
+        # A checkpoint from another number of ranks is converted to DeepSpeed's universal format first.
+        conversion = (
+            checkpoints.prepare_resume(resume_tag, world, ds_config, param_shapes(model_config))
+            if resume_tag
+            else None
+        )
 
     model, _ = build_model(cfg, (model_config, processor))
     engine, tap, schedule = build_engine(cfg, model, ds_config)
@@ -183,11 +219,11 @@ def train(
     flops = FlopCounter(model_config)
     peak = peak_tflops(t.peak_tflops)
 
-    def forward(batch):
+    def forward(batch, num_items_in_batch=None):
         pixels = batch.pixel_values.to(dtype) if batch.pixel_values is not None else None
         return engine(
             input_ids=batch.input_ids, pixel_values=pixels, position_ids=batch.position_ids,
-            labels=batch.labels, with_aux_loss=False,
+            labels=batch.labels, with_aux_loss=False, num_items_in_batch=num_items_in_batch,
         )  # fmt: skip
 
     def evaluate() -> dict:
@@ -211,17 +247,16 @@ def train(
     window.restart()
     while step < schedule.total_steps:
         profiler.begin_step(step + 1)
-        for _ in range(t.grad_accum):
-            waited = time.time()
-            batch = next(batches).to(device)
-            window.data_wait += time.time() - waited
+        waited = time.time()
+        micro_batches = [next(batches) for _ in range(t.grad_accum)]
+        window.data_wait += time.time() - waited
+        loss_divisor = step_loss_divisor(micro_batches, t.grad_accum, world, device)
+        for batch in micro_batches:
+            batch = batch.to(device)
             profiler.mark("data")
             tap.start_forward()
-            out = forward(batch)
+            out = forward(batch, loss_divisor)
             aux = tap.aux_loss(batch.token_mask)
-            # out.loss is the mean over this micro-batch's label tokens; DeepSpeed averages those means over
-            # the grad_accum micro-batches and the ranks, so the objective is a mean of per-micro-batch means,
-            # not a mean over every label token of the global batch (HF Trainer before 4.46 did the same).
             loss = out.loss + coef * aux if aux is not None else out.loss
             profiler.mark("forward")
             engine.backward(loss)
@@ -231,7 +266,9 @@ def train(
             n_tiles = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
             batch_flops = flops(*batch.input_ids.shape, n_tiles)
             profiler.add_flops(batch_flops)
-            window.add(out.loss, aux, tap.expert_load(batch.token_mask), batch, batch_flops)
+            window.add(
+                out.loss.detach() * loss_divisor, aux, tap.expert_load(batch.token_mask), batch, batch_flops
+            )
             profiler.mark("loop bookkeeping")
         step += 1
         report = profiler.end_step(step)
@@ -322,7 +359,8 @@ def train(
         _write_summary(cfg, ds_config, result, launch_time, world, device)
         plot_curve(
             os.path.join(t.output_dir, "metrics.jsonl"), os.path.join(t.output_dir, "curve.png"),
-            title=f"{cfg.model.preset}: synthetic image-text tasks",
+            title=f"{cfg.model.preset or os.path.basename(os.path.normpath(cfg.model.init_from or 'tiny'))}: "
+            "synthetic image-text tasks",
         )  # fmt: skip
     logger.close()
     barrier()
@@ -336,7 +374,7 @@ class _Window:
         self.device, self.n_experts, self.n_layers = device, n_experts, n_layers
 
     def restart(self) -> None:
-        # loss, aux, micro-steps, tokens, micro-steps with label tokens
+        # summed loss, aux, micro-steps, tokens, label tokens
         self.sums = torch.zeros(5, dtype=torch.float64, device=self.device)
         self.truncated = 0
         self.truncated_example = ""
@@ -346,19 +384,17 @@ class _Window:
         self.data_wait = 0.0  # seconds the loop waited for the DataLoader
         self.started = time.time()
 
-    def add(self, loss, aux, load, batch, flops: float) -> None:
+    def add(self, loss_sum, aux, load, batch, flops: float) -> None:
+        """``loss_sum``: the micro-batch's cross-entropy summed over its label tokens (0 without any)."""
         aux = aux.detach() if aux is not None else torch.zeros((), device=self.device)
         tokens = batch.token_mask.sum()
-        # A micro-batch without label tokens (e.g. a conversation with no assistant turn) has a NaN loss (0/0);
-        # its gradient is zero, so it is left out of the logged mean instead of turning the window into NaN.
-        labelled = (batch.labels[:, 1:] != IGNORE_INDEX).any()
         self.sums += torch.stack(
             [
-                torch.where(labelled, loss.detach().double(), 0.0),
+                loss_sum.detach().double(),
                 aux.double(),
                 torch.ones((), device=self.device, dtype=torch.float64),
                 tokens.double(),
-                labelled.double(),
+                (batch.labels[:, 1:] != IGNORE_INDEX).sum().double(),
             ]
         )
         if batch.truncated:
@@ -382,10 +418,11 @@ class _Window:
         if dist.is_initialized() and world > 1:
             dist.all_reduce(packed)
         elapsed = max(time.time() - self.started, 1e-9)
-        loss, aux, micro, tokens, labelled, positions, flops, truncated = packed[:8].tolist()
+        loss, aux, micro, tokens, label_count, positions, flops, truncated = packed[:8].tolist()
         load = packed[8:].view(self.n_layers, self.n_experts)
         scalars = {
-            "loss": loss / labelled if labelled else None,  # None: no label token in the whole window
+            # the mean over every label token of the window (None: there was none)
+            "loss": loss / label_count if label_count else None,
             "aux_loss": aux / max(micro, 1) if self.n_layers else None,
             "tokens_per_s": tokens / elapsed,  # document tokens (padding excluded), all ranks
             "positions_per_s": positions / elapsed,  # every position the model ran, padding included
