@@ -320,6 +320,48 @@ def test_rope_write_kv_decode_matches_the_two_kernels(fused, head_dim, dtype, la
     assert torch.equal(v_store, ref_v) and torch.equal(lens, ref_lens)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_paged_writes_past_the_table_width_stay_in_the_rows_own_last_entry(fused, dtype):
+    """An unchecked write past every reservation (e.g. a graph replayed too often) must not reach another
+    sequence's blocks: the kernels read the row's last table entry, not the next row's first ones."""
+    batch, n_kv_heads, head_dim, block_size, width = 3, 2, 16, 4, 5
+    q, k, cos, sin = _rope_inputs(batch, 1, 4, n_kv_heads, head_dim, dtype)
+    v = torch.randn_like(k)
+    positions = torch.tensor(
+        [width * block_size, 3 * width * block_size + 1, 7]
+    )  # two past the width, one in
+    table = torch.randperm(batch * width).view(batch, width).to(torch.int32)
+    for launch in ("write", "rope_write"):
+        k_store, v_store = (
+            torch.randn(batch * width, block_size, n_kv_heads, head_dim).to(dtype) for _ in "kv"
+        )
+        before_k, before_v = k_store.clone(), v_store.clone()
+        ref_k, ref_v = k_store.clone(), v_store.clone()
+        kwargs = dict(block_table=table, block_size=block_size)
+        if launch == "write":
+            lens = fused.write_kv_decode(k, v, k_store, v_store, positions, **kwargs)
+            ref_lens = reference.write_kv_decode(k, v, ref_k, ref_v, positions, **kwargs)
+        else:
+            lens = fused.rope_write_kv_decode(q, k, v, cos, sin, None, k_store, v_store, positions, **kwargs)[
+                1
+            ]
+            ref_lens = reference.rope_write_kv_decode(
+                q, k, v, cos, sin, None, ref_k, ref_v, positions, **kwargs
+            )[1]
+        assert torch.equal(lens, ref_lens) and lens.tolist() == (positions + 1).tolist()
+        assert_rounds_like(k_store, ref_k)
+        assert torch.equal(v_store, ref_v)
+        # exactly one row of each sequence's own block changed: the last entry's block for the two past the width
+        changed = (v_store != before_v).flatten(2).any(-1).nonzero().tolist()
+        expected = (
+            [table[0, -1].item(), (positions[0] % block_size).item()],
+            [table[1, -1].item(), (positions[1] % block_size).item()],
+            [table[2, 1].item(), 3],
+        )
+        assert sorted(changed) == sorted(expected)
+        assert torch.equal((k_store != before_k).flatten(2).any(-1), (v_store != before_v).flatten(2).any(-1))
+
+
 # ------------------------------------------------------------------------------------------- bad inputs
 def test_bad_inputs_name_the_values(fused):
     x = torch.randn(2, 64)

@@ -107,13 +107,16 @@ def _rope_head(src, dst, cos_row, sin_row, half, eps, NORM: tl.constexpr, BLOCK:
 
 
 @triton.jit
-def _kv_row(pos_ptr, table_ptr, b, stride_pos, stride_table, slots, PAGED: tl.constexpr):
+def _kv_row(pos_ptr, table_ptr, b, stride_pos, stride_table, table_width, slots, PAGED: tl.constexpr):
     """(storage row, keys visible after the write) of sequence ``b``'s decode token: ring slot ``pos % slots`` of
-    row ``b`` (the visible keys: the chunk's prefix up to the slot), or the block table's block (all ``pos + 1``)."""
+    row ``b`` (the visible keys: the chunk's prefix up to the slot), or the block table's block (all ``pos + 1``).
+    A position past the table's width uses the row's last entry (its own block or the pool's scratch block), so
+    an unchecked write past every reservation never lands in another sequence's blocks."""
     pos = tl.load(pos_ptr + b * stride_pos).to(tl.int64)
     slot = pos % slots
     if PAGED:
-        block = tl.load(table_ptr + b * stride_table + pos // slots).to(tl.int64)
+        entry = tl.minimum(pos // slots, table_width - 1)
+        block = tl.load(table_ptr + b * stride_table + entry).to(tl.int64)
         return block * slots + slot, pos + 1
     return b * slots + slot, slot + 1
 
@@ -149,6 +152,7 @@ def _rope_qk_norm_kernel(
     stride_vh,
     stride_pos,
     stride_table,
+    table_width,
     NORM: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
@@ -169,7 +173,7 @@ def _rope_qk_norm_kernel(
         kv_head = head - n_heads
         src = k_ptr + b * stride_kb + s * stride_ks + kv_head * stride_kh
         if WRITE_KV:
-            row, kv_len = _kv_row(pos_ptr, table_ptr, b, stride_pos, stride_table, slots, PAGED)
+            row, kv_len = _kv_row(pos_ptr, table_ptr, b, stride_pos, stride_table, table_width, slots, PAGED)
             dst = k_out_ptr + (row * n_kv_heads + kv_head) * (2 * half)
             dims = tl.arange(0, 2 * BLOCK)
             mask = dims < 2 * half
@@ -341,6 +345,7 @@ def _write_kv_kernel(
     stride_vh,
     stride_pos,
     stride_table,
+    table_width,
     PAGED: tl.constexpr,
     FP8: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -349,7 +354,7 @@ def _write_kv_kernel(
     pdl_wait_and_trigger(PDL)
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    row, kv_len = _kv_row(pos_ptr, table_ptr, b, stride_pos, stride_table, slots, PAGED)
+    row, kv_len = _kv_row(pos_ptr, table_ptr, b, stride_pos, stride_table, table_width, slots, PAGED)
     dims = tl.arange(0, BLOCK_D)
     mask = dims < head_dim
     dst = (row * n_kv_heads + head) * head_dim + dims
@@ -447,7 +452,7 @@ def _launch_rope(q, k, cos, sin, eps, q_out, k_dst, kv_args=(), **kv_consts):
     half = head_dim // 2
     stride_cb = cos.stride(0) if cos.shape[0] > 1 else 0
     block = triton.next_power_of_2(half)
-    kv_args = kv_args or (q, q, q, q, q, 1, 0, 0, 0, 0)  # unused without WRITE_KV
+    kv_args = kv_args or (q, q, q, q, q, 1, 0, 0, 0, 0, 1)  # unused without WRITE_KV
     _rope_qk_norm_kernel[(batch * seq, n_heads + k.shape[2])](
         q, k, q_out, k_dst, cos, sin, seq, n_heads, k.shape[2], half, q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2), stride_cb, cos.stride(1), eps if eps is not None else 0.0,
@@ -489,7 +494,7 @@ def rope_write_kv_decode(q, k, v, cos, sin, eps, k_store, v_store, positions, ri
     kv_lens = torch.empty(q.shape[0], dtype=torch.int32, device=q.device)
     table = table if paged else kv_lens
     kv_args = (v, v_store, positions, table, kv_lens, slots, v.stride(0), v.stride(2), positions.stride(0),
-               table.stride(0))  # fmt: skip
+               table.stride(0), table.shape[-1])  # fmt: skip
     _launch_rope(q, k, cos, sin, eps, q_out, k_store, kv_args, WRITE_KV=True, PAGED=paged)
     return q_out, kv_lens
 
@@ -601,7 +606,7 @@ def write_kv_decode(k, v, k_store, v_store, positions, ring_size=None, block_tab
     _write_kv_kernel[(batch, n_kv_heads)](
         k, v, k_store, v_store, *scales, positions, table, kv_lens, n_kv_heads, head_dim,
         slots, k.stride(0), k.stride(2), v.stride(0), v.stride(2),
-        positions.stride(0), table.stride(0), PAGED=paged, FP8=fp8, BLOCK_D=triton.next_power_of_2(head_dim),
+        positions.stride(0), table.stride(0), table.shape[-1], PAGED=paged, FP8=fp8, BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=1, **pdl_args(k.device),
     )  # fmt: skip
     return kv_lens

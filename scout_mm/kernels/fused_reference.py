@@ -116,13 +116,15 @@ def write_kv_decode(
 ) -> torch.Tensor:
     """Write one decode token per sequence into a KV cache; returns the keys each sequence now sees
     ``kv_lens (batch,) int32``. Ring: slot ``p % ring_size`` of the sequence's ring (kv_lens = slot + 1).
-    Paged pool: slot ``p % block_size`` of block ``block_table[b, p // block_size]`` (kv_lens = p + 1).
+    Paged pool: slot ``p % block_size`` of block ``block_table[b, p // block_size]`` (kv_lens = p + 1); a
+    position past the table's width takes the row's last entry (never another sequence's blocks).
     An FP8 store (``k_scale_store`` / ``v_scale_store`` given) gets :func:`reference.quantize_kv_fp8` rows."""
     rows = torch.arange(k.shape[0], device=k.device)
     if ring_size is not None:
         where, lens = (rows, positions % ring_size), positions % ring_size + 1
     else:
-        blocks = block_table[rows, positions // block_size].long()
+        entries = (positions // block_size).clamp(max=block_table.shape[-1] - 1)
+        blocks = block_table[rows, entries].long()
         where, lens = (blocks, positions % block_size), positions + 1
     for new, store, scales in ((k, k_store, k_scale_store), (v, v_store, v_scale_store)):
         if scales is None:
