@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import runpy
+import shutil
 import sys
 from importlib.resources import files
 
@@ -19,11 +20,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import scout_mm
 from scout_mm import Processor, ScoutConfig, ScoutForConditionalGeneration
 from scout_mm.quant import (
     QuantConfig,
+    calibration_from_jsonl,
     calibration_set,
     load_quantized,
     quantize_checkpoint,
@@ -139,6 +142,7 @@ def test_quantize_cli_gptq_on_the_trained_tiny_model(tmp_path, monkeypatch, caps
     args += ["--calibration-samples", 2, "--device", "cpu"]
     code, out, err = run_script(monkeypatch, capsys, "quantize.py", *args)
     assert code == 0 and "gptq, group 128" in out, err
+    assert "calibration: 2 samples" in out and "from the built-in set" in out and "\nGPTQ: " in out, out
     stored = ScoutForConditionalGeneration.from_pretrained(TRAINED_TINY).eval()  # bf16, as the CLI computes
     processor = Processor.from_config(stored.config, tokenizer_path=TRAINED_TINY)
     save_quantized(quantize_model(stored, QuantConfig(method="gptq"), calibration_set(processor, 2)),
@@ -184,6 +188,71 @@ def test_quantize_cli_gptq_calibrates_a_text_only_model_with_text_prompts(tmp_pa
     assert code == 0, err
     loaded = load_quantized(tmp_path / "int4", dtype=torch.float32, device="cpu")
     assert loaded.config.vision is None and loaded.quant_config.method == "gptq"
+
+
+def calibration_file(folder) -> str:
+    """A jsonl file in the training formats: text documents, and a conversation about an image beside it."""
+    folder.mkdir()
+    shutil.copy(EXAMPLE, folder / "shapes.png")
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+                    {"role": "assistant", "content": "A red square and a blue circle."}]  # fmt: skip
+    records = [{"text": " ".join(f"word{i}" for i in range(n))} for n in (30, 400, 60, 200)]
+    records.append({"messages": conversation, "images": ["shapes.png"]})
+    (folder / "calib.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(folder / "calib.jsonl")
+
+
+def test_quantize_cli_gptq_calibrates_on_a_jsonl_file(tmp_path, monkeypatch, capsys):
+    # --calibration-data with a token budget and a sequence cut: the same samples and tensors as the Python API,
+    # a line saying what was read, and the summary of how each matrix was quantized.
+    data = calibration_file(tmp_path / "data")
+    args = [
+        "--model",
+        TRAINED_TINY,
+        "--out",
+        tmp_path / "int4",
+        "--method",
+        "gptq",
+        "--calibration-data",
+        data,
+    ]
+    args += ["--calibration-tokens", 900, "--calibration-seq-len", 320, "--device", "cpu"]
+    code, out, err = run_script(monkeypatch, capsys, "quantize.py", *args)
+    assert code == 0, err
+    processor = Processor.from_config(ScoutConfig.from_hf(TRAINED_TINY), tokenizer_path=TRAINED_TINY)
+    samples = calibration_from_jsonl(processor, data, max_tokens=900, max_seq_len=320)
+    assert any("pixel_values" in sample for sample in samples)
+    assert f"calibration: {len(samples)} samples, 900 tokens from {data}" in out, out
+    report = quantize_checkpoint(TRAINED_TINY, tmp_path / "api", QuantConfig(method="gptq"), samples)
+    assert report.gptq > 0 and report.summary() in out.splitlines(), out
+    written, expected = (load_file(tmp_path / name / "model.safetensors") for name in ("int4", "api"))
+    assert written.keys() == expected.keys()
+    assert all(torch.equal(written[k], expected[k]) for k in written)
+    assert load_quantized(tmp_path / "int4", device="cpu").quant_config.gptq_min_rows_ratio == 1 / 16
+
+
+def test_quantize_cli_calibration_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": 3}\n')
+    gptq = ["--model", TRAINED_TINY, "--out", tmp_path / "int4", "--device", "cpu", "--method", "gptq"]
+    cases = [
+        (["--calibration-data", bad], f"{bad}:2: 'text' is a int; expected a string"),
+        (["--calibration-data", tmp_path / "missing.jsonl"], f"No such file or directory: '{tmp_path}"),
+        (
+            ["--calibration-data", bad, "--calibration-seq-len", 0],
+            "--calibration-seq-len 0: expected at least 1",
+        ),
+        (
+            ["--calibration-tokens", 1000],
+            "--calibration-tokens applies to --calibration-data, which is not given",
+        ),
+        (["--gptq-min-rows-ratio", -1], "gptq_min_rows_ratio=-1.0; expected a number >= 0"),
+        (["--method", "rtn", "--calibration-data", bad], "--calibration-data is for --method gptq"),
+    ]
+    for extra, phrase in cases:
+        code, _, err = run_script(monkeypatch, capsys, "quantize.py", *gptq, *extra)
+        assert_one_line_error(code, err, "quantize.py", phrase)
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]  # no output folder
 
 
 def test_quantize_cli_refuses_an_existing_out_folder_unless_overwrite(tmp_path, monkeypatch, capsys):

@@ -56,6 +56,9 @@ class QuantConfig:
     method: str = "rtn"  # "rtn" or "gptq"
     skip: tuple[str, ...] = field(default_factory=lambda: DEFAULT_SKIP)
     gptq_damp: float = 0.01  # GPTQ: fraction of the mean Hessian diagonal added to the diagonal
+    # GPTQ: a matrix whose Hessian has fewer calibration rows than this times its input dim K is rounded to
+    # nearest instead (GPTQ fitted to so few rows is worse than RTN on other inputs); 0: GPTQ from any row.
+    gptq_min_rows_ratio: float = 1 / 16
     bits: int = 4
 
     def __post_init__(self):
@@ -84,6 +87,11 @@ class QuantConfig:
         damp = self.gptq_damp
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < float("inf"):
             raise ValueError(f"gptq_damp={damp!r}; expected a positive number (e.g. 0.01)")
+        ratio = self.gptq_min_rows_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < float("inf"):
+            raise ValueError(
+                f"gptq_min_rows_ratio={ratio!r}; expected a number >= 0 (e.g. 0.0625; 0: no minimum)"
+            )
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:

@@ -5,6 +5,12 @@ layer's calibration inputs, so the layer's OUTPUT error on those inputs is what 
 Group parameters are chosen when the first column of a group is reached, from the already-updated weights
 (as in the reference implementation), with the same rule as round-to-nearest
 (:func:`scout_mm.quant.format.group_params`), so the stored format is identical.
+
+With fewer calibration rows than inputs (``rows < K``) the Hessian has rank at most ``rows``, and GPTQ fits the
+rounding error to those rows at the expense of every input direction they do not span: on held-out inputs it
+can do worse than round-to-nearest. The damping therefore grows as ``K / rows`` below ``rows = K`` (a smooth
+step towards RTN, which is GPTQ with infinite damping), and callers round a matrix with far fewer rows to nearest
+instead (``QuantConfig.gptq_min_rows_ratio``; measurements in the README's Int4 section).
 """
 
 from __future__ import annotations
@@ -56,7 +62,10 @@ def quantize_gptq(
     scale_dtype: torch.dtype = torch.bfloat16,
     damp: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """GPTQ-quantize one weight -> (qweight, scales, zeros or None) in the packed layout."""
+    """GPTQ-quantize one weight -> (qweight, scales, zeros or None) in the packed layout.
+
+    ``damp``: fraction of the mean Hessian diagonal added to its diagonal, times ``K / rows`` when the Hessian
+    has fewer calibration rows than ``K`` inputs."""
     check_weight(weight, group_size)
     size_k, size_n = weight.shape
     device = hessian.matrix.device
@@ -70,7 +79,7 @@ def quantize_gptq(
     dead = h.diagonal() == 0  # inputs never active: their weights cannot matter, drop them
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h_inv = _inverse_cholesky(h, damp)
+    h_inv = _inverse_cholesky(h, damp * max(1.0, size_k / max(hessian.rows, 1)))
     n_groups = size_k // group_size
     codes = torch.empty(size_n, size_k, device=device)
     scales = torch.empty(size_n, n_groups, device=device)

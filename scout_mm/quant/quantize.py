@@ -6,7 +6,9 @@ samples through the model layer by layer: the inputs of layer ``i`` are the outp
 layers before it; every target in the layer gets the Hessian of its own inputs (routed experts: the rows
 each expert received, already scaled by their routing weight, and the SwiGLU outputs for ``down``), then the
 layer is quantized and run again to give the next layer its inputs. Targets outside the decoder layers (the
-vision tower or the LM head when they are taken off the skip list) are quantized with RTN.
+vision tower or the LM head when they are taken off the skip list) are quantized with RTN, and so is every
+matrix whose Hessian has fewer than ``QuantConfig.gptq_min_rows_ratio * K`` rows (typically routed experts
+that few calibration tokens reach). A :class:`QuantReport` counts how each matrix was quantized.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import shutil
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +44,61 @@ from scout_mm.checkpoint import (
     write_folder_atomically,
 )
 from scout_mm.config import ScoutConfig
+from scout_mm.generation import _caller_stacklevel
 from scout_mm.moe import Experts
 from scout_mm.quant.format import FLOAT_DTYPES, QuantConfig, quantize_rtn
 from scout_mm.quant.gptq import Hessian, quantize_gptq
 from scout_mm.quant.modules import Int4Experts, Int4Linear, check_divisible
 
 LAYERS = "language_model.model.layers."
+
+
+class CalibrationWarning(UserWarning):
+    """GPTQ rounded some matrices to nearest for lack of calibration rows (see :class:`QuantReport`)."""
+
+
+@dataclass
+class QuantReport:
+    """How each matrix of one quantization was quantized. A matrix is an ``nn.Linear`` weight, or one expert's
+    ``gate_up_proj`` or ``down_proj`` (named ``...experts.down_proj[3]``)."""
+
+    gptq: int = 0
+    rtn: int = 0  # rounded to nearest by choice: method "rtn", or outside the decoder layers
+    # GPTQ wanted but rounded to nearest: (name, rows, K) with rows < min_rows_ratio * K, and names with no row
+    # at all (an expert no calibration token was routed to).
+    few_rows: list[tuple[str, int, int]] = field(default_factory=list)
+    no_rows: list[str] = field(default_factory=list)
+    min_rows_ratio: float = QuantConfig.gptq_min_rows_ratio  # the config's, that few_rows fell below
+
+    @property
+    def starved(self) -> int:
+        """Matrices GPTQ would have quantized but rounded to nearest for lack of calibration rows."""
+        return len(self.few_rows) + len(self.no_rows)
+
+    def summary(self) -> str:
+        """One line: ``GPTQ: 1230 matrices; 612 had fewer than K/16 calibration rows ...``."""
+        if not self.gptq and not self.starved:
+            return f"RTN: {self.rtn} matrices rounded to nearest"
+        parts = [f"GPTQ: {self.gptq} matrices"]
+        if self.rtn:
+            parts.append(f"{self.rtn} outside the decoder layers rounded to nearest")
+        if self.few_rows:
+            name, rows, size_k = min(self.few_rows, key=lambda entry: entry[1] / entry[2])
+            parts.append(f"{len(self.few_rows)} had fewer than {_fraction_of_k(self.min_rows_ratio)} calibration "
+                         f"rows (fewest: {name}, {rows} for K={size_k}) and were rounded to nearest")  # fmt: skip
+        if self.no_rows:
+            parts.append(f"{len(self.no_rows)} had no calibration row (e.g. {self.no_rows[0]}) and were rounded "
+                         "to nearest")  # fmt: skip
+        line = "; ".join(parts)
+        if self.starved:
+            line += (" — pass more calibration data (scripts/quantize.py --calibration-data, "
+                     "scout_mm.quant.calibration_from_jsonl)")  # fmt: skip
+        return line
+
+
+def _fraction_of_k(ratio: float) -> str:
+    inverse = 1 / ratio
+    return f"K/{inverse:g}" if inverse == round(inverse) else f"{ratio:g} x K"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -78,10 +130,19 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, attr, module)
 
 
-def _quantize_weight(name: str, weight, cfg: QuantConfig, hessian: Hessian | None):
-    """(K, N) float weight -> packed tensors, by GPTQ when a Hessian with rows is given, else RTN."""
+def _quantize_weight(name: str, weight, cfg: QuantConfig, hessian: Hessian | None, report: QuantReport):
+    """(K, N) float weight -> packed tensors: GPTQ when ``hessian`` has at least ``cfg.gptq_min_rows_ratio * K``
+    rows (and one), else RTN; the choice is counted in ``report``."""
+    size_k = weight.shape[0]
     try:
-        if hessian is not None and hessian.rows > 0:
+        if hessian is None:
+            report.rtn += 1
+        elif hessian.rows == 0:
+            report.no_rows.append(name)
+        elif hessian.rows < cfg.gptq_min_rows_ratio * size_k:
+            report.few_rows.append((name, hessian.rows, size_k))
+        else:
+            report.gptq += 1
             return quantize_gptq(
                 weight, hessian, cfg.group_size, cfg.symmetric, cfg.torch_scale_dtype, cfg.gptq_damp
             )
@@ -91,13 +152,19 @@ def _quantize_weight(name: str, weight, cfg: QuantConfig, hessian: Hessian | Non
 
 
 def quantize_module(
-    name: str, module: nn.Module, cfg: QuantConfig, hessians: dict | None = None
+    name: str,
+    module: nn.Module,
+    cfg: QuantConfig,
+    hessians: dict | None = None,
+    report: QuantReport | None = None,
 ) -> nn.Module:
-    """The Int4 replacement of one ``nn.Linear`` or ``Experts`` (GPTQ where ``hessians`` has its inputs)."""
+    """The Int4 replacement of one ``nn.Linear`` or ``Experts`` (GPTQ where ``hessians`` has enough of its
+    inputs); ``report`` counts how each matrix was quantized."""
     hessians = hessians or {}
+    report = report if report is not None else QuantReport(min_rows_ratio=cfg.gptq_min_rows_ratio)
     if isinstance(module, nn.Linear):
         check_divisible(name, module.in_features, cfg.group_size)
-        packed = _quantize_weight(name, module.weight.detach().T, cfg, hessians.get(name))
+        packed = _quantize_weight(name, module.weight.detach().T, cfg, hessians.get(name), report)
         qmodule = Int4Linear.from_packed(packed, cfg, module.bias, name)
     elif isinstance(module, Experts):
         n_experts, hidden_size, two_inter = module.gate_up_proj.shape
@@ -106,8 +173,8 @@ def quantize_module(
         down_h = hessians.get(name + ".down_proj", [None] * n_experts)
         # One expert at a time: the fp32 copies of a Scout expert stack would be 8 GB.
         gate_up = [_quantize_weight(f"{name}.gate_up_proj[{e}]", module.gate_up_proj[e].detach(), cfg,
-                                    gate_h[e]) for e in range(n_experts)]  # fmt: skip
-        down = [_quantize_weight(f"{name}.down_proj[{e}]", module.down_proj[e].detach(), cfg, down_h[e])
+                                    gate_h[e], report) for e in range(n_experts)]  # fmt: skip
+        down = [_quantize_weight(f"{name}.down_proj[{e}]", module.down_proj[e].detach(), cfg, down_h[e], report)
                 for e in range(n_experts)]  # fmt: skip
         qmodule.set_packed(_stack(gate_up), _stack(down))
     else:
@@ -119,10 +186,12 @@ def _stack(per_expert: list[tuple]) -> tuple:
     return tuple(None if parts[0] is None else torch.stack(parts) for parts in zip(*per_expert))
 
 
-def _quantize_in_place(root: nn.Module, cfg: QuantConfig, prefix: str = "", hessians: dict | None = None):
+def _quantize_in_place(
+    root: nn.Module, cfg: QuantConfig, report: QuantReport, prefix: str = "", hessians=None
+):
     for full, module in quant_targets(root, cfg, prefix):
         local = full[len(prefix) + 1 :] if prefix else full
-        _set_module(root, local, quantize_module(full, module, cfg, hessians))
+        _set_module(root, local, quantize_module(full, module, cfg, hessians, report))
 
 
 def _empty_int4(name: str, module: nn.Module, cfg: QuantConfig) -> nn.Module:
@@ -264,13 +333,22 @@ def _embed_calibration(model, calibration: list[dict]) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def _quantize_layer(layer, prefix, inputs, text_cfg, cfg: QuantConfig):
-    """Quantize one decoder layer in place; returns the next layer's inputs (GPTQ) or None."""
+def _quantize_layer(layer, prefix, inputs, text_cfg, cfg: QuantConfig, report: QuantReport):
+    """Quantize one decoder layer in place; returns the next layer's inputs (GPTQ: ``inputs`` itself, each
+    sample replaced by its output as soon as it is computed, so one copy of the hidden states is alive) or
+    None."""
     hessians = _layer_hessians(layer, prefix, inputs, text_cfg, cfg) if inputs is not None else None
-    _quantize_in_place(layer, cfg, prefix, hessians)
+    _quantize_in_place(layer, cfg, report, prefix, hessians)
     if inputs is None:
         return None
-    return [run_layer(layer, x, text_cfg) for x in inputs]
+    for i, x in enumerate(inputs):
+        inputs[i] = run_layer(layer, x, text_cfg)
+    return inputs
+
+
+def _report_starved(report: QuantReport) -> None:
+    if report.starved:
+        warnings.warn(report.summary(), CalibrationWarning, stacklevel=_caller_stacklevel())
 
 
 def _check_output(path: str, overwrite: bool) -> None:
@@ -303,19 +381,24 @@ def _check_method(cfg: QuantConfig, calibration) -> None:
 
 @torch.no_grad()
 def quantize_model(model, cfg: QuantConfig | None = None, calibration: list[dict] | None = None):
-    """Quantize ``model`` in place (module swap) and return it.
+    """Quantize ``model`` in place (module swap) and return it, with ``model.quant_report`` (a
+    :class:`QuantReport`) saying how each matrix was quantized; a :class:`CalibrationWarning` when GPTQ rounded
+    matrices to nearest for too few calibration rows.
 
     ``calibration``: GPTQ's samples, each ``{"input_ids": (1, seq), "pixel_values": optional}`` (e.g. from
-    :func:`scout_mm.quant.calibration_set`)."""
+    :func:`scout_mm.quant.calibration_set` or :func:`scout_mm.quant.calibration_from_jsonl`). Their hidden
+    states are all kept while the layers are quantized: tokens x hidden_size in the model's dtype."""
     cfg = cfg or QuantConfig()
     _check_method(cfg, calibration)
     _check_quantizable(model, cfg)
+    report = QuantReport(min_rows_ratio=cfg.gptq_min_rows_ratio)
     inputs = _embed_calibration(model, calibration) if cfg.method == "gptq" else None
     layers = model.language_model.model.layers
     for i, layer in enumerate(tqdm(layers, desc="quantizing", unit="layer", leave=False)):
-        inputs = _quantize_layer(layer, f"{LAYERS}{i}", inputs, model.config.text, cfg)
-    _quantize_in_place(model, cfg)  # what is left outside the decoder layers: RTN
-    model.quant_config = cfg
+        inputs = _quantize_layer(layer, f"{LAYERS}{i}", inputs, model.config.text, cfg, report)
+    _quantize_in_place(model, cfg, report)  # what is left outside the decoder layers: RTN
+    model.quant_config, model.quant_report = cfg, report
+    _report_starved(report)
     return model
 
 
@@ -456,12 +539,15 @@ def quantize_checkpoint(
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
-) -> None:
-    """Quantize the checkpoint at ``src`` into an Int4 checkpoint at ``dst``, one decoder layer at a time.
+) -> QuantReport:
+    """Quantize the checkpoint at ``src`` into an Int4 checkpoint at ``dst``, one decoder layer at a time;
+    returns how each matrix was quantized (a :class:`CalibrationWarning` when GPTQ rounded matrices to nearest
+    for too few calibration rows).
 
-    Peak memory: the tensors outside the decoder layers (embeddings, LM head, vision tower) plus one layer,
-    on ``device`` (``dtype``: compute dtype of the float tensors, saved in it; default: the dtype config.json
-    names, else the first stored tensor's, as ``from_pretrained`` loads).
+    Peak memory: the tensors outside the decoder layers (embeddings, LM head, vision tower) plus one layer, plus
+    for GPTQ the hidden states of every calibration token and one layer's fp32 Hessians, on ``device``
+    (``dtype``: compute dtype of the float tensors, saved in it; default: the dtype config.json names, else the
+    first stored tensor's, as ``from_pretrained`` loads).
     The tokenizer and processor files of ``src`` (``checkpoint.PROCESSOR_FILES``) are copied along. ``dst`` must not be
     ``src``, and must be new or empty unless ``overwrite`` (then the checkpoint there is replaced once the new
     one is complete, with its tokenizer and processor files: those ``src`` lacks are removed, not kept from the
@@ -484,7 +570,7 @@ def quantize_checkpoint(
         warnings.warn(
             f"{src} has no tokenizer.json, so the Int4 checkpoint will have none: scripts/int4_generate.py and "
             "Processor.from_pretrained need one (save the processor into either folder: processor.save_pretrained)",
-            stacklevel=2,
+            stacklevel=_caller_stacklevel(),
         )
     from scout_mm.model import ScoutForConditionalGeneration
 
@@ -505,6 +591,7 @@ def quantize_checkpoint(
     if config.tie_word_embeddings:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
     inputs = _embed_calibration(model, calibration) if cfg.method == "gptq" else None
+    report = QuantReport(min_rows_ratio=cfg.gptq_min_rows_ratio)
 
     def write(tmp):
         nonlocal inputs
@@ -513,10 +600,10 @@ def quantize_checkpoint(
         for i in tqdm(range(len(layers)), desc="quantizing", unit="layer", leave=False):
             prefix = f"{LAYERS}{i}"
             source.load_into(model, [n for n in names if n.startswith(prefix + ".")], device, dtype)
-            inputs = _quantize_layer(layers[i], prefix, inputs, config.text, cfg)
+            inputs = _quantize_layer(layers[i], prefix, inputs, config.text, cfg, report)
             writer.add({f"{prefix}.{k}": v for k, v in layers[i].state_dict().items()})
             layers[i] = layers[i].to("meta")  # free the layer before the next one is read
-        _quantize_in_place(model, cfg)
+        _quantize_in_place(model, cfg, report)
         writer.add({k: v for k, v in _state_to_save(model).items() if not k.startswith(LAYERS)})
         writer.finish(_hf_config(config, cfg, dtype))
         for name in PROCESSOR_FILES:
@@ -524,3 +611,5 @@ def quantize_checkpoint(
                 shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
 
     write_folder_atomically(dst, write, owned=PROCESSOR_FILES)
+    _report_starved(report)
+    return report
