@@ -62,7 +62,7 @@ def main() -> None:
             report = answer_accuracy(forward, batches, args.device)
         return report, torch.cat(answer_logits)
 
-    rows = []
+    rows, summaries = [], []
     t0 = time.perf_counter()
     ref_report, ref_logits = evaluate(base)
     rows.append((f"float ({str(dtype).removeprefix('torch.')})", ref_report, 0.0))
@@ -77,6 +77,7 @@ def main() -> None:
                 err = float((logits - ref_logits).norm() / ref_logits.norm())
                 name = f"Int4 {method.upper()} g{group}" + (" + Int4 LM head" if lm_head else "")
                 rows.append((name, report, err))
+                summaries.append(f"- {name}: {model.quant_report.summary()}")
                 print(
                     f"{name}: accuracy {report['accuracy']:.3f} loss {report['loss']:.4f} logit err {err:.4f}"
                 )
@@ -97,6 +98,12 @@ def main() -> None:
             f"| {name} | {100 * report['accuracy']:.1f}% | {report['loss']:.4f} | {math.exp(report['loss']):.4f}"
             f" | {err:.4f} | {per_task} |"
         )
+    lines += [
+        "",
+        f"GPTQ calibration: {len(calibration)} samples of `calibration_set`, "
+        f"{sum(c['input_ids'].shape[1] for c in calibration)} tokens. How each matrix was quantized:",
+        *summaries,
+    ]
     text = "\n".join(lines)
     print(text)
     if args.out:
