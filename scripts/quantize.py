@@ -82,8 +82,12 @@ def main() -> None:
         for flag in ("calibration_tokens", "calibration_seq_len"):
             if getattr(args, flag) is not None:
                 parser.error(f"--{flag.replace('_', '-')} applies to --calibration-data, which is not given")
-    if args.method == "rtn" and args.calibration_data is not None:
-        parser.error("--calibration-data is for --method gptq; round-to-nearest uses no calibration")
+    if args.method == "rtn":
+        for flag in ("calibration_data", "calibration_samples"):
+            if getattr(args, flag) is not None:
+                parser.error(
+                    f"--{flag.replace('_', '-')} is for --method gptq; round-to-nearest uses no calibration"
+                )
     try:
         run(args)
     except (OSError, ValueError) as e:  # bad paths, options or checkpoints (CheckpointError is a ValueError)
