@@ -3,7 +3,7 @@ r"""Quantize a scout_mm / HF Llama 4 checkpoint to Int4, one decoder layer at a 
     python scripts/quantize.py --model PATH --out PATH [--method rtn|gptq] [--group-size 128] \
         [--asymmetric] [--scale-dtype bfloat16|float16] [--skip PATTERN ...] [--quantize-lm-head] \
         [--calibration-data PATH.jsonl] [--calibration-samples N] [--calibration-tokens 131072] \
-        [--calibration-seq-len 2048] [--gptq-min-rows-ratio 0.0625] \
+        [--calibration-seq-len 2048] [--gptq-min-rows-ratio 0.0625] [--gptq-natural-order] \
         [--device cuda] [--dtype bfloat16] [--max-shard-size 5GB] [--overwrite]
 
 --out must be a new (or empty) folder; --overwrite replaces the checkpoint in an existing one.
@@ -61,6 +61,9 @@ def main() -> None:
     parser.add_argument("--calibration-seq-len", type=int, default=None, metavar="N",
                         help=f"GPTQ, --calibration-data: longer samples are cut to this many tokens "
                              f"(default {CALIBRATION_SEQ_LEN})")  # fmt: skip
+    parser.add_argument("--gptq-natural-order", action="store_true",
+                        help="GPTQ: columns in natural order with group parameters from the updated weights "
+                             "(the reference implementation's default) instead of act order with static groups")  # fmt: skip
     parser.add_argument("--gptq-min-rows-ratio", type=float, default=QuantConfig.gptq_min_rows_ratio, metavar="R",
                         help="GPTQ: round a matrix to nearest when it has fewer calibration rows than this times "
                              "its input dim K (default 1/16; 0: GPTQ from any row)")  # fmt: skip
@@ -99,7 +102,8 @@ def run(args: argparse.Namespace) -> None:
     if args.quantize_lm_head:
         skip = tuple(s for s in skip if s != "lm_head")
     cfg = QuantConfig(group_size=args.group_size, symmetric=not args.asymmetric, scale_dtype=args.scale_dtype,
-                      method=args.method, skip=skip, gptq_min_rows_ratio=args.gptq_min_rows_ratio)  # fmt: skip
+                      method=args.method, skip=skip, gptq_min_rows_ratio=args.gptq_min_rows_ratio,
+                      gptq_act_order=not args.gptq_natural_order)  # fmt: skip
     calibration = None
     if args.method == "gptq":
         from scout_mm import Processor

@@ -59,6 +59,9 @@ class QuantConfig:
     # GPTQ: a matrix whose Hessian has fewer calibration rows than this times its input dim K is rounded to
     # nearest instead (GPTQ fitted to so few rows is worse than RTN on other inputs); 0: GPTQ from any row.
     gptq_min_rows_ratio: float = 1 / 16
+    # GPTQ: columns by decreasing Hessian diagonal with RTN's group parameters fixed beforehand (see gptq.py);
+    # false: natural order, group parameters from the updated weights. Read as false from older checkpoints.
+    gptq_act_order: bool = True
     bits: int = 4
 
     def __post_init__(self):
@@ -87,6 +90,8 @@ class QuantConfig:
         damp = self.gptq_damp
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < float("inf"):
             raise ValueError(f"gptq_damp={damp!r}; expected a positive number (e.g. 0.01)")
+        if not isinstance(self.gptq_act_order, bool):
+            raise ValueError(f"gptq_act_order={self.gptq_act_order!r}; expected true or false")
         ratio = self.gptq_min_rows_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < float("inf"):
             raise ValueError(
@@ -129,6 +134,8 @@ class QuantConfig:
             raise ValueError(
                 f"quantization_config lacks {missing}; a checkpoint's config names all of {REQUIRED_KEYS}"
             )
+        # Written before act order existed: those GPTQ codes were chosen in natural order.
+        d.setdefault("gptq_act_order", False)
         return cls(**d)
 
 

@@ -144,8 +144,9 @@ def _quantize_weight(name: str, weight, cfg: QuantConfig, hessian: Hessian | Non
         else:
             report.gptq += 1
             return quantize_gptq(
-                weight, hessian, cfg.group_size, cfg.symmetric, cfg.torch_scale_dtype, cfg.gptq_damp
-            )
+                weight, hessian, cfg.group_size, cfg.symmetric, cfg.torch_scale_dtype, cfg.gptq_damp,
+                cfg.gptq_act_order,
+            )  # fmt: skip
         return quantize_rtn(weight, cfg.group_size, cfg.symmetric, cfg.torch_scale_dtype)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from e
