@@ -124,19 +124,23 @@ def label_tokens(batch) -> int:
     return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def step_loss_divisor(micro_batches: list, grad_accum: int, world: int, device) -> torch.Tensor:
+def step_loss_divisor(micro_batches: list, grad_accum: int, world: int, device) -> float | torch.Tensor:
     """What each micro-batch's summed cross-entropy is divided by, so that an optimiser step's gradient is that
     of the mean over every label token of the step, on every rank (HF Trainer's ``num_items_in_batch``):
     the step's label tokens over ``grad_accum * world``, because DeepSpeed divides each micro-batch's loss by
     ``grad_accum`` and averages gradients over the ranks. A mean of per-micro-batch means would weigh a token
     of a micro-batch with few label tokens more than one of a micro-batch with many, so the result would
-    depend on how the documents fell into micro-batches. One tiny all-reduce per step; no host sync."""
-    count = torch.tensor(float(sum(label_tokens(b) for b in micro_batches)), device=device)
-    if dist.is_initialized() and world > 1:
-        dist.all_reduce(count)
-    # A step without label tokens (every conversation lacking an assistant turn): the sums are 0, so is the
-    # gradient; the clamp only keeps 0 / 0 out.
-    return count.clamp(min=1.0) / (grad_accum * world)
+    depend on how the documents fell into micro-batches.
+
+    The counts come from the host-side batches; several ranks add theirs in one tiny all-reduce of a device
+    scalar, one rank gets a float: no host sync either way. A step without label tokens (every conversation
+    lacking an assistant turn) has zero sums and zero gradient; the floor of 1 only keeps 0 / 0 out."""
+    count = float(sum(label_tokens(b) for b in micro_batches))
+    if not (dist.is_initialized() and world > 1):
+        return max(count, 1.0) / grad_accum
+    total = torch.full((), count, device=device)  # a fill kernel: the value travels as its argument, no copy
+    dist.all_reduce(total)
+    return total.clamp(min=1.0) / (grad_accum * world)
 
 
 def train(
