@@ -325,7 +325,9 @@ class ScoutForConditionalGeneration(nn.Module):
 
         The loss is the mean cross-entropy over the label tokens; with ``num_items_in_batch`` (HF's name) it is
         their sum divided by that number instead, e.g. the label tokens of every micro-batch of an optimiser
-        step, so that gradient accumulation weighs every token alike.
+        step, so that gradient accumulation weighs every token alike. The targets counted are
+        ``labels[:, 1:] != -100`` where, with ``attention_mask``, a position and the next are both real tokens
+        (predictions from or of padding are left out even when their labels are not -100).
 
         Padding must be left or right padding (no holes). Positions count from each sequence's first
         real token, so a left-padded row gives the same logits as the unpadded sequence. ``cache`` (a
@@ -333,6 +335,9 @@ class ScoutForConditionalGeneration(nn.Module):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        items = num_items_in_batch
+        if isinstance(items, bool) or (isinstance(items, (int, float)) and not items > 0):  # 0, < 0, nan
+            raise ValueError(f"num_items_in_batch={num_items_in_batch!r}; expected a positive count")
         given = input_ids if input_ids is not None else inputs_embeds
         if given.dim() < 2 or 0 in given.shape[:2]:
             name = "input_ids" if input_ids is not None else "inputs_embeds"

@@ -17,6 +17,7 @@ rows are rounded to nearest, and the summary line says how many.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 import warnings
@@ -64,7 +65,7 @@ def main() -> None:
     parser.add_argument("--gptq-natural-order", action="store_true",
                         help="GPTQ: columns in natural order with group parameters from the updated weights "
                              "(the reference implementation's default) instead of act order with static groups")  # fmt: skip
-    parser.add_argument("--gptq-min-rows-ratio", type=float, default=QuantConfig.gptq_min_rows_ratio, metavar="R",
+    parser.add_argument("--gptq-min-rows-ratio", type=float, default=None, metavar="R",
                         help="GPTQ: round a matrix to nearest when it has fewer calibration rows than this times "
                              "its input dim K (default 1/16; 0: GPTQ from any row)")  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -86,8 +87,8 @@ def main() -> None:
             if getattr(args, flag) is not None:
                 parser.error(f"--{flag.replace('_', '-')} applies to --calibration-data, which is not given")
     if args.method == "rtn":
-        for flag in ("calibration_data", "calibration_samples"):
-            if getattr(args, flag) is not None:
+        for flag in ("calibration_data", "calibration_samples", "gptq_min_rows_ratio", "gptq_natural_order"):
+            if getattr(args, flag) not in (None, False):
                 parser.error(
                     f"--{flag.replace('_', '-')} is for --method gptq; round-to-nearest uses no calibration"
                 )
@@ -102,8 +103,9 @@ def run(args: argparse.Namespace) -> None:
     if args.quantize_lm_head:
         skip = tuple(s for s in skip if s != "lm_head")
     cfg = QuantConfig(group_size=args.group_size, symmetric=not args.asymmetric, scale_dtype=args.scale_dtype,
-                      method=args.method, skip=skip, gptq_min_rows_ratio=args.gptq_min_rows_ratio,
-                      gptq_act_order=not args.gptq_natural_order)  # fmt: skip
+                      method=args.method, skip=skip, gptq_act_order=not args.gptq_natural_order)  # fmt: skip
+    if args.gptq_min_rows_ratio is not None:
+        cfg = dataclasses.replace(cfg, gptq_min_rows_ratio=args.gptq_min_rows_ratio)  # re-validated
     calibration = None
     if args.method == "gptq":
         from scout_mm import Processor

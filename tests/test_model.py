@@ -153,6 +153,14 @@ def test_loss_matches_hf_and_ignores_masked_labels():
     valid = target != -100
     nll = -logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
     assert abs(float(nll[valid].mean()) - float(a.loss)) < 1e-5
+    # num_items_in_batch (HF's name): the summed NLL over that count, as int, float or tensor.
+    with torch.no_grad():
+        for items in (int(valid.sum()) + 5, 3.5, torch.tensor(40.0)):
+            summed = ours(ids, labels=labels, num_items_in_batch=items).loss
+            assert abs(float(summed) - float(nll[valid].sum()) / float(items)) < 1e-5 * float(summed)
+    for bad in (0, -3, float("nan"), True):
+        with pytest.raises(ValueError, match=r"num_items_in_batch=.*; expected a positive count"):
+            ours(ids, labels=labels, num_items_in_batch=bad)
 
 
 def test_loss_ignores_padding_positions_even_with_unmasked_labels():

@@ -120,9 +120,9 @@ def test_quant_config_round_trip_and_errors():
     cfg = QuantConfig(group_size=64, symmetric=False, scale_dtype="float16", method="gptq", skip=("lm_head",),
                       gptq_min_rows_ratio=0.25)  # fmt: skip
     assert QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    # Checkpoints written before gptq_min_rows_ratio existed load with the default (it is informational).
+    # Checkpoints written before gptq_min_rows_ratio existed had no row minimum, and read so (informational).
     old = {k: v for k, v in cfg.to_dict().items() if k != "gptq_min_rows_ratio"}
-    assert QuantConfig.from_dict(old).gptq_min_rows_ratio == 1 / 16
+    assert QuantConfig.from_dict(old).gptq_min_rows_ratio == 0
     with pytest.raises(ValueError, match="group_size=48"):
         QuantConfig(group_size=48)
     with pytest.raises(ValueError, match="scale_dtype='float32'"):

@@ -249,6 +249,8 @@ def test_quantize_cli_calibration_errors_are_one_line(tmp_path, monkeypatch, cap
         (["--gptq-min-rows-ratio", -1], "gptq_min_rows_ratio=-1.0; expected a number >= 0"),
         (["--method", "rtn", "--calibration-data", bad], "--calibration-data is for --method gptq"),
         (["--method", "rtn", "--calibration-samples", 8], "--calibration-samples is for --method gptq"),
+        (["--method", "rtn", "--gptq-min-rows-ratio", 0.5], "--gptq-min-rows-ratio is for --method gptq"),
+        (["--method", "rtn", "--gptq-natural-order"], "--gptq-natural-order is for --method gptq"),
     ]
     for extra, phrase in cases:
         code, _, err = run_script(monkeypatch, capsys, "quantize.py", *gptq, *extra)

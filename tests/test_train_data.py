@@ -300,6 +300,18 @@ def test_jsonl_records_are_checked_when_the_file_is_read(tmp_path, processor, li
         JsonlSource(processor, bad)
 
 
+def test_jsonl_with_a_byte_order_mark_reads_and_other_encodings_are_named(tmp_path, processor):
+    records = [{"text": "première ligne"}, {"text": "second"}]
+    plain, bom = tmp_path / "plain.jsonl", tmp_path / "bom.jsonl"
+    plain.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())  # as Windows tools write UTF-8
+    assert JsonlSource(processor, bom).records == JsonlSource(processor, plain).records == records
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(plain.read_text(encoding="utf-8").encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.jsonl: not UTF-8 text \(byte \d+: invalid"):
+        JsonlSource(processor, latin)
+
+
 def test_documents_longer_than_seq_len_are_truncated_and_reported(tmp_path, processor):
     Image.new("RGB", (336, 168), (0, 90, 200)).save(tmp_path / "wide.png")
     long_chat = {"messages": CHAT, "images": ["wide.png"]}

@@ -356,6 +356,21 @@ def test_deepspeed_json_mistakes_are_named(tmp_path):
         warnings.simplefilter("error")
         deepspeed_config(cfg, ZERO2, 1)  # the shipped configs pass silently
         deepspeed_config(cfg, str(ROOT / "configs" / "ds_zero3_offload.json"), 1)
+    # Wrong ZeRO values are named here, through DeepSpeed's own schema, not inside deepspeed.initialize after
+    # the model was built.
+    for section, message in [
+        ({"zero_optimization": {"stage": "two"}}, r"zero_optimization.stage='two': Input should be 0, 1, 2"),
+        ({"zero_optimization": {"stage": 7}}, r"zero_optimization.stage=7: Input should be 0, 1, 2"),
+        ({"zero_optimization": "two"}, r"zero_optimization='two'; expected an object"),
+        (
+            {"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}},
+            r"zero_optimization.offload_param.device='gpu'",
+        ),
+        ({"optimizer": "Adam"}, r"optimizer='Adam'; expected an object"),
+    ]:
+        bad.write_text(json.dumps(section))
+        with pytest.raises(ValueError, match=rf"DeepSpeed config .*bad.json: {message}"):
+            deepspeed_config(cfg, str(bad), 1)
 
 
 @pytest.mark.parametrize(

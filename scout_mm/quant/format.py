@@ -60,7 +60,7 @@ class QuantConfig:
     # nearest instead (GPTQ fitted to so few rows is worse than RTN on other inputs); 0: GPTQ from any row.
     gptq_min_rows_ratio: float = 1 / 16
     # GPTQ: columns by decreasing Hessian diagonal with RTN's group parameters fixed beforehand (see gptq.py);
-    # false: natural order, group parameters from the updated weights. Read as false from older checkpoints.
+    # false: natural order, group parameters from the updated weights. Both read as off from older checkpoints.
     gptq_act_order: bool = True
     bits: int = 4
 
@@ -134,8 +134,9 @@ class QuantConfig:
             raise ValueError(
                 f"quantization_config lacks {missing}; a checkpoint's config names all of {REQUIRED_KEYS}"
             )
-        # Written before act order existed: those GPTQ codes were chosen in natural order.
+        # Written before these existed: GPTQ codes chosen in natural order, with no row minimum.
         d.setdefault("gptq_act_order", False)
+        d.setdefault("gptq_min_rows_ratio", 0.0)
         return cls(**d)
 
 

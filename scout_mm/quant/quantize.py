@@ -98,6 +98,8 @@ class QuantReport:
 
 def _fraction_of_k(ratio: float) -> str:
     inverse = 1 / ratio
+    if ratio == 1:
+        return "K"
     return f"K/{inverse:g}" if inverse == round(inverse) else f"{ratio:g} x K"
 
 

@@ -199,17 +199,24 @@ class JsonlSource:
         self.processor, self.path, self.seed = processor, os.fspath(path), seed
         self.folder = os.path.dirname(os.path.abspath(self.path))
         self.records, self.lines = [], []  # the records and their 1-based line numbers
-        with open(self.path) as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError as e:
-                    raise ValueError(f"{self.path}:{number}: invalid JSON: {e}") from None
-                self._check(record, f"{self.path}:{number}")
-                self.records.append(record)
-                self.lines.append(number)
+        # JSON Lines is UTF-8; "utf-8-sig" also reads the byte-order mark Windows tools put first.
+        with open(self.path, encoding="utf-8-sig") as f:
+            try:
+                lines = f.readlines()
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{self.path}: not UTF-8 text (byte {e.start}: {e.reason}); expected a JSON Lines file"
+                ) from None
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{self.path}:{number}: invalid JSON: {e}") from None
+            self._check(record, f"{self.path}:{number}")
+            self.records.append(record)
+            self.lines.append(number)
         if not self.records:
             raise ValueError(f"{self.path}: no records")
 

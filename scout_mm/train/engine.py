@@ -296,13 +296,34 @@ def deepspeed_config(cfg: TrainConfig, path: str | None, world_size: int) -> dic
             )
         ds[key] = value
     ds.setdefault("zero_optimization", {"stage": 0})
+    _check_zero_section(ds["zero_optimization"], path)
     ds.setdefault("zero_allow_untested_optimizer", True)  # torch AdamW: no op build needed
     ds.setdefault("steps_per_print", 10**9)  # the training loop logs
     if "optimizer" in ds:  # e.g. ZeRO-Offload's CPU Adam: DeepSpeed builds it with our hyper-parameters
+        if not isinstance(ds["optimizer"], dict) or not isinstance(ds["optimizer"].get("params", {}), dict):
+            raise ValueError(f"DeepSpeed config {path}: optimizer={ds['optimizer']!r}; expected an object "
+                             '{"type": ..., "params": {...}}')  # fmt: skip
         ds["optimizer"].setdefault("params", {}).update(
             lr=o.lr, betas=list(o.betas), eps=o.eps, weight_decay=o.weight_decay
         )
     return ds
+
+
+def _check_zero_section(zero, path) -> None:
+    """The ``zero_optimization`` section through DeepSpeed's own schema, before the model is built (DeepSpeed
+    would only check it inside ``deepspeed.initialize``): one line naming the field."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    if not isinstance(zero, dict):
+        raise ValueError(f"DeepSpeed config {path}: zero_optimization={zero!r}; expected an object such as "
+                         '{"stage": 2}')  # fmt: skip
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(part) for part in ("zero_optimization", *first["loc"]))
+        raise ValueError(f"DeepSpeed config {path}: {field}={first.get('input')!r}: {first['msg']}") from None
 
 
 @functools.lru_cache(maxsize=1)
