@@ -418,15 +418,17 @@ def test_logged_loss_is_the_mean_over_label_tokens_and_skips_micro_batches_witho
         ids = torch.ones(1, 6, dtype=torch.long)
         labels = torch.full_like(ids, IGNORE_INDEX)
         labels[0, 1 : 1 + n_labels] = 1
-        return PackedBatch(ids, labels, ids, ids.bool(), ids * 0, None, [""])
+        made = PackedBatch(ids, labels, ids, ids.bool(), ids * 0, None, [""])
+        assert made.n_label_tokens == n_labels  # the targets labels[:, 1:] the loss counts
+        return made
 
     window = _Window(torch.device("cpu"), n_experts=0, n_layers=0)
     window.restart()
     empty = torch.zeros(0)
-    window.add(torch.tensor(0.0), None, empty, batch(0), 0.0)  # no label token: the sum is 0
+    window.add(torch.tensor(0.0), 0, None, empty, batch(0), 0.0)  # no label token: the sum is 0
     assert window.summary(1, None)[0]["loss"] is None
-    window.add(torch.tensor(2.0), None, empty, batch(1), 0.0)  # summed losses: one token at 2.0
-    window.add(torch.tensor(12.0), None, empty, batch(3), 0.0)  # three tokens at 4.0
+    window.add(torch.tensor(2.0), 1, None, empty, batch(1), 0.0)  # summed losses: one token at 2.0
+    window.add(torch.tensor(12.0), 3, None, empty, batch(3), 0.0)  # three tokens at 4.0
     assert window.summary(1, None)[0]["loss"] == 3.5  # 14 / 4 tokens, not the mean of the means (3.0)
 
 
@@ -436,7 +438,7 @@ def test_accumulated_micro_batches_weigh_every_label_token_alike():
     the step (an fp32 copy of the model as the reference), not that of the mean of the two micro-batch means."""
     import copy
 
-    from scout_mm.train.loop import label_tokens, step_loss_divisor
+    from scout_mm.train.loop import step_loss_divisor
 
     cfg = tiny_config("unused", grad_accum=2)
     _, world, _ = init_distributed()
@@ -448,7 +450,7 @@ def test_accumulated_micro_batches_weigh_every_label_token_alike():
     source = SyntheticSource(processor, "train", seed=3)
     docs = [source[i] for i in range(5)]
     micro = [pack(docs[:1], 384, 128, processor), pack(docs[1:], 384, 128, processor)]
-    counts = [label_tokens(b) for b in micro]
+    counts = [b.n_label_tokens for b in micro]
     assert 0 < 3 * counts[0] < counts[1]  # unequal, so the two objectives differ
 
     def run(module, batch, num_items):
@@ -457,7 +459,7 @@ def test_accumulated_micro_batches_weigh_every_label_token_alike():
             labels=batch.labels, with_aux_loss=False, num_items_in_batch=num_items,
         ).loss  # fmt: skip
 
-    divisor = step_loss_divisor(micro, grad_accum=2, world=world, device=torch.device("cpu"))
+    divisor = step_loss_divisor(counts, grad_accum=2, world=world, device=torch.device("cpu"))
     assert float(divisor) == sum(counts) / 2
     for batch in micro:
         tap.start_forward()

@@ -87,7 +87,9 @@ class PackedBatch:
 
     @property
     def n_label_tokens(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
+        """The targets the LM loss counts: ``labels[:, 1:]`` not ignored (position ``t`` predicts ``t + 1``). Read
+        on the host batch: on a CUDA one it would sync."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 # ---------------------------------------------------------------------- tokenization

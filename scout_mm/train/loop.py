@@ -15,7 +15,6 @@ import torch.distributed as dist
 
 from scout_mm.train.config import TrainConfig
 from scout_mm.train.data import (
-    IGNORE_INDEX,
     JsonlSource,
     Mixture,
     PackedStream,
@@ -119,12 +118,7 @@ def setup_errors():
         raise
 
 
-def label_tokens(batch) -> int:
-    """Tokens of a packed micro-batch that the loss counts (the model predicts ``labels[:, 1:]``)."""
-    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-def step_loss_divisor(micro_batches: list, grad_accum: int, world: int, device) -> float | torch.Tensor:
+def step_loss_divisor(label_counts: list[int], grad_accum: int, world: int, device) -> float | torch.Tensor:
     """What each micro-batch's summed cross-entropy is divided by, so that an optimiser step's gradient is that
     of the mean over every label token of the step, on every rank (HF Trainer's ``num_items_in_batch``):
     the step's label tokens over ``grad_accum * world``, because DeepSpeed divides each micro-batch's loss by
@@ -132,10 +126,11 @@ def step_loss_divisor(micro_batches: list, grad_accum: int, world: int, device) 
     of a micro-batch with few label tokens more than one of a micro-batch with many, so the result would
     depend on how the documents fell into micro-batches.
 
-    The counts come from the host-side batches; several ranks add theirs in one tiny all-reduce of a device
-    scalar, one rank gets a float: no host sync either way. A step without label tokens (every conversation
+    ``label_counts``: this rank's micro-batches' :attr:`PackedBatch.n_label_tokens`, read on the host batches;
+    several ranks add theirs in one tiny all-reduce of a device scalar, one rank gets a float: no host sync
+    either way. A step without label tokens (every conversation
     lacking an assistant turn) has zero sums and zero gradient; the floor of 1 only keeps 0 / 0 out."""
-    count = float(sum(label_tokens(b) for b in micro_batches))
+    count = float(sum(label_counts))
     if not (dist.is_initialized() and world > 1):
         return max(count, 1.0) / grad_accum
     total = torch.full((), count, device=device)  # a fill kernel: the value travels as its argument, no copy
@@ -254,8 +249,9 @@ def train(
         waited = time.time()
         micro_batches = [next(batches) for _ in range(t.grad_accum)]
         window.data_wait += time.time() - waited
-        loss_divisor = step_loss_divisor(micro_batches, t.grad_accum, world, device)
-        for batch in micro_batches:
+        label_counts = [batch.n_label_tokens for batch in micro_batches]  # host batches: no sync
+        loss_divisor = step_loss_divisor(label_counts, t.grad_accum, world, device)
+        for batch, n_labels in zip(micro_batches, label_counts, strict=True):
             batch = batch.to(device)
             profiler.mark("data")
             tap.start_forward()
@@ -271,8 +267,9 @@ def train(
             batch_flops = flops(*batch.input_ids.shape, n_tiles)
             profiler.add_flops(batch_flops)
             window.add(
-                out.loss.detach() * loss_divisor, aux, tap.expert_load(batch.token_mask), batch, batch_flops
-            )
+                out.loss.detach() * loss_divisor, n_labels, aux, tap.expert_load(batch.token_mask), batch,
+                batch_flops,
+            )  # fmt: skip
             profiler.mark("loop bookkeeping")
         step += 1
         report = profiler.end_step(step)
@@ -378,8 +375,9 @@ class _Window:
         self.device, self.n_experts, self.n_layers = device, n_experts, n_layers
 
     def restart(self) -> None:
-        # summed loss, aux, micro-steps, tokens, label tokens
-        self.sums = torch.zeros(5, dtype=torch.float64, device=self.device)
+        # summed loss, aux, micro-steps, tokens
+        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self.label_tokens = 0
         self.truncated = 0
         self.truncated_example = ""
         self.load = torch.zeros(self.n_layers, self.n_experts, dtype=torch.float64, device=self.device)
@@ -388,8 +386,9 @@ class _Window:
         self.data_wait = 0.0  # seconds the loop waited for the DataLoader
         self.started = time.time()
 
-    def add(self, loss_sum, aux, load, batch, flops: float) -> None:
-        """``loss_sum``: the micro-batch's cross-entropy summed over its label tokens (0 without any)."""
+    def add(self, loss_sum, n_labels: int, aux, load, batch, flops: float) -> None:
+        """``loss_sum``: the micro-batch's cross-entropy summed over its ``n_labels`` label tokens (0 without
+        any)."""
         aux = aux.detach() if aux is not None else torch.zeros((), device=self.device)
         tokens = batch.token_mask.sum()
         self.sums += torch.stack(
@@ -398,9 +397,9 @@ class _Window:
                 aux.double(),
                 torch.ones((), device=self.device, dtype=torch.float64),
                 tokens.double(),
-                (batch.labels[:, 1:] != IGNORE_INDEX).sum().double(),
             ]
         )
+        self.label_tokens += n_labels
         if batch.truncated:
             self.truncated += len(batch.truncated)
             self.truncated_example = self.truncated_example or batch.truncated[0]
@@ -414,7 +413,9 @@ class _Window:
             [
                 self.sums,
                 torch.tensor(
-                    [self.positions, self.flops, self.truncated], dtype=torch.float64, device=self.device
+                    [self.label_tokens, self.positions, self.flops, self.truncated],
+                    dtype=torch.float64,
+                    device=self.device,
                 ),
                 self.load.flatten(),
             ]
