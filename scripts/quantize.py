@@ -17,7 +17,6 @@ rows are rounded to nearest, and the summary line says how many.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import time
 import warnings
@@ -33,7 +32,7 @@ from scout_mm.quant import (
     calibration_set,
     quantize_checkpoint,
 )
-from scout_mm.quant.calibration import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS
+from scout_mm.quant.calibration import BUILTIN_SAMPLES, CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS
 from scout_mm.quant.format import DEFAULT_SKIP, default_skip
 
 
@@ -54,8 +53,8 @@ def main() -> None:
     parser.add_argument("--calibration-data", default=None, metavar="PATH.jsonl",
                         help="GPTQ: calibrate on this jsonl file (training formats), not the built-in set")  # fmt: skip
     parser.add_argument("--calibration-samples", type=int, default=None, metavar="N",
-                        help="GPTQ: number of samples (documents); default 16 built-in prompts, or as many "
-                             "records of --calibration-data as --calibration-tokens allows")  # fmt: skip
+                        help=f"GPTQ: number of samples (documents); default {BUILTIN_SAMPLES} built-in prompts, "
+                             "or as many records of --calibration-data as --calibration-tokens allows")  # fmt: skip
     parser.add_argument("--calibration-tokens", type=int, default=None, metavar="N",
                         help=f"GPTQ, --calibration-data: token budget (default {CALIBRATION_TOKENS}); the hidden "
                              "states of every calibration token are kept during quantization")  # fmt: skip
@@ -63,8 +62,8 @@ def main() -> None:
                         help=f"GPTQ, --calibration-data: longer samples are cut to this many tokens "
                              f"(default {CALIBRATION_SEQ_LEN})")  # fmt: skip
     parser.add_argument("--gptq-natural-order", action="store_true",
-                        help="GPTQ: columns in natural order with group parameters from the updated weights "
-                             "(the reference implementation's default) instead of act order with static groups")  # fmt: skip
+                        help="GPTQ: columns in natural order with group parameters from the updated weights (the "
+                             "reference implementation's default) instead of act order with static groups")  # fmt: skip
     parser.add_argument("--gptq-min-rows-ratio", type=float, default=None, metavar="R",
                         help="GPTQ: round a matrix to nearest when it has fewer calibration rows than this times "
                              "its input dim K (default 1/16; 0: GPTQ from any row)")  # fmt: skip
@@ -102,10 +101,9 @@ def run(args: argparse.Namespace) -> None:
     skip = tuple(args.skip) if args.skip is not None else default_skip()
     if args.quantize_lm_head:
         skip = tuple(s for s in skip if s != "lm_head")
+    given = {} if args.gptq_min_rows_ratio is None else {"gptq_min_rows_ratio": args.gptq_min_rows_ratio}
     cfg = QuantConfig(group_size=args.group_size, symmetric=not args.asymmetric, scale_dtype=args.scale_dtype,
-                      method=args.method, skip=skip, gptq_act_order=not args.gptq_natural_order)  # fmt: skip
-    if args.gptq_min_rows_ratio is not None:
-        cfg = dataclasses.replace(cfg, gptq_min_rows_ratio=args.gptq_min_rows_ratio)  # re-validated
+                      method=args.method, skip=skip, gptq_act_order=not args.gptq_natural_order, **given)  # fmt: skip
     calibration = None
     if args.method == "gptq":
         from scout_mm import Processor
@@ -130,7 +128,7 @@ def run(args: argparse.Namespace) -> None:
             )
         else:  # image prompts only for a model with a vision tower (a text-only one cannot embed them)
             calibration = calibration_set(
-                processor, args.calibration_samples or 16, with_images=config.vision is not None
+                processor, args.calibration_samples or BUILTIN_SAMPLES, with_images=config.vision is not None
             )
         tokens = sum(sample["input_ids"].shape[1] for sample in calibration)
         print(f"calibration: {len(calibration)} samples, {tokens} tokens from "

@@ -19,6 +19,7 @@ from scout_mm.config import is_int
 # sample: the usual GPTQ calibration length, and one attention chunk of Scout's 8192 holds it whole.
 CALIBRATION_TOKENS = 128 * 1024
 CALIBRATION_SEQ_LEN = 2048
+BUILTIN_SAMPLES = 16  # calibration_set's default size
 
 TEXTS = (
     "Explain how a transformer language model predicts the next word, step by step.",
@@ -52,7 +53,7 @@ def synthetic_image(seed: int, size: int = 336) -> Image.Image:
 
 
 def calibration_set(
-    processor, n_samples: int = 16, with_images: bool = True
+    processor, n_samples: int = BUILTIN_SAMPLES, with_images: bool = True
 ) -> list[dict[str, torch.Tensor]]:
     """``n_samples`` model inputs ``{"input_ids": (1, seq), "pixel_values": (tiles, 3, t, t) or absent}``:
     text prompts, and (``with_images``) every other sample an image prompt."""
