@@ -12,8 +12,8 @@
   add CPU offload and top-k block selection without changing this interface. The pool is
   preallocated for what :meth:`KVCache.reserve` asks and grows when a reservation does not fit. Its last block is
   a scratch block that is never handed out: the block-table entries past a sequence's blocks point at it, so a
-  write past what a sequence reserved (within the table's width, the longest reservation) never lands in another
-  sequence's keys.
+  write past what a sequence reserved never lands in another sequence's keys (past the table's width, the
+  longest reservation, the decode write kernels take the row's last entry: its own block or the scratch).
   ``kv_dtype="fp8"`` stores it as e4m3 with one fp32 power-of-two scale per (token, kv head) row
   (:func:`scout_mm.kernels.reference.quantize_kv_fp8`): half the bytes of bf16 (plus 1/32 for the scales),
   so a long prompt needs about half the memory and decode reads about half as much. Reads dequantise

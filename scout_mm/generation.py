@@ -214,8 +214,8 @@ def decode_one_token(
     (:meth:`KVCache.check_reserved`). That check reads the positions on the host, a device->host sync on CUDA: it
     is skipped inside a CUDA-graph capture, and ``check_reserved=False`` skips it where the caller's reservation
     covers every step (as :func:`generate_ids`'s does), keeping the step free of host syncs. Unchecked, a step past
-    the reservation gives that sequence wrong logits; its write stays out of other sequences' keys while it is
-    within the batch's longest reservation (the block table's width), and nothing guards it past that."""
+    the reservation gives that sequence wrong logits, but its write stays out of other sequences' keys (the
+    scratch block within the block table's width, the sequence's own last table entry past it)."""
     if check_reserved and not (positions.is_cuda and torch.cuda.is_current_stream_capturing()):
         cache.check_reserved(positions)
     return model(input_ids=tokens, position_ids=positions, cache=cache, logits_to_keep=1).logits[:, -1]
@@ -429,7 +429,8 @@ def generate_steps(
         if not truncate:
             raise ValueError(
                 f"prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds the model "
-                f"maximum of {limit} positions (truncate=True, or --truncate in scripts/generate.py, generates at most {limit - longest})"
+                f"maximum of {limit} positions (truncate=True, or --truncate in scripts/generate.py, generates at "
+                f"most {limit - longest})"
             )
         params = SamplingParams(**{**params.__dict__, "max_new_tokens": limit - longest})
     eos = set(_token_ids(eos_token_id, config.eos_token_ids, "eos_token_id"))

@@ -606,7 +606,7 @@ def write_kv_decode(k, v, k_store, v_store, positions, ring_size=None, block_tab
     _write_kv_kernel[(batch, n_kv_heads)](
         k, v, k_store, v_store, *scales, positions, table, kv_lens, n_kv_heads, head_dim,
         slots, k.stride(0), k.stride(2), v.stride(0), v.stride(2),
-        positions.stride(0), table.stride(0), table.shape[-1], PAGED=paged, FP8=fp8, BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=1, **pdl_args(k.device),
+        positions.stride(0), table.stride(0), table.shape[-1], PAGED=paged, FP8=fp8,
+        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=1, **pdl_args(k.device),
     )  # fmt: skip
     return kv_lens

@@ -76,8 +76,9 @@ def quantize_gptq(
     ``act_order``: the columns are quantized in order of decreasing Hessian diagonal (the inputs that carry the
     most energy first, so the most columns are left to absorb their rounding error), with every group's scale
     and zero point fixed beforehand from the weights as given ("static groups": the parameters round-to-nearest
-    picks, except that inputs never active in calibration count as 0), so the stored layout is unchanged. Without it: natural order, each group's parameters chosen from
-    the already-updated weights when its first column is reached (the reference implementation's default)."""
+    picks, except that inputs never active in calibration count as 0), so the stored layout is unchanged.
+    Without it: natural order, each group's parameters chosen from the already-updated weights when its first
+    column is reached (the reference implementation's default)."""
     check_weight(weight, group_size)
     size_k, size_n = weight.shape
     device = hessian.matrix.device

@@ -139,9 +139,9 @@ class TrainConfig:
         t, d, o, s = self.train, self.data, self.optim, self.schedule
         if self.model.preset is not None and self.model.init_from:
             raise ValueError(
-                f"model.preset={self.model.preset!r} and model.init_from={self.model.init_from!r} are both set: the "
-                "checkpoint's config.json defines the model; drop model.preset (on the command line: --model.preset null; "
-                "model.overrides still apply)"
+                f"model.preset={self.model.preset!r} and model.init_from={self.model.init_from!r} are both set: "
+                "the checkpoint's config.json defines the model; drop model.preset (on the command line: "
+                "--model.preset null; model.overrides still apply)"
             )
         for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "keep_checkpoints"):
             if getattr(t, name) < 1:
